@@ -1,0 +1,81 @@
+"""The event store interface and its error tree.
+
+Appends carry the stream version they expect (optimistic concurrency) and an id per event
+(idempotency). Readers by position never pass over an event that a slower transaction
+commits later: a backend guarantees that ``read_all`` returns positions in commit order.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Protocol
+
+import msgspec
+
+from events.types import Event, RecordedEvent
+
+ANY_VERSION = -1
+"""``expected_version`` that accepts whatever the stream holds."""
+
+
+class StoreError(Exception):
+    """Base of every error an event store raises; driver errors never escape a backend."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached (connection refused, server gone, timeout)."""
+
+
+class WrongExpectedVersion(StoreError):
+    def __init__(self, stream: str, expected: int, actual: int) -> None:
+        super().__init__(
+            f"stream {stream!r} is at version {actual}, the append expected {expected}"
+        )
+        self.stream = stream
+        self.expected = expected
+        self.actual = actual
+
+
+class NewEvent(msgspec.Struct, frozen=True):
+    """An event about to be appended, with the id that makes re-sending it harmless."""
+
+    event: Event
+    id: uuid.UUID = msgspec.field(default_factory=uuid.uuid4)
+
+
+class StreamAppend(msgspec.Struct, frozen=True):
+    """Events for one stream, written only if the stream is at ``expected_version``."""
+
+    stream: str
+    events: Sequence[NewEvent]
+    expected_version: int = ANY_VERSION
+
+
+class EventStore(Protocol):
+    async def append(self, appends: Sequence[StreamAppend]) -> list[list[int]]:
+        """Append to one or more streams atomically: all of it or none of it.
+
+        Returns the global positions per append, in order. Re-sending events whose ids are
+        already stored returns their original positions and writes nothing. Raises
+        WrongExpectedVersion if a stream is not at the version its append expects.
+        """
+        ...
+
+    async def read_stream(self, stream: str, after_version: int = 0) -> list[RecordedEvent]:
+        """The stream's events with version > after_version, by version."""
+        ...
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        """Events with position > after_position in commit order, never skipping one."""
+        ...
+
+    async def stream_version(self, stream: str) -> int:
+        """The stream's last version, 0 if it holds nothing."""
+        ...
+
+    async def list_streams(self, prefix: str, limit: int = 50) -> list[str]:
+        """Stream names starting with prefix, newest first."""
+        ...
+
+    async def aclose(self) -> None: ...

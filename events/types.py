@@ -1,0 +1,208 @@
+"""The event vocabulary: frozen, tagged msgspec Structs in one union, and one codec.
+
+Schema evolution (msgspec's rules): a new field gets a default; a field's type never changes.
+Secret values inside events are always ciphertext (see ``events.secrets``), never clear text.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+
+TestStatus = Literal["passed", "failed", "skipped"]
+RunStatus = Literal["passed", "failed", "cancelled", "error"]
+FailureCategory = Literal[
+    "assertion",
+    "timeout",
+    "connection",
+    "server_error",
+    "dependency_skipped",
+    "template",
+    "capture",
+]
+DependencyKind = Literal["token", "data", "order"]
+
+
+class _Event(msgspec.Struct, frozen=True, tag_field="type", omit_defaults=True):
+    __test__ = False  # TestStarted, TestPassed...: not pytest test classes
+
+
+class PlannedTest(msgspec.Struct, frozen=True, omit_defaults=True):
+    name: str
+    depends_on: dict[str, DependencyKind] = {}
+    definition_hash: str = ""
+
+
+class RunStarted(_Event, tag="RunStarted"):
+    run_id: str
+    suite: str
+    suite_digest: str
+    plan: list[PlannedTest]
+    environment: str = ""
+    batch_id: str = ""
+    row: int = -1
+    tags: list[str] = []
+
+
+class TestStarted(_Event, tag="TestStarted"):
+    test: str
+    attempt: int = 1
+
+
+class RequestSent(_Event, tag="RequestSent"):
+    test: str
+    attempt: int
+    method: str
+    url: str
+    headers: dict[str, str] = {}
+    body_excerpt: str = ""
+
+
+class Timings(msgspec.Struct, frozen=True, omit_defaults=True):
+    total_ms: float
+
+
+class ResponseReceived(_Event, tag="ResponseReceived"):
+    test: str
+    attempt: int
+    status: int
+    headers: dict[str, str]
+    body_excerpt: str
+    timings: Timings
+
+
+class AssertionEvaluated(_Event, tag="AssertionEvaluated"):
+    test: str
+    attempt: int
+    subject: str
+    predicate: str
+    expected: Any
+    actual: Any
+    passed: bool
+
+
+class VariableCaptured(_Event, tag="VariableCaptured"):
+    """``value`` is ciphertext when ``secret`` is set."""
+
+    test: str
+    name: str
+    value: Any
+    secret: bool = False
+
+
+class AuthTokenUpdated(_Event, tag="AuthTokenUpdated"):
+    """A captured ``auth.*`` value; ``value`` is always ciphertext."""
+
+    test: str
+    name: str
+    value: str
+
+
+class TestPassed(_Event, tag="TestPassed"):
+    test: str
+    attempts: int
+    duration_ms: float
+
+
+class TestFailed(_Event, tag="TestFailed"):
+    test: str
+    attempts: int
+    duration_ms: float
+    category: FailureCategory
+    message: str
+
+
+class TestSkipped(_Event, tag="TestSkipped"):
+    test: str
+    reason: str
+    category: FailureCategory | None = None
+
+
+class RunCompleted(_Event, tag="RunCompleted"):
+    status: RunStatus
+    passed: int
+    failed: int
+    skipped: int
+    duration_ms: float
+
+
+class RunCancelled(_Event, tag="RunCancelled"):
+    reason: str
+
+
+class BatchStarted(_Event, tag="BatchStarted"):
+    batch_id: str
+    suite: str
+    source: str
+    runs: list[str]
+
+
+class BatchCompleted(_Event, tag="BatchCompleted"):
+    batch_id: str
+    passed: int
+    failed: int
+    duration_ms: float
+
+
+Event = (
+    RunStarted
+    | TestStarted
+    | RequestSent
+    | ResponseReceived
+    | AssertionEvaluated
+    | VariableCaptured
+    | AuthTokenUpdated
+    | TestPassed
+    | TestFailed
+    | TestSkipped
+    | RunCompleted
+    | RunCancelled
+    | BatchStarted
+    | BatchCompleted
+)
+
+
+class RecordedEvent(msgspec.Struct, frozen=True):
+    """An event as the store holds it: where it sits in its stream and in the log."""
+
+    id: uuid.UUID
+    stream: str
+    version: int
+    position: int
+    recorded_at: datetime
+    event: Event
+
+    @property
+    def type(self) -> str:
+        return type(self.event).__name__
+
+
+def event_type(event: Event) -> str:
+    return type(event).__name__
+
+
+def run_stream(run_id: str) -> str:
+    return f"run-{run_id}"
+
+
+def batch_stream(batch_id: str) -> str:
+    return f"batch-{batch_id}"
+
+
+def new_id() -> uuid.UUID:
+    return uuid.uuid4()
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Event)
+
+
+def encode(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode(data: bytes | str) -> Event:
+    return _decoder.decode(data)

@@ -1,0 +1,171 @@
+"""The flow file as typed Structs. Unknown fields are errors, so a typo never passes silently.
+
+Durations are a number of seconds or a string such as ``"250ms"``, ``"10s"``, ``"2m"``.
+Any string value may be a jinja2 template; templates are rendered at run time.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import msgspec
+
+Duration = str | float | int
+Scalar = str | int | float | bool | None
+
+
+class _Spec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True):
+    pass
+
+
+class Predicate(_Spec):
+    """Checks on one value. Every field given must hold."""
+
+    equals: Any = msgspec.UNSET
+    exists: bool | None = None
+    type: Literal["string", "number", "integer", "boolean", "array", "object", "null"] | None = (
+        None
+    )
+    contains: Any = msgspec.UNSET
+    matches: str | None = None
+    gt: float | None = None
+    gte: float | None = None
+    lt: float | None = None
+    lte: float | None = None
+    length: int | None = None
+    one_of: list[Any] | None = None
+    not_equals: Any = msgspec.UNSET
+
+
+# a bare value is shorthand for {equals: value}
+Check = Predicate | Scalar | list[Any]
+
+
+class BodyExpect(_Spec):
+    contains: str | None = None
+    matches: str | None = None
+    not_contains: str | None = None
+
+
+class Expect(_Spec):
+    status: int | str | list[int | str] | None = None
+    headers: dict[str, Check] = {}
+    json: dict[str, Check] = {}
+    body: BodyExpect | None = None
+    schema: dict[str, Any] | str | None = None
+    """A JSON Schema inline, or a path relative to the flow file."""
+    duration_ms: Predicate | None = None
+
+
+class Until(Expect):
+    """Poll: repeat the request until these checks hold, at most ``max_attempts`` times."""
+
+    interval: Duration = "500ms"
+    max_attempts: int = 10
+
+
+class Request(_Spec):
+    url: str
+    method: str = "GET"
+    params: dict[str, Scalar | list[Scalar]] = {}
+    headers: dict[str, str] = {}
+    json: Any = msgspec.UNSET
+    form: dict[str, str] | None = None
+    body: str | None = None
+    timeout: Duration | None = None
+    follow_redirects: bool | None = None
+
+
+class Capture(_Spec):
+    """Exactly one source: json, header, cookie, regex or status."""
+
+    json: str | None = None
+    header: str | None = None
+    cookie: str | None = None
+    regex: str | None = None
+    status: bool = False
+    secret: bool | None = None
+    """Default: True for names in the ``auth.`` namespace, False otherwise."""
+
+    def source(self) -> tuple[str, str]:
+        given = [
+            (kind, value)
+            for kind, value in (
+                ("json", self.json),
+                ("header", self.header),
+                ("cookie", self.cookie),
+                ("regex", self.regex),
+                ("status", "status" if self.status else None),
+            )
+            if value is not None
+        ]
+        if len(given) != 1:
+            raise ValueError("a capture takes exactly one of json, header, cookie, regex, status")
+        return given[0]
+
+
+RetryCondition = Literal["5xx", "429", "timeout", "connect"]
+
+
+class Retry(_Spec):
+    attempts: int = 0
+    """Extra attempts after the first."""
+    delay: Duration = "200ms"
+    backoff: float = 2.0
+    max_delay: Duration = "10s"
+    on: list[RetryCondition] = msgspec.field(
+        default_factory=lambda: ["5xx", "429", "timeout", "connect"]
+    )
+
+
+class Defaults(_Spec):
+    timeout: Duration = "10s"
+    retries: Retry | int = 0
+    headers: dict[str, str] = {}
+    follow_redirects: bool = False
+
+
+class Test(_Spec):
+    __test__ = False  # not a pytest test class
+
+    request: Request
+    description: str = ""
+    depends_on: list[str] = []
+    tags: list[str] = []
+    skip: bool | str = False
+    """True, or the reason to skip."""
+    expect: Expect | None = None
+    capture: dict[str, Capture] = {}
+    retries: Retry | int | None = None
+    until: Until | None = None
+
+
+class Flow(_Spec):
+    name: str
+    tests: dict[str, Test]
+    base_url: str = ""
+    description: str = ""
+    variables: dict[str, Any] = {}
+    defaults: Defaults = Defaults()
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def seconds(value: Duration) -> float:
+    """``"250ms"`` -> 0.25; a bare number is seconds. Raises ValueError naming the value."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"duration {value!r} is negative")
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f'duration {value!r}: write a number of seconds or "250ms", "10s", "2m"')
+    return float(match.group(1)) * _UNIT[match.group(2)]
+
+
+def retry_policy(value: Retry | int | None, default: Retry | int) -> Retry:
+    chosen = default if value is None else value
+    return Retry(attempts=chosen) if isinstance(chosen, int) else chosen

@@ -1,0 +1,91 @@
+"""What a run produces, as plain data: the runner fills these in, reporters only render them.
+
+Every string here has already passed through the run's redactor: no secret in clear.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from events.types import FailureCategory, RunStatus, TestStatus
+
+
+class AssertionResult(msgspec.Struct, frozen=True, omit_defaults=True):
+    subject: str
+    """What was checked: ``status``, ``header Content-Type``, ``json $.id``, ``body``..."""
+    predicate: str
+    """``equals``, ``exists``, ``lt``, ``schema``..."""
+    expected: Any
+    actual: Any
+    passed: bool
+    message: str = ""
+    """Why it failed, in a sentence, when expected/actual alone do not say it."""
+
+
+class Exchange(msgspec.Struct, omit_defaults=True):
+    """The last request of a test and what came back, for failure reports."""
+
+    method: str
+    url: str
+    request_headers: dict[str, str] = {}
+    request_body: str = ""
+    status: int | None = None
+    response_headers: dict[str, str] = {}
+    response_excerpt: str = ""
+    duration_ms: float = 0.0
+
+
+class TestResult(msgspec.Struct, omit_defaults=True):
+    __test__ = False  # not a pytest test class
+
+    name: str
+    status: TestStatus
+    duration_ms: float = 0.0
+    attempts: int = 0
+    category: FailureCategory | None = None
+    message: str = ""
+    assertions: list[AssertionResult] = []
+    captures: dict[str, Any] = {}
+    exchange: Exchange | None = None
+    tags: list[str] = []
+
+
+class RunResult(msgspec.Struct, omit_defaults=True):
+    run_id: str
+    suite: str
+    file: str
+    status: RunStatus
+    started_at: str
+    """ISO 8601, UTC."""
+    duration_ms: float
+    tests: list[TestResult]
+    environment: str = ""
+    batch_id: str = ""
+    row: int = -1
+
+    def count(self, status: TestStatus) -> int:
+        return sum(1 for test in self.tests if test.status == status)
+
+
+@dataclass(frozen=True)
+class ResponseView:
+    """A received response, as assertions and captures see it."""
+
+    status: int
+    headers: dict[str, str]
+    """Lower-cased names; repeated headers joined with ", "."""
+    text: str
+    duration_ms: float
+    cookies: dict[str, str] = field(default_factory=dict)
+
+    @functools.cached_property
+    def json(self) -> Any:
+        """The body decoded as JSON; raises ValueError if it is not JSON."""
+        try:
+            return msgspec.json.decode(self.text)
+        except msgspec.DecodeError as exc:
+            raise ValueError(f"the response body is not JSON: {exc}") from None
