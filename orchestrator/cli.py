@@ -1,0 +1,225 @@
+"""The ``baton`` command. Exit codes: 0 all passed, 1 a test failed, 2 usage or validation
+error, 3 infrastructure error. A user's mistake is one readable line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from orchestrator.errors import BatonError, InfrastructureError, UsageError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except BatonError as exc:
+        for line in str(exc).splitlines():
+            click.echo(f"error: {line}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="baton")
+def cli() -> None:
+    """Run chains of dependent HTTP API tests, recording every step as events."""
+
+
+def flow_options(function: F) -> F:
+    options = [
+        click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path)),
+        click.option("--env", "environment", help="Environment: env/NAME.yaml or a file."),
+        click.option("--var", "variables", multiple=True, help="Set a variable: name=value."),
+        click.option("--secrets", "secrets_file", type=click.Path(path_type=Path),
+                     help="YAML file of secrets (read as secrets.NAME)."),
+        click.option("--data", "data_file", type=click.Path(path_type=Path),
+                     help="CSV or JSON rows: one run per row."),
+        click.option("--tag", "tags", multiple=True, help="Only tests with this tag (and what they need)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _options(**kwargs: Any) -> Any:
+    from orchestrator.execution import Options
+    from orchestrator.inputs import parse_vars
+
+    kwargs["variables"] = parse_vars(kwargs["variables"])
+    return Options(**kwargs)
+
+
+@cli.command()
+@flow_options
+@click.option("-c", "--concurrency", default=10, show_default=True, type=click.IntRange(1, 1000),
+              help="Requests in flight at once.")
+@click.option("--junit", type=click.Path(path_type=Path), help="Write a JUnit XML report.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write a JSON report.")
+@click.option("--html", type=click.Path(path_type=Path), help="Write an HTML report.")
+@click.option("-q", "--quiet", is_flag=True, help="Only failures and the summary.")
+@click.option("--serve", metavar="COMMAND",
+              help="Start this server first, wait for base_url to answer, stop it after.")
+def run(
+    concurrency: int,
+    junit: Path | None,
+    json_path: Path | None,
+    html: Path | None,
+    quiet: bool,
+    serve: str | None,
+    **kwargs: Any,
+) -> None:
+    """Run flow files (or directories of them)."""
+    from events.settings import Settings
+    from orchestrator import execution
+    from orchestrator.reporters import ConsoleProgress, render_summary
+
+    options = _options(concurrency=concurrency, **kwargs)
+    jobs = execution.prepare(options)
+    color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    progress = ConsoleProgress(stream=sys.stdout, quiet=quiet, color=color)
+    with _served(serve, jobs):
+        results = asyncio.run(
+            execution.execute(
+                jobs, Settings.from_env(), concurrency=concurrency, observer=progress
+            )
+        )
+    if hasattr(progress, "close"):
+        progress.close()
+    from orchestrator.reporters import write_html, write_json, write_junit
+
+    for path, write in ((junit, write_junit), (json_path, write_json), (html, write_html)):
+        if path is not None:
+            write(results, path)
+    click.echo(render_summary(results, color=color))
+    if any(result.status != "passed" for result in results):
+        sys.exit(1)
+
+
+@contextmanager
+def _served(command: str | None, jobs: list[Any]) -> Iterator[None]:
+    if command is None:
+        yield
+        return
+    from orchestrator.execution import wait_until_reachable
+
+    process = subprocess.Popen(shlex.split(command), stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                raise InfrastructureError(
+                    f"--serve: {command!r} exited with code {process.returncode} before "
+                    "the API answered"
+                )
+            if asyncio.run(wait_until_reachable(jobs, timeout=0.5)):
+                break
+            if time.monotonic() > deadline:
+                raise InfrastructureError(f"--serve: the API did not answer within 30 s of {command!r}")
+        yield
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@cli.command()
+@flow_options
+def validate(**kwargs: Any) -> None:
+    """Check flow files without sending a request."""
+    from orchestrator import execution
+
+    jobs = execution.prepare(_options(**kwargs))
+    for job in jobs:
+        tests = len(job.plan.order)
+        click.echo(f"{job.plan.loaded.label}: ok ({tests} tests, {len(job.runs)} run(s))")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["text", "mermaid", "dot"]), default="text",
+              show_default=True)
+@click.option("--env", "environment")
+@click.option("--var", "variables", multiple=True)
+def graph(path: Path, fmt: str, environment: str | None, variables: tuple[str, ...]) -> None:
+    """Print the dependency plan of a flow file."""
+    from orchestrator import execution
+    from orchestrator.graphs import render_graph
+
+    options = _options(paths=[path], environment=environment, variables=variables,
+                       secrets_file=None, data_file=None, tags=())
+    for job in execution.prepare(options):
+        click.echo(render_graph(job.plan, fmt))
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--at", "position", type=int, help="The context as it was at this log position.")
+def context(run_id: str, position: int | None) -> None:
+    """Show a run's context: variables, tokens, captures, order, statuses."""
+    from orchestrator import inspect
+
+    click.echo(_with_store(lambda store: inspect.context(store, run_id, position)))
+
+
+@cli.command()
+@click.argument("run_id")
+def events(run_id: str) -> None:
+    """Show a run's event log."""
+    from orchestrator import inspect
+
+    click.echo(_with_store(lambda store: inspect.event_log(store, run_id)))
+
+
+@cli.command()
+@click.option("-n", "--limit", default=20, show_default=True)
+def runs(limit: int) -> None:
+    """List recent runs."""
+    from orchestrator import inspect
+
+    click.echo(_with_store(lambda store: inspect.recent_runs(store, limit)))
+
+
+def _with_store(action: Callable[[Any], Any]) -> str:
+    from events import open_store
+    from events.settings import Settings
+    from events.store import StoreError
+
+    async def go() -> str:
+        try:
+            store = await open_store(Settings.from_env())
+        except StoreError as exc:
+            raise InfrastructureError(f"event store unavailable: {exc}") from None
+        try:
+            return str(await action(store))
+        except StoreError as exc:
+            raise InfrastructureError(f"event store failed: {exc}") from None
+        finally:
+            await store.aclose()
+
+    return asyncio.run(go())
+
+
+__all__ = ["UsageError", "cli", "main"]

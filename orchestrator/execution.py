@@ -1,0 +1,212 @@
+"""One invocation of ``baton run``: static checks for every flow, then every run at once.
+
+``prepare`` reads and checks everything before a request is sent; ``execute`` opens the
+event store, runs every (flow, row) pair concurrently within the concurrency limit, and
+closes what it opened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from events import types as ev
+from events.settings import Settings
+from orchestrator import templating
+from orchestrator.errors import InfrastructureError, Problem, UsageError
+from orchestrator.inputs import environment_file, read_mapping, read_rows, read_secrets
+from orchestrator.loader import find_flows, load_flow
+from orchestrator.planner import Plan, Scope, plan
+from orchestrator.results import RunResult
+from orchestrator.runner import Observer, Runner, RunInputs, initial_namespace
+
+
+@dataclass(frozen=True)
+class Options:
+    paths: Sequence[Path]
+    environment: str | None = None
+    variables: Mapping[str, str] = field(default_factory=dict)
+    secrets_file: Path | None = None
+    data_file: Path | None = None
+    tags: Sequence[str] = ()
+    concurrency: int = 10
+
+
+@dataclass(frozen=True)
+class Job:
+    """A flow and the runs to make of it: one, or one per data row (a batch)."""
+
+    plan: Plan
+    runs: list[RunInputs]
+    batch_id: str = ""
+
+
+def prepare(options: Options, environ: Mapping[str, str] = os.environ) -> list[Job]:
+    """Every static check of every flow; raises UsageError listing all problems."""
+    secrets = read_secrets(options.secrets_file, environ)
+    rows: list[dict[str, Any]] = (
+        read_rows(options.data_file) if options.data_file is not None else [{}]
+    )
+    jobs: list[Job] = []
+    problems: list[Problem] = []
+    for path in find_flows(list(options.paths)):
+        try:
+            loaded = load_flow(path)
+            env_vars: dict[str, Any] = {}
+            if options.environment:
+                env_file = environment_file(options.environment, loaded.base_dir)
+                env_vars = read_mapping(env_file, "the environment file")
+            names = {*loaded.flow.variables, *env_vars, *rows[0], *options.variables}
+            flow_plan = plan(loaded, Scope(names, environ, secrets), options.tags)
+        except UsageError as exc:
+            problems.extend(exc.problems or [Problem(str(path), "", str(exc))])
+            continue
+        batch_id = str(uuid.uuid4()) if options.data_file is not None else ""
+        runs = [
+            RunInputs(
+                variables={**loaded.flow.variables, **env_vars, **row, **options.variables},
+                env=environ,
+                secrets=secrets,
+                environment=options.environment or "",
+                row=index if batch_id else -1,
+                batch_id=batch_id,
+            )
+            for index, row in enumerate(rows)
+        ]
+        jobs.append(Job(flow_plan, runs, batch_id))
+    if problems:
+        raise UsageError(problems)
+    return jobs
+
+
+async def execute(
+    jobs: list[Job],
+    settings: Settings,
+    *,
+    concurrency: int = 10,
+    observer: Observer | None = None,
+) -> list[RunResult]:
+    from events import open_store
+    from events.secrets import Cipher, load_key
+    from events.store import StoreError
+    from events.writer import BatchingWriter
+
+    await _check_reachable(jobs)
+    cipher = Cipher(load_key(settings.secret_key, settings.home))
+    try:
+        store = await open_store(settings)
+    except StoreError as exc:
+        raise InfrastructureError(f"event store unavailable: {exc}") from None
+    writer = BatchingWriter(store)
+    transport = make_transport(concurrency)
+    runner = Runner(
+        writer=writer,
+        cipher=cipher,
+        transport=transport,
+        concurrency=concurrency,
+        observer=observer,
+    )
+    try:
+        batches = [_run_job(runner, writer, job) for job in jobs]
+        results = [result for group in await asyncio.gather(*batches) for result in group]
+        await writer.aclose()
+    except StoreError as exc:
+        raise InfrastructureError(f"event store failed during the run: {exc}") from None
+    finally:
+        await transport.aclose()
+        await store.aclose()
+    return results
+
+
+async def _run_job(runner: Runner, writer: Any, job: Job) -> list[RunResult]:
+    if not job.batch_id:
+        return list(await asyncio.gather(*(runner.run(job.plan, run) for run in job.runs)))
+    stream = ev.batch_stream(job.batch_id)
+    source = str(job.plan.loaded.path)
+    writer.emit(
+        stream,
+        ev.BatchStarted(
+            batch_id=job.batch_id,
+            suite=job.plan.loaded.flow.name,
+            source=source,
+            runs=[run.run_id for run in job.runs],
+        ),
+    )
+    start = time.perf_counter()
+    results = list(await asyncio.gather(*(runner.run(job.plan, run) for run in job.runs)))
+    passed = sum(1 for result in results if result.status == "passed")
+    writer.emit(
+        stream,
+        ev.BatchCompleted(
+            batch_id=job.batch_id,
+            passed=passed,
+            failed=len(results) - passed,
+            duration_ms=round((time.perf_counter() - start) * 1000, 3),
+        ),
+    )
+    return results
+
+
+def make_transport(concurrency: int) -> httpx.AsyncBaseTransport:
+    """aiohttp under httpx's API: the same client code, far less overhead per request
+    (bench/README.md). Cookies live in each run's httpx client, never in the shared pool."""
+    import aiohttp
+    from httpx_aiohttp import AiohttpTransport
+
+    def session() -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=max(concurrency, 10), ttl_dns_cache=300)
+        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+
+    return AiohttpTransport(client=session)
+
+
+def _targets(jobs: list[Job]) -> dict[tuple[str, int], str]:
+    targets: dict[tuple[str, int], str] = {}
+    for job in jobs:
+        base = _base_url(job)
+        parts = urlsplit(base)
+        if parts.hostname:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            targets[(parts.hostname, port)] = base
+    return targets
+
+
+async def _unreachable(jobs: list[Job], timeout: float) -> tuple[str, str] | None:
+    """The first base URL nobody answers, with the reason; None if all answer."""
+    for (host, port), base in _targets(jobs).items():
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        except (OSError, TimeoutError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
+            return base, reason.lower()
+        writer.close()
+    return None
+
+
+async def wait_until_reachable(jobs: list[Job], timeout: float) -> bool:
+    return await _unreachable(jobs, timeout) is None
+
+
+async def _check_reachable(jobs: list[Job]) -> None:
+    """A base URL that nobody answers is an infrastructure problem, not N test failures."""
+    failure = await _unreachable(jobs, timeout=5)
+    if failure is not None:
+        base, reason = failure
+        raise InfrastructureError(f"cannot reach {base}: {reason}; is the API running?")
+
+
+def _base_url(job: Job) -> str:
+    try:
+        namespace = initial_namespace(job.runs[0])
+        return str(templating.render(job.plan.loaded.flow.base_url, namespace))
+    except templating.TemplateError:
+        return ""  # the run itself reports it, test by test

@@ -1,0 +1,182 @@
+"""The dependency graph of a flow, and every graph problem found before a request is sent.
+
+Dependencies come from three places: *token* (a test reads an ``auth.*`` value another test
+captures), *data* (it reads any other captured value), both inferred from its templates,
+and *order* (``depends_on``), explicit.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass
+
+import msgspec
+import networkx as nx
+
+from events.types import DependencyKind, PlannedTest
+from orchestrator import templating
+from orchestrator.errors import Problem, UsageError
+from orchestrator.loader import LoadedFlow, test_parts
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The names a flow can read besides captures, known before the run starts."""
+
+    variables: Collection[str]
+    env: Mapping[str, str]
+    secrets: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Plan:
+    loaded: LoadedFlow
+    graph: nx.DiGraph
+    """Edges run from the test that provides to the test that needs; attribute ``kind``."""
+    order: list[str]
+    """A topological order, stable by position in the file."""
+
+    def dependencies(self, test: str) -> dict[str, DependencyKind]:
+        return {dep: self.graph.edges[dep, test]["kind"] for dep in self.graph.predecessors(test)}
+
+    def planned(self) -> list[PlannedTest]:
+        tests = self.loaded.flow.tests
+        return [
+            PlannedTest(name, self.dependencies(name), definition_hash(tests[name]))
+            for name in self.order
+        ]
+
+
+def definition_hash(test: object) -> str:
+    return hashlib.sha256(msgspec.json.encode(test)).hexdigest()[:16]
+
+
+def plan(loaded: LoadedFlow, scope: Scope, tags: Collection[str] = ()) -> Plan:
+    """Build the graph; raises UsageError naming every problem (file, test, variable, cycle)."""
+    flow, label = loaded.flow, loaded.label
+    problems: list[Problem] = []
+    providers: dict[str, str] = {}
+    for name, test in flow.tests.items():
+        for captured in test.capture:
+            if captured in providers:
+                problems.append(
+                    Problem(
+                        label,
+                        f"tests.{name}.capture.{captured}",
+                        f"{captured!r} is already captured by test {providers[captured]!r}",
+                        "give one of them another name",
+                    )
+                )
+            else:
+                providers[captured] = name
+
+    graph: nx.DiGraph = nx.DiGraph()
+    graph.add_nodes_from(flow.tests)
+    for name, test in flow.tests.items():
+        for dep in test.depends_on:
+            if dep not in flow.tests:
+                problems.append(
+                    Problem(
+                        label,
+                        f"tests.{name}.depends_on",
+                        f"unknown test {dep!r}",
+                        _did_you_mean(dep, flow.tests),
+                    )
+                )
+            else:
+                graph.add_edge(dep, name, kind="order")
+        for where, reference in _references(test_parts(test)):
+            found = _providers(reference, providers)
+            if found:
+                kind: DependencyKind = "token" if reference.startswith("auth") else "data"
+                graph.add_edges_from(((p, name) for p in found if p != name), kind=kind)
+                continue
+            problem = _undefined(reference, scope, providers)
+            if problem:
+                problems.append(Problem(label, f"tests.{name}.{where}", *problem))
+    for where, reference in _references(
+        [("base_url", flow.base_url), *((f"variables.{k}", v) for k, v in flow.variables.items())]
+    ):
+        problem = _undefined(reference, scope, {})
+        if problem:
+            problems.append(Problem(label, where, *problem))
+
+    if not problems:
+        try:
+            cycle = nx.find_cycle(graph)
+        except nx.NetworkXNoCycle:
+            pass
+        else:
+            path = " -> ".join([edge[0] for edge in cycle] + [cycle[0][0]])
+            problems.append(
+                Problem(label, "tests", f"dependency cycle: {path}", "break one of these links")
+            )
+    if problems:
+        raise UsageError(problems)
+
+    if tags:
+        wanted = {name for name, test in flow.tests.items() if set(test.tags) & set(tags)}
+        needed = set(wanted)
+        for name in wanted:
+            needed |= nx.ancestors(graph, name)
+        graph = graph.subgraph(needed).copy()
+    position = {name: index for index, name in enumerate(flow.tests)}
+    order = list(nx.lexicographical_topological_sort(graph, key=position.__getitem__))
+    return Plan(loaded, graph, order)
+
+
+def _references(parts: Iterator[tuple[str, object]] | list[tuple[str, object]]) -> Iterator[
+    tuple[str, str]
+]:
+    for where, value in parts:
+        for text in templating.template_strings(value):
+            for reference in sorted(templating.references(text)):
+                yield where, reference
+
+
+def _providers(reference: str, providers: Mapping[str, str]) -> set[str]:
+    """The tests capturing this name: the longest captured prefix of it (``user`` for
+    ``user.id``), or every capture below it (``auth`` for ``auth.token``)."""
+    parts = reference.split(".")
+    for end in range(len(parts), 0, -1):
+        provider = providers.get(".".join(parts[:end]))
+        if provider is not None:
+            return {provider}
+    prefix = reference + "."
+    return {test for name, test in providers.items() if name.startswith(prefix)}
+
+
+def _undefined(
+    reference: str, scope: Scope, providers: Mapping[str, str]
+) -> tuple[str, str] | None:
+    root, _, rest = reference.partition(".")
+    if root == "env":
+        key = rest.split(".")[0]
+        if key and key not in scope.env:
+            return (
+                f"environment variable {key} is not set",
+                f"export {key}=..., or write {{{{ env.{key} | default('...') }}}}",
+            )
+        return None
+    if root == "secrets":
+        key = rest.split(".")[0]
+        if key and key not in scope.secrets:
+            return (
+                f"secret {key} is not set",
+                f"export {key}=... or put it in the file given with --secrets",
+            )
+        return None
+    if root in scope.variables:
+        return None
+    names = [*scope.variables, *providers]
+    hint = _did_you_mean(reference, names) or (
+        "capture it in a test, or define it in variables, --var, --env or --data"
+    )
+    return (f"variable {reference!r} is not defined", hint)
+
+
+def _did_you_mean(name: str, names: Collection[str]) -> str:
+    close = difflib.get_close_matches(name, list(names), n=1)
+    return f"did you mean {close[0]!r}?" if close else ""

@@ -1,0 +1,547 @@
+"""Runs a plan: sends the requests, checks, captures, and records every step as an event.
+
+The runner never prints. It hands each event to the event writer (the log) and to an
+observer (live progress), and returns plain result data for the reporters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import msgspec
+
+from events import types as ev
+from events.secrets import Cipher, Redactor
+from events.writer import BatchingWriter
+from orchestrator import templating
+from orchestrator.assertions import evaluate
+from orchestrator.captures import CaptureError, capture, is_secret
+from orchestrator.model import Expect, Request, Retry, Test, Until, retry_policy, seconds
+from orchestrator.planner import Plan
+from orchestrator.results import AssertionResult, Exchange, ResponseView, RunResult, TestResult
+
+Observer = Callable[[str, ev.Event], None]
+EXCERPT = 2048
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What one run reads besides captures: variables (lowest precedence first, already
+    merged), the process environment and the secrets."""
+
+    variables: Mapping[str, Any]
+    env: Mapping[str, str]
+    secrets: Mapping[str, str]
+    environment: str = ""
+    row: int = -1
+    batch_id: str = ""
+    run_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+
+def initial_namespace(inputs: RunInputs) -> dict[str, Any]:
+    """What templates can read before any capture. Variables render in order: each may read
+    env, secrets and the variables before it. Raises TemplateError."""
+    namespace: dict[str, Any] = {"env": dict(inputs.env), "secrets": dict(inputs.secrets)}
+    for name, value in inputs.variables.items():
+        namespace[name] = templating.render(value, namespace)
+    return namespace
+
+
+class Runner:
+    """Shared by every run of one invocation: the connection pool, the writer, the limit."""
+
+    def __init__(
+        self,
+        *,
+        writer: BatchingWriter,
+        cipher: Cipher,
+        transport: httpx.AsyncBaseTransport,
+        concurrency: int = 10,
+        observer: Observer | None = None,
+    ) -> None:
+        self.writer = writer
+        self.cipher = cipher
+        self.transport = transport
+        self.slots = asyncio.Semaphore(concurrency)
+        self.observer = observer
+
+    async def run(self, plan: Plan, inputs: RunInputs) -> RunResult:
+        return await _Run(self, plan, inputs).execute()
+
+
+class _Failure(Exception):
+    def __init__(self, category: ev.FailureCategory, message: str) -> None:
+        super().__init__(message)
+        self.category: ev.FailureCategory = category
+
+
+class _Run:
+    def __init__(self, runner: Runner, plan: Plan, inputs: RunInputs) -> None:
+        self.runner = runner
+        self.plan = plan
+        self.flow = plan.loaded.flow
+        self.inputs = inputs
+        self.stream = ev.run_stream(inputs.run_id)
+        self.redactor = Redactor()
+        for name in _secret_names(plan):
+            if name in inputs.secrets:
+                self.redactor.add(inputs.secrets[name])
+        self.namespace: dict[str, Any] = {}
+        self.results: dict[str, TestResult] = {}
+        self.client = httpx.AsyncClient(transport=runner.transport)
+        self.base_url = ""
+
+    def emit(self, event: ev.Event) -> None:
+        self.runner.writer.emit(self.stream, event)
+        if self.runner.observer is not None:
+            self.runner.observer(self.inputs.run_id, event)
+
+    async def execute(self) -> RunResult:
+        started_at = datetime.now(UTC).isoformat()
+        start = time.perf_counter()
+        self.emit(
+            ev.RunStarted(
+                run_id=self.inputs.run_id,
+                suite=self.flow.name,
+                suite_digest=self.plan.loaded.digest,
+                plan=self.plan.planned(),
+                environment=self.inputs.environment,
+                batch_id=self.inputs.batch_id,
+                row=self.inputs.row,
+            )
+        )
+        try:
+            self._prepare()
+        except templating.TemplateError as exc:
+            for name in self.plan.order:
+                self._skip(name, f"the flow's variables do not render: {exc}", "template")
+        else:
+            try:
+                await self._schedule()
+            except asyncio.CancelledError:
+                self.emit(ev.RunCancelled(reason="interrupted"))
+                raise
+        duration = (time.perf_counter() - start) * 1000
+        tests = [self.results[name] for name in self.plan.order]
+        failed = sum(1 for t in tests if t.status == "failed")
+        skipped = sum(1 for t in tests if t.status == "skipped")
+        status: ev.RunStatus = "failed" if failed or any(
+            t.category == "template" for t in tests
+        ) else "passed"
+        self.emit(
+            ev.RunCompleted(
+                status=status,
+                passed=len(tests) - failed - skipped,
+                failed=failed,
+                skipped=skipped,
+                duration_ms=round(duration, 3),
+            )
+        )
+        return RunResult(
+            run_id=self.inputs.run_id,
+            suite=self.flow.name,
+            file=self.plan.loaded.label,
+            status=status,
+            started_at=started_at,
+            duration_ms=round(duration, 3),
+            tests=tests,
+            environment=self.inputs.environment,
+            batch_id=self.inputs.batch_id,
+            row=self.inputs.row,
+        )
+
+    def _prepare(self) -> None:
+        self.namespace = initial_namespace(self.inputs)
+        self.base_url = str(templating.render(self.flow.base_url, self.namespace)).rstrip("/")
+
+    async def _schedule(self) -> None:
+        graph = self.plan.graph
+        waiting = {name: set(graph.predecessors(name)) for name in self.plan.order}
+        running: dict[asyncio.Task[TestResult], str] = {}
+
+        def start_ready() -> None:
+            for name in self.plan.order:
+                if name in waiting and not waiting[name]:
+                    del waiting[name]
+                    running[asyncio.create_task(self._test(name))] = name
+
+        start_ready()
+        while running:
+            done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                name = running.pop(task)
+                result = task.result()
+                self.results[name] = result
+                for child in graph.successors(name):
+                    if result.status == "passed":
+                        waiting.get(child, set()).discard(name)
+                    elif child in waiting:
+                        verb = "failed" if result.status == "failed" else "was skipped"
+                        self._skip_tree(child, f"depends on {name}, which {verb}")
+                        del waiting[child]
+            start_ready()
+
+    def _skip_tree(self, name: str, reason: str) -> None:
+        if name in self.results:
+            return
+        self._skip(name, reason, "dependency_skipped")
+        for child in self.plan.graph.successors(name):
+            self._skip_tree(child, f"depends on {name}, which was skipped")
+
+    def _skip(self, name: str, reason: str, category: ev.FailureCategory | None = None) -> None:
+        self.emit(ev.TestSkipped(test=name, reason=reason, category=category))
+        test = self.flow.tests[name]
+        self.results[name] = TestResult(
+            name=name, status="skipped", category=category, message=reason, tags=test.tags
+        )
+
+    async def _test(self, name: str) -> TestResult:
+        test = self.flow.tests[name]
+        if test.skip:
+            reason = test.skip if isinstance(test.skip, str) else "skip: true in the flow"
+            self._skip(name, reason)
+            return self.results[name]
+        async with self.runner.slots:
+            return await _TestRun(self, name, test).execute()
+
+
+class _TestRun:
+    def __init__(self, run: _Run, name: str, test: Test) -> None:
+        self.run = run
+        self.name = name
+        self.test = test
+        self.attempt = 0
+        self.exchange: Exchange | None = None
+        self.assertions: list[AssertionResult] = []
+        self.captured: dict[str, Any] = {}
+
+    async def execute(self) -> TestResult:
+        start = time.perf_counter()
+        try:
+            response = await self._send_until()
+            self._check(response)
+            self._capture(response)
+        except _Failure as failure:
+            duration = (time.perf_counter() - start) * 1000
+            message = self.run.redactor.redact(str(failure))
+            self.run.emit(
+                ev.TestFailed(
+                    test=self.name,
+                    attempts=self.attempt,
+                    duration_ms=round(duration, 3),
+                    category=failure.category,
+                    message=message,
+                )
+            )
+            return self._result("failed", duration, failure.category, message)
+        duration = (time.perf_counter() - start) * 1000
+        self.run.emit(
+            ev.TestPassed(test=self.name, attempts=self.attempt, duration_ms=round(duration, 3))
+        )
+        return self._result("passed", duration)
+
+    def _result(
+        self,
+        status: ev.TestStatus,
+        duration: float,
+        category: ev.FailureCategory | None = None,
+        message: str = "",
+    ) -> TestResult:
+        return TestResult(
+            name=self.name,
+            status=status,
+            duration_ms=round(duration, 3),
+            attempts=self.attempt,
+            category=category,
+            message=message,
+            assertions=self.assertions,
+            captures=self.captured,
+            exchange=self.exchange if status == "failed" else None,
+            tags=self.test.tags,
+        )
+
+    def _render(self, value: Any) -> Any:
+        try:
+            return templating.render(value, self.run.namespace)
+        except templating.TemplateError as exc:
+            raise _Failure("template", f"template error: {exc}") from None
+
+    async def _send_until(self) -> ResponseView:
+        until = self.test.until
+        polls = until.max_attempts if until is not None else 1
+        for poll in range(1, polls + 1):
+            response = await self._send_with_retries()
+            if until is None:
+                return response
+            checks = evaluate(self._expect(until), response, base_dir=self.run.plan.loaded.base_dir)
+            if all(check.passed for check in checks):
+                return response
+            if poll == polls:
+                self.assertions.extend(self._record(checks, "until "))
+                raise _Failure(
+                    "assertion", f"until: the condition still failed after {polls} attempts"
+                )
+            await asyncio.sleep(seconds(until.interval))
+        raise AssertionError("unreachable")
+
+    def _expect(self, expect: Expect | Until) -> Expect:
+        rendered = self._render(msgspec.to_builtins(expect))
+        try:
+            return msgspec.convert(rendered, Expect if isinstance(expect, Expect) else Until)
+        except msgspec.ValidationError as exc:
+            raise _Failure("template", f"expectations after rendering: {exc}") from None
+
+    async def _send_with_retries(self) -> ResponseView:
+        flow = self.run.flow
+        policy = retry_policy(self.test.retries, flow.defaults.retries)
+        for retry in range(policy.attempts + 1):
+            self.attempt += 1
+            if retry:
+                self.run.emit(ev.TestStarted(test=self.name, attempt=retry + 1))
+            elif self.attempt == 1:
+                self.run.emit(ev.TestStarted(test=self.name, attempt=1))
+            try:
+                response = await self._send()
+            except _Failure as failure:
+                if retry < policy.attempts and failure.category in policy_conditions(policy):
+                    await asyncio.sleep(_backoff(policy, retry))
+                    continue
+                raise
+            condition = "5xx" if response.status >= 500 else "429" if response.status == 429 else ""
+            if condition and condition in policy.on and retry < policy.attempts:
+                wait = _retry_after(response.headers.get("retry-after"))
+                await asyncio.sleep(min(max(wait, _backoff(policy, retry)), seconds(policy.max_delay)))
+                continue
+            return response
+        raise AssertionError("unreachable")
+
+    async def _send(self) -> ResponseView:
+        run, flow = self.run, self.run.flow
+        request: Request = self.test.request
+        url = str(self._render(request.url))
+        if "://" not in url:
+            url = f"{run.base_url}/{url.lstrip('/')}"
+        headers = {**flow.defaults.headers, **request.headers}
+        headers = {str(k): str(v) for k, v in self._render(headers).items()}
+        content: bytes | str | None = None
+        if request.json is not msgspec.UNSET:
+            content = msgspec.json.encode(self._render(request.json))
+            headers.setdefault("content-type", "application/json")
+        elif request.body is not None:
+            content = str(self._render(request.body))
+        form = self._render(request.form) if request.form is not None else None
+        params = self._render(request.params) if request.params else None
+        timeout = seconds(request.timeout if request.timeout is not None else flow.defaults.timeout)
+        follow = (
+            request.follow_redirects
+            if request.follow_redirects is not None
+            else flow.defaults.follow_redirects
+        )
+        redact = run.redactor.redact
+        self.run.emit(
+            ev.RequestSent(
+                test=self.name,
+                attempt=self.attempt,
+                method=request.method,
+                url=redact(url),
+                headers=run.redactor.mask_headers(headers),
+                body_excerpt=redact(_text(content or form or "")[:EXCERPT]),
+            )
+        )
+        started = time.perf_counter()
+        try:
+            response = await run.client.request(
+                request.method,
+                url,
+                params=params,
+                headers=headers,
+                content=content,
+                data=form,
+                timeout=timeout,
+                follow_redirects=follow,
+            )
+        except httpx.TimeoutException:
+            self._note_exchange(request.method, url, headers, content or form)
+            raise _Failure("timeout", f"no response within {timeout:g} s from {url}") from None
+        except httpx.TransportError as exc:
+            self._note_exchange(request.method, url, headers, content or form)
+            raise _Failure("connection", f"cannot reach {url}: {exc or type(exc).__name__}") from None
+        elapsed = (time.perf_counter() - started) * 1000
+        view = ResponseView(
+            status=response.status_code,
+            headers={k: ", ".join(response.headers.get_list(k)) for k in response.headers},
+            text=response.text,
+            duration_ms=elapsed,
+            cookies=dict(response.cookies),
+        )
+        excerpt = redact(view.text[:EXCERPT])
+        masked = run.redactor.mask_headers(view.headers)
+        self.run.emit(
+            ev.ResponseReceived(
+                test=self.name,
+                attempt=self.attempt,
+                status=view.status,
+                headers=masked,
+                body_excerpt=excerpt,
+                timings=ev.Timings(total_ms=round(elapsed, 3)),
+            )
+        )
+        self._note_exchange(request.method, url, headers, content or form)
+        assert self.exchange is not None
+        self.exchange.status = view.status
+        self.exchange.response_headers = masked
+        self.exchange.response_excerpt = excerpt
+        self.exchange.duration_ms = round(elapsed, 3)
+        return view
+
+    def _note_exchange(self, method: str, url: str, headers: dict[str, str], body: Any) -> None:
+        redact = self.run.redactor.redact
+        self.exchange = Exchange(
+            method=method,
+            url=redact(url),
+            request_headers=self.run.redactor.mask_headers(headers),
+            request_body=redact(_text(body or "")[:EXCERPT]),
+        )
+
+    def _check(self, response: ResponseView) -> None:
+        if self.test.expect is None:
+            return
+        checks = evaluate(
+            self._expect(self.test.expect), response, base_dir=self.run.plan.loaded.base_dir
+        )
+        self.assertions.extend(self._record(checks))
+        failed = [check for check in checks if not check.passed]
+        if failed:
+            category: ev.FailureCategory = "server_error" if response.status >= 500 else "assertion"
+            first = failed[0]
+            raise _Failure(
+                category,
+                f"{len(failed)} of {len(checks)} checks failed; first: {first.subject} "
+                f"{first.predicate}: expected {_short(first.expected)}, "
+                f"got {_short(first.actual)}" + (f" ({first.message})" if first.message else ""),
+            )
+
+    def _record(self, checks: list[AssertionResult], prefix: str = "") -> list[AssertionResult]:
+        redact = self.run.redactor.redact_value
+        recorded = []
+        for check in checks:
+            safe = AssertionResult(
+                subject=prefix + check.subject,
+                predicate=check.predicate,
+                expected=redact(check.expected),
+                actual=redact(check.actual),
+                passed=check.passed,
+                message=self.run.redactor.redact(check.message),
+            )
+            recorded.append(safe)
+            self.run.emit(
+                ev.AssertionEvaluated(
+                    test=self.name,
+                    attempt=self.attempt,
+                    subject=safe.subject,
+                    predicate=safe.predicate,
+                    expected=safe.expected,
+                    actual=safe.actual,
+                    passed=safe.passed,
+                )
+            )
+        return recorded
+
+    def _capture(self, response: ResponseView) -> None:
+        run = self.run
+        for name, spec in self.test.capture.items():
+            try:
+                value = capture(name, spec, response)
+            except CaptureError as exc:
+                raise _Failure("capture", run.redactor.redact(str(exc))) from None
+            _assign(run.namespace, name, value)
+            if is_secret(name, spec):
+                text = value if isinstance(value, str) else msgspec.json.encode(value).decode()
+                run.redactor.add(text)
+                sealed = run.runner.cipher.encrypt(text)
+                self.captured[name] = "***"
+                if name.startswith("auth."):
+                    run.emit(ev.AuthTokenUpdated(test=self.name, name=name, value=sealed))
+                else:
+                    run.emit(
+                        ev.VariableCaptured(test=self.name, name=name, value=sealed, secret=True)
+                    )
+            else:
+                self.captured[name] = value
+                run.emit(ev.VariableCaptured(test=self.name, name=name, value=value))
+
+
+def policy_conditions(policy: Retry) -> set[ev.FailureCategory]:
+    wanted: set[ev.FailureCategory] = set()
+    if "timeout" in policy.on:
+        wanted.add("timeout")
+    if "connect" in policy.on:
+        wanted.add("connection")
+    return wanted
+
+
+def _backoff(policy: Retry, retry: int) -> float:
+    return min(seconds(policy.delay) * policy.backoff**retry, seconds(policy.max_delay))
+
+
+def _retry_after(value: str | None) -> float:
+    """Retry-After in seconds: a number, or an HTTP date; 0 when absent or unreadable."""
+    if not value:
+        return 0.0
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _assign(namespace: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    target = namespace
+    for part in parents:
+        child = target.get(part)
+        if not isinstance(child, dict):
+            child = target[part] = {}
+        target = child
+    target[last] = value
+
+
+def _secret_names(plan: Plan) -> set[str]:
+    from orchestrator.loader import test_parts
+
+    names: set[str] = set()
+    parts = [part for test in plan.loaded.flow.tests.values() for part in test_parts(test)]
+    parts.append(("variables", plan.loaded.flow.variables))
+    for _, value in parts:
+        for text in templating.template_strings(value):
+            names.update(
+                ref.split(".")[1]
+                for ref in templating.references(text)
+                if ref.startswith("secrets.") and ref.count(".") >= 1
+            )
+    return names
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        return value
+    return msgspec.json.encode(value).decode()
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = value if isinstance(value, str) and value == "<missing>" else _text(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
