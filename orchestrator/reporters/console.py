@@ -1,0 +1,315 @@
+"""The console: live progress while runs execute, and the summary printed at the end.
+
+Progress is an observer the runner calls with ``(run_id, event)``. Without a terminal (CI,
+a pipe) it writes plain lines that read well in a log: one line per finished test of a
+single run; for batch rows one line per run, with the failed and skipped tests of failed
+runs only, so fifty rows of six tests stay about fifty lines. On a terminal the same lines
+scroll above a small live panel of the runs in progress, drawn with ``rich``; rich is
+imported only then, because start-up time matters to every non-interactive run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from events.types import (
+    BatchStarted,
+    Event,
+    RunCancelled,
+    RunCompleted,
+    RunStarted,
+    TestFailed,
+    TestPassed,
+    TestSkipped,
+    TestStarted,
+)
+from orchestrator.reporters import _format as fmt
+from orchestrator.reporters.json_report import summarize
+from orchestrator.results import RunResult
+
+_STYLES = {
+    "passed": "32",
+    "failed": "31",
+    "skipped": "33",
+    "bold": "1",
+    "dim": "2",
+    "expected": "32",
+    "actual": "31",
+    "title": "1;31",
+}
+_MARKS = {"passed": "✓", "failed": "✗", "skipped": "-"}
+_LIVE_REFRESH_S = 0.1
+_LIVE_ROWS = 8
+
+
+def color_enabled(stream: TextIO) -> bool:
+    """Colour when writing to a terminal, unless NO_COLOR is set (https://no-color.org)."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    return _isatty(stream) and os.environ.get("TERM") != "dumb"
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed or file-like stream without a terminal
+        return False
+
+
+def painter(color: bool) -> fmt.Paint:
+    if not color:
+        return fmt.plain
+    return lambda style, text: f"\x1b[{_STYLES[style]}m{text}\x1b[0m" if text else text
+
+
+@dataclass
+class _RunState:
+    label: str
+    batch: bool
+    planned: int = 0
+    tally: dict[str, int] = field(default_factory=lambda: {"passed": 0, "failed": 0, "skipped": 0})
+    running: dict[str, int] = field(default_factory=dict)
+    """Test name -> attempt, for the live panel."""
+    held: list[str] = field(default_factory=list)
+    """A batch row's failure lines, printed only if the row fails."""
+
+
+class ConsoleProgress:
+    """Observer for the runner: ``progress(run_id, event)``. Call ``close()`` when done."""
+
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        *,
+        quiet: bool = False,
+        color: bool | None = None,
+        live: bool | None = None,
+    ) -> None:
+        self._stream = stream if stream is not None else sys.stdout
+        self._quiet = quiet
+        self._color = color_enabled(self._stream) if color is None else color
+        self._paint = painter(self._color)
+        self._want_live = _isatty(self._stream) if live is None else live
+        self._runs: dict[str, _RunState] = {}
+        self._last_header = ""
+        self._live: _LivePanel | None = None
+        # the runner may report from worker threads; lines must not interleave
+        self._lock = threading.Lock()
+
+    def __call__(self, run_id: str, event: Event) -> None:
+        with self._lock:
+            self._handle(run_id, event)
+            if self._want_live:
+                self._refresh()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._live is not None:
+                self._live.stop()
+                self._live = None
+            self._stream.flush()
+
+    def __enter__(self) -> ConsoleProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _handle(self, run_id: str, event: Event) -> None:
+        if isinstance(event, BatchStarted):
+            if not self._quiet:
+                what = f"{event.suite}: {len(event.runs)} runs"
+                self._emit(
+                    self._paint("bold", what) + (f" from {event.source}" if event.source else "")
+                )
+            return
+        if isinstance(event, RunStarted):
+            label = f"{event.suite} [row {event.row}]" if event.row >= 0 else event.suite
+            batch = event.row >= 0 or bool(event.batch_id)
+            self._runs[run_id] = _RunState(label=label, batch=batch, planned=len(event.plan))
+            return
+        run = self._runs.get(run_id)
+        if run is None:  # joined mid-run: still report, under the id
+            run = self._runs[run_id] = _RunState(label=run_id, batch=False)
+        if isinstance(event, TestStarted):
+            run.running[event.test] = event.attempt
+        elif isinstance(event, TestPassed | TestFailed | TestSkipped):
+            self._finished(run_id, run, event)
+        elif isinstance(event, RunCancelled):
+            self._run_line(run_id, run, f"  ! cancelled: {fmt.first_line(event.reason)}")
+        elif isinstance(event, RunCompleted):
+            self._completed(run_id, run, event)
+
+    def _finished(
+        self, run_id: str, run: _RunState, event: TestPassed | TestFailed | TestSkipped
+    ) -> None:
+        run.running.pop(event.test, None)
+        paint = self._paint
+        if isinstance(event, TestPassed):
+            run.tally["passed"] += 1
+            if self._quiet or run.batch:
+                return
+            retried = f"  after {event.attempts} attempts" if event.attempts > 1 else ""
+            took = paint("dim", fmt.duration(event.duration_ms))
+            line = f"  {paint('passed', '✓')} {event.test}  {took}{retried}"
+        elif isinstance(event, TestFailed):
+            run.tally["failed"] += 1
+            why = fmt.first_line(fmt.printable(event.message))
+            line = f"  {paint('failed', '✗')} {event.test}  [{event.category}] {why}"
+        else:
+            run.tally["skipped"] += 1
+            if self._quiet:
+                return
+            why = fmt.first_line(fmt.printable(event.reason))
+            line = f"  {paint('skipped', '-')} {event.test}  {paint('dim', 'skipped: ' + why)}"
+        self._run_line(run_id, run, line)
+
+    def _completed(self, run_id: str, run: _RunState, event: RunCompleted) -> None:
+        self._runs.pop(run_id, None)
+        took = fmt.duration(event.duration_ms)
+        tally = fmt.counts(event.passed, event.failed, event.skipped)
+        if not run.batch:
+            if event.status not in ("passed", "failed"):
+                self._run_line(run_id, run, f"  ! the run ended: {event.status}")
+            return
+        if event.status == "passed":
+            if not self._quiet:
+                self._emit(f"{self._paint('passed', '✓')} {run.label}  {tally}  {took}")
+            return
+        status = "" if event.status == "failed" else f"  ({event.status})"
+        self._emit(f"{self._paint('failed', '✗')} {run.label}  {tally}  {took}{status}")
+        for line in run.held:
+            self._emit("  " + line)
+
+    def _run_line(self, run_id: str, run: _RunState, line: str) -> None:
+        if run.batch:
+            run.held.append(line)
+            return
+        self._header(run_id)
+        self._emit(line)
+
+    def _header(self, run_id: str) -> None:
+        # concurrent single runs interleave: a header on every switch says whose line it is
+        if self._last_header != run_id:
+            self._last_header = run_id
+            self._emit(self._paint("bold", self._runs[run_id].label))
+
+    def _emit(self, line: str) -> None:
+        if self._live is not None:
+            self._live.print(line)
+        else:
+            self._stream.write(line + "\n")
+
+    def _refresh(self) -> None:
+        if not self._runs:
+            if self._live is not None:
+                self._live.stop()
+                self._live = None
+            return
+        if self._live is None:
+            self._live = _LivePanel(self._stream, self._color)
+        self._live.show(list(self._runs.values()))
+
+
+class _LivePanel:
+    """The runs in progress, redrawn in place below the lines already printed."""
+
+    def __init__(self, stream: TextIO, color: bool) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        console = Console(file=stream, force_terminal=True, no_color=not color, highlight=False)
+        self._live: Any = Live(console=console, auto_refresh=False, transient=True)
+        self._live.start()
+        self._last = 0.0
+
+    def print(self, line: str) -> None:
+        from rich.text import Text
+
+        self._live.console.print(Text.from_ansi(line), soft_wrap=True)
+
+    def show(self, runs: list[_RunState]) -> None:
+        from rich.text import Text
+
+        lines = []
+        for run in runs[:_LIVE_ROWS]:
+            done = sum(run.tally.values())
+            text = Text(f"⋯ {run.label}  ", style="bold")
+            text.append(f"{done}/{run.planned or '?'}  ")
+            text.append(f"✓{run.tally['passed']} ", style="green")
+            text.append(f"✗{run.tally['failed']} ", style="red")
+            text.append(f"-{run.tally['skipped']}", style="yellow")
+            if run.running:
+                names = ", ".join(
+                    name if attempt == 1 else f"{name} (attempt {attempt})"
+                    for name, attempt in run.running.items()
+                )
+                text.append(f"  {fmt.clip(names, 60)}", style="dim")
+            lines.append(text)
+        if len(runs) > _LIVE_ROWS:
+            lines.append(Text(f"  … and {len(runs) - _LIVE_ROWS} more runs", style="dim"))
+        now = time.monotonic()
+        due = now - self._last >= _LIVE_REFRESH_S
+        if due:
+            self._last = now
+        self._live.update(Text("\n").join(lines), refresh=due)
+
+    def stop(self) -> None:
+        self._live.stop()
+
+
+def render_summary(results: list[RunResult], *, color: bool, max_failures: int = 20) -> str:
+    """The final report: each failure in detail (up to ``max_failures``), then the totals."""
+    paint = painter(color)
+    lines: list[str] = []
+    budget = max_failures
+    hidden = 0
+    for run in results:
+        failed = sum(1 for test in run.tests if test.status == "failed")
+        lines += _run_failures(run, paint, budget)
+        hidden += max(failed - budget, 0)
+        budget = max(budget - failed, 0)
+    if lines:
+        lines.insert(0, paint("title", "FAILURES"))
+    if hidden:
+        lines += ["", f"… and {hidden} more failed tests (see the JUnit, JSON or HTML report)"]
+    summary = summarize(results)
+    totals = fmt.counts(summary.passed, summary.failed, summary.skipped)
+    if summary.runs > 1:
+        runs = f"{summary.runs} runs: {summary.runs_passed} passed"
+        runs += f", {summary.runs_failed} failed" if summary.runs_failed else ""
+        totals = f"{runs}; tests: {totals}"
+    totals += f" in {summary.duration_ms / 1000:.2f} s"
+    style = "passed" if summary.status == "passed" else "failed"
+    lines += ["", paint(style, totals) if results else "no tests ran"]
+    return "\n".join(lines).lstrip("\n")
+
+
+def _run_failures(run: RunResult, paint: fmt.Paint, budget: int) -> list[str]:
+    """A run's failed tests in detail, at most ``budget`` of them."""
+    lines: list[str] = []
+    problem = fmt.run_problem(run)
+    if problem:
+        lines += ["", f"{paint('failed', '✗')} {paint('bold', fmt.run_label(run))}: {problem}"]
+    failed = [test for test in run.tests if test.status == "failed"]
+    for test in failed[:budget]:
+        title = paint("bold", f"{fmt.run_label(run)} / {test.name}")
+        lines += ["", f"{paint('failed', '✗')} {title}  {paint('dim', run.file)}"]
+        lines += fmt.indent(fmt.failure_detail(test, paint), "    ")
+    if lines:
+        lines += _skipped_lines(run, paint)
+    return lines
+
+
+def _skipped_lines(run: RunResult, paint: fmt.Paint) -> list[str]:
+    """The tests a failure kept from running, so the skipped count is explained."""
+    skipped = [test for test in run.tests if test.status == "skipped"]
+    lines = [
+        f"  {paint('skipped', '-')} {t.name}  skipped: {fmt.first_line(t.message)}" for t in skipped
+    ]
+    return ["", f"{paint('skipped', 'skipped')} in {fmt.run_label(run)}:", *lines] if lines else []
