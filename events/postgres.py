@@ -1,0 +1,270 @@
+"""The PostgreSQL event store (asyncpg): the EventStore contract on a real server.
+
+Every append is one call of the ``baton_append`` function from schema.sql: one round trip,
+one transaction, with the version checks, the idempotency check and the commit-order lock
+on the server (see the comment there for why an advisory lock rather than xid8). This module
+is the one boundary where driver errors become StoreError: nothing from asyncpg escapes.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
+
+import asyncpg
+import msgspec
+
+from events.settings import mask_dsn
+from events.store import (
+    ANY_VERSION,
+    EventStore,
+    StoreError,
+    StoreUnavailable,
+    StreamAppend,
+    WrongExpectedVersion,
+)
+from events.types import RecordedEvent, decode, encode, event_type
+
+# Different keys from baton_append's lock: applying the schema must not wait for appends.
+_SCHEMA_LOCK = 7283540231093542000
+
+# SQLSTATE classes that mean "the server cannot serve us now", not "the request is wrong":
+# connection exceptions, insufficient resources, operator intervention (shutdown),
+# invalid authorization, and a database that does not exist.
+_UNAVAILABLE_CLASSES = ("08", "53", "57", "28")
+_UNAVAILABLE_STATES = ("3D000",)
+
+_APPEND = "SELECT baton_append($1::text[], $2::int[], $3::int[], $4::uuid[], $5::text[], $6)"
+_COLUMNS = "position, stream, version, event_id, recorded_at, data"
+_READ_ALL = f"SELECT {_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2"
+_READ_STREAM = f"SELECT {_COLUMNS} FROM events WHERE stream = $1 AND version > $2 ORDER BY version"
+_STREAM_VERSION = "SELECT version FROM baton_streams WHERE stream = $1"
+_LIST_STREAMS = (
+    "SELECT stream FROM baton_streams WHERE starts_with(stream, $1)"
+    " ORDER BY first_position DESC LIMIT $2"
+)
+
+
+def schema_sql() -> str:
+    """The text of schema.sql.
+
+    The one copy is the repository's top-level schema.sql, which a source checkout or an
+    editable install finds beside the package. A wheel has no repository root, so a build
+    that ships one must copy the file into the package as ``events/schema.sql``.
+    """
+    beside = Path(__file__).resolve().parent.parent / "schema.sql"
+    if beside.is_file():
+        return beside.read_text(encoding="utf-8")
+    packaged = importlib.resources.files("events") / "schema.sql"
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    raise StoreError(f"schema.sql not found (looked at {beside} and in the events package)")
+
+
+async def apply_schema(conn: asyncpg.Connection) -> None:
+    """Apply schema.sql: idempotent, and safe when several processes start at once."""
+    async with conn.transaction():
+        await conn.execute("SET LOCAL client_min_messages = warning")
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
+        await conn.execute(schema_sql())
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # jsonb in binary format is a version byte and the JSON text: hand msgspec's bytes to the
+    # server and the server's bytes to msgspec with no json.loads/dumps or str in between.
+    await conn.set_type_codec(
+        "jsonb",
+        schema="pg_catalog",
+        encoder=lambda data: b"\x01" + data,
+        decoder=lambda data: data[1:],
+        format="binary",
+    )
+
+
+class PostgresEventStore:
+    """EventStore on PostgreSQL. Build it with ``await PostgresEventStore.connect(dsn)``."""
+
+    def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
+        self._pool = pool
+        self._dsn = dsn
+
+    @classmethod
+    async def connect(
+        cls, dsn: str, *, min_size: int = 1, max_size: int = 10, connect_timeout: float = 10.0
+    ) -> PostgresEventStore:
+        """Open a connection pool to ``dsn`` and apply schema.sql.
+
+        Raises StoreUnavailable, naming the DSN with its password masked, when the server
+        cannot be reached within ``connect_timeout`` seconds or refuses the connection.
+        """
+        store_errors = _ErrorTranslator(dsn)
+        try:
+            with store_errors():
+                pool = await asyncpg.create_pool(
+                    dsn,
+                    min_size=min_size,
+                    max_size=max_size,
+                    timeout=connect_timeout,
+                    init=_init_connection,
+                )
+        except ValueError as exc:
+            reason = store_errors.scrub(str(exc))
+            raise StoreUnavailable(f"invalid database URL {mask_dsn(dsn)}: {reason}") from None
+        try:
+            with store_errors():
+                async with pool.acquire() as conn:
+                    await apply_schema(conn)
+        except BaseException:
+            pool.terminate()
+            raise
+        return cls(pool, dsn)
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The connection pool, for other parts of ``events`` that query the same database."""
+        return self._pool
+
+    @property
+    def dsn(self) -> str:
+        return self._dsn
+
+    async def append(self, appends: Sequence[StreamAppend]) -> list[list[int]]:
+        streams: list[str] = []
+        expected: list[int] = []
+        counts: list[int] = []
+        ids: list[Any] = []
+        types: list[str] = []
+        data: list[bytes] = []
+        for item in appends:
+            if item.expected_version < ANY_VERSION:
+                raise ValueError(f"expected_version {item.expected_version} is not a version")
+            streams.append(item.stream)
+            expected.append(item.expected_version)
+            counts.append(len(item.events))
+            for new in item.events:
+                ids.append(new.id)
+                types.append(event_type(new.event))
+                data.append(_jsonb_safe(encode(new.event)))
+        if not streams:
+            return []
+        with _ErrorTranslator(self._dsn)():
+            flat: list[int] = await self._pool.fetchval(
+                _APPEND, streams, expected, counts, ids, types, data
+            )
+        result: list[list[int]] = []
+        start = 0
+        for count in counts:
+            result.append(flat[start : start + count])
+            start += count
+        return result
+
+    async def read_stream(self, stream: str, after_version: int = 0) -> list[RecordedEvent]:
+        with _ErrorTranslator(self._dsn)():
+            rows = await self._pool.fetch(_READ_STREAM, stream, after_version)
+        return [_recorded(row) for row in rows]
+
+    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        with _ErrorTranslator(self._dsn)():
+            rows = await self._pool.fetch(_READ_ALL, after_position, limit)
+        return [_recorded(row) for row in rows]
+
+    async def stream_version(self, stream: str) -> int:
+        with _ErrorTranslator(self._dsn)():
+            version: int | None = await self._pool.fetchval(_STREAM_VERSION, stream)
+        return version or 0
+
+    async def list_streams(self, prefix: str, limit: int = 50) -> list[str]:
+        with _ErrorTranslator(self._dsn)():
+            rows = await self._pool.fetch(_LIST_STREAMS, prefix, limit)
+        return [row[0] for row in rows]
+
+    async def aclose(self) -> None:
+        if self._pool.is_closing():
+            return
+        with _ErrorTranslator(self._dsn)():
+            await self._pool.close()
+
+
+# A \u0000 escape that is not itself an escaped backslash followed by "u0000".
+_NUL_ESCAPE = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def _jsonb_safe(data: bytes) -> bytes:
+    # jsonb rejects U+0000 in strings (22P05); an API may well return a NUL byte in a body
+    # excerpt or a captured value, and that must not fail the run. U+FFFD is what a
+    # decoder shows for an unrepresentable character.
+    if b"\\u0000" not in data:
+        return data
+    return _NUL_ESCAPE.sub(rb"\1\\ufffd", data)
+
+
+def _recorded(row: asyncpg.Record) -> RecordedEvent:
+    return RecordedEvent(
+        id=row[3],
+        stream=row[1],
+        version=row[2],
+        position=row[0],
+        recorded_at=row[4],
+        event=decode(row[5]),
+    )
+
+
+class _VersionConflict(msgspec.Struct):
+    stream: str
+    expected: int
+    actual: int
+
+
+class _ErrorTranslator:
+    """Turns driver errors into the store's errors; the DSN's password never shows."""
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        try:
+            yield
+        except asyncpg.PostgresError as exc:
+            self._postgres_error(exc)
+        except (OSError, TimeoutError) as exc:
+            self._unavailable(exc)
+        except (asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+            # a closed connection or pool, or an invalid DSN: no server to talk to
+            self._unavailable(exc)
+
+    def _postgres_error(self, exc: asyncpg.PostgresError) -> NoReturn:
+        state: str = exc.sqlstate or ""
+        if state == "BT001":
+            conflict = msgspec.json.decode(exc.detail or "{}", type=_VersionConflict)
+            raise WrongExpectedVersion(
+                conflict.stream, conflict.expected, conflict.actual
+            ) from None
+        if state == "BT002":
+            raise StoreError(str(exc.args[0] if exc.args else exc)) from None
+        if state[:2] in _UNAVAILABLE_CLASSES or state in _UNAVAILABLE_STATES:
+            self._unavailable(exc)
+        raise StoreError(f"PostgreSQL error {state}: {self.scrub(str(exc))}") from None
+
+    def _unavailable(self, exc: BaseException) -> NoReturn:
+        reason = self.scrub(str(exc)) or type(exc).__name__
+        raise StoreUnavailable(
+            f"PostgreSQL at {mask_dsn(self._dsn)} is unavailable: {reason}"
+        ) from None
+
+    def scrub(self, text: str) -> str:
+        try:
+            password = urlsplit(self._dsn).password
+        except ValueError:
+            password = None
+        return text.replace(password, "***") if password else text
+
+
+def _conforms(store: PostgresEventStore) -> EventStore:
+    # never called: makes mypy check PostgresEventStore against the EventStore protocol
+    return store
