@@ -1,0 +1,255 @@
+"""Secrets: encryption and its key, and redaction in every form a secret can leak in."""
+
+from __future__ import annotations
+
+import base64
+import json
+import multiprocessing
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, quote_plus
+
+import pytest
+from cryptography.fernet import Fernet
+
+from events.secrets import (
+    GENERATE_HINT,
+    KEY_FILE,
+    MASK,
+    Cipher,
+    Redactor,
+    SecretError,
+    is_encrypted,
+    load_key,
+)
+
+# A canary with every character that encodings treat specially: quote, slash, plus, space.
+CANARY = 'hunter2 "s3cr/t+key"'
+
+
+def fernet_key() -> str:
+    return Fernet.generate_key().decode()
+
+
+# ---- encryption ---------------------------------------------------------------------------
+
+
+def test_round_trip_and_ciphertext_never_contains_the_clear_value() -> None:
+    cipher = Cipher(load_key(fernet_key(), Path("/nonexistent")))
+    token = cipher.encrypt(CANARY)
+    assert is_encrypted(token)
+    assert token.startswith("enc:v1:")
+    assert "hunter2" not in token
+    assert cipher.decrypt(token) == CANARY
+    # a fresh nonce each time: equal secrets are not recognisable as equal in the log
+    assert cipher.encrypt(CANARY) != token
+    assert cipher.decrypt(cipher.encrypt("")) == ""
+    assert cipher.decrypt(cipher.encrypt("ünïcødé ✓")) == "ünïcødé ✓"
+
+
+def test_wrong_key_is_a_clear_error() -> None:
+    token = Cipher(fernet_key()).encrypt(CANARY)
+    with pytest.raises(SecretError, match=r"encrypted with another key.*BATON_SECRET_KEY"):
+        Cipher(fernet_key()).decrypt(token)
+
+
+def test_damaged_token_and_clear_text_are_errors() -> None:
+    cipher = Cipher(fernet_key())
+    token = cipher.encrypt(CANARY)
+    damaged = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    with pytest.raises(SecretError, match="damaged"):
+        cipher.decrypt(damaged)
+    with pytest.raises(SecretError, match="not an encrypted value"):
+        cipher.decrypt(CANARY)
+    assert not is_encrypted(CANARY)
+    assert not is_encrypted(42)
+
+
+def test_secret_key_from_environment_is_used_and_nothing_is_written(tmp_path: Path) -> None:
+    key = fernet_key()
+    home = tmp_path / "home"
+    token = Cipher(load_key(key, home)).encrypt(CANARY)
+    assert Cipher(key).decrypt(token) == CANARY
+    assert not (home / KEY_FILE).exists()
+
+
+@pytest.mark.parametrize(
+    "bad", ["not-a-key", "x" * 44, base64.urlsafe_b64encode(b"short").decode(), "a b c"]
+)
+def test_malformed_secret_key_says_how_to_make_one(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(SecretError) as error:
+        load_key(bad, tmp_path)
+    message = str(error.value)
+    assert "BATON_SECRET_KEY" in message
+    assert GENERATE_HINT in message
+    assert bad not in message  # a mistyped key may still be a real secret
+
+
+def test_standard_base64_key_is_accepted() -> None:
+    raw = os.urandom(32)
+    assert load_key(base64.b64encode(raw).decode(), Path("/nonexistent")) == raw
+
+
+def test_generated_key_file_is_private_and_reused(tmp_path: Path) -> None:
+    home = tmp_path / "not" / "yet" / "there"
+    key = load_key(None, home)
+    path = home / KEY_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    token = Cipher(key).encrypt(CANARY)
+    # a later process finds the same key and reads what the first one wrote
+    assert load_key(None, home) == key
+    assert load_key("", home) == key  # an empty BATON_SECRET_KEY means unset
+    assert Cipher(load_key(None, home)).decrypt(token) == CANARY
+    # the file holds a key one can copy into BATON_SECRET_KEY elsewhere
+    assert load_key(path.read_text(), tmp_path / "elsewhere") == key
+    assert [p.name for p in home.iterdir()] == [KEY_FILE]
+
+
+def _load_in_child(home: str) -> bytes:
+    return load_key(None, Path(home))
+
+
+def test_processes_racing_for_the_first_key_agree(tmp_path: Path) -> None:
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(6) as pool:
+        keys = pool.map(_load_in_child, [str(tmp_path)] * 12)
+    assert len(set(keys)) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [KEY_FILE]
+
+
+def test_corrupt_key_file_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / KEY_FILE).write_text("garbage\n")
+    with pytest.raises(SecretError, match=str(tmp_path / KEY_FILE)):
+        load_key(None, tmp_path)
+
+
+def test_cipher_repr_does_not_show_the_key() -> None:
+    key = fernet_key()
+    assert key not in repr(Cipher(key))
+    assert "hunter2" not in repr(Redactor([CANARY]))
+
+
+# ---- redaction ----------------------------------------------------------------------------
+
+
+def _b64_forms(data: bytes) -> list[str]:
+    std = base64.b64encode(data).decode()
+    url = base64.urlsafe_b64encode(data).decode()
+    return [std, std.rstrip("="), url, url.rstrip("=")]
+
+
+ENCODINGS = {
+    "clear": CANARY,
+    "quote": quote(CANARY, safe=""),
+    "quote path": quote(CANARY),
+    "quote_plus": quote_plus(CANARY),
+    "quote lowercase hex": re.sub("%[0-9A-F]{2}", lambda m: m.group().lower(), quote(CANARY)),
+    "json": json.dumps(CANARY)[1:-1],
+    "json slash": json.dumps(CANARY)[1:-1].replace("/", "\\/"),
+    **{f"base64 {i}": form for i, form in enumerate(_b64_forms(CANARY.encode()))},
+}
+
+
+@pytest.mark.parametrize("name", ENCODINGS)
+def test_every_encoding_of_a_secret_is_masked(name: str) -> None:
+    encoded = ENCODINGS[name]
+    redactor = Redactor([CANARY])
+    out = redactor.redact(f"before {encoded} after")
+    assert out == f"before {MASK} after"
+
+
+def test_secret_in_json_document_and_url_query() -> None:
+    redactor = Redactor([CANARY])
+    document = json.dumps({"password": CANARY, "note": "ok"})
+    assert json.loads(redactor.redact(document)) == {"password": MASK, "note": "ok"}
+    url = f"https://api.example/login?user=alice&password={quote_plus(CANARY)}"
+    assert redactor.redact(url) == "https://api.example/login?user=alice&password=***"
+
+
+@pytest.mark.parametrize("user", ["alice", "al", "a", "bob@example.com"])
+@pytest.mark.parametrize("trailer", ["", "x", "xy"])
+def test_secret_inside_longer_base64_is_masked(user: str, trailer: str) -> None:
+    """``Basic base64(user:password)`` echoed in a body, at every alignment of the password:
+    no base64 character that carries a bit of the password is left."""
+    password = "correct horse/battery+staple"
+    prefix, total = len(user) + 1, len(user) + 1 + len(password) + len(trailer)
+    encoded = base64.b64encode(f"{user}:{password}{trailer}".encode()).decode()
+    out = Redactor([password]).redact(f'{{"Authorization": "Basic {encoded}"}}')
+    left, right = out.split("Basic ", 1)[1].split('"', 1)[0].split(MASK)
+    assert encoded.startswith(left)
+    assert encoded.endswith(right)
+    # base64 character i carries bits 6i..6i+5; the password holds bits 8*prefix onwards
+    assert len(left) <= 8 * prefix // 6
+    password_end_char = -(-8 * (prefix + len(password)) // 6)
+    assert len(right.rstrip("=")) <= -(-8 * total // 6) - password_end_char
+
+
+def test_short_values_are_not_secrets() -> None:
+    redactor = Redactor(["abc", "1"])
+    assert len(redactor) == 0
+    assert redactor.redact("abc 1 abcd") == "abc 1 abcd"
+    redactor.add("abcd")
+    assert redactor.redact("abc 1 abcd") == f"abc 1 {MASK}"
+
+
+def test_secrets_learned_during_a_run_apply_from_then_on() -> None:
+    redactor = Redactor()
+    assert redactor.redact("token=tok-123456") == "token=tok-123456"
+    redactor.add("tok-123456")
+    assert redactor.redact("token=tok-123456") == f"token={MASK}"
+    redactor.add("second-secret")
+    assert redactor.redact("tok-123456 second-secret") == f"{MASK} {MASK}"
+
+
+def test_longest_secret_wins_when_one_contains_another() -> None:
+    redactor = Redactor(["pass", "password-123"])
+    assert redactor.redact("x password-123 y pass z") == f"x {MASK} y {MASK} z"
+
+
+def test_text_without_secrets_is_returned_unchanged() -> None:
+    redactor = Redactor([CANARY, "another-secret-value"])
+    text = '{"products": [{"id": 3, "name": "widget"}]}' * 50
+    assert redactor.redact(text) is text
+
+
+def test_redact_value_walks_nested_data() -> None:
+    redactor = Redactor([CANARY, "987654"])
+    data: dict[str, Any] = {
+        "user": {"password": CANARY, "tags": ["a", f"x{CANARY}y"]},
+        "pin": 987654,
+        "count": 9876543,
+        "ok": True,
+        "none": None,
+    }
+    assert redactor.redact_value(data) == {
+        "user": {"password": MASK, "tags": ["a", f"x{MASK}y"]},
+        "pin": MASK,
+        "count": 9876543,
+        "ok": True,
+        "none": None,
+    }
+    assert data["user"]["password"] == CANARY  # the input is left as it was
+
+
+def test_credential_headers_are_always_masked() -> None:
+    redactor = Redactor([CANARY])
+    headers = {
+        "Authorization": "Bearer abc",
+        "proxy-authorization": "Basic xyz",
+        "Cookie": "sid=1",
+        "Set-Cookie": "sid=1; HttpOnly",
+        "X-API-Key": "k",
+        "Api-Key": "k",
+        "X-Auth-Token": "t",
+        "X-Client-Secret": "s",
+        "X-Apikey": "k",
+        "Content-Type": "application/json",
+        "X-Echo": f"value {CANARY}",
+    }
+    masked = redactor.mask_headers(headers)
+    assert list(masked) == list(headers)
+    plain = {"Content-Type": "application/json", "X-Echo": f"value {MASK}"}
+    assert masked == {name: plain.get(name, MASK) for name in headers}
