@@ -1,0 +1,134 @@
+"""Captures: values read out of a response (JSONPath, header, cookie, regex, status).
+
+Also the lookups assertions share: compiled JSONPath queries and regexes, cached because
+the same flow runs thousands of times, and ``MISSING`` for a value that is not there.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import re
+from typing import Any
+
+import jsonpath_rfc9535
+
+from orchestrator.model import Capture
+from orchestrator.results import ResponseView
+
+NOT_JSON = "the response body is not JSON"
+
+
+class Missing(enum.Enum):
+    """A path or header that matched nothing; distinct from a JSON ``null`` value.
+
+    An enum member so that msgspec encodes it (as ``"<missing>"``) inside events and reports.
+    """
+
+    MISSING = "<missing>"
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+    __str__ = __repr__
+
+
+MISSING = Missing.MISSING
+
+
+class CaptureError(Exception):
+    """A capture found nothing to capture; the message names the capture and what is missing."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        self.name = name
+        self.problem = problem
+        super().__init__(f"capture {name}: {problem}")
+
+
+@functools.lru_cache(maxsize=2048)
+def compile_path(path: str) -> jsonpath_rfc9535.JSONPathQuery:
+    """Raises ``jsonpath_rfc9535.JSONPathError`` if the path does not parse."""
+    return jsonpath_rfc9535.compile(path)
+
+
+@functools.lru_cache(maxsize=2048)
+def compile_regex(pattern: str) -> re.Pattern[str]:
+    """Raises ``re.error`` if the pattern does not compile."""
+    return re.compile(pattern)
+
+
+def select(query: jsonpath_rfc9535.JSONPathQuery, document: Any) -> Any:
+    """One node: its value; several: the list of them; none: ``MISSING``."""
+    values = [node.value for node in query.finditer(document)]
+    if not values:
+        return MISSING
+    return values[0] if len(values) == 1 else values
+
+
+def excerpt(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def capture(name: str, spec: Capture, response: ResponseView) -> Any:
+    """The value ``spec`` names in ``response``; raises ``CaptureError`` if it is not there."""
+    try:
+        kind, source = spec.source()
+    except ValueError as exc:
+        raise CaptureError(name, str(exc)) from None
+    if kind == "json":
+        return _json(name, source, response)
+    if kind == "header":
+        value = response.headers.get(source.lower())
+        if value is None:
+            present = ", ".join(sorted(response.headers)) or "none"
+            raise CaptureError(name, f"header {source} is not in the response (headers: {present})")
+        return value
+    if kind == "cookie":
+        # cookie names are case-sensitive (RFC 6265), unlike header names
+        if source not in response.cookies:
+            present = ", ".join(sorted(response.cookies)) or "none"
+            raise CaptureError(
+                name, f"cookie {source} is not set by the response (cookies: {present})"
+            )
+        return response.cookies[source]
+    if kind == "regex":
+        return _regex(name, source, response.text)
+    return response.status
+
+
+def is_secret(name: str, spec: Capture) -> bool:
+    """``secret:`` when given; otherwise everything in the ``auth.`` namespace is a secret."""
+    return spec.secret if spec.secret is not None else name.startswith("auth.")
+
+
+def _json(name: str, path: str, response: ResponseView) -> Any:
+    try:
+        query = compile_path(path)
+    except jsonpath_rfc9535.JSONPathError as exc:
+        raise CaptureError(name, f"JSONPath {path!r} does not parse: {exc}") from None
+    try:
+        document = response.json
+    except ValueError:
+        body = excerpt(response.text, 80)
+        raise CaptureError(name, f"{path}: {NOT_JSON} (it starts {body!r})") from None
+    value = select(query, document)
+    if value is MISSING:
+        raise CaptureError(name, f"{path} matched nothing in the response body")
+    return value
+
+
+def _regex(name: str, pattern: str, text: str) -> str:
+    try:
+        compiled = compile_regex(pattern)
+    except re.error as exc:
+        raise CaptureError(
+            name, f"regular expression {pattern!r} does not compile: {exc}"
+        ) from None
+    match = compiled.search(text)
+    if match is None:
+        raise CaptureError(name, f"regular expression {pattern!r} matched nothing in the body")
+    # a group says which part to keep: token=(\w+) captures the token, not "token="
+    value = match.group(1) if compiled.groups else match.group(0)
+    if value is None:
+        raise CaptureError(name, f"regular expression {pattern!r} matched, but group 1 did not")
+    return value
