@@ -83,6 +83,8 @@ async def test_generated_batch_users_log_in_with_their_csv_password(
 ) -> None:
     body = await login(shop, "user042", password="pw-user042")
     assert body["user_id"] == 1042
+    assert (await login(shop, "user042"))["user_id"] == 1042
+    assert (await login(shop, "carol"))["user_id"] == 5000
     profile = (await shop.get("/me", headers=bearer(body["access_token"]))).json()
     assert profile["username"] == "user042"
     assert profile["roles"] == ["customer"]

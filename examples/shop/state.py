@@ -28,7 +28,7 @@ USERS: dict[str, dict[str, Any]] = {
 }
 """Fixed users with a profile. Any user's password is ``secret-<username>``."""
 _GENERATED_USER = re.compile(r"^user(\d{3})$")
-"""user001..user999 also accept ``pw-<username>``: the data-driven batch's users.csv."""
+"""user001..user999 (ids 1001..1999) also accept ``pw-<username>``, as in users.csv."""
 _USERNAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 PRODUCTS: list[dict[str, Any]] = [
@@ -101,7 +101,7 @@ class ShopState:
 
     def login(self, username: str, password: str, ttl: float | None) -> dict[str, Any]:
         generated = _GENERATED_USER.match(username)
-        if generated and password == f"pw-{username}":
+        if generated and password in (f"pw-{username}", f"secret-{username}"):
             user_id = 1000 + int(generated.group(1))
         elif password == f"secret-{username}" and _USERNAME.match(username):
             default = USERS.get(username, {}).get("user_id")
