@@ -36,7 +36,7 @@ class PlannedTest(msgspec.Struct, frozen=True, omit_defaults=True):
     definition_hash: str = ""
 
 
-class RunStarted(_Event, tag="RunStarted"):
+class RunStarted(_Event, tag="RunStarted", frozen=True):
     run_id: str
     suite: str
     suite_digest: str
@@ -47,12 +47,12 @@ class RunStarted(_Event, tag="RunStarted"):
     tags: list[str] = []
 
 
-class TestStarted(_Event, tag="TestStarted"):
+class TestStarted(_Event, tag="TestStarted", frozen=True):
     test: str
     attempt: int = 1
 
 
-class RequestSent(_Event, tag="RequestSent"):
+class RequestSent(_Event, tag="RequestSent", frozen=True):
     test: str
     attempt: int
     method: str
@@ -65,7 +65,7 @@ class Timings(msgspec.Struct, frozen=True, omit_defaults=True):
     total_ms: float
 
 
-class ResponseReceived(_Event, tag="ResponseReceived"):
+class ResponseReceived(_Event, tag="ResponseReceived", frozen=True):
     test: str
     attempt: int
     status: int
@@ -74,7 +74,7 @@ class ResponseReceived(_Event, tag="ResponseReceived"):
     timings: Timings
 
 
-class AssertionEvaluated(_Event, tag="AssertionEvaluated"):
+class AssertionEvaluated(_Event, tag="AssertionEvaluated", frozen=True):
     test: str
     attempt: int
     subject: str
@@ -84,7 +84,7 @@ class AssertionEvaluated(_Event, tag="AssertionEvaluated"):
     passed: bool
 
 
-class VariableCaptured(_Event, tag="VariableCaptured"):
+class VariableCaptured(_Event, tag="VariableCaptured", frozen=True):
     """``value`` is ciphertext when ``secret`` is set."""
 
     test: str
@@ -93,7 +93,7 @@ class VariableCaptured(_Event, tag="VariableCaptured"):
     secret: bool = False
 
 
-class AuthTokenUpdated(_Event, tag="AuthTokenUpdated"):
+class AuthTokenUpdated(_Event, tag="AuthTokenUpdated", frozen=True):
     """A captured ``auth.*`` value; ``value`` is always ciphertext."""
 
     test: str
@@ -101,13 +101,13 @@ class AuthTokenUpdated(_Event, tag="AuthTokenUpdated"):
     value: str
 
 
-class TestPassed(_Event, tag="TestPassed"):
+class TestPassed(_Event, tag="TestPassed", frozen=True):
     test: str
     attempts: int
     duration_ms: float
 
 
-class TestFailed(_Event, tag="TestFailed"):
+class TestFailed(_Event, tag="TestFailed", frozen=True):
     test: str
     attempts: int
     duration_ms: float
@@ -115,13 +115,13 @@ class TestFailed(_Event, tag="TestFailed"):
     message: str
 
 
-class TestSkipped(_Event, tag="TestSkipped"):
+class TestSkipped(_Event, tag="TestSkipped", frozen=True):
     test: str
     reason: str
     category: FailureCategory | None = None
 
 
-class RunCompleted(_Event, tag="RunCompleted"):
+class RunCompleted(_Event, tag="RunCompleted", frozen=True):
     status: RunStatus
     passed: int
     failed: int
@@ -129,18 +129,18 @@ class RunCompleted(_Event, tag="RunCompleted"):
     duration_ms: float
 
 
-class RunCancelled(_Event, tag="RunCancelled"):
+class RunCancelled(_Event, tag="RunCancelled", frozen=True):
     reason: str
 
 
-class BatchStarted(_Event, tag="BatchStarted"):
+class BatchStarted(_Event, tag="BatchStarted", frozen=True):
     batch_id: str
     suite: str
     source: str
     runs: list[str]
 
 
-class BatchCompleted(_Event, tag="BatchCompleted"):
+class BatchCompleted(_Event, tag="BatchCompleted", frozen=True):
     batch_id: str
     passed: int
     failed: int
@@ -205,4 +205,5 @@ def encode(event: Event) -> bytes:
 
 
 def decode(data: bytes | str) -> Event:
-    return _decoder.decode(data)
+    event: Event = _decoder.decode(data)
+    return event

@@ -77,7 +77,7 @@ def prepare(options: Options, environ: Mapping[str, str] = os.environ) -> list[J
                 env=environ,
                 secrets=secrets,
                 environment=options.environment or "",
-                row=index if batch_id else -1,
+                row=index + 1 if batch_id else -1,
                 batch_id=batch_id,
             )
             for index, row in enumerate(rows)

@@ -19,7 +19,7 @@ class _Spec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, froz
     pass
 
 
-class Predicate(_Spec):
+class Predicate(_Spec, frozen=True):
     """Checks on one value. Every field given must hold."""
 
     equals: Any = msgspec.UNSET
@@ -42,13 +42,13 @@ class Predicate(_Spec):
 Check = Predicate | Scalar | list[Any]
 
 
-class BodyExpect(_Spec):
+class BodyExpect(_Spec, frozen=True):
     contains: str | None = None
     matches: str | None = None
     not_contains: str | None = None
 
 
-class Expect(_Spec):
+class Expect(_Spec, frozen=True):
     status: int | str | list[int | str] | None = None
     headers: dict[str, Check] = {}
     json: dict[str, Check] = {}
@@ -58,14 +58,14 @@ class Expect(_Spec):
     duration_ms: Predicate | None = None
 
 
-class Until(Expect):
+class Until(Expect, frozen=True):
     """Poll: repeat the request until these checks hold, at most ``max_attempts`` times."""
 
     interval: Duration = "500ms"
     max_attempts: int = 10
 
 
-class Request(_Spec):
+class Request(_Spec, frozen=True):
     url: str
     method: str = "GET"
     params: dict[str, Scalar | list[Scalar]] = {}
@@ -77,7 +77,7 @@ class Request(_Spec):
     follow_redirects: bool | None = None
 
 
-class Capture(_Spec):
+class Capture(_Spec, frozen=True):
     """Exactly one source: json, header, cookie, regex or status."""
 
     json: str | None = None
@@ -108,7 +108,7 @@ class Capture(_Spec):
 RetryCondition = Literal["5xx", "429", "timeout", "connect"]
 
 
-class Retry(_Spec):
+class Retry(_Spec, frozen=True):
     attempts: int = 0
     """Extra attempts after the first."""
     delay: Duration = "200ms"
@@ -119,14 +119,14 @@ class Retry(_Spec):
     )
 
 
-class Defaults(_Spec):
+class Defaults(_Spec, frozen=True):
     timeout: Duration = "10s"
     retries: Retry | int = 0
     headers: dict[str, str] = {}
     follow_redirects: bool = False
 
 
-class Test(_Spec):
+class Test(_Spec, frozen=True):
     __test__ = False  # not a pytest test class
 
     request: Request
@@ -141,7 +141,7 @@ class Test(_Spec):
     until: Until | None = None
 
 
-class Flow(_Spec):
+class Flow(_Spec, frozen=True):
     name: str
     tests: dict[str, Test]
     base_url: str = ""
