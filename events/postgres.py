@@ -8,6 +8,7 @@ is the one boundary where driver errors become StoreError: nothing from asyncpg 
 
 from __future__ import annotations
 
+import asyncio
 import importlib.resources
 import re
 from collections.abc import Iterator, Sequence
@@ -38,6 +39,7 @@ _SCHEMA_LOCK = 7283540231093542000
 # invalid authorization, and a database that does not exist.
 _UNAVAILABLE_CLASSES = ("08", "53", "57", "28")
 _UNAVAILABLE_STATES = ("3D000",)
+_CLOSE_TIMEOUT = 10.0
 
 _APPEND = "SELECT baton_append($1::text[], $2::int[], $3::int[], $4::uuid[], $5::text[], $6)"
 _COLUMNS = "position, stream, version, event_id, recorded_at, data"
@@ -186,8 +188,12 @@ class PostgresEventStore:
     async def aclose(self) -> None:
         if self._pool.is_closing():
             return
-        with _ErrorTranslator(self._dsn)():
-            await self._pool.close()
+        try:
+            with _ErrorTranslator(self._dsn)():
+                # close() waits for connections in use; a stuck one must not hang the exit
+                await asyncio.wait_for(self._pool.close(), _CLOSE_TIMEOUT)
+        except StoreUnavailable:
+            self._pool.terminate()
 
 
 # A \u0000 escape that is not itself an escaped backslash followed by "u0000".

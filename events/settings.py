@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import msgspec
 
 _MASK = "***"
 _KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
@@ -51,8 +52,7 @@ def _optional(environ: Mapping[str, str], name: str) -> str | None:
     return value or None
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Where Baton keeps its events and cache, and the key that encrypts its secrets.
 
     ``database_url`` None selects the embedded PostgreSQL under ``home / "pgdata"``;

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from msgspec.structs import replace
 
 from events import Settings, mask_dsn, open_store
 from events.postgres import PostgresEventStore, apply_schema, schema_sql
@@ -99,16 +100,8 @@ async def test_round_trip_keeps_every_field(store: PostgresEventStore) -> None:
     assert {r.stream for r in recorded} == {stream}
     assert [r.type for r in recorded] == [type(e).__name__ for e in events]
     # jsonb cannot hold U+0000: the store keeps the event, with U+FFFD in its place
-    expected_events = list(events)
-    expected_events[1] = ResponseReceived(
-        test="login",
-        attempt=1,
-        status=201,
-        headers={"content-type": "application/json"},
-        body_excerpt='{"token": "x"}\ufffd after a NUL byte',
-        timings=Timings(total_ms=12.5),
-    )
-    assert [r.event for r in recorded] == expected_events
+    nul_replaced = replace(events[1], body_excerpt='{"token": "x"}\ufffd after a NUL byte')
+    assert [r.event for r in recorded] == [events[0], nul_replaced, *events[2:]]
     for r in recorded:
         assert before - timedelta(seconds=5) <= r.recorded_at <= datetime.now(UTC)
 
@@ -377,15 +370,9 @@ async def test_embedded_start_failure_is_store_unavailable(fresh_baton_home: Pat
 
 
 def test_settings_from_env() -> None:
-    settings = Settings.from_env(
-        {
-            "BATON_DATABASE_URL": "postgresql://u:pw@db:5432/baton",
-            "BATON_REDIS_URL": "",
-            "BATON_HOME": "state",
-            "BATON_SECRET_KEY": "k3y",
-        },
-        cwd=Path("/srv/app"),
-    )
+    env = {"BATON_DATABASE_URL": "postgresql://u:pw@db:5432/baton", "BATON_REDIS_URL": ""}
+    env |= {"BATON_HOME": "state", "BATON_SECRET_KEY": "k3y"}
+    settings = Settings.from_env(env, cwd=Path("/srv/app"))
     assert settings.database_url == "postgresql://u:pw@db:5432/baton"
     assert settings.redis_url is None
     assert settings.home == Path("/srv/app/state")
@@ -402,10 +389,7 @@ def test_settings_from_env() -> None:
         ("postgresql://u:pw@h:5432/db", "postgresql://u:***@h:5432/db"),
         ("postgresql://u@h/db", "postgresql://u@h/db"),
         ("redis://:pw@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
-        (
-            "postgresql://u@h/db?password=pw&sslmode=require",
-            "postgresql://u@h/db?password=***&sslmode=require",
-        ),
+        ("pg://u@h/d?password=pw&ssl=1", "pg://u@h/d?password=***&ssl=1"),
         ("host=h user=u password=pw dbname=d", "host=h user=u password=*** dbname=d"),
     ],
 )
