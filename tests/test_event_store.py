@@ -314,46 +314,48 @@ async def test_unreachable_server_is_store_unavailable_without_password() -> Non
 async def test_open_store_without_database_url_uses_the_embedded_server(
     embedded_home: Path, embedded_dsn: str
 ) -> None:
-    opened = await open_store(Settings(home=embedded_home))
-    try:
-        assert opened.dsn == embedded_dsn
-        stream = fresh_stream()
-        await opened.append([StreamAppend(stream, [started()])])
-    finally:
-        await opened.aclose()
+    stream = fresh_stream()
+    opened = await open_store(Settings(home=embedded_home))  # joins the running server
+    await opened.append([StreamAppend(stream, [started()])])
+    await opened.aclose()
     other = await PostgresEventStore.connect(embedded_dsn)
-    try:
-        assert await other.stream_version(stream) == 1
-    finally:
-        await other.aclose()
+    assert await other.stream_version(stream) == 1
+    await other.aclose()
+    assert opened.dsn == embedded_dsn
 
 
-def test_embedded_server_is_quiet_and_stops_with_the_process(fresh_baton_home: Path) -> None:
-    home = fresh_baton_home
+def test_embedded_server_is_quiet_and_stops_with_the_last_process(
+    fresh_baton_home: Path,
+) -> None:
     script = textwrap.dedent(
         """
-        import asyncio, sys
+        import asyncio, os, signal, sys
         from events import Settings, StreamAppend, NewEvent, open_store
         from events.types import TestStarted
 
         async def main():
             store = await open_store(Settings.from_env())
             await store.append([StreamAppend("run-1", [NewEvent(TestStarted(test="t"))])])
-            print(await store.stream_version("run-1"))
+            print(await store.stream_version("run-1"), flush=True)
+            if sys.argv[1:] == ["crash"]:
+                os.kill(os.getpid(), signal.SIGKILL)
             await store.aclose()
 
         asyncio.run(main())
         """
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BATON_", "XDG_"))}
-    env |= {"BATON_HOME": str(home), "PYTHONPATH": str(REPO)}
-    for _ in range(2):  # first use runs initdb; the second starts the existing cluster
+    env |= {"BATON_HOME": str(fresh_baton_home), "PYTHONPATH": str(REPO)}
+    running = fresh_baton_home / "pgdata" / "postmaster.pid"
+    # initdb on first use; a crash that skips the exit handlers; a start of the existing data
+    for version, how in enumerate(["first", "crash", "again"], start=1):
         done = subprocess.run(
-            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+            [sys.executable, "-c", script, how], env=env, capture_output=True, text=True, timeout=60
         )
-        assert (done.returncode, done.stderr) == (0, "")
-        assert done.stdout.split() in (["1"], ["2"])
-        assert not (home / "pgdata" / "postmaster.pid").exists()
+        assert (done.returncode, done.stderr) == (-9 if how == "crash" else 0, "")
+        assert done.stdout.split() == [str(version)]
+        # the server stops with the last process using it, even after an earlier crash
+        assert running.exists() == (how == "crash")
 
 
 async def test_embedded_start_failure_is_store_unavailable(fresh_baton_home: Path) -> None:
