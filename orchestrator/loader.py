@@ -78,18 +78,36 @@ def load_flow(path: Path) -> LoadedFlow:
     tests: dict[str, Test] = {}
     if isinstance(raw_tests, dict) and raw_tests:
         for name, raw_test in raw_tests.items():
-            test = _convert(raw_test, Test, label, f"tests.{name}", problems)
+            test = _convert(_yaml_on(raw_test), Test, label, f"tests.{name}", problems)
             if test is not None:
                 tests[str(name)] = test
     else:
         problems.append(Problem(label, "tests", "expected a mapping of test names to tests"))
-    flow = _convert({**raw, "tests": {}}, Flow, label, "", problems)
+    flow = _convert(_yaml_on({**raw, "tests": {}}), Flow, label, "", problems)
     if flow is not None:
         flow = msgspec.structs.replace(flow, tests=tests)
         problems.extend(_check(flow, label))
     if flow is None or problems:
         raise UsageError(problems)
     return LoadedFlow(path, flow, hashlib.sha256(data).hexdigest())
+
+
+def _yaml_on(raw: Any) -> Any:
+    """YAML 1.1 reads a bare ``on`` key as true: give ``retries: {on: [5xx]}`` its key back."""
+    if not isinstance(raw, dict):
+        return raw
+    fixed = dict(raw)
+    parent = fixed.get("defaults") if "defaults" in fixed else fixed
+    if isinstance(parent, dict) and isinstance(parent.get("retries"), dict):
+        retries = parent["retries"]
+        if True in retries:
+            parent = dict(parent)
+            parent["retries"] = {("on" if k is True else k): v for k, v in retries.items()}
+            if "defaults" in fixed:
+                fixed["defaults"] = parent
+            else:
+                fixed = parent
+    return fixed
 
 
 def _convert(raw: Any, kind: type[T], label: str, where: str, problems: list[Problem]) -> T | None:

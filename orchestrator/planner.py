@@ -91,7 +91,10 @@ def plan(loaded: LoadedFlow, scope: Scope, tags: Collection[str] = ()) -> Plan:
             found = _providers(reference, providers)
             if found:
                 kind: DependencyKind = "token" if reference.startswith("auth") else "data"
-                graph.add_edges_from(((p, name) for p in found if p != name), kind=kind)
+                for provider in found - {name}:
+                    # a test reading a token and data from the same test: token wins
+                    if graph.get_edge_data(provider, name, {}).get("kind") != "token":
+                        graph.add_edge(provider, name, kind=kind)
                 continue
             problem = _undefined(reference, scope, providers)
             if problem:

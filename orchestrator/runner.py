@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -295,7 +296,7 @@ class _TestRun:
     def _expect(self, expect: Expect | Until) -> Expect:
         rendered = self._render(msgspec.to_builtins(expect))
         try:
-            return msgspec.convert(rendered, Expect if isinstance(expect, Expect) else Until)
+            return msgspec.convert(rendered, Until if isinstance(expect, Until) else Expect)
         except msgspec.ValidationError as exc:
             raise _Failure("template", f"expectations after rendering: {exc}") from None
 
@@ -334,7 +335,8 @@ class _TestRun:
         content: bytes | str | None = None
         if request.json is not msgspec.UNSET:
             content = msgspec.json.encode(self._render(request.json))
-            headers.setdefault("content-type", "application/json")
+            if not any(name.lower() == "content-type" for name in headers):
+                headers["content-type"] = "application/json"
         elif request.body is not None:
             content = str(self._render(request.body))
         form = self._render(request.form) if request.form is not None else None
@@ -518,7 +520,11 @@ def _assign(namespace: dict[str, Any], dotted: str, value: Any) -> None:
     target[last] = value
 
 
+_SECRET_REFERENCE = re.compile(r"secrets\.(\w+)|secrets\[['\"](\w+)['\"]\]")
+
+
 def _secret_names(plan: Plan) -> set[str]:
+    """Every secret a flow mentions, also those only read under ``| default(...)``."""
     from orchestrator.loader import test_parts
 
     names: set[str] = set()
@@ -526,11 +532,7 @@ def _secret_names(plan: Plan) -> set[str]:
     parts.append(("variables", plan.loaded.flow.variables))
     for _, value in parts:
         for text in templating.template_strings(value):
-            names.update(
-                ref.split(".")[1]
-                for ref in templating.references(text)
-                if ref.startswith("secrets.") and ref.count(".") >= 1
-            )
+            names.update(a or b for a, b in _SECRET_REFERENCE.findall(text))
     return names
 
 
