@@ -51,11 +51,21 @@ def flow_options(function: F) -> F:
         click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path)),
         click.option("--env", "environment", help="Environment: env/NAME.yaml or a file."),
         click.option("--var", "variables", multiple=True, help="Set a variable: name=value."),
-        click.option("--secrets", "secrets_file", type=click.Path(path_type=Path),
-                     help="YAML file of secrets (read as secrets.NAME)."),
-        click.option("--data", "data_file", type=click.Path(path_type=Path),
-                     help="CSV or JSON rows: one run per row."),
-        click.option("--tag", "tags", multiple=True, help="Only tests with this tag (and what they need)."),
+        click.option(
+            "--secrets",
+            "secrets_file",
+            type=click.Path(path_type=Path),
+            help="YAML file of secrets (read as secrets.NAME).",
+        ),
+        click.option(
+            "--data",
+            "data_file",
+            type=click.Path(path_type=Path),
+            help="CSV or JSON rows: one run per row.",
+        ),
+        click.option(
+            "--tag", "tags", multiple=True, help="Only tests with this tag, and what they need."
+        ),
     ]
     for option in reversed(options):
         function = option(function)
@@ -72,14 +82,23 @@ def _options(**kwargs: Any) -> Any:
 
 @cli.command()
 @flow_options
-@click.option("-c", "--concurrency", default=10, show_default=True, type=click.IntRange(1, 1000),
-              help="Requests in flight at once.")
+@click.option(
+    "-c",
+    "--concurrency",
+    default=10,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="Requests in flight at once.",
+)
 @click.option("--junit", type=click.Path(path_type=Path), help="Write a JUnit XML report.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write a JSON report.")
 @click.option("--html", type=click.Path(path_type=Path), help="Write an HTML report.")
 @click.option("-q", "--quiet", is_flag=True, help="Only failures and the summary.")
-@click.option("--serve", metavar="COMMAND",
-              help="Start this server first, wait for base_url to answer, stop it after.")
+@click.option(
+    "--serve",
+    metavar="COMMAND",
+    help="Start this server first, wait for base_url to answer, stop it after.",
+)
 def run(
     concurrency: int,
     junit: Path | None,
@@ -100,9 +119,7 @@ def run(
     progress = ConsoleProgress(stream=sys.stdout, quiet=quiet, color=color)
     with _served(serve, jobs):
         results = asyncio.run(
-            execution.execute(
-                jobs, Settings.from_env(), concurrency=concurrency, observer=progress
-            )
+            execution.execute(jobs, Settings.from_env(), concurrency=concurrency, observer=progress)
         )
     if hasattr(progress, "close"):
         progress.close()
@@ -121,7 +138,7 @@ def _served(command: str | None, jobs: list[Any]) -> Iterator[None]:
     if command is None:
         yield
         return
-    from orchestrator.execution import wait_until_reachable
+    from orchestrator.execution import is_reachable
 
     process = subprocess.Popen(shlex.split(command), stdout=subprocess.DEVNULL)
     try:
@@ -132,10 +149,12 @@ def _served(command: str | None, jobs: list[Any]) -> Iterator[None]:
                     f"--serve: {command!r} exited with code {process.returncode} before "
                     "the API answered"
                 )
-            if asyncio.run(wait_until_reachable(jobs, timeout=0.5)):
+            if asyncio.run(is_reachable(jobs, wait=0.5)):
                 break
             if time.monotonic() > deadline:
-                raise InfrastructureError(f"--serve: the API did not answer within 30 s of {command!r}")
+                raise InfrastructureError(
+                    f"--serve: the API did not answer within 30 s of {command!r}"
+                )
         yield
     finally:
         process.terminate()
@@ -159,8 +178,13 @@ def validate(**kwargs: Any) -> None:
 
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["text", "mermaid", "dot"]), default="text",
-              show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "mermaid", "dot"]),
+    default="text",
+    show_default=True,
+)
 @click.option("--env", "environment")
 @click.option("--var", "variables", multiple=True)
 def graph(path: Path, fmt: str, environment: str | None, variables: tuple[str, ...]) -> None:
@@ -168,8 +192,14 @@ def graph(path: Path, fmt: str, environment: str | None, variables: tuple[str, .
     from orchestrator import execution
     from orchestrator.graphs import render_graph
 
-    options = _options(paths=[path], environment=environment, variables=variables,
-                       secrets_file=None, data_file=None, tags=())
+    options = _options(
+        paths=[path],
+        environment=environment,
+        variables=variables,
+        secrets_file=None,
+        data_file=None,
+        tags=(),
+    )
     for job in execution.prepare(options):
         click.echo(render_graph(job.plan, fmt))
 

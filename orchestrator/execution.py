@@ -27,7 +27,7 @@ from orchestrator.inputs import environment_file, read_mapping, read_rows, read_
 from orchestrator.loader import find_flows, load_flow
 from orchestrator.planner import Plan, Scope, plan
 from orchestrator.results import RunResult
-from orchestrator.runner import Observer, Runner, RunInputs, initial_namespace
+from orchestrator.runner import Observer, RunInputs, Runner, initial_namespace
 
 
 @dataclass(frozen=True)
@@ -180,11 +180,11 @@ def _targets(jobs: list[Job]) -> dict[tuple[str, int], str]:
     return targets
 
 
-async def _unreachable(jobs: list[Job], timeout: float) -> tuple[str, str] | None:
+async def _unreachable(jobs: list[Job], wait: float) -> tuple[str, str] | None:
     """The first base URL nobody answers, with the reason; None if all answer."""
     for (host, port), base in _targets(jobs).items():
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), wait)
         except (OSError, TimeoutError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
             return base, reason.lower()
@@ -192,13 +192,13 @@ async def _unreachable(jobs: list[Job], timeout: float) -> tuple[str, str] | Non
     return None
 
 
-async def wait_until_reachable(jobs: list[Job], timeout: float) -> bool:
-    return await _unreachable(jobs, timeout) is None
+async def is_reachable(jobs: list[Job], wait: float) -> bool:
+    return await _unreachable(jobs, wait) is None
 
 
 async def _check_reachable(jobs: list[Job]) -> None:
     """A base URL that nobody answers is an infrastructure problem, not N test failures."""
-    failure = await _unreachable(jobs, timeout=5)
+    failure = await _unreachable(jobs, wait=5)
     if failure is not None:
         base, reason = failure
         raise InfrastructureError(f"cannot reach {base}: {reason}; is the API running?")

@@ -6,7 +6,9 @@ from orchestrator.planner import Plan
 
 
 def render_graph(plan: Plan, fmt: str) -> str:
-    edges = [(dep, test, kind) for test in plan.order for dep, kind in plan.dependencies(test).items()]
+    edges = [
+        (dep, test, kind) for test in plan.order for dep, kind in plan.dependencies(test).items()
+    ]
     if fmt == "mermaid":
         lines = ["graph TD"]
         lines += [f"    {_id(test)}[{test}]" for test in plan.order]
@@ -16,7 +18,8 @@ def render_graph(plan: Plan, fmt: str) -> str:
         lines = [f'digraph "{_quote(plan.loaded.flow.name)}" {{', "    rankdir=LR;"]
         lines += [f'    "{_quote(test)}";' for test in plan.order]
         lines += [
-            f'    "{_quote(dep)}" -> "{_quote(test)}" [label="{kind}"];' for dep, test, kind in edges
+            f'    "{_quote(dep)}" -> "{_quote(test)}" [label="{kind}"];'
+            for dep, test, kind in edges
         ]
         return "\n".join([*lines, "}"])
     lines = [f"{plan.loaded.flow.name} ({plan.loaded.label}): {len(plan.order)} tests"]

@@ -94,7 +94,11 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         for number, row in enumerate(rows, start=2):
             if None in row or any(value is None for value in row.values()):
                 raise UsageError(
-                    [Problem(label, f"line {number}", "the number of fields differs from the header")]
+                    [
+                        Problem(
+                            label, f"line {number}", "the number of fields differs from the header"
+                        )
+                    ]
                 )
     else:
         raise UsageError([Problem(label, "", "data files are .csv or .json")])

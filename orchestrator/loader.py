@@ -142,9 +142,7 @@ def _check(flow: Flow, label: str) -> Iterator[Problem]:
             if expect is not None:
                 yield from (problem(f"{at}.{expect_at}.{w}", m) for w, m in _check_expect(expect))
         for capture_name, capture in test.capture.items():
-            yield from (
-                problem(f"{at}.capture.{capture_name}", m) for m in _check_capture(capture)
-            )
+            yield from (problem(f"{at}.capture.{capture_name}", m) for m in _check_capture(capture))
         if test.until is not None and test.until.max_attempts < 1:
             yield problem(f"{at}.until.max_attempts", "must be at least 1")
 

@@ -24,9 +24,7 @@ class Predicate(_Spec, frozen=True):
 
     equals: Any = msgspec.UNSET
     exists: bool | None = None
-    type: Literal["string", "number", "integer", "boolean", "array", "object", "null"] | None = (
-        None
-    )
+    type: Literal["string", "number", "integer", "boolean", "array", "object", "null"] | None = None
     contains: Any = msgspec.UNSET
     matches: str | None = None
     gt: float | None = None

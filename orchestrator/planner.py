@@ -130,9 +130,9 @@ def plan(loaded: LoadedFlow, scope: Scope, tags: Collection[str] = ()) -> Plan:
     return Plan(loaded, graph, order)
 
 
-def _references(parts: Iterator[tuple[str, object]] | list[tuple[str, object]]) -> Iterator[
-    tuple[str, str]
-]:
+def _references(
+    parts: Iterator[tuple[str, object]] | list[tuple[str, object]],
+) -> Iterator[tuple[str, str]]:
     for where, value in parts:
         for text in templating.template_strings(value):
             for reference in sorted(templating.references(text)):

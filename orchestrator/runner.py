@@ -7,6 +7,7 @@ observer (live progress), and returns plain result data for the reporters.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import re
 import time
@@ -134,9 +135,9 @@ class _Run:
         tests = [self.results[name] for name in self.plan.order]
         failed = sum(1 for t in tests if t.status == "failed")
         skipped = sum(1 for t in tests if t.status == "skipped")
-        status: ev.RunStatus = "failed" if failed or any(
-            t.category == "template" for t in tests
-        ) else "passed"
+        status: ev.RunStatus = (
+            "failed" if failed or any(t.category == "template" for t in tests) else "passed"
+        )
         self.emit(
             ev.RunCompleted(
                 status=status,
@@ -220,6 +221,10 @@ class _TestRun:
         self.name = name
         self.test = test
         self.attempt = 0
+        """Requests sent, polls and retries included."""
+        self.tries = 0
+        """Attempts in the sense of retries: what a flaky-test detector counts."""
+        self.unreported: ResponseView | None = None
         self.exchange: Exchange | None = None
         self.assertions: list[AssertionResult] = []
         self.captured: dict[str, Any] = {}
@@ -228,15 +233,18 @@ class _TestRun:
         start = time.perf_counter()
         try:
             response = await self._send_until()
+            self._learn_secrets(response)
+            self._report_response()
             self._check(response)
             self._capture(response)
         except _Failure as failure:
+            self._report_response()
             duration = (time.perf_counter() - start) * 1000
             message = self.run.redactor.redact(str(failure))
             self.run.emit(
                 ev.TestFailed(
                     test=self.name,
-                    attempts=self.attempt,
+                    attempts=self.tries,
                     duration_ms=round(duration, 3),
                     category=failure.category,
                     message=message,
@@ -245,7 +253,7 @@ class _TestRun:
             return self._result("failed", duration, failure.category, message)
         duration = (time.perf_counter() - start) * 1000
         self.run.emit(
-            ev.TestPassed(test=self.name, attempts=self.attempt, duration_ms=round(duration, 3))
+            ev.TestPassed(test=self.name, attempts=self.tries, duration_ms=round(duration, 3))
         )
         return self._result("passed", duration)
 
@@ -260,7 +268,7 @@ class _TestRun:
             name=self.name,
             status=status,
             duration_ms=round(duration, 3),
-            attempts=self.attempt,
+            attempts=self.tries,
             category=category,
             message=message,
             assertions=self.assertions,
@@ -285,6 +293,7 @@ class _TestRun:
             checks = evaluate(self._expect(until), response, base_dir=self.run.plan.loaded.base_dir)
             if all(check.passed for check in checks):
                 return response
+            self._report_response()
             if poll == polls:
                 self.assertions.extend(self._record(checks, "until "))
                 raise _Failure(
@@ -305,10 +314,9 @@ class _TestRun:
         policy = retry_policy(self.test.retries, flow.defaults.retries)
         for retry in range(policy.attempts + 1):
             self.attempt += 1
-            if retry:
-                self.run.emit(ev.TestStarted(test=self.name, attempt=retry + 1))
-            elif self.attempt == 1:
-                self.run.emit(ev.TestStarted(test=self.name, attempt=1))
+            if retry or self.tries == 0:
+                self.tries = retry + 1
+                self.run.emit(ev.TestStarted(test=self.name, attempt=self.tries))
             try:
                 response = await self._send()
             except _Failure as failure:
@@ -318,8 +326,11 @@ class _TestRun:
                 raise
             condition = "5xx" if response.status >= 500 else "429" if response.status == 429 else ""
             if condition and condition in policy.on and retry < policy.attempts:
+                self._report_response()
                 wait = _retry_after(response.headers.get("retry-after"))
-                await asyncio.sleep(min(max(wait, _backoff(policy, retry)), seconds(policy.max_delay)))
+                await asyncio.sleep(
+                    min(max(wait, _backoff(policy, retry)), seconds(policy.max_delay))
+                )
                 continue
             return response
         raise AssertionError("unreachable")
@@ -375,7 +386,9 @@ class _TestRun:
             raise _Failure("timeout", f"no response within {timeout:g} s from {url}") from None
         except httpx.TransportError as exc:
             self._note_exchange(request.method, url, headers, content or form)
-            raise _Failure("connection", f"cannot reach {url}: {exc or type(exc).__name__}") from None
+            raise _Failure(
+                "connection", f"cannot reach {url}: {exc or type(exc).__name__}"
+            ) from None
         elapsed = (time.perf_counter() - started) * 1000
         view = ResponseView(
             status=response.status_code,
@@ -384,8 +397,18 @@ class _TestRun:
             duration_ms=elapsed,
             cookies=dict(response.cookies),
         )
-        excerpt = redact(view.text[:EXCERPT])
-        masked = run.redactor.mask_headers(view.headers)
+        self._note_exchange(request.method, url, headers, content or form)
+        self.unreported = view
+        return view
+
+    def _report_response(self) -> None:
+        """Record the last response. Deferred until the test's secret captures are known, so
+        a token is redacted in the very response that brings it."""
+        view, self.unreported = self.unreported, None
+        if view is None or self.exchange is None:
+            return
+        excerpt = self.run.redactor.redact(view.text[:EXCERPT])
+        masked = self.run.redactor.mask_headers(view.headers)
         self.run.emit(
             ev.ResponseReceived(
                 test=self.name,
@@ -393,16 +416,20 @@ class _TestRun:
                 status=view.status,
                 headers=masked,
                 body_excerpt=excerpt,
-                timings=ev.Timings(total_ms=round(elapsed, 3)),
+                timings=ev.Timings(total_ms=round(view.duration_ms, 3)),
             )
         )
-        self._note_exchange(request.method, url, headers, content or form)
-        assert self.exchange is not None
         self.exchange.status = view.status
         self.exchange.response_headers = masked
         self.exchange.response_excerpt = excerpt
-        self.exchange.duration_ms = round(elapsed, 3)
-        return view
+        self.exchange.duration_ms = round(view.duration_ms, 3)
+
+    def _learn_secrets(self, response: ResponseView) -> None:
+        for name, spec in self.test.capture.items():
+            if is_secret(name, spec):
+                # a capture that fails is reported when the captures run
+                with contextlib.suppress(CaptureError):
+                    self.run.redactor.add(_secret_text(capture(name, spec, response)))
 
     def _note_exchange(self, method: str, url: str, headers: dict[str, str], body: Any) -> None:
         redact = self.run.redactor.redact
@@ -466,7 +493,7 @@ class _TestRun:
                 raise _Failure("capture", run.redactor.redact(str(exc))) from None
             _assign(run.namespace, name, value)
             if is_secret(name, spec):
-                text = value if isinstance(value, str) else msgspec.json.encode(value).decode()
+                text = _secret_text(value)
                 run.redactor.add(text)
                 sealed = run.runner.cipher.encrypt(text)
                 self.captured[name] = "***"
@@ -534,6 +561,10 @@ def _secret_names(plan: Plan) -> set[str]:
         for text in templating.template_strings(value):
             names.update(a or b for a, b in _SECRET_REFERENCE.findall(text))
     return names
+
+
+def _secret_text(value: Any) -> str:
+    return value if isinstance(value, str) else msgspec.json.encode(value).decode()
 
 
 def _text(value: Any) -> str:
