@@ -186,8 +186,8 @@ async def _unreachable(jobs: list[Job], wait: float) -> tuple[str, str] | None:
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), wait)
         except (OSError, TimeoutError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
-            return base, reason.lower()
+            reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else ""
+            return base, (reason or "no answer").lower()
         writer.close()
     return None
 

@@ -55,20 +55,34 @@ def test_a_valid_flow_passes(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        (("expect: {status: 200}", "expect: {status: abc}"),
-         "tests.login.expect.status: expected a status code or class"),
-        (("expect: {status: 200}", "expect: {status: true}"),
-         "tests.login.expect.status: expected int | str | array | null, got bool"),
-        (("expect: {status: 200}", "expect: {statuss: 200}"),
-         "tests.login.expect: object contains unknown field statuss"),
-        (("url: /catalog", "url: /catalog\n      timeout: 3 parsecs"),
-         "tests.catalog.request.timeout: duration '3 parsecs'"),
-        (('{json: "$.access_token"}', '{json: "$.["}'),
-         "tests.login.capture.auth.token: JSONPath '$.[' does not parse"),
-        (('{json: "$.access_token"}', '{json: "$.a", header: X-Token}'),
-         "tests.login.capture.auth.token: a capture takes exactly one of"),
-        (("Bearer {{ auth.token }}\"}\n    capture", "Bearer {{ auth.token \"}\n    capture"),
-         "tests.catalog.request: template does not parse"),
+        (
+            ("expect: {status: 200}", "expect: {status: abc}"),
+            "tests.login.expect.status: expected a status code or class",
+        ),
+        (
+            ("expect: {status: 200}", "expect: {status: true}"),
+            "tests.login.expect.status: expected int | str | array | null, got bool",
+        ),
+        (
+            ("expect: {status: 200}", "expect: {statuss: 200}"),
+            "tests.login.expect: object contains unknown field statuss",
+        ),
+        (
+            ("url: /catalog", "url: /catalog\n      timeout: 3 parsecs"),
+            "tests.catalog.request.timeout: duration '3 parsecs'",
+        ),
+        (
+            ('{json: "$.access_token"}', '{json: "$.["}'),
+            "tests.login.capture.auth.token: JSONPath '$.[' does not parse",
+        ),
+        (
+            ('{json: "$.access_token"}', '{json: "$.a", header: X-Token}'),
+            "tests.login.capture.auth.token: a capture takes exactly one of",
+        ),
+        (
+            ('Bearer {{ auth.token }}"}\n    capture', 'Bearer {{ auth.token "}\n    capture'),
+            "tests.catalog.request: template does not parse",
+        ),
     ],
 )
 def test_schema_and_syntax_errors_name_file_and_path(
@@ -118,7 +132,7 @@ def test_variables_from_var_env_and_data_count_as_defined(tmp_path: Path) -> Non
 def test_missing_environment_variable_and_secret(tmp_path: Path) -> None:
     flow = VALID.replace(
         "base_url: http://127.0.0.1:9",
-        "base_url: \"{{ env.BATON_TEST_NOPE }}\"\nvariables:\n  pw: \"{{ secrets.NOPE_PW }}\"",
+        'base_url: "{{ env.BATON_TEST_NOPE }}"\nvariables:\n  pw: "{{ secrets.NOPE_PW }}"',
     )
     code, output = validate(write(tmp_path, flow))
     assert code == 2
