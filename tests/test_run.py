@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import subprocess
@@ -14,6 +15,7 @@ from urllib.parse import quote, quote_plus
 import asyncpg
 import pytest
 
+from events.embedded import stop_embedded
 from tests.cli import baton
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +74,23 @@ def report(path: Path) -> dict[str, dict[str, str]]:
     return runs
 
 
-def test_every_example_flow_passes(env: dict[str, str], tmp_path: Path) -> None:
+@pytest.fixture(params=["server", "embedded"])
+def any_store_env(
+    request: pytest.FixtureRequest,
+    env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    fresh_baton_home: Path,
+) -> Iterator[str]:
+    """The PostgreSQL server, then the embedded default in a fresh BATON_HOME."""
+    if request.param == "embedded":
+        monkeypatch.delenv("BATON_DATABASE_URL")
+        monkeypatch.setenv("BATON_HOME", str(fresh_baton_home))
+    yield str(request.param)
+    if request.param == "embedded":
+        asyncio.run(stop_embedded(fresh_baton_home))
+
+
+def test_every_example_flow_passes(any_store_env: str, tmp_path: Path) -> None:
     code, out, err = baton("run", str(SHOP), "--json", str(tmp_path / "r.json"))
     assert code == 0, out + err
     runs = report(tmp_path / "r.json")
@@ -302,8 +320,6 @@ async def test_a_secret_never_appears_in_clear(
 
 async def _in_thread(*args: str) -> tuple[int, str, str]:
     # baton() runs its own event loop; keep it off this test's loop
-    import asyncio
-
     return await asyncio.to_thread(baton, *args)
 
 
