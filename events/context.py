@@ -229,14 +229,16 @@ def decrypted_variables(context: Context, cipher: Cipher) -> dict[str, Any]:
     namespace: dict[str, Any] = {}
     secret = set(context.secret_names)
     for name, value in context.variables.items():
-        _assign(namespace, name, cipher.decrypt(value) if name in secret else value)
+        assign_dotted(namespace, name, cipher.decrypt(value) if name in secret else value)
     for name, token in context.auth.items():
-        _assign(namespace, AUTH_PREFIX + name, cipher.decrypt(token))
+        assign_dotted(namespace, AUTH_PREFIX + name, cipher.decrypt(token))
     return namespace
 
 
-def _assign(namespace: dict[str, Any], dotted: str, value: Any) -> None:
-    # the runner's rule: a deeper name replaces a plain value standing in its way
+def assign_dotted(namespace: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``auth.token`` as ``namespace['auth']['token']``, the shape templates read.
+
+    A deeper name replaces a plain value standing in its way."""
     *parents, last = dotted.split(".")
     target = namespace
     for part in parents:

@@ -21,6 +21,7 @@ import httpx
 import msgspec
 
 from events import types as ev
+from events.context import assign_dotted
 from events.secrets import Cipher, Redactor
 from events.writer import BatchingWriter
 from orchestrator import templating
@@ -491,7 +492,7 @@ class _TestRun:
                 value = capture(name, spec, response)
             except CaptureError as exc:
                 raise _Failure("capture", run.redactor.redact(str(exc))) from None
-            _assign(run.namespace, name, value)
+            assign_dotted(run.namespace, name, value)
             if is_secret(name, spec):
                 text = _secret_text(value)
                 run.redactor.add(text)
@@ -534,17 +535,6 @@ def _retry_after(value: str | None) -> float:
     except (TypeError, ValueError):
         return 0.0
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
-def _assign(namespace: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, last = dotted.split(".")
-    target = namespace
-    for part in parents:
-        child = target.get(part)
-        if not isinstance(child, dict):
-            child = target[part] = {}
-        target = child
-    target[last] = value
 
 
 _SECRET_REFERENCE = re.compile(r"secrets\.(\w+)|secrets\[['\"](\w+)['\"]\]")
