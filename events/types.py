@@ -45,6 +45,9 @@ class RunStarted(_Event, tag="RunStarted", frozen=True):
     batch_id: str = ""
     row: int = -1
     tags: list[str] = []
+    project: str = "default"
+    source: str = ""
+    """The flow file, as given on the command line."""
 
 
 class TestStarted(_Event, tag="TestStarted", frozen=True):

@@ -142,6 +142,8 @@ class Test(_Spec, frozen=True):
 class Flow(_Spec, frozen=True):
     name: str
     tests: dict[str, Test]
+    project: str = "default"
+    """Groups suites for history and analytics: a test is (project, suite, test, env)."""
     base_url: str = ""
     description: str = ""
     variables: dict[str, Any] = {}

@@ -119,6 +119,8 @@ class _Run:
                 environment=self.inputs.environment,
                 batch_id=self.inputs.batch_id,
                 row=self.inputs.row,
+                project=self.flow.project,
+                source=self.plan.loaded.label,
             )
         )
         try:
