@@ -13,7 +13,7 @@ from typing import Protocol
 
 import msgspec
 
-from events.types import Event, RecordedEvent
+from events.types import Event, RecordedEvent, new_id
 
 ANY_VERSION = -1
 """``expected_version`` that accepts whatever the stream holds."""
@@ -41,7 +41,7 @@ class NewEvent(msgspec.Struct, frozen=True):
     """An event about to be appended, with the id that makes re-sending it harmless."""
 
     event: Event
-    id: uuid.UUID = msgspec.field(default_factory=uuid.uuid4)
+    id: uuid.UUID = msgspec.field(default_factory=new_id)
 
 
 class StreamAppend(msgspec.Struct, frozen=True):

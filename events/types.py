@@ -6,6 +6,8 @@ Secret values inside events are always ciphertext (see ``events.secrets``), neve
 
 from __future__ import annotations
 
+import os
+import time
 import uuid
 from datetime import datetime
 from typing import Any, Literal
@@ -196,7 +198,18 @@ def batch_stream(batch_id: str) -> str:
 
 
 def new_id() -> uuid.UUID:
-    return uuid.uuid4()
+    """A UUIDv7 (RFC 9562): time-ordered, so the unique index on event ids grows at its
+    right edge instead of splitting random pages as uuid4 would."""
+    unix_ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10))
+    value = (
+        (unix_ms & 0xFFFF_FFFF_FFFF) << 80
+        | 0x7 << 76
+        | (rand >> 68) << 64
+        | 0b10 << 62
+        | rand & 0x3FFF_FFFF_FFFF_FFFF
+    )
+    return uuid.UUID(int=value)
 
 
 _encoder = msgspec.json.Encoder()

@@ -253,3 +253,7 @@ def _with_store(action: Callable[[Any], Any]) -> str:
 
 
 __all__ = ["UsageError", "cli", "main"]
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +69,7 @@ def prepare(options: Options, environ: Mapping[str, str] = os.environ) -> list[J
         except UsageError as exc:
             problems.extend(exc.problems or [Problem(str(path), "", str(exc))])
             continue
-        batch_id = str(uuid.uuid4()) if options.data_file is not None else ""
+        batch_id = str(ev.new_id()) if options.data_file is not None else ""
         runs = [
             RunInputs(
                 variables={**loaded.flow.variables, **env_vars, **row, **options.variables},

@@ -8,6 +8,7 @@ and *order* (``depends_on``), explicit.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
@@ -41,7 +42,9 @@ class Plan:
     def dependencies(self, test: str) -> dict[str, DependencyKind]:
         return {dep: self.graph.edges[dep, test]["kind"] for dep in self.graph.predecessors(test)}
 
+    @functools.cached_property
     def planned(self) -> list[PlannedTest]:
+        """What RunStarted records of the plan; the same for every run of it."""
         tests = self.loaded.flow.tests
         return [
             PlannedTest(name, self.dependencies(name), definition_hash(tests[name]))

@@ -5,8 +5,10 @@ Every string here has already passed through the run's redactor: no secret in cl
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from dataclasses import dataclass, field
+import http.cookies
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -80,7 +82,16 @@ class ResponseView:
     """Lower-cased names; repeated headers joined with ", "."""
     text: str
     duration_ms: float
-    cookies: dict[str, str] = field(default_factory=dict)
+    set_cookie: tuple[str, ...] = ()
+    """The raw Set-Cookie headers; parsed only when a capture asks for a cookie."""
+
+    @functools.cached_property
+    def cookies(self) -> dict[str, str]:
+        jar: http.cookies.SimpleCookie = http.cookies.SimpleCookie()
+        for header in self.set_cookie:
+            with contextlib.suppress(http.cookies.CookieError):
+                jar.load(header)
+        return {name: morsel.value for name, morsel in jar.items()}
 
     @functools.cached_property
     def json(self) -> Any:

@@ -11,7 +11,6 @@ import contextlib
 import email.utils
 import re
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -46,7 +45,7 @@ class RunInputs:
     environment: str = ""
     row: int = -1
     batch_id: str = ""
-    run_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    run_id: str = field(default_factory=lambda: str(ev.new_id()))
 
 
 def initial_namespace(inputs: RunInputs) -> dict[str, Any]:
@@ -75,9 +74,20 @@ class Runner:
         self.transport = transport
         self.slots = asyncio.Semaphore(concurrency)
         self.observer = observer
+        self._templated: dict[int, tuple[bool, Expect]] = {}
 
     async def run(self, plan: Plan, inputs: RunInputs) -> RunResult:
         return await _Run(self, plan, inputs).execute()
+
+    def has_templates(self, spec: Expect) -> bool:
+        """Whether an expectation needs rendering; known once per spec, not per request."""
+        known = self._templated.get(id(spec))
+        if known is None:
+            known = self._templated[id(spec)] = (
+                next(templating.template_strings(msgspec.to_builtins(spec)), None) is not None,
+                spec,  # keeps id(spec) from being reused while it is cached
+            )
+        return known[0]
 
 
 class _Failure(Exception):
@@ -115,7 +125,7 @@ class _Run:
                 run_id=self.inputs.run_id,
                 suite=self.flow.name,
                 suite_digest=self.plan.loaded.digest,
-                plan=self.plan.planned(),
+                plan=self.plan.planned,
                 environment=self.inputs.environment,
                 batch_id=self.inputs.batch_id,
                 row=self.inputs.row,
@@ -306,6 +316,8 @@ class _TestRun:
         raise AssertionError("unreachable")
 
     def _expect(self, expect: Expect | Until) -> Expect:
+        if not self.run.runner.has_templates(expect):
+            return expect
         rendered = self._render(msgspec.to_builtins(expect))
         try:
             return msgspec.convert(rendered, Until if isinstance(expect, Until) else Expect)
@@ -398,7 +410,7 @@ class _TestRun:
             headers={k: ", ".join(response.headers.get_list(k)) for k in response.headers},
             text=response.text,
             duration_ms=elapsed,
-            cookies=dict(response.cookies),
+            set_cookie=tuple(response.headers.get_list("set-cookie")),
         )
         self._note_exchange(request.method, url, headers, content or form)
         self.unreported = view

@@ -29,7 +29,10 @@ def response(
 ) -> ResponseView:
     if text is None:
         text = msgspec.json.encode(body).decode()
-    return ResponseView(status, headers or {}, text, 5.0, cookies or {})
+    set_cookie = tuple(
+        f"{name}={value}; Path=/; HttpOnly" for name, value in (cookies or {}).items()
+    )
+    return ResponseView(status, headers or {}, text, 5.0, set_cookie)
 
 
 def spec(**fields: Any) -> Capture:
