@@ -214,6 +214,8 @@ def _durations(flow: Flow) -> Iterator[tuple[str, Any]]:
 def _templates(flow: Flow) -> Iterator[tuple[str, str]]:
     for text in templating.template_strings(flow.base_url):
         yield "base_url", text
+    for text in templating.template_strings(flow.defaults.headers):
+        yield "defaults.headers", text
     for key, value in flow.variables.items():
         for text in templating.template_strings(value):
             yield f"variables.{key}", text

@@ -103,7 +103,11 @@ def plan(loaded: LoadedFlow, scope: Scope, tags: Collection[str] = ()) -> Plan:
             if problem:
                 problems.append(Problem(label, f"tests.{name}.{where}", *problem))
     for where, reference in _references(
-        [("base_url", flow.base_url), *((f"variables.{k}", v) for k, v in flow.variables.items())]
+        [
+            ("base_url", flow.base_url),
+            ("defaults.headers", flow.defaults.headers),
+            *((f"variables.{k}", v) for k, v in flow.variables.items()),
+        ]
     ):
         problem = _undefined(reference, scope, {})
         if problem:

@@ -206,3 +206,12 @@ def test_graph_formats(tmp_path: Path) -> None:
     assert "login -->|token| catalog" in out
     code, out, _ = baton("graph", str(path), "--format", "dot")
     assert '"catalog" -> "cart" [label="data"];' in out
+
+
+def test_default_headers_cannot_read_captured_values(tmp_path: Path) -> None:
+    flow = VALID.replace(
+        "tests:\n", 'defaults:\n  headers: {Authorization: "Bearer {{ auth.token }}"}\ntests:\n', 1
+    )
+    code, output = validate(write(tmp_path, flow))
+    assert code == 2
+    assert "defaults.headers: variable 'auth.token' is not defined" in output
