@@ -91,3 +91,31 @@ async def store(store_dsn: str) -> AsyncIterator[PostgresEventStore]:
     opened = await PostgresEventStore.connect(store_dsn, max_size=20)
     yield opened
     await opened.aclose()
+
+
+# ---- redis --------------------------------------------------------------------------------
+
+# The machine's Redis; BATON_TEST_REDIS_URL points the tests elsewhere.
+REDIS_URL = os.environ.get("BATON_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The URL of the Redis server the tests share (keys under ``redis_prefix`` only)."""
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
+    """A key prefix of this test session's own; its keys are deleted when the session ends."""
+    prefix = f"baton-test-{secrets.token_hex(6)}:"
+    yield prefix
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
+        for start in range(0, len(keys), 1000):
+            await client.delete(*keys[start : start + 1000])
+    finally:
+        await client.aclose()
