@@ -1,11 +1,12 @@
--- Baton's PostgreSQL schema: the one definition, applied on every connect.
+-- Baton's PostgreSQL schema: the one definition, versioned in numbered steps.
 --
--- Every statement is idempotent (IF NOT EXISTS, CREATE OR REPLACE), so applying the file
--- twice changes nothing. Each step is numbered, and the step records itself in
--- baton_schema_version when it is first applied. A later change is a new step appended at
--- the end, never an edit of an applied table definition.
--- The application (events.postgres.apply_schema) runs this file in one transaction under an
--- advisory lock, so processes starting together do not race on CREATE ... IF NOT EXISTS.
+-- Each step begins with a line "-- step N: name". Baton (events.migrations, `baton db
+-- migrate`, and every connect) applies the steps that baton_schema_version does not list
+-- yet, in one transaction under an advisory lock, so processes starting together do not
+-- race, and records each one. Every statement is idempotent as well (IF NOT EXISTS, CREATE
+-- OR REPLACE, guarded DO blocks), so `psql -f schema.sql` applied twice changes nothing.
+-- A change is a new step appended at the end, never an edit of an applied step: the
+-- digest of every step is pinned in tests/test_schema.py.
 
 CREATE TABLE IF NOT EXISTS baton_schema_version (
     step        int PRIMARY KEY,
@@ -135,4 +136,382 @@ END
 $$;
 
 INSERT INTO baton_schema_version (step, name) VALUES (1, 'event store')
+ON CONFLICT (step) DO NOTHING;
+
+-- step 2: projection checkpoints and change notification
+--
+-- A projection's checkpoint is the last log position it applied. It is updated in the
+-- same transaction as the projection's tables, so a page of events is applied exactly
+-- once: a crash rolls back both.
+CREATE TABLE IF NOT EXISTS baton_projection_checkpoints (
+    name        text PRIMARY KEY,
+    position    bigint NOT NULL DEFAULT 0 CHECK (position >= 0),
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- baton_append as in step 1, plus a notification on channel baton_events after commit,
+-- with the highest position appended as its payload. It is a doorbell, not a feed:
+-- listeners (the projector, realtime fan-out) read the log after their own position, so a
+-- lost or merged notice costs latency, never an event.
+CREATE OR REPLACE FUNCTION baton_append(
+    p_streams text[], p_expected int[], p_counts int[],
+    p_ids uuid[], p_types text[], p_data jsonb[]
+) RETURNS bigint[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    positions bigint[] := '{}';
+    part bigint[];
+    cur int;
+    n int;
+    found_n int;
+    lo int := 1;
+    hi int;
+BEGIN
+    PERFORM pg_advisory_xact_lock(7283540231093542001);
+    FOR i IN 1 .. coalesce(array_length(p_streams, 1), 0) LOOP
+        n := p_counts[i];
+        hi := lo + n - 1;
+        SELECT s.version INTO cur FROM baton_streams s WHERE s.stream = p_streams[i];
+        cur := coalesce(cur, 0);
+        IF p_expected[i] <> -1 AND p_expected[i] <> cur THEN
+            -- a conflict may be a re-send of an append that was written already
+            SELECT array_agg(e.position ORDER BY t.ord), count(e.position)
+              INTO part, found_n
+              FROM unnest(p_ids[lo:hi]) WITH ORDINALITY AS t(id, ord)
+              LEFT JOIN events e ON e.event_id = t.id AND e.stream = p_streams[i];
+            IF found_n <> n THEN
+                RAISE EXCEPTION 'stream % is at version %, the append expected %',
+                        p_streams[i], cur, p_expected[i]
+                    USING ERRCODE = 'BT001',
+                          DETAIL = json_build_object('stream', p_streams[i],
+                              'expected', p_expected[i], 'actual', cur)::text;
+            END IF;
+        ELSIF n = 0 THEN
+            part := '{}';
+        ELSE
+            WITH ins AS (
+                INSERT INTO events (stream, version, event_id, type, data)
+                SELECT p_streams[i], cur + t.ord, t.id, t.ty, t.d
+                  FROM unnest(p_ids[lo:hi], p_types[lo:hi], p_data[lo:hi])
+                       WITH ORDINALITY AS t(id, ty, d, ord)
+                 ORDER BY t.ord
+                ON CONFLICT (event_id) DO NOTHING
+                RETURNING event_id, position
+            )
+            -- counted from ins itself: an id repeated in the call joins its one row twice
+            SELECT array_agg(ins.position ORDER BY t.ord), (SELECT count(*) FROM ins)
+              INTO part, found_n
+              FROM unnest(p_ids[lo:hi]) WITH ORDINALITY AS t(id, ord)
+              LEFT JOIN ins ON ins.event_id = t.id;
+            IF found_n = n THEN
+                INSERT INTO baton_streams AS s (stream, version, first_position)
+                VALUES (p_streams[i], cur + n, part[1])
+                ON CONFLICT (stream) DO UPDATE SET version = excluded.version;
+            ELSIF found_n = 0 THEN
+                -- every id stored already: a re-send of an append with any version
+                SELECT array_agg(e.position ORDER BY t.ord), count(e.position)
+                  INTO part, found_n
+                  FROM unnest(p_ids[lo:hi]) WITH ORDINALITY AS t(id, ord)
+                  LEFT JOIN events e ON e.event_id = t.id AND e.stream = p_streams[i];
+            END IF;
+            IF found_n <> n THEN
+                RAISE EXCEPTION 'an append to stream % repeats an event id, or mixes new ids '
+                        'with ids that are stored already (here or in another stream)', p_streams[i]
+                    USING ERRCODE = 'BT002';
+            END IF;
+        END IF;
+        positions := positions || part;
+        lo := hi + 1;
+    END LOOP;
+    IF array_length(positions, 1) > 0 THEN
+        -- delivered when (and only if) the transaction commits
+        PERFORM pg_notify('baton_events', (SELECT max(p) FROM unnest(positions) AS p)::text);
+    END IF;
+    RETURN positions;
+END
+$$;
+INSERT INTO baton_schema_version (step, name)
+VALUES (2, 'projection checkpoints and change notification') ON CONFLICT (step) DO NOTHING;
+
+-- step 3: read model
+--
+-- Tables that events.projections keeps from the log (seed 002's data model, as far as
+-- Baton's features read and write it). Every row derives from events only: ids are uuid5
+-- of natural keys and times are the events' recorded_at, so a rebuild from the log gives
+-- back the same rows. Every table carries organization_id for row-level security (step 4).
+-- Left out until a feature writes them: users, organization_members, api_credentials,
+-- environment_variables (the service's), fixtures, endpoints and report tables.
+
+CREATE TABLE IF NOT EXISTS organizations (
+    id          uuid PRIMARY KEY,
+    slug        text NOT NULL UNIQUE CHECK (slug ~ '^[a-z0-9][a-z0-9-]*$'),
+    name        text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+-- the organization of every run started from the command line
+INSERT INTO organizations (id, slug, name)
+VALUES ('433e9607-96fe-50a2-bd23-f3af13ad64a0', 'default', 'Default organization')
+ON CONFLICT (id) DO NOTHING;
+
+CREATE TABLE IF NOT EXISTS projects (
+    id               uuid PRIMARY KEY,
+    organization_id  uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
+    name             text NOT NULL CHECK (name <> ''),
+    created_at       timestamptz NOT NULL,
+    last_run_at      timestamptz NOT NULL,
+    UNIQUE (organization_id, name)
+);
+
+CREATE TABLE IF NOT EXISTS environments (
+    id               uuid PRIMARY KEY,
+    organization_id  uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
+    project_id       uuid NOT NULL REFERENCES projects (id) ON DELETE CASCADE,
+    name             text NOT NULL CHECK (name <> ''),
+    created_at       timestamptz NOT NULL,
+    UNIQUE (project_id, name)
+);
+
+-- a flow file; digest and source are those of its latest run
+CREATE TABLE IF NOT EXISTS test_suites (
+    id               uuid PRIMARY KEY,
+    organization_id  uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
+    project_id       uuid NOT NULL REFERENCES projects (id) ON DELETE CASCADE,
+    name             text NOT NULL,
+    digest           text NOT NULL,
+    source           text NOT NULL,
+    created_at       timestamptz NOT NULL,
+    last_run_at      timestamptz NOT NULL,
+    UNIQUE (project_id, name)
+);
+
+-- A test's identity is (project, suite, test, definition hash): editing a test makes a
+-- new test case, so its history and metrics do not mix with the old definition's.
+CREATE TABLE IF NOT EXISTS test_cases (
+    id               uuid PRIMARY KEY,
+    organization_id  uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
+    suite_id         uuid NOT NULL REFERENCES test_suites (id) ON DELETE CASCADE,
+    name             text NOT NULL,
+    definition_hash  text NOT NULL,
+    created_at       timestamptz NOT NULL,
+    last_run_at      timestamptz NOT NULL,
+    UNIQUE (suite_id, name, definition_hash)
+);
+
+CREATE TABLE IF NOT EXISTS test_dependencies (
+    organization_id    uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
+    dependent_test_id  uuid NOT NULL REFERENCES test_cases (id) ON DELETE CASCADE,
+    required_test_id   uuid NOT NULL REFERENCES test_cases (id) ON DELETE CASCADE,
+    dependency_type    text NOT NULL CHECK (dependency_type IN ('order', 'data', 'token')),
+    PRIMARY KEY (dependent_test_id, required_test_id),
+    CHECK (dependent_test_id <> required_test_id)
+);
+CREATE INDEX IF NOT EXISTS test_dependencies_required
+    ON test_dependencies (required_test_id);
+
+-- one per run stream; counts are live (from the results) and final at ended_at
+CREATE TABLE IF NOT EXISTS test_runs (
+    id               uuid PRIMARY KEY,
+    organization_id  uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
+    project_id       uuid NOT NULL REFERENCES projects (id) ON DELETE CASCADE,
+    suite_id         uuid NOT NULL REFERENCES test_suites (id) ON DELETE CASCADE,
+    environment_id   uuid NOT NULL REFERENCES environments (id) ON DELETE CASCADE,
+    stream           text COLLATE "C" NOT NULL UNIQUE,
+    suite_digest     text NOT NULL,
+    source           text NOT NULL,
+    batch_id         uuid,
+    batch_row        int CHECK (batch_row > 0),
+    tags             jsonb NOT NULL DEFAULT '[]' CHECK (jsonb_typeof(tags) = 'array'),
+    status           text NOT NULL
+                     CHECK (status IN ('running', 'passed', 'failed', 'cancelled', 'error')),
+    total_tests      int NOT NULL CHECK (total_tests >= 0),
+    passed_tests     int NOT NULL DEFAULT 0 CHECK (passed_tests >= 0),
+    failed_tests     int NOT NULL DEFAULT 0 CHECK (failed_tests >= 0),
+    skipped_tests    int NOT NULL DEFAULT 0 CHECK (skipped_tests >= 0),
+    duration_ms      double precision CHECK (duration_ms >= 0),
+    cancel_reason    text,
+    started_at       timestamptz NOT NULL,
+    ended_at         timestamptz,
+    CHECK ((status = 'running') = (ended_at IS NULL)),
+    CHECK (passed_tests + failed_tests + skipped_tests <= total_tests),
+    CHECK ((batch_id IS NULL) = (batch_row IS NULL))
+);
+CREATE INDEX IF NOT EXISTS test_runs_lookup ON test_runs (project_id, status, started_at DESC);
+CREATE INDEX IF NOT EXISTS test_runs_recent ON test_runs (organization_id, started_at DESC);
+CREATE INDEX IF NOT EXISTS test_runs_batch ON test_runs (batch_id, batch_row)
+    WHERE batch_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS test_runs_tags ON test_runs USING gin (tags);
+
+-- events.context.fold of the run's stream, as seed 002's columns. Secret values
+-- (shared_auth_tokens, the shared_variables named in secret_names) are ciphertext.
+CREATE TABLE IF NOT EXISTS test_execution_context (
+    run_id              uuid PRIMARY KEY REFERENCES test_runs (id) ON DELETE CASCADE,
+    organization_id     uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
+    status              text NOT NULL
+                        CHECK (status IN ('running', 'passed', 'failed', 'cancelled', 'error')),
+    shared_auth_tokens  jsonb NOT NULL DEFAULT '{}'
+                        CHECK (jsonb_typeof(shared_auth_tokens) = 'object'),
+    shared_variables    jsonb NOT NULL DEFAULT '{}'
+                        CHECK (jsonb_typeof(shared_variables) = 'object'),
+    secret_names        jsonb NOT NULL DEFAULT '[]'
+                        CHECK (jsonb_typeof(secret_names) = 'array'),
+    captured_data       jsonb NOT NULL DEFAULT '{}'
+                        CHECK (jsonb_typeof(captured_data) = 'object'),
+    test_order          text[] NOT NULL DEFAULT '{}',
+    statuses            jsonb NOT NULL DEFAULT '{}'
+                        CHECK (jsonb_typeof(statuses) = 'object'),
+    attempts            jsonb NOT NULL DEFAULT '{}'
+                        CHECK (jsonb_typeof(attempts) = 'object'),
+    version             int NOT NULL CHECK (version > 0),
+    position            bigint NOT NULL CHECK (position > 0),
+    updated_at          timestamptz NOT NULL
+);
+
+-- One per planned test per run, 'pending' from RunStarted until the test starts.
+-- attempts counts retries (what flakiness reads), requests counts every request sent
+-- (polls too); response_* describe the last response.
+CREATE TABLE IF NOT EXISTS test_results (
+    id                uuid PRIMARY KEY,
+    organization_id   uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
+    run_id            uuid NOT NULL REFERENCES test_runs (id) ON DELETE CASCADE,
+    test_case_id      uuid NOT NULL REFERENCES test_cases (id) ON DELETE CASCADE,
+    environment_id    uuid NOT NULL REFERENCES environments (id) ON DELETE CASCADE,
+    test_name         text NOT NULL,
+    status            text NOT NULL
+                      CHECK (status IN ('pending', 'running', 'passed', 'failed', 'skipped')),
+    attempts          int NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    requests          int NOT NULL DEFAULT 0 CHECK (requests >= 0),
+    duration_ms       double precision CHECK (duration_ms >= 0),
+    response_status   int,
+    response_time_ms  double precision CHECK (response_time_ms >= 0),
+    category          text CHECK (category IN ('assertion', 'timeout', 'connection',
+                          'server_error', 'dependency_skipped', 'template', 'capture')),
+    message           text NOT NULL DEFAULT '',
+    started_at        timestamptz,
+    ended_at          timestamptz,
+    UNIQUE (run_id, test_name),
+    CHECK ((status IN ('passed', 'failed', 'skipped')) = (ended_at IS NOT NULL)),
+    CHECK (status <> 'failed' OR category IS NOT NULL)
+);
+CREATE INDEX IF NOT EXISTS test_results_lookup
+    ON test_results (test_case_id, environment_id, ended_at DESC);
+CREATE INDEX IF NOT EXISTS test_results_recent ON test_results (organization_id, ended_at DESC);
+
+-- What happened inside a result, one row per event: the request, the response excerpt,
+-- each assertion, each capture (a secret capture's value is masked here). data holds
+-- the event as the log has it; attempt is the request it belongs to.
+CREATE TABLE IF NOT EXISTS test_result_details (
+    event_id         uuid PRIMARY KEY,
+    organization_id  uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
+    result_id        uuid NOT NULL REFERENCES test_results (id) ON DELETE CASCADE,
+    position         bigint NOT NULL,
+    attempt          int NOT NULL CHECK (attempt >= 0),
+    kind             text NOT NULL CHECK (kind IN ('request', 'response', 'assertion', 'capture')),
+    passed           boolean,
+    data             jsonb NOT NULL,
+    recorded_at      timestamptz NOT NULL,
+    CHECK ((kind = 'assertion') = (passed IS NOT NULL))
+);
+CREATE INDEX IF NOT EXISTS test_result_details_by_result
+    ON test_result_details (result_id, position);
+
+-- Per test case, environment and UTC day, over the day's passed and failed results
+-- (skipped ones are not executions). Recomputed whenever a result of that day changes.
+CREATE TABLE IF NOT EXISTS performance_metrics (
+    organization_id       uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
+    test_case_id          uuid NOT NULL REFERENCES test_cases (id) ON DELETE CASCADE,
+    environment_id        uuid NOT NULL REFERENCES environments (id) ON DELETE CASCADE,
+    day                   date NOT NULL,
+    total_runs            int NOT NULL CHECK (total_runs > 0),
+    successful_runs       int NOT NULL CHECK (successful_runs BETWEEN 0 AND total_runs),
+    avg_response_time_ms  double precision,
+    p50_response_time_ms  double precision,
+    p95_response_time_ms  double precision,
+    p99_response_time_ms  double precision,
+    success_rate          numeric(5, 2) NOT NULL CHECK (success_rate BETWEEN 0 AND 100),
+    PRIMARY KEY (test_case_id, environment_id, day)
+);
+CREATE INDEX IF NOT EXISTS performance_metrics_recent
+    ON performance_metrics (organization_id, day DESC);
+
+-- Every decided execution of a test case, what flaky-test detection reads (the last N per
+-- test case and environment). No foreign key to test_runs: history outlives the runs'
+-- retention.
+CREATE TABLE IF NOT EXISTS test_run_history (
+    organization_id  uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
+    test_case_id     uuid NOT NULL REFERENCES test_cases (id) ON DELETE CASCADE,
+    environment_id   uuid NOT NULL REFERENCES environments (id) ON DELETE CASCADE,
+    run_id           uuid NOT NULL,
+    status           text NOT NULL CHECK (status IN ('passed', 'failed', 'skipped')),
+    category         text CHECK (category IN ('assertion', 'timeout', 'connection',
+                         'server_error', 'dependency_skipped', 'template', 'capture')),
+    attempts         int NOT NULL CHECK (attempts >= 0),
+    duration_ms      double precision CHECK (duration_ms >= 0),
+    executed_at      timestamptz NOT NULL,
+    PRIMARY KEY (run_id, test_case_id)
+);
+CREATE INDEX IF NOT EXISTS test_run_history_lookup
+    ON test_run_history (test_case_id, environment_id, executed_at DESC);
+
+-- One per result that failed or was skipped for a reason (a failed dependency, a
+-- template): the category and a fingerprint that groups the same failure across runs
+-- (test case, category, message with numbers and ids blanked).
+CREATE TABLE IF NOT EXISTS failure_analysis (
+    result_id        uuid PRIMARY KEY REFERENCES test_results (id) ON DELETE CASCADE,
+    organization_id  uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
+    test_case_id     uuid NOT NULL REFERENCES test_cases (id) ON DELETE CASCADE,
+    run_id           uuid NOT NULL,
+    category         text NOT NULL CHECK (category IN ('assertion', 'timeout', 'connection',
+                         'server_error', 'dependency_skipped', 'template', 'capture')),
+    message          text NOT NULL,
+    fingerprint      text NOT NULL,
+    occurred_at      timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS failure_analysis_by_fingerprint
+    ON failure_analysis (organization_id, fingerprint, occurred_at DESC);
+CREATE INDEX IF NOT EXISTS failure_analysis_by_case
+    ON failure_analysis (test_case_id, occurred_at DESC);
+INSERT INTO baton_schema_version (step, name) VALUES (3, 'read model')
+ON CONFLICT (step) DO NOTHING;
+
+-- step 4: row-level security by organization
+--
+-- A role that does not own these tables sees and writes only the rows of the organization
+-- named by the setting baton.organization_id. The service sets it per transaction, as its
+-- first statement: SELECT set_config('baton.organization_id', '<uuid>', true) (is_local:
+-- it ends with the transaction, so a pooled connection never carries it to the next
+-- request). Unset or empty, it matches nothing. The owner (the projector, migrations)
+-- bypasses these policies: RLS is enabled, not forced.
+CREATE OR REPLACE FUNCTION baton_current_organization() RETURNS uuid
+LANGUAGE sql STABLE AS $$
+    -- after a transaction-local set_config the setting reads '' rather than NULL
+    SELECT nullif(current_setting('baton.organization_id', true), '')::uuid
+$$;
+
+DO $$
+DECLARE
+    t text;
+BEGIN
+    ALTER TABLE organizations ENABLE ROW LEVEL SECURITY;
+    IF NOT EXISTS (SELECT FROM pg_policies WHERE schemaname = current_schema()
+                   AND tablename = 'organizations' AND policyname = 'baton_organization') THEN
+        CREATE POLICY baton_organization ON organizations
+            USING (id = baton_current_organization())
+            WITH CHECK (id = baton_current_organization());
+    END IF;
+    FOREACH t IN ARRAY ARRAY['projects', 'environments', 'test_suites', 'test_cases',
+            'test_dependencies', 'test_runs', 'test_execution_context', 'test_results',
+            'test_result_details', 'performance_metrics', 'test_run_history',
+            'failure_analysis'] LOOP
+        EXECUTE format('ALTER TABLE %I ENABLE ROW LEVEL SECURITY', t);
+        IF NOT EXISTS (SELECT FROM pg_policies WHERE schemaname = current_schema()
+                       AND tablename = t AND policyname = 'baton_organization') THEN
+            EXECUTE format('CREATE POLICY baton_organization ON %I '
+                'USING (organization_id = baton_current_organization()) '
+                'WITH CHECK (organization_id = baton_current_organization())', t);
+        END IF;
+    END LOOP;
+END
+$$;
+
+INSERT INTO baton_schema_version (step, name) VALUES (4, 'row-level security by organization')
 ON CONFLICT (step) DO NOTHING;

@@ -9,17 +9,17 @@ is the one boundary where driver errors become StoreError: nothing from asyncpg 
 from __future__ import annotations
 
 import asyncio
-import importlib.resources
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from pathlib import Path
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import asyncpg
 import msgspec
 
+from events.migrations import apply_pending
+from events.migrations import schema_sql as schema_sql  # re-exported: its home was here
 from events.settings import mask_dsn
 from events.store import (
     ANY_VERSION,
@@ -30,9 +30,6 @@ from events.store import (
     WrongExpectedVersion,
 )
 from events.types import RecordedEvent, decode, encode, event_type
-
-# Different keys from baton_append's lock: applying the schema must not wait for appends.
-_SCHEMA_LOCK = 7283540231093542000
 
 # SQLSTATE classes that mean "the server cannot serve us now", not "the request is wrong":
 # connection exceptions, insufficient resources, operator intervention (shutdown),
@@ -52,28 +49,10 @@ _LIST_STREAMS = (
 )
 
 
-def schema_sql() -> str:
-    """The text of schema.sql.
-
-    The one copy is the repository's top-level schema.sql, which a source checkout or an
-    editable install finds beside the package. A wheel has no repository root, so a build
-    that ships one must copy the file into the package as ``events/schema.sql``.
-    """
-    beside = Path(__file__).resolve().parent.parent / "schema.sql"
-    if beside.is_file():
-        return beside.read_text(encoding="utf-8")
-    packaged = importlib.resources.files("events") / "schema.sql"
-    if packaged.is_file():
-        return packaged.read_text(encoding="utf-8")
-    raise StoreError(f"schema.sql not found (looked at {beside} and in the events package)")
-
-
 async def apply_schema(conn: asyncpg.Connection) -> None:
-    """Apply schema.sql: idempotent, and safe when several processes start at once."""
-    async with conn.transaction():
-        await conn.execute("SET LOCAL client_min_messages = warning")
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
-        await conn.execute(schema_sql())
+    """Apply the steps of schema.sql the database lacks (events.migrations): idempotent, and
+    safe when several processes start at once."""
+    await apply_pending(conn)
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -218,6 +197,12 @@ def _recorded(row: asyncpg.Record) -> RecordedEvent:
         recorded_at=row[4],
         event=decode(row[5]),
     )
+
+
+def driver_errors(dsn: str) -> AbstractContextManager[None]:
+    """Within the block, asyncpg errors become StoreError/StoreUnavailable, as in the store
+    (for the other modules of ``events`` that talk to PostgreSQL)."""
+    return _ErrorTranslator(dsn)()
 
 
 class _VersionConflict(msgspec.Struct):

@@ -1,0 +1,163 @@
+"""The projector: the log, page by page, into the read tables, each page exactly once.
+
+A page is applied in one transaction together with the checkpoint (the last position
+applied): a crash or an error rolls back both, and the next attempt starts from the same
+position. The checkpoint row is locked for the page, so projectors in several processes
+(every ``baton run`` catches up at its end) take turns instead of applying a page twice.
+Positions come from ``read_all``, which never passes over an event that a slower
+transaction commits later (see baton_append in schema.sql), so nothing is skipped either.
+
+Live, the projector LISTENs on the channel baton_append notifies at commit and catches up
+when it rings; a timeout catches up anyway, in case a notice was lost with a connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+import asyncpg
+
+from events.postgres import PostgresEventStore, driver_errors
+from events.projections.page import READ_TABLES, apply_page
+from events.store import StoreUnavailable
+from events.types import RecordedEvent
+
+CHANNEL = "baton_events"
+"""Notified by baton_append when an append commits; the payload is its highest position."""
+DEFAULT_NAME = "read-model"
+
+PageHandler = Callable[[asyncpg.Connection, Sequence[RecordedEvent]], Awaitable[None]]
+"""Applies a page inside the projector's transaction (after the read tables)."""
+
+_LOCK = "INSERT INTO baton_projection_checkpoints (name) VALUES ($1) ON CONFLICT (name) DO NOTHING;"
+_CHECKPOINT = "SELECT position FROM baton_projection_checkpoints WHERE name = $1 FOR UPDATE"
+_ADVANCE = (
+    "UPDATE baton_projection_checkpoints SET position = $2, updated_at = now() WHERE name = $1"
+)
+_log = logging.getLogger("baton.projections")
+
+
+class Projector:
+    """Keeps the read tables of ``store``'s database up to date with its log.
+
+    The store's pool must allow two connections: one holds the page's transaction while
+    ``read_all`` reads through another. ``handlers`` apply each page too, in the same
+    transaction, after the read tables: a projection of another module, or a test's probe.
+    """
+
+    def __init__(
+        self,
+        store: PostgresEventStore,
+        *,
+        name: str = DEFAULT_NAME,
+        page_size: int = 1000,
+        handlers: Sequence[PageHandler] = (),
+    ) -> None:
+        self._store = store
+        self._name = name
+        self._page_size = page_size
+        self._handlers = tuple(handlers)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def position(self) -> int:
+        """The checkpoint: the last log position applied (0 before the first)."""
+        with driver_errors(self._store.dsn):
+            value: int | None = await self._store.pool.fetchval(
+                "SELECT position FROM baton_projection_checkpoints WHERE name = $1", self._name
+            )
+        return value or 0
+
+    async def catch_up(self) -> int:
+        """Apply every event after the checkpoint, a page per transaction; return how many.
+
+        Raises StoreUnavailable/StoreError from the database; an error inside a page
+        leaves that page's tables and checkpoint as they were, and propagates.
+        """
+        applied = 0
+        while True:
+            count = await self._step()
+            if count == 0:
+                return applied
+            applied += count
+
+    async def _step(self) -> int:
+        with driver_errors(self._store.dsn):
+            async with self._store.pool.acquire() as conn, conn.transaction():
+                position = await _lock(conn, self._name)
+                page = await self._store.read_all(position, self._page_size)
+                if not page:
+                    return 0
+                await apply_page(conn, page)
+                for handler in self._handlers:
+                    await handler(conn, page)
+                await conn.execute(_ADVANCE, self._name, page[-1].position)
+        return len(page)
+
+    async def rebuild(self) -> int:
+        """Empty every read table and the checkpoint in one transaction, then catch up.
+
+        Returns the number of events applied. Other projectors wait on the checkpoint row
+        meanwhile, so none applies a page to tables that are being emptied.
+        """
+        with driver_errors(self._store.dsn):
+            async with self._store.pool.acquire() as conn, conn.transaction():
+                await _lock(conn, self._name)
+                await conn.execute(f"TRUNCATE {', '.join(READ_TABLES)}")
+                await conn.execute(_ADVANCE, self._name, 0)
+        return await self.catch_up()
+
+    async def serve(self, *, fallback: float = 1.0, stop: asyncio.Event | None = None) -> None:
+        """Catch up, then again whenever an append commits, until ``stop`` is set (or the
+        task is cancelled). Survives the database going away: it retries every few
+        seconds and catches up once the database is back."""
+        stop = stop or asyncio.Event()
+        wake = asyncio.Event()
+        listener: asyncpg.Connection | None = None
+
+        def ring(*_: object) -> None:
+            wake.set()
+
+        try:
+            while not stop.is_set():
+                try:
+                    if listener is None or listener.is_closed():
+                        listener = await self._listen(ring)
+                    wake.clear()  # before catching up: a notice during it means go again
+                    await self.catch_up()
+                except StoreUnavailable as exc:
+                    _log.warning("projector %s: %s; retrying", self._name, exc)
+                    listener = None
+                    wake.clear()
+                await _first(wake, stop, within=fallback)
+        finally:
+            if listener is not None and not listener.is_closed():
+                await listener.close()
+
+    async def _listen(self, ring: Callable[..., None]) -> asyncpg.Connection:
+        # a connection of its own: the pool resets a connection it gets back (UNLISTEN)
+        with driver_errors(self._store.dsn):
+            conn: asyncpg.Connection = await asyncpg.connect(self._store.dsn)
+            await conn.add_listener(CHANNEL, ring)
+        return conn
+
+
+async def _lock(conn: asyncpg.Connection, name: str) -> int:
+    await conn.execute(_LOCK, name)
+    position: int = await conn.fetchval(_CHECKPOINT, name)
+    return position
+
+
+async def _first(wake: asyncio.Event, stop: asyncio.Event, *, within: float) -> None:
+    """Return when either event is set, or after ``within`` seconds."""
+    waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stop.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
