@@ -39,7 +39,7 @@ class Step(msgspec.Struct, frozen=True):
     @property
     def digest(self) -> str:
         """sha256 of the step's text: an applied step's digest never changes."""
-        return hashlib.sha256(self.sql.encode()).hexdigest()
+        return hashlib.sha256(self.sql.strip().encode()).hexdigest()
 
 
 class AppliedStep(msgspec.Struct, frozen=True):

@@ -6,12 +6,16 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import socket
+import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
+from redis.asyncio import Redis
 
 from events.embedded import start_embedded, stop_embedded
 from events.postgres import PostgresEventStore
@@ -110,8 +114,6 @@ async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
     """A key prefix of this test session's own; its keys are deleted when the session ends."""
     prefix = f"baton-test-{secrets.token_hex(6)}:"
     yield prefix
-    from redis.asyncio import Redis
-
     client = Redis.from_url(redis_url)
     try:
         keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
@@ -119,3 +121,74 @@ async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
             await client.delete(*keys[start : start + 1000])
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
+    """A plain ``redis.asyncio.Redis`` on the shared server, to look at what code wrote."""
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+class RedisServer:
+    """A redis-server of one test's own on a free port of 127.0.0.1, to kill and restart."""
+
+    def __init__(self) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port: int = probe.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not on PATH: some tests start one of their own")
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self._process = subprocess.Popen([binary, *args], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        self.kill()
+        pytest.fail(f"redis-server did not answer on port {self.port}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no goodbye to the clients."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A running redis-server of the test's own, killed at the end."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+async def fresh_database_dsn() -> AsyncIterator[str]:
+    """An empty database of its own on the PostgreSQL server (no schema), dropped after the
+    test: for tests that need to know every row, or to see a schema applied from nothing."""
+    name = f"baton_test_{secrets.token_hex(6)}"
+    admin = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield _with_database(PG_ADMIN_DSN, name)
+    admin = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
