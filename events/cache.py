@@ -105,6 +105,9 @@ class ContextReader:
     "Current" costs one round trip to the store (the stream's version) on every read: the
     price of never answering with a stale context. A caller that knows the version it needs
     (from a notification, say) passes ``min_version`` and skips it.
+
+    Two readers racing may put an older context over a newer one: the next read finds it
+    behind the log and folds the difference, so a race costs a fold, never a stale answer.
     """
 
     def __init__(

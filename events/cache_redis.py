@@ -134,8 +134,8 @@ class RedisContextCache:
         # off, no coroutine is created and left un-awaited
         if self._clock() < self._down_until:
             raise CacheUnavailable(
-                f"Redis at {self._where} is unavailable ({self._down_reason}); "
-                f"trying again within {self._retry_after:g} s"
+                f"Redis at {self._where} is unavailable, not tried again for up to "
+                f"{self._retry_after:g} s: {self._down_reason}"
             )
         try:
             async with asyncio.timeout(self._op_timeout):

@@ -7,13 +7,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import shutil
-import signal
 import socket
-import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 
 import msgspec
@@ -38,6 +35,7 @@ from events.postgres import PostgresEventStore
 from events.secrets import Cipher
 from events.settings import Settings
 from events.store import NewEvent, StreamAppend
+from tests.conftest import RedisServer
 
 CIPHER = Cipher(Fernet.generate_key())
 CANARY_TOKEN = "canary-token-4e1f9b"
@@ -89,40 +87,38 @@ async def record(store: PostgresEventStore, run_id: str, events: Sequence[ev.Eve
     await store.append([StreamAppend(stream, [NewEvent(event) for event in events])])
 
 
+async def new_run(store: PostgresEventStore, *, ended: bool) -> str:
+    """A run in the log: its first test passed; if ``ended``, the rest and RunCompleted too."""
+    run_id = str(uuid.uuid4())
+    await record(store, run_id, [*first_half(run_id), *(second_half() if ended else [])])
+    return run_id
+
+
 async def log_fold(store: PostgresEventStore, run_id: str) -> Context:
     return fold(await store.read_stream(ev.run_stream(run_id)))
+
+
+Closing = Callable[[ContextCache], ContextCache]
 
 
 def hours_from_now(hours: float) -> Callable[[], float]:
     return lambda: time.time() + hours * 3600
 
 
-class CountingStore:
-    """The real PostgreSQL store, counting the reads the reader makes."""
+class CountingStore(PostgresEventStore):
+    """The real PostgreSQL store (sharing its pool), counting the reads the reader makes."""
 
     def __init__(self, store: PostgresEventStore) -> None:
-        self.inner = store
+        super().__init__(store.pool, store.dsn)
         self.calls: list[tuple[str, int]] = []
-
-    async def append(self, appends: Sequence[StreamAppend]) -> list[list[int]]:
-        return await self.inner.append(appends)
 
     async def read_stream(self, stream: str, after_version: int = 0) -> list[ev.RecordedEvent]:
         self.calls.append(("read_stream", after_version))
-        return await self.inner.read_stream(stream, after_version)
-
-    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[ev.RecordedEvent]:
-        return await self.inner.read_all(after_position, limit)
+        return await super().read_stream(stream, after_version)
 
     async def stream_version(self, stream: str) -> int:
         self.calls.append(("stream_version", 0))
-        return await self.inner.stream_version(stream)
-
-    async def list_streams(self, prefix: str, limit: int = 50) -> list[str]:
-        return await self.inner.list_streams(prefix, limit)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
+        return await super().stream_version(stream)
 
 
 # ---- fixtures -----------------------------------------------------------------------------
@@ -154,52 +150,24 @@ async def cache(
 
 
 @pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
-    """A plain client, to look at what the cache wrote."""
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
-def start_redis(port: int) -> subprocess.Popen[bytes]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not on PATH: the fault tests start one of their own")
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
-                conn.sendall(b"PING\r\n")
-                if conn.recv(16).startswith(b"+PONG"):
-                    return process
-        except OSError:
-            time.sleep(0.02)
-    process.kill()
-    process.wait()
-    pytest.fail(f"redis-server did not answer on port {port}")
+async def redis_cache(redis_url: str, redis_prefix: str) -> AsyncIterator[RedisContextCache]:
+    cache = RedisContextCache.from_url(redis_url, prefix=redis_prefix)
+    yield cache
+    await cache.aclose()
 
 
 @pytest.fixture
-def private_redis() -> Iterator[tuple[int, list[subprocess.Popen[bytes]]]]:
-    """(port, processes): a redis-server of this test's own; the test may kill and restart it."""
-    port = free_port()
-    processes = [start_redis(port)]
-    yield port, processes
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
+async def closing() -> AsyncIterator[Closing]:
+    """Closes the caches a test opens, whatever happens in it."""
+    opened: list[ContextCache] = []
+
+    def close_later(cache: ContextCache) -> ContextCache:
+        opened.append(cache)
+        return cache
+
+    yield close_later
+    for cache in opened:
+        await cache.aclose()
 
 
 # ---- the contract, on both backends ---------------------------------------------------------
@@ -213,14 +181,10 @@ async def test_a_context_comes_back_as_it_was_put(cache: ContextCache) -> None:
     assert await cache.get(context.run_id) == context
 
 
-async def test_a_run_never_cached_is_a_miss(cache: ContextCache) -> None:
-    run_id = str(uuid.uuid4())
-    assert await cache.get(run_id) is None
-    assert await cache.expires_in(run_id) is None
-
-
-async def test_delete_forgets_a_context(cache: ContextCache) -> None:
+async def test_a_miss_before_put_and_after_delete(cache: ContextCache) -> None:
     context = realistic_context()
+    assert await cache.get(context.run_id) is None
+    assert await cache.expires_in(context.run_id) is None
     await cache.put(context, ttl=None)
     await cache.delete(context.run_id)
     assert await cache.get(context.run_id) is None
@@ -256,12 +220,11 @@ async def test_an_entry_expires_after_its_ttl(cache: ContextCache) -> None:
 async def test_a_current_cached_context_is_answered_without_reading_the_stream(
     cache: ContextCache, counting: CountingStore
 ) -> None:
-    run_id = str(uuid.uuid4())
-    await record(counting.inner, run_id, [*first_half(run_id), *second_half()])
+    run_id = await new_run(counting, ended=True)
     reader = ContextReader(counting, cache)
     first = await reader.context(run_id)
-    assert first == await log_fold(counting.inner, run_id)
     assert counting.calls == [("read_stream", 0)]  # a miss folds the whole stream
+    assert first == await log_fold(counting, run_id)
     counting.calls.clear()
     assert await reader.context(run_id) == first
     assert counting.calls == [("stream_version", 0)]  # the hit only checks the version
@@ -270,16 +233,15 @@ async def test_a_current_cached_context_is_answered_without_reading_the_stream(
 async def test_new_events_are_folded_onto_a_stale_context_never_answered_stale(
     cache: ContextCache, counting: CountingStore
 ) -> None:
-    run_id = str(uuid.uuid4())
-    await record(counting.inner, run_id, first_half(run_id))
+    run_id = await new_run(counting, ended=False)
     reader = ContextReader(counting, cache)
     before = await reader.context(run_id)
     assert (before.status, before.version) == ("running", 7)
-    await record(counting.inner, run_id, second_half())
+    await record(counting, run_id, second_half())
     counting.calls.clear()
     after = await reader.context(run_id)
     assert counting.calls == [("stream_version", 0), ("read_stream", 7)]  # the missing only
-    assert after == await log_fold(counting.inner, run_id)
+    assert after == await log_fold(counting, run_id)
     assert (after.status, after.version) == ("failed", 16)
     assert await cache.get(run_id) == after  # and the cache caught up
 
@@ -287,14 +249,13 @@ async def test_new_events_are_folded_onto_a_stale_context_never_answered_stale(
 async def test_min_version_the_cache_reaches_skips_the_store(
     cache: ContextCache, counting: CountingStore
 ) -> None:
-    run_id = str(uuid.uuid4())
-    await record(counting.inner, run_id, first_half(run_id))
+    run_id = await new_run(counting, ended=False)
     reader = ContextReader(counting, cache)
     cached = await reader.context(run_id)
     counting.calls.clear()
     assert await reader.context(run_id, min_version=cached.version) == cached
     assert counting.calls == []
-    await record(counting.inner, run_id, second_half())
+    await record(counting, run_id, second_half())
     newer = await reader.context(run_id, min_version=cached.version + 1)
     assert newer.version == 16
 
@@ -314,8 +275,7 @@ async def test_an_unknown_run_is_an_error_not_an_empty_context(
 async def test_time_travel_folds_from_the_log_and_leaves_the_cache_alone(
     cache: ContextCache, pg_store: PostgresEventStore
 ) -> None:
-    run_id = str(uuid.uuid4())
-    await record(pg_store, run_id, [*first_half(run_id), *second_half()])
+    run_id = await new_run(pg_store, ended=True)
     events = await pg_store.read_stream(ev.run_stream(run_id))
     reader = ContextReader(pg_store, cache)
     then = await reader.context(run_id, at=events[6].position)
@@ -328,8 +288,7 @@ async def test_a_context_from_another_log_is_rebuilt_from_this_one(
     cache: ContextCache, pg_store: PostgresEventStore
 ) -> None:
     # the database was recreated under the same Redis: the cache is ahead of the log
-    run_id = str(uuid.uuid4())
-    await record(pg_store, run_id, first_half(run_id))
+    run_id = await new_run(pg_store, ended=False)
     truth = await log_fold(pg_store, run_id)
     await cache.put(msgspec.structs.replace(truth, version=40, status="passed"), ttl=60)
     reader = ContextReader(pg_store, cache)
@@ -340,9 +299,8 @@ async def test_a_context_from_another_log_is_rebuilt_from_this_one(
 async def test_a_context_is_kept_24_hours_after_its_run_ends(
     cache: ContextCache, pg_store: PostgresEventStore
 ) -> None:
-    running, ended = str(uuid.uuid4()), str(uuid.uuid4())
-    await record(pg_store, running, first_half(running))
-    await record(pg_store, ended, [*first_half(ended), *second_half()])
+    running = await new_run(pg_store, ended=False)
+    ended = await new_run(pg_store, ended=True)
     reader = ContextReader(pg_store, cache)
     await reader.refresh(running)
     await reader.refresh(ended)
@@ -367,16 +325,11 @@ async def test_a_context_is_kept_24_hours_after_its_run_ends(
 
 
 async def test_secrets_stay_encrypted_in_redis(
-    redis_url: str, redis_prefix: str, redis_client: Redis, pg_store: PostgresEventStore
+    redis_cache: RedisContextCache, redis_client: Redis, pg_store: PostgresEventStore
 ) -> None:
-    run_id = str(uuid.uuid4())
-    await record(pg_store, run_id, [*first_half(run_id), *second_half()])
-    cache = RedisContextCache.from_url(redis_url, prefix=redis_prefix)
-    try:
-        context = await ContextReader(pg_store, cache).refresh(run_id)
-    finally:
-        await cache.aclose()
-    raw = await redis_client.get(cache.key(run_id))
+    run_id = await new_run(pg_store, ended=True)
+    context = await ContextReader(pg_store, redis_cache).refresh(run_id)
+    raw = await redis_client.get(redis_cache.key(run_id))
     assert raw is not None
     assert CANARY_TOKEN.encode() not in raw
     assert CANARY_PASSWORD.encode() not in raw
@@ -384,47 +337,36 @@ async def test_secrets_stay_encrypted_in_redis(
 
 
 async def test_redis_keys_carry_the_ttl(
-    redis_url: str, redis_prefix: str, redis_client: Redis
+    redis_cache: RedisContextCache, redis_prefix: str, redis_client: Redis
 ) -> None:
-    cache = RedisContextCache.from_url(redis_url, prefix=redis_prefix)
     context = realistic_context()
-    key = cache.key(context.run_id)
-    try:
-        await cache.put(context, ttl=1.5)
-        assert 0 < await redis_client.pttl(key) <= 1500
-        await cache.put(context, ttl=None)
-        assert await redis_client.pttl(key) == -1
-    finally:
-        await cache.aclose()
+    key = redis_cache.key(context.run_id)
     assert key == f"{redis_prefix}context:{context.run_id}"
+    await redis_cache.put(context, ttl=1.5)
+    assert 0 < await redis_client.pttl(key) <= 1500
+    await redis_cache.put(context, ttl=None)
+    assert await redis_client.pttl(key) == -1
 
 
 async def test_an_undecodable_entry_is_a_miss_and_is_replaced(
-    redis_url: str, redis_prefix: str, redis_client: Redis, pg_store: PostgresEventStore
+    redis_cache: RedisContextCache, redis_client: Redis, pg_store: PostgresEventStore
 ) -> None:
-    run_id = str(uuid.uuid4())
-    await record(pg_store, run_id, first_half(run_id))
-    cache = RedisContextCache.from_url(redis_url, prefix=redis_prefix)
-    try:
-        await redis_client.set(cache.key(run_id), b"\x93not a context")
-        with pytest.raises(CacheError):
-            await cache.get(run_id)
-        reader = ContextReader(pg_store, cache)
-        assert await reader.context(run_id) == await log_fold(pg_store, run_id)
-        assert await cache.get(run_id) == await log_fold(pg_store, run_id)
-    finally:
-        await cache.aclose()
+    run_id = await new_run(pg_store, ended=False)
+    await redis_client.set(redis_cache.key(run_id), b"\x93not a context")
+    with pytest.raises(CacheError):
+        await redis_cache.get(run_id)
+    truth = await log_fold(pg_store, run_id)
+    assert await ContextReader(pg_store, redis_cache).context(run_id) == truth
+    assert await redis_cache.get(run_id) == truth
 
 
 async def test_open_cache_picks_redis_when_the_url_is_set(
-    redis_url: str, redis_prefix: str, redis_client: Redis
+    redis_url: str, redis_prefix: str, redis_client: Redis, closing: Closing
 ) -> None:
     context = realistic_context()
-    cache = open_cache(Settings(redis_url=redis_url), prefix=redis_prefix)
-    try:
-        await cache.put(context, ttl=60)
-    finally:
-        await cache.aclose()
+    await closing(open_cache(Settings(redis_url=redis_url), prefix=redis_prefix)).put(
+        context, ttl=9
+    )
     assert await redis_client.exists(f"{redis_prefix}context:{context.run_id}") == 1
     assert isinstance(open_cache(Settings()), MemoryContextCache)
     with pytest.raises(CacheError, match=r"http://u:\*\*\*@h"):
@@ -435,43 +377,35 @@ async def test_open_cache_picks_redis_when_the_url_is_set(
 
 
 async def test_a_closed_port_answers_from_postgresql_and_warns_once(
-    pg_store: PostgresEventStore, caplog: pytest.LogCaptureFixture
+    pg_store: PostgresEventStore, caplog: pytest.LogCaptureFixture, closing: Closing
 ) -> None:
-    run_id = str(uuid.uuid4())
-    await record(pg_store, run_id, [*first_half(run_id), *second_half()])
+    run_id = await new_run(pg_store, ended=True)
     truth = await log_fold(pg_store, run_id)
-    cache = open_cache(Settings(redis_url="redis://127.0.0.1:1/0"))
+    cache = closing(open_cache(Settings(redis_url="redis://:hunter2@127.0.0.1:1/0")))
     reader = ContextReader(pg_store, cache)
     started = time.monotonic()
-    try:
-        answers = [await reader.context(run_id) for _ in range(5)]
-        answers.append(await reader.refresh(run_id))
-    finally:
-        await cache.aclose()
+    answers = [await reader.context(run_id) for _ in range(5)]
+    answers.append(await reader.refresh(run_id))
     assert time.monotonic() - started < 2.0
     assert answers == [truth] * 6
     warnings = [r for r in caplog.records if r.name == "baton.cache" and r.levelname == "WARNING"]
     assert len(warnings) == 1
     assert "127.0.0.1:1" in warnings[0].getMessage()
+    assert "hunter2" not in caplog.text
 
 
 async def test_a_redis_that_never_answers_costs_one_timeout_not_one_per_read(
-    pg_store: PostgresEventStore,
+    pg_store: PostgresEventStore, closing: Closing
 ) -> None:
-    run_id = str(uuid.uuid4())
-    await record(pg_store, run_id, first_half(run_id))
+    run_id = await new_run(pg_store, ended=False)
     truth = await log_fold(pg_store, run_id)
     with socket.socket() as silent:  # connections queue in the backlog, nothing replies
         silent.bind(("127.0.0.1", 0))
         silent.listen(64)
-        port = silent.getsockname()[1]
-        cache = RedisContextCache.from_url(f"redis://127.0.0.1:{port}/0", timeout=0.25)
-        reader = ContextReader(pg_store, cache)
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        reader = ContextReader(pg_store, closing(RedisContextCache.from_url(url, timeout=0.25)))
         started = time.monotonic()
-        try:
-            answers = [await reader.context(run_id) for _ in range(10)]
-        finally:
-            await cache.aclose()
+        answers = [await reader.context(run_id) for _ in range(10)]
         elapsed = time.monotonic() - started
     assert answers == [truth] * 10
     # one 0.25 s socket timeout, not one per read (2.5 s) nor one per retry: it backs off
@@ -479,38 +413,32 @@ async def test_a_redis_that_never_answers_costs_one_timeout_not_one_per_read(
 
 
 async def test_redis_killed_mid_run_then_restarted(
-    private_redis: tuple[int, list[subprocess.Popen[bytes]]],
+    private_redis: RedisServer,
     counting: CountingStore,
     caplog: pytest.LogCaptureFixture,
+    closing: Closing,
 ) -> None:
     caplog.set_level(logging.INFO, logger="baton.cache")
-    port, processes = private_redis
-    url = f"redis://127.0.0.1:{port}/0"
-    run_id = str(uuid.uuid4())
-    await record(counting.inner, run_id, first_half(run_id))
-    cache = RedisContextCache.from_url(url, retry_after=0.3)
+    run_id = await new_run(counting, ended=False)
+    cache = closing(RedisContextCache.from_url(private_redis.url, retry_after=0.3))
     reader = ContextReader(counting, cache)
-    try:
-        await reader.context(run_id)
-        counting.calls.clear()
-        assert (await reader.context(run_id)).version == 7
-        assert counting.calls == [("stream_version", 0)]  # served by Redis
+    await reader.context(run_id)
+    counting.calls.clear()
+    assert (await reader.context(run_id)).version == 7
+    assert counting.calls == [("stream_version", 0)]  # served by Redis
 
-        processes[0].send_signal(signal.SIGKILL)
-        processes[0].wait()
-        await record(counting.inner, run_id, second_half())  # the run goes on and ends
-        started = time.monotonic()
-        after = await reader.context(run_id)
-        assert after == await log_fold(counting.inner, run_id)
-        assert after.status == "failed"  # not the stale "running" Redis held
-        assert (await reader.refresh(run_id)) == after  # warming the cache does not fail
-        assert time.monotonic() - started < 1.0
+    private_redis.kill()
+    await record(counting, run_id, second_half())  # the run goes on and ends
+    started = time.monotonic()
+    after = await reader.context(run_id)
+    assert after == await log_fold(counting, run_id)
+    assert after.status == "failed"  # not the stale "running" Redis held
+    assert (await reader.refresh(run_id)) == after  # warming the cache does not fail
+    assert time.monotonic() - started < 1.0
 
-        processes.append(start_redis(port))
-        await asyncio.sleep(0.35)  # past retry_after: the reader tries Redis again
-        assert await reader.refresh(run_id) == after
-        assert await cache.get(run_id) == after  # cached in the new server
-    finally:
-        await cache.aclose()
-    messages = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "baton.cache"]
-    assert [level for level, _ in messages] == ["WARNING", "INFO"]
+    private_redis.start()
+    await asyncio.sleep(0.35)  # past retry_after: the reader tries Redis again
+    assert await reader.refresh(run_id) == after
+    assert await cache.get(run_id) == after  # cached in the new server
+    levels = [r.levelname for r in caplog.records if r.name == "baton.cache"]
+    assert levels == ["WARNING", "INFO"]
