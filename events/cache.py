@@ -122,10 +122,6 @@ class ContextReader:
         self._clock = clock
         self._cache_healthy = True
 
-    @property
-    def cache(self) -> ContextCache:
-        return self._cache
-
     async def context(
         self, run_id: str, *, at: int | None = None, min_version: int | None = None
     ) -> Context:
@@ -168,10 +164,6 @@ class ContextReader:
         raises UnknownRun or StoreError as ``context`` does.
         """
         return await self.context(run_id)
-
-    async def forget(self, run_id: str) -> None:
-        """Drop the run's cached context, if the cache can be reached."""
-        await self._delete(run_id)
 
     def ttl(self, context: Context, ended_at: float | None) -> float:
         """How long to keep ``context``: 24 h after its run ended, RUNNING_TTL before.

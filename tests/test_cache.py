@@ -321,7 +321,17 @@ async def test_a_context_is_kept_24_hours_after_its_run_ends(
             assert left is None
 
 
-# ---- Redis only -----------------------------------------------------------------------------
+# ---- one backend only ------------------------------------------------------------------------
+
+
+async def test_the_in_process_cache_drops_the_least_recently_used_beyond_its_bound() -> None:
+    cache = MemoryContextCache(max_entries=2)
+    first, second, third = realistic_context(), realistic_context(), realistic_context()
+    await cache.put(first, ttl=None)
+    await cache.put(second, ttl=None)
+    assert await cache.get(first.run_id) == first  # now the most recently used
+    await cache.put(third, ttl=None)
+    assert [await cache.get(c.run_id) for c in (first, second, third)] == [first, None, third]
 
 
 async def test_secrets_stay_encrypted_in_redis(
