@@ -62,9 +62,12 @@ async def chain(
         await checked(r, 200, "order_id", order_id)
 
 
-async def main(base_url: str, users_file: str, concurrency: int) -> int:
-    with open(users_file, newline="", encoding="utf-8") as rows:
-        users = list(csv.DictReader(rows))
+def read_users(path: str) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as rows:
+        return list(csv.DictReader(rows))
+
+
+async def main(base_url: str, users: list[dict[str, str]], concurrency: int) -> int:
     slots = asyncio.Semaphore(concurrency)
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=10.0)
@@ -81,4 +84,4 @@ async def main(base_url: str, users_file: str, concurrency: int) -> int:
 
 if __name__ == "__main__":
     url, users_path, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    sys.exit(asyncio.run(main(url, users_path, limit)))
+    sys.exit(asyncio.run(main(url, read_users(users_path), limit)))

@@ -4,10 +4,11 @@ The same six requests per user as bench/chain.yaml, the same assertions (the sta
 JSON field per step), the same ids carried from step to step, and the same limit on requests
 in flight (an asyncio.Semaphore around each request, like Baton's ``--concurrency``).
 
-One ``httpx.AsyncClient`` for every chain, on httpx's default transport, its pool sized to
-the concurrency limit: what a careful hand-written script does. Baton shares one pool
-between its runs too. Run it as ``python bench/plain_httpx.py URL USERS.csv CONCURRENCY``;
-it exits 1 if a check fails.
+One ``httpx.AsyncClient()`` for every chain, as constructed by default: httpx's default
+transport and pool limits (100 connections, 20 kept alive). Baton shares one pool between
+its runs too. A pool sized to the concurrency (50 kept alive) is slower, not faster: httpcore
+checks every pooled connection's socket on every request (bench/README.md). Run it as
+``python bench/plain_httpx.py URL USERS.csv CONCURRENCY``; it exits 1 if a check fails.
 """
 
 from __future__ import annotations
@@ -61,12 +62,14 @@ async def chain(client: httpx.AsyncClient, slots: asyncio.Semaphore, user: dict[
     check(r, 200, "order_id", order_id)
 
 
-async def main(base_url: str, users_file: str, concurrency: int) -> int:
-    with open(users_file, newline="", encoding="utf-8") as rows:
-        users = list(csv.DictReader(rows))
+def read_users(path: str) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as rows:
+        return list(csv.DictReader(rows))
+
+
+async def main(base_url: str, users: list[dict[str, str]], concurrency: int) -> int:
     slots = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=10.0) as client:
+    async with httpx.AsyncClient(base_url=base_url, timeout=10.0) as client:
         outcomes = await asyncio.gather(
             *(chain(client, slots, user) for user in users), return_exceptions=True
         )
@@ -79,4 +82,4 @@ async def main(base_url: str, users_file: str, concurrency: int) -> int:
 
 if __name__ == "__main__":
     url, users_path, limit = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    sys.exit(asyncio.run(main(url, users_path, limit)))
+    sys.exit(asyncio.run(main(url, read_users(users_path), limit)))
