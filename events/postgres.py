@@ -9,6 +9,7 @@ is the one boundary where driver errors become StoreError: nothing from asyncpg 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -55,6 +56,19 @@ async def apply_schema(conn: asyncpg.Connection) -> None:
     await apply_pending(conn)
 
 
+def _quiet_driver_logs() -> None:
+    """Keep asyncpg's log records from reaching a user who configured no logging.
+
+    While the server restarts, the pool logs a traceback each time it fails to reopen its
+    minimum of connections; with no handler anywhere, logging's last resort prints it to
+    stderr in the middle of a run that then finishes fine. A NullHandler stops that, and an
+    application that configures logging still receives the records (they propagate).
+    """
+    logger = logging.getLogger("asyncpg")
+    if not any(isinstance(handler, logging.NullHandler) for handler in logger.handlers):
+        logger.addHandler(logging.NullHandler())
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     # jsonb in binary format is a version byte and the JSON text: hand msgspec's bytes to the
     # server and the server's bytes to msgspec with no json.loads/dumps or str in between.
@@ -83,6 +97,7 @@ class PostgresEventStore:
         Raises StoreUnavailable, naming the DSN with its password masked, when the server
         cannot be reached within ``connect_timeout`` seconds or refuses the connection.
         """
+        _quiet_driver_logs()
         store_errors = _ErrorTranslator(dsn)
         try:
             with store_errors():
