@@ -487,8 +487,10 @@ async def test_a_failed_page_changes_nothing_and_the_next_attempt_finishes_it(
             await Projector(store, handlers=[crash]).catch_up()
         assert await snapshot(conn) == before
         assert await Projector(store).position() == checkpoint
+        assert await Projector(store).behind() == 2 * len(run_events("x", fail=True))
 
         assert await Projector(store).catch_up() == 2 * len(run_events("x", fail=True))
+        assert await Projector(store).behind() == 0
         after = await snapshot(conn)
         assert len(after["failure_analysis"]) == 4  # per run: login failed, profile skipped
         assert await Projector(store).rebuild() > 0

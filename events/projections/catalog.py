@@ -29,12 +29,13 @@ def derive(kind: str, *parts: object) -> uuid.UUID:
     return uuid.uuid5(NAMESPACE, "\x00".join([kind, *(str(part) for part in parts)]))
 
 
-def run_uuid(run_id: str) -> uuid.UUID:
-    """A run's id: its run_id when that is a uuid (Baton's are), else derived from it."""
+def as_uuid(kind: str, text: str) -> uuid.UUID:
+    """The id of a run or batch: the id in its events when that is a uuid (Baton's are),
+    else derived from it."""
     try:
-        return uuid.UUID(run_id)
+        return uuid.UUID(text)
     except ValueError:
-        return derive("run", run_id)
+        return derive(kind, text)
 
 
 class Identity(msgspec.Struct, frozen=True):

@@ -72,6 +72,17 @@ class Projector:
             )
         return value or 0
 
+    async def behind(self) -> int:
+        """How many events the log holds past the checkpoint (what ``catch_up`` would apply,
+        give or take appends in flight)."""
+        with driver_errors(self._store.dsn):
+            count: int = await self._store.pool.fetchval(
+                "SELECT count(*) FROM events WHERE position >"
+                " coalesce((SELECT position FROM baton_projection_checkpoints WHERE name = $1), 0)",
+                self._name,
+            )
+        return count
+
     async def catch_up(self) -> int:
         """Apply every event after the checkpoint, a page per transaction; return how many.
 

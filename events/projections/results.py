@@ -144,29 +144,32 @@ class Results:
     def __init__(self, loaded: Iterable[ResultRow]) -> None:
         self.rows: dict[tuple[uuid.UUID, str], ResultRow] = {}
         self._before: dict[tuple[uuid.UUID, str], ResultRow] = {}
+        self._by_run: dict[uuid.UUID, list[ResultRow]] = {}
         for row in loaded:
             key = (row.run_id, row.test_name)
             self.rows[key] = row
             self._before[key] = msgspec.structs.replace(row)
+            self._by_run.setdefault(row.run_id, []).append(row)
         self._details: list[tuple[object, ...]] = []
 
     def start(self, run: RunRow, identity: Identity) -> None:
         for name, case in identity.cases.items():
             key = (run.id, name)
-            self.rows.setdefault(
-                key,
-                ResultRow(
-                    id=derive("result", run.id, name),
-                    organization_id=run.organization_id,
-                    run_id=run.id,
-                    test_case_id=case,
-                    environment_id=run.environment_id,
-                    test_name=name,
-                ),
+            if key in self.rows:
+                continue
+            row = ResultRow(
+                id=derive("result", run.id, name),
+                organization_id=run.organization_id,
+                run_id=run.id,
+                test_case_id=case,
+                environment_id=run.environment_id,
+                test_name=name,
             )
+            self.rows[key] = row
+            self._by_run.setdefault(run.id, []).append(row)
 
     def statuses(self, run_id: uuid.UUID) -> list[str]:
-        return [row.status for (run, _), row in self.rows.items() if run == run_id]
+        return [row.status for row in self._by_run.get(run_id, ())]
 
     def apply(self, run: RunRow, recorded: RecordedEvent) -> None:
         event = recorded.event

@@ -17,10 +17,8 @@ import msgspec
 
 from events.context import Context
 from events.projections._sql import Column, excluded, from_jsonb, jsonb, upsert
-from events.projections.catalog import Identity, run_uuid
+from events.projections.catalog import Identity, as_uuid
 from events.types import RunCancelled, RunCompleted, RunStarted
-
-FINAL = frozenset({"passed", "failed", "skipped"})
 
 
 class RunRow(msgspec.Struct, kw_only=True):
@@ -89,11 +87,9 @@ _RUN_UPDATES = excluded(
 
 
 def start_run(started: RunStarted, stream: str, at: datetime, identity: Identity) -> RunRow:
-    batch_id: uuid.UUID | None = None
-    if started.batch_id:
-        batch_id = run_uuid(started.batch_id)
+    batch_id = as_uuid("batch", started.batch_id) if started.batch_id else None
     return RunRow(
-        id=run_uuid(started.run_id),
+        id=as_uuid("run", started.run_id),
         organization_id=identity.organization_id,
         project_id=identity.project_id,
         suite_id=identity.suite_id,
