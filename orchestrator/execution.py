@@ -78,6 +78,7 @@ def prepare(options: Options, environ: Mapping[str, str] = os.environ) -> list[J
                 environment=options.environment or "",
                 row=index + 1 if batch_id else -1,
                 batch_id=batch_id,
+                tags=tuple(options.tags),
             )
             for index, row in enumerate(rows)
         ]

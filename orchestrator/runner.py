@@ -45,6 +45,8 @@ class RunInputs:
     environment: str = ""
     row: int = -1
     batch_id: str = ""
+    tags: tuple[str, ...] = ()
+    """The --tag selection the run was started with."""
     run_id: str = field(default_factory=lambda: str(ev.new_id()))
 
 
@@ -130,6 +132,7 @@ class _Run:
                 batch_id=self.inputs.batch_id,
                 row=self.inputs.row,
                 project=self.flow.project,
+                tags=list(self.inputs.tags),
                 source=self.plan.loaded.label,
             )
         )
