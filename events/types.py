@@ -48,6 +48,8 @@ class RunStarted(_Event, tag="RunStarted", frozen=True):
     row: int = -1
     tags: list[str] = []
     project: str = "default"
+    organization: str = ""
+    """The organization's id (a UUID) for runs the service starts; "" is the default org."""
     source: str = ""
     """The flow file, as given on the command line."""
 

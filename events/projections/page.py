@@ -6,6 +6,8 @@ once: a handful of statements per page instead of several per event.
 
 from __future__ import annotations
 
+import uuid
+
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -70,9 +72,11 @@ async def apply_page(conn: asyncpg.Connection, page: Sequence[RecordedEvent]) ->
         event = recorded.event
         stream = recorded.stream
         if isinstance(event, RunStarted) and stream in by_stream and stream not in runs:
-            # every CLI run belongs to the default organization; the service's runs will
-            # name theirs in RunStarted
-            identity = catalog.add(event, recorded.recorded_at, DEFAULT_ORGANIZATION_ID)
+            # CLI runs belong to the default organization; the service's runs name theirs
+            organization = (
+                uuid.UUID(event.organization) if event.organization else DEFAULT_ORGANIZATION_ID
+            )
+            identity = catalog.add(event, recorded.recorded_at, organization)
             runs[stream] = start_run(event, stream, recorded.recorded_at, identity)
             results.start(runs[stream], identity)
         run = runs.get(stream)
