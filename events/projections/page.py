@@ -7,7 +7,6 @@ once: a handful of statements per page instead of several per event.
 from __future__ import annotations
 
 import uuid
-
 from collections.abc import Sequence
 from datetime import datetime
 
