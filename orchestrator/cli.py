@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -80,7 +81,21 @@ def _options(**kwargs: Any) -> Any:
     return Options(**kwargs)
 
 
-@cli.command()
+class _RunGroup(click.Group):
+    """``baton run FLOW...`` runs flows; ``baton run show RUN_ID`` shows a recorded run."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["flows", *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group(cls=_RunGroup)
+def run() -> None:
+    """Run flow files (baton run FLOW...), or show a recorded run (baton run show RUN_ID)."""
+
+
+@run.command("flows")
 @flow_options
 @click.option(
     "-c",
@@ -99,7 +114,7 @@ def _options(**kwargs: Any) -> Any:
     metavar="COMMAND",
     help="Start this server first, wait for base_url to answer, stop it after.",
 )
-def run(
+def run_flows(
     concurrency: int,
     junit: Path | None,
     json_path: Path | None,
@@ -204,14 +219,25 @@ def graph(path: Path, fmt: str, environment: str | None, variables: tuple[str, .
         click.echo(render_graph(job.plan, fmt))
 
 
+@run.command()
+@click.argument("run_id")
+def show(run_id: str) -> None:
+    """Show a recorded run: its status and every test's result."""
+    from orchestrator import inspect
+
+    click.echo(_with_store(lambda store: inspect.show(store, run_id)))
+
+
 @cli.command()
 @click.argument("run_id")
 @click.option("--at", "position", type=int, help="The context as it was at this log position.")
 def context(run_id: str, position: int | None) -> None:
     """Show a run's context: variables, tokens, captures, order, statuses."""
+    from events.settings import Settings
     from orchestrator import inspect
 
-    click.echo(_with_store(lambda store: inspect.context(store, run_id, position)))
+    settings = Settings.from_env()
+    click.echo(_with_store(lambda store: inspect.context(store, settings, run_id, position)))
 
 
 @cli.command()
@@ -224,12 +250,86 @@ def events(run_id: str) -> None:
 
 
 @cli.command()
-@click.option("-n", "--limit", default=20, show_default=True)
-def runs(limit: int) -> None:
-    """List recent runs."""
+@click.option("--status", type=click.Choice(["running", "passed", "failed", "cancelled", "error"]))
+@click.option("--suite", help="The suite's name.")
+@click.option("--tag", help="Runs started with this --tag.")
+@click.option("--env", "environment", help="The environment's name (default: default).")
+@click.option("--since", type=click.DateTime(), help="Started at or after (local time).")
+@click.option("--until", type=click.DateTime(), help="Started before (local time).")
+@click.option("-n", "--limit", default=20, show_default=True, type=click.IntRange(1, 10000))
+def runs(
+    status: str | None,
+    suite: str | None,
+    tag: str | None,
+    environment: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    limit: int,
+) -> None:
+    """List recent runs, newest first."""
+    from events.projections.queries import RunFilter
     from orchestrator import inspect
 
-    click.echo(_with_store(lambda store: inspect.recent_runs(store, limit)))
+    where = RunFilter(
+        status=status,
+        suite=suite,
+        tag=tag,
+        environment=environment,
+        since=since.astimezone() if since else None,
+        until=until.astimezone() if until else None,
+        limit=limit,
+    )
+    click.echo(_with_store(lambda store: inspect.runs(store, where)))
+
+
+@cli.group()
+def db() -> None:
+    """The PostgreSQL schema: migrate, status."""
+
+
+@db.command()
+def migrate() -> None:
+    """Apply every pending schema step (idempotent)."""
+    from orchestrator import inspect
+
+    click.echo(_with_dsn(inspect.migrate))
+
+
+@db.command()
+def status() -> None:
+    """Show the applied and pending schema steps."""
+    from orchestrator import inspect
+
+    click.echo(_with_dsn(inspect.db_status))
+
+
+@cli.group()
+def projections() -> None:
+    """The read tables kept from the event log."""
+
+
+@projections.command("rebuild")
+def rebuild_projections() -> None:
+    """Empty every read table and rebuild it from the whole log."""
+    from orchestrator import inspect
+
+    click.echo(_with_store(inspect.rebuild_projections))
+
+
+def _with_dsn(action: Callable[[str], Any]) -> str:
+    from events.embedded import start_embedded
+    from events.settings import Settings
+    from events.store import StoreError
+
+    async def go() -> str:
+        settings = Settings.from_env()
+        try:
+            dsn = settings.database_url or await start_embedded(settings.home)
+            return str(await action(dsn))
+        except StoreError as exc:
+            raise InfrastructureError(f"database unavailable: {exc}") from None
+
+    return asyncio.run(go())
 
 
 def _with_store(action: Callable[[Any], Any]) -> str:

@@ -119,6 +119,10 @@ async def execute(
         batches = [_run_job(runner, writer, job) for job in jobs]
         results = [result for group in await asyncio.gather(*batches) for result in group]
         await writer.aclose()
+        # inline: the read tables are current when `baton run` returns (~5% of a run's time)
+        from events.projections import project
+
+        await project(store)
     except StoreError as exc:
         raise InfrastructureError(f"event store failed during the run: {exc}") from None
     finally:

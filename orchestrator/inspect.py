@@ -1,7 +1,9 @@
-"""Reading back what runs recorded: ``baton context``, ``baton events``, ``baton runs``.
+"""Reading back what runs recorded: ``baton context``, ``baton events``, ``baton runs``,
+``baton run show``, ``baton db``, ``baton projections``.
 
-Everything shown here comes from the event log; secret values are ciphertext there and
-are shown as ``***``.
+Contexts come through the context cache (Redis or in-process), which folds whatever the
+log holds beyond what it cached. Run lists come from the read tables, brought up to date
+first. Secret values are ciphertext in the log and are shown as ``***``.
 """
 
 from __future__ import annotations
@@ -11,27 +13,38 @@ from typing import Any
 import msgspec
 
 from events import types as ev
-from events.context import context_at, fold, redacted
-from events.store import EventStore
+from events.context import redacted
+from events.postgres import PostgresEventStore
+from events.projections import project, rebuild
+from events.projections.queries import RunFilter, RunRow, recent_runs, run_with_results
+from events.settings import Settings
 from orchestrator.errors import UsageError
 
 
-async def _run_events(store: EventStore, run_id: str) -> list[ev.RecordedEvent]:
-    recorded = await store.read_stream(ev.run_stream(run_id))
-    if not recorded:
-        raise UsageError(f"no run {run_id!r} in the event store (see `baton runs`)")
-    return recorded
+async def context(
+    store: PostgresEventStore, settings: Settings, run_id: str, position: int | None
+) -> str:
+    from events.cache import CacheError, ContextReader, UnknownRun, open_cache
 
-
-async def context(store: EventStore, run_id: str, position: int | None) -> str:
-    recorded = await _run_events(store, run_id)
-    state = fold(recorded) if position is None else context_at(recorded, position)
+    try:
+        cache = open_cache(settings)
+    except CacheError as exc:
+        raise UsageError(f"BATON_REDIS_URL: {exc}") from None
+    try:
+        state = await ContextReader(store, cache).context(run_id, at=position)
+    except UnknownRun:
+        raise UsageError(f"no run {run_id!r} in the event store (see `baton runs`)") from None
+    finally:
+        await cache.aclose()
     return _pretty(msgspec.to_builtins(redacted(state)))
 
 
-async def event_log(store: EventStore, run_id: str) -> str:
+async def event_log(store: PostgresEventStore, run_id: str) -> str:
+    recorded = await store.read_stream(ev.run_stream(run_id))
+    if not recorded:
+        raise UsageError(f"no run {run_id!r} in the event store (see `baton runs`)")
     lines = []
-    for item in await _run_events(store, run_id):
+    for item in recorded:
         payload = msgspec.to_builtins(item.event)
         payload.pop("type", None)
         detail = " ".join(f"{key}={_compact(value)}" for key, value in payload.items())
@@ -40,20 +53,81 @@ async def event_log(store: EventStore, run_id: str) -> str:
     return "\n".join(lines)
 
 
-async def recent_runs(store: EventStore, limit: int) -> str:
-    streams = await store.list_streams("run-", limit)
-    if not streams:
-        return "no runs yet"
-    lines = [f"{'run id':<36}  {'status':<9} {'tests':>5}  {'started':<19}  suite"]
-    for stream in streams:
-        recorded = await store.read_stream(stream)
-        state = fold(recorded)
-        started = recorded[0].recorded_at.strftime("%Y-%m-%d %H:%M:%S") if recorded else ""
-        lines.append(
-            f"{state.run_id:<36}  {state.status:<9} {len(state.statuses):>5}  {started:<19}  "
-            f"{state.suite}"
-        )
+async def runs(store: PostgresEventStore, where: RunFilter) -> str:
+    await project(store)
+    rows = await recent_runs(store, where)
+    if not rows:
+        return "no runs match" if where != RunFilter(limit=where.limit) else "no runs yet"
+    header = f"{'run id':<36}  {'status':<9} {'passed':>6} {'failed':>6} {'skipped':>7}  "
+    lines = [header + f"{'started':<19}  {'env':<10} suite"]
+    lines += [_run_line(row) for row in rows]
     return "\n".join(lines)
+
+
+async def show(store: PostgresEventStore, run_id: str) -> str:
+    await project(store)
+    found = await run_with_results(store, run_id)
+    if found is None:
+        raise UsageError(f"no run {run_id!r} in the read tables (see `baton runs`)")
+    run, results = found
+    duration = f"{run.duration_ms / 1000:.2f} s" if run.duration_ms is not None else "running"
+    lines = [
+        f"run {run.run_id}: {run.suite}" + (f" [row {run.batch_row}]" if run.batch_row else ""),
+        f"  status {run.status}, {run.passed} passed, {run.failed} failed, "
+        f"{run.skipped} skipped of {run.total}, {duration}",
+        f"  environment {run.environment}, started {run.started_at:%Y-%m-%d %H:%M:%S %Z}",
+        "",
+    ]
+    for result in results:
+        timing = f"{result.duration_ms:.0f} ms" if result.duration_ms is not None else ""
+        status = f"HTTP {result.response_status}" if result.response_status else ""
+        line = f"  {result.status:<8} {result.test:<28} {timing:>9}  {status}"
+        if result.category:
+            line += f"  [{result.category}] {result.message}"
+        lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
+async def migrate(dsn: str) -> str:
+    from events.migrations import migrate as apply
+    from events.migrations import schema_status
+
+    applied = await apply(dsn)
+    status = await schema_status(dsn)
+    if not applied:
+        return f"schema up to date at step {status.current}"
+    return "\n".join(
+        [
+            *(f"applied step {step.number}: {step.name}" for step in applied),
+            f"schema at step {status.current}",
+        ]
+    )
+
+
+async def db_status(dsn: str) -> str:
+    from events.migrations import schema_status
+
+    status = await schema_status(dsn)
+    lines = [f"schema at step {status.current} of {status.latest}"]
+    lines += [
+        f"  {step.number:>3} {step.name:<40} applied {step.applied_at:%Y-%m-%d %H:%M:%S}"
+        for step in status.applied
+    ]
+    lines += [f"  {step.number:>3} {step.name:<40} pending" for step in status.pending]
+    return "\n".join(lines)
+
+
+async def rebuild_projections(store: PostgresEventStore) -> str:
+    applied = await rebuild(store)
+    return f"read tables rebuilt from {applied} events"
+
+
+def _run_line(row: RunRow) -> str:
+    suite = row.suite + (f" [row {row.batch_row}]" if row.batch_row else "")
+    return (
+        f"{row.run_id:<36}  {row.status:<9} {row.passed:>6} {row.failed:>6} {row.skipped:>7}  "
+        f"{row.started_at:%Y-%m-%d %H:%M:%S}  {row.environment:<10} {suite}"
+    )
 
 
 def _compact(value: Any, limit: int = 80) -> str:
