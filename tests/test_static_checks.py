@@ -215,3 +215,17 @@ def test_default_headers_cannot_read_captured_values(tmp_path: Path) -> None:
     code, output = validate(write(tmp_path, flow))
     assert code == 2
     assert "defaults.headers: variable 'auth.token' is not defined" in output
+
+
+def test_json_data_rows(tmp_path: Path) -> None:
+    flow = VALID.replace('"{{ product_id }}"', '"{{ sku }}"')
+    path = write(tmp_path, flow)
+    rows = tmp_path / "rows.json"
+    rows.write_text('[{"sku": 1}, {"sku": 2}, {"sku": 3}]')
+    code, output = validate(path, "--data", str(rows))
+    assert code == 0, output
+    assert "3 run(s)" in output
+    rows.write_text('{"sku": 1}')
+    code, output = validate(path, "--data", str(rows))
+    assert code == 2
+    assert "expected a JSON array of objects" in output
