@@ -515,3 +515,151 @@ $$;
 
 INSERT INTO baton_schema_version (step, name) VALUES (4, 'row-level security by organization')
 ON CONFLICT (step) DO NOTHING;
+
+-- step 5: service tables and role
+--
+-- What the service (context_service) keeps that no event holds: API keys, projects, flow
+-- files, environments with their variables, and the runs it started. No rebuild of the
+-- read tables touches them, and none of them has a foreign key to a read table (the
+-- projector's TRUNCATE would refuse, or cascade into them). Project, suite and
+-- environment ids are the ones the projector derives from the same names
+-- (events.projections.derive), so a suite here and its test_suites row share one id.
+--
+-- The service runs its queries as role baton_service, which owns nothing: row-level
+-- security (step 4) is in force for it. Per transaction it runs
+--   SELECT set_config('role', 'baton_service', true),
+--          set_config('baton.organization_id', '<uuid>', true)
+-- It may read the read tables and organizations, and write only its own tables; it has
+-- no privilege on the event log (the service checks that a run is the caller's before it
+-- reads its events as the owner). A later step that adds a read table grants it here too.
+-- The role is cluster-wide: creating it tolerates another database's migration doing the
+-- same at the same moment, and a server where the owner may not create roles (the service
+-- then refuses to start, naming the role; the CLI is not concerned).
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'baton_service') THEN
+        CREATE ROLE baton_service NOLOGIN;
+    END IF;
+EXCEPTION
+    WHEN duplicate_object OR unique_violation THEN NULL;
+    WHEN insufficient_privilege THEN
+        RAISE WARNING 'cannot create role baton_service: the Baton service will not start';
+END
+$$;
+
+-- the key itself is never stored: sha256 of it, and its first characters for display
+CREATE TABLE IF NOT EXISTS api_credentials (
+    id               uuid PRIMARY KEY,
+    organization_id  uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
+    name             text NOT NULL,
+    prefix           text NOT NULL,
+    key_hash         bytea NOT NULL UNIQUE,
+    scopes           text[] NOT NULL
+                     CHECK (cardinality(scopes) > 0 AND scopes <@ ARRAY['read', 'run', 'admin']),
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    last_used_at     timestamptz,
+    revoked_at       timestamptz
+);
+CREATE INDEX IF NOT EXISTS api_credentials_by_organization
+    ON api_credentials (organization_id, created_at DESC);
+
+CREATE TABLE IF NOT EXISTS service_projects (
+    id               uuid PRIMARY KEY,
+    organization_id  uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
+    name             text NOT NULL CHECK (name <> ''),
+    description      text NOT NULL DEFAULT '',
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (organization_id, name)
+);
+
+-- a flow file as uploaded; name is the flow's own name, which its runs record
+CREATE TABLE IF NOT EXISTS service_suites (
+    id               uuid PRIMARY KEY,
+    organization_id  uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
+    project_id       uuid NOT NULL REFERENCES service_projects (id) ON DELETE CASCADE,
+    name             text NOT NULL,
+    filename         text NOT NULL,
+    content          text NOT NULL,
+    digest           text NOT NULL,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (project_id, name)
+);
+
+CREATE TABLE IF NOT EXISTS service_environments (
+    id               uuid PRIMARY KEY,
+    organization_id  uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
+    project_id       uuid NOT NULL REFERENCES service_projects (id) ON DELETE CASCADE,
+    name             text NOT NULL CHECK (name <> ''),
+    description      text NOT NULL DEFAULT '',
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (project_id, name)
+);
+
+-- a secret's value is ciphertext (events.secrets.Cipher), never clear text
+CREATE TABLE IF NOT EXISTS environment_variables (
+    environment_id   uuid NOT NULL REFERENCES service_environments (id) ON DELETE CASCADE,
+    organization_id  uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
+    name             text NOT NULL CHECK (name <> ''),
+    value            text NOT NULL,
+    secret           boolean NOT NULL DEFAULT false,
+    PRIMARY KEY (environment_id, name),
+    CHECK (NOT secret OR value LIKE 'enc:v1:%')
+);
+
+-- The runs the service started: what to rerun them from, and the state of the task,
+-- known before the projector files the run in test_runs. No foreign key from test_runs'
+-- side: the run's own id is the link.
+CREATE TABLE IF NOT EXISTS service_runs (
+    id               uuid PRIMARY KEY,
+    organization_id  uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
+    suite_id         uuid REFERENCES service_suites (id) ON DELETE SET NULL,
+    environment_id   uuid REFERENCES service_environments (id) ON DELETE SET NULL,
+    rerun_of         uuid,
+    tests            text[] NOT NULL DEFAULT '{}',
+    state            text NOT NULL
+                     CHECK (state IN ('queued', 'running', 'finished', 'cancelled', 'error')),
+    error            text NOT NULL DEFAULT '',
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS service_runs_recent ON service_runs (organization_id, created_at DESC);
+
+DO $$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['api_credentials', 'service_projects', 'service_suites',
+            'service_environments', 'environment_variables', 'service_runs'] LOOP
+        EXECUTE format('ALTER TABLE %I ENABLE ROW LEVEL SECURITY', t);
+        IF NOT EXISTS (SELECT FROM pg_policies WHERE schemaname = current_schema()
+                       AND tablename = t AND policyname = 'baton_organization') THEN
+            EXECUTE format('CREATE POLICY baton_organization ON %I '
+                'USING (organization_id = baton_current_organization()) '
+                'WITH CHECK (organization_id = baton_current_organization())', t);
+        END IF;
+    END LOOP;
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'baton_service') THEN
+        EXECUTE format('GRANT USAGE ON SCHEMA %I TO baton_service', current_schema());
+        GRANT SELECT ON organizations, projects, environments, test_suites, test_cases,
+            test_dependencies, test_runs, test_execution_context, test_results,
+            test_result_details, performance_metrics, test_run_history, failure_analysis
+            TO baton_service;
+        GRANT SELECT, INSERT, UPDATE, DELETE ON api_credentials, service_projects,
+            service_suites, service_environments, environment_variables, service_runs
+            TO baton_service;
+        BEGIN
+            -- a server's owner that is no superuser needs membership to SET ROLE
+            EXECUTE format('GRANT baton_service TO %I', current_user);
+        EXCEPTION
+            WHEN OTHERS THEN NULL;
+        END;
+    END IF;
+END
+$$;
+
+INSERT INTO baton_schema_version (step, name) VALUES (5, 'service tables and role')
+ON CONFLICT (step) DO NOTHING;
