@@ -10,13 +10,14 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
 import os
 import re
 import secrets as _random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus
@@ -165,6 +166,7 @@ _SENSITIVE_HEADERS = frozenset(
 _SENSITIVE_WORDS = ("token", "secret", "api-key", "apikey", "api_key", "password", "session")
 
 
+@functools.lru_cache(maxsize=1024)
 def is_sensitive_header(name: str) -> bool:
     """Headers whose value is masked whatever it holds."""
     lowered = name.lower()
@@ -247,15 +249,22 @@ class Redactor:
 
     Values shorter than ``MIN_SECRET_LENGTH`` (4) characters are ignored: masking every
     ``"1"`` or ``"ab"`` would ruin the output and such a value protects little anyway.
-    The set only grows during a run (secrets captured as it goes); the one regular
-    expression is rebuilt lazily, on the first ``redact`` after a change.
+    The set only grows during a run (secrets captured as it goes).
+
+    Most texts hold no secret, and each run learns new ones (its own token), so a regular
+    expression over every form would be compiled once per run for a handful of texts. A
+    text is first checked with plain substring tests; only the forms it holds are then
+    searched, by ``str.find`` when it is one form, by a regular expression over just those
+    forms otherwise (the forms it does not hold can never match).
     """
 
-    __slots__ = ("_compiled", "_secrets")
+    __slots__ = ("_forms", "_patterns", "_secrets", "_shortest")
 
     def __init__(self, values: Iterable[str] = ()) -> None:
         self._secrets: set[str] = set()
-        self._compiled: tuple[re.Pattern[str], dict[str, tuple[int, int]]] | None = None
+        self._forms: dict[str, tuple[int, int]] = {}
+        self._shortest = 0
+        self._patterns: dict[tuple[str, ...], re.Pattern[str]] = {}
         for value in values:
             self.add(value)
 
@@ -269,32 +278,48 @@ class Redactor:
         if len(value) < MIN_SECRET_LENGTH or value in self._secrets:
             return
         self._secrets.add(value)
-        self._compiled = None
+        forms = self._forms
+        for text, widen in _forms(value).items():
+            old = forms.get(text, (0, 0))
+            forms[text] = (max(old[0], widen[0]), max(old[1], widen[1]))
+        self._shortest = min(len(text) for text in forms)
+        self._patterns.clear()
 
-    def _pattern(self) -> tuple[re.Pattern[str], dict[str, tuple[int, int]]] | None:
-        if self._compiled is None and self._secrets:
-            forms: dict[str, tuple[int, int]] = {}
-            for secret in self._secrets:
-                for text, widen in _forms(secret).items():
-                    old = forms.get(text, (0, 0))
-                    forms[text] = (max(old[0], widen[0]), max(old[1], widen[1]))
-            pattern = re.compile(_trie_pattern(forms))
-            self._compiled = (pattern, {k: v for k, v in forms.items() if v != (0, 0)})
-        return self._compiled
+    def _search(self, found: list[str]) -> Callable[[str, int], tuple[int, int] | None]:
+        """Where the next of the ``found`` forms starts and ends, the longest at a position."""
+        if len(found) == 1:
+            form = found[0]
+
+            def find(text: str, pos: int) -> tuple[int, int] | None:
+                start = text.find(form, pos)
+                return None if start < 0 else (start, start + len(form))
+
+            return find
+        key = tuple(found)
+        pattern = self._patterns.get(key)
+        if pattern is None:
+            pattern = self._patterns[key] = re.compile(_trie_pattern(found))
+
+        def search(text: str, pos: int) -> tuple[int, int] | None:
+            match = pattern.search(text, pos)
+            return None if match is None else match.span()
+
+        return search
 
     def redact(self, text: str) -> str:
-        compiled = self._pattern()
-        if compiled is None:
+        forms = self._forms
+        if not forms or len(text) < self._shortest:
             return text
-        pattern, widening = compiled
-        match = pattern.search(text)
-        if match is None:
+        found = [form for form in forms if form in text]
+        if not found:
             return text
+        search = self._search(found)
         pieces: list[str] = []
         last = 0
-        while match is not None:
-            start, end = match.span()
-            left, right = widening.get(match.group(), (0, 0))
+        span = search(text, 0)
+        while span is not None:
+            start, end = span
+            left, right = forms[text[start:end]]
             while left and start > last and text[start - 1] in _BASE64_CHARS:
                 start -= 1
                 left -= 1
@@ -304,7 +329,7 @@ class Redactor:
             pieces.append(text[last:start])
             pieces.append(MASK)
             last = end
-            match = pattern.search(text, end)
+            span = search(text, end)
         pieces.append(text[last:])
         return "".join(pieces)
 
