@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import jsonpath_rfc9535
-import jsonschema
 import msgspec
 
 from orchestrator.captures import (
@@ -350,6 +349,8 @@ def _schema(
         document = response.json
     except ValueError:
         return failed(excerpt(response.text), NOT_JSON)
+    import jsonschema  # ~75 ms to import: only flows with a schema check pay for it
+
     error = jsonschema.exceptions.best_match(validator.iter_errors(document))
     if error is None:
         return AssertionResult("schema", "schema", schema, "valid", True)
@@ -392,6 +393,8 @@ def _file_validator(path: str) -> Any:
 
 
 def _validator(schema: Any, what: str) -> Any:
+    import jsonschema
+
     if isinstance(schema, dict) and "$schema" in schema:
         cls = jsonschema.validators.validator_for(schema, default=None)
         if cls is None:
