@@ -202,16 +202,35 @@ def batch_stream(batch_id: str) -> str:
 def new_id() -> uuid.UUID:
     """A UUIDv7 (RFC 9562): time-ordered, so the unique index on event ids grows at its
     right edge instead of splitting random pages as uuid4 would."""
-    unix_ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10))
-    value = (
-        (unix_ms & 0xFFFF_FFFF_FFFF) << 80
-        | 0x7 << 76
-        | (rand >> 68) << 64
-        | 0b10 << 62
-        | rand & 0x3FFF_FFFF_FFFF_FFFF
-    )
-    return uuid.UUID(int=value)
+    try:
+        low = _RANDOM_PARTS.pop()
+    except IndexError:
+        _RANDOM_PARTS.extend(_random_parts(1024))
+        low = _RANDOM_PARTS.pop()
+    # what uuid.UUID(int=) ends with, without its range checks: half of an id's cost, and
+    # an id is made for every event
+    made = _new_object(uuid.UUID)
+    _set_attribute(made, "int", (time.time_ns() // 1_000_000) << 80 | low)
+    _set_attribute(made, "is_safe", uuid.SafeUUID.unknown)
+    return made
+
+
+def _random_parts(count: int) -> list[int]:
+    """The low 80 bits of ``count`` ids: version, 12 random bits, variant, 62 random bits.
+    One system call for many ids instead of one per id."""
+    data = os.urandom(10 * count)
+    parts = []
+    for at in range(0, 10 * count, 10):
+        rand = int.from_bytes(data[at : at + 10])
+        parts.append(0x7 << 76 | (rand >> 68) << 64 | 0b10 << 62 | rand & 0x3FFF_FFFF_FFFF_FFFF)
+    return parts
+
+
+_RANDOM_PARTS: list[int] = []
+_new_object = object.__new__
+_set_attribute = object.__setattr__
+# a forked child must not hand out the ids its parent drew
+os.register_at_fork(after_in_child=_RANDOM_PARTS.clear)
 
 
 _encoder = msgspec.json.Encoder()
