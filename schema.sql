@@ -583,6 +583,7 @@ CREATE TABLE IF NOT EXISTS service_suites (
     filename         text NOT NULL,
     content          text NOT NULL,
     digest           text NOT NULL,
+    tests            text[] NOT NULL DEFAULT '{}',
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
     UNIQUE (project_id, name)
@@ -620,6 +621,9 @@ CREATE TABLE IF NOT EXISTS service_runs (
     environment_id   uuid REFERENCES service_environments (id) ON DELETE SET NULL,
     rerun_of         uuid,
     tests            text[] NOT NULL DEFAULT '{}',
+    tags             text[] NOT NULL DEFAULT '{}',
+    -- what the request set (--var's counterpart), kept for a rerun; never a secret
+    variables        jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(variables) = 'object'),
     state            text NOT NULL
                      CHECK (state IN ('queued', 'running', 'finished', 'cancelled', 'error')),
     error            text NOT NULL DEFAULT '',
@@ -662,4 +666,45 @@ END
 $$;
 
 INSERT INTO baton_schema_version (step, name) VALUES (5, 'service tables and role')
+ON CONFLICT (step) DO NOTHING;
+
+-- step 6: Supabase Realtime publication
+--
+-- On Supabase, Realtime sends a table's changes (postgres_changes) only when the table is
+-- in the publication supabase_realtime; `baton watch RUN_ID --supabase` follows a run
+-- through the changes of test_runs and test_results. Elsewhere the publication does not
+-- exist and this step does nothing. A publication made after this step ran (Realtime
+-- enabled later) is filled by calling the function again: SELECT
+-- baton_publish_to_supabase_realtime(); it returns the tables it added. A table that is a
+-- member already (FOR ALL TABLES, or added by hand) is left alone. A role that may not
+-- alter the publication gets a warning instead of a failed migration: the CLI and the
+-- service work without Realtime.
+CREATE OR REPLACE FUNCTION baton_publish_to_supabase_realtime() RETURNS text[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    t text;
+    added text[] := '{}';
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_publication WHERE pubname = 'supabase_realtime') THEN
+        RETURN added;
+    END IF;
+    FOREACH t IN ARRAY ARRAY['test_runs', 'test_results'] LOOP
+        IF NOT EXISTS (SELECT FROM pg_publication_tables WHERE pubname = 'supabase_realtime'
+                       AND schemaname = current_schema() AND tablename = t) THEN
+            EXECUTE format('ALTER PUBLICATION supabase_realtime ADD TABLE %I.%I',
+                           current_schema(), t);
+            added := added || t;
+        END IF;
+    END LOOP;
+    RETURN added;
+EXCEPTION
+    WHEN insufficient_privilege THEN
+        RAISE WARNING 'cannot add test_runs and test_results to publication supabase_realtime'
+            ' (%): baton watch --supabase will see no changes', SQLERRM;
+        RETURN '{}';
+END
+$$;
+SELECT baton_publish_to_supabase_realtime();
+
+INSERT INTO baton_schema_version (step, name) VALUES (6, 'Supabase Realtime publication')
 ON CONFLICT (step) DO NOTHING;

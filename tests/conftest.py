@@ -9,11 +9,14 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 from redis.asyncio import Redis
 
@@ -192,3 +195,83 @@ async def fresh_database_dsn() -> AsyncIterator[str]:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+# ---- the service (context_service) ---------------------------------------------------------
+
+
+class LiveService:
+    """The service's app under uvicorn in a thread of its own, on a free port of 127.0.0.1."""
+
+    def __init__(self, settings: Any) -> None:
+        import uvicorn
+
+        from context_service.app import create_app
+
+        self.settings = settings
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        config = uvicorn.Config(
+            create_app(settings), log_level="warning", lifespan="on", access_log=False
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._socket]}, daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                pytest.fail("the service did not start (see its log above)")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(30)
+        self._socket.close()
+
+    def client(self, key: str | None = None, **headers: str) -> httpx.AsyncClient:
+        """An httpx client of the service, sending ``key`` as a bearer token if given."""
+        if key is not None:
+            headers["Authorization"] = f"Bearer {key}"
+        return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=30)
+
+
+@pytest.fixture(scope="module")
+async def service_database() -> AsyncIterator[str]:
+    """A database of one test module's service, dropped at the module's end."""
+    name = f"baton_test_{secrets.token_hex(6)}"
+    admin = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield _with_database(PG_ADMIN_DSN, name)
+    admin = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="module")
+def live_service(service_database: str) -> Iterator[LiveService]:
+    """The service on the module's own database, running for the whole module."""
+    import base64
+
+    from events.settings import Settings
+
+    home = _private_home()
+    settings = Settings(
+        database_url=service_database,
+        home=home,
+        secret_key=base64.urlsafe_b64encode(os.urandom(32)).decode(),
+    )
+    service = LiveService(settings)
+    service.start()
+    yield service
+    service.stop()
+    shutil.rmtree(home, ignore_errors=True)

@@ -1,0 +1,293 @@
+"""/api/v1/runs: start a run of a suite in an environment, cancel it, rerun what failed;
+a run's results, its context (now or at a log position) and its events.
+
+Starting, cancelling and rerunning need the ``run`` scope; reading needs ``read``. A run
+started here runs in the background: the answer (202) comes before its first request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Controller, Response, get, post
+from litestar.params import Parameter
+
+from context_service import runs
+from context_service.errors import Conflict, NotFound
+from context_service.keys import Principal
+from context_service.listing import Listing, ListParams, Page, page_of
+from context_service.services import Services
+from events import types as ev
+from events.context import Context, redacted
+from events.secrets import MASK
+
+VariableName = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Value = Annotated[str, msgspec.Meta(max_length=64 * 1024)]
+Tag = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+_CANCEL_WAIT = 10.0
+
+
+class RunCreate(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    suite_id: uuid.UUID
+    environment_id: uuid.UUID | None = None
+    variables: Annotated[dict[VariableName, Value], msgspec.Meta(max_length=200)] = {}
+    """Override the flow's and the environment's variables (as ``--var`` does)."""
+    tags: Annotated[list[Tag], msgspec.Meta(max_length=50)] = []
+    """Run only the tests with one of these tags, and what they need."""
+
+
+class Run(msgspec.Struct, frozen=True):
+    id: uuid.UUID
+    project_id: uuid.UUID | None
+    suite_id: uuid.UUID | None
+    environment_id: uuid.UUID | None
+    suite: str
+    environment: str
+    status: str
+    """queued, running, passed, failed, cancelled or error."""
+    total_tests: int
+    passed_tests: int
+    failed_tests: int
+    skipped_tests: int
+    duration_ms: float | None
+    started_at: datetime
+    ended_at: datetime | None
+    tags: list[str]
+    rerun_of: uuid.UUID | None
+    message: str
+    """Why it was cancelled, or what went wrong."""
+
+
+class Result(msgspec.Struct, frozen=True):
+    id: uuid.UUID
+    test_case_id: uuid.UUID
+    test: str
+    status: str
+    attempts: int
+    requests: int
+    duration_ms: float | None
+    response_status: int | None
+    response_time_ms: float | None
+    category: str | None
+    message: str
+    started_at: datetime | None
+    ended_at: datetime | None
+
+
+class RecordedEventOut(msgspec.Struct, frozen=True):
+    position: int
+    version: int
+    id: uuid.UUID
+    type: str
+    recorded_at: datetime
+    data: dict[str, Any]
+
+
+class EventPage(msgspec.Struct, frozen=True):
+    items: list[RecordedEventOut]
+    next_after: int | None
+    """Pass as ``after`` for the next page; None when this page reached the end."""
+
+
+_RUNS = """
+SELECT r.id, r.project_id, r.suite_id, r.environment_id, s.name AS suite, e.name AS environment,
+       r.status, r.total_tests, r.passed_tests, r.failed_tests, r.skipped_tests, r.duration_ms,
+       r.started_at, r.ended_at, ARRAY(SELECT jsonb_array_elements_text(r.tags)) AS tags,
+       sr.rerun_of, coalesce(r.cancel_reason, sr.error, '') AS message
+FROM test_runs r
+JOIN test_suites s ON s.id = r.suite_id
+JOIN environments e ON e.id = r.environment_id
+LEFT JOIN service_runs sr ON sr.id = r.id
+UNION ALL
+SELECT sr.id, ss.project_id, sr.suite_id, sr.environment_id, coalesce(ss.name, ''),
+       coalesce(se.name, 'default'),
+       CASE WHEN sr.state IN ('error', 'cancelled') THEN sr.state ELSE 'queued' END,
+       cardinality(sr.tests), 0, 0, 0, NULL::float8, sr.created_at,
+       CASE WHEN sr.state IN ('error', 'cancelled') THEN sr.updated_at END, sr.tags,
+       sr.rerun_of, sr.error
+FROM service_runs sr
+LEFT JOIN service_suites ss ON ss.id = sr.suite_id
+LEFT JOIN service_environments se ON se.id = sr.environment_id
+WHERE NOT EXISTS (SELECT FROM test_runs t WHERE t.id = sr.id)
+"""
+RUNS = Listing(
+    base=f"SELECT * FROM ({_RUNS}) AS runs",
+    item=Run,
+    id_column="runs.id",
+    sortable={
+        "started_at": "runs.started_at",
+        "ended_at": "runs.ended_at",
+        "status": "runs.status",
+        "duration_ms": "runs.duration_ms",
+        "suite": "runs.suite",
+    },
+    default_sort="-started_at",
+    filters={
+        "status": "runs.status",
+        "project_id": "runs.project_id",
+        "suite_id": "runs.suite_id",
+        "environment_id": "runs.environment_id",
+        "rerun_of": "runs.rerun_of",
+        "tag": "runs.tags @> ARRAY[{}]::text[]",
+        "started_after": "runs.started_at >= {}",
+        "started_before": "runs.started_at < {}",
+    },
+)
+RESULTS = Listing(
+    base="SELECT id, test_case_id, test_name, status, attempts, requests, duration_ms,"
+    " response_status, response_time_ms, category, message, started_at, ended_at"
+    " FROM test_results",
+    item=Result,
+    id_column="id",
+    sortable={"test": "test_name", "started_at": "started_at", "duration_ms": "duration_ms"},
+    default_sort="started_at",
+    filters={"status": "status", "category": "category"},
+    where=["run_id = $1"],
+)
+_EVENTS = (
+    "SELECT position, version, event_id, type, recorded_at, data FROM events"
+    " WHERE stream = $1 AND position > $2 ORDER BY position LIMIT $3"
+)
+
+
+async def fetch_run(services: Services, principal: Principal, run_id: uuid.UUID) -> Run:
+    async with services.db.tenant(principal.organization_id) as conn:
+        row = await conn.fetchrow(f"{RUNS.base} WHERE runs.id = $1", run_id)
+    if row is None:
+        raise NotFound(f"no run {run_id}")
+    return Run(*row)
+
+
+def _shown(event: ev.Event) -> dict[str, Any]:
+    """An event for an answer: a secret's ciphertext is no one's business either."""
+    if isinstance(event, ev.AuthTokenUpdated) or (
+        isinstance(event, ev.VariableCaptured) and event.secret
+    ):
+        event = msgspec.structs.replace(event, value=MASK)
+    data: dict[str, Any] = msgspec.to_builtins(event)
+    return data
+
+
+class RunController(Controller):
+    path = "/api/v1/runs"
+    tags = ("runs",)
+
+    @get("/")
+    async def list_runs(
+        self,
+        services: Services,
+        principal: Principal,
+        page: ListParams,
+        status: Annotated[str | None, Parameter(description="a,b for either")] = None,
+        project_id: uuid.UUID | None = None,
+        suite_id: uuid.UUID | None = None,
+        environment_id: uuid.UUID | None = None,
+        rerun_of: uuid.UUID | None = None,
+        tag: str | None = None,
+        started_after: datetime | None = None,
+        started_before: datetime | None = None,
+    ) -> Page[Run]:
+        filters = {
+            "status": status,
+            "project_id": project_id,
+            "suite_id": suite_id,
+            "environment_id": environment_id,
+            "rerun_of": rerun_of,
+            "tag": tag,
+            "started_after": started_after,
+            "started_before": started_before,
+        }
+        async with services.db.tenant(principal.organization_id) as conn:
+            return page_of(await RUNS.fetch(conn, page, filters), Run)
+
+    @post("/", status_code=202, opt={"scope": "run"})
+    async def start_run(
+        self, services: Services, principal: Principal, data: RunCreate
+    ) -> Response[Run]:
+        """Start a run of a suite, in an environment if given; it runs in the background."""
+        request = runs.StartRequest(data.suite_id, data.environment_id, data.variables, data.tags)
+        run_id = await runs.start(services, principal, request)
+        return _accepted(await fetch_run(services, principal, run_id))
+
+    @get("/{run_id:uuid}")
+    async def get_run(self, services: Services, principal: Principal, run_id: uuid.UUID) -> Run:
+        return await fetch_run(services, principal, run_id)
+
+    @post("/{run_id:uuid}/cancel", status_code=202, opt={"scope": "run"})
+    async def cancel_run(self, services: Services, principal: Principal, run_id: uuid.UUID) -> Run:
+        """Cancel a run this service is running; answers once it is cancelled."""
+        run = await fetch_run(services, principal, run_id)
+        if not services.launcher.cancel(str(run_id)):
+            if run.status in ("queued", "running"):
+                raise Conflict("the run is not running in this service (started elsewhere)")
+            raise Conflict(f"the run has ended ({run.status}): there is nothing to cancel")
+        await asyncio.wait_for(services.launcher.wait(str(run_id)), _CANCEL_WAIT)
+        return await fetch_run(services, principal, run_id)
+
+    @post("/{run_id:uuid}/rerun", status_code=202, opt={"scope": "run"})
+    async def rerun(
+        self, services: Services, principal: Principal, run_id: uuid.UUID
+    ) -> Response[Run]:
+        """Run again the tests that failed or were skipped, with what the passed ones
+        captured; a new run (its ``rerun_of`` names this one)."""
+        new_id = await runs.rerun(services, principal, run_id)
+        return _accepted(await fetch_run(services, principal, new_id))
+
+    @get("/{run_id:uuid}/results")
+    async def list_results(
+        self,
+        services: Services,
+        principal: Principal,
+        page: ListParams,
+        run_id: uuid.UUID,
+        status: str | None = None,
+        category: str | None = None,
+    ) -> Page[Result]:
+        async with services.db.tenant(principal.organization_id) as conn:
+            await runs.stream_of(conn, run_id)
+            found = await RESULTS.fetch(
+                conn, page, {"status": status, "category": category}, [run_id]
+            )
+        return page_of(found, Result)
+
+    @get("/{run_id:uuid}/context")
+    async def get_context(
+        self,
+        services: Services,
+        principal: Principal,
+        run_id: uuid.UUID,
+        at: Annotated[
+            int | None, Parameter(ge=0, le=2**62, description="a log position: the context then")
+        ] = None,
+    ) -> Context:
+        """The run's context (secrets masked), now or right after log position ``at``."""
+        return redacted(await runs.context_of(services, principal, run_id, at))
+
+    @get("/{run_id:uuid}/events")
+    async def list_events(
+        self,
+        services: Services,
+        principal: Principal,
+        run_id: uuid.UUID,
+        after: Annotated[int, Parameter(ge=0, le=2**62, description="a log position")] = 0,
+        limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
+    ) -> EventPage:
+        """The run's events after position ``after``, in log order (secrets masked)."""
+        async with services.db.tenant(principal.organization_id) as conn:
+            stream = await runs.stream_of(conn, run_id)
+        async with services.db.owner() as conn:
+            rows = await conn.fetch(_EVENTS, stream, after, limit)
+        items = [
+            RecordedEventOut(row[0], row[1], row[2], row[3], row[4], _shown(ev.decode(row[5])))
+            for row in rows
+        ]
+        more = len(items) == limit
+        return EventPage(items, items[-1].position if more else None)
+
+
+def _accepted(run: Run) -> Response[Run]:
+    return Response(run, status_code=202, headers={"Location": f"/api/v1/runs/{run.id}"})

@@ -1,0 +1,106 @@
+"""The Litestar application: ``create_app(settings)`` builds it; nothing connects until the
+app starts (its lifespan opens the services and closes them at shut-down).
+
+Routers of other modules (realtime streams, dashboard pages, the Supabase adapter) join
+through ``extra_routers``; they get the same dependencies (``services``, ``principal``,
+``page``), the same API-key middleware and scope guard, and the same problem details.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar, Response, get
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.types import ControllerRouterHandler
+
+from context_service import auth
+from context_service.api.common import DEPENDENCIES
+from context_service.errors import EXCEPTION_HANDLERS
+from context_service.services import Health, Services
+from events.settings import Settings
+
+MAX_BODY_BYTES = 1024 * 1024
+"""The largest request body accepted (413 beyond): a bulk request of flow files fits."""
+
+
+@get("/health", opt={auth.EXCLUDE_OPT: True}, tags=["health"])
+async def health(state: State) -> Response[Health]:
+    """PostgreSQL, Redis and the projector, each with its state; 503 if one is down."""
+    services: Services = state.services
+    report = await services.health()
+    return Response(report, status_code=503 if report.status == "down" else 200)
+
+
+def _routers() -> list[ControllerRouterHandler]:
+    from context_service.api.environments import EnvironmentController
+    from context_service.api.keys import KeyController
+    from context_service.api.projects import ProjectController
+    from context_service.api.runs import RunController
+    from context_service.api.suites import SuiteController
+    from context_service.api.tests import TestCaseController
+
+    return [
+        health,
+        ProjectController,
+        SuiteController,
+        TestCaseController,
+        EnvironmentController,
+        RunController,
+        KeyController,
+    ]
+
+
+def create_app(
+    settings: Settings,
+    *,
+    extra_routers: Sequence[ControllerRouterHandler] = (),
+    services: Services | None = None,
+) -> Litestar:
+    """The service for ``settings``. ``services``: already open ones (the app then leaves
+    them open at shut-down), else the app opens its own at start-up."""
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        if services is not None:
+            app.state.services = services
+            yield
+            return
+        opened = await Services.open(settings)
+        app.state.services = opened
+        try:
+            yield
+        finally:
+            await opened.aclose()
+
+    openapi = OpenAPIConfig(
+        title="Baton",
+        version="1",
+        description="Runs of chains of dependent HTTP API tests, their contexts and events.",
+        path="/schema",
+        components=Components(
+            security_schemes={
+                "apiKey": SecurityScheme(
+                    type="http", scheme="bearer", description="an API key (bk_...)"
+                )
+            }
+        ),
+        security=[{"apiKey": []}],
+    )
+    app_opt: dict[str, Any] = {}
+    return Litestar(
+        route_handlers=[*_routers(), *extra_routers],
+        lifespan=[lifespan],
+        middleware=[auth.middleware()],
+        guards=[auth.scope_guard],
+        dependencies=DEPENDENCIES,
+        exception_handlers=dict(EXCEPTION_HANDLERS),
+        openapi_config=openapi,
+        request_max_body_size=MAX_BODY_BYTES,
+        opt=app_opt,
+        debug=False,
+    )

@@ -1,0 +1,94 @@
+"""Who is calling, and what they may do: an API key on every request but a few.
+
+The key comes as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. No key or an
+unknown one is a 401; a key without the scope a route needs is a 403. What a route needs
+is its ``opt["scope"]`` if it says, else ``read`` for GET and HEAD and ``admin`` for the
+rest, so a router added later is guarded as strictly as the rest by default. A route
+that needs no key (``/health``, the OpenAPI document) says ``opt={"exclude_from_auth":
+True}`` or is listed in ``PUBLIC_PATHS``.
+
+Another organization's resources are not forbidden but absent (404): the queries run under
+row-level security (context_service.database), so they never find them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+from litestar.middleware import DefineMiddleware
+from litestar.middleware.authentication import (
+    AbstractAuthenticationMiddleware,
+    AuthenticationResult,
+)
+
+from context_service.database import translated
+from context_service.errors import Forbidden, Unauthorized
+from context_service.keys import Principal, Scope, authenticate
+
+PUBLIC_PATHS = ["^/health$", "^/schema"]
+"""Regular expressions of the paths that need no key."""
+EXCLUDE_OPT = "exclude_from_auth"
+_READ_METHODS = frozenset({"GET", "HEAD"})
+
+
+def presented_key(headers: Any) -> str | None:
+    """The key a request carries, if any."""
+    authorization: str = headers.get("authorization", "")
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    api_key: str = headers.get("x-api-key", "").strip()
+    return api_key or None
+
+
+class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
+    async def authenticate_request(
+        self, connection: ASGIConnection[Any, Any, Any, Any]
+    ) -> AuthenticationResult:
+        key = presented_key(connection.headers)
+        if key is None:
+            raise Unauthorized(
+                "an API key is required: send 'Authorization: Bearer <key>' or "
+                "'X-API-Key: <key>' (create one with `baton keys create`)"
+            )
+        store = connection.app.state.services.db.store
+        with translated(store.dsn):
+            principal = await authenticate(store.pool, key)
+        if principal is None:
+            raise Unauthorized("this API key is not valid (unknown or revoked)")
+        return AuthenticationResult(user=principal, auth=principal.key_id)
+
+
+def middleware() -> DefineMiddleware:
+    return DefineMiddleware(
+        ApiKeyMiddleware, exclude=PUBLIC_PATHS, exclude_from_auth_key=EXCLUDE_OPT
+    )
+
+
+def required_scope(
+    connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler
+) -> Scope:
+    scope = handler.opt.get("scope")
+    if scope in ("read", "run", "admin"):
+        return scope  # type: ignore[no-any-return]
+    return "read" if connection.scope.get("method", "GET") in _READ_METHODS else "admin"
+
+
+def scope_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+    """The app's guard: the key's scopes must include what the route needs."""
+    principal = connection.scope.get("user")
+    if not isinstance(principal, Principal):
+        return  # a public route: the middleware let it through without a key
+    scope = required_scope(connection, handler)
+    if not principal.allows(scope):
+        raise Forbidden(f"this API key lacks the {scope!r} scope this request needs")
+
+
+def principal_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:
+    """The caller of an authenticated route."""
+    principal = connection.scope.get("user")
+    if not isinstance(principal, Principal):
+        raise Unauthorized("an API key is required")
+    return principal

@@ -1,0 +1,212 @@
+"""Runs the service starts: in this process, in the background, through the CLI's runner.
+
+Each run is an asyncio task with its own event writer. The writer is where the service
+puts what the runner does not know: the run's organization and project (RunStarted), the
+captures a rerun reuses (appended right after RunStarted, under the tests that captured
+them, so the new run's context holds them as the old one did), the secrets among them
+(masked in every event, as the runner masks its own), and why a run was cancelled. When a
+run ends, the read tables are brought up to date before the task reports it done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import msgspec
+
+from events import types as ev
+from events.context import AUTH_PREFIX, Context
+from events.postgres import PostgresEventStore
+from events.secrets import Cipher, Redactor
+from events.store import StoreError
+from events.writer import BatchingWriter
+from orchestrator.planner import Plan
+from orchestrator.runner import RunInputs, Runner
+
+_log = logging.getLogger("baton.service.runs")
+CANCELLED_REASON = "cancelled through the API"
+_REDACTED_TYPES = (
+    ev.RequestSent,
+    ev.ResponseReceived,
+    ev.AssertionEvaluated,
+    ev.TestFailed,
+    ev.TestSkipped,
+)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a run needs, resolved and checked before the task starts."""
+
+    organization_id: uuid.UUID
+    project: str
+    plan: Plan
+    inputs: RunInputs
+    reused: Sequence[ev.Event] = ()
+    """Captures of an earlier run, appended after RunStarted (a rerun)."""
+    hidden: Collection[str] = ()
+    """Secret values in clear that the runner does not know of (a rerun's reused ones)."""
+    on_done: Callable[[str, str], Any] | None = field(default=None, compare=False)
+    """Called with (state, error) when the task ends: 'finished', 'cancelled' or 'error'."""
+
+    @property
+    def run_id(self) -> str:
+        return self.inputs.run_id
+
+
+class _RunWriter(BatchingWriter):
+    """The writer of one run: see the module's docstring."""
+
+    def __init__(self, store: PostgresEventStore, spec: RunSpec) -> None:
+        super().__init__(store)
+        self._spec = spec
+        self._redactor = Redactor(spec.hidden)
+        self.cancel_requested = False
+        self._ended = False
+
+    def emit(self, stream: str, event: ev.Event) -> None:
+        if self._ended:
+            return  # a test task the runner left behind after a cancel: the run is over
+        if isinstance(event, ev.RunStarted):
+            event = msgspec.structs.replace(
+                event, organization=str(self._spec.organization_id), project=self._spec.project
+            )
+            super().emit(stream, event)
+            for reused in self._spec.reused:
+                super().emit(stream, reused)
+            return
+        if isinstance(event, ev.RunCancelled):
+            self._ended = True
+            if self.cancel_requested:
+                event = ev.RunCancelled(reason=CANCELLED_REASON)
+        elif isinstance(event, ev.RunCompleted):
+            self._ended = True
+        elif len(self._redactor) and isinstance(event, _REDACTED_TYPES):
+            event = self._redact(event)
+        super().emit(stream, event)
+
+    def _redact(self, event: ev.Event) -> ev.Event:
+        data = self._redactor.redact_value(msgspec.to_builtins(event))
+        if isinstance(event, ev.RequestSent | ev.ResponseReceived):
+            data["headers"] = self._redactor.mask_headers(event.headers)
+        return msgspec.convert(data, type(event))
+
+
+class RunLauncher:
+    """The runs in flight in this process; ``start`` one, ``cancel`` one, ``aclose`` all."""
+
+    def __init__(
+        self,
+        store: PostgresEventStore,
+        cipher: Cipher,
+        *,
+        transport: httpx.AsyncBaseTransport,
+        concurrency: int = 10,
+        after_run: Callable[[], Any] | None = None,
+    ) -> None:
+        self._store = store
+        self._cipher = cipher
+        self._transport = transport
+        self._concurrency = concurrency
+        self._after_run = after_run
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._writers: dict[str, _RunWriter] = {}
+
+    def running(self, run_id: str) -> bool:
+        return run_id in self._tasks
+
+    def start(self, spec: RunSpec) -> None:
+        writer = _RunWriter(self._store, spec)
+        self._writers[spec.run_id] = writer
+        task = asyncio.create_task(self._run(spec, writer), name=f"baton-run-{spec.run_id}")
+        self._tasks[spec.run_id] = task
+
+    def cancel(self, run_id: str) -> bool:
+        """Cancel a run of this process; False if it is not running here."""
+        task = self._tasks.get(run_id)
+        if task is None or task.done():
+            return False
+        self._writers[run_id].cancel_requested = True
+        task.cancel()
+        return True
+
+    async def wait(self, run_id: str) -> None:
+        task = self._tasks.get(run_id)
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _run(self, spec: RunSpec, writer: _RunWriter) -> None:
+        state, error = "finished", ""
+        runner = Runner(
+            writer=writer,
+            cipher=self._cipher,
+            transport=self._transport,
+            concurrency=self._concurrency,
+        )
+        try:
+            await runner.run(spec.plan, spec.inputs)
+        except asyncio.CancelledError:
+            state = "cancelled"
+        except Exception as exc:  # the task's end is its report: nothing may escape it
+            _log.exception("run %s failed", spec.run_id)
+            state, error = "error", f"the run failed: {type(exc).__name__}"
+        try:
+            await writer.aclose()
+        except StoreError as exc:
+            _log.error("run %s: its events could not all be stored: %s", spec.run_id, exc)
+            state, error = "error", "the event store failed during the run"
+        await self._finish(spec, state, error)
+
+    async def _finish(self, spec: RunSpec, state: str, error: str) -> None:
+        try:
+            if self._after_run is not None:
+                await self._after_run()
+            if spec.on_done is not None:
+                await spec.on_done(state, error)
+        except Exception:
+            _log.exception("run %s: recording its end failed", spec.run_id)
+        finally:
+            self._tasks.pop(spec.run_id, None)
+            self._writers.pop(spec.run_id, None)
+
+    async def aclose(self) -> None:
+        """Cancel every run in flight, wait for each to record its end, close the client."""
+        for run_id in list(self._tasks):
+            self.cancel(run_id)
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await self._transport.aclose()
+
+
+def reused_captures(context: Context, rerun: Collection[str]) -> list[ev.Event]:
+    """The captures of ``context`` by tests that are not run again, as events to append to
+    the rerun's stream (ciphertext stays ciphertext)."""
+    secret = set(context.secret_names)
+    events: list[ev.Event] = []
+    for test, values in context.captured.items():
+        if test in rerun:
+            continue
+        for name, value in values.items():
+            if name.startswith(AUTH_PREFIX):
+                events.append(ev.AuthTokenUpdated(test=test, name=name, value=str(value)))
+            else:
+                events.append(
+                    ev.VariableCaptured(test=test, name=name, value=value, secret=name in secret)
+                )
+    return events
+
+
+def hidden_values(context: Context, cipher: Cipher) -> list[str]:
+    """The clear values of a context's secrets (to mask them in a rerun's events)."""
+    values = [cipher.decrypt(token) for token in context.auth.values()]
+    values.extend(
+        cipher.decrypt(context.variables[name])
+        for name in context.secret_names
+        if name in context.variables
+    )
+    return values

@@ -1,0 +1,232 @@
+"""Starting, rerunning and cancelling runs, and reading a run's log: the rules, not the HTTP.
+
+A run is the caller's if row-level security lets ``tenant`` find it, in test_runs (the
+projector's) or service_runs (started here, perhaps not projected yet). Only then is its
+event log read, as the owner: the log itself has no organization column.
+
+A rerun is a new run of the same suite and environment that runs only the tests that did
+not pass, with the values the passed ones captured: they are decrypted into the new run's
+variables, appended to its stream right after RunStarted (so its context holds them, and a
+rerun of the rerun finds them again), and the secrets among them are masked in its events.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from context_service.api.suites import fetch_suite
+from context_service.errors import Conflict, NotFound, Unprocessable
+from context_service.flows import check_run, load_text
+from context_service.keys import Principal
+from context_service.launcher import RunSpec, hidden_values, reused_captures
+from context_service.services import Services
+from events import types as ev
+from events.cache import UnknownRun
+from events.context import Context, decrypted_variables
+from events.secrets import SecretError
+from orchestrator.planner import Plan
+from orchestrator.runner import RunInputs
+
+_OWNED = (
+    "SELECT stream FROM test_runs WHERE id = $1"
+    " UNION ALL SELECT 'run-' || id::text FROM service_runs WHERE id = $1 LIMIT 1"
+)
+_ORIGIN = """
+SELECT coalesce(sr.suite_id, t.suite_id), coalesce(sr.environment_id, t.environment_id),
+       coalesce(sr.variables, '{}'),
+       coalesce(sr.tags, ARRAY(SELECT jsonb_array_elements_text(t.tags)))
+FROM (SELECT $1::uuid AS id) AS wanted
+LEFT JOIN service_runs sr ON sr.id = wanted.id
+LEFT JOIN test_runs t ON t.id = wanted.id
+WHERE sr.id IS NOT NULL OR t.id IS NOT NULL
+"""
+_RECORD = (
+    "INSERT INTO service_runs (id, organization_id, suite_id, environment_id, rerun_of, tests,"
+    " tags, variables, state) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued')"
+)
+_DONE = "UPDATE service_runs SET state = $2, error = $3, updated_at = now() WHERE id = $1"
+
+
+class StartRequest(msgspec.Struct, frozen=True):
+    suite_id: uuid.UUID
+    environment_id: uuid.UUID | None = None
+    variables: Mapping[str, str] = {}
+    tags: Sequence[str] = ()
+
+
+class _Environment(msgspec.Struct, frozen=True):
+    id: uuid.UUID | None
+    name: str
+    plain: dict[str, str]
+    secrets: dict[str, str]
+
+
+async def stream_of(conn: asyncpg.Connection, run_id: uuid.UUID) -> str:
+    """The run's stream, if the caller's organization has the run; else NotFound."""
+    stream: str | None = await conn.fetchval(_OWNED, run_id)
+    if stream is None:
+        raise NotFound(f"no run {run_id}")
+    return stream
+
+
+async def _environment(
+    conn: asyncpg.Connection, services: Services, environment_id: uuid.UUID | None, project: Any
+) -> _Environment:
+    if environment_id is None:
+        return _Environment(None, "", {}, {})
+    row = await conn.fetchrow(
+        "SELECT name, project_id FROM service_environments WHERE id = $1", environment_id
+    )
+    if row is None:
+        raise NotFound(f"no environment {environment_id}")
+    if row["project_id"] != project:
+        raise Unprocessable("the environment belongs to another project than the suite")
+    rows = await conn.fetch(
+        "SELECT name, value, secret FROM environment_variables WHERE environment_id = $1",
+        environment_id,
+    )
+    try:
+        secrets = {r["name"]: services.cipher.decrypt(r["value"]) for r in rows if r["secret"]}
+    except SecretError as exc:
+        raise Conflict(f"the environment's secrets cannot be read: {exc}") from None
+    plain = {r["name"]: r["value"] for r in rows if not r["secret"]}
+    return _Environment(environment_id, row["name"], plain, secrets)
+
+
+async def start(
+    services: Services,
+    principal: Principal,
+    request: StartRequest,
+    *,
+    rerun_of: uuid.UUID | None = None,
+    only: Sequence[str] | None = None,
+    context: Context | None = None,
+) -> uuid.UUID:
+    """Check everything, record the run, start its task; return its id. ``only`` and
+    ``context``: a rerun's tests and the context it reuses."""
+    org = principal.organization_id
+    async with services.db.tenant(org) as conn:
+        suite = await fetch_suite(conn, request.suite_id)
+        project: str = await conn.fetchval(
+            "SELECT name FROM service_projects WHERE id = $1", suite.project_id
+        )
+        environment = await _environment(conn, services, request.environment_id, suite.project_id)
+    loaded = load_text(suite.content, suite.filename)
+    names = {*environment.plain, *request.variables}
+    plan = check_run(loaded, names, environment.plain, environment.secrets, request.tags)
+    captured: dict[str, Any] = {}
+    reused: list[ev.Event] = []
+    hidden: list[str] = []
+    if only is not None and context is not None:
+        plan = _only(plan, only)
+        try:
+            captured = decrypted_variables(context, services.cipher)
+            hidden = hidden_values(context, services.cipher)
+        except SecretError as exc:
+            raise Conflict(f"the run's captured secrets cannot be read: {exc}") from None
+        reused = reused_captures(context, plan.order)
+    if not plan.order:
+        raise Unprocessable("no test of the suite is selected by these tags")
+    inputs = RunInputs(
+        variables={**loaded.flow.variables, **environment.plain, **request.variables, **captured},
+        env=environment.plain,
+        secrets=environment.secrets,
+        environment=environment.name,
+        tags=tuple(request.tags),
+    )
+    run_id = uuid.UUID(inputs.run_id)
+    async with services.db.tenant(org) as conn:
+        await conn.execute(
+            _RECORD,
+            run_id,
+            org,
+            suite.id,
+            environment.id,
+            rerun_of,
+            plan.order,
+            list(request.tags),
+            msgspec.json.encode(dict(request.variables)),
+        )
+
+    async def done(state: str, error: str) -> None:
+        async with services.db.tenant(org) as conn:
+            await conn.execute(_DONE, run_id, state, error)
+
+    services.launcher.start(
+        RunSpec(org, project, plan, inputs, reused=reused, hidden=hidden, on_done=done)
+    )
+    return run_id
+
+
+def _only(full: Plan, tests: Sequence[str]) -> Plan:
+    """The plan of ``tests`` alone: what they needed of the others is in the context."""
+    chosen = [name for name in full.order if name in set(tests)]
+    return Plan(full.loaded, full.graph.subgraph(chosen).copy(), chosen)
+
+
+async def rerun(services: Services, principal: Principal, run_id: uuid.UUID) -> uuid.UUID:
+    """Start a rerun of the tests of ``run_id`` that did not pass; return its id."""
+    async with services.db.tenant(principal.organization_id) as conn:
+        stream = await stream_of(conn, run_id)
+        origin = await conn.fetchrow(_ORIGIN, run_id)
+        if origin is None:  # pragma: no cover - stream_of found it a moment ago
+            raise NotFound(f"no run {run_id}")
+        suite_known = await conn.fetchval(
+            "SELECT EXISTS (SELECT FROM service_suites WHERE id = $1)", origin[0]
+        )
+        environment_known = await conn.fetchval(
+            "SELECT EXISTS (SELECT FROM service_environments WHERE id = $1)", origin[1]
+        )
+    if not suite_known:
+        raise Conflict("the suite of this run is not (or no longer) uploaded to the service")
+    if services.launcher.running(str(run_id)):
+        raise Conflict("the run is still running: wait for it to end, or cancel it")
+    context = await _context(services, run_id)
+    if context.status == "running":
+        raise Conflict("the run has not ended: wait for it to end, or cancel it")
+    planned = await _planned(services, stream)
+    todo = [name for name in planned if context.statuses.get(name) != "passed"]
+    if not todo:
+        raise Conflict("every test of the run passed: there is nothing to rerun")
+    request = StartRequest(
+        suite_id=origin[0],
+        environment_id=origin[1] if environment_known else None,
+        variables=msgspec.json.decode(origin[2]),
+        tags=list(origin[3]),
+    )
+    return await start(services, principal, request, rerun_of=run_id, only=todo, context=context)
+
+
+async def _context(services: Services, run_id: uuid.UUID, at: int | None = None) -> Context:
+    try:
+        return await services.reader.context(str(run_id), at=at)
+    except UnknownRun:
+        raise NotFound(f"the run {run_id} has no events yet") from None
+
+
+async def _planned(services: Services, stream: str) -> list[str]:
+    first = await services.store.pool.fetchval(
+        "SELECT data FROM events WHERE stream = $1 AND version = 1", stream
+    )
+    started = ev.decode(first) if first is not None else None
+    if not isinstance(started, ev.RunStarted):
+        raise Conflict("the run's log does not begin with RunStarted")
+    return [planned.name for planned in started.plan]
+
+
+async def context_of(
+    services: Services, principal: Principal, run_id: uuid.UUID, at: int | None
+) -> Context:
+    async with services.db.tenant(principal.organization_id) as conn:
+        await stream_of(conn, run_id)
+    return await _context(services, run_id, at)
+
+
+async def record_end(services: Services, org: uuid.UUID, run_id: uuid.UUID, state: str) -> None:
+    async with services.db.tenant(org) as conn:
+        await conn.execute(_DONE, run_id, state, "")

@@ -1,0 +1,23 @@
+"""``baton serve``: the app under uvicorn, until interrupted."""
+
+from __future__ import annotations
+
+from events.settings import Settings
+
+
+def serve(host: str, port: int, settings: Settings) -> None:
+    """Run the service on host:port (blocking). The database is BATON_DATABASE_URL's or the
+    embedded default, the context cache Redis at BATON_REDIS_URL or in-process."""
+    import uvicorn
+
+    from context_service.app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level="info",
+        # the app answers problem details itself; uvicorn's own headers add nothing
+        server_header=False,
+        proxy_headers=False,
+    )

@@ -1,0 +1,152 @@
+"""What the app holds while it runs: the store, the cache, the projector, the run launcher.
+
+``Services.open`` is the app's start-up (no I/O happens at import or in ``create_app``),
+``aclose`` its shut-down; ``health`` reports each dependency with its state for /health.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+
+from context_service.database import Database
+from context_service.launcher import RunLauncher
+from events.cache import ContextCache, ContextReader, open_cache
+from events.postgres import PostgresEventStore
+from events.projections import Projector, project
+from events.secrets import Cipher, load_key
+from events.settings import Settings, mask_dsn
+from events.store import StoreError
+
+_log = logging.getLogger("baton.service")
+_PROBE_TIMEOUT = 3.0
+
+
+class Dependency(msgspec.Struct, frozen=True, omit_defaults=True):
+    name: str
+    status: str
+    """"ok", "degraded" (working around a failure) or "down"."""
+    detail: str = ""
+    latency_ms: float | None = None
+
+
+class Health(msgspec.Struct, frozen=True):
+    status: str
+    dependencies: list[Dependency]
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: PostgresEventStore
+    db: Database
+    cache: ContextCache
+    reader: ContextReader
+    cipher: Cipher
+    launcher: RunLauncher
+    projector: Projector
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _projector_task: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(cls, settings: Settings, *, concurrency: int = 10) -> Services:
+        """Connect (schema applied), check the service's role, start the projector."""
+        from events import open_store
+        from orchestrator.execution import make_transport
+
+        cipher = Cipher(load_key(settings.secret_key, settings.home))
+        store = await open_store(settings)
+        try:
+            db = Database(store)
+            await db.check()
+        except BaseException:
+            await store.aclose()
+            raise
+        cache = open_cache(settings)
+
+        async def catch_up() -> None:
+            # the read tables hold a finished run before its task reports it done
+            try:
+                await project(store)
+            except StoreError as exc:
+                _log.warning("projecting after a run failed (the projector retries): %s", exc)
+
+        launcher = RunLauncher(
+            store,
+            cipher,
+            transport=make_transport(concurrency),
+            concurrency=concurrency,
+            after_run=catch_up,
+        )
+        services = cls(
+            settings=settings,
+            store=store,
+            db=db,
+            cache=cache,
+            reader=ContextReader(store, cache),
+            cipher=cipher,
+            launcher=launcher,
+            projector=Projector(store),
+        )
+        services._projector_task = asyncio.create_task(
+            services.projector.serve(stop=services._stop), name="baton-projector"
+        )
+        return services
+
+    async def aclose(self) -> None:
+        await self.launcher.aclose()
+        self._stop.set()
+        if self._projector_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._projector_task, 10)
+        await self.cache.aclose()
+        await self.store.aclose()
+
+    async def health(self) -> Health:
+        checks = await asyncio.gather(self._postgres(), self._redis(), self._projector())
+        worst = "ok"
+        for check in checks:
+            if check.status == "down" or (check.status == "degraded" and worst == "ok"):
+                worst = check.status
+        return Health(worst, list(checks))
+
+    async def _postgres(self) -> Dependency:
+        start = time.perf_counter()
+        try:
+            await asyncio.wait_for(self.store.pool.fetchval("SELECT 1"), _PROBE_TIMEOUT)
+        except (OSError, TimeoutError, Exception) as exc:  # any failure of a probe is "down"
+            return Dependency("postgresql", "down", type(exc).__name__)
+        where = mask_dsn(self.settings.database_url) if self.settings.database_url else "embedded"
+        return Dependency("postgresql", "ok", where, _elapsed(start))
+
+    async def _redis(self) -> Dependency:
+        if not self.settings.redis_url:
+            return Dependency("redis", "ok", "not configured: in-process context cache")
+        start = time.perf_counter()
+        try:
+            await asyncio.wait_for(self.cache.get("health-probe"), _PROBE_TIMEOUT)
+        except Exception as exc:  # the cache is only a cache: a dead Redis degrades
+            return Dependency(
+                "redis", "degraded", f"{type(exc).__name__}: contexts are read from the log"
+            )
+        return Dependency("redis", "ok", mask_dsn(self.settings.redis_url), _elapsed(start))
+
+    async def _projector(self) -> Dependency:
+        task = self._projector_task
+        if task is None or task.done():
+            return Dependency("projector", "down", "not running")
+        try:
+            behind = await asyncio.wait_for(self.projector.behind(), _PROBE_TIMEOUT)
+            position = await asyncio.wait_for(self.projector.position(), _PROBE_TIMEOUT)
+        except Exception as exc:
+            return Dependency("projector", "down", type(exc).__name__)
+        return Dependency("projector", "ok", f"at position {position}, {behind} event(s) behind")
+
+
+def _elapsed(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 2)
