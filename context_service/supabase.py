@@ -30,11 +30,10 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
 from events.settings import mask_dsn
 
 if TYPE_CHECKING:  # the supabase package takes ~0.4 s to import: only when watching
+    import httpx
     from realtime import AsyncRealtimeChannel, RealtimeSubscribeStates
     from supabase import AsyncClient
 
@@ -245,6 +244,7 @@ class _Session:
         self._http: httpx.AsyncClient | None = None
 
     async def open(self) -> None:
+        import httpx
         from realtime import RealtimePostgresChangesListenEvent
         from supabase import AsyncClient, AsyncClientOptions, SupabaseException
         from websockets.exceptions import InvalidStatus
