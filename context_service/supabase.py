@@ -97,7 +97,7 @@ async def watch_supabase(
         stopper.add_done_callback(lambda _: queue.put_nowait((None, "stop", None)))
     failures = 0
     try:
-        while True:
+        while stop is None or not stop.is_set():
             session = _Session(url, key, run_id, schema, timeout_s, queue)
             try:
                 try:
@@ -114,7 +114,8 @@ async def watch_supabase(
                         raise SupabaseWatchError(
                             where, f"lost the connection and could not reconnect: {reason}"
                         ) from None
-                    await asyncio.sleep(backoff * 2 ** (failures - 1))
+                    if await _stopped_within(stop, backoff * 2 ** (failures - 1)):
+                        return
                     continue
                 failures = 0
                 if tracker.snapshot(*rows):
@@ -127,6 +128,16 @@ async def watch_supabase(
     finally:
         if stopper is not None:
             stopper.cancel()
+
+
+async def _stopped_within(stop: asyncio.Event | None, seconds: float) -> bool:
+    """Sleep ``seconds``, or less when ``stop`` is set meanwhile: whether it was."""
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return False
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+    return stop.is_set()
 
 
 async def _follow(

@@ -86,17 +86,24 @@ class Watch:
     def __init__(self, server: PhoenixServer, run_id: str = RUN, **options: Any) -> None:
         self.changes: list[dict[str, Any]] = []
         self.stop = asyncio.Event()
+        self._arrived = asyncio.Event()
+        self._run_id = run_id
+        self._server = server
         options.setdefault("timeout_s", 2.0)
         self.task = asyncio.create_task(
             watch_supabase(
-                server.url, options.pop("key", KEY), run_id, self.changes.append,
+                server.url, options.pop("key", KEY), run_id, self._collect,
                 stop=self.stop, **options,
             )
         )  # fmt: skip
-        self._server = server
+
+    def _collect(self, change: dict[str, Any]) -> None:
+        self.changes.append(change)
+        self._arrived.set()
 
     async def ready(self, reads: int = 2) -> None:
-        """Until the watch has subscribed and read the run (``reads`` REST requests)."""
+        """Until the watch has subscribed, read the run (``reads`` REST requests in all) and
+        handed on what it read."""
         server = self._server
         waiter = asyncio.create_task(server.wait_until(lambda: len(server.rest_requests) >= reads))
         await asyncio.wait({waiter, self.task}, return_when=asyncio.FIRST_COMPLETED)
@@ -104,7 +111,18 @@ class Watch:
             waiter.cancel()
             self.task.result()  # its error, if it failed
         await waiter
-        await asyncio.sleep(0.05)  # the reads' answers reach the callback
+        await self.settled()
+
+    async def settled(self) -> None:
+        """Until all the server sent so far has reached the callback: a broadcast sent now
+        arrives after it on the same socket, and the watch hands it on after its reads."""
+        marker = f"settled-{uuid.uuid4()}"
+        await self._server.broadcast(f"run:{self._run_id}", marker, {})
+        async with asyncio.timeout(5):
+            while not any(change.get("event") == marker for change in self.changes):
+                self._arrived.clear()
+                await self._arrived.wait()
+        self.changes[:] = [change for change in self.changes if change.get("event") != marker]
 
     async def ended(self) -> None:
         await asyncio.wait_for(self.task, 5)
@@ -242,23 +260,23 @@ async def test_repeated_and_older_changes_are_not_shown_twice(server: PhoenixSer
     await server.update("test_results", result_id("login"), status="running", ended_at=None)
     await server.update("test_results", result_id("catalog"), status="running")
     await server.update("test_results", result_id("catalog"), status="running")
-    await server.wait_until(lambda: True)
-    await asyncio.sleep(0.1)
+    await watch.settled()
     assert seen(watch.changes) == [("catalog", "running")]
     watch.stop.set()
     await watch.ended()
 
 
-# The realtime client reads ConnectionClosed.code, which websockets 15 deprecates: ignored
-# as by default outside tests, the client reports the lost connection; as an error (this
-# suite's setting) the client's listening task dies, and the watch must notice that too.
+# The realtime client reads ConnectionClosed.code and .reason, which websockets 15
+# deprecates. Ignored (the default outside tests), the client reports the lost connection;
+# as errors (this suite's setting), its listening task dies, and the watch must notice that
+# too.
 @pytest.mark.parametrize(
     "warning",
     [
         pytest.param(
             "ignored",
             marks=pytest.mark.filterwarnings(
-                "ignore:ConnectionClosed.code is deprecated:DeprecationWarning"
+                r"ignore:ConnectionClosed\.(code|reason) is deprecated:DeprecationWarning"
             ),
         ),
         "an error",
@@ -352,6 +370,18 @@ async def test_a_server_that_goes_away_ends_the_watch_with_a_clear_error(
         await watch.ended()
     assert server.url in str(caught.value)
     assert KEY not in str(caught.value)
+
+
+async def test_stop_ends_the_watch_even_while_it_waits_to_reconnect(
+    server: PhoenixServer,
+) -> None:
+    watch = Watch(server, reconnects=5, backoff=30.0)
+    await watch.ready()
+    await server.stop()
+    await asyncio.sleep(0.2)  # the first reconnect failed: the next one is 30 s away
+    assert not watch.task.done()
+    watch.stop.set()
+    await asyncio.wait_for(watch.task, 1)
 
 
 async def test_a_run_id_that_is_not_a_uuid_is_refused_before_connecting() -> None:
