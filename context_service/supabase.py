@@ -5,7 +5,7 @@ For users whose PostgreSQL is Supabase's: schema.sql adds ``test_runs`` and
 with the ``supabase`` package's realtime client, to the changes of one run's rows
 (``postgres_changes`` on both tables, filtered by the run's id) and to the broadcast
 channel ``run:<run_id>``. Each change reaches the caller as a plain dict (see
-``format_change`` for the keys).
+context_service.supabase_changes for the keys).
 
 Realtime only delivers what happens after a subscription is ready and never replays, so
 every subscription (the first, and each one after a lost connection) is followed by a
@@ -30,6 +30,15 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from context_service.supabase_changes import (
+    Change,
+    Tracker,
+    broadcast_change,
+    format_change,
+    rank,
+    result_change,
+    run_change,
+)
 from events.settings import mask_dsn
 
 if TYPE_CHECKING:  # the supabase package takes ~0.4 s to import: only when watching
@@ -37,8 +46,8 @@ if TYPE_CHECKING:  # the supabase package takes ~0.4 s to import: only when watc
     from realtime import AsyncRealtimeChannel, RealtimeSubscribeStates
     from supabase import AsyncClient
 
-FINAL_RUN_STATUSES = frozenset({"passed", "failed", "cancelled", "error"})
-FINAL_RESULT_STATUSES = frozenset({"passed", "failed", "skipped"})
+__all__ = ["Change", "SupabaseWatchError", "format_change", "watch_supabase"]
+
 _RUN_COLUMNS = (
     "id,status,total_tests,passed_tests,failed_tests,skipped_tests,duration_ms,cancel_reason"
 )
@@ -46,9 +55,6 @@ _RESULT_COLUMNS = (
     "run_id,test_name,status,attempts,duration_ms,response_status,category,message,"
     "started_at,ended_at"
 )
-_RESULT_RANK = {"pending": 0, "running": 1}  # every final status ranks 2
-
-Change = dict[str, Any]
 _Queue = asyncio.Queue[tuple["_Session | None", str, Any]]
 
 
@@ -90,7 +96,7 @@ async def watch_supabase(
     run_id = str(uuid.UUID(run_id))  # also keeps the filters free of injected operators
     where = mask_dsn(url.rstrip("/"))
     queue: _Queue = asyncio.Queue()
-    tracker = _Tracker(on_change)
+    tracker = Tracker(on_change)
     stopper = None
     if stop is not None:
         stopper = asyncio.ensure_future(stop.wait())
@@ -141,7 +147,7 @@ async def _stopped_within(stop: asyncio.Event | None, seconds: float) -> bool:
 
 
 async def _follow(
-    session: _Session, queue: _Queue, tracker: _Tracker, where: str, timeout_s: float
+    session: _Session, queue: _Queue, tracker: Tracker, where: str, timeout_s: float
 ) -> bool:
     """Hand on the changes of one subscription: True when the watch is over, False when
     the connection was lost."""
@@ -173,62 +179,6 @@ async def _follow(
             tracker.finish(item, results)
             return True
         tracker.offer(item)
-
-
-class _Tracker:
-    """What the caller has seen: drops repeats and changes older than one shown."""
-
-    def __init__(self, on_change: Callable[[Change], None]) -> None:
-        self._on_change = on_change
-        self._results: dict[str, Change] = {}
-        self._run: Change | None = None
-        self.started = False
-
-    @property
-    def run_seen(self) -> bool:
-        return self._run is not None
-
-    def offer(self, change: Change) -> None:
-        if change["kind"] == "result":
-            last = self._results.get(change["test_name"])
-            if last is not None and (_rank(change) < _rank(last) or _same(change, last)):
-                return
-            self._results[change["test_name"]] = change
-        elif change["kind"] == "run":
-            if self._run is not None and (
-                (self._run["final"] and not change["final"]) or _same(change, self._run)
-            ):
-                return
-            self._run = change
-        self._on_change(change)
-
-    def snapshot(self, run: Change | None, results: list[Change]) -> bool:
-        """Offer what a read found; True when the run is over already."""
-        self.started = True
-        if run is not None and run["final"]:
-            self.finish(run, results)
-            return True
-        if run is not None:
-            self.offer(run)
-        for result in results:
-            self.offer(result)
-        return False
-
-    def finish(self, run: Change, results: list[Change]) -> None:
-        for result in results:
-            self.offer(result)
-        self.offer(run)
-
-
-def _rank(change: Change) -> int:
-    return _RESULT_RANK.get(change["status"], 2)
-
-
-def _same(one: Change, other: Change) -> bool:
-    ignored = {"source", "at"}
-    return {k: v for k, v in one.items() if k not in ignored} == {
-        k: v for k, v in other.items() if k not in ignored
-    }
 
 
 class _Session:
@@ -325,17 +275,17 @@ class _Session:
             raise _Fatal(f"PostgREST refused to read the run: {exc.message or exc}") from None
         run_rows = [row for row in runs.data if isinstance(row, dict)]
         result_rows = [row for row in results.data if isinstance(row, dict)]
-        run = _run_change(run_rows[0], "snapshot", None) if run_rows else None
+        run = run_change(run_rows[0], "snapshot", None) if run_rows else None
         # finished tests in the order they ended, then running ones, then pending ones
         rows = sorted(
             result_rows,
             key=lambda r: (
-                -_RESULT_RANK.get(r["status"], 2),
+                -rank(r["status"]),
                 r.get("ended_at") or r.get("started_at") or "",
                 r["test_name"],
             ),
         )
-        return run, [_result_change(row, "snapshot", None) for row in rows]
+        return run, [result_change(row, "snapshot", None) for row in rows]
 
     async def close(self) -> None:
         if self._channel is not None:
@@ -389,53 +339,13 @@ class _Session:
             return
         at = data.get("commit_timestamp")
         if data["table"] == "test_runs" and str(record.get("id")) == self.run_id:
-            self._queue.put_nowait((self, "change", _run_change(record, kind, at)))
+            self._queue.put_nowait((self, "change", run_change(record, kind, at)))
         elif data["table"] == "test_results" and str(record.get("run_id")) == self.run_id:
-            self._queue.put_nowait((self, "change", _result_change(record, kind, at)))
+            self._queue.put_nowait((self, "change", result_change(record, kind, at)))
 
     def _on_broadcast(self, payload: Any) -> None:
-        change = {
-            "kind": "broadcast",
-            "run_id": self.run_id,
-            "event": payload.get("event"),
-            "payload": payload.get("payload"),
-            "source": "broadcast",
-            "at": None,
-        }
+        change = broadcast_change(self.run_id, payload.get("event"), payload.get("payload"))
         self._queue.put_nowait((self, "change", change))
-
-
-def _run_change(row: dict[str, Any], source: str, at: str | None) -> Change:
-    return {
-        "kind": "run",
-        "run_id": str(row["id"]),
-        "status": row["status"],
-        "final": row["status"] in FINAL_RUN_STATUSES,
-        "total_tests": row.get("total_tests"),
-        "passed_tests": row.get("passed_tests"),
-        "failed_tests": row.get("failed_tests"),
-        "skipped_tests": row.get("skipped_tests"),
-        "duration_ms": row.get("duration_ms"),
-        "cancel_reason": row.get("cancel_reason"),
-        "source": source,
-        "at": at,
-    }
-
-
-def _result_change(row: dict[str, Any], source: str, at: str | None) -> Change:
-    return {
-        "kind": "result",
-        "run_id": str(row["run_id"]),
-        "test_name": row["test_name"],
-        "status": row["status"],
-        "attempts": row.get("attempts"),
-        "duration_ms": row.get("duration_ms"),
-        "response_status": row.get("response_status"),
-        "category": row.get("category"),
-        "message": row.get("message") or "",
-        "source": source,
-        "at": at,
-    }
 
 
 def _join_reason(state: str, error: Exception | None) -> str:
@@ -460,36 +370,3 @@ def _describe(exc: BaseException) -> str:
 
 def _scrub(text: str, key: str) -> str:
     return text.replace(key, "***") if key else text
-
-
-def format_change(change: Change) -> str:
-    """One line for a change, as ``baton watch`` prints it."""
-    if change["kind"] == "broadcast":
-        payload = json.dumps(change.get("payload"), sort_keys=True, default=str)
-        return f"broadcast {change.get('event')}: {payload}"
-    if change["kind"] == "run":
-        counts = (
-            f"{change['passed_tests'] or 0} passed, {change['failed_tests'] or 0} failed, "
-            f"{change['skipped_tests'] or 0} skipped of {change['total_tests'] or 0}"
-        )
-        line = f"run {change['run_id']} {change['status']}: {counts}"
-        if change["final"] and change.get("duration_ms") is not None:
-            line += f" in {_duration(change['duration_ms'])}"
-        if change.get("cancel_reason"):
-            line += f" ({change['cancel_reason']})"
-        return line
-    line = f"test {change['test_name']} {change['status']}"
-    if change["status"] in FINAL_RESULT_STATUSES and change.get("duration_ms") is not None:
-        line += f" in {_duration(change['duration_ms'])}"
-    if (change.get("attempts") or 0) > 1:
-        line += f" (attempt {change['attempts']})"
-    if change.get("category"):
-        line += f" [{change['category']}]"
-    message = (change.get("message") or "").strip().splitlines()
-    if message and change["status"] in ("failed", "skipped"):
-        line += f": {message[0]}"
-    return line
-
-
-def _duration(ms: float) -> str:
-    return f"{ms:.0f} ms" if ms < 1000 else f"{ms / 1000:.2f} s"
