@@ -282,6 +282,63 @@ def runs(
     click.echo(_with_store(lambda store: inspect.runs(store, where)))
 
 
+@cli.command()
+@click.argument("run_id")
+@click.option(
+    "--supabase",
+    is_flag=True,
+    help="Follow through Supabase Realtime (SUPABASE_URL, SUPABASE_KEY).",
+)
+@click.option(
+    "--url",
+    envvar="BATON_URL",
+    default="http://127.0.0.1:8000",
+    show_default=True,
+    help="The Baton service (BATON_URL).",
+)
+@click.option(
+    "--key", envvar="BATON_API_KEY", help="An API key with the read scope (BATON_API_KEY)."
+)
+def watch(run_id: str, supabase: bool, url: str, key: str | None) -> None:
+    """Follow a run live until it ends, one line per change."""
+    # the service's client side: imported only by the command that needs it
+    if supabase:
+        from context_service.supabase import SupabaseWatchError, format_change, watch_supabase
+
+        supabase_url, supabase_key = os.environ.get("SUPABASE_URL"), os.environ.get("SUPABASE_KEY")
+        if not supabase_url or not supabase_key:
+            raise UsageError("--supabase needs SUPABASE_URL and SUPABASE_KEY in the environment")
+        try:
+            asyncio.run(
+                watch_supabase(
+                    supabase_url,
+                    supabase_key,
+                    run_id,
+                    lambda change: click.echo(format_change(change)),
+                )
+            )
+        except SupabaseWatchError as exc:
+            raise InfrastructureError(str(exc)) from None
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        return
+    from context_service.watch import WatchError, format_event, watch_stream
+
+    if not key:
+        raise UsageError("watch needs an API key: --key or BATON_API_KEY (baton keys create)")
+    try:
+        asyncio.run(
+            watch_stream(
+                url,
+                key,
+                run_id,
+                lambda position, kind, event: click.echo(format_event(position, kind, event)),
+            )
+        )
+    except WatchError as exc:
+        raise InfrastructureError(str(exc)) from None
+
+
 @cli.group()
 def db() -> None:
     """The PostgreSQL schema: migrate, status."""
