@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
 
 from litestar import Litestar, Response, get
 from litestar.datastructures import State
@@ -91,7 +90,6 @@ def create_app(
         ),
         security=[{"apiKey": []}],
     )
-    app_opt: dict[str, Any] = {}
     return Litestar(
         route_handlers=[*_routers(), *extra_routers],
         lifespan=[lifespan],
@@ -101,6 +99,7 @@ def create_app(
         exception_handlers=dict(EXCEPTION_HANDLERS),
         openapi_config=openapi,
         request_max_body_size=MAX_BODY_BYTES,
-        opt=app_opt,
+        # the process's logging is the server's (uvicorn's) or the embedding program's
+        logging_config=None,
         debug=False,
     )

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Generic, TypeVar, cast
 
 import asyncpg
 import msgspec
-from litestar.params import Parameter
+from litestar.params import QueryParameter
 
 from context_service.errors import BadRequest
 
@@ -42,14 +42,16 @@ class ListParams(msgspec.Struct, frozen=True):
 
 
 async def list_params(
-    limit: Annotated[int, Parameter(ge=1, le=MAX_LIMIT, description="items per page")] = 50,
-    offset: Annotated[int, Parameter(ge=0, le=2**31, description="items to skip")] = 0,
+    limit: Annotated[int, QueryParameter(ge=1, le=MAX_LIMIT, description="items per page")] = 50,
+    offset: Annotated[int, QueryParameter(ge=0, le=2**31, description="items to skip")] = 0,
     sort: Annotated[
         str | None,
-        Parameter(description="fields to sort by, comma-separated; '-' before one: descending"),
+        QueryParameter(
+            description="fields to sort by, comma-separated; '-' before one: descending"
+        ),
     ] = None,
     fields: Annotated[
-        str | None, Parameter(description="the fields of each item to return, comma-separated")
+        str | None, QueryParameter(description="the fields of each item to return, comma-separated")
     ] = None,
 ) -> ListParams:
     """The dependency every list endpoint takes (``Provide(list_params)``)."""

@@ -10,13 +10,13 @@ import asyncpg
 import msgspec
 from litestar import Request
 from litestar.datastructures import State
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 
 from context_service.auth import principal_of
 from context_service.database import translated
 from context_service.errors import BadRequest, FieldError, ServiceError, Unprocessable
 from context_service.keys import Principal
-from context_service.listing import list_params
+from context_service.listing import ListParams, list_params
 from context_service.services import Services
 
 T = TypeVar("T")
@@ -36,6 +36,10 @@ def _services(state: State) -> Services:
 def _principal(request: Request[Any, Any, Any]) -> Principal:
     return principal_of(request)
 
+
+ServicesDep = NamedDependency[Services]
+PrincipalDep = NamedDependency[Principal]
+PageDep = NamedDependency[ListParams]
 
 DEPENDENCIES = {
     "services": Provide(_services, sync_to_thread=False),

@@ -15,12 +15,19 @@ from typing import Annotated
 import asyncpg
 import msgspec
 from litestar import Controller, delete, get, patch, post
+from litestar.params import FromPath, FromQuery, JSONBody
 
-from context_service.api.common import Description, Name, bulk, exists
+from context_service.api.common import (
+    Description,
+    Name,
+    PageDep,
+    PrincipalDep,
+    ServicesDep,
+    bulk,
+    exists,
+)
 from context_service.errors import NotFound, Unprocessable
-from context_service.keys import Principal
-from context_service.listing import Listing, ListParams, Page, page_of
-from context_service.services import Services
+from context_service.listing import Listing, Page, page_of
 from events.projections import derive
 from events.secrets import Cipher
 
@@ -207,11 +214,11 @@ class EnvironmentController(Controller):
     @get("/")
     async def list_environments(
         self,
-        services: Services,
-        principal: Principal,
-        page: ListParams,
-        project_id: uuid.UUID | None = None,
-        name: str | None = None,
+        services: ServicesDep,
+        principal: PrincipalDep,
+        page: PageDep,
+        project_id: FromQuery[uuid.UUID | None] = None,
+        name: FromQuery[str | None] = None,
     ) -> Page[Environment]:
         async with services.db.tenant(principal.organization_id) as conn:
             found = await LISTING.fetch(conn, page, {"project_id": project_id, "name": name})
@@ -219,7 +226,7 @@ class EnvironmentController(Controller):
 
     @post("/")
     async def create_environment(
-        self, services: Services, principal: Principal, data: EnvironmentCreate
+        self, services: ServicesDep, principal: PrincipalDep, data: JSONBody[EnvironmentCreate]
     ) -> Environment:
         org = principal.organization_id
         async with services.db.tenant(org) as conn:
@@ -227,7 +234,10 @@ class EnvironmentController(Controller):
 
     @post("/bulk")
     async def create_environments(
-        self, services: Services, principal: Principal, data: list[EnvironmentCreate]
+        self,
+        services: ServicesDep,
+        principal: PrincipalDep,
+        data: JSONBody[list[EnvironmentCreate]],
     ) -> list[Environment]:
         org = principal.organization_id
 
@@ -239,7 +249,10 @@ class EnvironmentController(Controller):
 
     @patch("/bulk")
     async def update_environments(
-        self, services: Services, principal: Principal, data: list[EnvironmentBulkUpdate]
+        self,
+        services: ServicesDep,
+        principal: PrincipalDep,
+        data: JSONBody[list[EnvironmentBulkUpdate]],
     ) -> list[Environment]:
         org = principal.organization_id
 
@@ -251,7 +264,7 @@ class EnvironmentController(Controller):
 
     @get("/{environment_id:uuid}")
     async def get_environment(
-        self, services: Services, principal: Principal, environment_id: uuid.UUID
+        self, services: ServicesDep, principal: PrincipalDep, environment_id: FromPath[uuid.UUID]
     ) -> Environment:
         async with services.db.tenant(principal.organization_id) as conn:
             return await fetch_environment(conn, environment_id)
@@ -259,10 +272,10 @@ class EnvironmentController(Controller):
     @patch("/{environment_id:uuid}")
     async def update_environment(
         self,
-        services: Services,
-        principal: Principal,
-        environment_id: uuid.UUID,
-        data: EnvironmentUpdate,
+        services: ServicesDep,
+        principal: PrincipalDep,
+        environment_id: FromPath[uuid.UUID],
+        data: JSONBody[EnvironmentUpdate],
     ) -> Environment:
         """Change the description, set variables by name, remove some."""
         org = principal.organization_id
@@ -271,7 +284,7 @@ class EnvironmentController(Controller):
 
     @delete("/{environment_id:uuid}")
     async def delete_environment(
-        self, services: Services, principal: Principal, environment_id: uuid.UUID
+        self, services: ServicesDep, principal: PrincipalDep, environment_id: FromPath[uuid.UUID]
     ) -> None:
         async with services.db.tenant(principal.organization_id) as conn:
             status = await conn.execute(

@@ -9,12 +9,12 @@ from typing import Annotated
 
 import msgspec
 from litestar import Controller, delete, get, post
+from litestar.params import FromPath, FromQuery, JSONBody
 
-from context_service.api.common import Name
+from context_service.api.common import Name, PageDep, PrincipalDep, ServicesDep
 from context_service.errors import NotFound, Unprocessable
-from context_service.keys import InvalidKeyRequest, Principal, Scope, insert_key
-from context_service.listing import Listing, ListParams, Page, page_of
-from context_service.services import Services
+from context_service.keys import InvalidKeyRequest, Scope, insert_key
+from context_service.listing import Listing, Page, page_of
 
 
 class KeyCreate(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -62,14 +62,18 @@ class KeyController(Controller):
 
     @get("/", opt={"scope": "admin"})
     async def list_keys(
-        self, services: Services, principal: Principal, page: ListParams, name: str | None = None
+        self,
+        services: ServicesDep,
+        principal: PrincipalDep,
+        page: PageDep,
+        name: FromQuery[str | None] = None,
     ) -> Page[ApiKey]:
         async with services.db.tenant(principal.organization_id) as conn:
             return page_of(await LISTING.fetch(conn, page, {"name": name}), ApiKey)
 
     @post("/")
     async def create_key(
-        self, services: Services, principal: Principal, data: KeyCreate
+        self, services: ServicesDep, principal: PrincipalDep, data: JSONBody[KeyCreate]
     ) -> CreatedKey:
         try:
             async with services.db.tenant(principal.organization_id) as conn:
@@ -80,7 +84,9 @@ class KeyController(Controller):
         return CreatedKey(new.id, data.name, new.key, new.prefix, scopes, new.created_at)
 
     @delete("/{key_id:uuid}")
-    async def revoke_key(self, services: Services, principal: Principal, key_id: uuid.UUID) -> None:
+    async def revoke_key(
+        self, services: ServicesDep, principal: PrincipalDep, key_id: FromPath[uuid.UUID]
+    ) -> None:
         """Revoke a key: it stops working at once (the calling key too, if it is this one)."""
         async with services.db.tenant(principal.organization_id) as conn:
             status = await conn.execute(

@@ -14,13 +14,11 @@ from typing import Annotated
 import asyncpg
 import msgspec
 from litestar import Controller, delete, get, patch, post
-from litestar.params import Parameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 
-from context_service.api.common import Description, Name, bulk
+from context_service.api.common import Description, Name, PageDep, PrincipalDep, ServicesDep, bulk
 from context_service.errors import NotFound
-from context_service.keys import Principal
-from context_service.listing import Listing, ListParams, Page, page_of
-from context_service.services import Services
+from context_service.listing import Listing, Page, page_of
 from events.projections import derive
 
 
@@ -83,7 +81,9 @@ async def _create(conn: asyncpg.Connection, org: uuid.UUID, data: ProjectCreate)
 
 
 async def _update(
-    conn: asyncpg.Connection, project_id: uuid.UUID, data: ProjectUpdate | ProjectBulkUpdate
+    conn: asyncpg.Connection,
+    project_id: uuid.UUID,
+    data: ProjectUpdate | ProjectBulkUpdate,
 ) -> Project:
     status = await conn.execute(
         "UPDATE service_projects SET description = coalesce($2, description),"
@@ -103,24 +103,26 @@ class ProjectController(Controller):
     @get("/")
     async def list_projects(
         self,
-        services: Services,
-        principal: Principal,
-        page: ListParams,
-        name: Annotated[str | None, Parameter(description="exact name; a,b for either")] = None,
+        services: ServicesDep,
+        principal: PrincipalDep,
+        page: PageDep,
+        name: Annotated[
+            str | None, QueryParameter(description="exact name; a,b for either")
+        ] = None,
     ) -> Page[Project]:
         async with services.db.tenant(principal.organization_id) as conn:
             return page_of(await LISTING.fetch(conn, page, {"name": name}), Project)
 
     @post("/")
     async def create_project(
-        self, services: Services, principal: Principal, data: ProjectCreate
+        self, services: ServicesDep, principal: PrincipalDep, data: JSONBody[ProjectCreate]
     ) -> Project:
         async with services.db.tenant(principal.organization_id) as conn:
             return await _create(conn, principal.organization_id, data)
 
     @post("/bulk")
     async def create_projects(
-        self, services: Services, principal: Principal, data: list[ProjectCreate]
+        self, services: ServicesDep, principal: PrincipalDep, data: JSONBody[list[ProjectCreate]]
     ) -> list[Project]:
         org = principal.organization_id
 
@@ -132,7 +134,10 @@ class ProjectController(Controller):
 
     @patch("/bulk")
     async def update_projects(
-        self, services: Services, principal: Principal, data: list[ProjectBulkUpdate]
+        self,
+        services: ServicesDep,
+        principal: PrincipalDep,
+        data: JSONBody[list[ProjectBulkUpdate]],
     ) -> list[Project]:
         async def one(conn: asyncpg.Connection, item: ProjectBulkUpdate) -> Project:
             return await _update(conn, item.id, item)
@@ -142,21 +147,25 @@ class ProjectController(Controller):
 
     @get("/{project_id:uuid}")
     async def get_project(
-        self, services: Services, principal: Principal, project_id: uuid.UUID
+        self, services: ServicesDep, principal: PrincipalDep, project_id: FromPath[uuid.UUID]
     ) -> Project:
         async with services.db.tenant(principal.organization_id) as conn:
             return await fetch_project(conn, project_id)
 
     @patch("/{project_id:uuid}")
     async def update_project(
-        self, services: Services, principal: Principal, project_id: uuid.UUID, data: ProjectUpdate
+        self,
+        services: ServicesDep,
+        principal: PrincipalDep,
+        project_id: FromPath[uuid.UUID],
+        data: JSONBody[ProjectUpdate],
     ) -> Project:
         async with services.db.tenant(principal.organization_id) as conn:
             return await _update(conn, project_id, data)
 
     @delete("/{project_id:uuid}")
     async def delete_project(
-        self, services: Services, principal: Principal, project_id: uuid.UUID
+        self, services: ServicesDep, principal: PrincipalDep, project_id: FromPath[uuid.UUID]
     ) -> None:
         """Delete the project with its suites and environments; its runs stay in the log."""
         async with services.db.tenant(principal.organization_id) as conn:

@@ -14,12 +14,13 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Response, get, post
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from context_service import runs
+from context_service.api.common import PageDep, PrincipalDep, ServicesDep
 from context_service.errors import Conflict, NotFound
 from context_service.keys import Principal
-from context_service.listing import Listing, ListParams, Page, page_of
+from context_service.listing import Listing, Page, page_of
 from context_service.services import Services
 from events import types as ev
 from events.context import Context, redacted
@@ -179,17 +180,17 @@ class RunController(Controller):
     @get("/")
     async def list_runs(
         self,
-        services: Services,
-        principal: Principal,
-        page: ListParams,
-        status: Annotated[str | None, Parameter(description="a,b for either")] = None,
-        project_id: uuid.UUID | None = None,
-        suite_id: uuid.UUID | None = None,
-        environment_id: uuid.UUID | None = None,
-        rerun_of: uuid.UUID | None = None,
-        tag: str | None = None,
-        started_after: datetime | None = None,
-        started_before: datetime | None = None,
+        services: ServicesDep,
+        principal: PrincipalDep,
+        page: PageDep,
+        status: Annotated[str | None, QueryParameter(description="a,b for either")] = None,
+        project_id: FromQuery[uuid.UUID | None] = None,
+        suite_id: FromQuery[uuid.UUID | None] = None,
+        environment_id: FromQuery[uuid.UUID | None] = None,
+        rerun_of: FromQuery[uuid.UUID | None] = None,
+        tag: FromQuery[str | None] = None,
+        started_after: FromQuery[datetime | None] = None,
+        started_before: FromQuery[datetime | None] = None,
     ) -> Page[Run]:
         filters = {
             "status": status,
@@ -206,7 +207,7 @@ class RunController(Controller):
 
     @post("/", status_code=202, opt={"scope": "run"})
     async def start_run(
-        self, services: Services, principal: Principal, data: RunCreate
+        self, services: ServicesDep, principal: PrincipalDep, data: JSONBody[RunCreate]
     ) -> Response[Run]:
         """Start a run of a suite, in an environment if given; it runs in the background."""
         request = runs.StartRequest(data.suite_id, data.environment_id, data.variables, data.tags)
@@ -214,11 +215,15 @@ class RunController(Controller):
         return _accepted(await fetch_run(services, principal, run_id))
 
     @get("/{run_id:uuid}")
-    async def get_run(self, services: Services, principal: Principal, run_id: uuid.UUID) -> Run:
+    async def get_run(
+        self, services: ServicesDep, principal: PrincipalDep, run_id: FromPath[uuid.UUID]
+    ) -> Run:
         return await fetch_run(services, principal, run_id)
 
     @post("/{run_id:uuid}/cancel", status_code=202, opt={"scope": "run"})
-    async def cancel_run(self, services: Services, principal: Principal, run_id: uuid.UUID) -> Run:
+    async def cancel_run(
+        self, services: ServicesDep, principal: PrincipalDep, run_id: FromPath[uuid.UUID]
+    ) -> Run:
         """Cancel a run this service is running; answers once it is cancelled."""
         run = await fetch_run(services, principal, run_id)
         if not services.launcher.cancel(str(run_id)):
@@ -230,7 +235,7 @@ class RunController(Controller):
 
     @post("/{run_id:uuid}/rerun", status_code=202, opt={"scope": "run"})
     async def rerun(
-        self, services: Services, principal: Principal, run_id: uuid.UUID
+        self, services: ServicesDep, principal: PrincipalDep, run_id: FromPath[uuid.UUID]
     ) -> Response[Run]:
         """Run again the tests that failed or were skipped, with what the passed ones
         captured; a new run (its ``rerun_of`` names this one)."""
@@ -240,12 +245,12 @@ class RunController(Controller):
     @get("/{run_id:uuid}/results")
     async def list_results(
         self,
-        services: Services,
-        principal: Principal,
-        page: ListParams,
-        run_id: uuid.UUID,
-        status: str | None = None,
-        category: str | None = None,
+        services: ServicesDep,
+        principal: PrincipalDep,
+        page: PageDep,
+        run_id: FromPath[uuid.UUID],
+        status: FromQuery[str | None] = None,
+        category: FromQuery[str | None] = None,
     ) -> Page[Result]:
         async with services.db.tenant(principal.organization_id) as conn:
             await runs.stream_of(conn, run_id)
@@ -257,11 +262,12 @@ class RunController(Controller):
     @get("/{run_id:uuid}/context")
     async def get_context(
         self,
-        services: Services,
-        principal: Principal,
-        run_id: uuid.UUID,
+        services: ServicesDep,
+        principal: PrincipalDep,
+        run_id: FromPath[uuid.UUID],
         at: Annotated[
-            int | None, Parameter(ge=0, le=2**62, description="a log position: the context then")
+            int | None,
+            QueryParameter(ge=0, le=2**62, description="a log position: the context then"),
         ] = None,
     ) -> Context:
         """The run's context (secrets masked), now or right after log position ``at``."""
@@ -270,11 +276,11 @@ class RunController(Controller):
     @get("/{run_id:uuid}/events")
     async def list_events(
         self,
-        services: Services,
-        principal: Principal,
-        run_id: uuid.UUID,
-        after: Annotated[int, Parameter(ge=0, le=2**62, description="a log position")] = 0,
-        limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
+        services: ServicesDep,
+        principal: PrincipalDep,
+        run_id: FromPath[uuid.UUID],
+        after: Annotated[int, QueryParameter(ge=0, le=2**62, description="a log position")] = 0,
+        limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
     ) -> EventPage:
         """The run's events after position ``after``, in log order (secrets masked)."""
         async with services.db.tenant(principal.organization_id) as conn:

@@ -15,14 +15,12 @@ from typing import Annotated
 import asyncpg
 import msgspec
 from litestar import Controller, delete, get, patch, post, put
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
-from context_service.api.common import bulk, exists
+from context_service.api.common import PageDep, PrincipalDep, ServicesDep, bulk, exists
 from context_service.errors import Conflict, NotFound
 from context_service.flows import MAX_FLOW_BYTES, check_upload, load_text, safe_filename
-from context_service.keys import Principal
-from context_service.listing import Listing, ListParams, Page, page_of
-from context_service.services import Services
+from context_service.listing import Listing, Page, page_of
 from events.projections import derive
 
 # a little over MAX_FLOW_BYTES, so that the flow's own limit answers with its own message
@@ -145,12 +143,12 @@ class SuiteController(Controller):
     @get("/")
     async def list_suites(
         self,
-        services: Services,
-        principal: Principal,
-        page: ListParams,
-        project_id: uuid.UUID | None = None,
+        services: ServicesDep,
+        principal: PrincipalDep,
+        page: PageDep,
+        project_id: FromQuery[uuid.UUID | None] = None,
         name: Annotated[
-            str | None, Parameter(description="the flow's name; a,b for either")
+            str | None, QueryParameter(description="the flow's name; a,b for either")
         ] = None,
     ) -> Page[Suite]:
         async with services.db.tenant(principal.organization_id) as conn:
@@ -159,7 +157,7 @@ class SuiteController(Controller):
 
     @post("/")
     async def create_suite(
-        self, services: Services, principal: Principal, data: SuiteCreate
+        self, services: ServicesDep, principal: PrincipalDep, data: JSONBody[SuiteCreate]
     ) -> SuiteFile:
         """Upload a flow file: 422 with the CLI's messages if a static check fails."""
         async with services.db.tenant(principal.organization_id) as conn:
@@ -167,7 +165,7 @@ class SuiteController(Controller):
 
     @post("/bulk")
     async def create_suites(
-        self, services: Services, principal: Principal, data: list[SuiteCreate]
+        self, services: ServicesDep, principal: PrincipalDep, data: JSONBody[list[SuiteCreate]]
     ) -> list[SuiteFile]:
         org = principal.organization_id
 
@@ -179,7 +177,7 @@ class SuiteController(Controller):
 
     @patch("/bulk")
     async def replace_suites(
-        self, services: Services, principal: Principal, data: list[SuiteBulkReplace]
+        self, services: ServicesDep, principal: PrincipalDep, data: JSONBody[list[SuiteBulkReplace]]
     ) -> list[SuiteFile]:
         async def one(conn: asyncpg.Connection, item: SuiteBulkReplace) -> SuiteFile:
             return await _replace(conn, item.id, item)
@@ -189,14 +187,18 @@ class SuiteController(Controller):
 
     @get("/{suite_id:uuid}")
     async def get_suite(
-        self, services: Services, principal: Principal, suite_id: uuid.UUID
+        self, services: ServicesDep, principal: PrincipalDep, suite_id: FromPath[uuid.UUID]
     ) -> SuiteFile:
         async with services.db.tenant(principal.organization_id) as conn:
             return await fetch_suite(conn, suite_id)
 
     @put("/{suite_id:uuid}")
     async def replace_suite(
-        self, services: Services, principal: Principal, suite_id: uuid.UUID, data: SuiteReplace
+        self,
+        services: ServicesDep,
+        principal: PrincipalDep,
+        suite_id: FromPath[uuid.UUID],
+        data: JSONBody[SuiteReplace],
     ) -> SuiteFile:
         """Replace the flow file (same checks as an upload; the flow's name must stay)."""
         async with services.db.tenant(principal.organization_id) as conn:
@@ -204,7 +206,7 @@ class SuiteController(Controller):
 
     @delete("/{suite_id:uuid}")
     async def delete_suite(
-        self, services: Services, principal: Principal, suite_id: uuid.UUID
+        self, services: ServicesDep, principal: PrincipalDep, suite_id: FromPath[uuid.UUID]
     ) -> None:
         async with services.db.tenant(principal.organization_id) as conn:
             status = await conn.execute("DELETE FROM service_suites WHERE id = $1", suite_id)

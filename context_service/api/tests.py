@@ -13,12 +13,11 @@ from typing import Annotated
 
 import msgspec
 from litestar import Controller, get
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, QueryParameter
 
+from context_service.api.common import PageDep, PrincipalDep, ServicesDep
 from context_service.errors import NotFound
-from context_service.keys import Principal
-from context_service.listing import Listing, ListParams, Page, page_of
-from context_service.services import Services
+from context_service.listing import Listing, Page, page_of
 
 
 class TestCase(msgspec.Struct, frozen=True):
@@ -79,14 +78,14 @@ class TestCaseController(Controller):
     @get("/")
     async def list_tests(
         self,
-        services: Services,
-        principal: Principal,
-        page: ListParams,
-        suite_id: uuid.UUID | None = None,
-        project_id: uuid.UUID | None = None,
-        name: str | None = None,
+        services: ServicesDep,
+        principal: PrincipalDep,
+        page: PageDep,
+        suite_id: FromQuery[uuid.UUID | None] = None,
+        project_id: FromQuery[uuid.UUID | None] = None,
+        name: FromQuery[str | None] = None,
         last_status: Annotated[
-            str | None, Parameter(description="passed, failed, skipped...; a,b for either")
+            str | None, QueryParameter(description="passed, failed, skipped...; a,b for either")
         ] = None,
     ) -> Page[TestCase]:
         filters = {
@@ -100,7 +99,7 @@ class TestCaseController(Controller):
 
     @get("/{test_id:uuid}")
     async def get_test(
-        self, services: Services, principal: Principal, test_id: uuid.UUID
+        self, services: ServicesDep, principal: PrincipalDep, test_id: FromPath[uuid.UUID]
     ) -> TestCase:
         async with services.db.tenant(principal.organization_id) as conn:
             row = await conn.fetchrow(f"{LISTING.base} WHERE t.id = $1", test_id)
