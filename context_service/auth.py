@@ -30,6 +30,9 @@ from context_service.keys import Principal, Scope, authenticate
 PUBLIC_PATHS = ["^/health$", "^/schema"]
 """Regular expressions of the paths that need no key."""
 EXCLUDE_OPT = "exclude_from_auth"
+KEY_COOKIE = "baton_key"
+"""The dashboard's login cookie (HttpOnly, SameSite=Strict): a key, accepted on reads only,
+so a page of another site can never make a browser start or change anything."""
 _READ_METHODS = frozenset({"GET", "HEAD"})
 
 
@@ -48,6 +51,8 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
         self, connection: ASGIConnection[Any, Any, Any, Any]
     ) -> AuthenticationResult:
         key = presented_key(connection.headers)
+        if key is None and connection.scope.get("method", "GET") in _READ_METHODS:
+            key = connection.cookies.get(KEY_COOKIE) or None
         if key is None:
             raise Unauthorized(
                 "an API key is required: send 'Authorization: Bearer <key>' or "
