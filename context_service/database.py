@@ -28,14 +28,17 @@ _ROLE_USABLE = (
     " AND pg_has_role(current_user, $1, 'MEMBER')"
 )
 # what a unique constraint means to a user, by its name (PostgreSQL's default names)
+_PROJECT = "a project of that name exists already"
+_SUITE = "the project has a suite of that name already (the flow's name:); replace it instead"
+_ENVIRONMENT = "the project has an environment of that name already"
+# ids derive from names, so a second row of a name collides on its primary key first
 _DUPLICATES = {
-    "service_projects_organization_id_name_key": "a project of that name exists already",
-    "service_suites_project_id_name_key": (
-        "the project has a suite of that name already (the flow's name:); replace it instead"
-    ),
-    "service_environments_project_id_name_key": (
-        "the project has an environment of that name already"
-    ),
+    "service_projects_pkey": _PROJECT,
+    "service_projects_organization_id_name_key": _PROJECT,
+    "service_suites_pkey": _SUITE,
+    "service_suites_project_id_name_key": _SUITE,
+    "service_environments_pkey": _ENVIRONMENT,
+    "service_environments_project_id_name_key": _ENVIRONMENT,
     "environment_variables_pkey": "a variable is given twice",
     "organizations_slug_key": "an organization of that slug exists already",
 }

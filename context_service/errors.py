@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, SerializationException, ValidationException
 
 from events.store import StoreError, StoreUnavailable
 
@@ -135,12 +135,15 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
         return problem_response(
             request, status, f"the request body is larger than the limit of {limit} bytes"
         )
+    if isinstance(exc.__cause__, SerializationException):
+        return problem_response(request, status, f"the body is not valid JSON: {exc.detail}")
     if isinstance(exc, ValidationException):
         errors = _validation_errors(exc.extra)
-        detail = "the request is not valid" if errors else exc.detail
-        if "malformed" in exc.detail.lower() or "decode" in exc.detail.lower():
-            detail = f"the body is not valid JSON: {exc.detail}"
-        return problem_response(request, status, detail, errors)
+        detail = "the request is not valid: " + "; ".join(
+            f"{error.location}: {error.detail}" if error.location else error.detail
+            for error in errors
+        )
+        return problem_response(request, status, detail if errors else exc.detail, errors)
     if status >= HTTPStatus.INTERNAL_SERVER_ERROR:
         _log.error("%s %s: %s", request.method, request.url.path, exc.detail)
         return problem_response(request, status, "the service failed to answer this request")
