@@ -29,6 +29,8 @@ from orchestrator.captures import CaptureError, capture, is_secret
 from orchestrator.model import Expect, Request, Retry, Test, Until, retry_policy, seconds
 from orchestrator.planner import Plan
 from orchestrator.results import AssertionResult, Exchange, ResponseView, RunResult, TestResult
+from orchestrator.run_client import RunClient
+from orchestrator.run_client import text as response_text
 
 Observer = Callable[[str, ev.Event], None]
 EXCERPT = 2048
@@ -111,7 +113,7 @@ class _Run:
                 self.redactor.add(inputs.secrets[name])
         self.namespace: dict[str, Any] = {}
         self.results: dict[str, TestResult] = {}
-        self.client = httpx.AsyncClient(transport=runner.transport)
+        self.client = RunClient(transport=runner.transport)
         self.base_url = ""
 
     def emit(self, event: ev.Event) -> None:
@@ -389,16 +391,16 @@ class _TestRun:
         )
         started = time.perf_counter()
         try:
-            response = await run.client.request(
+            prepared = run.client.prepare(
                 request.method,
                 url,
-                params=params,
                 headers=headers,
                 content=content,
                 data=form,
+                params=params,
                 timeout=timeout,
-                follow_redirects=follow,
             )
+            response = await run.client.send(prepared, follow_redirects=follow)
         except httpx.TimeoutException:
             self._note_exchange(request.method, url, headers, content or form)
             raise _Failure("timeout", f"no response within {timeout:g} s from {url}") from None
@@ -408,12 +410,17 @@ class _TestRun:
                 "connection", f"cannot reach {url}: {exc or type(exc).__name__}"
             ) from None
         elapsed = (time.perf_counter() - started) * 1000
+        joined: dict[str, str] = {}
+        for key, value in response.headers.multi_items():  # lower-case names
+            joined[key] = f"{joined[key]}, {value}" if key in joined else value
         view = ResponseView(
             status=response.status_code,
-            headers={k: ", ".join(response.headers.get_list(k)) for k in response.headers},
-            text=response.text,
+            headers=joined,
+            text=response_text(response),
             duration_ms=elapsed,
-            set_cookie=tuple(response.headers.get_list("set-cookie")),
+            set_cookie=tuple(response.headers.get_list("set-cookie"))
+            if "set-cookie" in joined
+            else (),
         )
         self._note_exchange(request.method, url, headers, content or form)
         self.unreported = view
