@@ -9,10 +9,13 @@ is the one boundary where driver errors become StoreError: nothing from asyncpg 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
+from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
@@ -30,7 +33,7 @@ from events.store import (
     StreamAppend,
     WrongExpectedVersion,
 )
-from events.types import RecordedEvent, decode, encode, event_type
+from events.types import Event, RecordedEvent, encode, event_type
 
 # SQLSTATE classes that mean "the server cannot serve us now", not "the request is wrong":
 # connection exceptions, insufficient resources, operator intervention (shutdown),
@@ -40,14 +43,34 @@ _UNAVAILABLE_STATES = ("3D000",)
 _CLOSE_TIMEOUT = 10.0
 
 _APPEND = "SELECT baton_append($1::text[], $2::int[], $3::int[], $4::uuid[], $5::text[], $6)"
-_COLUMNS = "position, stream, version, event_id, recorded_at, data"
-_READ_ALL = f"SELECT {_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2"
-_READ_STREAM = f"SELECT {_COLUMNS} FROM events WHERE stream = $1 AND version > $2 ORDER BY version"
+# Reads are shaped for the client's CPU, the larger half of a 10,000-event read:
+# - data as text: asyncpg decodes text in C, the jsonb codec below is a Python call a row;
+# - recorded_at as integer microseconds: asyncpg builds a datetime for every row (~0.6 us),
+#   while the events of one append share one timestamp (now() of its transaction), so
+#   _Timestamps builds one per append. The numeric extract is exact at any date;
+# - read_stream leaves out the stream: the caller named it.
+_MICROS = "(extract(epoch FROM recorded_at) * 1000000)::int8"
+_READ_ALL = (
+    f"SELECT position, stream, version, event_id, {_MICROS}, data::text"
+    " FROM events WHERE position > $1 ORDER BY position LIMIT $2"
+)
+_READ_STREAM = (
+    f"SELECT position, version, event_id, {_MICROS}, data::text"
+    " FROM events WHERE stream = $1 AND version > $2 ORDER BY version"
+)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _STREAM_VERSION = "SELECT version FROM baton_streams WHERE stream = $1"
 _LIST_STREAMS = (
     "SELECT stream FROM baton_streams WHERE starts_with(stream, $1)"
     " ORDER BY first_position DESC LIMIT $2"
 )
+
+
+_decode_event = msgspec.json.Decoder(Event).decode
+
+# Set while the store runs one of its own statements on a pooled connection: none of them
+# can leave session state behind, so the connection goes back without the reset query.
+_OWN_STATEMENT: ContextVar[bool] = ContextVar("baton_own_statement", default=False)
 
 
 async def apply_schema(conn: asyncpg.Connection) -> None:
@@ -67,6 +90,46 @@ def _quiet_driver_logs() -> None:
     logger = logging.getLogger("asyncpg")
     if not any(isinstance(handler, logging.NullHandler) for handler in logger.handlers):
         logger.addHandler(logging.NullHandler())
+
+
+async def _reset_connection(conn: asyncpg.Connection) -> None:
+    # asyncpg's default reset (UNLISTEN, RESET ALL, advisory unlock, CLOSE ALL) is one more
+    # round trip on every release: ~0.15 ms on a 0.2 ms stream_version, a third of a
+    # single-event append. The store's statements change no session state, so they skip
+    # it; whatever else borrows the pool (projections, the service) gets the full reset.
+    # asyncpg has rolled back any open transaction before calling this.
+    if _OWN_STATEMENT.get():
+        return
+    query = conn.get_reset_query()
+    if query:
+        await conn.execute(query)
+
+
+@contextmanager
+def _own_statement() -> Iterator[None]:
+    token = _OWN_STATEMENT.set(True)
+    try:
+        yield
+    finally:
+        _OWN_STATEMENT.reset(token)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Hold the cyclic collector off while a page of rows becomes events.
+
+    10,000 rows allocate ~40,000 tracked objects, which sets off dozens of collections,
+    now and then a full one that walks every object of the process: measured, p90 of the
+    conversion 25 ms with the collector running and 9 ms without. The objects are all
+    alive afterwards anyway, and no other task runs during the (synchronous) block.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -107,6 +170,7 @@ class PostgresEventStore:
                     max_size=max_size,
                     timeout=connect_timeout,
                     init=_init_connection,
+                    reset=_reset_connection,
                 )
         except ValueError as exc:
             reason = store_errors.scrub(str(exc))
@@ -122,7 +186,10 @@ class PostgresEventStore:
 
     @property
     def pool(self) -> asyncpg.Pool:
-        """The connection pool, for other parts of ``events`` that query the same database."""
+        """The connection pool, for other parts of ``events`` that query the same database.
+
+        A connection borrowed from it is reset as asyncpg does by default when it returns.
+        """
         return self._pool
 
     @property
@@ -148,7 +215,7 @@ class PostgresEventStore:
                 data.append(_jsonb_safe(encode(new.event)))
         if not streams:
             return []
-        with _ErrorTranslator(self._dsn)():
+        with _ErrorTranslator(self._dsn)(), _own_statement():
             flat: list[int] = await self._pool.fetchval(
                 _APPEND, streams, expected, counts, ids, types, data
             )
@@ -160,22 +227,38 @@ class PostgresEventStore:
         return result
 
     async def read_stream(self, stream: str, after_version: int = 0) -> list[RecordedEvent]:
-        with _ErrorTranslator(self._dsn)():
+        with _ErrorTranslator(self._dsn)(), _own_statement():
             rows = await self._pool.fetch(_READ_STREAM, stream, after_version)
-        return [_recorded(row) for row in rows]
+        decode = _decode_event
+        recorded = RecordedEvent
+        at = _Timestamps()
+        # positional arguments, in RecordedEvent's field order: id, stream, version,
+        # position, recorded_at, event
+        with _gc_paused():
+            return [
+                recorded(event_id, stream, version, position, at[micros], decode(data))
+                for position, version, event_id, micros, data in rows
+            ]
 
     async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
-        with _ErrorTranslator(self._dsn)():
+        with _ErrorTranslator(self._dsn)(), _own_statement():
             rows = await self._pool.fetch(_READ_ALL, after_position, limit)
-        return [_recorded(row) for row in rows]
+        decode = _decode_event
+        recorded = RecordedEvent
+        at = _Timestamps()
+        with _gc_paused():
+            return [
+                recorded(event_id, stream, version, position, at[micros], decode(data))
+                for position, stream, version, event_id, micros, data in rows
+            ]
 
     async def stream_version(self, stream: str) -> int:
-        with _ErrorTranslator(self._dsn)():
+        with _ErrorTranslator(self._dsn)(), _own_statement():
             version: int | None = await self._pool.fetchval(_STREAM_VERSION, stream)
         return version or 0
 
     async def list_streams(self, prefix: str, limit: int = 50) -> list[str]:
-        with _ErrorTranslator(self._dsn)():
+        with _ErrorTranslator(self._dsn)(), _own_statement():
             rows = await self._pool.fetch(_LIST_STREAMS, prefix, limit)
         return [row[0] for row in rows]
 
@@ -190,6 +273,14 @@ class PostgresEventStore:
             self._pool.terminate()
 
 
+class _Timestamps(dict[int, datetime]):
+    """Microseconds since the Unix epoch to the UTC datetime, each built once."""
+
+    def __missing__(self, micros: int) -> datetime:
+        value = self[micros] = _EPOCH + timedelta(microseconds=micros)
+        return value
+
+
 # A \u0000 escape that is not itself an escaped backslash followed by "u0000".
 _NUL_ESCAPE = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
 
@@ -201,17 +292,6 @@ def _jsonb_safe(data: bytes) -> bytes:
     if b"\\u0000" not in data:
         return data
     return _NUL_ESCAPE.sub(rb"\1\\ufffd", data)
-
-
-def _recorded(row: asyncpg.Record) -> RecordedEvent:
-    return RecordedEvent(
-        id=row[3],
-        stream=row[1],
-        version=row[2],
-        position=row[0],
-        recorded_at=row[4],
-        event=decode(row[5]),
-    )
 
 
 def driver_errors(dsn: str) -> AbstractContextManager[None]:
