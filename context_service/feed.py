@@ -1,0 +1,335 @@
+"""The realtime feed of one service process: a doorbell, a window of recent events, cursors.
+
+The event store is what replays; the doorbell only says that something was committed. One
+``Hub`` per app holds a single LISTEN connection on the channel baton_append notifies at
+commit, and one task that reads the log after its head (``read_all``, which never passes
+over an event a slower transaction commits later) whenever the doorbell rings, or every
+``fallback`` seconds in case a notice was lost with its connection. What it reads joins a
+window of recent events, each encoded once (secrets masked) for every subscriber.
+
+A subscriber is a cursor: the position of the last event it was given. ``follow`` serves
+it from the window while its cursor is inside the window, and from the store otherwise (a
+subscriber that connects mid-run, reconnects with Last-Event-ID, or fell so far behind
+that the window moved on). Either way it gets every event after its cursor once, in order:
+no gap and no duplicate, whether a notice came from this process or another instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncGenerator, Sequence
+from typing import Protocol
+
+import asyncpg
+import msgspec
+
+from events import types as ev
+from events.postgres import PostgresEventStore, driver_errors
+from events.projections import DEFAULT_ORGANIZATION_ID, derive
+from events.projections.projector import CHANNEL
+from events.secrets import MASK
+from events.store import StoreError
+
+RUN_LEVEL = frozenset({"RunStarted", "TestPassed", "TestFailed", "RunCompleted", "RunCancelled"})
+"""What a project's stream carries of its runs' events."""
+TERMINAL = frozenset({"RunCompleted", "RunCancelled"})
+PAGE = 1000
+_HEAD = "SELECT coalesce(max(position), 0) FROM events"
+_FIRST_EVENTS = (
+    "SELECT stream, data::text FROM events WHERE stream = ANY($1::text[]) AND version = 1"
+)
+_KNOWN_RUNS = 20_000
+_log = logging.getLogger("baton.service.realtime")
+
+
+def shown(event: ev.Event) -> ev.Event:
+    """The event as a subscriber may see it: a secret's ciphertext is no one's business."""
+    if isinstance(event, ev.AuthTokenUpdated) or (
+        isinstance(event, ev.VariableCaptured) and event.secret
+    ):
+        return msgspec.structs.replace(event, value=MASK)
+    return event
+
+
+class Entry:
+    """One recorded event, encoded once for every subscriber that is sent it."""
+
+    __slots__ = ("_sse", "data", "event", "position", "project", "stream", "type", "version")
+
+    def __init__(self, recorded: ev.RecordedEvent, project: uuid.UUID | None) -> None:
+        self.position = recorded.position
+        self.version = recorded.version
+        self.stream = recorded.stream
+        self.type = recorded.type
+        self.event = shown(recorded.event)
+        self.data = ev.encode(self.event)
+        self.project = project
+        """The run's project, for run-level events (None for the others)."""
+        self._sse: bytes | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.stream.removeprefix("run-")
+
+    def sse(self) -> bytes:
+        """The event as a Server-Sent Events message (the same bytes for every subscriber)."""
+        if self._sse is None:
+            self._sse = b"id: %d\nevent: %s\ndata: %s\n\n" % (
+                self.position,
+                self.type.encode(),
+                self.data,
+            )
+        return self._sse
+
+
+def project_of(started: ev.RunStarted) -> uuid.UUID | None:
+    """The id of a run's project: derived from its organization and name, as the projector
+    and the projects API derive it, so the organization is part of it."""
+    try:
+        org = uuid.UUID(started.organization) if started.organization else DEFAULT_ORGANIZATION_ID
+    except ValueError:
+        return None  # not an organization the service knows
+    return derive("project", org, started.project)
+
+
+class Hub:
+    """The feed of one app: see the module's docstring. Runs only while someone follows."""
+
+    def __init__(self, store: PostgresEventStore, *, fallback: float = 1.0, keep: int = 5000):
+        self._store = store
+        self._fallback = fallback
+        self._keep = keep
+        self._entries: list[Entry] = []
+        self._positions: list[int] = []
+        self._base = 0
+        self._head = 0
+        self._changed = asyncio.Event()
+        self._ring = asyncio.Event()
+        self._followers = 0
+        self._task: asyncio.Task[None] | None = None
+        self._starting = asyncio.Lock()
+        self._projects: dict[str, uuid.UUID | None] = {}
+
+    @property
+    def head(self) -> int:
+        """Every event up to this position has been read into the window."""
+        return self._head
+
+    @property
+    def base(self) -> int:
+        """The window holds every event after this position (up to ``head``)."""
+        return self._base
+
+    @property
+    def store(self) -> PostgresEventStore:
+        return self._store
+
+    async def log_head(self) -> int:
+        """The log's highest position now (where a stream "from now on" starts)."""
+        with driver_errors(self._store.dsn):
+            head: int = await self._store.pool.fetchval(_HEAD)
+        # positions commit in order (the store's contract), so nothing can still commit
+        # below the highest position there is
+        return head
+
+    def changed(self) -> asyncio.Event:
+        """Set once ``head`` moves on; take it before looking at the window."""
+        return self._changed
+
+    def since(self, position: int) -> Sequence[Entry]:
+        """The events of the window after ``position`` (which must be >= ``base``)."""
+        return self._entries[bisect.bisect_right(self._positions, position) :]
+
+    async def attach(self) -> None:
+        """Count a follower in; the first one starts the tail at the log's end."""
+        self._followers += 1
+        try:
+            async with self._starting:
+                if self._task is None:
+                    head = await self.log_head()
+                    self._entries, self._positions = [], []
+                    self._base = self._head = max(head, self._head)
+                    self._task = asyncio.create_task(self._tail(), name="baton-realtime")
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        self._followers -= 1
+        if self._followers == 0:
+            self._ring.set()  # the tail sees nobody follows and ends
+
+    async def entries(self, records: Sequence[ev.RecordedEvent]) -> list[Entry]:
+        """``records`` as entries, with the project of each run-level event's run."""
+        unknown = {
+            r.stream
+            for r in records
+            if r.type in RUN_LEVEL and r.type != "RunStarted" and r.stream not in self._projects
+        }
+        if unknown:
+            with driver_errors(self._store.dsn):
+                rows = await self._store.pool.fetch(_FIRST_EVENTS, list(unknown))
+            for stream, data in rows:
+                first = ev.decode(data)
+                self._known(stream, project_of(first) if isinstance(first, ev.RunStarted) else None)
+        made = []
+        for recorded in records:
+            project = None
+            if isinstance(recorded.event, ev.RunStarted):
+                project = project_of(recorded.event)
+                self._known(recorded.stream, project)
+            elif recorded.type in RUN_LEVEL:
+                project = self._projects.get(recorded.stream)
+            made.append(Entry(recorded, project))
+        return made
+
+    def _known(self, stream: str, project: uuid.UUID | None) -> None:
+        if len(self._projects) >= _KNOWN_RUNS:
+            self._projects.clear()  # a cache: a forgotten run is looked up again
+        self._projects[stream] = project
+
+    async def _tail(self) -> None:
+        listener: asyncpg.Connection | None = None
+        try:
+            while self._followers > 0:
+                try:
+                    if listener is None or listener.is_closed():
+                        listener = await self._listen()
+                    self._ring.clear()  # before reading: a notice during it means go again
+                    await self._read()
+                except StoreError as exc:
+                    _log.warning("realtime feed: %s; retrying", exc)
+                    await _closed(listener)
+                    listener = None
+                    self._ring.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._ring.wait(), self._fallback)
+        finally:
+            self._task = None  # before any await: a new follower starts a new tail
+            await _closed(listener)
+
+    async def _listen(self) -> asyncpg.Connection:
+        # a connection of its own: the pool resets a connection it gets back (UNLISTEN)
+        def notice(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+            if not payload.isdigit() or int(payload) > self._head:
+                self._ring.set()
+
+        with driver_errors(self._store.dsn):
+            conn: asyncpg.Connection = await asyncpg.connect(self._store.dsn)
+            try:
+                await conn.add_listener(CHANNEL, notice)
+            except BaseException:
+                await conn.close()
+                raise
+        conn.add_termination_listener(lambda _conn: self._ring.set())
+        return conn
+
+    async def _read(self) -> None:
+        while True:
+            records = await self._store.read_all(self._head, PAGE)
+            if not records:
+                return
+            made = await self.entries(records)
+            self._entries.extend(made)
+            self._positions.extend(entry.position for entry in made)
+            self._head = made[-1].position
+            if len(self._entries) > 2 * self._keep:
+                cut = len(self._entries) - self._keep
+                self._base = self._positions[cut - 1]
+                del self._entries[:cut], self._positions[:cut]
+            changed, self._changed = self._changed, asyncio.Event()
+            changed.set()
+            if len(records) < PAGE:
+                return
+
+
+async def _closed(conn: asyncpg.Connection | None) -> None:
+    if conn is not None and not conn.is_closed():
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(conn.close(), 5)
+
+
+class Feed(Protocol):
+    """What one subscriber follows."""
+
+    async def catch_up(self, through: int) -> tuple[list[Entry], int]:
+        """From the store: the wanted events after ``through``, and the position up to
+        which nothing else is wanted (the next ``through``)."""
+        ...
+
+    def wanted(self, entry: Entry) -> bool: ...
+
+
+class RunFeed:
+    """The events of one run's stream."""
+
+    def __init__(self, hub: Hub, stream: str) -> None:
+        self._hub = hub
+        self._stream = stream
+
+    async def catch_up(self, through: int) -> tuple[list[Entry], int]:
+        head = self._hub.head  # read before the store: everything up to it is committed
+        store = self._hub.store
+        with driver_errors(store.dsn):
+            version: int = await store.pool.fetchval(
+                "SELECT coalesce(max(version), 0) FROM events WHERE stream = $1 AND position <= $2",
+                self._stream,
+                through,
+            )
+        records = await store.read_stream(self._stream, version)
+        entries = [Entry(r, None) for r in records]
+        return entries, max(head, entries[-1].position if entries else through)
+
+    def wanted(self, entry: Entry) -> bool:
+        return entry.stream == self._stream
+
+
+class ProjectFeed:
+    """The run-level events of the runs of one project."""
+
+    def __init__(self, hub: Hub, project: uuid.UUID) -> None:
+        self._hub = hub
+        self._project = project
+
+    async def catch_up(self, through: int) -> tuple[list[Entry], int]:
+        head = self._hub.head
+        records = await self._hub.store.read_all(through, PAGE)
+        entries = [e for e in await self._hub.entries(records) if self.wanted(e)]
+        if len(records) == PAGE:
+            return entries, records[-1].position
+        return entries, max(head, records[-1].position if records else through)
+
+    def wanted(self, entry: Entry) -> bool:
+        return entry.project == self._project
+
+
+async def follow(
+    hub: Hub, feed: Feed, after: int, *, heartbeat: float = 15.0
+) -> AsyncGenerator[list[Entry], None]:
+    """Every event of ``feed`` after position ``after``, in batches, in order, each once;
+    an empty batch when ``heartbeat`` seconds passed without one."""
+    await hub.attach()
+    try:
+        through = after
+        while True:
+            if through < hub.base:
+                batch, through = await feed.catch_up(through)
+                if batch:
+                    yield batch
+                continue
+            changed = hub.changed()
+            batch = [entry for entry in hub.since(through) if feed.wanted(entry)]
+            through = max(through, hub.head)  # a cursor from another instance may be ahead
+            if batch:
+                yield batch
+                continue
+            try:
+                await asyncio.wait_for(changed.wait(), heartbeat)
+            except TimeoutError:
+                yield []
+    finally:
+        hub.detach()

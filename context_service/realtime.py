@@ -1,0 +1,277 @@
+"""Live runs over HTTP: Server-Sent Events and WebSockets, replay from a position, then live.
+
+``GET /api/v1/runs/{id}/stream`` sends the run's events as SSE messages whose ``id`` is the
+log position; ``Last-Event-ID`` (what a browser's EventSource sends when it reconnects) or
+``?after=`` resumes after a position, and the stream ends after RunCompleted or
+RunCancelled. A finished run with nothing after the position answers 204, which tells an
+EventSource to stop reconnecting. ``/api/v1/runs/{id}/ws`` is the same as WebSocket text
+messages ``{"position", "type", "event"}``, resumed with ``?after=``.
+
+``GET /api/v1/projects/{id}/stream`` (and ``/ws``) carries the run-level events of the
+project's runs (RunStarted, TestPassed, TestFailed, RunCompleted, RunCancelled, each with
+its ``run_id``) from now on, or after a position, and ``flaky_test_detected`` when a test
+passes on a retry (one of the flaky rules of the design; the history-based rules and
+``performance_degradation`` come with analytics). A derived message carries the position of
+the event it derives from and goes out in the same write.
+
+Another organization's run or project is absent (404, or WebSocket close code 4404).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import msgspec
+from litestar import Controller, Request, Response, WebSocket, get, websocket
+from litestar.datastructures import State
+from litestar.params import FromPath, QueryParameter
+from litestar.response import Stream
+
+from context_service.api.common import PrincipalDep, ServicesDep
+from context_service.auth import principal_of
+from context_service.errors import BadRequest, NotFound
+from context_service.feed import TERMINAL, Entry, Feed, Hub, ProjectFeed, RunFeed, follow
+from context_service.keys import Principal
+from context_service.runs import stream_of
+from context_service.services import Services
+from events.types import TestPassed
+
+FLAKY = "flaky_test_detected"
+HEARTBEAT = 15.0
+"""Seconds between SSE comments on a quiet stream: proxies keep it open, clients see it alive."""
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_PREAMBLE = b"retry: 1000\n\n"
+_LAST = "SELECT position, type FROM events WHERE stream = $1 ORDER BY version DESC LIMIT 1"
+_PROJECT = (
+    "SELECT EXISTS (SELECT FROM service_projects WHERE id = $1)"
+    " OR EXISTS (SELECT FROM projects WHERE id = $1)"
+)
+Position = Annotated[
+    int | None, QueryParameter(ge=0, le=2**62, description="resume after this log position")
+]
+
+
+def hub_of(state: State, services: Services) -> Hub:
+    """The app's hub, made on first use (one LISTEN connection per process and app)."""
+    hub: Hub | None = state.get("realtime_hub")
+    if hub is None or hub.store is not services.store:
+        hub = Hub(services.store)
+        state["realtime_hub"] = hub
+    return hub
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What a connection follows, checked to be the caller's, and how it is shown."""
+
+    feed: Feed
+    project: bool
+    after: int
+    ended: bool = False
+    """A run that ended at or before ``after``: there is nothing to follow."""
+
+
+async def _run_source(
+    services: Services, hub: Hub, principal: Principal, run_id: uuid.UUID, after: int | None
+) -> _Source:
+    async with services.db.tenant(principal.organization_id) as conn:
+        stream = await stream_of(conn, run_id)
+    async with services.db.owner() as conn:
+        last = await conn.fetchrow(_LAST, stream)
+    start = after or 0
+    ended = last is not None and last["type"] in TERMINAL and last["position"] <= start
+    return _Source(RunFeed(hub, stream), project=False, after=start, ended=ended)
+
+
+async def _project_source(
+    services: Services, hub: Hub, principal: Principal, project_id: uuid.UUID, after: int | None
+) -> _Source:
+    async with services.db.tenant(principal.organization_id) as conn:
+        if not await conn.fetchval(_PROJECT, project_id):
+            raise NotFound(f"no project {project_id}")
+    start = await hub.log_head() if after is None else after
+    return _Source(ProjectFeed(hub, project_id), project=True, after=start)
+
+
+def _derived(entry: Entry) -> list[tuple[str, dict[str, Any]]]:
+    """The messages of a project's stream for ``entry``: itself, and what it tells."""
+    data = {"run_id": entry.run_id, **msgspec.to_builtins(entry.event)}
+    messages: list[tuple[str, dict[str, Any]]] = [(entry.type, data)]
+    event = entry.event
+    if isinstance(event, TestPassed) and event.attempts > 1:
+        flaky = {"run_id": entry.run_id, "test": event.test, "attempts": event.attempts}
+        messages.append((FLAKY, {**flaky, "rule": "passed on a retry within the run"}))
+    return messages
+
+
+def _sse_of(entry: Entry, project: bool) -> bytes:
+    if not project:
+        return entry.sse()
+    return b"".join(
+        b"id: %d\nevent: %s\ndata: %s\n\n"
+        % (entry.position, kind.encode(), msgspec.json.encode(data))
+        for kind, data in _derived(entry)
+    )
+
+
+def _ws_of(entry: Entry, project: bool) -> list[bytes]:
+    if not project:
+        return [
+            b'{"position":%d,"type":"%s","event":%s}'
+            % (entry.position, entry.type.encode(), entry.data)
+        ]
+    return [
+        msgspec.json.encode({"position": entry.position, "type": kind, "event": data})
+        for kind, data in _derived(entry)
+    ]
+
+
+async def _batches(hub: Hub, source: _Source) -> AsyncGenerator[list[Entry], None]:
+    """The source's batches (empty: a heartbeat is due), up to a run's last event."""
+    if source.ended:
+        return
+    batches = follow(hub, source.feed, source.after, heartbeat=HEARTBEAT)
+    async with contextlib.aclosing(batches):
+        async for batch in batches:
+            if source.project:
+                yield batch
+                continue
+            for at, entry in enumerate(batch):
+                if entry.type in TERMINAL:
+                    yield batch[: at + 1]
+                    return
+            yield batch
+
+
+async def _sse(hub: Hub, source: _Source) -> AsyncGenerator[bytes, None]:
+    yield _PREAMBLE
+    async with contextlib.aclosing(_batches(hub, source)) as batches:
+        async for batch in batches:
+            if not batch:
+                yield b": ping\n\n"
+            else:
+                yield b"".join(_sse_of(entry, source.project) for entry in batch)
+
+
+def _resume_point(request: Request[Any, Any, Any], after: int | None) -> int | None:
+    header = request.headers.get("last-event-id", "").strip()
+    if not header:
+        return after
+    if not header.isdigit() or int(header) > 2**62:
+        raise BadRequest(f"Last-Event-ID must be a log position, not {header[:40]!r}")
+    return max(int(header), after or 0)
+
+
+def _stream(hub: Hub, source: _Source) -> Response[Any]:
+    if source.ended:
+        return Response(None, status_code=204, headers=_SSE_HEADERS)
+    return Stream(
+        _sse(hub, source), media_type="text/event-stream", headers=_SSE_HEADERS, status_code=200
+    )
+
+
+async def _pump(socket: WebSocket[Any, Any, Any], hub: Hub, source: _Source) -> None:
+    """Send the source over an accepted socket until it ends or the client goes away."""
+
+    async def send() -> None:
+        async with contextlib.aclosing(_batches(hub, source)) as batches:
+            async for batch in batches:
+                for entry in batch:
+                    for message in _ws_of(entry, source.project):
+                        await socket.send_data(message.decode(), mode="text")
+        await socket.close(1000, "the run has ended")
+
+    async def until_gone() -> None:
+        while (await socket.receive())["type"] != "websocket.disconnect":
+            pass
+
+    tasks = [asyncio.create_task(send()), asyncio.create_task(until_gone())]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+
+
+async def _serve_socket(
+    socket: WebSocket[Any, Any, Any], make: Callable[[Services, Hub, Principal], Any]
+) -> None:
+    services: Services = socket.app.state.services
+    hub = hub_of(socket.app.state, services)
+    await socket.accept()
+    try:
+        source: _Source = await make(services, hub, principal_of(socket))
+    except NotFound as exc:
+        await socket.close(4404, exc.detail)
+        return
+    await _pump(socket, hub, source)
+
+
+class RealtimeController(Controller):
+    path = "/api/v1"
+    tags = ("realtime",)
+
+    @get("/runs/{run_id:uuid}/stream", media_type="text/event-stream")
+    async def run_stream(
+        self,
+        request: Request[Any, Any, Any],
+        services: ServicesDep,
+        principal: PrincipalDep,
+        run_id: FromPath[uuid.UUID],
+        after: Position = None,
+    ) -> Response[Any]:
+        """The run's events as Server-Sent Events (``id``: the log position), from the start
+        or after ``Last-Event-ID``/``after``, live until RunCompleted or RunCancelled."""
+        hub = hub_of(request.app.state, services)
+        start = _resume_point(request, after)
+        return _stream(hub, await _run_source(services, hub, principal, run_id, start))
+
+    @get("/projects/{project_id:uuid}/stream", media_type="text/event-stream")
+    async def project_stream(
+        self,
+        request: Request[Any, Any, Any],
+        services: ServicesDep,
+        principal: PrincipalDep,
+        project_id: FromPath[uuid.UUID],
+        after: Position = None,
+    ) -> Response[Any]:
+        """The run-level events of the project's runs as Server-Sent Events, from now on or
+        after ``Last-Event-ID``/``after``, and ``flaky_test_detected``."""
+        hub = hub_of(request.app.state, services)
+        start = _resume_point(request, after)
+        return _stream(hub, await _project_source(services, hub, principal, project_id, start))
+
+    @websocket("/runs/{run_id:uuid}/ws")
+    async def run_socket(
+        self, socket: WebSocket[Any, Any, Any], run_id: FromPath[uuid.UUID], after: Position = None
+    ) -> None:
+        """The run's events as JSON messages ``{"position", "type", "event"}``, from the
+        start or after ``after``; closed (1000) after RunCompleted or RunCancelled."""
+
+        async def make(services: Services, hub: Hub, principal: Principal) -> _Source:
+            return await _run_source(services, hub, principal, run_id, after)
+
+        await _serve_socket(socket, make)
+
+    @websocket("/projects/{project_id:uuid}/ws")
+    async def project_socket(
+        self,
+        socket: WebSocket[Any, Any, Any],
+        project_id: FromPath[uuid.UUID],
+        after: Position = None,
+    ) -> None:
+        """The project stream's messages as JSON ``{"position", "type", "event"}``."""
+
+        async def make(services: Services, hub: Hub, principal: Principal) -> _Source:
+            return await _project_source(services, hub, principal, project_id, after)
+
+        await _serve_socket(socket, make)
