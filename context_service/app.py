@@ -42,6 +42,7 @@ def _routers() -> list[ControllerRouterHandler]:
     from context_service.api.runs import RunController
     from context_service.api.suites import SuiteController
     from context_service.api.tests import TestCaseController
+    from context_service.realtime import RealtimeController
 
     return [
         health,
@@ -51,6 +52,7 @@ def _routers() -> list[ControllerRouterHandler]:
         EnvironmentController,
         RunController,
         KeyController,
+        RealtimeController,
     ]
 
 
