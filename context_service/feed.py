@@ -21,7 +21,7 @@ import bisect
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from typing import Protocol
 
 import asyncpg
@@ -107,7 +107,7 @@ class Hub:
         self._positions: list[int] = []
         self._base = 0
         self._head = 0
-        self._changed = asyncio.Event()
+        self._waiters: dict[str, set[asyncio.Event]] = {}
         self._ring = asyncio.Event()
         self._followers = 0
         self._task: asyncio.Task[None] | None = None
@@ -136,9 +136,19 @@ class Hub:
         # below the highest position there is
         return head
 
-    def changed(self) -> asyncio.Event:
-        """Set once ``head`` moves on; take it before looking at the window."""
-        return self._changed
+    @contextlib.contextmanager
+    def waking(self, key: str, wake: asyncio.Event) -> Iterator[None]:
+        """Within the block, ``wake`` is set whenever events of ``key`` (a stream, or
+        ``project_key``) join the window: only the followers they concern are woken."""
+        self._waiters.setdefault(key, set()).add(wake)
+        try:
+            yield
+        finally:
+            waiters = self._waiters.get(key)
+            if waiters is not None:
+                waiters.discard(wake)
+                if not waiters:
+                    del self._waiters[key]
 
     def since(self, position: int) -> Sequence[Entry]:
         """The events of the window after ``position`` (which must be >= ``base``)."""
@@ -241,10 +251,21 @@ class Hub:
                 cut = len(self._entries) - self._keep
                 self._base = self._positions[cut - 1]
                 del self._entries[:cut], self._positions[:cut]
-            changed, self._changed = self._changed, asyncio.Event()
-            changed.set()
+            self._wake(made)
             if len(records) < PAGE:
                 return
+
+    def _wake(self, made: Sequence[Entry]) -> None:
+        waiters = self._waiters
+        keys = {entry.stream for entry in made}
+        keys.update(project_key(entry.project) for entry in made if entry.project is not None)
+        for key in keys:
+            for wake in waiters.get(key, ()):
+                wake.set()
+
+
+def project_key(project: uuid.UUID) -> str:
+    return f"project:{project}"
 
 
 async def _closed(conn: asyncpg.Connection | None) -> None:
@@ -262,6 +283,11 @@ class Feed(Protocol):
         ...
 
     def wanted(self, entry: Entry) -> bool: ...
+
+    @property
+    def key(self) -> str:
+        """What wakes it (see ``Hub.waking``)."""
+        ...
 
 
 class RunFeed:
@@ -287,6 +313,10 @@ class RunFeed:
     def wanted(self, entry: Entry) -> bool:
         return entry.stream == self._stream
 
+    @property
+    def key(self) -> str:
+        return self._stream
+
 
 class ProjectFeed:
     """The run-level events of the runs of one project."""
@@ -306,30 +336,34 @@ class ProjectFeed:
     def wanted(self, entry: Entry) -> bool:
         return entry.project == self._project
 
+    @property
+    def key(self) -> str:
+        return project_key(self._project)
+
 
 async def follow(
     hub: Hub, feed: Feed, after: int, *, heartbeat: float = 15.0
 ) -> AsyncGenerator[list[Entry], None]:
     """Every event of ``feed`` after position ``after``, in batches, in order, each once;
     an empty batch when ``heartbeat`` seconds passed without one."""
+    wake = asyncio.Event()
     await hub.attach()
     try:
-        through = after
-        while True:
-            if through < hub.base:
-                batch, through = await feed.catch_up(through)
+        with hub.waking(feed.key, wake):
+            through = after
+            while True:
+                wake.clear()  # before looking: what joins the window from now on wakes it
+                if through < hub.base:
+                    batch, through = await feed.catch_up(through)
+                else:
+                    batch = [entry for entry in hub.since(through) if feed.wanted(entry)]
+                    through = max(through, hub.head)  # a cursor from elsewhere may be ahead
                 if batch:
                     yield batch
-                continue
-            changed = hub.changed()
-            batch = [entry for entry in hub.since(through) if feed.wanted(entry)]
-            through = max(through, hub.head)  # a cursor from another instance may be ahead
-            if batch:
-                yield batch
-                continue
-            try:
-                await asyncio.wait_for(changed.wait(), heartbeat)
-            except TimeoutError:
-                yield []
+                    continue
+                try:
+                    await asyncio.wait_for(wake.wait(), heartbeat)
+                except TimeoutError:
+                    yield []
     finally:
         hub.detach()
