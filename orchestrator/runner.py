@@ -78,20 +78,60 @@ class Runner:
         self.transport = transport
         self.slots = asyncio.Semaphore(concurrency)
         self.observer = observer
-        self._templated: dict[int, tuple[bool, Expect]] = {}
+        # compiled once per spec, not per request; each entry keeps its spec alive, so that
+        # its id is not reused while it is cached
+        self._expects: dict[int, tuple[templating.Renderer | None, Expect]] = {}
+        self._requests: dict[int, tuple[_RequestParts, Test]] = {}
 
     async def run(self, plan: Plan, inputs: RunInputs) -> RunResult:
         return await _Run(self, plan, inputs).execute()
 
-    def has_templates(self, spec: Expect) -> bool:
-        """Whether an expectation needs rendering; known once per spec, not per request."""
-        known = self._templated.get(id(spec))
+    def expect_renderer(self, spec: Expect) -> templating.Renderer | None:
+        """What renders an expectation's templates; None if it has none."""
+        known = self._expects.get(id(spec))
         if known is None:
-            known = self._templated[id(spec)] = (
-                next(templating.template_strings(msgspec.to_builtins(spec)), None) is not None,
-                spec,  # keeps id(spec) from being reused while it is cached
+            data = msgspec.to_builtins(spec)
+            has = next(templating.template_strings(data), None) is not None
+            known = self._expects[id(spec)] = (
+                templating.compile_value(data) if has else None,
+                spec,
             )
         return known[0]
+
+    def request_parts(self, test: Test, default_headers: dict[str, str]) -> _RequestParts:
+        known = self._requests.get(id(test))
+        if known is None:
+            known = self._requests[id(test)] = (
+                _RequestParts.of(test.request, default_headers),
+                test,
+            )
+        return known[0]
+
+
+@dataclass(frozen=True)
+class _RequestParts:
+    """A test's request, compiled: each part a function of the namespace."""
+
+    url: templating.Renderer
+    headers: templating.Renderer
+    json: templating.Renderer | None
+    body: templating.Renderer | None
+    form: templating.Renderer | None
+    params: templating.Renderer | None
+
+    @classmethod
+    def of(cls, request: Request, default_headers: dict[str, str]) -> _RequestParts:
+        def optional(value: Any) -> templating.Renderer | None:
+            return None if value is None else templating.compile_value(value)
+
+        return cls(
+            url=templating.compile_value(request.url),
+            headers=templating.compile_value({**default_headers, **request.headers}),
+            json=None if request.json is msgspec.UNSET else templating.compile_value(request.json),
+            body=optional(request.body),
+            form=optional(request.form),
+            params=optional(request.params or None),
+        )
 
 
 class _Failure(Exception):
@@ -295,9 +335,9 @@ class _TestRun:
             tags=self.test.tags,
         )
 
-    def _render(self, value: Any) -> Any:
+    def _render(self, renderer: templating.Renderer) -> Any:
         try:
-            return templating.render(value, self.run.namespace)
+            return renderer(self.run.namespace)
         except templating.TemplateError as exc:
             raise _Failure("template", f"template error: {exc}") from None
 
@@ -321,9 +361,10 @@ class _TestRun:
         raise AssertionError("unreachable")
 
     def _expect(self, expect: Expect | Until) -> Expect:
-        if not self.run.runner.has_templates(expect):
+        renderer = self.run.runner.expect_renderer(expect)
+        if renderer is None:
             return expect
-        rendered = self._render(msgspec.to_builtins(expect))
+        rendered = self._render(renderer)
         try:
             return msgspec.convert(rendered, Until if isinstance(expect, Until) else Expect)
         except msgspec.ValidationError as exc:
@@ -358,20 +399,20 @@ class _TestRun:
     async def _send(self) -> ResponseView:
         run, flow = self.run, self.run.flow
         request: Request = self.test.request
-        url = str(self._render(request.url))
+        parts = run.runner.request_parts(self.test, flow.defaults.headers)
+        url = str(self._render(parts.url))
         if "://" not in url:
             url = f"{run.base_url}/{url.lstrip('/')}"
-        headers = {**flow.defaults.headers, **request.headers}
-        headers = {str(k): str(v) for k, v in self._render(headers).items()}
+        headers = {str(k): str(v) for k, v in self._render(parts.headers).items()}
         content: bytes | str | None = None
-        if request.json is not msgspec.UNSET:
-            content = msgspec.json.encode(self._render(request.json))
+        if parts.json is not None:
+            content = msgspec.json.encode(self._render(parts.json))
             if not any(name.lower() == "content-type" for name in headers):
                 headers["content-type"] = "application/json"
-        elif request.body is not None:
-            content = str(self._render(request.body))
-        form = self._render(request.form) if request.form is not None else None
-        params = self._render(request.params) if request.params else None
+        elif parts.body is not None:
+            content = str(self._render(parts.body))
+        form = self._render(parts.form) if parts.form is not None else None
+        params = self._render(parts.params) if parts.params is not None else None
         timeout = seconds(request.timeout if request.timeout is not None else flow.defaults.timeout)
         follow = (
             request.follow_redirects
