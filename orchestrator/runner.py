@@ -82,6 +82,7 @@ class Runner:
         # its id is not reused while it is cached
         self._expects: dict[int, tuple[templating.Renderer | None, Expect]] = {}
         self._requests: dict[int, tuple[_RequestParts, Test]] = {}
+        self._secret_names: dict[int, tuple[set[str], Plan]] = {}
 
     async def run(self, plan: Plan, inputs: RunInputs) -> RunResult:
         return await _Run(self, plan, inputs).execute()
@@ -96,6 +97,12 @@ class Runner:
                 templating.compile_value(data) if has else None,
                 spec,
             )
+        return known[0]
+
+    def secret_names(self, plan: Plan) -> set[str]:
+        known = self._secret_names.get(id(plan))
+        if known is None:
+            known = self._secret_names[id(plan)] = (_secret_names(plan), plan)
         return known[0]
 
     def request_parts(self, test: Test, default_headers: dict[str, str]) -> _RequestParts:
@@ -148,7 +155,7 @@ class _Run:
         self.inputs = inputs
         self.stream = ev.run_stream(inputs.run_id)
         self.redactor = Redactor()
-        for name in _secret_names(plan):
+        for name in runner.secret_names(plan):
             if name in inputs.secrets:
                 self.redactor.add(inputs.secrets[name])
         self.namespace: dict[str, Any] = {}
