@@ -45,6 +45,10 @@ _STYLES = {
 _MARKS = {"passed": "✓", "failed": "✗", "skipped": "-"}
 _LIVE_REFRESH_S = 0.1
 _LIVE_ROWS = 8
+_SHOWN: frozenset[type[Event]] = frozenset(
+    {BatchStarted, RunStarted, TestFailed, TestSkipped, RunCancelled, RunCompleted}
+)
+_TRACKED = _SHOWN | {TestStarted, TestPassed}
 
 
 def color_enabled(stream: TextIO) -> bool:
@@ -96,12 +100,18 @@ class ConsoleProgress:
         self._paint = painter(self._color)
         self._want_live = _isatty(self._stream) if live is None else live
         self._runs: dict[str, _RunState] = {}
+        # most events (requests, responses, assertions, captures) change no line printed
+        # here, and -q prints only failures and the ends of runs; the live panel (which
+        # redraws at most every 0.1 s, on any event) still sees them all
+        self._wanted = _SHOWN if quiet else _TRACKED
         self._last_header = ""
         self._live: _LivePanel | None = None
         # the runner may report from worker threads; lines must not interleave
         self._lock = threading.Lock()
 
     def __call__(self, run_id: str, event: Event) -> None:
+        if type(event) not in self._wanted and not self._want_live:
+            return
         with self._lock:
             self._handle(run_id, event)
             if self._want_live:
