@@ -42,6 +42,7 @@ def _routers() -> list[ControllerRouterHandler]:
     from context_service.api.runs import RunController
     from context_service.api.suites import SuiteController
     from context_service.api.tests import TestCaseController
+    from context_service.dashboard import router as dashboard
     from context_service.realtime import RealtimeController
 
     return [
@@ -52,6 +53,7 @@ def _routers() -> list[ControllerRouterHandler]:
         EnvironmentController,
         RunController,
         KeyController,
+        dashboard,
         RealtimeController,
     ]
 
