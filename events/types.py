@@ -211,7 +211,7 @@ def new_id() -> uuid.UUID:
     # an id is made for every event
     made = _new_object(uuid.UUID)
     _set_attribute(made, "int", (time.time_ns() // 1_000_000) << 80 | low)
-    _set_attribute(made, "is_safe", uuid.SafeUUID.unknown)
+    _set_attribute(made, "is_safe", _UNKNOWN)
     return made
 
 
@@ -229,6 +229,7 @@ def _random_parts(count: int) -> list[int]:
 _RANDOM_PARTS: list[int] = []
 _new_object = object.__new__
 _set_attribute = object.__setattr__
+_UNKNOWN = uuid.SafeUUID.unknown  # an enum member: its attribute lookup is not free
 # a forked child must not hand out the ids its parent drew
 os.register_at_fork(after_in_child=_RANDOM_PARTS.clear)
 
