@@ -145,7 +145,7 @@ class RunClient(httpx.AsyncClient):
         merged.update(headers)
         request = httpx.Request(
             method,
-            url,
+            _url(url),
             params=params,
             headers=merged,
             content=content,
@@ -157,6 +157,13 @@ class RunClient(httpx.AsyncClient):
             if cookie is not None:
                 request.headers["Cookie"] = cookie
         return request
+
+
+@functools.lru_cache(maxsize=1024)
+def _url(text: str) -> httpx.URL:
+    # parsing is ~10 us; most of a flow's URLs (/auth/login, /catalog) repeat from run to
+    # run, and an httpx.URL never changes
+    return httpx.URL(text)
 
 
 @functools.lru_cache(maxsize=64)
