@@ -225,8 +225,3 @@ async def context_of(
     async with services.db.tenant(principal.organization_id) as conn:
         await stream_of(conn, run_id)
     return await _context(services, run_id, at)
-
-
-async def record_end(services: Services, org: uuid.UUID, run_id: uuid.UUID, state: str) -> None:
-    async with services.db.tenant(org) as conn:
-        await conn.execute(_DONE, run_id, state, "")

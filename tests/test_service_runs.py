@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 
 from context_service.keys import create_key
+from events.secrets import Cipher
 from examples.shop.server import serve as serve_shop
 from tests.conftest import LiveService
 
@@ -39,11 +40,11 @@ tests:
     expect:
       status: 200
       json: {"$.username": "{{ env.EXPECTED_USER }}", "$.user_id": "{{ user_id }}"}
-  orders:
+  echo:
     depends_on: [profile]
     request:
-      url: /orders
-      headers: {Authorization: "Bearer {{ auth.token }}"}
+      url: /echo
+      params: {seen: "{{ auth.token }}"}
     expect: {status: 200}
 """
 SLOW_FLOW = """
@@ -215,8 +216,22 @@ async def test_its_events_are_paged_by_position_in_order_without_a_secret(
     assert tokens and all(e["data"]["value"] == "***" for e in tokens)
 
 
+async def _clear_token(service: LiveService, run_id: str) -> str:
+    """The auth token a run captured, decrypted with the service's key."""
+    conn = await asyncpg.connect(service.settings.database_url)
+    try:
+        sealed = await conn.fetchval(
+            "SELECT data->>'value' FROM events WHERE stream = $1 AND type = 'AuthTokenUpdated'",
+            f"run-{run_id}",
+        )
+    finally:
+        await conn.close()
+    assert service.settings.secret_key is not None
+    return Cipher(service.settings.secret_key).decrypt(sealed)
+
+
 async def test_rerun_runs_only_what_did_not_pass_with_the_captured_token(
-    acme: Org, shop_url: str
+    acme: Org, shop_url: str, live_service: LiveService
 ) -> None:
     ids = await _project(acme, "rerun", shop_url, EXPECTED_USER="bob")
     suite = await _suite(acme, ids["project"], RERUN_FLOW)
@@ -242,7 +257,24 @@ async def test_rerun_runs_only_what_did_not_pass_with_the_captured_token(
     context = await acme.ok("GET", f"/api/v1/runs/{again['id']}/context")
     assert context["auth"] == {"token": "***"}
     assert context["captured"]["login"] == {"auth.token": "***", "user_id": 1}
-    assert context["statuses"] == {"profile": "passed", "orders": "passed"}
+    assert context["statuses"] == {"profile": "passed", "echo": "passed"}
+    # the reused token is a secret the runner did not capture itself: masked all the same
+    token = await _clear_token(live_service, first["id"])
+    echoed = next(
+        e["data"]["body_excerpt"]
+        for e in events
+        if e["type"] == "ResponseReceived" and e["data"]["test"] == "echo"
+    )
+    assert "***" in echoed
+    assert token not in json.dumps(events)
+    conn = await asyncpg.connect(live_service.settings.database_url)
+    try:
+        stored = await conn.fetch(
+            "SELECT data::text FROM events WHERE stream = $1", f"run-{again['id']}"
+        )
+    finally:
+        await conn.close()
+    assert stored and not any(token in row[0] for row in stored)
     # a run whose every test passed has nothing to rerun
     response = await acme.http.post(f"/api/v1/runs/{again['id']}/rerun")
     assert response.status_code == 409
