@@ -11,6 +11,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import msgspec
 import pytest
 
 from context_service.app import MAX_BODY_BYTES
@@ -74,6 +75,24 @@ async def test_health_needs_no_key_and_reports_each_dependency(live_service: Liv
     assert states == {"postgresql": "ok", "redis": "ok", "projector": "ok"}
     projector = next(d for d in health["dependencies"] if d["name"] == "projector")
     assert "behind" in projector["detail"]
+
+
+async def test_health_shows_a_dead_redis_as_degraded(
+    live_service: LiveService, redis_url: str
+) -> None:
+    """The context cache is only a cache: without Redis the service answers from the log."""
+    for url, state in (("redis://127.0.0.1:1/0", "degraded"), (redis_url, "ok")):
+        settings = msgspec.structs.replace(live_service.settings, redis_url=url)
+        other = LiveService(settings)
+        other.start()
+        try:
+            async with other.client() as client:
+                health = await _json(await client.get("/health"), 200)
+        finally:
+            other.stop()
+        assert health["status"] == state
+        redis = next(d for d in health["dependencies"] if d["name"] == "redis")
+        assert redis["status"] == state, redis
 
 
 async def test_every_api_route_needs_a_valid_key(live_service: LiveService) -> None:

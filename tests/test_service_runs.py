@@ -318,6 +318,19 @@ async def test_a_run_is_checked_before_it_starts(acme: Org, shop_url: str) -> No
     assert response.status_code == 422 and "another project" in response.json()["detail"]
     response = await acme.http.post("/api/v1/runs", json={"suite_id": str(uuid.uuid4())})
     assert response.status_code == 404
+    # a run reads its environment's variables, never the service's process environment
+    nosy = await _suite(
+        acme,
+        ids["project"],
+        SLOW_FLOW.replace("slow", "nosy").replace(
+            "{url: /health}", '{url: /health, params: {p: "{{ env.PATH }}"}}'
+        ),
+    )
+    response = await acme.http.post(
+        "/api/v1/runs", json={"suite_id": nosy, "environment_id": ids["environment"]}
+    )
+    assert response.status_code == 422
+    assert "environment variable PATH is not set" in response.json()["detail"]
 
 
 async def test_another_organization_gets_404_on_every_part_of_a_run(
