@@ -23,6 +23,13 @@ def _setter(header: str) -> web.RouteDef:
     return web.get("/set/" + header.split("=")[0], handler)
 
 
+async def _two(request: web.Request) -> web.Response:
+    response = web.json_response({})
+    response.headers.add("Set-Cookie", "first=1; Path=/")
+    response.headers.add("Set-Cookie", "second=2; Path=/")
+    return response
+
+
 async def _redirect(request: web.Request) -> web.Response:
     return web.Response(status=302, headers={"Location": "/echo", "Set-Cookie": "hop=1; Path=/"})
 
@@ -42,6 +49,7 @@ async def server() -> AsyncIterator[str]:
             web.get("/echo", _echo),
             web.get("/api/echo", _echo),
             web.get("/redirect", _redirect),
+            web.get("/set/two", _two),
             web.get("/latin", _latin),
             _setter("session=abc; Path=/"),
             _setter("scoped=1; Path=/api"),
@@ -107,7 +115,7 @@ async def test_a_cookie_header_in_the_request_wins(server: str) -> None:
 
 
 async def test_same_cookie_headers_as_a_plain_httpx_client(server: str) -> None:
-    steps = ["set/session", "echo", "set/scoped", "api/echo", "echo", "redirect", "api/echo"]
+    steps = ["set/session", "echo", "set/scoped", "api/echo", "set/two", "redirect", "api/echo"]
     async with RunClient() as ours, httpx.AsyncClient() as plain:
         for step in steps:
             assert await _get(ours, f"{server}/{step}") == await _get(plain, f"{server}/{step}")
