@@ -97,5 +97,7 @@ def translated(dsn: str) -> Iterator[None]:
         except asyncpg.InsufficientPrivilegeError:
             # a row-level security check: another organization's row, as far as we show
             raise NotFound("not found") from None
+        except (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError):
+            raise Unprocessable("text cannot hold the NUL character (\\u0000)") from None
         except (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError) as exc:
             raise Unprocessable(f"a value is not allowed here ({exc.sqlstate})") from None

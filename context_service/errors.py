@@ -159,6 +159,11 @@ def _store_error(request: Request[Any, Any, Any], exc: StoreError) -> Response[P
     return problem_response(request, 500, "the service failed to answer this request")
 
 
+def _not_utf8(request: Request[Any, Any, Any], exc: UnicodeError) -> Response[Problem]:
+    # a body or parameter that is not UTF-8, or a lone surrogate: the request's fault
+    return problem_response(request, 400, f"the request holds text that is not UTF-8: {exc}")
+
+
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
     _log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
     return problem_response(request, 500, "the service failed to answer this request")
@@ -168,6 +173,7 @@ EXCEPTION_HANDLERS: Mapping[Any, Any] = {
     ServiceError: _service_error,
     HTTPException: _http_error,
     StoreError: _store_error,
+    UnicodeError: _not_utf8,
     Exception: _unexpected,
 }
 """For ``Litestar(exception_handlers=...)``: every error as problem details."""

@@ -306,6 +306,7 @@ async def test_environment_secrets_are_write_only_and_encrypted(
         (b"[]", "Expected `object`"),
         (b'{"name": ""}', "length >= 1"),
         (b'{"name": "x", "description": null}', "Expected `str`"),
+        (b'{"name": "\xff\xfe"}', "not UTF-8"),
     ],
 )
 async def test_a_malformed_body_is_a_400_that_says_what_is_wrong(
@@ -316,6 +317,12 @@ async def test_a_malformed_body_is_a_400_that_says_what_is_wrong(
     )
     problem = _problem(response, 400)
     assert says in problem["detail"] + str(problem.get("errors"))
+
+
+async def test_text_with_a_nul_character_is_refused_with_a_422(admin: httpx.AsyncClient) -> None:
+    response = await admin.post("/api/v1/projects", json={"name": "a\u0000b"})
+    assert "NUL" in _problem(response, 422)["detail"]
+    assert "NUL" in _problem(await admin.get("/api/v1/runs?status=a%00"), 422)["detail"]
 
 
 async def test_oversized_bodies_and_flow_files_are_refused_with_413(
