@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Controller, Request, Response, WebSocket, get, websocket
 from litestar.datastructures import State
-from litestar.params import FromPath, QueryParameter
+from litestar.exceptions import WebSocketDisconnect
+from litestar.params import FromPath, HeaderParameter, QueryParameter
 from litestar.response import Stream
 
 from context_service.api.common import PrincipalDep, ServicesDep
@@ -39,11 +41,13 @@ from context_service.feed import TERMINAL, Entry, Feed, Hub, ProjectFeed, RunFee
 from context_service.keys import Principal
 from context_service.runs import stream_of
 from context_service.services import Services
+from events.store import StoreError
 from events.types import TestPassed
 
 FLAKY = "flaky_test_detected"
 HEARTBEAT = 15.0
 """Seconds between SSE comments on a quiet stream: proxies keep it open, clients see it alive."""
+_log = logging.getLogger("baton.service.realtime")
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _PREAMBLE = b"retry: 1000\n\n"
 _LAST = "SELECT position, type FROM events WHERE stream = $1 ORDER BY version DESC LIMIT 1"
@@ -51,6 +55,10 @@ _PROJECT = (
     "SELECT EXISTS (SELECT FROM service_projects WHERE id = $1)"
     " OR EXISTS (SELECT FROM projects WHERE id = $1)"
 )
+LastEventId = Annotated[
+    str | None,
+    HeaderParameter(name="Last-Event-ID", description="resume after this log position"),
+]
 Position = Annotated[
     int | None, QueryParameter(ge=0, le=2**62, description="resume after this log position")
 ]
@@ -150,16 +158,20 @@ async def _batches(hub: Hub, source: _Source) -> AsyncGenerator[list[Entry], Non
 
 async def _sse(hub: Hub, source: _Source) -> AsyncGenerator[bytes, None]:
     yield _PREAMBLE
-    async with contextlib.aclosing(_batches(hub, source)) as batches:
-        async for batch in batches:
-            if not batch:
-                yield b": ping\n\n"
-            else:
-                yield b"".join(_sse_of(entry, source.project) for entry in batch)
+    try:
+        async with contextlib.aclosing(_batches(hub, source)) as batches:
+            async for batch in batches:
+                if not batch:
+                    yield b": ping\n\n"
+                else:
+                    yield b"".join(_sse_of(entry, source.project) for entry in batch)
+    except StoreError as exc:
+        # the client reconnects with Last-Event-ID (after ``retry``) and loses nothing
+        _log.warning("a live stream ends: the event store failed: %s", exc)
 
 
-def _resume_point(request: Request[Any, Any, Any], after: int | None) -> int | None:
-    header = request.headers.get("last-event-id", "").strip()
+def _resume_point(header: str | None, after: int | None) -> int | None:
+    header = (header or "").strip()
     if not header:
         return after
     if not header.isdigit() or int(header) > 2**62:
@@ -179,11 +191,16 @@ async def _pump(socket: WebSocket[Any, Any, Any], hub: Hub, source: _Source) -> 
     """Send the source over an accepted socket until it ends or the client goes away."""
 
     async def send() -> None:
-        async with contextlib.aclosing(_batches(hub, source)) as batches:
-            async for batch in batches:
-                for entry in batch:
-                    for message in _ws_of(entry, source.project):
-                        await socket.send_data(message.decode(), mode="text")
+        try:
+            async with contextlib.aclosing(_batches(hub, source)) as batches:
+                async for batch in batches:
+                    for entry in batch:
+                        for message in _ws_of(entry, source.project):
+                            await socket.send_data(message.decode(), mode="text")
+        except StoreError as exc:
+            _log.warning("a live socket ends: the event store failed: %s", exc)
+            await socket.close(1011, "the event store is unavailable: reconnect with ?after=")
+            return
         await socket.close(1000, "the run has ended")
 
     async def until_gone() -> None:
@@ -198,8 +215,9 @@ async def _pump(socket: WebSocket[Any, Any, Any], hub: Hub, source: _Source) -> 
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     for task in done:
-        if not task.cancelled() and task.exception() is not None:
-            raise task.exception()  # type: ignore[misc]
+        failure = None if task.cancelled() else task.exception()
+        if failure is not None and not isinstance(failure, WebSocketDisconnect):
+            raise failure
 
 
 async def _serve_socket(
@@ -228,11 +246,12 @@ class RealtimeController(Controller):
         principal: PrincipalDep,
         run_id: FromPath[uuid.UUID],
         after: Position = None,
+        last_event_id: LastEventId = None,
     ) -> Response[Any]:
         """The run's events as Server-Sent Events (``id``: the log position), from the start
         or after ``Last-Event-ID``/``after``, live until RunCompleted or RunCancelled."""
         hub = hub_of(request.app.state, services)
-        start = _resume_point(request, after)
+        start = _resume_point(last_event_id, after)
         return _stream(hub, await _run_source(services, hub, principal, run_id, start))
 
     @get("/projects/{project_id:uuid}/stream", media_type="text/event-stream")
@@ -243,11 +262,12 @@ class RealtimeController(Controller):
         principal: PrincipalDep,
         project_id: FromPath[uuid.UUID],
         after: Position = None,
+        last_event_id: LastEventId = None,
     ) -> Response[Any]:
         """The run-level events of the project's runs as Server-Sent Events, from now on or
         after ``Last-Event-ID``/``after``, and ``flaky_test_detected``."""
         hub = hub_of(request.app.state, services)
-        start = _resume_point(request, after)
+        start = _resume_point(last_event_id, after)
         return _stream(hub, await _project_source(services, hub, principal, project_id, start))
 
     @websocket("/runs/{run_id:uuid}/ws")
