@@ -251,6 +251,26 @@ async def test_suites_are_checked_as_the_cli_checks_flow_files(
     assert "inline" in refused["detail"]
 
 
+async def test_flow_files_that_would_hurt_the_service_are_refused(
+    admin: httpx.AsyncClient,
+) -> None:
+    """Brackets nested deep enough to crash the YAML library's C code (the whole process),
+    and aliases that expand a few lines into billions of values: refused before decoding."""
+    project = await _json(await admin.post("/api/v1/projects", json={"name": "hostile"}), 201)
+    base = FLOW.format(name="hostile")
+    deep = base + "variables:\n  a: " + "[" * 100_000 + "]" * 100_000 + "\n"
+    laughs = (
+        base
+        + "variables:\n  l0: &l0 [a, a, a, a, a, a, a, a, a, a]\n"
+        + "".join(f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 10))
+    )
+    for content, says in ((deep, "nested more than"), (laughs, "aliases are expanded")):
+        body = {"project_id": project["id"], "content": content}
+        assert says in _problem(await admin.post("/api/v1/suites", json=body), 422)["detail"]
+    async with httpx.AsyncClient(base_url=str(admin.base_url)) as probe:
+        assert (await probe.get("/health")).status_code == 200  # still alive
+
+
 async def test_environment_secrets_are_write_only_and_encrypted(
     live_service: LiveService, admin: httpx.AsyncClient
 ) -> None:
