@@ -25,6 +25,7 @@ RELEASED = {
     3: "569a0707101897af72ba30423f618d377430ed2da843f96f8935658ec140ddea",
     4: "1b7af99024c620656de3ca7b0d18af00d07663b8aeaa9722e8df15590cfb428b",
     5: "c204e6b84f44c0fe43d2dd3810467aaabe3596c9af47d7c605a5431de6387eb1",
+    6: "8976fc6fc60f189052baf9e7382149c9e9ddeb8e1cd11eccd8acb2ad4bccb185",
 }
 STEP_NAMES = [
     "event store",
@@ -32,6 +33,7 @@ STEP_NAMES = [
     "read model",
     "row-level security by organization",
     "service tables and role",
+    "Supabase Realtime publication",
 ]
 
 
