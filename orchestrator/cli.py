@@ -322,7 +322,8 @@ def watch(run_id: str, supabase: bool, url: str, key: str | None) -> None:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         return
-    from context_service.watch import WatchError, format_event, watch_stream
+    from context_service.watch import WatchError, watch_stream
+    from orchestrator.inspect import format_event
 
     if not key:
         raise UsageError("watch needs an API key: --key or BATON_API_KEY (baton keys create)")

@@ -45,12 +45,17 @@ async def event_log(store: PostgresEventStore, run_id: str) -> str:
         raise UsageError(f"no run {run_id!r} in the event store (see `baton runs`)")
     lines = []
     for item in recorded:
-        payload = msgspec.to_builtins(item.event)
-        payload.pop("type", None)
-        detail = " ".join(f"{key}={_compact(value)}" for key, value in payload.items())
         time = item.recorded_at.strftime("%H:%M:%S.%f")[:-3]
-        lines.append(f"{item.position:>8} {item.version:>4} {time} {item.type:<18} {detail}")
+        payload = msgspec.to_builtins(item.event)
+        stamp = f"{item.version:>4} {time}"
+        lines.append(format_event(item.position, item.type, payload, stamp=stamp))
     return "\n".join(lines)
+
+
+def format_event(position: int, kind: str, payload: dict[str, Any]) -> str:
+    """One line of an event: position, type, its fields compacted."""
+    detail = " ".join(f"{key}={_compact(value)}" for key, value in payload.items() if key != "type")
+    return f"{position:>8} {kind:<18} {detail}"
 
 
 async def runs(store: PostgresEventStore, where: RunFilter) -> str:

@@ -240,7 +240,23 @@ class _Run:
                     del waiting[name]
                     running[asyncio.create_task(self._test(name))] = name
 
-        start_ready()
+        try:
+            start_ready()
+            await self._drain(running, waiting, start_ready)
+        finally:
+            # cancelled (baton run interrupted, or the service cancelling a run): its tests
+            # stop with it instead of finishing their requests unobserved
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+    async def _drain(
+        self,
+        running: dict[asyncio.Task[TestResult], str],
+        waiting: dict[str, set[str]],
+        start_ready: Callable[[], None],
+    ) -> None:
+        graph = self.plan.graph
         while running:
             done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
