@@ -52,10 +52,10 @@ async def event_log(store: PostgresEventStore, run_id: str) -> str:
     return "\n".join(lines)
 
 
-def format_event(position: int, kind: str, payload: dict[str, Any]) -> str:
-    """One line of an event: position, type, its fields compacted."""
+def format_event(position: int, kind: str, payload: dict[str, Any], *, stamp: str = "") -> str:
+    """One line of an event: position, (version and time), type, its fields compacted."""
     detail = " ".join(f"{key}={_compact(value)}" for key, value in payload.items() if key != "type")
-    return f"{position:>8} {kind:<18} {detail}"
+    return " ".join(part for part in (f"{position:>8}", stamp, f"{kind:<18}", detail) if part)
 
 
 async def runs(store: PostgresEventStore, where: RunFilter) -> str:
