@@ -340,6 +340,58 @@ def watch(run_id: str, supabase: bool, url: str, key: str | None) -> None:
         raise InfrastructureError(str(exc)) from None
 
 
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+def serve(host: str, port: int) -> None:
+    """Start the service: REST API, realtime streams, dashboard (OpenAPI at /schema)."""
+    from context_service.server import serve as run_service
+    from events.settings import Settings
+
+    run_service(host, port, Settings.from_env())
+
+
+@cli.group()
+def keys() -> None:
+    """API keys of the service."""
+
+
+@keys.command("create")
+@click.option(
+    "--org",
+    "organization",
+    default="default",
+    show_default=True,
+    help="The organization (a slug; created if missing).",
+)
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    default=["read", "run"],
+    show_default=True,
+    type=click.Choice(["read", "run", "admin"]),
+    help="Repeat for several.",
+)
+@click.option("--name", default="", help="What the key is for.")
+def create_key(organization: str, scopes: tuple[str, ...], name: str) -> None:
+    """Create a key and print it, once: it is stored only as a hash."""
+    from context_service.keys import InvalidKeyRequest
+    from context_service.keys import create_key as create
+    from events.settings import Settings
+    from events.store import StoreError
+
+    try:
+        key = asyncio.run(
+            create(Settings.from_env(), organization=organization, scopes=list(scopes), name=name)
+        )
+    except InvalidKeyRequest as exc:
+        raise UsageError(str(exc)) from None
+    except StoreError as exc:
+        raise InfrastructureError(f"event store unavailable: {exc}") from None
+    click.echo(key)
+
+
 @cli.group()
 def db() -> None:
     """The PostgreSQL schema: migrate, status."""
