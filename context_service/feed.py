@@ -211,8 +211,11 @@ class Hub:
                         listener = await self._listen()
                     self._ring.clear()  # before reading: a notice during it means go again
                     await self._read()
-                except StoreError as exc:
-                    _log.warning("realtime feed: %s; retrying", exc)
+                except Exception as exc:  # followers wait on this task: it must go on
+                    if isinstance(exc, StoreError):
+                        _log.warning("realtime feed: %s; retrying", exc)
+                    else:
+                        _log.exception("realtime feed failed; retrying")
                     await _closed(listener)
                     listener = None
                     self._ring.clear()
