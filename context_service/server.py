@@ -20,4 +20,7 @@ def serve(host: str, port: int, settings: Settings) -> None:
         # the app answers problem details itself; uvicorn's own headers add nothing
         server_header=False,
         proxy_headers=False,
+        # live streams never end on their own: bound the wait at shut-down; their clients
+        # resume with Last-Event-ID and lose nothing
+        timeout_graceful_shutdown=5,
     )
