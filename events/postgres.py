@@ -12,6 +12,7 @@ import asyncio
 import gc
 import logging
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
@@ -33,7 +34,7 @@ from events.store import (
     StreamAppend,
     WrongExpectedVersion,
 )
-from events.types import Event, RecordedEvent, encode, event_type
+from events.types import Event, RecordedEvent
 
 # SQLSTATE classes that mean "the server cannot serve us now", not "the request is wrong":
 # connection exceptions, insufficient resources, operator intervention (shutdown),
@@ -67,6 +68,7 @@ _LIST_STREAMS = (
 
 
 _decode_event = msgspec.json.Decoder(Event).decode
+_encode_event = msgspec.json.Encoder().encode
 
 # Set while the store runs one of its own statements on a pooled connection: none of them
 # can leave session state behind, so the connection goes back without the reset query.
@@ -114,22 +116,37 @@ def _own_statement() -> Iterator[None]:
         _OWN_STATEMENT.reset(token)
 
 
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Hold the cyclic collector off while a page of rows becomes events.
+class _GcPause:
+    """Holds the cyclic collector off while rows are fetched and become events.
 
-    10,000 rows allocate ~40,000 tracked objects, which sets off dozens of collections,
-    now and then a full one that walks every object of the process: measured, p90 of the
-    conversion 25 ms with the collector running and 9 ms without. The objects are all
-    alive afterwards anyway, and no other task runs during the (synchronous) block.
+    A 10,000-event read allocates ~50,000 tracked objects (asyncpg's records, then the
+    events), which sets off dozens of collections, now and then a full one that walks every
+    object of the process. Measured on such a read: client CPU p50 26 -> 22 ms and p90 44
+    -> 33 ms without them. Nothing a read allocates is garbage, and the pause lasts one
+    query. Reads may overlap (it spans the await): the first in turns the collector off,
+    the last out turns it back on, if it was on before the first.
     """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._resume = False
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._depth == 0:
+                self._resume = gc.isenabled()
+                gc.disable()
+            self._depth += 1
+
+    def __exit__(self, *_: object) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0 and self._resume:
+                gc.enable()
+
+
+_gc_paused = _GcPause()
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -209,12 +226,16 @@ class PostgresEventStore:
             streams.append(item.stream)
             expected.append(item.expected_version)
             counts.append(len(item.events))
-            for new in item.events:
-                ids.append(new.id)
-                types.append(event_type(new.event))
-                data.append(_jsonb_safe(encode(new.event)))
+            # comprehensions and the encoder's own method: ~40% less CPU than a call of
+            # event_type, encode and _jsonb_safe per event
+            events = [new.event for new in item.events]
+            ids += [new.id for new in item.events]
+            types += [type(event).__name__ for event in events]
+            data += [_encode_event(event) for event in events]
         if not streams:
             return []
+        if b"\\u0000" in b"".join(data):  # one scan; each document is whole, none spans two
+            data = [_jsonb_safe(item) for item in data]
         with _ErrorTranslator(self._dsn)(), _own_statement():
             flat: list[int] = await self._pool.fetchval(
                 _APPEND, streams, expected, counts, ids, types, data
@@ -227,26 +248,26 @@ class PostgresEventStore:
         return result
 
     async def read_stream(self, stream: str, after_version: int = 0) -> list[RecordedEvent]:
-        with _ErrorTranslator(self._dsn)(), _own_statement():
-            rows = await self._pool.fetch(_READ_STREAM, stream, after_version)
         decode = _decode_event
         recorded = RecordedEvent
         at = _Timestamps()
-        # positional arguments, in RecordedEvent's field order: id, stream, version,
-        # position, recorded_at, event
-        with _gc_paused():
+        with _gc_paused:
+            with _ErrorTranslator(self._dsn)(), _own_statement():
+                rows = await self._pool.fetch(_READ_STREAM, stream, after_version)
+            # positional arguments, in RecordedEvent's field order: id, stream, version,
+            # position, recorded_at, event
             return [
                 recorded(event_id, stream, version, position, at[micros], decode(data))
                 for position, version, event_id, micros, data in rows
             ]
 
     async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
-        with _ErrorTranslator(self._dsn)(), _own_statement():
-            rows = await self._pool.fetch(_READ_ALL, after_position, limit)
         decode = _decode_event
         recorded = RecordedEvent
         at = _Timestamps()
-        with _gc_paused():
+        with _gc_paused:
+            with _ErrorTranslator(self._dsn)(), _own_statement():
+                rows = await self._pool.fetch(_READ_ALL, after_position, limit)
             return [
                 recorded(event_id, stream, version, position, at[micros], decode(data))
                 for position, stream, version, event_id, micros, data in rows
