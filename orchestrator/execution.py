@@ -115,17 +115,26 @@ async def execute(
         concurrency=concurrency,
         observer=observer,
     )
+    # The read tables follow the run live (realtime subscribers watch them), projected in
+    # this process as appends commit; when the run ends only the tail is left to project.
+    from events.projections import Projector
+
+    projector = Projector(store)
+    stop = asyncio.Event()
+    following = asyncio.create_task(projector.serve(stop=stop))
     try:
         batches = [_run_job(runner, writer, job) for job in jobs]
         results = [result for group in await asyncio.gather(*batches) for result in group]
         await writer.aclose()
-        # inline: the read tables are current when `baton run` returns (~5% of a run's time)
-        from events.projections import project
-
-        await project(store)
+        stop.set()
+        await following
+        await projector.catch_up()
     except StoreError as exc:
         raise InfrastructureError(f"event store failed during the run: {exc}") from None
     finally:
+        stop.set()
+        following.cancel()
+        await asyncio.gather(following, return_exceptions=True)
         await transport.aclose()
         await store.aclose()
     return results
