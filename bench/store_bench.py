@@ -8,7 +8,7 @@ AuthTokenUpdated instead), TestPassed; RunCompleted last. Measured (see STORE.md
 
 1. batched append: 100-event batches through ``store.append`` (runs of 1,000 events, each
    append expecting the stream's version, as the writer does), one client, sequential;
-   beside it, in rotating rounds, the same rows inserted into identical bare tables
+   beside it, batch by batch in a rotating order, the same rows into identical bare tables
    (``LIKE events INCLUDING ALL``) with plain asyncpg: INSERT ... SELECT unnest(...) and
    executemany of a one-row INSERT; the faster INSERT is the floor. COPY is measured too,
    for reference: it is no INSERT, and nothing that checks versions can use it.
@@ -62,6 +62,7 @@ BODY = (
     ' "page": 1, "next": "/catalog?page=2", "generated_at": "2026-11-23T21:00:00Z"}'
 )
 APPLIED = "baton_bench_applied"
+TICKS = os.sysconf("SC_CLK_TCK")
 COLUMNS = ("stream", "version", "event_id", "type", "data")
 Row = tuple[str, int, Any, str, str]
 
@@ -129,6 +130,30 @@ async def timed(action: Callable[[], Awaitable[object]], times: int) -> list[flo
     return samples
 
 
+def cpu_of(pids: Sequence[int]) -> float:
+    """CPU seconds (user + system) the processes have used so far: the server's backends
+    are processes on this machine, so the bench can tell the server's CPU from its own."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone, or no /proc
+            continue
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / TICKS
+
+
+async def store_backends(store: PostgresEventStore, *others: asyncpg.Connection) -> list[int]:
+    """The server processes behind the store's pool (the database's, less ``others``)."""
+    skip = [other.get_server_pid() for other in others]
+    pids: list[int] = await store.pool.fetchval(
+        "SELECT array_agg(pid) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND NOT pid = ANY($1::int[])",
+        skip,
+    )
+    return pids
+
+
 @asynccontextmanager
 async def private_database(admin_dsn: str) -> AsyncIterator[str]:
     name = f"baton_bench_{secrets.token_hex(6)}"
@@ -191,17 +216,18 @@ async def batched_append(store: PostgresEventStore, dsn: str, batches: int) -> d
     }
     wall = dict.fromkeys(contenders, 0.0)
     cpu = dict.fromkeys(contenders, 0.0)
-    rounds = 5
-    size = -(-len(work) // rounds)  # contiguous: a stream's batches stay in version order
-    slices = [range(k * size, min(len(work), (k + 1) * size)) for k in range(rounds)]
+    server = dict.fromkeys(contenders, 0.0)
+    backends = {"baton": await store_backends(store, plain)}
     names = list(contenders)
-    for k, indices in enumerate(slices):  # every round, each contender takes the same slice
-        for name in names[k % len(names) :] + names[: k % len(names)]:
+    for i in range(len(work)):  # batch by batch, every contender, in a rotating order
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            pids = backends.get(name) or [plain.get_server_pid()]
+            server_started = cpu_of(pids)
             started, cpu_started = time.perf_counter(), time.process_time()
-            for i in indices:
-                await contenders[name](i)
+            await contenders[name](i)
             wall[name] += time.perf_counter() - started
             cpu[name] += time.process_time() - cpu_started
+            server[name] += cpu_of(pids) - server_started
     await plain.close()
     appended = sum(len(chunk) for _, _, chunk in work)
     rates = {name: appended / seconds for name, seconds in wall.items()}
@@ -211,6 +237,7 @@ async def batched_append(store: PostgresEventStore, dsn: str, batches: int) -> d
         "events": appended,
         "events_per_s": rates,
         "client_cpu_ms_per_batch": {n: c / len(work) * 1000 for n, c in cpu.items()},
+        "server_cpu_ms_per_batch": {n: c / len(work) * 1000 for n, c in server.items()},
         "floor": floor,
         "ratio": rates["baton"] / rates[floor],
     }
@@ -278,7 +305,14 @@ async def cache(
             await redis_cache.delete(big)
             await reader.context(big)
 
+        pids = await store_backends(store)
+        server, client_cpu = cpu_of(pids), time.process_time()
         result["miss_fold"] = ms(await timed(read_and_fold, folds))
+        calls = folds + min(folds, 20)  # with the warm-up
+        result["miss_fold_cpu_ms"] = {
+            "client": (time.process_time() - client_cpu) / calls * 1000,
+            "server": (cpu_of(pids) - server) / calls * 1000,
+        }
         result["miss_reader"] = ms(await timed(reader_miss, folds))
         result["read_stream"] = ms(await timed(lambda: store.read_stream(stream), folds))
         recorded = await store.read_stream(stream)
@@ -426,12 +460,16 @@ def report(r: dict[str, Any]) -> str:
     ]
     for label, m in details:
         lines.append(f"| {label} | {m['n']} | {m['p50']:.3f} | {m['p95']:.3f} | {m['p99']:.3f} |")
-    cpu = a["client_cpu_ms_per_batch"]
+    cpu, server = a["client_cpu_ms_per_batch"], a["server_cpu_ms_per_batch"]
+    fold_cpu = c["miss_fold_cpu_ms"]
     lines += [
         "",
-        "| 100-event batches, one client | events/s | client CPU ms/batch |",
-        "|---|---|---|",
-        *(f"| {n} | {rates[n]:,.0f} | {cpu[n]:.3f} |" for n in rates),
+        f"CPU per read + fold of 10,000 events: client {fold_cpu['client']:.1f} ms,"
+        f" server {fold_cpu['server']:.1f} ms",
+        "",
+        "| 100-event batches, one client | events/s | client CPU ms/batch | server CPU ms/batch |",
+        "|---|---|---|---|",
+        *(f"| {n} | {rates[n]:,.0f} | {cpu[n]:.3f} | {server[n]:.3f} |" for n in rates),
         "",
         f"projector: {p['pages']} pages, {p['mean_page']:.1f} events per page,"
         f" {p['lost']} appends never seen applied",
