@@ -7,8 +7,6 @@ observer (live progress), and returns plain result data for the reporters.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import email.utils
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -20,20 +18,16 @@ import httpx
 import msgspec
 
 from events import types as ev
-from events.context import assign_dotted
 from events.secrets import Cipher, Redactor
 from events.writer import BatchingWriter
 from orchestrator import templating
-from orchestrator.assertions import evaluate
-from orchestrator.captures import CaptureError, capture, is_secret
-from orchestrator.model import Expect, Request, Retry, Test, Until, retry_policy, seconds
+from orchestrator.model import Expect, Request, Test
 from orchestrator.planner import Plan
-from orchestrator.results import AssertionResult, Exchange, ResponseView, RunResult, TestResult
+from orchestrator.results import RunResult, TestResult
 from orchestrator.run_client import RunClient
-from orchestrator.run_client import text as response_text
+from orchestrator.testcase import TestExecution
 
 Observer = Callable[[str, ev.Event], None]
-EXCERPT = 2048
 
 
 @dataclass(frozen=True)
@@ -85,7 +79,7 @@ class Runner:
         self._secret_names: dict[int, tuple[set[str], Plan]] = {}
 
     async def run(self, plan: Plan, inputs: RunInputs) -> RunResult:
-        return await _Run(self, plan, inputs).execute()
+        return await RunExecution(self, plan, inputs).execute()
 
     def expect_renderer(self, spec: Expect) -> templating.Renderer | None:
         """What renders an expectation's templates; None if it has none."""
@@ -141,13 +135,7 @@ class _RequestParts:
         )
 
 
-class _Failure(Exception):
-    def __init__(self, category: ev.FailureCategory, message: str) -> None:
-        super().__init__(message)
-        self.category: ev.FailureCategory = category
-
-
-class _Run:
+class RunExecution:
     def __init__(self, runner: Runner, plan: Plan, inputs: RunInputs) -> None:
         self.runner = runner
         self.plan = plan
@@ -293,336 +281,7 @@ class _Run:
             self._skip(name, reason)
             return self.results[name]
         async with self.runner.slots:
-            return await _TestRun(self, name, test).execute()
-
-
-class _TestRun:
-    def __init__(self, run: _Run, name: str, test: Test) -> None:
-        self.run = run
-        self.name = name
-        self.test = test
-        self.attempt = 0
-        """Requests sent, polls and retries included."""
-        self.tries = 0
-        """Attempts in the sense of retries: what a flaky-test detector counts."""
-        self.unreported: ResponseView | None = None
-        self.exchange: Exchange | None = None
-        self.assertions: list[AssertionResult] = []
-        self.captured: dict[str, Any] = {}
-
-    async def execute(self) -> TestResult:
-        start = time.perf_counter()
-        try:
-            response = await self._send_until()
-            self._learn_secrets(response)
-            self._report_response()
-            self._check(response)
-            self._capture(response)
-        except _Failure as failure:
-            self._report_response()
-            duration = (time.perf_counter() - start) * 1000
-            message = self.run.redactor.redact(str(failure))
-            self.run.emit(
-                ev.TestFailed(
-                    test=self.name,
-                    attempts=self.tries,
-                    duration_ms=round(duration, 3),
-                    category=failure.category,
-                    message=message,
-                )
-            )
-            return self._result("failed", duration, failure.category, message)
-        duration = (time.perf_counter() - start) * 1000
-        self.run.emit(
-            ev.TestPassed(test=self.name, attempts=self.tries, duration_ms=round(duration, 3))
-        )
-        return self._result("passed", duration)
-
-    def _result(
-        self,
-        status: ev.TestStatus,
-        duration: float,
-        category: ev.FailureCategory | None = None,
-        message: str = "",
-    ) -> TestResult:
-        return TestResult(
-            name=self.name,
-            status=status,
-            duration_ms=round(duration, 3),
-            attempts=self.tries,
-            category=category,
-            message=message,
-            assertions=self.assertions,
-            captures=self.captured,
-            exchange=self.exchange if status == "failed" else None,
-            tags=self.test.tags,
-        )
-
-    def _render(self, renderer: templating.Renderer) -> Any:
-        try:
-            return renderer(self.run.namespace)
-        except templating.TemplateError as exc:
-            raise _Failure("template", f"template error: {exc}") from None
-
-    async def _send_until(self) -> ResponseView:
-        until = self.test.until
-        polls = until.max_attempts if until is not None else 1
-        for poll in range(1, polls + 1):
-            response = await self._send_with_retries()
-            if until is None:
-                return response
-            checks = evaluate(self._expect(until), response, base_dir=self.run.plan.loaded.base_dir)
-            if all(check.passed for check in checks):
-                return response
-            self._report_response()
-            if poll == polls:
-                self.assertions.extend(self._record(checks, "until "))
-                raise _Failure(
-                    "assertion", f"until: the condition still failed after {polls} attempts"
-                )
-            await asyncio.sleep(seconds(until.interval))
-        raise AssertionError("unreachable")
-
-    def _expect(self, expect: Expect | Until) -> Expect:
-        renderer = self.run.runner.expect_renderer(expect)
-        if renderer is None:
-            return expect
-        rendered = self._render(renderer)
-        try:
-            return msgspec.convert(rendered, Until if isinstance(expect, Until) else Expect)
-        except msgspec.ValidationError as exc:
-            raise _Failure("template", f"expectations after rendering: {exc}") from None
-
-    async def _send_with_retries(self) -> ResponseView:
-        flow = self.run.flow
-        policy = retry_policy(self.test.retries, flow.defaults.retries)
-        for retry in range(policy.attempts + 1):
-            self.attempt += 1
-            if retry or self.tries == 0:
-                self.tries = retry + 1
-                self.run.emit(ev.TestStarted(test=self.name, attempt=self.tries))
-            try:
-                response = await self._send()
-            except _Failure as failure:
-                if retry < policy.attempts and failure.category in policy_conditions(policy):
-                    await asyncio.sleep(_backoff(policy, retry))
-                    continue
-                raise
-            condition = "5xx" if response.status >= 500 else "429" if response.status == 429 else ""
-            if condition and condition in policy.on and retry < policy.attempts:
-                self._report_response()
-                wait = _retry_after(response.headers.get("retry-after"))
-                await asyncio.sleep(
-                    min(max(wait, _backoff(policy, retry)), seconds(policy.max_delay))
-                )
-                continue
-            return response
-        raise AssertionError("unreachable")
-
-    async def _send(self) -> ResponseView:
-        run, flow = self.run, self.run.flow
-        request: Request = self.test.request
-        parts = run.runner.request_parts(self.test, flow.defaults.headers)
-        url = str(self._render(parts.url))
-        if "://" not in url:
-            url = f"{run.base_url}/{url.lstrip('/')}"
-        headers = {str(k): str(v) for k, v in self._render(parts.headers).items()}
-        content: bytes | str | None = None
-        if parts.json is not None:
-            content = msgspec.json.encode(self._render(parts.json))
-            if not any(name.lower() == "content-type" for name in headers):
-                headers["content-type"] = "application/json"
-        elif parts.body is not None:
-            content = str(self._render(parts.body))
-        form = self._render(parts.form) if parts.form is not None else None
-        params = self._render(parts.params) if parts.params is not None else None
-        timeout = seconds(request.timeout if request.timeout is not None else flow.defaults.timeout)
-        follow = (
-            request.follow_redirects
-            if request.follow_redirects is not None
-            else flow.defaults.follow_redirects
-        )
-        redact = run.redactor.redact
-        self.run.emit(
-            ev.RequestSent(
-                test=self.name,
-                attempt=self.attempt,
-                method=request.method,
-                url=redact(url),
-                headers=run.redactor.mask_headers(headers),
-                body_excerpt=redact(_text(content or form or "")[:EXCERPT]),
-            )
-        )
-        started = time.perf_counter()
-        try:
-            prepared = run.client.prepare(
-                request.method,
-                url,
-                headers=headers,
-                content=content,
-                data=form,
-                params=params,
-                timeout=timeout,
-            )
-            response = await run.client.send(prepared, follow_redirects=follow)
-        except httpx.TimeoutException:
-            self._note_exchange(request.method, url, headers, content or form)
-            raise _Failure("timeout", f"no response within {timeout:g} s from {url}") from None
-        except httpx.TransportError as exc:
-            self._note_exchange(request.method, url, headers, content or form)
-            raise _Failure(
-                "connection", f"cannot reach {url}: {exc or type(exc).__name__}"
-            ) from None
-        elapsed = (time.perf_counter() - started) * 1000
-        joined: dict[str, str] = {}
-        for key, value in response.headers.multi_items():  # lower-case names
-            joined[key] = f"{joined[key]}, {value}" if key in joined else value
-        view = ResponseView(
-            status=response.status_code,
-            headers=joined,
-            text=response_text(response),
-            duration_ms=elapsed,
-            set_cookie=tuple(response.headers.get_list("set-cookie"))
-            if "set-cookie" in joined
-            else (),
-        )
-        self._note_exchange(request.method, url, headers, content or form)
-        self.unreported = view
-        return view
-
-    def _report_response(self) -> None:
-        """Record the last response. Deferred until the test's secret captures are known, so
-        a token is redacted in the very response that brings it."""
-        view, self.unreported = self.unreported, None
-        if view is None or self.exchange is None:
-            return
-        excerpt = self.run.redactor.redact(view.text[:EXCERPT])
-        masked = self.run.redactor.mask_headers(view.headers)
-        self.run.emit(
-            ev.ResponseReceived(
-                test=self.name,
-                attempt=self.attempt,
-                status=view.status,
-                headers=masked,
-                body_excerpt=excerpt,
-                timings=ev.Timings(total_ms=round(view.duration_ms, 3)),
-            )
-        )
-        self.exchange.status = view.status
-        self.exchange.response_headers = masked
-        self.exchange.response_excerpt = excerpt
-        self.exchange.duration_ms = round(view.duration_ms, 3)
-
-    def _learn_secrets(self, response: ResponseView) -> None:
-        for name, spec in self.test.capture.items():
-            if is_secret(name, spec):
-                # a capture that fails is reported when the captures run
-                with contextlib.suppress(CaptureError):
-                    self.run.redactor.add(_secret_text(capture(name, spec, response)))
-
-    def _note_exchange(self, method: str, url: str, headers: dict[str, str], body: Any) -> None:
-        redact = self.run.redactor.redact
-        self.exchange = Exchange(
-            method=method,
-            url=redact(url),
-            request_headers=self.run.redactor.mask_headers(headers),
-            request_body=redact(_text(body or "")[:EXCERPT]),
-        )
-
-    def _check(self, response: ResponseView) -> None:
-        if self.test.expect is None:
-            return
-        checks = evaluate(
-            self._expect(self.test.expect), response, base_dir=self.run.plan.loaded.base_dir
-        )
-        self.assertions.extend(self._record(checks))
-        failed = [check for check in checks if not check.passed]
-        if failed:
-            category: ev.FailureCategory = "server_error" if response.status >= 500 else "assertion"
-            first = failed[0]
-            raise _Failure(
-                category,
-                f"{len(failed)} of {len(checks)} checks failed; first: {first.subject} "
-                f"{first.predicate}: expected {_short(first.expected)}, "
-                f"got {_short(first.actual)}" + (f" ({first.message})" if first.message else ""),
-            )
-
-    def _record(self, checks: list[AssertionResult], prefix: str = "") -> list[AssertionResult]:
-        redact = self.run.redactor.redact_value
-        recorded = []
-        for check in checks:
-            safe = AssertionResult(
-                subject=prefix + check.subject,
-                predicate=check.predicate,
-                expected=redact(check.expected),
-                actual=redact(check.actual),
-                passed=check.passed,
-                message=self.run.redactor.redact(check.message),
-            )
-            recorded.append(safe)
-            self.run.emit(
-                ev.AssertionEvaluated(
-                    test=self.name,
-                    attempt=self.attempt,
-                    subject=safe.subject,
-                    predicate=safe.predicate,
-                    expected=safe.expected,
-                    actual=safe.actual,
-                    passed=safe.passed,
-                )
-            )
-        return recorded
-
-    def _capture(self, response: ResponseView) -> None:
-        run = self.run
-        for name, spec in self.test.capture.items():
-            try:
-                value = capture(name, spec, response)
-            except CaptureError as exc:
-                raise _Failure("capture", run.redactor.redact(str(exc))) from None
-            assign_dotted(run.namespace, name, value)
-            if is_secret(name, spec):
-                text = _secret_text(value)
-                run.redactor.add(text)
-                sealed = run.runner.cipher.encrypt(text)
-                self.captured[name] = "***"
-                if name.startswith("auth."):
-                    run.emit(ev.AuthTokenUpdated(test=self.name, name=name, value=sealed))
-                else:
-                    run.emit(
-                        ev.VariableCaptured(test=self.name, name=name, value=sealed, secret=True)
-                    )
-            else:
-                self.captured[name] = value
-                run.emit(ev.VariableCaptured(test=self.name, name=name, value=value))
-
-
-def policy_conditions(policy: Retry) -> set[ev.FailureCategory]:
-    wanted: set[ev.FailureCategory] = set()
-    if "timeout" in policy.on:
-        wanted.add("timeout")
-    if "connect" in policy.on:
-        wanted.add("connection")
-    return wanted
-
-
-def _backoff(policy: Retry, retry: int) -> float:
-    return min(seconds(policy.delay) * policy.backoff**retry, seconds(policy.max_delay))
-
-
-def _retry_after(value: str | None) -> float:
-    """Retry-After in seconds: a number, or an HTTP date; 0 when absent or unreadable."""
-    if not value:
-        return 0.0
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return 0.0
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+            return await TestExecution(self, name, test).execute()
 
 
 _SECRET_REFERENCE = re.compile(r"secrets\.(\w+)|secrets\[['\"](\w+)['\"]\]")
@@ -639,20 +298,3 @@ def _secret_names(plan: Plan) -> set[str]:
         for text in templating.template_strings(value):
             names.update(a or b for a, b in _SECRET_REFERENCE.findall(text))
     return names
-
-
-def _secret_text(value: Any) -> str:
-    return value if isinstance(value, str) else msgspec.json.encode(value).decode()
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, str):
-        return value
-    return msgspec.json.encode(value).decode()
-
-
-def _short(value: Any, limit: int = 120) -> str:
-    text = value if isinstance(value, str) and value == "<missing>" else _text(value)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
