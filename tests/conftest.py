@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,24 +35,33 @@ def _with_database(dsn: str, database: str) -> str:
     return f"{base}/{database}"
 
 
-# ---- database -----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-async def pg_server_dsn() -> AsyncIterator[str]:
-    """A fresh database on the PostgreSQL server, dropped when the session ends."""
+@asynccontextmanager
+async def private_database() -> AsyncIterator[str]:
+    """A new database on the PostgreSQL server, dropped (connections and all) on exit."""
     name = f"baton_test_{secrets.token_hex(6)}"
     admin = await asyncpg.connect(PG_ADMIN_DSN)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    yield _with_database(PG_ADMIN_DSN, name)
-    admin = await asyncpg.connect(PG_ADMIN_DSN)
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        yield _with_database(PG_ADMIN_DSN, name)
     finally:
-        await admin.close()
+        admin = await asyncpg.connect(PG_ADMIN_DSN)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+# ---- database -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+async def pg_server_dsn() -> AsyncIterator[str]:
+    """A fresh database on the PostgreSQL server, dropped when the session ends."""
+    async with private_database() as dsn:
+        yield dsn
 
 
 def _private_home() -> Path:
@@ -183,18 +193,8 @@ def private_redis() -> Iterator[RedisServer]:
 async def fresh_database_dsn() -> AsyncIterator[str]:
     """An empty database of its own on the PostgreSQL server (no schema), dropped after the
     test: for tests that need to know every row, or to see a schema applied from nothing."""
-    name = f"baton_test_{secrets.token_hex(6)}"
-    admin = await asyncpg.connect(PG_ADMIN_DSN)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield _with_database(PG_ADMIN_DSN, name)
-    admin = await asyncpg.connect(PG_ADMIN_DSN)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with private_database() as dsn:
+        yield dsn
 
 
 # ---- the service (context_service) ---------------------------------------------------------
@@ -247,18 +247,8 @@ class LiveService:
 @pytest.fixture(scope="module")
 async def service_database() -> AsyncIterator[str]:
     """A database of one test module's service, dropped at the module's end."""
-    name = f"baton_test_{secrets.token_hex(6)}"
-    admin = await asyncpg.connect(PG_ADMIN_DSN)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield _with_database(PG_ADMIN_DSN, name)
-    admin = await asyncpg.connect(PG_ADMIN_DSN)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with private_database() as dsn:
+        yield dsn
 
 
 @pytest.fixture(scope="module")

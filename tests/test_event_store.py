@@ -289,7 +289,7 @@ async def test_schema_applies_twice_without_change(
     finally:
         await conn.close()
     assert [tuple(r) for r in after] == [tuple(r) for r in before]
-    assert [(r["step"], r["name"]) for r in after][0] == (1, "event store")
+    assert (after[0]["step"], after[0]["name"]) == (1, "event store")
     assert "-- step 1: event store" in schema_sql()
     assert await store.stream_version(stream) == 1
     # processes starting together all apply the schema at once, without tripping over it
