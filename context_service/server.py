@@ -8,7 +8,13 @@ from events.settings import Settings
 def serve(host: str, port: int, settings: Settings) -> None:
     """Run the service on host:port (blocking). The database is BATON_DATABASE_URL's or the
     embedded default, the context cache Redis at BATON_REDIS_URL or in-process."""
+    import logging
+
     import uvicorn
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
     from context_service.app import create_app
 

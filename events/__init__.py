@@ -6,6 +6,7 @@ Importing this package does no I/O and does not import the database driver: ``ba
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from events.settings import Settings, mask_dsn
@@ -18,6 +19,11 @@ from events.store import (
     StreamAppend,
     WrongExpectedVersion,
 )
+
+# A library logs, an application decides where logs go: without this, Python's last-resort
+# handler would print the projector's retry warnings into `baton run`'s output. The service
+# configures logging (context_service.server) and shows them.
+logging.getLogger("baton").addHandler(logging.NullHandler())
 
 if TYPE_CHECKING:
     from events.postgres import PostgresEventStore
