@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
+import re
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -43,6 +44,20 @@ class Plan:
         return {dep: self.graph.edges[dep, test]["kind"] for dep in self.graph.predecessors(test)}
 
     @functools.cached_property
+    def secret_names(self) -> frozenset[str]:
+        """Every secret the flow mentions, also those only read under ``| default(...)``:
+        what a run's redactor must know before the first request."""
+        flow = self.loaded.flow
+        parts = [part for test in flow.tests.values() for part in test_parts(test)]
+        parts.append(("variables", flow.variables))
+        return frozenset(
+            a or b
+            for _, value in parts
+            for text in templating.template_strings(value)
+            for a, b in _SECRET_REFERENCE.findall(text)
+        )
+
+    @functools.cached_property
     def planned(self) -> list[PlannedTest]:
         """What RunStarted records of the plan; the same for every run of it."""
         tests = self.loaded.flow.tests
@@ -50,6 +65,9 @@ class Plan:
             PlannedTest(name, self.dependencies(name), definition_hash(tests[name]))
             for name in self.order
         ]
+
+
+_SECRET_REFERENCE = re.compile(r"secrets\.(\w+)|secrets\[['\"](\w+)['\"]\]")
 
 
 def definition_hash(test: object) -> str:

@@ -7,7 +7,6 @@ observer (live progress), and returns plain result data for the reporters.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -76,7 +75,6 @@ class Runner:
         # its id is not reused while it is cached
         self._expects: dict[int, tuple[templating.Renderer | None, Expect]] = {}
         self._requests: dict[int, tuple[_RequestParts, Test]] = {}
-        self._secret_names: dict[int, tuple[set[str], Plan]] = {}
 
     async def run(self, plan: Plan, inputs: RunInputs) -> RunResult:
         return await RunExecution(self, plan, inputs).execute()
@@ -91,12 +89,6 @@ class Runner:
                 templating.compile_value(data) if has else None,
                 spec,
             )
-        return known[0]
-
-    def secret_names(self, plan: Plan) -> set[str]:
-        known = self._secret_names.get(id(plan))
-        if known is None:
-            known = self._secret_names[id(plan)] = (_secret_names(plan), plan)
         return known[0]
 
     def request_parts(self, test: Test, default_headers: dict[str, str]) -> _RequestParts:
@@ -143,7 +135,7 @@ class RunExecution:
         self.inputs = inputs
         self.stream = ev.run_stream(inputs.run_id)
         self.redactor = Redactor()
-        for name in runner.secret_names(plan):
+        for name in plan.secret_names:
             if name in inputs.secrets:
                 self.redactor.add(inputs.secrets[name])
         self.namespace: dict[str, Any] = {}
@@ -282,19 +274,3 @@ class RunExecution:
             return self.results[name]
         async with self.runner.slots:
             return await TestExecution(self, name, test).execute()
-
-
-_SECRET_REFERENCE = re.compile(r"secrets\.(\w+)|secrets\[['\"](\w+)['\"]\]")
-
-
-def _secret_names(plan: Plan) -> set[str]:
-    """Every secret a flow mentions, also those only read under ``| default(...)``."""
-    from orchestrator.loader import test_parts
-
-    names: set[str] = set()
-    parts = [part for test in plan.loaded.flow.tests.values() for part in test_parts(test)]
-    parts.append(("variables", plan.loaded.flow.variables))
-    for _, value in parts:
-        for text in templating.template_strings(value):
-            names.update(a or b for a, b in _SECRET_REFERENCE.findall(text))
-    return names
