@@ -380,5 +380,5 @@ def _text(value: Any) -> str:
 
 
 def _short(value: Any, limit: int = 120) -> str:
-    text = value if isinstance(value, str) and value == "<missing>" else _text(value)
+    text = _text(value)
     return text if len(text) <= limit else text[: limit - 1] + "…"
