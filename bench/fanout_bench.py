@@ -67,8 +67,10 @@ def serve(port: int, projector: bool) -> None:
     """The service on ``port``; without its projector for ``--no-projector`` (the bench
     then projects the runs' RunStarted itself: the runs must be in the read tables)."""
     import uvicorn
+    import uvloop
 
     from context_service.app import create_app
+    from context_service.server import UVICORN_OPTIONS
     from context_service.services import Services
 
     settings = Settings.from_env()
@@ -78,14 +80,16 @@ def serve(port: int, projector: bool) -> None:
         if not projector and services._projector_task is not None:
             services._projector_task.cancel()
         app = create_app(settings, services=services)
-        config = uvicorn.Config(app, port=port, log_level="warning", access_log=False)
+        config = uvicorn.Config(
+            app, port=port, log_level="warning", access_log=False, **UVICORN_OPTIONS
+        )
         try:
             await uvicorn.Server(config).serve()
         finally:
             await services.aclose()
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run())
+        uvloop.run(run())  # the loop uvicorn.run would choose for `baton serve`
 
 
 # ---- subscribers (a process of their own) --------------------------------------------------

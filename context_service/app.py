@@ -3,7 +3,8 @@ app starts (its lifespan opens the services and closes them at shut-down).
 
 Routers of other modules (realtime streams, dashboard pages, the Supabase adapter) join
 through ``extra_routers``; they get the same dependencies (``services``, ``principal``,
-``page``), the same API-key middleware and scope guard, and the same problem details.
+``page``), the same API-key middleware (a key with the scope the route needs), and the
+same problem details.
 """
 
 from __future__ import annotations
@@ -98,7 +99,6 @@ def create_app(
         route_handlers=[*_routers(), *extra_routers],
         lifespan=[lifespan],
         middleware=[auth.middleware()],
-        guards=[auth.scope_guard],
         dependencies=DEPENDENCIES,
         exception_handlers=dict(EXCEPTION_HANDLERS),
         openapi_config=openapi,

@@ -23,9 +23,8 @@ from litestar.middleware.authentication import (
     AuthenticationResult,
 )
 
-from context_service.database import translated
 from context_service.errors import Forbidden, Unauthorized
-from context_service.keys import Principal, Scope, authenticate
+from context_service.keys import Principal, Scope
 
 PUBLIC_PATHS = ["^/health$", "^/schema"]
 """Regular expressions of the paths that need no key."""
@@ -58,11 +57,13 @@ class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
                 "an API key is required: send 'Authorization: Bearer <key>' or "
                 "'X-API-Key: <key>' (create one with `baton keys create`)"
             )
-        store = connection.app.state.services.db.store
-        with translated(store.dsn):
-            principal = await authenticate(store.pool, key)
+        principal = await connection.app.state.services.db.principal(key)
         if principal is None:
             raise Unauthorized("this API key is not valid (unknown or revoked)")
+        handler = connection.scope["route_handler"]
+        scope = required_scope(connection, handler)
+        if not principal.allows(scope):
+            raise Forbidden(f"this API key lacks the {scope!r} scope this request needs")
         return AuthenticationResult(user=principal, auth=principal.key_id)
 
 
@@ -79,16 +80,6 @@ def required_scope(
     if scope in ("read", "run", "admin"):
         return scope  # type: ignore[no-any-return]
     return "read" if connection.scope.get("method", "GET") in _READ_METHODS else "admin"
-
-
-def scope_guard(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-    """The app's guard: the key's scopes must include what the route needs."""
-    principal = connection.scope.get("user")
-    if not isinstance(principal, Principal):
-        return  # a public route: the middleware let it through without a key
-    scope = required_scope(connection, handler)
-    if not principal.allows(scope):
-        raise Forbidden(f"this API key lacks the {scope!r} scope this request needs")
 
 
 def principal_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:

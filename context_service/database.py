@@ -12,16 +12,29 @@ This module is where driver errors become the service's errors (problem details)
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 import asyncpg
 
 from context_service.errors import Conflict, NotFound, Unavailable, Unprocessable
+from context_service.keys import Principal, authenticate, digest
 from events.postgres import PostgresEventStore, driver_errors
 
 ROLE = "baton_service"
+OWNED_RUN = (
+    "SELECT stream FROM test_runs WHERE id = $1"
+    " UNION ALL SELECT 'run-' || id::text FROM service_runs WHERE id = $1 LIMIT 1"
+)
+"""A run's stream, if the organization of the transaction has the run (test_runs is the
+projector's, service_runs the service's, perhaps not projected yet)."""
+_KNOWN_RUNS = 20_000
+KEY_TTL = 5.0
+"""Seconds a key's principal is reused without asking the database again: a key revoked
+through another service process stops working within this time (through this one, at once)."""
+_KNOWN_KEYS = 10_000
 _ENTER = "SELECT set_config('role', $1, true), set_config('baton.organization_id', $2, true)"
 _ROLE_USABLE = (
     "SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = $1)"
@@ -47,8 +60,14 @@ _DUPLICATES = {
 class Database:
     """Transactions on the event store's pool; see the module's docstring."""
 
-    def __init__(self, store: PostgresEventStore) -> None:
+    def __init__(
+        self, store: PostgresEventStore, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._store = store
+        self._clock = clock
+        self._owned_runs: dict[tuple[uuid.UUID, uuid.UUID], str] = {}
+        self._principals: dict[bytes, tuple[Principal, float]] = {}
+        """By the key's digest: the key itself is not kept."""
 
     @property
     def store(self) -> PostgresEventStore:
@@ -72,6 +91,45 @@ class Database:
             async with self._store.pool.acquire() as conn, conn.transaction():
                 await conn.fetchrow(_ENTER, ROLE, str(organization))
                 yield conn
+
+    async def principal(self, key: str) -> Principal | None:
+        """The principal of an API key, None if it is unknown or revoked. A known key is
+        looked up at most once every KEY_TTL seconds: a round trip less on most requests."""
+        now = self._clock()
+        known = self._principals.get(key_digest := digest(key))
+        if known is not None and known[1] > now:
+            return known[0]
+        with translated(self._store.dsn):
+            principal = await authenticate(self._store.pool, key)
+        if principal is None:
+            self._principals.pop(key_digest, None)
+            return None
+        if len(self._principals) >= _KNOWN_KEYS:
+            self._principals.clear()  # a cache: a forgotten key is looked up again
+        self._principals[key_digest] = (principal, now + KEY_TTL)
+        return principal
+
+    def forget_key(self, key_id: uuid.UUID) -> None:
+        """Stop reusing the principal of a key (revoked through this process)."""
+        for key, (principal, _) in list(self._principals.items()):
+            if principal.key_id == key_id:
+                del self._principals[key]
+
+    async def run_stream(self, organization: uuid.UUID, run_id: uuid.UUID) -> str:
+        """The run's stream if ``organization`` has the run, else NotFound. A run never
+        changes organization, so a yes is remembered (for the last ``_KNOWN_RUNS`` runs
+        asked about): reading a run again and again costs no ownership query."""
+        known = (organization, run_id)
+        stream = self._owned_runs.get(known)
+        if stream is None:
+            async with self.tenant(organization) as conn:
+                stream = await conn.fetchval(OWNED_RUN, run_id)
+            if stream is None:
+                raise NotFound(f"no run {run_id}")
+            if len(self._owned_runs) >= _KNOWN_RUNS:
+                self._owned_runs.clear()  # a cache: a forgotten run is asked about again
+            self._owned_runs[known] = stream
+        return stream
 
     @asynccontextmanager
     async def owner(self) -> AsyncIterator[asyncpg.Connection]:

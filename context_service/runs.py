@@ -20,6 +20,7 @@ import asyncpg
 import msgspec
 
 from context_service.api.suites import fetch_suite
+from context_service.database import OWNED_RUN
 from context_service.errors import Conflict, NotFound, Unprocessable
 from context_service.flows import check_run, load_text
 from context_service.keys import Principal
@@ -32,10 +33,6 @@ from events.secrets import SecretError
 from orchestrator.planner import Plan
 from orchestrator.runner import RunInputs
 
-_OWNED = (
-    "SELECT stream FROM test_runs WHERE id = $1"
-    " UNION ALL SELECT 'run-' || id::text FROM service_runs WHERE id = $1 LIMIT 1"
-)
 _ORIGIN = """
 SELECT coalesce(sr.suite_id, t.suite_id), coalesce(sr.environment_id, t.environment_id),
        coalesce(sr.variables, '{}'),
@@ -68,7 +65,7 @@ class _Environment(msgspec.Struct, frozen=True):
 
 async def stream_of(conn: asyncpg.Connection, run_id: uuid.UUID) -> str:
     """The run's stream, if the caller's organization has the run; else NotFound."""
-    stream: str | None = await conn.fetchval(_OWNED, run_id)
+    stream: str | None = await conn.fetchval(OWNED_RUN, run_id)
     if stream is None:
         raise NotFound(f"no run {run_id}")
     return stream
@@ -222,6 +219,5 @@ async def _planned(services: Services, stream: str) -> list[str]:
 async def context_of(
     services: Services, principal: Principal, run_id: uuid.UUID, at: int | None
 ) -> Context:
-    async with services.db.tenant(principal.organization_id) as conn:
-        await stream_of(conn, run_id)
+    await services.db.run_stream(principal.organization_id, run_id)
     return await _context(services, run_id, at)

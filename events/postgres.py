@@ -15,7 +15,6 @@ import re
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
@@ -70,10 +69,6 @@ _LIST_STREAMS = (
 _decode_event = msgspec.json.Decoder(Event).decode
 _encode_event = msgspec.json.Encoder().encode
 
-# Set while the store runs one of its own statements on a pooled connection: none of them
-# can leave session state behind, so the connection goes back without the reset query.
-_OWN_STATEMENT: ContextVar[bool] = ContextVar("baton_own_statement", default=False)
-
 
 async def apply_schema(conn: asyncpg.Connection) -> None:
     """Apply the steps of schema.sql the database lacks (events.migrations): idempotent, and
@@ -94,26 +89,14 @@ def _quiet_driver_logs() -> None:
         logger.addHandler(logging.NullHandler())
 
 
-async def _reset_connection(conn: asyncpg.Connection) -> None:
+async def _keep_session(conn: asyncpg.Connection) -> None:
     # asyncpg's default reset (UNLISTEN, RESET ALL, advisory unlock, CLOSE ALL) is one more
-    # round trip on every release: ~0.15 ms on a 0.2 ms stream_version, a third of a
-    # single-event append. The store's statements change no session state, so they skip
-    # it; whatever else borrows the pool (projections, the service) gets the full reset.
+    # round trip on every release: ~0.15 ms on a 0.2 ms stream_version, and a sixth of the
+    # service's CPU per context read (bench/API.md). Nothing Baton runs on a pooled
+    # connection leaves session state behind: settings are transaction-local (set_config's
+    # is_local), advisory locks transaction-scoped, and LISTEN has connections of its own.
     # asyncpg has rolled back any open transaction before calling this.
-    if _OWN_STATEMENT.get():
-        return
-    query = conn.get_reset_query()
-    if query:
-        await conn.execute(query)
-
-
-@contextmanager
-def _own_statement() -> Iterator[None]:
-    token = _OWN_STATEMENT.set(True)
-    try:
-        yield
-    finally:
-        _OWN_STATEMENT.reset(token)
+    return None
 
 
 class _GcPause:
@@ -187,7 +170,7 @@ class PostgresEventStore:
                     max_size=max_size,
                     timeout=connect_timeout,
                     init=_init_connection,
-                    reset=_reset_connection,
+                    reset=_keep_session,
                 )
         except ValueError as exc:
             reason = store_errors.scrub(str(exc))
@@ -214,45 +197,36 @@ class PostgresEventStore:
         return self._dsn
 
     async def append(self, appends: Sequence[StreamAppend]) -> list[list[int]]:
-        streams: list[str] = []
-        expected: list[int] = []
-        counts: list[int] = []
-        ids: list[Any] = []
-        types: list[str] = []
-        data: list[bytes] = []
-        for item in appends:
-            if item.expected_version < ANY_VERSION:
-                raise ValueError(f"expected_version {item.expected_version} is not a version")
-            streams.append(item.stream)
-            expected.append(item.expected_version)
-            counts.append(len(item.events))
-            # comprehensions and the encoder's own method: ~40% less CPU than a call of
-            # event_type, encode and _jsonb_safe per event
-            events = [new.event for new in item.events]
-            ids += [new.id for new in item.events]
-            types += [type(event).__name__ for event in events]
-            data += [_encode_event(event) for event in events]
-        if not streams:
+        arguments, counts = _append_arguments(appends)
+        if not counts:
             return []
-        if b"\\u0000" in b"".join(data):  # one scan; each document is whole, none spans two
-            data = [_jsonb_safe(item) for item in data]
-        with _ErrorTranslator(self._dsn)(), _own_statement():
-            flat: list[int] = await self._pool.fetchval(
-                _APPEND, streams, expected, counts, ids, types, data
-            )
-        result: list[list[int]] = []
-        start = 0
-        for count in counts:
-            result.append(flat[start : start + count])
-            start += count
-        return result
+        with _ErrorTranslator(self._dsn)():
+            flat: list[int] = await self._pool.fetchval(_APPEND, *arguments)
+        return _per_append(flat, counts)
+
+    async def append_in_transaction(
+        self, conn: asyncpg.Connection, appends: Sequence[StreamAppend]
+    ) -> list[list[int]]:
+        """``append`` on ``conn`` (a connection of this store's pool, in a transaction of the
+        caller's): the events commit or roll back with whatever else that transaction writes.
+
+        The append takes the commit-order lock, which every append waits for, and it is held
+        until the caller's transaction ends: append last, then commit, with nothing between
+        that waits on a lock another append could hold (see Projector for the reasoning).
+        """
+        arguments, counts = _append_arguments(appends)
+        if not counts:
+            return []
+        with _ErrorTranslator(self._dsn)():
+            flat: list[int] = await conn.fetchval(_APPEND, *arguments)
+        return _per_append(flat, counts)
 
     async def read_stream(self, stream: str, after_version: int = 0) -> list[RecordedEvent]:
         decode = _decode_event
         recorded = RecordedEvent
         at = _Timestamps()
         with _gc_paused:
-            with _ErrorTranslator(self._dsn)(), _own_statement():
+            with _ErrorTranslator(self._dsn)():
                 rows = await self._pool.fetch(_READ_STREAM, stream, after_version)
             # positional arguments, in RecordedEvent's field order: id, stream, version,
             # position, recorded_at, event
@@ -266,7 +240,7 @@ class PostgresEventStore:
         recorded = RecordedEvent
         at = _Timestamps()
         with _gc_paused:
-            with _ErrorTranslator(self._dsn)(), _own_statement():
+            with _ErrorTranslator(self._dsn)():
                 rows = await self._pool.fetch(_READ_ALL, after_position, limit)
             return [
                 recorded(event_id, stream, version, position, at[micros], decode(data))
@@ -274,12 +248,12 @@ class PostgresEventStore:
             ]
 
     async def stream_version(self, stream: str) -> int:
-        with _ErrorTranslator(self._dsn)(), _own_statement():
+        with _ErrorTranslator(self._dsn)():
             version: int | None = await self._pool.fetchval(_STREAM_VERSION, stream)
         return version or 0
 
     async def list_streams(self, prefix: str, limit: int = 50) -> list[str]:
-        with _ErrorTranslator(self._dsn)(), _own_statement():
+        with _ErrorTranslator(self._dsn)():
             rows = await self._pool.fetch(_LIST_STREAMS, prefix, limit)
         return [row[0] for row in rows]
 
@@ -292,6 +266,41 @@ class PostgresEventStore:
                 await asyncio.wait_for(self._pool.close(), _CLOSE_TIMEOUT)
         except StoreUnavailable:
             self._pool.terminate()
+
+
+def _append_arguments(appends: Sequence[StreamAppend]) -> tuple[list[Any], list[int]]:
+    """The arrays of one baton_append call (see schema.sql), and the events per append."""
+    streams: list[str] = []
+    expected: list[int] = []
+    counts: list[int] = []
+    ids: list[Any] = []
+    types: list[str] = []
+    data: list[bytes] = []
+    for item in appends:
+        if item.expected_version < ANY_VERSION:
+            raise ValueError(f"expected_version {item.expected_version} is not a version")
+        streams.append(item.stream)
+        expected.append(item.expected_version)
+        counts.append(len(item.events))
+        # comprehensions and the encoder's own method: ~40% less CPU than a call of
+        # event_type, encode and _jsonb_safe per event
+        events = [new.event for new in item.events]
+        ids += [new.id for new in item.events]
+        types += [type(event).__name__ for event in events]
+        data += [_encode_event(event) for event in events]
+    if b"\\u0000" in b"".join(data):  # one scan; each document is whole, none spans two
+        data = [_jsonb_safe(item) for item in data]
+    return [streams, expected, counts, ids, types, data], counts
+
+
+def _per_append(flat: list[int], counts: list[int]) -> list[list[int]]:
+    """baton_append's flat positions, split back into one list per append."""
+    result: list[list[int]] = []
+    start = 0
+    for count in counts:
+        result.append(flat[start : start + count])
+        start += count
+    return result
 
 
 class _Timestamps(dict[int, datetime]):

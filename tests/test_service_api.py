@@ -15,8 +15,10 @@ import msgspec
 import pytest
 
 from context_service.app import MAX_BODY_BYTES
+from context_service.database import KEY_TTL, Database
 from context_service.flows import MAX_FLOW_BYTES
 from context_service.keys import create_key
+from events.postgres import PostgresEventStore
 from tests.cli import baton
 from tests.conftest import LiveService
 
@@ -148,6 +150,31 @@ async def test_keys_are_shown_once_stored_hashed_and_revocable(
         _problem(await client.get("/api/v1/runs"), 401)
     body = _problem(await admin.post("/api/v1/keys", json={"name": "k", "scopes": ["root"]}), 400)
     assert any("scopes" in error["location"] for error in body["errors"])
+
+
+async def test_a_key_revoked_elsewhere_stops_working_within_the_key_ttl(
+    live_service: LiveService, admin: httpx.AsyncClient
+) -> None:
+    # another service process revokes it: this one reuses what it knew for KEY_TTL, no longer
+    created = await _json(
+        await admin.post("/api/v1/keys", json={"name": "ci", "scopes": ["read"]}), 201
+    )
+    now = [1000.0]
+    store = await PostgresEventStore.connect(live_service.settings.database_url)
+    try:
+        database = Database(store, clock=lambda: now[0])
+        principal = await database.principal(created["key"])
+        assert principal is not None and principal.scopes == {"read"}
+        await store.pool.execute(
+            "UPDATE api_credentials SET revoked_at = now() WHERE id = $1::uuid", created["id"]
+        )
+        now[0] += KEY_TTL - 0.1
+        assert await database.principal(created["key"]) == principal
+        now[0] += 0.2
+        assert await database.principal(created["key"]) is None
+        assert await database.principal("bk_" + "x" * 43) is None
+    finally:
+        await store.aclose()
 
 
 async def test_projects_crud_and_list_conventions(admin: httpx.AsyncClient) -> None:

@@ -87,12 +87,14 @@ class KeyController(Controller):
     async def revoke_key(
         self, services: ServicesDep, principal: PrincipalDep, key_id: FromPath[uuid.UUID]
     ) -> None:
-        """Revoke a key: it stops working at once (the calling key too, if it is this one)."""
+        """Revoke a key: it stops working at once on this service process (the calling key
+        too, if it is this one) and within 5 seconds on others (KEY_TTL)."""
         async with services.db.tenant(principal.organization_id) as conn:
             status = await conn.execute(
                 "UPDATE api_credentials SET revoked_at = now() WHERE id = $1"
                 " AND revoked_at IS NULL",
                 key_id,
             )
+        services.db.forget_key(key_id)
         if status == "UPDATE 0":
             raise NotFound(f"no active key {key_id}")

@@ -286,8 +286,7 @@ class RunController(Controller):
         limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
     ) -> EventPage:
         """The run's events after position ``after``, in log order (secrets masked)."""
-        async with services.db.tenant(principal.organization_id) as conn:
-            stream = await runs.stream_of(conn, run_id)
+        stream = await services.db.run_stream(principal.organization_id, run_id)
         async with services.db.owner() as conn:
             rows = await conn.fetch(_EVENTS, stream, after, limit)
         items = [
