@@ -5,17 +5,22 @@ A private database on the PostgreSQL server (created, dropped at the end); the s
 ``fanout_bench.py --serve`` starts it) with the Redis context cache (``BATON_REDIS_URL``)
 and then without it (the in-process cache); a key of organization ``bench``; one real run
 started through the API against the demo shop (``examples/shop/checkout.yaml``, 10 tests),
-waited for until it ended. Then ``--clients`` concurrent clients (aiohttp, one connection
-each, in this process, not the service's) read the run's context back to back for
-``--seconds``; a warm-up read first fills the cache. Every answer must be 200 and
+waited for until it ended. Then, for each of ``--rates``, ``--clients`` concurrent clients
+(aiohttp, one connection each, in this process, not the service's) read the run's context
+for ``--seconds``: at rate 0 back to back (closed loop: the service's saturation, where
+latency is queueing, clients / throughput), else together that many reads/s on a fixed
+schedule (open loop). A warm-up read first fills the cache. Every answer must be 200 and
 byte-identical to the first one. Then one client alone for ``--single-seconds``: the
 latency without queueing.
 
-Latency = send to body read, as the client sees it (perf_counter). Requests/s over the
-whole window. CPU: user + system of the service process and of this one.
+Latency, as the client sees it (perf_counter): closed loop, send to body read; open loop,
+from the moment the read was due to body read (a read delayed behind a slow one counts
+its wait). Requests/s over the whole window. CPU: user + system of the service process
+and of this one.
 
-    python bench/api_bench.py [--clients 20] [--seconds 10] [--repeat 1] [--pg DSN]
-        [--redis redis://127.0.0.1:6379/0] [--backend redis|memory ...] [--json FILE]
+    python bench/api_bench.py [--clients 20] [--seconds 10] [--rates 0 500 1000 1500]
+        [--repeat 1] [--pg DSN] [--redis redis://127.0.0.1:6379/0]
+        [--backend redis|memory ...] [--json FILE]
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import gc
 import json
 import os
 import secrets
@@ -87,8 +93,13 @@ async def finished_run(http: httpx.AsyncClient, shop_url: str) -> str:
     return str(run["id"])
 
 
-async def load(url: str, key: str, clients: int, seconds: float) -> dict[str, Any]:
-    """``clients`` readers of ``url`` back to back for ``seconds``."""
+async def load(
+    url: str, key: str, clients: int, seconds: float, rate: float | None = None
+) -> dict[str, Any]:
+    """``clients`` readers of ``url`` for ``seconds``: back to back (``rate`` None: closed
+    loop, the service's saturation), or together ``rate`` reads/s on a fixed schedule (open
+    loop). Open-loop latency counts from the moment a read was due, not from when it was
+    sent, so a read held up behind a slow one counts its wait (no coordinated omission)."""
     headers = {"Authorization": f"Bearer {key}"}
     connector = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(headers=headers, connector=connector) as http:
@@ -98,24 +109,42 @@ async def load(url: str, key: str, clients: int, seconds: float) -> dict[str, An
         latencies: list[float] = []
         bad_status: dict[int, int] = {}
         different = 0
-        deadline = time.perf_counter() + seconds
+        # the client's own collector pauses are not the service's latency (see app.py)
+        gc.collect()
+        gc.freeze()
+        began = time.perf_counter() + 0.05
+        deadline = began + seconds
 
-        async def reader() -> None:
+        async def read(due: float) -> None:
             nonlocal different
-            while time.perf_counter() < deadline:
-                start = time.perf_counter()
-                async with http.get(url) as response:
-                    body = await response.read()
-                latencies.append((time.perf_counter() - start) * 1000)
-                if response.status != 200:
-                    bad_status[response.status] = bad_status.get(response.status, 0) + 1
-                elif body != expected:
-                    different += 1
+            async with http.get(url) as response:
+                body = await response.read()
+            latencies.append((time.perf_counter() - due) * 1000)
+            if response.status != 200:
+                bad_status[response.status] = bad_status.get(response.status, 0) + 1
+            elif body != expected:
+                different += 1
 
-        began = time.perf_counter()
-        await asyncio.gather(*(reader() for _ in range(clients)))
+        async def closed_loop() -> None:
+            await asyncio.sleep(began - time.perf_counter())
+            while (now := time.perf_counter()) < deadline:
+                await read(now)
+
+        async def open_loop(client: int) -> None:
+            assert rate is not None
+            interval = clients / rate  # each client's reads are this far apart, staggered
+            due = began + client * interval / clients
+            while due < deadline:
+                await asyncio.sleep(due - time.perf_counter())
+                await read(due)
+                due += interval
+
+        await asyncio.gather(
+            *(closed_loop() if rate is None else open_loop(i) for i in range(clients))
+        )
         elapsed = time.perf_counter() - began
     return {
+        "offered_per_s": rate,
         "requests": len(latencies),
         "requests_per_s": round(len(latencies) / elapsed, 1),
         "latency_ms": {
@@ -166,18 +195,26 @@ async def one_backend(args: argparse.Namespace, backend: str) -> dict[str, Any]:
         await runner.cleanup()
         shop = None
         await asyncio.sleep(1)  # let the projector's catch-up after the run settle
-        cpu_before, own_before = cpu_seconds(service.pid), time.process_time()
-        load_before = os.getloadavg()[0]
         url = f"{base}/api/v1/runs/{run_id}/context"
-        result = await load(url, key, args.clients, args.seconds)
-        elapsed = result["elapsed_s"]
-        result["service_cpu_percent"] = round(
-            100 * (cpu_seconds(service.pid) - cpu_before) / elapsed, 1
-        )
-        result["client_cpu_percent"] = round(100 * (time.process_time() - own_before) / elapsed, 1)
-        result["load_average_1m"] = round(max(load_before, os.getloadavg()[0]), 2)
         redis = next(d for d in health["dependencies"] if d["name"] == "redis")
-        result["cache"] = redis["detail"]
+        result: dict[str, Any] = {"cache": redis["detail"], "loads": []}
+        for rate in args.rates:
+            cpu_before, own_before = cpu_seconds(service.pid), time.process_time()
+            load_before = os.getloadavg()[0]
+            measured = await load(url, key, args.clients, args.seconds, rate or None)
+            elapsed = measured["elapsed_s"]
+            service_cpu = cpu_seconds(service.pid) - cpu_before
+            measured["service_cpu_percent"] = round(100 * service_cpu / elapsed, 1)
+            measured["service_cpu_ms_per_read"] = round(
+                1000 * service_cpu / measured["requests"], 3
+            )
+            measured["client_cpu_percent"] = round(
+                100 * (time.process_time() - own_before) / elapsed, 1
+            )
+            measured["load_average_1m"] = round(max(load_before, os.getloadavg()[0]), 2)
+            measured["p99_under_10ms"] = "PASS" if measured["latency_ms"]["p99"] < 10 else "MISS"
+            print(json.dumps({"backend": backend, **measured}), flush=True)
+            result["loads"].append(measured)
         # one client alone: the service's own latency, without queueing behind 19 others
         single = await load(url, key, 1, args.single_seconds)
         result["one_client"] = {k: single[k] for k in ("requests_per_s", "latency_ms")}
@@ -197,18 +234,21 @@ async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     for _ in range(args.repeat):
         for backend in args.backend:
-            result = await one_backend(args, backend)
-            verdict = "PASS" if result["latency_ms"]["p99"] < 10 else "MISS"
-            result["verdict_p99_under_10ms"] = verdict
-            print(json.dumps(result), flush=True)
-            results.append(result)
+            results.append(await one_backend(args, backend))
     return results
 
 
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=20)
-    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--seconds", type=float, default=10, help="per load")
+    parser.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        default=[0, 500, 1000, 1500],
+        help="reads/s offered by the clients together, one load each; 0: back to back",
+    )
     parser.add_argument("--single-seconds", type=float, default=3, help="1-client baseline")
     parser.add_argument("--repeat", type=int, default=1, help="rounds over the backends")
     parser.add_argument("--pg", default=PG_ADMIN)
