@@ -708,3 +708,17 @@ SELECT baton_publish_to_supabase_realtime();
 
 INSERT INTO baton_schema_version (step, name) VALUES (6, 'Supabase Realtime publication')
 ON CONFLICT (step) DO NOTHING;
+
+-- step 7: log positions of decided executions
+--
+-- The flaky and performance rules (events.projections.detect) judge a test on its history
+-- as of a run's completion: the executions decided at or before the log position of its
+-- RunCompleted. A page of the projector can hold later decisions as well, and where pages
+-- begin differs between a live projector and a rebuild, so time alone (recorded_at is when
+-- an append's transaction began, not when it committed) would not decide the same twice.
+-- Rows written before this step have no position: they count as older than any run
+-- judged from now on, and `baton projections rebuild` fills the column in.
+ALTER TABLE test_run_history ADD COLUMN IF NOT EXISTS position bigint;
+
+INSERT INTO baton_schema_version (step, name)
+VALUES (7, 'log positions of decided executions') ON CONFLICT (step) DO NOTHING;

@@ -12,6 +12,11 @@ it from the window while its cursor is inside the window, and from the store oth
 subscriber that connects mid-run, reconnects with Last-Event-ID, or fell so far behind
 that the window moved on). Either way it gets every event after its cursor once, in order:
 no gap and no duplicate, whether a notice came from this process or another instance.
+
+A project's feed is the run-level events of its runs (the project comes from each run's
+RunStarted) and the findings of its ``analytics-<project id>`` stream (FlakyTestDetected,
+PerformanceDegraded, which the projector appends when a run completes). Findings are log
+events like any other, so they replay and resume by position the same way.
 """
 
 from __future__ import annotations
@@ -68,11 +73,15 @@ class Entry:
         self.event = shown(recorded.event)
         self.data = ev.encode(self.event)
         self.project = project
-        """The run's project, for run-level events (None for the others)."""
+        """The project whose stream carries it: a run-level event's run's, a finding's
+        (None for the others)."""
         self._sse: bytes | None = None
 
     @property
     def run_id(self) -> str:
+        """The run it is about: its stream's, or for a finding the run that crossed a line."""
+        if isinstance(self.event, ev.Finding):
+            return self.event.run_id
         return self.stream.removeprefix("run-")
 
     def sse(self) -> bytes:
@@ -84,6 +93,16 @@ class Entry:
                 self.data,
             )
         return self._sse
+
+
+def project_of_findings(stream: str) -> uuid.UUID | None:
+    """The project of an ``analytics-<project id>`` stream (None for another stream)."""
+    if not stream.startswith(ev.ANALYTICS_PREFIX):
+        return None
+    try:
+        return uuid.UUID(stream.removeprefix(ev.ANALYTICS_PREFIX))
+    except ValueError:
+        return None
 
 
 def project_of(started: ev.RunStarted) -> uuid.UUID | None:
@@ -174,7 +193,8 @@ class Hub:
             self._ring.set()  # the tail sees nobody follows and ends
 
     async def entries(self, records: Sequence[ev.RecordedEvent]) -> list[Entry]:
-        """``records`` as entries, with the project of each run-level event's run."""
+        """``records`` as entries, with the project of each run-level event's run and of
+        each finding."""
         unknown = {
             r.stream
             for r in records
@@ -194,6 +214,8 @@ class Hub:
                 self._known(recorded.stream, project)
             elif recorded.type in RUN_LEVEL:
                 project = self._projects.get(recorded.stream)
+            elif isinstance(recorded.event, ev.Finding):
+                project = project_of_findings(recorded.stream)
             made.append(Entry(recorded, project))
         return made
 
@@ -322,7 +344,7 @@ class RunFeed:
 
 
 class ProjectFeed:
-    """The run-level events of the runs of one project."""
+    """The run-level events of the runs of one project, and its findings."""
 
     def __init__(self, hub: Hub, project: uuid.UUID) -> None:
         self._hub = hub

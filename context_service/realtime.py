@@ -9,10 +9,18 @@ messages ``{"position", "type", "event"}``, resumed with ``?after=``.
 
 ``GET /api/v1/projects/{id}/stream`` (and ``/ws``) carries the run-level events of the
 project's runs (RunStarted, TestPassed, TestFailed, RunCompleted, RunCancelled, each with
-its ``run_id``) from now on, or after a position, and ``flaky_test_detected`` when a test
-passes on a retry (one of the flaky rules of the design; the history-based rules and
-``performance_degradation`` come with analytics). A derived message carries the position of
-the event it derives from and goes out in the same write.
+its ``run_id``) from now on, or after a position, and two kinds of analytics message:
+
+- ``flaky_test_detected``: derived at once when a test passes on a retry within its run (a
+  message of its own after the TestPassed, with that event's position and ``rule`` "passed
+  on a retry within the run"); and for each FlakyTestDetected the projector records when
+  a test's history crosses the failure-rate or the flip-rate rule (``rule`` "failure_rate"
+  or "flip_rate", events.projections.detect), after the run's RunCompleted.
+- ``performance_degradation``: each PerformanceDegraded the projector records.
+
+Recorded findings are events of the log (stream ``analytics-<project id>``) with positions
+of their own: they replay after a position and resume with Last-Event-ID like the rest.
+The message is the event's fields without its ``type`` tag (the message's name says it).
 
 Another organization's run or project is absent (404, or WebSocket close code 4404).
 """
@@ -45,6 +53,9 @@ from events.store import StoreError
 from events.types import TestPassed
 
 FLAKY = "flaky_test_detected"
+DEGRADED = "performance_degradation"
+_FINDING_MESSAGES = {"FlakyTestDetected": FLAKY, "PerformanceDegraded": DEGRADED}
+"""The message a recorded finding becomes on a project's stream."""
 HEARTBEAT = 15.0
 """Seconds between SSE comments on a quiet stream: proxies keep it open, clients see it alive."""
 _log = logging.getLogger("baton.service.realtime")
@@ -109,6 +120,10 @@ async def _project_source(
 def _derived(entry: Entry) -> list[tuple[str, dict[str, Any]]]:
     """The messages of a project's stream for ``entry``: itself, and what it tells."""
     data = {"run_id": entry.run_id, **msgspec.to_builtins(entry.event)}
+    finding = _FINDING_MESSAGES.get(entry.type)
+    if finding is not None:
+        del data["type"]
+        return [(finding, data)]
     messages: list[tuple[str, dict[str, Any]]] = [(entry.type, data)]
     event = entry.event
     if isinstance(event, TestPassed) and event.attempts > 1:
@@ -265,7 +280,8 @@ class RealtimeController(Controller):
         last_event_id: LastEventId = None,
     ) -> Response[Any]:
         """The run-level events of the project's runs as Server-Sent Events, from now on or
-        after ``Last-Event-ID``/``after``, and ``flaky_test_detected``."""
+        after ``Last-Event-ID``/``after``, with ``flaky_test_detected`` and
+        ``performance_degradation``."""
         hub = hub_of(request.app.state, services)
         start = _resume_point(last_event_id, after)
         return _stream(hub, await _project_source(services, hub, principal, project_id, start))

@@ -26,6 +26,7 @@ FailureCategory = Literal[
     "capture",
 ]
 DependencyKind = Literal["token", "data", "order"]
+FlakyRule = Literal["failure_rate", "flip_rate"]
 
 
 class _Event(msgspec.Struct, frozen=True, tag_field="type", omit_defaults=True):
@@ -154,6 +155,60 @@ class BatchCompleted(_Event, tag="BatchCompleted", frozen=True):
     duration_ms: float
 
 
+class FlakyTestDetected(_Event, tag="FlakyTestDetected", frozen=True):
+    """A flaky rule became true for a test with ``run_id``'s execution of it (and was false
+    without it). Stream ``analytics-<project id>``; recorded by the projector.
+
+    ``failure_rate``: ``failures / samples`` above ``threshold`` over the ``window`` before
+    the run completed, while not always failing. ``flip_rate``: ``flips / (samples - 1)``
+    (status changes between consecutive executions) at or above ``threshold`` over the
+    last executions. Skipped executions (a failed dependency among them) are not samples.
+    """
+
+    run_id: str
+    suite: str
+    test: str
+    test_case_id: str
+    environment: str
+    environment_id: str
+    rule: FlakyRule
+    rate: float
+    threshold: float
+    samples: int
+    window: str
+    """What was looked at: "7 days" or "last 30 executions"."""
+    failures: int = 0
+    """failure_rate: the failed executions among the samples."""
+    flips: int = 0
+    """flip_rate: the status changes among the samples."""
+
+
+class PerformanceDegraded(_Event, tag="PerformanceDegraded", frozen=True):
+    """A test's recent median duration became more than ``threshold`` times its baseline
+    median with ``run_id``'s execution of it. Stream ``analytics-<project id>``.
+
+    Recent: its last ``recent_samples`` passed executions; baseline: its passed executions
+    in the ``baseline_days`` before the oldest of them.
+    """
+
+    run_id: str
+    suite: str
+    test: str
+    test_case_id: str
+    environment: str
+    environment_id: str
+    recent_median_ms: float
+    baseline_median_ms: float
+    ratio: float
+    threshold: float
+    recent_samples: int
+    baseline_samples: int
+    baseline_days: int
+
+
+Finding = FlakyTestDetected | PerformanceDegraded
+"""What the projector finds in a test's history: the events of ``analytics-`` streams."""
+
 Event = (
     RunStarted
     | TestStarted
@@ -169,6 +224,8 @@ Event = (
     | RunCancelled
     | BatchStarted
     | BatchCompleted
+    | FlakyTestDetected
+    | PerformanceDegraded
 )
 
 
@@ -197,6 +254,14 @@ def run_stream(run_id: str) -> str:
 
 def batch_stream(batch_id: str) -> str:
     return f"batch-{batch_id}"
+
+
+ANALYTICS_PREFIX = "analytics-"
+
+
+def analytics_stream(project_id: uuid.UUID) -> str:
+    """The stream of a project's findings (FlakyTestDetected, PerformanceDegraded)."""
+    return f"{ANALYTICS_PREFIX}{project_id}"
 
 
 def new_id() -> uuid.UUID:

@@ -26,6 +26,7 @@ RELEASED = {
     4: "1b7af99024c620656de3ca7b0d18af00d07663b8aeaa9722e8df15590cfb428b",
     5: "c204e6b84f44c0fe43d2dd3810467aaabe3596c9af47d7c605a5431de6387eb1",
     6: "8976fc6fc60f189052baf9e7382149c9e9ddeb8e1cd11eccd8acb2ad4bccb185",
+    7: "04907efb7ee15a9ed260a35f182d6216c69495ad441761e1a624790a69f1675c",
 }
 STEP_NAMES = [
     "event store",
@@ -34,6 +35,7 @@ STEP_NAMES = [
     "row-level security by organization",
     "service tables and role",
     "Supabase Realtime publication",
+    "log positions of decided executions",
 ]
 
 

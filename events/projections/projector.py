@@ -9,6 +9,21 @@ transaction commits later (see baton_append in schema.sql), so nothing is skippe
 
 Live, the projector LISTENs on the channel baton_append notifies at commit and catches up
 when it rings; a timeout catches up anyway, in case a notice was lost with a connection.
+
+Last in each page, ``detect.record_findings`` judges the tests of the runs that complete in
+it and appends what it finds (flaky tests, slowdowns) to the log in the page's transaction,
+so the findings commit exactly when the page does. That append cannot deadlock with the
+appends of runs. baton_append takes the store's commit-order lock (a transaction-scoped
+advisory lock) before anything else and keeps it until commit, so an ordinary append holds
+nothing while it waits for that lock, and once it has it, waits for nothing a projector
+holds (it touches only events and baton_streams, which no one writes without the lock): it
+cannot close a cycle. The page holds its checkpoint row and the read-table rows it wrote
+when it asks for the lock, and after getting it only advances its own checkpoint (locked
+already) and commits: no cycle there either, whoever holds the lock meanwhile. Two things
+keep it so: the findings are appended after everything else of the page (handlers
+included), and the page's transaction stays READ COMMITTED, so baton_append reads the
+stream versions the previous holder of the lock committed. The cost: appends wait for the
+page's commit (one UPDATE and a WAL flush) on the rare page that finds something.
 """
 
 from __future__ import annotations
@@ -20,6 +35,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import asyncpg
 
 from events.postgres import PostgresEventStore, driver_errors
+from events.projections.detect import record_findings
 from events.projections.page import READ_TABLES, apply_page
 from events.store import StoreUnavailable
 from events.types import RecordedEvent
@@ -45,6 +61,7 @@ class Projector:
     The store's pool must allow two connections: one holds the page's transaction while
     ``read_all`` reads through another. ``handlers`` apply each page too, in the same
     transaction, after the read tables: a projection of another module, or a test's probe.
+    Every projector records the findings of ``events.projections.detect`` (module docstring).
     """
 
     def __init__(
@@ -106,6 +123,8 @@ class Projector:
                 await apply_page(conn, page)
                 for handler in self._handlers:
                     await handler(conn, page)
+                # last: its append holds every other append back until this commit
+                await record_findings(self._store, conn, page)
                 await conn.execute(_ADVANCE, self._name, page[-1].position)
         return len(page)
 

@@ -62,6 +62,9 @@ class ResultRow(msgspec.Struct, kw_only=True):
     message: str = ""
     started_at: datetime | None = None
     ended_at: datetime | None = None
+    decided_position: int | None = None
+    """The log position of the event that decided it, for test_run_history; not a column of
+    test_results, so None on a row loaded from there (the history row keeps its own)."""
 
     def metric_key(self) -> MetricKey | None:
         if self.status not in EXECUTED or self.ended_at is None:
@@ -110,6 +113,13 @@ _HISTORY: list[Column] = [
     ("attempts", "int"),
     ("duration_ms", "float8"),
     ("executed_at", "timestamptz"),
+    ("position", "bigint"),
+]
+_HISTORY_UPDATES = [
+    *(f"{name} = excluded.{name}" for name, _ in _HISTORY[4:-1]),
+    # a row decided on an earlier page and changed on this one without a new verdict
+    # comes without a position: the stored one stands
+    "position = coalesce(excluded.position, test_run_history.position)",
 ]
 _HISTORY_KEY: list[Column] = [("run_id", "uuid"), ("test_case_id", "uuid")]
 _FAILURES: list[Column] = [
@@ -194,6 +204,7 @@ class Results:
             case TestStarted():
                 if row.status in FINAL:  # decided before, run again: a fresh verdict
                     row.duration_ms = row.category = row.ended_at = None
+                    row.decided_position = None
                     row.message = ""
                     row.started_at = None
                 row.status = "running"
@@ -215,20 +226,22 @@ class Results:
                 shown_token = msgspec.structs.replace(event, value=MASK)
                 self._detail(row, recorded, row.requests, "capture", None, encode(shown_token))
             case TestPassed():
-                self._decide(row, "passed", at, event.attempts, event.duration_ms, None, "")
+                self._decide(row, recorded, "passed", event.attempts, event.duration_ms, None, "")
             case TestFailed():
                 self._decide(
-                    row, "failed", at, event.attempts, event.duration_ms, event.category,
+                    row, recorded, "failed", event.attempts, event.duration_ms, event.category,
                     event.message,
                 )  # fmt: skip
             case TestSkipped():
-                self._decide(row, "skipped", at, row.attempts, None, event.category, event.reason)
+                self._decide(
+                    row, recorded, "skipped", row.attempts, None, event.category, event.reason
+                )
 
     @staticmethod
     def _decide(
         row: ResultRow,
+        recorded: RecordedEvent,
         status: str,
-        at: datetime,
         attempts: int,
         duration_ms: float | None,
         category: str | None,
@@ -239,7 +252,8 @@ class Results:
         row.duration_ms = duration_ms
         row.category = category
         row.message = message
-        row.ended_at = at
+        row.ended_at = recorded.recorded_at
+        row.decided_position = recorded.position
 
     def _detail(
         self,
@@ -285,6 +299,7 @@ class Results:
                     (
                         row.organization_id, row.test_case_id, row.environment_id, row.run_id,
                         row.status, row.category, row.attempts, row.duration_ms, row.ended_at,
+                        row.decided_position,
                     )
                 )  # fmt: skip
             elif before is not None and before.status in FINAL:
@@ -308,7 +323,7 @@ class Results:
             _HISTORY,
             history,
             key=["run_id", "test_case_id"],
-            update=[f"{name} = excluded.{name}" for name, _ in _HISTORY[4:]],
+            update=_HISTORY_UPDATES,
         )
         await delete(conn, "test_run_history", _HISTORY_KEY, unhistory)
         await upsert(

@@ -1,0 +1,386 @@
+"""Findings about a test's history, recorded as events when a run completes.
+
+Flaky tests and performance degradation (DESIGN.md, "Analytics and retention"; seed 002).
+For every run whose RunCompleted is in a page, once the page's read tables are written, each
+test the run executed is judged on test_run_history as it stood at that RunCompleted: the
+executions of the same test case in the same environment that were decided at or before its
+log position. A finding is recorded when a rule holds with the run's execution and did not
+hold without it, so a test is reported once, when it crosses the line, not on every run
+after. Only logged facts enter (positions, recorded times, never the clock), so a rebuild,
+or pages that begin elsewhere, decide the same.
+
+The rules (the constants below):
+
+- ``failure_rate`` (seed 002): failed executions / executions > 10% over the 7 days up to
+  the run's completion, with at least 5 executions, and not all of them failed (a test
+  that always fails is broken, not flaky).
+- ``flip_rate``: status changes between consecutive executions / (n - 1) >= 0.2 over the
+  last 30 executions, n >= 5.
+- ``performance_degradation``: the median duration of the last 5 passed executions more
+  than 20% above the median of the passed executions in the 30 days before the oldest of
+  those 5, with at least 10 of them.
+
+An execution is a test that passed or failed: a skipped test (for a failed dependency or
+any other reason) sent nothing, and counts as neither a failure nor a flip.
+
+Findings go to the stream ``analytics-<project id>`` inside the page's transaction, with ids
+derived from (run, test case, rule): a page applied again, a rebuild or a second projector
+re-sends the same ids, and the store answers a re-sent id with its original position.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from fractions import Fraction
+
+import asyncpg
+import msgspec
+
+from events.postgres import PostgresEventStore
+from events.projections.catalog import derive
+from events.projections.page import RUN_PREFIX
+from events.store import NewEvent, StreamAppend
+from events.types import (
+    Finding,
+    FlakyRule,
+    FlakyTestDetected,
+    PerformanceDegraded,
+    RecordedEvent,
+    RunCompleted,
+    analytics_stream,
+)
+
+MIN_SAMPLES = 5
+"""Executions a flaky rule needs before it may hold: 1 failure in 2 runs is not news."""
+FAILURE_RATE_WINDOW = timedelta(days=7)
+FAILURE_RATE_ABOVE = Fraction(1, 10)
+FLIP_WINDOW = 30
+"""The last executions the flip rate looks at."""
+FLIP_RATE_AT_LEAST = Fraction(1, 5)
+RECENT_PASSES = 5
+BASELINE_WINDOW = timedelta(days=30)
+MIN_BASELINE = 10
+SLOWDOWN_ABOVE = Fraction(6, 5)
+"""The recent median must exceed the baseline median times this (20% slower)."""
+
+# A history row h that is an execution, decided at or before the RunCompleted of key k. A
+# row written before schema step 7 has no position: it is older than any run judged since.
+_EXECUTED_BY_THEN = """
+    h.status IN ('passed', 'failed') AND h.category IS DISTINCT FROM 'dependency_skipped'
+    AND coalesce(h.position, 0) <= k.position
+"""
+# The executions of k's test case in its environment, as of k's RunCompleted.
+_EXECUTIONS = (
+    "h.test_case_id = k.test_case_id AND h.environment_id = k.environment_id AND"
+    + _EXECUTED_BY_THEN
+)
+_PASSES = _EXECUTIONS + " AND h.status = 'passed' AND h.duration_ms IS NOT NULL"
+_OTHER_RUNS = " AND h.run_id <> k.run_id"
+_NEWEST_FIRST = "ORDER BY h.executed_at DESC, h.run_id DESC"
+_KEYS = """
+WITH k AS (
+    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::bigint[], $5::timestamptz[])
+        AS k(run_id, test_case_id, environment_id, position, completed_at)
+)
+"""
+
+# The tests each completed run executed, with what a finding names.
+_EXECUTED = f"""
+SELECT r.id AS run_id, r.project_id, h.test_case_id, h.environment_id, h.status,
+       s.name AS suite, c.name AS test, e.name AS environment, k.position, k.completed_at
+FROM unnest($1::text[], $2::bigint[], $3::timestamptz[]) AS k(stream, position, completed_at)
+JOIN test_runs r ON r.stream = k.stream
+JOIN test_run_history h ON h.run_id = r.id
+JOIN test_cases c ON c.id = h.test_case_id
+JOIN test_suites s ON s.id = c.suite_id
+JOIN environments e ON e.id = h.environment_id
+WHERE {_EXECUTED_BY_THEN}
+"""
+
+
+def _flips(executions: str) -> str:
+    """Executions and status changes among the newest ``$7`` of ``executions``."""
+    return f"""
+    SELECT count(*) AS samples, count(*) FILTER (WHERE status <> previous) AS flips
+    FROM (
+        SELECT status, lag(status) OVER (ORDER BY executed_at, run_id) AS previous
+        FROM (
+            SELECT h.status, h.executed_at, h.run_id FROM test_run_history h
+            WHERE {executions} {_NEWEST_FIRST} LIMIT $7
+        ) AS newest
+    ) AS consecutive
+    """
+
+
+# Per key: the failure rate's numbers with and without the run, the flip rate's with and
+# without it. $6: the failure rate's window; $7: the flip rate's.
+_FLAKY = (
+    _KEYS
+    + f"""
+SELECT k.run_id, k.test_case_id,
+       rate.samples, rate.failures, rate.samples_before, rate.failures_before,
+       flips.samples AS flip_samples, flips.flips,
+       flips_before.samples AS flip_samples_before, flips_before.flips AS flips_before
+FROM k
+CROSS JOIN LATERAL (
+    SELECT count(*) AS samples,
+           count(*) FILTER (WHERE h.status = 'failed') AS failures,
+           count(*) FILTER (WHERE h.run_id <> k.run_id) AS samples_before,
+           count(*) FILTER (WHERE h.run_id <> k.run_id AND h.status = 'failed')
+               AS failures_before
+    FROM test_run_history h
+    WHERE {_EXECUTIONS} AND h.executed_at > k.completed_at - $6::interval
+) AS rate
+CROSS JOIN LATERAL ({_flips(_EXECUTIONS)}) AS flips
+CROSS JOIN LATERAL ({_flips(_EXECUTIONS + _OTHER_RUNS)}) AS flips_before
+"""
+)
+
+
+def _recent(passes: str) -> str:
+    """The median, number and oldest time of the newest ``$6`` of ``passes``."""
+    return f"""
+    SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) AS median,
+           count(*) AS samples, min(executed_at) AS since
+    FROM (
+        SELECT h.duration_ms, h.executed_at FROM test_run_history h
+        WHERE {passes} {_NEWEST_FIRST} LIMIT $6
+    ) AS newest
+    """
+
+
+def _baseline(passes: str, recent: str) -> str:
+    """The median and number of ``passes`` in the ``$7`` before ``recent`` began."""
+    return f"""
+    SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY h.duration_ms) AS median,
+           count(*) AS samples
+    FROM test_run_history h
+    WHERE {passes} AND h.executed_at >= {recent}.since - $7::interval
+      AND h.executed_at < {recent}.since
+    """
+
+
+# Per key: recent and baseline medians with the run, and without it.
+_SLOWDOWN = (
+    _KEYS
+    + f"""
+SELECT k.run_id, k.test_case_id,
+       recent.median AS recent_median, recent.samples AS recent_samples,
+       baseline.median AS baseline_median, baseline.samples AS baseline_samples,
+       recent_before.median AS recent_median_before,
+       recent_before.samples AS recent_samples_before,
+       baseline_before.median AS baseline_median_before,
+       baseline_before.samples AS baseline_samples_before
+FROM k
+CROSS JOIN LATERAL ({_recent(_PASSES)}) AS recent
+CROSS JOIN LATERAL ({_baseline(_PASSES, "recent")}) AS baseline
+CROSS JOIN LATERAL ({_recent(_PASSES + _OTHER_RUNS)}) AS recent_before
+CROSS JOIN LATERAL ({_baseline(_PASSES + _OTHER_RUNS, "recent_before")}) AS baseline_before
+"""
+)
+
+
+class Execution(msgspec.Struct, frozen=True):
+    """One test a completed run executed, and where the run sits in the log."""
+
+    run_id: uuid.UUID
+    project_id: uuid.UUID
+    test_case_id: uuid.UUID
+    environment_id: uuid.UUID
+    status: str
+    suite: str
+    test: str
+    environment: str
+    position: int
+    """The run's RunCompleted."""
+    completed_at: datetime
+
+    @property
+    def key(self) -> tuple[uuid.UUID, uuid.UUID]:
+        return (self.run_id, self.test_case_id)
+
+
+# ---- the rules: pure functions of the numbers ---------------------------------------------
+
+
+def failure_rate_holds(samples: int, failures: int) -> bool:
+    return (
+        samples >= MIN_SAMPLES
+        and failures < samples
+        and Fraction(failures, samples) > FAILURE_RATE_ABOVE
+    )
+
+
+def flip_rate_holds(samples: int, flips: int) -> bool:
+    return samples >= MIN_SAMPLES and Fraction(flips, samples - 1) >= FLIP_RATE_AT_LEAST
+
+
+def slower(
+    recent_samples: int,
+    recent_median: float | None,
+    baseline_samples: int,
+    baseline_median: float | None,
+) -> bool:
+    if recent_median is None or baseline_median is None or baseline_median <= 0:
+        return False  # no passes to compare, or a baseline no slowdown can be a ratio of
+    return (
+        recent_samples >= RECENT_PASSES
+        and baseline_samples >= MIN_BASELINE
+        and Fraction(recent_median) > SLOWDOWN_ABOVE * Fraction(baseline_median)
+    )
+
+
+# ---- from the page to the findings --------------------------------------------------------
+
+Found = tuple[tuple[int, str, str], str, NewEvent]
+"""(the run's position, test, rule: the order they are appended in), the stream, and the
+event with its id derived from (run, test case, rule)."""
+
+
+async def record_findings(
+    store: PostgresEventStore, conn: asyncpg.Connection, page: Sequence[RecordedEvent]
+) -> None:
+    """Judge the tests of the runs that complete in ``page`` and append what crossed a line,
+    in ``conn``'s transaction (the projector's, after the read tables are written)."""
+    completed = [
+        (recorded.stream, recorded.position, recorded.recorded_at)
+        for recorded in page
+        if isinstance(recorded.event, RunCompleted) and recorded.stream.startswith(RUN_PREFIX)
+    ]
+    if not completed:
+        return
+    rows = await conn.fetch(_EXECUTED, *(list(column) for column in zip(*completed, strict=True)))
+    executions = [Execution(**dict(row)) for row in rows]
+    if not executions:
+        return
+    findings = await _flaky(conn, executions)
+    findings += await _slowdowns(conn, [e for e in executions if e.status == "passed"])
+    findings.sort(key=lambda found: found[0])
+    # one append per finding: baton_append refuses an append that mixes ids it holds with
+    # new ones, and a rebuild after a change of rules could find a new one beside old ones
+    await store.append_in_transaction(
+        conn, [StreamAppend(stream, [event]) for _, stream, event in findings]
+    )
+
+
+def _keys(executions: Sequence[Execution]) -> list[list[object]]:
+    return [
+        [e.run_id for e in executions],
+        [e.test_case_id for e in executions],
+        [e.environment_id for e in executions],
+        [e.position for e in executions],
+        [e.completed_at for e in executions],
+    ]
+
+
+def _finding(execution: Execution, rule: str, event: Finding) -> Found:
+    event_id = derive("finding", execution.run_id, execution.test_case_id, rule)
+    return (
+        (execution.position, execution.test, rule),
+        analytics_stream(execution.project_id),
+        NewEvent(event, id=event_id),
+    )
+
+
+async def _flaky(conn: asyncpg.Connection, executions: Sequence[Execution]) -> list[Found]:
+    by_key = {e.key: e for e in executions}
+    rows = await conn.fetch(_FLAKY, *_keys(executions), FAILURE_RATE_WINDOW, FLIP_WINDOW)
+    findings = []
+    for row in rows:
+        execution = by_key[(row["run_id"], row["test_case_id"])]
+        samples, failures = row["samples"], row["failures"]
+        if failure_rate_holds(samples, failures) and not failure_rate_holds(
+            row["samples_before"], row["failures_before"]
+        ):
+            event = _flaky_event(
+                execution,
+                "failure_rate",
+                rate=Fraction(failures, samples),
+                threshold=FAILURE_RATE_ABOVE,
+                samples=samples,
+                window=f"{FAILURE_RATE_WINDOW.days} days",
+                failures=failures,
+            )
+            findings.append(_finding(execution, "failure_rate", event))
+        samples, flips = row["flip_samples"], row["flips"]
+        if flip_rate_holds(samples, flips) and not flip_rate_holds(
+            row["flip_samples_before"], row["flips_before"]
+        ):
+            event = _flaky_event(
+                execution,
+                "flip_rate",
+                rate=Fraction(flips, samples - 1),
+                threshold=FLIP_RATE_AT_LEAST,
+                samples=samples,
+                window=f"last {FLIP_WINDOW} executions",
+                flips=flips,
+            )
+            findings.append(_finding(execution, "flip_rate", event))
+    return findings
+
+
+def _flaky_event(
+    execution: Execution,
+    rule: FlakyRule,
+    *,
+    rate: Fraction,
+    threshold: Fraction,
+    samples: int,
+    window: str,
+    failures: int = 0,
+    flips: int = 0,
+) -> FlakyTestDetected:
+    return FlakyTestDetected(
+        run_id=str(execution.run_id),
+        suite=execution.suite,
+        test=execution.test,
+        test_case_id=str(execution.test_case_id),
+        environment=execution.environment,
+        environment_id=str(execution.environment_id),
+        rule=rule,
+        rate=round(float(rate), 4),
+        threshold=float(threshold),
+        samples=samples,
+        window=window,
+        failures=failures,
+        flips=flips,
+    )
+
+
+async def _slowdowns(conn: asyncpg.Connection, passed: Sequence[Execution]) -> list[Found]:
+    if not passed:
+        return []
+    by_key = {e.key: e for e in passed}
+    rows = await conn.fetch(_SLOWDOWN, *_keys(passed), RECENT_PASSES, BASELINE_WINDOW)
+    findings = []
+    for row in rows:
+        now = slower(
+            row["recent_samples"], row["recent_median"],
+            row["baseline_samples"], row["baseline_median"],
+        )  # fmt: skip
+        before = slower(
+            row["recent_samples_before"], row["recent_median_before"],
+            row["baseline_samples_before"], row["baseline_median_before"],
+        )  # fmt: skip
+        if not now or before:
+            continue
+        execution = by_key[(row["run_id"], row["test_case_id"])]
+        event = PerformanceDegraded(
+            run_id=str(execution.run_id),
+            suite=execution.suite,
+            test=execution.test,
+            test_case_id=str(execution.test_case_id),
+            environment=execution.environment,
+            environment_id=str(execution.environment_id),
+            recent_median_ms=round(row["recent_median"], 3),
+            baseline_median_ms=round(row["baseline_median"], 3),
+            ratio=round(row["recent_median"] / row["baseline_median"], 4),
+            threshold=float(SLOWDOWN_ABOVE),
+            recent_samples=row["recent_samples"],
+            baseline_samples=row["baseline_samples"],
+            baseline_days=BASELINE_WINDOW.days,
+        )
+        findings.append(_finding(execution, "performance_degradation", event))
+    return findings
