@@ -155,15 +155,10 @@ class BatchCompleted(_Event, tag="BatchCompleted", frozen=True):
     duration_ms: float
 
 
-class FlakyTestDetected(_Event, tag="FlakyTestDetected", frozen=True):
-    """A flaky rule became true for a test with ``run_id``'s execution of it (and was false
-    without it). Stream ``analytics-<project id>``; recorded by the projector.
-
-    ``failure_rate``: ``failures / samples`` above ``threshold`` over the ``window`` before
-    the run completed, while not always failing. ``flip_rate``: ``flips / (samples - 1)``
-    (status changes between consecutive executions) at or above ``threshold`` over the
-    last executions. Skipped executions (a failed dependency among them) are not samples.
-    """
+class _Finding(_Event, frozen=True):
+    """What the projector finds in a test's history when a run completes: the test (case and
+    environment, as test_run_history keys it) and the run whose execution of it crossed a
+    rule's line. Stream ``analytics-<project id>`` (events.projections.detect)."""
 
     run_id: str
     suite: str
@@ -171,6 +166,18 @@ class FlakyTestDetected(_Event, tag="FlakyTestDetected", frozen=True):
     test_case_id: str
     environment: str
     environment_id: str
+
+
+class FlakyTestDetected(_Finding, tag="FlakyTestDetected", frozen=True):
+    """A flaky rule became true for the test with ``run_id``'s execution of it (and was
+    false without it).
+
+    ``failure_rate``: ``failures / samples`` above ``threshold`` over the ``window`` before
+    the run completed, while not always failing. ``flip_rate``: ``flips / (samples - 1)``
+    (status changes between consecutive executions) at or above ``threshold`` over the
+    last executions. Skipped executions (a failed dependency among them) are not samples.
+    """
+
     rule: FlakyRule
     rate: float
     threshold: float
@@ -183,20 +190,14 @@ class FlakyTestDetected(_Event, tag="FlakyTestDetected", frozen=True):
     """flip_rate: the status changes among the samples."""
 
 
-class PerformanceDegraded(_Event, tag="PerformanceDegraded", frozen=True):
-    """A test's recent median duration became more than ``threshold`` times its baseline
-    median with ``run_id``'s execution of it. Stream ``analytics-<project id>``.
+class PerformanceDegraded(_Finding, tag="PerformanceDegraded", frozen=True):
+    """The test's recent median duration became more than ``threshold`` times its baseline
+    median with ``run_id``'s execution of it.
 
     Recent: its last ``recent_samples`` passed executions; baseline: its passed executions
     in the ``baseline_days`` before the oldest of them.
     """
 
-    run_id: str
-    suite: str
-    test: str
-    test_case_id: str
-    environment: str
-    environment_id: str
     recent_median_ms: float
     baseline_median_ms: float
     ratio: float
