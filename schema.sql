@@ -722,3 +722,18 @@ ALTER TABLE test_run_history ADD COLUMN IF NOT EXISTS position bigint;
 
 INSERT INTO baton_schema_version (step, name)
 VALUES (7, 'log positions of decided executions') ON CONFLICT (step) DO NOTHING;
+
+-- step 8: newest executions first, in a fixed order
+--
+-- The rules of events.projections.detect take a test's newest executions (the last 30,
+-- the last 5 passes) ordered by (executed_at, run_id): run_id breaks ties, so the same
+-- history always gives the same set. With run_id in the index, that is a scan that stops
+-- after N rows instead of a sort of the test's whole history for every judged test (a
+-- rebuild's detection took half the time in a measurement with ~600 executions a test).
+-- It serves every query test_run_history_lookup served, which would only slow writes now.
+CREATE INDEX IF NOT EXISTS test_run_history_newest
+    ON test_run_history (test_case_id, environment_id, executed_at DESC, run_id DESC);
+DROP INDEX IF EXISTS test_run_history_lookup;
+
+INSERT INTO baton_schema_version (step, name)
+VALUES (8, 'newest executions first, in a fixed order') ON CONFLICT (step) DO NOTHING;

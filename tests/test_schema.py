@@ -27,6 +27,7 @@ RELEASED = {
     5: "c204e6b84f44c0fe43d2dd3810467aaabe3596c9af47d7c605a5431de6387eb1",
     6: "8976fc6fc60f189052baf9e7382149c9e9ddeb8e1cd11eccd8acb2ad4bccb185",
     7: "04907efb7ee15a9ed260a35f182d6216c69495ad441761e1a624790a69f1675c",
+    8: "f0a1e6b4bc6186c4fb0d093dc102bd9477734055db3fa4855af5658bad9147e2",
 }
 STEP_NAMES = [
     "event store",
@@ -36,6 +37,7 @@ STEP_NAMES = [
     "service tables and role",
     "Supabase Realtime publication",
     "log positions of decided executions",
+    "newest executions first, in a fixed order",
 ]
 
 
