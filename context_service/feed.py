@@ -248,7 +248,7 @@ class Hub:
             await _closed(listener)
 
     async def _listen(self) -> asyncpg.Connection:
-        # a connection of its own: the pool resets a connection it gets back (UNLISTEN)
+        # a connection of its own: a pooled one goes back to the pool after every use
         def notice(_conn: object, _pid: int, _channel: str, payload: str) -> None:
             if not payload.isdigit() or int(payload) > self._head:
                 self._ring.set()

@@ -169,7 +169,7 @@ class Projector:
                 await listener.close()
 
     async def _listen(self, ring: Callable[..., None]) -> asyncpg.Connection:
-        # a connection of its own: the pool resets a connection it gets back (UNLISTEN)
+        # a connection of its own: a pooled one goes back to the pool after every use
         with driver_errors(self._store.dsn):
             conn: asyncpg.Connection = await asyncpg.connect(self._store.dsn)
             await conn.add_listener(CHANNEL, ring)
