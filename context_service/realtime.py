@@ -12,8 +12,8 @@ project's runs (RunStarted, TestPassed, TestFailed, RunCompleted, RunCancelled, 
 its ``run_id``) from now on, or after a position, and two kinds of analytics message:
 
 - ``flaky_test_detected``: derived at once when a test passes on a retry within its run (a
-  message of its own after the TestPassed, with that event's position and ``rule`` "passed
-  on a retry within the run"); and for each FlakyTestDetected the projector records when
+  message of its own after the TestPassed, with that event's position and ``rule``
+  "passed_on_retry"); and for each FlakyTestDetected the projector records when
   a test's history crosses the failure-rate or the flip-rate rule (``rule`` "failure_rate"
   or "flip_rate", events.projections.detect), after the run's RunCompleted.
 - ``performance_degradation``: each PerformanceDegraded the projector records.
@@ -128,7 +128,7 @@ def _derived(entry: Entry) -> list[tuple[str, dict[str, Any]]]:
     event = entry.event
     if isinstance(event, TestPassed) and event.attempts > 1:
         flaky = {"run_id": entry.run_id, "test": event.test, "attempts": event.attempts}
-        messages.append((FLAKY, {**flaky, "rule": "passed on a retry within the run"}))
+        messages.append((FLAKY, {**flaky, "rule": "passed_on_retry"}))
     return messages
 
 

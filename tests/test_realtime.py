@@ -302,7 +302,7 @@ async def test_a_project_stream_carries_its_runs_run_level_events_and_flaky_test
     assert [m.event for m in got + rest] == kinds
     assert {json.loads(m.data)["run_id"] for m in got + rest} == {ours}
     flaky = json.loads(got[2].data)
-    assert (flaky["test"], flaky["attempts"]) == ("t0", 2)
+    assert (flaky["test"], flaky["attempts"], flaky["rule"]) == ("t0", 2, "passed_on_retry")
     log = [r.position for r in await _log(store, ours) if r.type != "TestStarted"]
     assert _positions(got + rest) == [log[0], log[1], log[1], *log[2:]]  # flaky: TestPassed's
 
