@@ -18,7 +18,7 @@ from context_service.database import Database
 from context_service.launcher import RunLauncher
 from events.cache import ContextCache, ContextReader, open_cache
 from events.postgres import PostgresEventStore
-from events.projections import Projector, project
+from events.projections import Detector, Projector, project
 from events.secrets import Cipher, load_key
 from events.settings import Settings, mask_dsn
 from events.store import StoreError
@@ -94,7 +94,8 @@ class Services:
             projector=Projector(store),
         )
         services._projector_task = asyncio.create_task(
-            services.projector.serve(stop=services._stop), name="baton-projector"
+            services.projector.serve(stop=services._stop, then=Detector(store).catch_up),
+            name="baton-projector",
         )
         return services
 

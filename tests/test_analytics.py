@@ -1,5 +1,6 @@
 """Flaky tests and slowdowns found in a test's history: recorded once, when a run crosses a
-rule's line, by every projector alike, and the same again after a rebuild; and carried live
+rule's line, by the detector behind the projector, and the same again after a rebuild in
+any page size; and carried live
 on the project's stream (SSE and WebSocket), replayed once after Last-Event-ID."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from context_service.keys import create_key
 from context_service.watch import SseMessage, sse_messages
 from events import types as ev
 from events.postgres import PostgresEventStore
-from events.projections import DEFAULT_ORGANIZATION_ID, Projector, derive
+from events.projections import DEFAULT_ORGANIZATION_ID, Detector, Projector, derive
 from events.store import NewEvent, StreamAppend
 from tests.conftest import LiveService
 
@@ -88,13 +89,21 @@ def summary(recorded: Sequence[ev.RecordedEvent], runs: list[str]) -> list[tuple
 
 
 async def live(store: PostgresEventStore, outcomes: Sequence[dict[str, Any]]) -> list[str]:
-    """Runs with these outcomes, the projector catching up after each, as in ``baton run``."""
-    projector = Projector(store)
+    """Runs with these outcomes, the projector and the detector catching up after each, as
+    in ``baton serve``."""
+    projector, detector = Projector(store), Detector(store)
     runs = []
     for outcome in outcomes:
         runs.append(await append_run(store, run_events(str(uuid.uuid4()), **outcome)))
         await projector.catch_up()
+        await detector.catch_up()
     return runs
+
+
+async def rebuild(store: PostgresEventStore, page_size: int = 1000) -> None:
+    """``baton projections rebuild``, in pages of ``page_size`` events."""
+    assert await Projector(store, page_size=page_size).rebuild() > 0
+    assert await Detector(store, page_size=page_size).rebuild() > 0
 
 
 @pytest.fixture
@@ -132,9 +141,22 @@ async def test_a_test_becomes_flaky_once_when_its_failure_rate_passes_10_percent
     )
     # the log again, in one page and in pages of 7 events: the same decision, so the
     # store answers the re-sent finding with its position and nothing is added
-    assert await Projector(store).rebuild() > 0
-    assert await Projector(store, page_size=7).rebuild() > 0
+    await rebuild(store)
+    await rebuild(store, page_size=7)
     assert await findings(store) == recorded
+
+
+async def test_the_detector_judges_only_what_the_projector_has_written(
+    store: PostgresEventStore,
+) -> None:
+    outcomes = [{}] * 9 + [{"checkout": "failed"}] * 2
+    runs = [await append_run(store, run_events(str(uuid.uuid4()), **o)) for o in outcomes]
+    assert await Detector(store).catch_up() == 0  # no history written yet: nothing to judge
+    assert await Projector(store).catch_up() > 0
+    # the read tables alone (what baton run waits for) record no finding
+    assert await findings(store) == []
+    assert await Detector(store).catch_up() > 0
+    assert summary(await findings(store), runs) == [("checkout", 11, "failure_rate")]
 
 
 async def test_runs_skipped_for_a_failed_dependency_are_neither_failures_nor_flips(
@@ -185,7 +207,7 @@ async def test_a_slowdown_above_20_percent_is_reported_once_and_15_percent_not_a
     assert (found.recent_median_ms, found.baseline_median_ms, found.ratio) == (130.0, 100.0, 1.3)
     assert (found.recent_samples, found.baseline_samples, found.baseline_days) == (5, 13, 30)
     assert found.threshold == 1.2
-    assert await Projector(store).rebuild() > 0
+    await rebuild(store)
     assert await findings(store) == recorded
 
 

@@ -1,7 +1,8 @@
 """Read tables kept from the log: the projector and the calls the CLI makes.
 
 ``project`` (catch up once: the end of ``baton run``), ``rebuild`` (``baton projections
-rebuild``) and ``Projector`` for a long-running process (``serve``). Importing this
+rebuild``: the read tables, then the findings of ``Detector``) and ``Projector`` for a
+long-running process (``serve``, with a Detector after each catch-up). Importing this
 package imports asyncpg: import it where it is used, not at the CLI's start.
 """
 
@@ -12,6 +13,7 @@ from typing import TypeVar
 
 from events.postgres import PostgresEventStore
 from events.projections.catalog import DEFAULT_ORGANIZATION_ID, NAMESPACE, derive
+from events.projections.detect import Detector
 from events.projections.page import READ_TABLES
 from events.projections.projector import CHANNEL, DEFAULT_NAME, PageHandler, Projector
 
@@ -21,6 +23,7 @@ __all__ = [
     "DEFAULT_ORGANIZATION_ID",
     "NAMESPACE",
     "READ_TABLES",
+    "Detector",
     "PageHandler",
     "Projector",
     "derive",
@@ -53,5 +56,12 @@ async def project(target: PostgresEventStore | str) -> int:
 
 
 async def rebuild(target: PostgresEventStore | str) -> int:
-    """Rebuild every read table from the whole log; return the number of events applied."""
-    return await _with_store(target, Projector.rebuild)
+    """Rebuild every read table from the whole log, then judge it again for findings (none
+    is recorded twice); return the number of events applied."""
+
+    async def both(projector: Projector) -> int:
+        applied = await projector.rebuild()
+        await Detector(projector.store).rebuild()
+        return applied
+
+    return await _with_store(target, both)

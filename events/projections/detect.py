@@ -23,9 +23,26 @@ The rules (the constants below):
 An execution is a test that passed or failed: a skipped test (for a failed dependency or
 any other reason) sent nothing, and counts as neither a failure nor a flip.
 
-Findings go to the stream ``analytics-<project id>`` inside the page's transaction, with ids
-derived from (run, test case, rule): a page applied again, a rebuild or a second projector
-re-sends the same ids, and the store answers a re-sent id with its original position.
+The ``Detector`` does this behind the read-model projector, with a checkpoint of its own
+(``findings``) that never passes the projector's: the history it reads is written up to
+there. It is not part of the projector because judging history costs time that grows with
+it (each window is read per test and run), and ``baton run``, which waits for the read
+tables, must not wait for that: measured on 500 runs of a 6-test flow, detection in the
+projector's pages took ``baton run`` from 5.6 to 10.2 s. ``baton serve`` runs the Detector
+after each catch-up of its projector; ``baton projections rebuild`` runs it after the
+rebuild.
+
+Findings go to the stream ``analytics-<project id>`` in the Detector's page transaction,
+together with its checkpoint, with ids derived from (run, test case, rule): a page judged
+again, a rebuild or a second Detector re-sends the same ids, and the store answers a re-sent
+id with its original position. That append cannot deadlock with the appends of runs:
+baton_append takes the store's commit-order lock (a transaction-scoped advisory lock) before
+anything else and keeps it until commit, so an ordinary append holds nothing while it waits
+for it, and once it has it waits for nothing a Detector holds (it touches only events and
+baton_streams, which no one writes without the lock). The Detector's page holds only its
+checkpoint row when it asks for the lock, and after getting it only advances that
+checkpoint and commits. The cost: appends wait for that commit on a page that finds
+something.
 """
 
 from __future__ import annotations
@@ -38,9 +55,10 @@ from fractions import Fraction
 import asyncpg
 import msgspec
 
-from events.postgres import PostgresEventStore
+from events.postgres import PostgresEventStore, driver_errors
 from events.projections.catalog import derive
 from events.projections.page import RUN_PREFIX
+from events.projections.projector import ADVANCE, DEFAULT_NAME, lock_checkpoint
 from events.store import NewEvent, StreamAppend
 from events.types import (
     Finding,
@@ -52,6 +70,8 @@ from events.types import (
     analytics_stream,
 )
 
+FINDINGS = "findings"
+"""The Detector's checkpoint."""
 MIN_SAMPLES = 5
 """Executions a flaky rule needs before it may hold: 1 failure in 2 runs is not news."""
 FAILURE_RATE_WINDOW = timedelta(days=7)
@@ -384,3 +404,51 @@ async def _slowdowns(conn: asyncpg.Connection, passed: Sequence[Execution]) -> l
         )
         findings.append(_finding(execution, "performance_degradation", event))
     return findings
+
+
+_FOLLOWED = "SELECT coalesce(max(position), 0) FROM baton_projection_checkpoints WHERE name = $1"
+
+
+class Detector:
+    """Records the findings of the runs that completed, behind the projector named
+    ``follows`` (see the module's docstring). The store's pool must allow two connections."""
+
+    def __init__(
+        self, store: PostgresEventStore, *, follows: str = DEFAULT_NAME, page_size: int = 1000
+    ) -> None:
+        self._store = store
+        self._follows = follows
+        self._page_size = page_size
+
+    async def catch_up(self) -> int:
+        """Judge every run completed after the checkpoint, up to the projector's; return how
+        many events that covered. Raises StoreUnavailable/StoreError."""
+        covered = 0
+        while count := await self._step():
+            covered += count
+        return covered
+
+    async def rebuild(self) -> int:
+        """Judge the whole log again (after a rebuild of the read tables): what was found
+        already is found again and not recorded twice."""
+        with driver_errors(self._store.dsn):
+            async with self._store.pool.acquire() as conn, conn.transaction():
+                await lock_checkpoint(conn, FINDINGS)
+                await conn.execute(ADVANCE, FINDINGS, 0)
+        return await self.catch_up()
+
+    async def _step(self) -> int:
+        with driver_errors(self._store.dsn):
+            async with self._store.pool.acquire() as conn, conn.transaction():
+                position = await lock_checkpoint(conn, FINDINGS)
+                ceiling: int = await conn.fetchval(_FOLLOWED, self._follows)
+                if ceiling <= position:
+                    return 0
+                page = await self._store.read_all(position, self._page_size)
+                page = [recorded for recorded in page if recorded.position <= ceiling]
+                if not page:
+                    return 0
+                # last: its append holds every other append back until this commit
+                await record_findings(self._store, conn, page)
+                await conn.execute(ADVANCE, FINDINGS, page[-1].position)
+        return len(page)

@@ -10,20 +10,9 @@ transaction commits later (see baton_append in schema.sql), so nothing is skippe
 Live, the projector LISTENs on the channel baton_append notifies at commit and catches up
 when it rings; a timeout catches up anyway, in case a notice was lost with a connection.
 
-Last in each page, ``detect.record_findings`` judges the tests of the runs that complete in
-it and appends what it finds (flaky tests, slowdowns) to the log in the page's transaction,
-so the findings commit exactly when the page does. That append cannot deadlock with the
-appends of runs. baton_append takes the store's commit-order lock (a transaction-scoped
-advisory lock) before anything else and keeps it until commit, so an ordinary append holds
-nothing while it waits for that lock, and once it has it, waits for nothing a projector
-holds (it touches only events and baton_streams, which no one writes without the lock): it
-cannot close a cycle. The page holds its checkpoint row and the read-table rows it wrote
-when it asks for the lock, and after getting it only advances its own checkpoint (locked
-already) and commits: no cycle there either, whoever holds the lock meanwhile. Two things
-keep it so: the findings are appended after everything else of the page (handlers
-included), and the page's transaction stays READ COMMITTED, so baton_append reads the
-stream versions the previous holder of the lock committed. The cost: appends wait for the
-page's commit (one UPDATE and a WAL flush) on the rare page that finds something.
+The findings of events.projections.detect (flaky tests, slowdowns) are not the
+projector's: a Detector follows it with a checkpoint of its own, so judging history never
+holds up the read tables (``baton run`` waits for those).
 """
 
 from __future__ import annotations
@@ -35,7 +24,6 @@ from collections.abc import Awaitable, Callable, Sequence
 import asyncpg
 
 from events.postgres import PostgresEventStore, driver_errors
-from events.projections.detect import record_findings
 from events.projections.page import READ_TABLES, apply_page
 from events.store import StoreUnavailable
 from events.types import RecordedEvent
@@ -49,7 +37,7 @@ PageHandler = Callable[[asyncpg.Connection, Sequence[RecordedEvent]], Awaitable[
 
 _LOCK = "INSERT INTO baton_projection_checkpoints (name) VALUES ($1) ON CONFLICT (name) DO NOTHING;"
 _CHECKPOINT = "SELECT position FROM baton_projection_checkpoints WHERE name = $1 FOR UPDATE"
-_ADVANCE = (
+ADVANCE = (
     "UPDATE baton_projection_checkpoints SET position = $2, updated_at = now() WHERE name = $1"
 )
 _log = logging.getLogger("baton.projections")
@@ -61,7 +49,6 @@ class Projector:
     The store's pool must allow two connections: one holds the page's transaction while
     ``read_all`` reads through another. ``handlers`` apply each page too, in the same
     transaction, after the read tables: a projection of another module, or a test's probe.
-    Every projector records the findings of ``events.projections.detect`` (module docstring).
     """
 
     def __init__(
@@ -80,6 +67,10 @@ class Projector:
     @property
     def name(self) -> str:
         return self._name
+
+    @property
+    def store(self) -> PostgresEventStore:
+        return self._store
 
     async def position(self) -> int:
         """The checkpoint: the last log position applied (0 before the first)."""
@@ -116,16 +107,14 @@ class Projector:
     async def _step(self) -> int:
         with driver_errors(self._store.dsn):
             async with self._store.pool.acquire() as conn, conn.transaction():
-                position = await _lock(conn, self._name)
+                position = await lock_checkpoint(conn, self._name)
                 page = await self._store.read_all(position, self._page_size)
                 if not page:
                     return 0
                 await apply_page(conn, page)
                 for handler in self._handlers:
                     await handler(conn, page)
-                # last: its append holds every other append back until this commit
-                await record_findings(self._store, conn, page)
-                await conn.execute(_ADVANCE, self._name, page[-1].position)
+                await conn.execute(ADVANCE, self._name, page[-1].position)
         return len(page)
 
     async def rebuild(self) -> int:
@@ -136,15 +125,22 @@ class Projector:
         """
         with driver_errors(self._store.dsn):
             async with self._store.pool.acquire() as conn, conn.transaction():
-                await _lock(conn, self._name)
+                await lock_checkpoint(conn, self._name)
                 await conn.execute(f"TRUNCATE {', '.join(READ_TABLES)}")
-                await conn.execute(_ADVANCE, self._name, 0)
+                await conn.execute(ADVANCE, self._name, 0)
         return await self.catch_up()
 
-    async def serve(self, *, fallback: float = 1.0, stop: asyncio.Event | None = None) -> None:
+    async def serve(
+        self,
+        *,
+        fallback: float = 1.0,
+        stop: asyncio.Event | None = None,
+        then: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
         """Catch up, then again whenever an append commits, until ``stop`` is set (or the
-        task is cancelled). Survives the database going away: it retries every few
-        seconds and catches up once the database is back."""
+        task is cancelled). ``then`` runs after each catch-up: what follows the read tables
+        (a Detector). Survives the database going away: it retries every few seconds and
+        catches up once the database is back."""
         stop = stop or asyncio.Event()
         wake = asyncio.Event()
         listener: asyncpg.Connection | None = None
@@ -159,6 +155,8 @@ class Projector:
                         listener = await self._listen(ring)
                     wake.clear()  # before catching up: a notice during it means go again
                     await self.catch_up()
+                    if then is not None:
+                        await then()
                 except StoreUnavailable as exc:
                     _log.warning("projector %s: %s; retrying", self._name, exc)
                     listener = None
@@ -176,7 +174,7 @@ class Projector:
         return conn
 
 
-async def _lock(conn: asyncpg.Connection, name: str) -> int:
+async def lock_checkpoint(conn: asyncpg.Connection, name: str) -> int:
     await conn.execute(_LOCK, name)
     position: int = await conn.fetchval(_CHECKPOINT, name)
     return position
