@@ -8,6 +8,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -23,6 +24,37 @@ from redis.asyncio import Redis
 
 from events.embedded import start_embedded, stop_embedded
 from events.postgres import PostgresEventStore
+
+SHOP = Path(__file__).resolve().parent.parent / "examples" / "shop"
+
+
+def start_shop(*args: str) -> tuple[subprocess.Popen[str], str]:
+    """The demo shop API in a process of its own on a free port: the process and its URL."""
+    process = subprocess.Popen(
+        [sys.executable, str(SHOP / "server.py"), "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line.startswith("shop API on "), line
+    return process, line.split()[-1]
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    process.terminate()
+    process.wait(timeout=10)
+    if process.stdout is not None:
+        process.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def shop_url() -> Iterator[str]:
+    """The demo shop, one per test module (a module may define its own, in process)."""
+    process, url = start_shop()
+    yield url
+    stop(process)
+
 
 # The machine's PostgreSQL (trust auth); BATON_TEST_PG_ADMIN points the tests elsewhere.
 PG_ADMIN_DSN = os.environ.get(

@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as redis
 
 from tests.cli import baton
-from tests.test_run import SHOP, start_shop, stop
+from tests.conftest import SHOP, start_shop, stop
 
 
 @pytest.fixture(scope="module")

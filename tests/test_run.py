@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -17,35 +16,9 @@ import pytest
 
 from events.embedded import stop_embedded
 from tests.cli import baton
+from tests.conftest import SHOP, start_shop, stop
 
 ROOT = Path(__file__).resolve().parent.parent
-SHOP = ROOT / "examples" / "shop"
-
-
-def start_shop(*args: str) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen(
-        [sys.executable, str(SHOP / "server.py"), "--port", "0", *args],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    assert line.startswith("shop API on "), line
-    return process, line.split()[-1]
-
-
-def stop(process: subprocess.Popen[str]) -> None:
-    process.terminate()
-    process.wait(timeout=10)
-    if process.stdout is not None:
-        process.stdout.close()
-
-
-@pytest.fixture(scope="module")
-def shop_url() -> Iterator[str]:
-    process, url = start_shop()
-    yield url
-    stop(process)
 
 
 @pytest.fixture
