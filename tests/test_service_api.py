@@ -5,6 +5,7 @@ requests, and bad input answered with problem details (400, 413, 422), never a 5
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,26 @@ async def test_keys_are_shown_once_stored_hashed_and_revocable(
         _problem(await client.get("/api/v1/runs"), 401)
     body = _problem(await admin.post("/api/v1/keys", json={"name": "k", "scopes": ["root"]}), 400)
     assert any("scopes" in error["location"] for error in body["errors"])
+
+
+async def test_a_pooled_connection_comes_back_from_a_tenant_as_the_owner(
+    live_service: LiveService,
+) -> None:
+    # the pool skips asyncpg's reset query: what a request's transaction set must end with it
+    store = await PostgresEventStore.connect(
+        live_service.settings.database_url, min_size=1, max_size=1
+    )
+    try:
+        owner = await store.pool.fetchval("SELECT current_user")
+        async with Database(store).tenant(uuid.uuid4()) as conn:
+            assert await conn.fetchval("SELECT current_user") == "baton_service"
+        role, organization = await store.pool.fetchrow(
+            "SELECT current_user, current_setting('baton.organization_id', true)"
+        )
+        assert role == owner != "baton_service"
+        assert not organization
+    finally:
+        await store.aclose()
 
 
 async def test_a_key_revoked_elsewhere_stops_working_within_the_key_ttl(
