@@ -50,6 +50,7 @@ class Services:
     cipher: Cipher
     launcher: RunLauncher
     projector: Projector
+    detector: Detector
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _projector_task: asyncio.Task[None] | None = None
 
@@ -92,9 +93,10 @@ class Services:
             cipher=cipher,
             launcher=launcher,
             projector=Projector(store),
+            detector=Detector(store),
         )
         services._projector_task = asyncio.create_task(
-            services.projector.serve(stop=services._stop, then=Detector(store).catch_up),
+            services.projector.serve(stop=services._stop, then=services.detector.catch_up),
             name="baton-projector",
         )
         return services
@@ -144,9 +146,11 @@ class Services:
         try:
             behind = await asyncio.wait_for(self.projector.behind(), _PROBE_TIMEOUT)
             position = await asyncio.wait_for(self.projector.position(), _PROBE_TIMEOUT)
+            judged = await asyncio.wait_for(self.detector.position(), _PROBE_TIMEOUT)
         except Exception as exc:
             return Dependency("projector", "down", type(exc).__name__)
-        return Dependency("projector", "ok", f"at position {position}, {behind} event(s) behind")
+        detail = f"at position {position}, {behind} event(s) behind; findings judged to {judged}"
+        return Dependency("projector", "ok", detail)
 
 
 def _elapsed(start: float) -> float:

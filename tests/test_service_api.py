@@ -77,7 +77,7 @@ async def test_health_needs_no_key_and_reports_each_dependency(live_service: Liv
     states = {d["name"]: d["status"] for d in health["dependencies"]}
     assert states == {"postgresql": "ok", "redis": "ok", "projector": "ok"}
     projector = next(d for d in health["dependencies"] if d["name"] == "projector")
-    assert "behind" in projector["detail"]
+    assert "behind" in projector["detail"] and "findings judged to" in projector["detail"]
 
 
 async def test_health_shows_a_dead_redis_as_degraded(

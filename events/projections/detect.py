@@ -420,6 +420,12 @@ class Detector:
         self._follows = follows
         self._page_size = page_size
 
+    async def position(self) -> int:
+        """The checkpoint: the last log position judged (0 before the first)."""
+        with driver_errors(self._store.dsn):
+            value: int = await self._store.pool.fetchval(_FOLLOWED, FINDINGS)
+        return value
+
     async def catch_up(self) -> int:
         """Judge every run completed after the checkpoint, up to the projector's; return how
         many events that covered. Raises StoreUnavailable/StoreError."""
