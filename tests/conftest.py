@@ -229,6 +229,15 @@ async def fresh_database_dsn() -> AsyncIterator[str]:
         yield dsn
 
 
+@pytest.fixture
+async def fresh_store(fresh_database_dsn: str) -> AsyncIterator[PostgresEventStore]:
+    """An event store on a database of its own, closed after the test. Four connections: a
+    projector holds its page's transaction on one while it reads through another."""
+    opened = await PostgresEventStore.connect(fresh_database_dsn, max_size=4)
+    yield opened
+    await opened.aclose()
+
+
 # ---- the service (context_service) ---------------------------------------------------------
 
 

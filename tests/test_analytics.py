@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
@@ -107,10 +107,8 @@ async def rebuild(store: PostgresEventStore, page_size: int = 1000) -> None:
 
 
 @pytest.fixture
-async def store(fresh_database_dsn: str) -> AsyncIterator[PostgresEventStore]:
-    opened = await PostgresEventStore.connect(fresh_database_dsn, max_size=4)
-    yield opened
-    await opened.aclose()
+def store(fresh_store: PostgresEventStore) -> PostgresEventStore:
+    return fresh_store
 
 
 async def test_a_test_becomes_flaky_once_when_its_failure_rate_passes_10_percent(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -100,10 +100,8 @@ async def write_runs(store: PostgresEventStore, count: int, **kwargs: Any) -> li
 
 
 @pytest.fixture
-async def store(fresh_database_dsn: str) -> AsyncIterator[PostgresEventStore]:
-    opened = await PostgresEventStore.connect(fresh_database_dsn, max_size=4)
-    yield opened
-    await opened.aclose()
+def store(fresh_store: PostgresEventStore) -> PostgresEventStore:
+    return fresh_store
 
 
 async def test_projector_never_passes_an_append_that_commits_late(
