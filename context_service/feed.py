@@ -15,7 +15,7 @@ no gap and no duplicate, whether a notice came from this process or another inst
 
 A project's feed is the run-level events of its runs (the project comes from each run's
 RunStarted) and the findings of its ``analytics-<project id>`` stream (FlakyTestDetected,
-PerformanceDegraded, which the projector appends when a run completes). Findings are log
+PerformanceDegraded, which the Detector appends when a run completes). Findings are log
 events like any other, so they replay and resume by position the same way.
 """
 

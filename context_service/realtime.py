@@ -13,10 +13,10 @@ its ``run_id``) from now on, or after a position, and two kinds of analytics mes
 
 - ``flaky_test_detected``: derived at once when a test passes on a retry within its run (a
   message of its own after the TestPassed, with that event's position and ``rule``
-  "passed_on_retry"); and for each FlakyTestDetected the projector records when
+  "passed_on_retry"); and for each FlakyTestDetected the Detector records when
   a test's history crosses the failure-rate or the flip-rate rule (``rule`` "failure_rate"
   or "flip_rate", events.projections.detect), after the run's RunCompleted.
-- ``performance_degradation``: each PerformanceDegraded the projector records.
+- ``performance_degradation``: each PerformanceDegraded the Detector records.
 
 Recorded findings are events of the log (stream ``analytics-<project id>``) with positions
 of their own: they replay after a position and resume with Last-Event-ID like the rest.
