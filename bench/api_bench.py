@@ -27,15 +27,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import gc
 import json
 import os
-import secrets
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -44,12 +40,18 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import aiohttp  # noqa: E402
-import asyncpg  # noqa: E402
 import httpx  # noqa: E402
 from aiohttp import web  # noqa: E402
-from fanout_bench import ROOT, cpu_seconds, free_port, percentile, wait_healthy  # noqa: E402
+from fanout_bench import (  # noqa: E402
+    ROOT,
+    cpu_seconds,
+    create_bench_database,
+    drop_bench_database,
+    free_port,
+    percentile,
+    wait_healthy,
+)
 
-from events.settings import Settings  # noqa: E402
 from examples.shop.server import serve as serve_shop  # noqa: E402
 
 PG_ADMIN = os.environ.get("BATON_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -162,16 +164,7 @@ async def load(
 async def one_backend(args: argparse.Namespace, backend: str) -> dict[str, Any]:
     from context_service.keys import create_key
 
-    name = f"baton_apibench_{secrets.token_hex(6)}"
-    admin = await asyncpg.connect(args.pg)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    dsn = args.pg.rsplit("/", 1)[0] + f"/{name}"
-    home = Path(tempfile.mkdtemp(prefix="baton-apibench-"))
-    secret = base64.urlsafe_b64encode(os.urandom(32)).decode()
-    settings = Settings(database_url=dsn, home=home, secret_key=secret)
-    env = {**os.environ, "BATON_DATABASE_URL": dsn, "BATON_HOME": str(home)}
-    env["BATON_SECRET_KEY"] = secret
+    settings, env = await create_bench_database(args.pg)
     env.pop("BATON_REDIS_URL", None)
     if backend == "redis":
         env["BATON_REDIS_URL"] = args.redis
@@ -223,10 +216,7 @@ async def one_backend(args: argparse.Namespace, backend: str) -> dict[str, Any]:
             await shop.cleanup()
         service.send_signal(signal.SIGINT)
         await service.wait()
-        admin = await asyncpg.connect(args.pg)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-        shutil.rmtree(home, ignore_errors=True)
+        await drop_bench_database(args.pg, settings)
     return {"backend": backend, "clients": args.clients, **result}
 
 

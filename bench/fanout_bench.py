@@ -231,21 +231,37 @@ async def append_load(
     return committed, positions
 
 
+async def create_bench_database(pg: str) -> tuple[Settings, dict[str, str]]:
+    """A database of its own on the server at ``pg`` (the admin DSN), a BATON_HOME and a
+    secret key: the settings, and the environment a service process needs for them."""
+    name = f"baton_bench_{secrets.token_hex(6)}"
+    admin = await asyncpg.connect(pg)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    dsn = pg.rsplit("/", 1)[0] + f"/{name}"
+    home = Path(tempfile.mkdtemp(prefix="baton-bench-"))
+    key = base64.urlsafe_b64encode(os.urandom(32)).decode()
+    env = {**os.environ, "BATON_DATABASE_URL": dsn, "BATON_HOME": str(home)}
+    env["BATON_SECRET_KEY"] = key
+    return Settings(database_url=dsn, home=home, secret_key=key), env
+
+
+async def drop_bench_database(pg: str, settings: Settings) -> None:
+    """Undo ``create_bench_database``."""
+    assert settings.database_url is not None
+    name = settings.database_url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(pg)
+    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await admin.close()
+    shutil.rmtree(settings.home, ignore_errors=True)
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     from context_service.keys import create_key
 
-    name = f"baton_bench_{secrets.token_hex(6)}"
-    admin = await asyncpg.connect(args.pg)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    dsn = args.pg.rsplit("/", 1)[0] + f"/{name}"
-    home = Path(tempfile.mkdtemp(prefix="baton-bench-"))
-    key = base64.urlsafe_b64encode(os.urandom(32)).decode()
-    settings = Settings(database_url=dsn, home=home, secret_key=key)
-    env = {**os.environ, "BATON_DATABASE_URL": dsn, "BATON_HOME": str(home)}
-    env["BATON_SECRET_KEY"] = key
+    settings, env = await create_bench_database(args.pg)
     services: list[asyncio.subprocess.Process] = []
-    store = await PostgresEventStore.connect(dsn, max_size=10)
+    store = await PostgresEventStore.connect(env["BATON_DATABASE_URL"], max_size=10)
     try:
         api_key = await create_key(settings, organization="bench", scopes=["read"], name="b")
         ports = [free_port() for _ in range(args.instances)]
@@ -311,10 +327,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         for service in services:
             service.send_signal(signal.SIGINT)
             await service.wait()
-        admin = await asyncpg.connect(args.pg)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-        shutil.rmtree(home, ignore_errors=True)
+        await drop_bench_database(args.pg, settings)
     result = report(args, followed, outputs, full, committed, positions, elapsed, cpu)
     return {
         **result,
