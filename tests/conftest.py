@@ -3,6 +3,7 @@ the embedded PostgreSQL in a temporary BATON_HOME; each is set up once per test 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shutil
@@ -12,7 +13,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -283,6 +284,37 @@ class LiveService:
         if key is not None:
             headers["Authorization"] = f"Bearer {key}"
         return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=30)
+
+
+class Org:
+    """An organization's API client on a live service: requests that must answer a status."""
+
+    def __init__(self, service: LiveService, key: str) -> None:
+        self.key = key
+        self.http = service.client(key)
+
+    async def ok(self, method: str, url: str, status: int = 200, **kwargs: Any) -> Any:
+        response = await self.http.request(method, url, **kwargs)
+        assert response.status_code == status, response.text
+        return response.json() if response.content else None
+
+    async def start(self, suite: str, environment: str, **variables: str) -> str:
+        body = {"suite_id": suite, "environment_id": environment, "variables": variables}
+        run = await self.ok("POST", "/api/v1/runs", 202, json=body)
+        return str(run["id"])
+
+    async def poll(self, url: str, done: Callable[[Any], bool], within: float = 15) -> Any:
+        deadline = asyncio.get_running_loop().time() + within
+        while not done(found := await self.ok("GET", url)):
+            assert asyncio.get_running_loop().time() < deadline, f"{url}: never what is awaited"
+            await asyncio.sleep(0.05)
+        return found
+
+    async def finished(self, run_id: str, within: float = 15) -> dict[str, Any]:
+        found: dict[str, Any] = await self.poll(
+            f"/api/v1/runs/{run_id}", lambda run: run["status"] not in ("queued", "running"), within
+        )
+        return found
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,7 +23,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from context_service.keys import create_key
 from examples.shop.server import STATE, serve
-from tests.conftest import LiveService
+from tests.conftest import LiveService, Org
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
@@ -61,35 +61,6 @@ tests:
 """
 SMOKE = 'name: smoke\nbase_url: "{{ env.SHOP_URL }}"\ntests: {health: {request: {url: /health}}}'
 FINAL = {"passed", "failed", "skipped"}
-
-
-class Org:
-    def __init__(self, service: LiveService, key: str) -> None:
-        self.key = key
-        self.http = service.client(key)
-
-    async def ok(self, method: str, url: str, status: int = 200, **kwargs: Any) -> Any:
-        response = await self.http.request(method, url, **kwargs)
-        assert response.status_code == status, response.text
-        return response.json() if response.content else None
-
-    async def start(self, suite: str, environment: str, **variables: str) -> str:
-        body = {"suite_id": suite, "environment_id": environment, "variables": variables}
-        run = await self.ok("POST", "/api/v1/runs", 202, json=body)
-        return str(run["id"])
-
-    async def poll(self, url: str, done: Callable[[Any], bool]) -> Any:
-        for _ in range(300):
-            if done(found := await self.ok("GET", url)):
-                return found
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"{url}: never what the test waits for")
-
-    async def finished(self, run_id: str) -> dict[str, Any]:
-        found: dict[str, Any] = await self.poll(
-            f"/api/v1/runs/{run_id}", lambda run: run["status"] not in ("queued", "running")
-        )
-        return found
 
 
 Shop = tuple[web.AppRunner, str]

@@ -17,7 +17,7 @@ import pytest
 from context_service.keys import create_key
 from events.secrets import Cipher
 from examples.shop.server import serve as serve_shop
-from tests.conftest import LiveService
+from tests.conftest import LiveService, Org
 
 CHECKOUT = (Path(__file__).parent.parent / "examples" / "shop" / "checkout.yaml").read_text()
 RERUN_FLOW = """
@@ -57,17 +57,6 @@ tests:
     depends_on: [nap]
     request: {url: /health}
 """
-
-
-class Org:
-    def __init__(self, service: LiveService, key: str) -> None:
-        self.key = key
-        self.http = service.client(key)
-
-    async def ok(self, method: str, url: str, status: int = 200, **kwargs: Any) -> Any:
-        response = await self.http.request(method, url, **kwargs)
-        assert response.status_code == status, response.text
-        return response.json() if response.content else None
 
 
 @pytest.fixture(scope="module")
@@ -121,16 +110,6 @@ async def _suite(org: Org, project: str, content: str) -> str:
     return str(suite["id"])
 
 
-async def _finished(org: Org, run_id: str, within: float = 30) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        run: dict[str, Any] = await org.ok("GET", f"/api/v1/runs/{run_id}")
-        if run["status"] not in ("queued", "running"):
-            return run
-        assert asyncio.get_running_loop().time() < deadline, f"run still {run['status']}"
-        await asyncio.sleep(0.1)
-
-
 async def _all_events(org: Org, run_id: str, page: int = 7) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
     after = 0
@@ -153,7 +132,7 @@ async def checkout_run(acme: Org, shop_url: str) -> dict[str, Any]:
         json={"suite_id": suite, "environment_id": ids["environment"]},
     )
     assert started["status"] in ("queued", "running")
-    return await _finished(acme, started["id"])
+    return await acme.finished(started["id"], within=30)
 
 
 async def test_a_run_started_through_the_api_runs_the_suite_against_the_shop(
@@ -238,7 +217,7 @@ async def test_rerun_runs_only_what_did_not_pass_with_the_captured_token(
     first = await acme.ok(
         "POST", "/api/v1/runs", 202, json={"suite_id": suite, "environment_id": ids["environment"]}
     )
-    first = await _finished(acme, first["id"])
+    first = await acme.finished(first["id"], within=30)
     assert (first["status"], first["passed_tests"], first["failed_tests"]) == ("failed", 1, 1)
     assert first["skipped_tests"] == 1
     # the environment is fixed; login is not run again: the token it captured is reused
@@ -249,7 +228,7 @@ async def test_rerun_runs_only_what_did_not_pass_with_the_captured_token(
     )
     again = await acme.ok("POST", f"/api/v1/runs/{first['id']}/rerun", 202)
     assert again["rerun_of"] == first["id"] and again["id"] != first["id"]
-    again = await _finished(acme, again["id"])
+    again = await acme.finished(again["id"], within=30)
     assert (again["status"], again["total_tests"], again["passed_tests"]) == ("passed", 2, 2)
     events = await _all_events(acme, again["id"])
     urls = [e["data"]["url"] for e in events if e["type"] == "RequestSent"]
