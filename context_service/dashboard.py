@@ -29,11 +29,10 @@ from litestar.response import Redirect
 from context_service.api.common import PrincipalDep, ServicesDep
 from context_service.api.runs import RUNS, Run, fetch_run
 from context_service.auth import EXCLUDE_OPT, KEY_COOKIE
-from context_service.database import translated
+from context_service.database import stream_of, translated
 from context_service.errors import ServiceError, Unauthorized
 from context_service.feed import shown
 from context_service.keys import Principal, authenticate
-from context_service.runs import stream_of
 from context_service.services import Services
 from events import types as ev
 from events.context import MASK, Context, redacted

@@ -24,7 +24,7 @@ from context_service.keys import Principal, authenticate, digest
 from events.postgres import PostgresEventStore, driver_errors
 
 ROLE = "baton_service"
-OWNED_RUN = (
+_OWNED_RUN = (
     "SELECT stream FROM test_runs WHERE id = $1"
     " UNION ALL SELECT 'run-' || id::text FROM service_runs WHERE id = $1 LIMIT 1"
 )
@@ -123,9 +123,7 @@ class Database:
         stream = self._owned_runs.get(known)
         if stream is None:
             async with self.tenant(organization) as conn:
-                stream = await conn.fetchval(OWNED_RUN, run_id)
-            if stream is None:
-                raise NotFound(f"no run {run_id}")
+                stream = await stream_of(conn, run_id)
             if len(self._owned_runs) >= _KNOWN_RUNS:
                 self._owned_runs.clear()  # a cache: a forgotten run is asked about again
             self._owned_runs[known] = stream
@@ -138,6 +136,15 @@ class Database:
         with translated(self._store.dsn):
             async with self._store.pool.acquire() as conn, conn.transaction():
                 yield conn
+
+
+async def stream_of(conn: asyncpg.Connection, run_id: uuid.UUID) -> str:
+    """The run's stream, if the organization of ``conn``'s tenant transaction has the run;
+    else NotFound."""
+    stream: str | None = await conn.fetchval(_OWNED_RUN, run_id)
+    if stream is None:
+        raise NotFound(f"no run {run_id}")
+    return stream
 
 
 @contextmanager

@@ -47,7 +47,6 @@ from context_service.auth import principal_of
 from context_service.errors import BadRequest, NotFound
 from context_service.feed import TERMINAL, Entry, Feed, Hub, ProjectFeed, RunFeed, follow
 from context_service.keys import Principal
-from context_service.runs import stream_of
 from context_service.services import Services
 from events.store import StoreError
 from events.types import TestPassed
@@ -98,8 +97,7 @@ class _Source:
 async def _run_source(
     services: Services, hub: Hub, principal: Principal, run_id: uuid.UUID, after: int | None
 ) -> _Source:
-    async with services.db.tenant(principal.organization_id) as conn:
-        stream = await stream_of(conn, run_id)
+    stream = await services.db.run_stream(principal.organization_id, run_id)
     async with services.db.owner() as conn:
         last = await conn.fetchrow(_LAST, stream)
     start = after or 0

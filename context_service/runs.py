@@ -20,7 +20,7 @@ import asyncpg
 import msgspec
 
 from context_service.api.suites import fetch_suite
-from context_service.database import OWNED_RUN
+from context_service.database import stream_of
 from context_service.errors import Conflict, NotFound, Unprocessable
 from context_service.flows import check_run, load_text
 from context_service.keys import Principal
@@ -61,14 +61,6 @@ class _Environment(msgspec.Struct, frozen=True):
     name: str
     plain: dict[str, str]
     secrets: dict[str, str]
-
-
-async def stream_of(conn: asyncpg.Connection, run_id: uuid.UUID) -> str:
-    """The run's stream, if the caller's organization has the run; else NotFound."""
-    stream: str | None = await conn.fetchval(OWNED_RUN, run_id)
-    if stream is None:
-        raise NotFound(f"no run {run_id}")
-    return stream
 
 
 async def _environment(

@@ -19,6 +19,7 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from context_service import runs
 from context_service.api.common import PageDep, PrincipalDep, ServicesDep
+from context_service.database import stream_of
 from context_service.errors import Conflict, NotFound
 from context_service.keys import Principal
 from context_service.listing import Listing, Page, page_of
@@ -256,7 +257,7 @@ class RunController(Controller):
         category: FromQuery[str | None] = None,
     ) -> Page[Result]:
         async with services.db.tenant(principal.organization_id) as conn:
-            await runs.stream_of(conn, run_id)
+            await stream_of(conn, run_id)
             found = await RESULTS.fetch(
                 conn, page, {"status": status, "category": category}, [run_id]
             )
