@@ -65,8 +65,6 @@ from events.types import (
     FlakyRule,
     FlakyTestDetected,
     PerformanceDegraded,
-    RecordedEvent,
-    RunCompleted,
     analytics_stream,
 )
 
@@ -259,16 +257,15 @@ Found = tuple[tuple[int, str, str], str, NewEvent]
 event with its id derived from (run, test case, rule)."""
 
 
+Completion = tuple[str, int, datetime]
+"""A run's RunCompleted: its stream, log position and recorded time."""
+
+
 async def record_findings(
-    store: PostgresEventStore, conn: asyncpg.Connection, page: Sequence[RecordedEvent]
+    store: PostgresEventStore, conn: asyncpg.Connection, completed: Sequence[Completion]
 ) -> None:
-    """Judge the tests of the runs that complete in ``page`` and append what crossed a line,
-    in ``conn``'s transaction (the projector's, after the read tables are written)."""
-    completed = [
-        (recorded.stream, recorded.position, recorded.recorded_at)
-        for recorded in page
-        if isinstance(recorded.event, RunCompleted) and recorded.stream.startswith(RUN_PREFIX)
-    ]
+    """Judge the tests of the runs that ``completed`` and append what crossed a line, in
+    ``conn``'s transaction (the Detector's)."""
     if not completed:
         return
     rows = await conn.fetch(_EXECUTED, *(list(column) for column in zip(*completed, strict=True)))
@@ -407,14 +404,24 @@ async def _slowdowns(conn: asyncpg.Connection, passed: Sequence[Execution]) -> l
 
 
 _FOLLOWED = "SELECT coalesce(max(position), 0) FROM baton_projection_checkpoints WHERE name = $1"
+# Only the RunCompleted events, not decoded: every position up to the projector's
+# checkpoint is committed (it never passes one that commits later), so a plain range read
+# skips nothing.
+_COMPLETED = (
+    "SELECT stream, position, recorded_at FROM events"
+    f" WHERE position > $1 AND position <= $2 AND type = 'RunCompleted'"
+    f" AND starts_with(stream, '{RUN_PREFIX}') ORDER BY position LIMIT $3"
+)
 
 
 class Detector:
     """Records the findings of the runs that completed, behind the projector named
-    ``follows`` (see the module's docstring). The store's pool must allow two connections."""
+    ``follows`` (see the module's docstring), ``page_size`` completed runs a transaction.
+    It reads only the RunCompleted events of the log, undecoded: the projector has read and
+    decoded every event already."""
 
     def __init__(
-        self, store: PostgresEventStore, *, follows: str = DEFAULT_NAME, page_size: int = 1000
+        self, store: PostgresEventStore, *, follows: str = DEFAULT_NAME, page_size: int = 100
     ) -> None:
         self._store = store
         self._follows = follows
@@ -428,7 +435,7 @@ class Detector:
 
     async def catch_up(self) -> int:
         """Judge every run completed after the checkpoint, up to the projector's; return how
-        many events that covered. Raises StoreUnavailable/StoreError."""
+        many log positions that covered. Raises StoreUnavailable/StoreError."""
         covered = 0
         while count := await self._step():
             covered += count
@@ -450,11 +457,10 @@ class Detector:
                 ceiling: int = await conn.fetchval(_FOLLOWED, self._follows)
                 if ceiling <= position:
                     return 0
-                page = await self._store.read_all(position, self._page_size)
-                page = [recorded for recorded in page if recorded.position <= ceiling]
-                if not page:
-                    return 0
+                rows = await conn.fetch(_COMPLETED, position, ceiling, self._page_size)
+                # a full page may stop short of the ceiling; otherwise the ceiling is reached
+                reached = rows[-1]["position"] if len(rows) == self._page_size else ceiling
                 # last: its append holds every other append back until this commit
-                await record_findings(self._store, conn, page)
-                await conn.execute(ADVANCE, FINDINGS, page[-1].position)
-        return len(page)
+                await record_findings(self._store, conn, [tuple(row) for row in rows])
+                await conn.execute(ADVANCE, FINDINGS, reached)
+        return reached - position
