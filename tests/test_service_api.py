@@ -365,26 +365,30 @@ async def test_environment_secrets_are_write_only_and_encrypted(
     )
 
 
+# Baton's own words and the place the caller got wrong; the decoder's wording after them
+# is the library's and changes between releases (msgspec 0.20 reworded UTF-8 errors).
 @pytest.mark.parametrize(
-    ("body", "says"),
+    ("body", "says", "where"),
     [
-        (b'{"name": ', "not valid JSON"),
-        (b'{"name": 42}', "Expected `str`"),
-        (b'{"nmae": "x"}', "unknown field"),
-        (b"[]", "Expected `object`"),
-        (b'{"name": ""}', "length >= 1"),
-        (b'{"name": "x", "description": null}', "Expected `str`"),
-        (b'{"name": "\xff\xfe"}', "not UTF-8"),
+        (b'{"name": ', "the body is not valid JSON", ""),
+        (b'{"name": 42}', "the request is not valid", "body.name"),
+        (b'{"nmae": "x"}', "the request is not valid", "nmae"),
+        (b"[]", "the request is not valid", "body"),
+        (b'{"name": ""}', "the request is not valid", "body.name"),
+        (b'{"name": "x", "description": null}', "the request is not valid", "body.description"),
+        # JSON text is UTF-8 (RFC 8259): other bytes make it invalid JSON
+        (b'{"name": "\xff\xfe"}', "the body is not valid JSON", ""),
     ],
 )
 async def test_a_malformed_body_is_a_400_that_says_what_is_wrong(
-    admin: httpx.AsyncClient, body: bytes, says: str
+    admin: httpx.AsyncClient, body: bytes, says: str, where: str
 ) -> None:
     response = await admin.post(
         "/api/v1/projects", content=body, headers={"Content-Type": "application/json"}
     )
     problem = _problem(response, 400)
-    assert says in problem["detail"] + str(problem.get("errors"))
+    assert problem["detail"].startswith(says)
+    assert where in problem["detail"]
 
 
 async def test_text_with_a_nul_character_is_refused_with_a_422(admin: httpx.AsyncClient) -> None:
