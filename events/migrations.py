@@ -71,17 +71,17 @@ class SchemaStatus(msgspec.Struct, frozen=True):
 def schema_sql() -> str:
     """The text of schema.sql.
 
-    The one copy is the repository's top-level schema.sql, which a source checkout or an
-    editable install finds beside the package. A wheel has no repository root, so a build
-    that ships one must copy the file into the package as ``events/schema.sql``.
+    The one copy is the repository's top-level schema.sql. An installed wheel carries it as
+    ``events/schema.sql`` (pyproject.toml's force-include); a source checkout or an editable
+    install finds it beside the packages.
     """
-    beside = Path(__file__).resolve().parent.parent / "schema.sql"
-    if beside.is_file():
-        return beside.read_text(encoding="utf-8")
     packaged = importlib.resources.files("events") / "schema.sql"
     if packaged.is_file():
         return packaged.read_text(encoding="utf-8")
-    raise StoreError(f"schema.sql not found (looked at {beside} and in the events package)")
+    beside = Path(__file__).resolve().parent.parent / "schema.sql"
+    if beside.is_file():
+        return beside.read_text(encoding="utf-8")
+    raise StoreError(f"schema.sql not found (looked in the events package and at {beside})")
 
 
 def parse_steps(text: str) -> tuple[str, list[Step]]:
