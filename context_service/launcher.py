@@ -177,8 +177,10 @@ class RunLauncher:
 
     async def aclose(self) -> None:
         """Cancel every run in flight, wait for each to record its end, close the client."""
-        for run_id in list(self._tasks):
-            self.cancel(run_id)
+        for task in self._tasks.values():
+            # the service stops (SIGTERM, SIGINT): the runs record RunCancelled "interrupted",
+            # not "cancelled through the API", which nobody asked for
+            task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         await self._transport.aclose()
 

@@ -1,4 +1,4 @@
-"""``baton serve``: the app under uvicorn, until interrupted."""
+"""``baton serve``: the app under uvicorn, until interrupted (SIGINT or SIGTERM)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,14 @@ UVICORN_OPTIONS: dict[str, Any] = {
 
 def serve(host: str, port: int, settings: Settings) -> None:
     """Run the service on host:port (blocking). The database is BATON_DATABASE_URL's or the
-    embedded default, the context cache Redis at BATON_REDIS_URL or in-process."""
+    embedded default, the context cache Redis at BATON_REDIS_URL or in-process.
+
+    On SIGINT or SIGTERM uvicorn shuts down gracefully (the app's shut-down cancels the runs
+    in flight, which record RunCancelled), then raises the signal again, which the CLI turns
+    into its exit code; the embedded PostgreSQL is stopped on the way out either way.
+    Raises StartupFailed when the app did not start (its log says why).
+    """
+    import asyncio
     import logging
 
     import uvicorn
@@ -35,4 +42,24 @@ def serve(host: str, port: int, settings: Settings) -> None:
 
     from context_service.app import create_app
 
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", **UVICORN_OPTIONS)
+    config = uvicorn.Config(
+        create_app(settings), host=host, port=port, log_level="info", **UVICORN_OPTIONS
+    )
+    # uvicorn.Server rather than uvicorn.run, which swallows KeyboardInterrupt and so would
+    # hide which signal stopped the service
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except SystemExit:
+        pass  # uvicorn exits when it cannot bind, after logging why
+    finally:
+        if settings.database_url is None:
+            from events.embedded import stop_embedded
+
+            asyncio.run(stop_embedded(settings.home))
+    if not server.started:
+        raise StartupFailed("the service did not start (its log above says why)")
+
+
+class StartupFailed(Exception):
+    pass

@@ -1,5 +1,6 @@
 """The ``baton`` command. Exit codes: 0 all passed, 1 a test failed, 2 usage or validation
-error, 3 infrastructure error. A user's mistake is one readable line, never a traceback.
+error, 3 infrastructure error, 128 + the signal's number when interrupted (130 SIGINT, 143
+SIGTERM). A user's mistake is one readable line, never a traceback.
 """
 
 from __future__ import annotations
@@ -7,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -21,24 +24,129 @@ import click
 from orchestrator.errors import BatonError, InfrastructureError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised as Python raises KeyboardInterrupt for SIGINT.
+
+    SIGTERM is how systemd, Docker and Kubernetes stop a process; left to its default it
+    kills the process on the spot, so no ``finally`` and no atexit handler runs: the runs in
+    flight never record their end and the embedded PostgreSQL is left running.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signal = signal.Signals(signum)
+        super().__init__(self.signal.name)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signal.value
+
+
+class _Signals:
+    """SIGINT and SIGTERM alike: outside an event loop each raises Interrupted at once.
+
+    While ``_run`` runs an event loop, the first one cancels its main task instead, as
+    asyncio.run does for SIGINT alone: runs in flight end with RunCancelled, their events
+    are stored and what was opened is closed; ``_run`` then raises Interrupted. A second one
+    (the cleaning up hangs) raises it at once.
+    """
+
+    def __init__(self) -> None:
+        self.handled: tuple[signal.Signals, ...] = ()
+        self.received = 0
+
+    def __call__(self, signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    def cancel_on_signal(self, task: asyncio.Task[Any], signum: int) -> None:
+        if self.received:
+            raise Interrupted(signum)
+        self.received = signum
+        task.cancel()
+
+
+_signals = _Signals()
+
+
+@contextmanager
+def _handled_signals() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # the in-process tests call main() from threads, where no handler can be set
+        return
+    previous = {}
+    for signum, default in (
+        (signal.SIGINT, signal.default_int_handler),
+        (signal.SIGTERM, signal.SIG_DFL),
+    ):
+        # a signal the parent made us ignore (nohup, `cmd &` in a script) stays ignored
+        if signal.getsignal(signum) is default:
+            previous[signum] = signal.signal(signum, _signals)
+    _signals.handled = tuple(previous)
+    try:
+        yield
+    finally:
+        _signals.handled = ()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, where SIGTERM cancels the main task as SIGINT does (see ``_Signals``)."""
+
+    async def cancellable() -> T:
+        # through the loop, not signal.signal: a signal that lands in another thread (the
+        # embedded PostgreSQL starts in one) still wakes the loop at once
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        watched = _signals.handled if threading.current_thread() is threading.main_thread() else ()
+        for signum in watched:
+            loop.add_signal_handler(signum, _signals.cancel_on_signal, task, signum)
+        try:
+            return await main
+        finally:
+            for signum in watched:
+                loop.remove_signal_handler(signum)
+                signal.signal(signum, _signals)
+
+    _signals.received = 0
+    try:
+        result = asyncio.run(cancellable())
+    except asyncio.CancelledError:
+        if _signals.received:
+            raise Interrupted(_signals.received) from None
+        raise
+    if _signals.received:  # it came as the work ended: still the user's stop
+        raise Interrupted(_signals.received)
+    return result
 
 
 def main() -> None:
-    try:
-        cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(2)
-    except BatonError as exc:
-        for line in str(exc).splitlines():
-            click.echo(f"error: {line}", err=True)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+    with _handled_signals():
+        try:
+            cli.main(standalone_mode=False)
+        except click.exceptions.Abort as exc:
+            # click turns a KeyboardInterrupt into Abort
+            _interrupted(exc.__cause__)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(2)
+        except BatonError as exc:
+            for line in str(exc).splitlines():
+                click.echo(f"error: {line}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt as exc:
+            _interrupted(exc)
+
+
+def _interrupted(cause: BaseException | None) -> None:
+    if isinstance(cause, Interrupted):
+        click.echo(f"interrupted by {cause.signal.name}", err=True)
+        sys.exit(cause.exit_code)
+    click.echo("interrupted", err=True)
+    sys.exit(128 + signal.SIGINT)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -81,21 +189,7 @@ def _options(**kwargs: Any) -> Any:
     return Options(**kwargs)
 
 
-class _RunGroup(click.Group):
-    """``baton run FLOW...`` runs flows; ``baton run show RUN_ID`` shows a recorded run."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
-            args = ["flows", *args]
-        return super().parse_args(ctx, args)
-
-
-@cli.group(cls=_RunGroup)
-def run() -> None:
-    """Run flow files (baton run FLOW...), or show a recorded run (baton run show RUN_ID)."""
-
-
-@run.command("flows")
+@cli.command()
 @flow_options
 @click.option(
     "-c",
@@ -114,7 +208,7 @@ def run() -> None:
     metavar="COMMAND",
     help="Start this server first, wait for base_url to answer, stop it after.",
 )
-def run_flows(
+def run(
     concurrency: int,
     junit: Path | None,
     json_path: Path | None,
@@ -123,21 +217,34 @@ def run_flows(
     serve: str | None,
     **kwargs: Any,
 ) -> None:
-    """Run flow files (or directories of them)."""
+    """Run flow files (or directories of them). Interrupted (Ctrl-C, SIGTERM), the runs in
+    flight end as cancelled and what passed, failed and was cancelled is printed."""
     from events.settings import Settings
     from orchestrator import execution
-    from orchestrator.reporters import ConsoleProgress, render_summary
+    from orchestrator.reporters import ConsoleProgress, RunTally, render_summary
 
     options = _options(concurrency=concurrency, **kwargs)
     jobs = execution.prepare(options)
     color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     progress = ConsoleProgress(stream=sys.stdout, quiet=quiet, color=color)
-    with _served(serve, jobs):
-        results = asyncio.run(
-            execution.execute(jobs, Settings.from_env(), concurrency=concurrency, observer=progress)
-        )
-    if hasattr(progress, "close"):
+    tally = RunTally()
+
+    def observe(run_id: str, event: Any) -> None:
+        progress(run_id, event)
+        tally(run_id, event)
+
+    try:
+        with _served(serve, jobs):
+            results = _run(
+                execution.execute(
+                    jobs, Settings.from_env(), concurrency=concurrency, observer=observe
+                )
+            )
+    except KeyboardInterrupt:
         progress.close()
+        click.echo(tally.render(color=color))
+        raise
+    progress.close()
     from orchestrator.reporters import write_html, write_json, write_junit
 
     for path, write in ((junit, write_junit), (json_path, write_json), (html, write_html)):
@@ -153,23 +260,9 @@ def _served(command: str | None, jobs: list[Any]) -> Iterator[None]:
     if command is None:
         yield
         return
-    from orchestrator.execution import is_reachable
-
     process = subprocess.Popen(shlex.split(command), stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                raise InfrastructureError(
-                    f"--serve: {command!r} exited with code {process.returncode} before "
-                    "the API answered"
-                )
-            if asyncio.run(is_reachable(jobs, wait=0.5)):
-                break
-            if time.monotonic() > deadline:
-                raise InfrastructureError(
-                    f"--serve: the API did not answer within 30 s of {command!r}"
-                )
+        _run(_answering(command, process, jobs))
         yield
     finally:
         process.terminate()
@@ -177,6 +270,25 @@ def _served(command: str | None, jobs: list[Any]) -> Iterator[None]:
             process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+async def _answering(command: str, process: subprocess.Popen[bytes], jobs: list[Any]) -> None:
+    """Wait until the API of ``--serve`` answers. A refused connection returns at once, so
+    the probes back off (to 0.25 s apart) rather than spin a CPU for up to 30 s."""
+    from orchestrator.execution import is_reachable
+
+    deadline = time.monotonic() + 30
+    pause = 0.01
+    while not await is_reachable(jobs, wait=0.5):
+        if process.poll() is not None:
+            raise InfrastructureError(
+                f"--serve: {command!r} exited with code {process.returncode} before "
+                "the API answered"
+            )
+        if time.monotonic() > deadline:
+            raise InfrastructureError(f"--serve: the API did not answer within 30 s of {command!r}")
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.25)
 
 
 @cli.command()
@@ -219,7 +331,7 @@ def graph(path: Path, fmt: str, environment: str | None, variables: tuple[str, .
         click.echo(render_graph(job.plan, fmt))
 
 
-@run.command()
+@cli.command()
 @click.argument("run_id")
 def show(run_id: str) -> None:
     """Show a recorded run: its status and every test's result."""
@@ -309,7 +421,7 @@ def watch(run_id: str, supabase: bool, url: str, key: str | None) -> None:
         if not supabase_url or not supabase_key:
             raise UsageError("--supabase needs SUPABASE_URL and SUPABASE_KEY in the environment")
         try:
-            asyncio.run(
+            _run(
                 watch_supabase(
                     supabase_url,
                     supabase_key,
@@ -328,7 +440,7 @@ def watch(run_id: str, supabase: bool, url: str, key: str | None) -> None:
     if not key:
         raise UsageError("watch needs an API key: --key or BATON_API_KEY (baton keys create)")
     try:
-        asyncio.run(
+        _run(
             watch_stream(
                 url,
                 key,
@@ -344,11 +456,16 @@ def watch(run_id: str, supabase: bool, url: str, key: str | None) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 def serve(host: str, port: int) -> None:
-    """Start the service: REST API, realtime streams, dashboard (OpenAPI at /schema)."""
+    """Start the service: REST API, realtime streams, dashboard (OpenAPI at /schema).
+    SIGINT or SIGTERM stops it: runs in flight end as cancelled."""
+    from context_service.server import StartupFailed
     from context_service.server import serve as run_service
     from events.settings import Settings
 
-    run_service(host, port, Settings.from_env())
+    try:
+        run_service(host, port, Settings.from_env())
+    except StartupFailed as exc:
+        raise InfrastructureError(str(exc)) from None
 
 
 @cli.group()
@@ -382,7 +499,7 @@ def create_key(organization: str, scopes: tuple[str, ...], name: str) -> None:
     from events.store import StoreError
 
     try:
-        key = asyncio.run(
+        key = _run(
             create(Settings.from_env(), organization=organization, scopes=list(scopes), name=name)
         )
     except InvalidKeyRequest as exc:
@@ -439,7 +556,7 @@ def _with_dsn(action: Callable[[str], Any]) -> str:
         except StoreError as exc:
             raise InfrastructureError(f"database unavailable: {exc}") from None
 
-    return asyncio.run(go())
+    return _run(go())
 
 
 def _with_store(action: Callable[[Any], Any]) -> str:
@@ -459,7 +576,7 @@ def _with_store(action: Callable[[Any], Any]) -> str:
         finally:
             await store.aclose()
 
-    return asyncio.run(go())
+    return _run(go())
 
 
 __all__ = ["UsageError", "cli", "main"]

@@ -124,8 +124,12 @@ async def execute(
     following = asyncio.create_task(projector.serve(stop=stop))
     try:
         batches = [_run_job(runner, writer, job) for job in jobs]
-        results = [result for group in await asyncio.gather(*batches) for result in group]
-        await writer.aclose()
+        try:
+            results = [result for group in await asyncio.gather(*batches) for result in group]
+        finally:
+            # interrupted too (cancelled): what the runs emitted, RunCancelled included,
+            # is stored before the store closes
+            await writer.aclose()
         stop.set()
         await following
         await projector.catch_up()

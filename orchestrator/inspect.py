@@ -1,5 +1,5 @@
 """Reading back what runs recorded: ``baton context``, ``baton events``, ``baton runs``,
-``baton run show``, ``baton db``, ``baton projections``.
+``baton show``, ``baton db``, ``baton projections``.
 
 Contexts come through the context cache (Redis or in-process), which folds whatever the
 log holds beyond what it cached. Run lists come from the read tables, brought up to date
@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from events import types as ev
-from events.context import redacted
+from events.context import Context, context_at, redacted
 from events.postgres import PostgresEventStore
 from events.projections import project, rebuild
 from events.projections.queries import RunFilter, RunRow, recent_runs, run_with_results
@@ -26,28 +26,51 @@ async def context(
 ) -> str:
     from events.cache import CacheError, ContextReader, UnknownRun, open_cache
 
+    if position is not None:
+        return _pretty(msgspec.to_builtins(redacted(await _context_at(store, run_id, position))))
     try:
         cache = open_cache(settings)
     except CacheError as exc:
         raise UsageError(f"BATON_REDIS_URL: {exc}") from None
     try:
-        state = await ContextReader(store, cache).context(run_id, at=position)
+        state = await ContextReader(store, cache).context(run_id)
     except UnknownRun:
-        raise UsageError(f"no run {run_id!r} in the event store (see `baton runs`)") from None
+        raise _unknown(run_id) from None
     finally:
         await cache.aclose()
     return _pretty(msgspec.to_builtins(redacted(state)))
 
 
+async def _context_at(store: PostgresEventStore, run_id: str, position: int) -> Context:
+    """Time travel folds from the log, never from the cache. A position outside the run's
+    events (a negative one, or a version within the run taken for a position) would fold
+    to an empty or a final context that answers nothing: it is refused with the range."""
+    recorded = await store.read_stream(ev.run_stream(run_id))
+    if not recorded:
+        raise _unknown(run_id)
+    first, last = recorded[0].position, recorded[-1].position
+    if not first <= position <= last:
+        raise UsageError(
+            f"--at {position} is outside run {run_id}: its events are at log positions "
+            f"{first} to {last} (the first column of `baton events`)"
+        )
+    return context_at(recorded, position)
+
+
+def _unknown(run_id: str) -> UsageError:
+    return UsageError(f"no run {run_id!r} in the event store (see `baton runs`)")
+
+
 async def event_log(store: PostgresEventStore, run_id: str) -> str:
     recorded = await store.read_stream(ev.run_stream(run_id))
     if not recorded:
-        raise UsageError(f"no run {run_id!r} in the event store (see `baton runs`)")
-    lines = []
+        raise _unknown(run_id)
+    # the position is the log's (what --at takes), the version the event's number in the run
+    lines = [f"{'position':>8} {'version':>7} {'time':<12} {'type':<18} fields"]
     for item in recorded:
         time = item.recorded_at.strftime("%H:%M:%S.%f")[:-3]
         payload = msgspec.to_builtins(item.event)
-        stamp = f"{item.version:>4} {time}"
+        stamp = f"{item.version:>7} {time}"
         lines.append(format_event(item.position, item.type, payload, stamp=stamp))
     return "\n".join(lines)
 
@@ -75,22 +98,35 @@ async def show(store: PostgresEventStore, run_id: str) -> str:
     if found is None:
         raise UsageError(f"no run {run_id!r} in the read tables (see `baton runs`)")
     run, results = found
-    duration = f"{run.duration_ms / 1000:.2f} s" if run.duration_ms is not None else "running"
+    ended = run.status != "running"
+    status = run.status + (f" ({run.cancel_reason})" if run.cancel_reason else "")
+    # a cancelled run's unfinished tests: stopped in flight, or never started
+    cancelled = run.total - run.passed - run.failed - run.skipped if ended else 0
+    tally = f"{run.passed} passed, {run.failed} failed, {run.skipped} skipped"
+    tally += f", {cancelled} cancelled" if cancelled else ""
     lines = [
         f"run {run.run_id}: {run.suite}" + (f" [row {run.batch_row}]" if run.batch_row else ""),
-        f"  status {run.status}, {run.passed} passed, {run.failed} failed, "
-        f"{run.skipped} skipped of {run.total}, {duration}",
+        f"  status {status}, {tally} of {run.total}, {_took(run)}",
         f"  environment {run.environment}, started {run.started_at:%Y-%m-%d %H:%M:%S %Z}",
         "",
     ]
     for result in results:
         timing = f"{result.duration_ms:.0f} ms" if result.duration_ms is not None else ""
-        status = f"HTTP {result.response_status}" if result.response_status else ""
-        line = f"  {result.status:<8} {result.test:<28} {timing:>9}  {status}"
+        shown = "cancelled" if ended and result.status in ("pending", "running") else result.status
+        code = f"HTTP {result.response_status}" if result.response_status else ""
+        line = f"  {shown:<9} {result.test:<28} {timing:>9}  {code}"
         if result.category:
             line += f"  [{result.category}] {result.message}"
         lines.append(line.rstrip())
     return "\n".join(lines)
+
+
+def _took(run: RunRow) -> str:
+    if run.duration_ms is not None:
+        return f"{run.duration_ms / 1000:.2f} s"
+    if run.ended_at is not None:  # cancelled: no RunCompleted, no duration of its own
+        return f"ended after {(run.ended_at - run.started_at).total_seconds():.2f} s"
+    return "running"
 
 
 async def migrate(dsn: str) -> str:

@@ -1,4 +1,4 @@
-"""What a user reads back after runs: ``baton runs`` with filters, ``baton run show``,
+"""What a user reads back after runs: ``baton runs`` with filters, ``baton show``,
 ``baton context`` through the Redis cache, ``baton db``, ``baton projections rebuild``."""
 
 from __future__ import annotations
@@ -77,13 +77,13 @@ def test_runs_filters(reads: dict[str, str]) -> None:
 
 
 def test_run_show_lists_every_result(reads: dict[str, str]) -> None:
-    code, out, _ = baton("run", "show", reads["broken"])
+    code, out, _ = baton("show", reads["broken"])
     assert code == 0
     assert "status failed, 3 passed, 1 failed, 6 skipped of 10" in out
     catalog = next(line for line in out.splitlines() if " catalog " in line)
     assert "failed" in catalog and "HTTP 500" in catalog and "[server_error]" in catalog
     assert "[dependency_skipped] depends on catalog, which failed" in out
-    code, _, err = baton("run", "show", "not-a-run")
+    code, _, err = baton("show", "not-a-run")
     assert code == 2 and "no run 'not-a-run'" in err
 
 
@@ -116,10 +116,10 @@ def test_db_status_and_migrate(reads: dict[str, str]) -> None:
 
 
 def test_projections_rebuild_keeps_what_users_read(reads: dict[str, str]) -> None:
-    before = baton("run", "show", reads["broken"])[1]
+    before = baton("show", reads["broken"])[1]
     code, out, _ = baton("projections", "rebuild")
     assert code == 0 and out.startswith("read tables rebuilt from ")
-    assert baton("run", "show", reads["broken"])[1] == before
+    assert baton("show", reads["broken"])[1] == before
 
 
 def test_unreachable_database_for_reads(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -181,7 +181,8 @@ def test_context_events_and_runs_read_back_a_run(env: dict[str, str], tmp_path: 
     assert code == 0 and run_id in out
     code, out, _ = baton("events", run_id)
     assert code == 0
-    lines = out.splitlines()
+    header, *lines = out.splitlines()
+    assert header.split() == ["position", "version", "time", "type", "fields"]
     assert "RunStarted" in lines[0] and "RunCompleted" in lines[-1]
     assert sum("TestPassed" in line for line in lines) == 10
     code, out, _ = baton("context", run_id)

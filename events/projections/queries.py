@@ -38,6 +38,8 @@ class RunRow(msgspec.Struct, frozen=True):
     started_at: datetime
     batch_row: int | None
     tags: list[str]
+    ended_at: datetime | None
+    cancel_reason: str | None
 
 
 class ResultRow(msgspec.Struct, frozen=True):
@@ -52,7 +54,8 @@ class ResultRow(msgspec.Struct, frozen=True):
 
 _SELECT_RUNS = """
 SELECT r.id::text, s.name, e.name, r.status, r.total_tests, r.passed_tests, r.failed_tests,
-       r.skipped_tests, r.duration_ms, r.started_at, r.batch_row, r.tags::text
+       r.skipped_tests, r.duration_ms, r.started_at, r.batch_row, r.tags::text, r.ended_at,
+       r.cancel_reason
 FROM test_runs r
 JOIN test_suites s ON s.id = r.suite_id
 JOIN environments e ON e.id = r.environment_id
@@ -112,5 +115,5 @@ async def run_with_results(
 
 def _run(row: Any) -> RunRow:
     values = list(row)
-    values[-1] = msgspec.json.decode(values[-1])
+    values[11] = msgspec.json.decode(values[11])
     return RunRow(*values)

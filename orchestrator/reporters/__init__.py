@@ -4,7 +4,12 @@
 turn ``list[RunResult]`` into the console summary and the JUnit, JSON and HTML files.
 """
 
-from orchestrator.reporters.console import ConsoleProgress, color_enabled, render_summary
+from orchestrator.reporters.console import (
+    ConsoleProgress,
+    RunTally,
+    color_enabled,
+    render_summary,
+)
 from orchestrator.reporters.html import render_html, write_html
 from orchestrator.reporters.json_report import JsonReport, Summary, read_json, summarize, write_json
 from orchestrator.reporters.junit import build_junit, write_junit
@@ -12,6 +17,7 @@ from orchestrator.reporters.junit import build_junit, write_junit
 __all__ = [
     "ConsoleProgress",
     "JsonReport",
+    "RunTally",
     "Summary",
     "build_junit",
     "color_enabled",

@@ -323,3 +323,78 @@ def _skipped_lines(run: RunResult, paint: fmt.Paint) -> list[str]:
         f"  {paint('skipped', '-')} {t.name}  skipped: {fmt.first_line(t.message)}" for t in skipped
     ]
     return ["", f"{paint('skipped', 'skipped')} in {fmt.run_label(run)}:", *lines] if lines else []
+
+
+@dataclass
+class _Tally:
+    label: str
+    plan: list[str]
+    ended: bool = False
+    statuses: dict[str, str] = field(default_factory=dict)
+    """Test name -> passed, failed or skipped, for the tests that finished."""
+
+    def names(self, status: str) -> list[str]:
+        return [name for name, seen in self.statuses.items() if seen == status]
+
+    def cancelled(self) -> list[str]:
+        return [name for name in self.plan if name not in self.statuses]
+
+
+class RunTally:
+    """Observer for the runner that keeps what every run has done so far, for the summary of
+    an interrupted ``baton run``: the runs never return their results then."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, _Tally] = {}
+
+    def __call__(self, run_id: str, event: Event) -> None:
+        if isinstance(event, RunStarted):
+            label = f"{event.suite} [row {event.row}]" if event.row >= 0 else event.suite
+            self._runs[run_id] = _Tally(label, [step.name for step in event.plan])
+            return
+        run = self._runs.get(run_id)
+        if run is None:
+            return
+        if isinstance(event, TestPassed):
+            run.statuses[event.test] = "passed"
+        elif isinstance(event, TestFailed):
+            run.statuses[event.test] = "failed"
+        elif isinstance(event, TestSkipped):
+            run.statuses[event.test] = "skipped"
+        elif isinstance(event, RunCompleted):
+            run.ended = True
+
+    def render(self, *, color: bool, max_runs: int = 20) -> str:
+        """What passed, failed, was skipped and was cancelled (stopped in flight or never
+        started): per run that did not pass whole, then the totals."""
+        paint = painter(color)
+        title = paint("title", "INTERRUPTED")
+        runs = list(self._runs.values())
+        if not runs:
+            return f"{title} before any test started"
+        lines = ["", title]
+        unfinished = [run for run in runs if run.cancelled() or run.names("failed")]
+        for run in unfinished[:max_runs]:
+            lines.append(f"{paint('bold', run.label)}: {_counts([run])}")
+            for status in ("failed", "skipped"):
+                if names := run.names(status):
+                    lines.append(f"  {paint(status, status)}: {fmt.clip(', '.join(names), 100)}")
+            if cancelled := run.cancelled():
+                lines.append(f"  cancelled: {fmt.clip(', '.join(cancelled), 100)}")
+        if len(unfinished) > max_runs:
+            lines.append(f"… and {len(unfinished) - max_runs} more runs")
+        totals = _counts(runs)
+        if len(runs) > 1:
+            ended = sum(1 for run in runs if run.ended)
+            totals = f"{len(runs)} runs, {ended} finished; tests: {totals}"
+        lines += ["", totals]
+        return "\n".join(lines)
+
+
+def _counts(runs: list[_Tally]) -> str:
+    def total(status: str) -> int:
+        return sum(len(run.names(status)) for run in runs)
+
+    cancelled = sum(len(run.cancelled()) for run in runs)
+    tally = fmt.counts(total("passed"), total("failed"), total("skipped"))
+    return f"{tally}, {cancelled} cancelled"
