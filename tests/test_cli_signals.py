@@ -1,0 +1,358 @@
+"""SIGINT and SIGTERM stop ``baton run`` and ``baton serve`` cleanly: a prompt exit with
+the documented code (130, 143), the embedded PostgreSQL stopped, every stored event kept
+and the runs in flight ended with RunCancelled.
+
+Each command runs as a user's process would, on the embedded default in a BATON_HOME of
+this module's own: SIGINT goes to the whole process group, as Ctrl-C in a terminal sends
+it; SIGTERM to the process alone, as Docker and Kubernetes send it.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import _private_home
+
+SIGNALS = [signal.SIGINT, signal.SIGTERM]
+EXIT_BOUND_S = 5.0
+"""Well below what the slow requests still have to go (10 s): they were cancelled."""
+
+SLOW_FLOW = """
+name: {name}
+base_url: "{{{{ env.SHOP_URL }}}}"
+tests:
+  quick:
+    request: {{url: /health}}
+  slow_a:
+    depends_on: [quick]
+    request: {{url: /slow, params: {{ms: 10000}}}}
+  slow_b:
+    depends_on: [quick]
+    request: {{url: /slow, params: {{ms: 10000}}}}
+  after:
+    depends_on: [slow_a]
+    request: {{url: /health}}
+"""
+
+
+class Baton:
+    """``baton`` in a process of its own, its output read line by line as it comes."""
+
+    def __init__(self, *args: str, env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", *args],
+            env={**env, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # a process group of its own, as a terminal's job has
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._readers = [
+            threading.Thread(
+                target=self._read, args=(self.process.stdout, self.out, True), daemon=True
+            ),
+            threading.Thread(
+                target=self._read, args=(self.process.stderr, self.err, False), daemon=True
+            ),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, stream: IO[str], into: list[str], announce: bool) -> None:
+        with stream:
+            for line in stream:
+                into.append(line)
+                if announce:
+                    self.lines.put(line)
+
+    def wait_for_line(self, text: str, within: float = 60) -> None:
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                pytest.fail(f"baton never printed {text!r}; it printed {self.stdout!r}")
+            if text in line:
+                return
+
+    def interrupt(self, signum: signal.Signals) -> float:
+        """Send the signal as a terminal (SIGINT) or a supervisor (SIGTERM) does; return how
+        long the process took to exit."""
+        if signum == signal.SIGINT:
+            os.killpg(self.process.pid, signum)
+        else:
+            self.process.send_signal(signum)
+        start = time.monotonic()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            pytest.fail(f"baton did not exit within 30 s of {signum.name}")
+        took = time.monotonic() - start
+        for reader in self._readers:
+            reader.join(5)
+        return took
+
+    def kill(self) -> None:
+        """A failed test's process: it must not outlive the test."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    @property
+    def stdout(self) -> str:
+        return "".join(self.out)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.err)
+
+
+def baton_output(*args: str, env: dict[str, str]) -> str:
+    """What a command that ends by itself prints; it must succeed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def postmasters(home: Path) -> list[int]:
+    """PostgreSQL server processes running on the data directory under ``home``."""
+    pgdata = str((home / "pgdata").resolve())
+    found = []
+    for process in psutil.process_iter(["name", "cmdline"]):
+        if process.info["name"] == "postgres" and pgdata in (process.info["cmdline"] or []):
+            found.append(process.pid)
+    return found
+
+
+def assert_embedded_stopped(home: Path) -> None:
+    assert not (home / "pgdata" / "postmaster.pid").exists(), "postmaster.pid left behind"
+    assert postmasters(home) == [], "a PostgreSQL server still runs under BATON_HOME"
+
+
+@pytest.fixture(scope="module")
+def home() -> Iterator[Path]:
+    """This module's BATON_HOME, its embedded PostgreSQL created once (initdb) and stopped."""
+    path = _private_home()
+    env = {**os.environ, "BATON_HOME": str(path)}
+    env.pop("BATON_DATABASE_URL", None)
+    baton_output("db", "migrate", env=env)
+    assert_embedded_stopped(path)
+    yield path
+    for pid in postmasters(path):  # a failed test's leftover: do not leave it running
+        psutil.Process(pid).terminate()
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., Baton]]:
+    """Start ``baton`` processes that are killed after the test if still running."""
+    started: list[Baton] = []
+
+    def start(*args: str, env: dict[str, str]) -> Baton:
+        started.append(Baton(*args, env=env))
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+@pytest.fixture
+def env(home: Path, shop_url: str) -> dict[str, str]:
+    values = {**os.environ, "BATON_HOME": str(home), "SHOP_URL": shop_url}
+    for name in ("BATON_DATABASE_URL", "BATON_REDIS_URL"):
+        values.pop(name, None)
+    # the service refuses private targets unless told (issue 9): the shop is on 127.0.0.1
+    values["BATON_ALLOWED_TARGETS"] = "127.0.0.1"
+    return values
+
+
+def events_of(run_id: str, env: dict[str, str]) -> list[list[str]]:
+    """``baton events RUN_ID`` split in columns: position, version, time, type, fields."""
+    header, *lines = baton_output("events", run_id, env=env).splitlines()
+    assert header.split()[:4] == ["position", "version", "time", "type"]
+    return [line.split(None, 4) for line in lines]
+
+
+@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)
+def test_baton_run_stops_cleanly(
+    signum: signal.Signals,
+    env: dict[str, str],
+    home: Path,
+    tmp_path: Path,
+    spawn: Callable[..., Baton],
+) -> None:
+    name = f"signals {signum.name}"
+    flow = tmp_path / "slow.yaml"
+    flow.write_text(SLOW_FLOW.format(name=name))
+    run = spawn("run", str(flow), env=env)
+    run.wait_for_line("✓ quick")
+    time.sleep(0.3)  # slow_a and slow_b are sent
+    took = run.interrupt(signum)
+    stderr = run.stderr
+
+    assert took < EXIT_BOUND_S
+    assert run.process.returncode == 128 + signum.value
+    assert stderr.strip().splitlines()[-1] == f"interrupted by {signum.name}"
+    assert "Traceback" not in stderr
+    # the partial summary: what passed, what was cancelled
+    summary = run.stdout[run.stdout.index("INTERRUPTED") :].splitlines()
+    assert summary[1:3] == [f"{name}: 1 passed, 3 cancelled", "  cancelled: slow_a, slow_b, after"]
+    assert summary[-1] == "1 passed, 3 cancelled"
+    assert_embedded_stopped(home)
+
+    listed = baton_output("runs", "--suite", name, env=env).splitlines()
+    assert len(listed) == 2, listed  # the header and this run
+    run_id, status = listed[1].split()[:2]
+    assert status == "cancelled"
+    events = events_of(run_id, env)
+    assert [e[3] for e in events[:5]] == [
+        "RunStarted",
+        "TestStarted",
+        "RequestSent",
+        "ResponseReceived",
+        "TestPassed",
+    ]
+    assert events[-1][3:] == ["RunCancelled", "reason=interrupted"]
+    assert sum(e[3] == "RequestSent" for e in events) == 3  # quick, slow_a, slow_b
+    shown = baton_output("show", run_id, env=env)
+    assert "status cancelled (interrupted), 1 passed, 0 failed, 0 skipped, 3 cancelled of 4" in (
+        shown
+    )
+    assert "running" not in shown
+    assert_embedded_stopped(home)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def api_key(home: Path) -> str:
+    env = {**os.environ, "BATON_HOME": str(home)}
+    env.pop("BATON_DATABASE_URL", None)
+    return baton_output(
+        "keys",
+        "create",
+        "--org",
+        "signals",
+        *("--scope", "read", "--scope", "run"),
+        *("--scope", "admin"),
+        env=env,
+    ).strip()
+
+
+def start_slow_run(client: httpx.Client, shop_url: str, name: str) -> str:
+    """A run of the slow flow through the API, returned once its slow requests are sent."""
+
+    def ok(method: str, url: str, status: int, **kwargs: object) -> dict[str, object]:
+        response = client.request(method, url, **kwargs)  # type: ignore[arg-type]
+        assert response.status_code == status, response.text
+        found: dict[str, object] = response.json()
+        return found
+
+    project = ok("POST", "/api/v1/projects", 201, json={"name": name})
+    environment = ok(
+        "POST",
+        "/api/v1/environments",
+        201,
+        json={
+            "project_id": project["id"],
+            "name": "local",
+            "variables": [{"name": "SHOP_URL", "value": shop_url}],
+        },
+    )
+    suite = ok(
+        "POST",
+        "/api/v1/suites",
+        201,
+        json={"project_id": project["id"], "content": SLOW_FLOW.format(name=name)},
+    )
+    run = ok(
+        "POST",
+        "/api/v1/runs",
+        202,
+        json={"suite_id": suite["id"], "environment_id": environment["id"]},
+    )
+    run_id = str(run["id"])
+    deadline = time.monotonic() + 30
+    while True:
+        page = ok("GET", f"/api/v1/runs/{run_id}/events", 200)
+        sent = [e for e in page["items"] if e["type"] == "RequestSent"]  # type: ignore[attr-defined]
+        if len(sent) == 3:
+            return run_id
+        assert time.monotonic() < deadline, f"the run never sent its slow requests: {page}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)
+def test_baton_serve_stops_cleanly(
+    signum: signal.Signals,
+    env: dict[str, str],
+    home: Path,
+    api_key: str,
+    shop_url: str,
+    spawn: Callable[..., Baton],
+) -> None:
+    port = free_port()
+    serve = spawn("serve", "--port", str(port), env=env)
+    base = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {api_key}"}
+    with httpx.Client(base_url=base, headers=headers, timeout=10) as client:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if client.get("/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert serve.process.poll() is None, serve.stderr
+            assert time.monotonic() < deadline, "baton serve did not answer in 60 s"
+            time.sleep(0.1)
+        run_id = start_slow_run(client, shop_url, f"signals-{signum.name.lower()}")
+        served = client.get(f"/api/v1/runs/{run_id}/events").json()["items"]
+    took = serve.interrupt(signum)
+    stderr = serve.stderr
+
+    assert took < EXIT_BOUND_S
+    assert serve.process.returncode == 128 + signum.value
+    assert stderr.strip().splitlines()[-1] == f"interrupted by {signum.name}"
+    assert "Traceback" not in stderr
+    assert_embedded_stopped(home)
+
+    events = events_of(run_id, env)
+    # every event the service had stored is still there, in order, at the same position
+    assert [(e[0], e[3]) for e in events[: len(served)]] == [
+        (str(item["position"]), item["type"]) for item in served
+    ]
+    assert events[-1][3:] == ["RunCancelled", "reason=interrupted"]
+    assert not any(e[3] == "RunCompleted" for e in events)
+    assert_embedded_stopped(home)
