@@ -126,7 +126,7 @@ def _run(main: Coroutine[Any, Any, T]) -> T:
 def main() -> None:
     with _handled_signals():
         try:
-            cli.main(standalone_mode=False)
+            cli.main(standalone_mode=False, prog_name="baton")
         except click.exceptions.Abort as exc:
             # click turns a KeyboardInterrupt into Abort
             _interrupted(exc.__cause__)

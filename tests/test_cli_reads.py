@@ -87,6 +87,35 @@ def test_run_show_lists_every_result(reads: dict[str, str]) -> None:
     assert code == 2 and "no run 'not-a-run'" in err
 
 
+def test_events_have_column_headers(reads: dict[str, str]) -> None:
+    code, out, _ = baton("events", reads["broken"])
+    assert code == 0
+    header, first, *_ = out.splitlines()
+    assert header.split() == ["position", "version", "time", "type", "fields"]
+    position, version, _, kind = first.split()[:4]
+    assert version == "1" and kind == "RunStarted" and int(position) > 1
+
+
+def test_context_at_outside_the_run_names_its_range(reads: dict[str, str]) -> None:
+    run = reads["broken"]  # the second run recorded: its events are not the log's first
+    lines = baton("events", run)[1].splitlines()[1:]
+    first, last = int(lines[0].split()[0]), int(lines[-1].split()[0])
+    expected = (
+        f"error: --at {{at}} is outside run {run}: its events are at log positions "
+        f"{first} to {last} (the first column of `baton events`)"
+    )
+    # a negative position, a version number within the run, one past its end
+    for at in (-1, 2, last + 1):
+        code, out, err = baton("context", run, "--at", str(at))
+        assert (code, out) == (2, ""), at
+        assert err.strip() == expected.format(at=at)
+    for at in (first, last):
+        code, out, _ = baton("context", run, "--at", str(at))
+        assert code == 0 and json.loads(out)["run_id"] == run
+    assert json.loads(baton("context", run, "--at", str(first))[1])["status"] == "running"
+    assert json.loads(baton("context", run, "--at", str(last))[1])["status"] == "failed"
+
+
 async def test_context_is_served_from_redis(reads: dict[str, str], runs_env: dict) -> None:
     import asyncio
 

@@ -356,3 +356,44 @@ def test_baton_serve_stops_cleanly(
     assert events[-1][3:] == ["RunCancelled", "reason=interrupted"]
     assert not any(e[3] == "RunCompleted" for e in events)
     assert_embedded_stopped(home)
+
+
+def test_the_summary_of_an_interrupted_batch() -> None:
+    """Three rows: one finished passing, one with a failure then cut short, one not begun."""
+    from events.types import (
+        PlannedTest,
+        RunCancelled,
+        RunCompleted,
+        RunStarted,
+        TestFailed,
+        TestPassed,
+        TestSkipped,
+    )
+    from orchestrator.reporters import RunTally
+
+    tally = RunTally()
+    names = ("login", "checkout", "get_cart", "pay")
+    plan = [PlannedTest(name) for name in names]
+    for row in (1, 2, 3):
+        tally(f"r{row}", RunStarted(f"r{row}", "shop", "d", plan, batch_id="b", row=row))
+    for test in names:
+        tally("r1", TestPassed(test, 1, 5.0))
+    tally("r1", RunCompleted("passed", 4, 0, 0, 20.0))
+    tally("r2", TestPassed("login", 1, 5.0))
+    tally("r2", TestFailed("checkout", 1, 5.0, "assertion", "status 500"))
+    tally("r2", TestSkipped("pay", "depends on checkout, which failed"))
+    for row in (2, 3):
+        tally(f"r{row}", RunCancelled("interrupted"))
+    assert tally.render(color=False).splitlines() == [
+        "",
+        "INTERRUPTED",
+        "shop [row 2]: 1 passed, 1 failed, 1 skipped, 1 cancelled",
+        "  failed: checkout",
+        "  skipped: pay",
+        "  cancelled: get_cart",
+        "shop [row 3]: 0 passed, 4 cancelled",
+        "  cancelled: login, checkout, get_cart, pay",
+        "",
+        "3 runs, 1 finished; tests: 5 passed, 1 failed, 1 skipped, 5 cancelled",
+    ]
+    assert RunTally().render(color=False) == "INTERRUPTED before any test started"
