@@ -39,6 +39,9 @@ def serve(host: str, port: int, settings: Settings) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # httpx logs every request of every run at INFO, its URL whole: a query can hold a
+    # tenant's secret, and the log is no place for it
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
     from context_service.app import create_app
 

@@ -346,6 +346,7 @@ def test_baton_serve_stops_cleanly(
     assert serve.process.returncode == 128 + signum.value
     assert stderr.strip().splitlines()[-1] == f"interrupted by {signum.name}"
     assert "Traceback" not in stderr
+    assert shop_url not in stderr  # what runs request is not logged: a query may hold secrets
     assert_embedded_stopped(home)
 
     events = events_of(run_id, env)
