@@ -80,7 +80,7 @@ def _handled_signals() -> Iterator[None]:
         (signal.SIGINT, signal.default_int_handler),
         (signal.SIGTERM, signal.SIG_DFL),
     ):
-        # a signal the parent made us ignore (nohup, `cmd &` in a script) stays ignored
+        # a signal the parent made us ignore (`cmd &` in a script ignores SIGINT) stays so
         if signal.getsignal(signum) is default:
             previous[signum] = signal.signal(signum, _signals)
     _signals.handled = tuple(previous)
