@@ -37,9 +37,9 @@ class RunRow(msgspec.Struct, frozen=True):
     duration_ms: float | None
     started_at: datetime
     batch_row: int | None
-    tags: list[str]
     ended_at: datetime | None
     cancel_reason: str | None
+    tags: list[str]
 
 
 class ResultRow(msgspec.Struct, frozen=True):
@@ -54,8 +54,8 @@ class ResultRow(msgspec.Struct, frozen=True):
 
 _SELECT_RUNS = """
 SELECT r.id::text, s.name, e.name, r.status, r.total_tests, r.passed_tests, r.failed_tests,
-       r.skipped_tests, r.duration_ms, r.started_at, r.batch_row, r.tags::text, r.ended_at,
-       r.cancel_reason
+       r.skipped_tests, r.duration_ms, r.started_at, r.batch_row, r.ended_at, r.cancel_reason,
+       r.tags::text
 FROM test_runs r
 JOIN test_suites s ON s.id = r.suite_id
 JOIN environments e ON e.id = r.environment_id
@@ -115,5 +115,5 @@ async def run_with_results(
 
 def _run(row: Any) -> RunRow:
     values = list(row)
-    values[11] = msgspec.json.decode(values[11])
+    values[-1] = msgspec.json.decode(values[-1])
     return RunRow(*values)
