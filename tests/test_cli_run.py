@@ -42,7 +42,7 @@ def test_run_takes_any_directory_name(env: Path, directory: str) -> None:
     (env / directory / "health.yaml").write_text(FLOW.format(name=f"in {directory}"))
     code, out, err = baton("run", directory)
     assert code == 0, out + err
-    assert out.splitlines()[0] == f"in {directory}"
+    assert f"in {directory}" in out.splitlines()
     assert out.splitlines()[-1].startswith("1 passed in ")
     # with options around it, and a second path of the same name
     code, out, err = baton("run", "-q", directory, f"./{directory}", "--concurrency", "2")
@@ -67,7 +67,7 @@ def test_show_is_a_command_of_its_own() -> None:
     commands = out[out.index("Commands:") :]
     assert " show " in commands and " run " in commands
     code, _, err = baton("show")
-    assert code == 2 and "Missing argument 'RUN_ID'" in err
+    assert code == 2 and "RUN_ID" in err
 
 
 def free_port() -> int:
