@@ -203,9 +203,11 @@ def test_graph_formats(tmp_path: Path) -> None:
     assert code == 0
     assert "3. cart  <- login (token), catalog (data)" in out
     code, out, _ = baton("graph", str(path), "--format", "mermaid")
-    assert "login -->|token| catalog" in out
+    assert 'n1["login"]' in out
+    assert "n1 -->|token| n2" in out
     code, out, _ = baton("graph", str(path), "--format", "dot")
-    assert '"catalog" -> "cart" [label="data"];' in out
+    assert 'n2 [label="catalog"];' in out
+    assert 'n2 -> n3 [label="data"];' in out
 
 
 def test_default_headers_cannot_read_captured_values(tmp_path: Path) -> None:
