@@ -328,7 +328,7 @@ def test_junit_has_one_suite_per_run_with_counts_failures_and_skips(tmp_path: Pa
     write_junit(batch(), path)
     root = ET.parse(path).getroot()
     assert root.tag == "testsuites"
-    assert (root.get("tests"), root.get("failures"), root.get("skipped")) == ("7", "1", "1")
+    assert (root.get("tests"), root.get("failures"), root.get("errors")) == ("7", "1", "0")
     suites = root.findall("testsuite")
     assert [s.get("name") for s in suites] == [f"shop checkout [row {n}]" for n in (1, 2, 3)]
     row2 = suites[1]
@@ -357,6 +357,40 @@ def test_junit_marks_an_errored_run_and_survives_control_characters(tmp_path: Pa
     assert error is not None and error.get("message") == "the run ended: error"
     failure = root.find(".//failure")
     assert failure is not None and failure.get("message") == "bad [31m bytes"
+
+
+JUNIT_XSD = Path(__file__).resolve().parent / "data" / "junit-10.xsd"
+
+
+def assert_valid_junit(path: Path) -> None:
+    """Valid under Jenkins' junit-10.xsd, as the xUnit plugin checks it before reading."""
+    import xmlschema
+
+    errors = [
+        f"{error.path}: {error.reason}"
+        for error in xmlschema.XMLSchema(JUNIT_XSD).iter_errors(str(path))
+    ]
+    assert errors == []
+
+
+def test_junit_is_valid_under_jenkins_junit_xsd(tmp_path: Path) -> None:
+    """Every shape a report takes: passed, failed, skipped, a batch, an errored run, a
+    cancelled one, control characters, captures in system-out. It carried three
+    attributes the schema lacks (testsuites skipped and timestamp, testcase file)."""
+    broken = failing_run()
+    broken.tests[1].message = "bad \x00\x1b[31m bytes"
+    results = [
+        *batch(),
+        broken,
+        run([passed("login")], status="error"),
+        run([skipped("a", "cancelled")], status="cancelled"),
+        run([]),
+    ]
+    path = tmp_path / "junit.xml"
+    write_junit(results, path)
+    assert_valid_junit(path)
+    write_junit([], path)
+    assert_valid_junit(path)
 
 
 # ---- JSON -------------------------------------------------------------------------------
