@@ -12,10 +12,12 @@ import re
 
 from orchestrator.planner import Plan
 
-# Mermaid decodes entities in labels (`#name;`, `&name;`) and renders HTML in them: every
-# character that could end the quoted label, start markup or an entity, or read as a
-# shape's bracket is written as a numeric entity (`#91;` for `[`).
-_MERMAID_SPECIAL = re.compile(r'["#&;<>`\\\[\](){}|]')
+# Inside a quoted mermaid label only `"` ends the label, but the label is then HTML, and
+# mermaid rewrites anything shaped like `#name;` or `#65;` into a placeholder of its own
+# (which mermaid 11 does not turn back): written as HTML's named entities, every name
+# reads as written.
+_MERMAID_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "#": "&num;"}
+_MERMAID_SPECIAL = re.compile('[&<>"#]')
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -45,7 +47,7 @@ def render_graph(plan: Plan, fmt: str) -> str:
 
 def _mermaid_label(name: str) -> str:
     text = _CONTROL.sub(" ", name)
-    return _MERMAID_SPECIAL.sub(lambda match: f"#{ord(match.group())};", text)
+    return _MERMAID_SPECIAL.sub(lambda match: _MERMAID_ENTITIES[match.group()], text)
 
 
 def _dot_string(text: str) -> str:
