@@ -147,6 +147,9 @@ def decode_yaml(data: bytes, label: str) -> Any:
                     )
                 ]
             )
+        duplicates = list(_duplicate_keys(root, label))
+        if duplicates:
+            raise UsageError(duplicates)
         return loader.construct_document(root)
     except yaml.YAMLError as exc:
         raise UsageError([_yaml_problem(exc, data, label)]) from None
@@ -215,6 +218,33 @@ def _expanded_size(root: yaml.Node, limit: int) -> int:
         stack.append((node, True))
         stack.extend((child, False) for child in children if id(child) not in sizes)
     return sizes[id(root)]
+
+
+def _duplicate_keys(root: yaml.Node, label: str) -> Iterator[Problem]:
+    """A key given twice in one mapping: YAML keeps the last one silently, so a second
+    test of the same name would replace the first without a word."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys: set[tuple[str, str]] = set()
+            for key, _ in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                    if (key.tag, key.value) in keys:
+                        line = key.start_mark.line + 1
+                        yield Problem(
+                            label,
+                            f"line {line}",
+                            f"{key.value!r} is given twice in one mapping; the second would "
+                            "replace the first",
+                            "rename or remove one",
+                        )
+                    keys.add((key.tag, key.value))
+        stack.extend(_children(node))
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:

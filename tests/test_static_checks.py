@@ -258,6 +258,19 @@ def test_an_alias_bomb_in_an_environment_file_is_refused(tmp_path: Path) -> None
     assert "aliases are expanded" in output
 
 
+def test_a_key_given_twice_is_named_not_silently_replaced(tmp_path: Path) -> None:
+    """YAML keeps the last of two equal keys: a second test named login replaced the
+    first without a word."""
+    second = "  login:\n    request: {url: /again}\n"
+    path = write(tmp_path, VALID.replace("  catalog:\n", second + "  catalog:\n", 1))
+    code, output = validate(path)
+    assert code == 2
+    assert (
+        f"error: {path}: line 10: 'login' is given twice in one mapping; the second would "
+        "replace the first (rename or remove one)"
+    ) in output
+
+
 def test_deeply_nested_brackets_are_refused(tmp_path: Path) -> None:
     path = write(tmp_path, VALID + "variables:\n  a: " + "[" * 100_000 + "]" * 100_000 + "\n")
     code, output = validate(path)
