@@ -114,8 +114,8 @@ def decode_yaml(data: bytes, label: str) -> Any:
     """A YAML document as plain data, refusing first what would make decoding itself a
     danger: more than MAX_FLOW_BYTES, brackets nested so deep that the YAML library's C
     code overflows its stack, or aliases (``*name``) that expand a few lines into billions
-    of values (each would hang or kill the process long before a schema check). Raises
-    UsageError with one problem."""
+    of values (each would hang or kill the process long before a schema check); then a
+    key given twice in one mapping, which YAML would resolve silently. Raises UsageError."""
     if len(data) > MAX_FLOW_BYTES:
         raise UsageError([_too_large(label, len(data))])
     if b"\0" in data:
@@ -169,8 +169,9 @@ def _yaml_problem(exc: yaml.YAMLError, data: bytes, label: str) -> Problem:
     line = lines[mark.line] if mark.line < len(lines) else ""
     # libyaml's message for a tab ("found character that cannot start any token") does
     # not name the character; a tab is by far the commonest cause
-    if "\t" in line[: mark.column + 1] or line[mark.column : mark.column + 1] == "\t":
-        column = line.index("\t") + 1
+    indent = line[: len(line) - len(line.lstrip(" \t"))]
+    if "\t" in indent or line[mark.column : mark.column + 1] == "\t":
+        column = (indent.index("\t") if "\t" in indent else mark.column) + 1
         return Problem(
             label,
             "",

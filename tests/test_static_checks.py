@@ -214,17 +214,22 @@ def _chain(tmp_path: Path, count: int) -> Path:
 def test_validation_time_grows_linearly_up_to_the_largest_file(tmp_path: Path) -> None:
     """Planning was quadratic (each reference scanned every capture): 20,000 tests took
     74 s to plan, now under 2 s. 12,000 tests fill the size limit (~1 MiB)."""
-    took = {}
-    for count in (1_500, 12_000):
+
+    def seconds(count: int, times: int) -> float:
         path = _chain(tmp_path, count)
-        started = time.perf_counter()
-        code, output = validate(path)
-        took[count] = time.perf_counter() - started
-        assert code == 0, output
-        assert f"ok ({count} tests" in output
-    assert path.stat().st_size < MAX_FLOW_BYTES
+        assert path.stat().st_size < MAX_FLOW_BYTES
+        took = []
+        for _ in range(times):
+            started = time.perf_counter()
+            code, output = validate(path)
+            took.append(time.perf_counter() - started)
+            assert code == 0, output
+            assert f"ok ({count} tests" in output
+        return min(took)  # the least disturbed by whatever else the machine runs
+
+    small, large = seconds(1_500, 3), seconds(12_000, 1)
     # eight times the tests: linear is at most 8x, quadratic 64x (measured: 6x and 29x)
-    assert took[12_000] < 12 * took[1_500], took
+    assert large < 15 * small, (small, large)
 
 
 BOMB = "variables:\n  l0: &l0 [a, a, a, a, a, a, a, a, a, a]\n" + "".join(
