@@ -94,11 +94,30 @@ def load_flow(path: Path) -> LoadedFlow:
     try:
         flow = msgspec.convert(raw, Flow)
     except msgspec.ValidationError:
-        raise UsageError(_schema_problems(raw, Flow, label)) from None
+        problems = _schema_problems(raw, Flow, label)
+        # the other checks still run on the parts that are valid, so that one pass lists
+        # every problem of the file
+        problems += _check(_valid_part(raw), label)
+        raise UsageError(problems) from None
     problems = list(_check(flow, label))
     if problems:
         raise UsageError(problems)
     return LoadedFlow(path, flow, hashlib.sha256(data).hexdigest())
+
+
+def _valid_part(raw: dict[str, Any]) -> Flow:
+    """The flow with only its valid tests, and the defaults if the rest is invalid."""
+    tests = {}
+    for name, test in raw["tests"].items():
+        try:
+            tests[name] = msgspec.convert(test, Test)
+        except msgspec.ValidationError:
+            continue
+    try:
+        flow = msgspec.convert({**raw, "tests": {}}, Flow)
+    except msgspec.ValidationError:
+        flow = Flow(name="", tests={})
+    return msgspec.structs.replace(flow, tests=tests)
 
 
 def _too_large(label: str, size: int) -> Problem:

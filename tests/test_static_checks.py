@@ -128,6 +128,17 @@ def test_every_schema_problem_of_a_file_is_listed(tmp_path: Path) -> None:
     assert output.splitlines() == [f"error: {path}: {line}" for line in expected]
 
 
+def test_schema_problems_do_not_hide_the_other_checks_of_valid_tests(tmp_path: Path) -> None:
+    flow = VALID.replace("request: {method: POST,", "request: {methd: POST,").replace(
+        '{json: "$.products[0].id"}', '{json: "$.["}'
+    )
+    path = write(tmp_path, flow)
+    code, output = validate(path)
+    assert code == 2
+    assert f"error: {path}: tests.login.request: unknown field 'methd'" in output
+    assert f"error: {path}: tests.catalog.capture.product_id: JSONPath '$.[' does not" in output
+
+
 @pytest.mark.parametrize(
     ("setting", "expected"),
     [
