@@ -304,7 +304,7 @@ def validate(**kwargs: Any) -> None:
 
 
 @cli.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@flow_options
 @click.option(
     "--format",
     "fmt",
@@ -312,22 +312,12 @@ def validate(**kwargs: Any) -> None:
     default="text",
     show_default=True,
 )
-@click.option("--env", "environment")
-@click.option("--var", "variables", multiple=True)
-def graph(path: Path, fmt: str, environment: str | None, variables: tuple[str, ...]) -> None:
-    """Print the dependency plan of a flow file."""
+def graph(fmt: str, **kwargs: Any) -> None:
+    """Print the dependency plan of flow files (checked as baton validate checks them)."""
     from orchestrator import execution
     from orchestrator.graphs import render_graph
 
-    options = _options(
-        paths=[path],
-        environment=environment,
-        variables=variables,
-        secrets_file=None,
-        data_file=None,
-        tags=(),
-    )
-    for job in execution.prepare(options):
+    for job in execution.prepare(_options(**kwargs)):
         click.echo(render_graph(job.plan, fmt))
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from orchestrator.errors import Problem, UsageError
+from orchestrator.loader import decode_yaml
 
 
 def parse_vars(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
@@ -54,11 +55,10 @@ def environment_file(name: str, flow_dir: Path) -> Path:
 def read_mapping(path: Path, what: str) -> dict[str, Any]:
     """A flat YAML mapping of names to values (environment and secrets files)."""
     try:
-        data = msgspec.yaml.decode(path.read_bytes())
+        text = path.read_bytes()
     except OSError as exc:
         raise UsageError([Problem(str(path), "", f"cannot read {what}: {exc.strerror}")]) from None
-    except msgspec.DecodeError as exc:
-        raise UsageError([Problem(str(path), "", f"{what} is not valid YAML: {exc}")]) from None
+    data = decode_yaml(text, str(path))  # the flow files' guards: alias bombs, size, tabs
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -7,15 +7,18 @@ variables) belong to the planner.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import re
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import jsonpath_rfc9535
 import msgspec
+import yaml
 
 from orchestrator import templating
 from orchestrator.errors import Problem, UsageError
@@ -24,7 +27,6 @@ from orchestrator.model import Capture, Expect, Flow, Predicate, Test, seconds
 _STATUS = re.compile(r"^([1-5]xx|[1-5]\d\d)$", re.IGNORECASE)
 _MSGSPEC_PATH = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
 FLOW_SUFFIXES = (".yaml", ".yml")
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -58,38 +60,219 @@ def find_flows(paths: list[Path]) -> list[Path]:
     return found
 
 
+MAX_FLOW_BYTES = 1024 * 1024
+"""The largest flow file read (about 12,000 tests; the shop's biggest example is ~6 KB)."""
+MAX_DEPTH = 64
+"""How deep ``[`` and ``{`` may nest (the shop's examples: 6)."""
+MAX_VALUES = 1_000_000
+"""How many values a flow file may hold with its YAML aliases expanded: more than a file
+of MAX_FLOW_BYTES can hold without aliases."""
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
+
+
 def load_flow(path: Path) -> LoadedFlow:
     """Decode and check one flow file; raises UsageError listing every problem found."""
     label = str(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_FLOW_BYTES:
+            raise UsageError([_too_large(label, size)])
         data = path.read_bytes()
     except OSError as exc:
         raise UsageError([Problem(label, "", f"cannot read: {exc.strerror}")]) from None
-    try:
-        raw = msgspec.yaml.decode(data)
-    except msgspec.DecodeError as exc:
-        message = " ".join(str(exc).replace('in "<byte string>", ', "").split())
-        raise UsageError([Problem(label, "", f"not valid YAML: {message}")]) from None
+    raw = decode_yaml(data, label)
     if not isinstance(raw, dict):
         raise UsageError([Problem(label, "", "a flow file is a mapping with name and tests")])
-
-    problems: list[Problem] = []
+    raw = _yaml_on(raw)
     raw_tests = raw.get("tests")
-    tests: dict[str, Test] = {}
-    if isinstance(raw_tests, dict) and raw_tests:
-        for name, raw_test in raw_tests.items():
-            test = _convert(_yaml_on(raw_test), Test, label, f"tests.{name}", problems)
-            if test is not None:
-                tests[str(name)] = test
-    else:
-        problems.append(Problem(label, "tests", "expected a mapping of test names to tests"))
-    flow = _convert(_yaml_on({**raw, "tests": {}}), Flow, label, "", problems)
-    if flow is not None:
-        flow = msgspec.structs.replace(flow, tests=tests)
-        problems.extend(_check(flow, label))
-    if flow is None or problems:
+    if not isinstance(raw_tests, dict) or not raw_tests:
+        problems = [Problem(label, "tests", "expected a mapping of test names to tests")]
+        problems += _schema_problems({**raw, "tests": {}}, Flow, label)
+        raise UsageError(problems)
+    raw = {**raw, "tests": {str(name): _yaml_on(test) for name, test in raw_tests.items()}}
+    try:
+        flow = msgspec.convert(raw, Flow)
+    except msgspec.ValidationError:
+        problems = _schema_problems(raw, Flow, label)
+        # the other checks still run on the parts that are valid, so that one pass lists
+        # every problem of the file
+        problems += _check(_valid_part(raw), label)
+        raise UsageError(problems) from None
+    problems = list(_check(flow, label))
+    if problems:
         raise UsageError(problems)
     return LoadedFlow(path, flow, hashlib.sha256(data).hexdigest())
+
+
+def _valid_part(raw: dict[str, Any]) -> Flow:
+    """The flow with only its valid tests, and the defaults if the rest is invalid."""
+    tests = {}
+    for name, test in raw["tests"].items():
+        try:
+            tests[name] = msgspec.convert(test, Test)
+        except msgspec.ValidationError:
+            continue
+    try:
+        flow = msgspec.convert({**raw, "tests": {}}, Flow)
+    except msgspec.ValidationError:
+        flow = Flow(name="", tests={})
+    return msgspec.structs.replace(flow, tests=tests)
+
+
+def _too_large(label: str, size: int) -> Problem:
+    return Problem(
+        label,
+        "",
+        f"the file is {size} bytes; the limit is {MAX_FLOW_BYTES} bytes (1 MiB)",
+        "split it into several flow files",
+    )
+
+
+def decode_yaml(data: bytes, label: str) -> Any:
+    """A YAML document as plain data, refusing first what would make decoding itself a
+    danger: more than MAX_FLOW_BYTES, brackets nested so deep that the YAML library's C
+    code overflows its stack, or aliases (``*name``) that expand a few lines into billions
+    of values (each would hang or kill the process long before a schema check); then a
+    key given twice in one mapping, which YAML would resolve silently. Raises UsageError."""
+    if len(data) > MAX_FLOW_BYTES:
+        raise UsageError([_too_large(label, len(data))])
+    if b"\0" in data:
+        raise UsageError([Problem(label, "", "not a text file (it holds NUL bytes)")])
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        where = f"byte {exc.start}"
+        raise UsageError([Problem(label, "", f"not a UTF-8 text file (at {where})")]) from None
+    if _flow_depth(data) > MAX_DEPTH:
+        raise UsageError(
+            [Problem(label, "", f"values are nested more than {MAX_DEPTH} levels deep")]
+        )
+    loader = _LOADER(data)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        # without an anchor (&name) there is no alias, and nothing to count
+        if b"&" in data and _expanded_size(root, MAX_VALUES) > MAX_VALUES:
+            raise UsageError(
+                [
+                    Problem(
+                        label,
+                        "",
+                        f"the file holds more than {MAX_VALUES} values once its YAML aliases "
+                        "are expanded",
+                        "use fewer aliases (*name), or none",
+                    )
+                ]
+            )
+        duplicates = list(_duplicate_keys(root, label))
+        if duplicates:
+            raise UsageError(duplicates)
+        return loader.construct_document(root)
+    except yaml.YAMLError as exc:
+        raise UsageError([_yaml_problem(exc, data, label)]) from None
+    except (ValueError, LookupError, AttributeError) as exc:  # a constructor's refusal
+        raise UsageError([Problem(label, "", f"not valid YAML: {exc}")]) from None
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(exc: yaml.YAMLError, data: bytes, label: str) -> Problem:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    what = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    if mark is None:
+        return Problem(label, "", f"not valid YAML: {what}")
+    where = f"line {mark.line + 1}, column {mark.column + 1}"
+    lines = data.decode("utf-8").splitlines()
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    # libyaml's message for a tab ("found character that cannot start any token") does
+    # not name the character; a tab is by far the commonest cause
+    indent = line[: len(line) - len(line.lstrip(" \t"))]
+    if "\t" in indent or line[mark.column : mark.column + 1] == "\t":
+        column = (indent.index("\t") if "\t" in indent else mark.column) + 1
+        return Problem(
+            label,
+            "",
+            f"line {mark.line + 1}, column {column}: a tab character; YAML indents with "
+            "spaces only",
+            "replace the tab with spaces",
+        )
+    return Problem(label, "", f"not valid YAML at {where}: {what}")
+
+
+def _flow_depth(data: bytes) -> int:
+    """How deep ``[`` and ``{`` nest: an upper bound, counting those inside quoted strings
+    and comments too (telling those apart takes a YAML parser, the thing to protect)."""
+    depth = deepest = 0
+    for char in data.translate(None, _NOT_BRACKETS):
+        if char in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif depth:
+            depth -= 1
+    return deepest
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> int:
+    """How many values the document holds once its aliases are expanded, counted without
+    expanding them (each node once); more than ``limit`` for a recursive alias."""
+    sizes: dict[int, int] = {}
+    expanding: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        children = _children(node)
+        if children_done:
+            sizes[key] = 1 + sum(sizes[id(child)] for child in children)
+            expanding.discard(key)
+            if sizes[key] > limit:
+                return sizes[key]
+            continue
+        if key in sizes:
+            continue
+        if key in expanding:
+            return limit + 1
+        expanding.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in children if id(child) not in sizes)
+    return sizes[id(root)]
+
+
+def _duplicate_keys(root: yaml.Node, label: str) -> Iterator[Problem]:
+    """A key given twice in one mapping: YAML keeps the last one silently, so a second
+    test of the same name would replace the first without a word."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys: set[tuple[str, str]] = set()
+            for key, _ in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                    if (key.tag, key.value) in keys:
+                        line = key.start_mark.line + 1
+                        yield Problem(
+                            label,
+                            f"line {line}",
+                            f"{key.value!r} is given twice in one mapping; the second would "
+                            "replace the first",
+                            "rename or remove one",
+                        )
+                    keys.add((key.tag, key.value))
+        stack.extend(_children(node))
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
 
 
 def _yaml_on(raw: Any) -> Any:
@@ -110,16 +293,101 @@ def _yaml_on(raw: Any) -> Any:
     return fixed
 
 
-def _convert(raw: Any, kind: type[T], label: str, where: str, problems: list[Problem]) -> T | None:
+def _schema_problems(raw: Any, kind: Any, label: str, where: str = "") -> list[Problem]:
+    """Every schema problem in ``raw`` read as ``kind``, not only msgspec's first: the
+    conversion is retried part by part, down to the values that fail. Only called once a
+    conversion has failed, so a valid file pays nothing for it."""
     try:
-        return msgspec.convert(raw, kind)
+        msgspec.convert(raw, kind)
     except msgspec.ValidationError as exc:
-        match = _MSGSPEC_PATH.match(str(exc))
-        assert match is not None
-        path = (where + (match.group("path") or "")).lstrip(".")
-        message = match.group("message")
-        problems.append(Problem(label, path, message[0].lower() + message[1:].replace("`", "")))
-        return None
+        failure = str(exc)
+    else:
+        return []
+    struct = _struct_of(kind)
+    if struct is not None and isinstance(raw, dict):
+        found = _struct_problems(raw, struct, label, where)
+    elif get_origin(kind) is dict and isinstance(raw, dict):
+        value_type = get_args(kind)[1]
+        found = [
+            problem
+            for key, value in raw.items()
+            for problem in _schema_problems(value, value_type, label, _join(where, key))
+        ]
+    elif get_origin(kind) is list and isinstance(raw, list):
+        found = [
+            problem
+            for index, item in enumerate(raw)
+            for problem in _schema_problems(item, get_args(kind)[0], label, f"{where}[{index}]")
+        ]
+    else:
+        found = []
+    return found or [_leaf_problem(raw, kind, failure, label, where)]
+
+
+def _struct_problems(raw: dict[Any, Any], struct: Any, label: str, where: str) -> list[Problem]:
+    fields = {field.encode_name: field for field in msgspec.structs.fields(struct)}
+    problems = []
+    suggested = set()
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "known: " + ", ".join(fields)
+            problems.append(Problem(label, where, f"unknown field {str(key)!r}", hint))
+            suggested.update(close)
+    for name, field in fields.items():
+        if name in raw:
+            problems += _schema_problems(raw[name], field.type, label, _join(where, name))
+        elif field.required and name not in suggested:  # a misspelt field says it once
+            problems.append(Problem(label, where, f"the field {name!r} is required"))
+    return problems
+
+
+def _struct_of(kind: Any) -> Any:
+    """The Struct type ``kind`` is, or the one in its union (``Retry | int | None``)."""
+    for candidate in _members(kind):
+        if isinstance(candidate, type) and issubclass(candidate, msgspec.Struct):
+            return candidate
+    return None
+
+
+def _leaf_problem(raw: Any, kind: Any, failure: str, label: str, where: str) -> Problem:
+    meta = _number_meta(kind)
+    if meta is not None and _is_number(raw, kind):
+        low, high = meta.ge, meta.le
+        allowed = f"from {low} to {high}" if high is not None else f"at least {low}"
+        return Problem(label, where, f"{raw!r} is out of range: it must be {allowed}")
+    match = _MSGSPEC_PATH.match(failure)
+    assert match is not None
+    path = _join(where, (match.group("path") or "").lstrip("."))
+    message = match.group("message")
+    return Problem(label, path, message[0].lower() + message[1:].replace("`", ""))
+
+
+def _number_meta(kind: Any) -> msgspec.Meta | None:
+    """The bounds the model sets on a number (``Annotated[int, Meta(ge=0)]``), if any."""
+    for candidate in _members(kind):
+        if get_origin(candidate) is Annotated:
+            for meta in candidate.__metadata__:
+                if isinstance(meta, msgspec.Meta) and meta.ge is not None:
+                    return meta
+    return None
+
+
+def _is_number(raw: Any, kind: Any) -> bool:
+    """Whether ``raw`` has the type of the bounded number in ``kind`` (3.5 is no count)."""
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        return False
+    bounded = [get_args(m)[0] for m in _members(kind) if get_origin(m) is Annotated]
+    return float in bounded or isinstance(raw, int)
+
+
+def _members(kind: Any) -> tuple[Any, ...]:
+    """The types of a union (``A | B``, or ``Union[A, B]`` where one is Annotated)."""
+    return get_args(kind) if get_origin(kind) in (Union, types.UnionType) else (kind,)
+
+
+def _join(where: str, key: Any) -> str:
+    return f"{where}.{key}" if where and key != "" else f"{where}{key}"
 
 
 def _check(flow: Flow, label: str) -> Iterator[Problem]:
@@ -128,9 +396,12 @@ def _check(flow: Flow, label: str) -> Iterator[Problem]:
 
     for where, value in _durations(flow):
         try:
-            seconds(value)
+            length = seconds(value)
         except ValueError as exc:
             yield problem(where, str(exc))
+            continue
+        if where.endswith(".timeout") and length == 0:
+            yield problem(where, "a timeout of 0 would fail every request", "give it a length")
     for where, text in _templates(flow):
         try:
             templating.references(text)
@@ -143,8 +414,6 @@ def _check(flow: Flow, label: str) -> Iterator[Problem]:
                 yield from (problem(f"{at}.{expect_at}.{w}", m) for w, m in _check_expect(expect))
         for capture_name, capture in test.capture.items():
             yield from (problem(f"{at}.capture.{capture_name}", m) for m in _check_capture(capture))
-        if test.until is not None and test.until.max_attempts < 1:
-            yield problem(f"{at}.until.max_attempts", "must be at least 1")
 
 
 def _check_expect(expect: Expect) -> Iterator[tuple[str, str]]:

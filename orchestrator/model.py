@@ -7,12 +7,18 @@ Any string value may be a jinja2 template; templates are rendered at run time.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 Duration = str | float | int
 Scalar = str | int | float | bool | None
+# Numbers outside these bounds are mistakes, never settings: a negative retry count, a
+# backoff that shrinks the wait, a million polls. The loader names the bounds.
+Attempts = Annotated[int, msgspec.Meta(ge=0, le=100)]
+Polls = Annotated[int, msgspec.Meta(ge=1, le=10_000)]
+Backoff = Annotated[float, msgspec.Meta(ge=1, le=100)]
+Length = Annotated[int, msgspec.Meta(ge=0)]
 
 
 class _Spec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True, frozen=True):
@@ -31,7 +37,7 @@ class Predicate(_Spec, frozen=True):
     gte: float | None = None
     lt: float | None = None
     lte: float | None = None
-    length: int | None = None
+    length: Length | None = None
     one_of: list[Any] | None = None
     not_equals: Any = msgspec.UNSET
 
@@ -60,7 +66,7 @@ class Until(Expect, frozen=True):
     """Poll: repeat the request until these checks hold, at most ``max_attempts`` times."""
 
     interval: Duration = "500ms"
-    max_attempts: int = 10
+    max_attempts: Polls = 10
 
 
 class Request(_Spec, frozen=True):
@@ -107,10 +113,10 @@ RetryCondition = Literal["5xx", "429", "timeout", "connect"]
 
 
 class Retry(_Spec, frozen=True):
-    attempts: int = 0
+    attempts: Attempts = 0
     """Extra attempts after the first."""
     delay: Duration = "200ms"
-    backoff: float = 2.0
+    backoff: Backoff = 2.0
     max_delay: Duration = "10s"
     on: list[RetryCondition] = msgspec.field(
         default_factory=lambda: ["5xx", "429", "timeout", "connect"]
@@ -119,7 +125,7 @@ class Retry(_Spec, frozen=True):
 
 class Defaults(_Spec, frozen=True):
     timeout: Duration = "10s"
-    retries: Retry | int = 0
+    retries: Retry | Attempts = 0
     headers: dict[str, str] = {}
     follow_redirects: bool = False
 
@@ -135,7 +141,7 @@ class Test(_Spec, frozen=True):
     """True, or the reason to skip."""
     expect: Expect | None = None
     capture: dict[str, Capture] = {}
-    retries: Retry | int | None = None
+    retries: Retry | Attempts | None = None
     until: Until | None = None
 
 

@@ -93,6 +93,7 @@ def plan(loaded: LoadedFlow, scope: Scope, tags: Collection[str] = ()) -> Plan:
             else:
                 providers[captured] = name
 
+    below = _below(providers)
     graph: nx.DiGraph = nx.DiGraph()
     graph.add_nodes_from(flow.tests)
     for name, test in flow.tests.items():
@@ -109,7 +110,7 @@ def plan(loaded: LoadedFlow, scope: Scope, tags: Collection[str] = ()) -> Plan:
             else:
                 graph.add_edge(dep, name, kind="order")
         for where, reference in _references(test_parts(test)):
-            found = _providers(reference, providers)
+            found = _providers(reference, providers, below)
             if found:
                 kind: DependencyKind = "token" if reference.startswith("auth") else "data"
                 for provider in found - {name}:
@@ -164,16 +165,28 @@ def _references(
                 yield where, reference
 
 
-def _providers(reference: str, providers: Mapping[str, str]) -> set[str]:
+def _providers(
+    reference: str, providers: Mapping[str, str], below: Mapping[str, set[str]]
+) -> set[str]:
     """The tests capturing this name: the longest captured prefix of it (``user`` for
-    ``user.id``), or every capture below it (``auth`` for ``auth.token``)."""
+    ``user.id``), or every capture below it (``auth`` for ``auth.token``, from ``below``:
+    a scan of every capture per reference would make planning quadratic)."""
     parts = reference.split(".")
     for end in range(len(parts), 0, -1):
         provider = providers.get(".".join(parts[:end]))
         if provider is not None:
             return {provider}
-    prefix = reference + "."
-    return {test for name, test in providers.items() if name.startswith(prefix)}
+    return below.get(reference, set())
+
+
+def _below(providers: Mapping[str, str]) -> dict[str, set[str]]:
+    """Each dotted prefix of a captured name (``auth`` of ``auth.token``) -> its tests."""
+    below: dict[str, set[str]] = {}
+    for name, test in providers.items():
+        parts = name.split(".")
+        for end in range(1, len(parts)):
+            below.setdefault(".".join(parts[:end]), set()).add(test)
+    return below
 
 
 def _undefined(

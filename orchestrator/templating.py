@@ -171,7 +171,9 @@ def template_strings(value: Any) -> Iterator[str]:
             yield from template_strings(item)
 
 
-@functools.lru_cache(maxsize=4096)
+# big enough for every template of the largest flow file: the loader and then the
+# planner read each one, and a smaller cache made the second pass parse them all again
+@functools.lru_cache(maxsize=65536)
 def references(text: str) -> frozenset[str]:
     """The dotted variable names a template reads, e.g. ``{"auth.token", "product_id"}``.
 

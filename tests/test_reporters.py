@@ -14,6 +14,7 @@ import pytest
 from events.types import (
     BatchStarted,
     PlannedTest,
+    RunCancelled,
     RunCompleted,
     RunStarted,
     RunStatus,
@@ -32,6 +33,7 @@ from orchestrator.reporters import (
     write_junit,
 )
 from orchestrator.results import AssertionResult, Exchange, RunResult, TestResult
+from tests.test_dashboard import Page, chromium, page  # noqa: F401  (the browser fixtures)
 
 XSS = '<script>alert("owned")</script>'
 
@@ -224,21 +226,56 @@ def test_quiet_progress_prints_only_failures() -> None:
     ]
 
 
-def test_concurrent_runs_get_a_header_whenever_the_run_changes() -> None:
+def test_concurrent_runs_are_written_as_whole_blocks_in_start_order() -> None:
+    """Without a terminal, lines of runs going at once used to interleave under a header
+    repeated at every switch. Each run is one block now: the first streams, the others
+    are held until the blocks before them are written."""
     out = io.StringIO()
     progress = ConsoleProgress(out)
-    progress("a", started("a"))
-    progress("b", started("b"))
-    progress("a", TestPassed(test="login", attempts=1, duration_ms=5.0))
-    progress("b", TestPassed(test="login", attempts=1, duration_ms=6.0))
-    progress("b", TestPassed(test="catalog", attempts=1, duration_ms=7.0))
+
+    def start(run_id: str, suite: str) -> None:
+        progress(run_id, RunStarted(run_id=run_id, suite=suite, suite_digest="d", plan=[]))
+
+    def ok(run_id: str, test: str) -> None:
+        progress(run_id, TestPassed(test=test, attempts=1, duration_ms=5.0))
+
+    start("a", "alpha")
+    start("b", "beta")
+    start("c", "gamma")
+    ok("a", "a1")
+    ok("b", "b1")
+    ok("c", "c1")
+    progress("c", TestFailed("c2", 1, 9.0, "assertion", "status 500, expected 200"))
+    progress("c", RunCompleted("failed", 1, 1, 0, duration_ms=20.0))  # c ends first
+    ok("b", "b2")
+    ok("a", "a2")
+    assert out.getvalue().splitlines() == ["alpha", "  ✓ a1  5 ms", "  ✓ a2  5 ms"]
+    progress("a", RunCompleted("passed", 2, 0, 0, duration_ms=20.0))
+    ok("b", "b3")
+    progress("b", RunCompleted("passed", 3, 0, 0, duration_ms=20.0))
     assert out.getvalue().splitlines() == [
-        "shop checkout",
-        "  ✓ login  5 ms",
-        "shop checkout",
-        "  ✓ login  6 ms",
-        "  ✓ catalog  7 ms",
+        "alpha",
+        "  ✓ a1  5 ms",
+        "  ✓ a2  5 ms",
+        "beta",
+        "  ✓ b1  5 ms",
+        "  ✓ b2  5 ms",
+        "  ✓ b3  5 ms",
+        "gamma",
+        "  ✓ c1  5 ms",
+        "  ✗ c2  [assertion] status 500, expected 200",
     ]
+
+
+def test_runs_still_going_when_progress_closes_are_written_too() -> None:
+    out = io.StringIO()
+    progress = ConsoleProgress(out)
+    progress("a", RunStarted(run_id="a", suite="alpha", suite_digest="d", plan=[]))
+    progress("b", RunStarted(run_id="b", suite="beta", suite_digest="d", plan=[]))
+    progress("b", TestPassed(test="b1", attempts=1, duration_ms=5.0))
+    progress("b", RunCancelled(reason="interrupted"))
+    progress.close()
+    assert out.getvalue().splitlines() == ["beta", "  ✓ b1  5 ms", "  ! cancelled: interrupted"]
 
 
 def test_progress_colours_only_when_asked_and_respects_no_color(
@@ -291,7 +328,7 @@ def test_junit_has_one_suite_per_run_with_counts_failures_and_skips(tmp_path: Pa
     write_junit(batch(), path)
     root = ET.parse(path).getroot()
     assert root.tag == "testsuites"
-    assert (root.get("tests"), root.get("failures"), root.get("skipped")) == ("7", "1", "1")
+    assert (root.get("tests"), root.get("failures"), root.get("errors")) == ("7", "1", "0")
     suites = root.findall("testsuite")
     assert [s.get("name") for s in suites] == [f"shop checkout [row {n}]" for n in (1, 2, 3)]
     row2 = suites[1]
@@ -322,6 +359,40 @@ def test_junit_marks_an_errored_run_and_survives_control_characters(tmp_path: Pa
     assert failure is not None and failure.get("message") == "bad [31m bytes"
 
 
+JUNIT_XSD = Path(__file__).resolve().parent / "data" / "junit-10.xsd"
+
+
+def assert_valid_junit(path: Path) -> None:
+    """Valid under Jenkins' junit-10.xsd, as the xUnit plugin checks it before reading."""
+    import xmlschema
+
+    errors = [
+        f"{error.path}: {error.reason}"
+        for error in xmlschema.XMLSchema(JUNIT_XSD).iter_errors(str(path))
+    ]
+    assert errors == []
+
+
+def test_junit_is_valid_under_jenkins_junit_xsd(tmp_path: Path) -> None:
+    """Every shape a report takes: passed, failed, skipped, a batch, an errored run, a
+    cancelled one, control characters, captures in system-out. It carried three
+    attributes the schema lacks (testsuites skipped and timestamp, testcase file)."""
+    broken = failing_run()
+    broken.tests[1].message = "bad \x00\x1b[31m bytes"
+    results = [
+        *batch(),
+        broken,
+        run([passed("login")], status="error"),
+        run([skipped("a", "cancelled")], status="cancelled"),
+        run([]),
+    ]
+    path = tmp_path / "junit.xml"
+    write_junit(results, path)
+    assert_valid_junit(path)
+    write_junit([], path)
+    assert_valid_junit(path)
+
+
 # ---- JSON -------------------------------------------------------------------------------
 
 
@@ -345,20 +416,91 @@ def test_json_round_trips_with_a_summary(tmp_path: Path) -> None:
 def test_html_shows_tests_failures_and_captures(tmp_path: Path) -> None:
     path = tmp_path / "report.html"
     write_html(batch(), path)
-    page = path.read_text()
+    html = path.read_text()
     for name in ("login", "catalog", "checkout", "get_cart", "shop checkout [row 2]"):
-        assert name in page
-    assert "depends on checkout, which failed" in page
-    assert '<td class="mono">201</td>' in page  # expected
-    assert "&#34;n/a&#34;" in page  # actual, a JSON string, escaped
-    assert "POST https://shop.test/checkout" in page
-    assert "user_id" in page and "auth.token" in page
+        assert name in html
+    assert "depends on checkout, which failed" in html
+    assert '<td class="mono">201</td>' in html  # expected
+    assert "&#34;n/a&#34;" in html  # actual, a JSON string, escaped
+    assert "POST https://shop.test/checkout" in html
+    assert "user_id" in html and "auth.token" in html
 
 
 def test_html_escapes_response_bodies_and_loads_nothing_external() -> None:
-    page = render_html([failing_run()])
-    assert XSS not in page
-    assert "&lt;script&gt;alert(&#34;owned&#34;)&lt;/script&gt;" in page
-    assert page.count("<script>") == 1  # only the page's own toggle
-    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
-    assert "@import" not in page and "url(" not in page
+    html = render_html([failing_run()])
+    assert XSS not in html
+    assert "&lt;script&gt;alert(&#34;owned&#34;)&lt;/script&gt;" in html
+    assert html.count("<script>") == 1  # only the page's own toggle
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
+    assert "@import" not in html and "url(" not in html
+
+
+def test_html_status_line_and_request_body_stand_on_lines_of_their_own() -> None:
+    html = render_html([failing_run()])
+    # trim_blocks ate the line break after the duration: "500  (120 ms)x-trace: abc"
+    assert "<pre>500  (120 ms)\nx-trace: abc\ncontent-type: text/html\n\n&lt;h1&gt;oops" in html
+    assert "authorization: ***\n\n{&#34;cart_id&#34;" in html
+
+
+def wide_run() -> RunResult:
+    """Values with nowhere to wrap: a long test name, URL, JSON value and header."""
+    long = "x" * 150
+    test = failed_checkout()
+    test.name = "checkout_" + "with_a_very_long_name_" * 4
+    test.assertions.append(
+        AssertionResult(f"json $.{long}", "equals", {"id": long}, [long, long], passed=False)
+    )
+    assert test.exchange is not None
+    test.exchange.url = f"https://shop.test/checkout/{long}?q={long}"
+    test.exchange.response_headers["x-" + long] = long
+    return run([passed("login_" + long), test, skipped("get_cart", "depends on " + long)])
+
+
+_LAYOUT = """(() => {
+  document.getElementById("only-failed").checked = false;
+  document.getElementById("only-failed").dispatchEvent(new Event("change"));
+  document.querySelectorAll("details.run").forEach((d) => { d.open = true; });
+  const spills = [];
+  for (const card of document.querySelectorAll("details.run")) {
+    const edge = card.getBoundingClientRect().right;
+    if (card.scrollWidth > card.clientWidth + 1) spills.push("card scrolls: " + card.className);
+    for (const part of card.querySelectorAll("table, pre, tr")) {
+      if (part.getBoundingClientRect().right > edge + 1) spills.push(part.outerHTML.slice(0, 80));
+    }
+  }
+  if (document.documentElement.scrollWidth > window.innerWidth) spills.push("page scrolls");
+  const marks = {};
+  for (const row of document.querySelectorAll("details.run.failed tr.test:not(.detail)")) {
+    marks[row.classList[1]] = getComputedStyle(row.querySelector(".mark")).color;
+  }
+  return {spills, marks, width: window.innerWidth};
+})()"""
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+async def test_html_report_in_chromium_fits_its_cards_and_marks_each_test(
+    page: Page,  # noqa: F811  (the fixture imported above)
+    tmp_path: Path,
+    width: int,
+) -> None:
+    """At a desktop's and a phone's width, every table and block stays inside its run's
+    card (the checks table spilled out at 390 px), and a passed test of a failed run has
+    a green mark (it was red: the run's class coloured every mark in it)."""
+    path = tmp_path / "report.html"
+    write_html([*batch(), wide_run()], path)
+    await page.call(
+        "Emulation.setDeviceMetricsOverride",
+        width=width,
+        height=900,
+        deviceScaleFactor=1,
+        mobile=False,
+    )
+    await page.open(path.as_uri())
+    layout = await page.js(_LAYOUT)
+    assert layout["width"] == width
+    assert layout["spills"] == []
+    assert layout["marks"] == {
+        "passed": "rgb(26, 127, 55)",
+        "failed": "rgb(207, 34, 46)",
+        "skipped": "rgb(154, 103, 0)",
+    }

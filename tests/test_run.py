@@ -17,6 +17,7 @@ import pytest
 from events.embedded import stop_embedded
 from tests.cli import baton
 from tests.conftest import SHOP, start_shop, stop
+from tests.test_reporters import assert_valid_junit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,6 +73,19 @@ def test_every_example_flow_passes(any_store_env: str, tmp_path: Path) -> None:
     assert statuses.count("failed") == 0
     assert runs["shop features"]["wishlist"] == "skipped"  # skip: in the flow
     assert "4 runs: 4 passed" in out
+    # four runs at once, without a terminal: one block per run, its name written once
+    # (lines interleaved under a header repeated at every switch)
+    progress = out.splitlines()[:-1]  # the last line is the summary
+    headers = [line for line in progress if not line.startswith(" ")]
+    assert sorted(headers) == sorted(runs)
+    suite = ""
+    for line in progress:
+        if not line.startswith(" "):
+            suite = line
+            continue
+        test = line.split()[1]
+        assert test in runs[suite], f"{line!r} under {suite!r}"
+    assert len(progress) == len(headers) + sum(len(tests) for tests in runs.values())
 
 
 def test_data_driven_batch_runs_once_per_row(env: dict[str, str], tmp_path: Path) -> None:
@@ -120,6 +134,7 @@ def test_broken_api_fails_exactly_the_right_tests(
     assert catalog["category"] == "server_error"
     assert catalog["exchange"]["status"] == 500
     assert 'failures="1"' in (tmp_path / "junit.xml").read_text()
+    assert_valid_junit(tmp_path / "junit.xml")
 
 
 def test_tag_selection_runs_the_tagged_tests_and_what_they_need(
@@ -334,3 +349,50 @@ def test_serve_starts_and_stops_the_api(
     assert code == 0, out + err
     code, _, err = baton("run", str(SHOP / "checkout.yaml"))
     assert code == 3 and "cannot reach http://127.0.0.1:8799" in err
+
+
+def test_each_run_of_a_batch_has_a_cookie_jar_of_its_own(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """docs/flow-format.md, Cookies: the login's session cookie goes back on the run's
+    later requests by itself, and rows running at once never see each other's."""
+    flow = tmp_path / "cookies.yaml"
+    flow.write_text(
+        textwrap.dedent(
+            """
+            name: cookie jar
+            base_url: "{{ env.SHOP_URL }}"
+            tests:
+              login:
+                request:
+                  method: POST
+                  url: /auth/login
+                  json: {username: "{{ username }}", password: "{{ password }}"}
+                expect: {status: 200}
+              whoami:
+                depends_on: [login]
+                request: {url: /session}
+                expect:
+                  status: 200
+                  json: {"$.username": "{{ username }}"}
+            """
+        )
+    )
+    rows = tmp_path / "rows.csv"
+    rows.write_text(
+        "username,password\n" + "".join(f"user00{n},pw-user00{n}\n" for n in range(1, 9))
+    )
+    code, out, err = baton(
+        "run",
+        str(flow),
+        "--data",
+        str(rows),
+        "--concurrency",
+        "8",
+        "--json",
+        str(tmp_path / "r.json"),
+    )
+    assert code == 0, out + err
+    runs = report(tmp_path / "r.json")
+    assert len(runs) == 8
+    assert all(tests == {"login": "passed", "whoami": "passed"} for tests in runs.values())

@@ -4,10 +4,12 @@ problem naming the file, the test and the fix, never a traceback."""
 from __future__ import annotations
 
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
+from orchestrator.loader import MAX_FLOW_BYTES
 from tests.cli import baton
 
 VALID = """
@@ -65,7 +67,15 @@ def test_a_valid_flow_passes(tmp_path: Path) -> None:
         ),
         (
             ("expect: {status: 200}", "expect: {statuss: 200}"),
-            "tests.login.expect: object contains unknown field statuss",
+            "tests.login.expect: unknown field 'statuss' (did you mean 'status'?)",
+        ),
+        (
+            ("request: {method: POST,", "reqest: {method: POST,"),
+            "tests.login: unknown field 'reqest' (did you mean 'request'?)",
+        ),
+        (
+            ("expect: {status: 200}", "expect: {status: 200}\n    retries: -1"),
+            "tests.login.retries: -1 is out of range: it must be from 0 to 100",
         ),
         (
             ("url: /catalog", "url: /catalog\n      timeout: 3 parsecs"),
@@ -94,6 +104,194 @@ def test_schema_and_syntax_errors_name_file_and_path(
     code, output = validate(path)
     assert code == 2
     assert f"error: {path}: {expected}" in output
+
+
+def test_every_schema_problem_of_a_file_is_listed(tmp_path: Path) -> None:
+    """msgspec stops at the first error; the loader lists them all, each once."""
+    flow = (
+        VALID.replace("request: {method: POST,", "request: {methd: POST,")
+        .replace("expect: {status: 200}", "expect: {status: 200, json: {'$.a': {lenght: 1}}}")
+        .replace("  catalog:\n", "  catalog:\n    retries: {attempts: 3, backof: 2}\n")
+        .replace('{json: "$.products[0].id"}', '{jsn: "$.products[0].id"}')
+        .replace("  cart:\n    request:", "  cart:\n    reqest:")
+    )
+    path = write(tmp_path, flow)
+    code, output = validate(path)
+    assert code == 2
+    expected = [
+        "tests.login.request: unknown field 'methd' (did you mean 'method'?)",
+        "tests.login.expect.json.$.a: unknown field 'lenght' (did you mean 'length'?)",
+        "tests.catalog.capture.product_id: unknown field 'jsn' (did you mean 'json'?)",
+        "tests.catalog.retries: unknown field 'backof' (did you mean 'backoff'?)",
+        "tests.cart: unknown field 'reqest' (did you mean 'request'?)",
+    ]
+    assert output.splitlines() == [f"error: {path}: {line}" for line in expected]
+
+
+def test_schema_problems_do_not_hide_the_other_checks_of_valid_tests(tmp_path: Path) -> None:
+    flow = VALID.replace("request: {method: POST,", "request: {methd: POST,").replace(
+        '{json: "$.products[0].id"}', '{json: "$.["}'
+    )
+    path = write(tmp_path, flow)
+    code, output = validate(path)
+    assert code == 2
+    assert f"error: {path}: tests.login.request: unknown field 'methd'" in output
+    assert f"error: {path}: tests.catalog.capture.product_id: JSONPath '$.[' does not" in output
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        (
+            "retries: {attempts: -1}",
+            "tests.t.retries.attempts: -1 is out of range: it must be from 0 to 100",
+        ),
+        ("retries: 1000", "tests.t.retries: 1000 is out of range: it must be from 0 to 100"),
+        (
+            "retries: {backoff: 0.5}",
+            "tests.t.retries.backoff: 0.5 is out of range: it must be from 1 to 100",
+        ),
+        ("retries: {backoff: .nan}", "tests.t.retries.backoff: nan is out of range"),
+        (
+            "until: {max_attempts: 0}",
+            "tests.t.until.max_attempts: 0 is out of range: it must be from 1 to 10000",
+        ),
+        (
+            "until: {max_attempts: 99999999999999999999}",
+            "tests.t.until.max_attempts: 99999999999999999999 is out of range",
+        ),
+        (
+            "expect: {json: {$.a: {length: -1}}}",
+            "tests.t.expect.json.$.a.length: -1 is out of range: it must be at least 0",
+        ),
+        (
+            "request: {url: /, timeout: 0s}",
+            "tests.t.request.timeout: a timeout of 0 would fail every request",
+        ),
+        ("request: {url: /, timeout: -1}", "tests.t.request.timeout: duration -1 is negative"),
+    ],
+)
+def test_nonsensical_numbers_are_refused(tmp_path: Path, setting: str, expected: str) -> None:
+    flow = "name: n\nbase_url: http://127.0.0.1:9\ntests:\n  t:\n"
+    if not setting.startswith("request"):
+        flow += "    request: {url: /}\n"
+    path = write(tmp_path, flow + f"    {setting}\n")
+    code, output = validate(path)
+    assert code == 2
+    assert f"error: {path}: {expected}" in output
+
+
+def test_a_tab_in_the_indentation_is_named(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, VALID.replace("\n    expect: {status: 200}", "\n\texpect: {status: 200}")
+    )
+    code, output = validate(path)
+    assert code == 2
+    assert f"error: {path}: line 7, column 1: a tab character; YAML indents with spaces" in output
+
+
+def test_a_binary_file_is_not_a_text_file(tmp_path: Path) -> None:
+    path = tmp_path / "image.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    code, output = validate(path)
+    assert code == 2
+    assert output == f"error: {path}: not a text file (it holds NUL bytes)\n"
+    path.write_bytes(VALID.encode() + b"\xff\xfe oops\n")
+    code, output = validate(path)
+    assert code == 2
+    assert f"error: {path}: not a UTF-8 text file (at byte {len(VALID)})" in output
+
+
+def test_a_flow_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID + "#" * MAX_FLOW_BYTES)
+    code, output = validate(path)
+    assert code == 2
+    size = path.stat().st_size
+    assert f"the file is {size} bytes; the limit is {MAX_FLOW_BYTES} bytes (1 MiB)" in output
+
+
+def _chain(tmp_path: Path, count: int) -> Path:
+    lines = ["name: big", "base_url: http://127.0.0.1:9", "variables: {item: 1}", "tests:"]
+    for index in range(count):
+        reads = f"v{index - 1}" if index % 2 else "item"
+        lines += [
+            f"  t{index}:",
+            f'    request: {{url: "/i/{{{{ {reads} }}}}"}}',
+            f'    capture: {{v{index}: {{json: "$.id"}}}}',
+        ]
+    return write(tmp_path, "\n".join(lines) + "\n", f"chain{count}.yaml")
+
+
+def test_validation_time_grows_linearly_up_to_the_largest_file(tmp_path: Path) -> None:
+    """Planning was quadratic (each reference scanned every capture): 20,000 tests took
+    74 s to plan, now under 2 s. 12,000 tests fill the size limit (~1 MiB)."""
+
+    def seconds(count: int, times: int) -> float:
+        path = _chain(tmp_path, count)
+        assert path.stat().st_size < MAX_FLOW_BYTES
+        took = []
+        for _ in range(times):
+            started = time.perf_counter()
+            code, output = validate(path)
+            took.append(time.perf_counter() - started)
+            assert code == 0, output
+            assert f"ok ({count} tests" in output
+        return min(took)  # the least disturbed by whatever else the machine runs
+
+    small, large = seconds(1_500, 3), seconds(12_000, 1)
+    # eight times the tests: linear is at most 8x, quadratic 64x (measured: 6x and 29x)
+    assert large < 15 * small, (small, large)
+
+
+BOMB = "variables:\n  l0: &l0 [a, a, a, a, a, a, a, a, a, a]\n" + "".join(
+    f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 10)
+)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("command", ["validate", "run", "graph"])
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path: Path, command: str) -> None:
+    """Ten lines that expand to 10**10 values hung validate and run; the service refused
+    them already. The same check in the loader serves both."""
+    path = write(tmp_path, VALID + BOMB)
+    code, _, err = baton(command, str(path))
+    assert code == 2
+    assert (
+        f"error: {path}: the file holds more than 1000000 values once its YAML aliases are "
+        "expanded (use fewer aliases (*name), or none)"
+    ) in err
+
+
+@pytest.mark.timeout(30)
+def test_an_alias_bomb_in_an_environment_file_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID)
+    (tmp_path / "env").mkdir()
+    (tmp_path / "env" / "bomb.yaml").write_text(
+        BOMB.replace("variables:\n  ", "").replace("\n  ", "\n")
+    )
+    code, output = validate(path, "--env", "bomb")
+    assert code == 2
+    assert "aliases are expanded" in output
+
+
+def test_a_key_given_twice_is_named_not_silently_replaced(tmp_path: Path) -> None:
+    """YAML keeps the last of two equal keys: a second test named login replaced the
+    first without a word."""
+    second = "  login:\n    request: {url: /again}\n"
+    path = write(tmp_path, VALID.replace("  catalog:\n", second + "  catalog:\n", 1))
+    code, output = validate(path)
+    assert code == 2
+    assert (
+        f"error: {path}: line 10: 'login' is given twice in one mapping; the second would "
+        "replace the first (rename or remove one)"
+    ) in output
+
+
+def test_deeply_nested_brackets_are_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID + "variables:\n  a: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    code, output = validate(path)
+    assert code == 2
+    assert f"error: {path}: values are nested more than 64 levels deep" in output
 
 
 def test_not_yaml_at_all(tmp_path: Path) -> None:
@@ -203,9 +401,11 @@ def test_graph_formats(tmp_path: Path) -> None:
     assert code == 0
     assert "3. cart  <- login (token), catalog (data)" in out
     code, out, _ = baton("graph", str(path), "--format", "mermaid")
-    assert "login -->|token| catalog" in out
+    assert 'n1["login"]' in out
+    assert "n1 -->|token| n2" in out
     code, out, _ = baton("graph", str(path), "--format", "dot")
-    assert '"catalog" -> "cart" [label="data"];' in out
+    assert 'n2 [label="catalog"];' in out
+    assert 'n2 -> n3 [label="data"];' in out
 
 
 def test_default_headers_cannot_read_captured_values(tmp_path: Path) -> None:

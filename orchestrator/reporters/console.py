@@ -3,9 +3,12 @@
 Progress is an observer the runner calls with ``(run_id, event)``. Without a terminal (CI,
 a pipe) it writes plain lines that read well in a log: one line per finished test of a
 single run; for batch rows one line per run, with the failed and skipped tests of failed
-runs only, so fifty rows of six tests stay about fifty lines. On a terminal the same lines
-scroll above a small live panel of the runs in progress, drawn with ``rich``; rich is
-imported only then, because start-up time matters to every non-interactive run.
+runs only, so fifty rows of six tests stay about fifty lines. Runs of several flow files
+go at once, but a log is read top to bottom: each single run is one block, its name then
+its lines, in the order the runs started; the first streams as it goes, the others are
+held until the blocks before theirs are written. On a terminal the same lines scroll
+above a small live panel of the runs in progress, drawn with ``rich``; rich is imported
+only then, because start-up time matters to every non-interactive run.
 """
 
 from __future__ import annotations
@@ -80,7 +83,11 @@ class _RunState:
     running: dict[str, int] = field(default_factory=dict)
     """Test name -> attempt, for the live panel."""
     held: list[str] = field(default_factory=list)
-    """A batch row's failure lines, printed only if the row fails."""
+    """A batch row's failure lines, printed only if the row fails; a single run's lines
+    while an earlier run's block is still being written."""
+    ended: bool = False
+    headed: bool = False
+    """Whether the run's name has been written above its lines."""
 
 
 class ConsoleProgress:
@@ -104,7 +111,9 @@ class ConsoleProgress:
         # here, and -q prints only failures and the ends of runs; the live panel (which
         # redraws at most every 0.1 s, on any event) still sees them all
         self._wanted = _SHOWN if quiet else _TRACKED
-        self._last_header = ""
+        self._blocks: list[tuple[str, _RunState]] = []
+        """Single runs whose block is not written whole yet, in the order they started;
+        the first one's lines are written as they come."""
         self._live: _LivePanel | None = None
         # the runner may report from worker threads; lines must not interleave
         self._lock = threading.Lock()
@@ -119,6 +128,8 @@ class ConsoleProgress:
 
     def close(self) -> None:
         with self._lock:
+            while self._blocks:  # runs that never ended (interrupted): what they did
+                self._next_block()
             if self._live is not None:
                 self._live.stop()
                 self._live = None
@@ -141,17 +152,18 @@ class ConsoleProgress:
         if isinstance(event, RunStarted):
             label = f"{event.suite} [row {event.row}]" if event.row >= 0 else event.suite
             batch = event.row >= 0 or bool(event.batch_id)
-            self._runs[run_id] = _RunState(label=label, batch=batch, planned=len(event.plan))
+            self._track(run_id, _RunState(label=label, batch=batch, planned=len(event.plan)))
             return
         run = self._runs.get(run_id)
         if run is None:  # joined mid-run: still report, under the id
-            run = self._runs[run_id] = _RunState(label=run_id, batch=False)
+            run = self._track(run_id, _RunState(label=run_id, batch=False))
         if isinstance(event, TestStarted):
             run.running[event.test] = event.attempt
         elif isinstance(event, TestPassed | TestFailed | TestSkipped):
             self._finished(run_id, run, event)
         elif isinstance(event, RunCancelled):
             self._run_line(run_id, run, f"  ! cancelled: {fmt.first_line(event.reason)}")
+            self._ended(run_id, run)
         elif isinstance(event, RunCompleted):
             self._completed(run_id, run, event)
 
@@ -186,6 +198,7 @@ class ConsoleProgress:
         if not run.batch:
             if event.status not in ("passed", "failed"):
                 self._run_line(run_id, run, f"  ! the run ended: {event.status}")
+            self._ended(run_id, run)
             return
         if event.status == "passed":
             if not self._quiet:
@@ -196,18 +209,38 @@ class ConsoleProgress:
         for line in run.held:
             self._emit("  " + line)
 
+    def _track(self, run_id: str, run: _RunState) -> _RunState:
+        self._runs[run_id] = run
+        if not run.batch:
+            self._blocks.append((run_id, run))
+        return run
+
     def _run_line(self, run_id: str, run: _RunState, line: str) -> None:
-        if run.batch:
+        waiting = any(other is run for _, other in self._blocks[1:])
+        if run.batch or waiting:
             run.held.append(line)
             return
-        self._header(run_id)
-        self._emit(line)
+        self._write_block(run, [line])
 
-    def _header(self, run_id: str) -> None:
-        # concurrent single runs interleave: a header on every switch says whose line it is
-        if self._last_header != run_id:
-            self._last_header = run_id
-            self._emit(self._paint("bold", self._runs[run_id].label))
+    def _write_block(self, run: _RunState, lines: list[str]) -> None:
+        if lines and not run.headed:
+            run.headed = True
+            self._emit(self._paint("bold", run.label))
+        for line in lines:
+            self._emit(line)
+
+    def _ended(self, run_id: str, run: _RunState) -> None:
+        run.ended = True
+        while self._blocks and self._blocks[0][1].ended:
+            self._next_block()
+
+    def _next_block(self) -> None:
+        """The first block is whole: write what the next run held, which then streams."""
+        self._blocks.pop(0)
+        if self._blocks:
+            run = self._blocks[0][1]
+            self._write_block(run, run.held)
+            run.held = []
 
     def _emit(self, line: str) -> None:
         if self._live is not None:
