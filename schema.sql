@@ -737,3 +737,103 @@ DROP INDEX IF EXISTS test_run_history_lookup;
 
 INSERT INTO baton_schema_version (step, name)
 VALUES (8, 'newest executions first, in a fixed order') ON CONFLICT (step) DO NOTHING;
+
+-- step 9: events record when they happened
+--
+-- recorded_at was now() of the append's transaction, so every event of one batched append
+-- shared one timestamp: a test's request, response and verdict all read as the same
+-- millisecond. The writer now stamps each event when it is emitted (a request when it is
+-- sent, a response when it was received) and baton_append takes those times, in
+-- microseconds since the Unix epoch, aligned with p_ids; a NULL array or entry means now().
+-- The function body is step 2's with recorded_at added to the INSERT. The six-argument
+-- form stays, for a process of an older Baton writing to a migrated database, and calls
+-- this one without times.
+CREATE OR REPLACE FUNCTION baton_append(
+    p_streams text[], p_expected int[], p_counts int[],
+    p_ids uuid[], p_types text[], p_data jsonb[], p_times int8[]
+) RETURNS bigint[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    positions bigint[] := '{}';
+    part bigint[];
+    cur int;
+    n int;
+    found_n int;
+    lo int := 1;
+    hi int;
+BEGIN
+    PERFORM pg_advisory_xact_lock(7283540231093542001);
+    FOR i IN 1 .. coalesce(array_length(p_streams, 1), 0) LOOP
+        n := p_counts[i];
+        hi := lo + n - 1;
+        SELECT s.version INTO cur FROM baton_streams s WHERE s.stream = p_streams[i];
+        cur := coalesce(cur, 0);
+        IF p_expected[i] <> -1 AND p_expected[i] <> cur THEN
+            -- a conflict may be a re-send of an append that was written already
+            SELECT array_agg(e.position ORDER BY t.ord), count(e.position)
+              INTO part, found_n
+              FROM unnest(p_ids[lo:hi]) WITH ORDINALITY AS t(id, ord)
+              LEFT JOIN events e ON e.event_id = t.id AND e.stream = p_streams[i];
+            IF found_n <> n THEN
+                RAISE EXCEPTION 'stream % is at version %, the append expected %',
+                        p_streams[i], cur, p_expected[i]
+                    USING ERRCODE = 'BT001',
+                          DETAIL = json_build_object('stream', p_streams[i],
+                              'expected', p_expected[i], 'actual', cur)::text;
+            END IF;
+        ELSIF n = 0 THEN
+            part := '{}';
+        ELSE
+            WITH ins AS (
+                INSERT INTO events (stream, version, event_id, type, data, recorded_at)
+                SELECT p_streams[i], cur + t.ord, t.id, t.ty, t.d,
+                       coalesce(timestamptz 'epoch' + t.us * interval '1 microsecond', now())
+                  FROM unnest(p_ids[lo:hi], p_types[lo:hi], p_data[lo:hi], p_times[lo:hi])
+                       WITH ORDINALITY AS t(id, ty, d, us, ord)
+                 ORDER BY t.ord
+                ON CONFLICT (event_id) DO NOTHING
+                RETURNING event_id, position
+            )
+            -- counted from ins itself: an id repeated in the call joins its one row twice
+            SELECT array_agg(ins.position ORDER BY t.ord), (SELECT count(*) FROM ins)
+              INTO part, found_n
+              FROM unnest(p_ids[lo:hi]) WITH ORDINALITY AS t(id, ord)
+              LEFT JOIN ins ON ins.event_id = t.id;
+            IF found_n = n THEN
+                INSERT INTO baton_streams AS s (stream, version, first_position)
+                VALUES (p_streams[i], cur + n, part[1])
+                ON CONFLICT (stream) DO UPDATE SET version = excluded.version;
+            ELSIF found_n = 0 THEN
+                -- every id stored already: a re-send of an append with any version
+                SELECT array_agg(e.position ORDER BY t.ord), count(e.position)
+                  INTO part, found_n
+                  FROM unnest(p_ids[lo:hi]) WITH ORDINALITY AS t(id, ord)
+                  LEFT JOIN events e ON e.event_id = t.id AND e.stream = p_streams[i];
+            END IF;
+            IF found_n <> n THEN
+                RAISE EXCEPTION 'an append to stream % repeats an event id, or mixes new ids '
+                        'with ids that are stored already (here or in another stream)', p_streams[i]
+                    USING ERRCODE = 'BT002';
+            END IF;
+        END IF;
+        positions := positions || part;
+        lo := hi + 1;
+    END LOOP;
+    IF array_length(positions, 1) > 0 THEN
+        -- delivered when (and only if) the transaction commits
+        PERFORM pg_notify('baton_events', (SELECT max(p) FROM unnest(positions) AS p)::text);
+    END IF;
+    RETURN positions;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION baton_append(
+    p_streams text[], p_expected int[], p_counts int[],
+    p_ids uuid[], p_types text[], p_data jsonb[]
+) RETURNS bigint[]
+LANGUAGE sql AS $$
+    SELECT baton_append(p_streams, p_expected, p_counts, p_ids, p_types, p_data, NULL::int8[])
+$$;
+
+INSERT INTO baton_schema_version (step, name)
+VALUES (9, 'events record when they happened') ON CONFLICT (step) DO NOTHING;

@@ -70,7 +70,7 @@ class _RunWriter(BatchingWriter):
         self.cancel_requested = False
         self._ended = False
 
-    def emit(self, stream: str, event: ev.Event) -> None:
+    def emit(self, stream: str, event: ev.Event, at: int | None = None) -> None:
         if self._ended:
             return  # a test task the runner left behind after a cancel: the run is over
         if isinstance(event, ev.RunStarted):
@@ -89,7 +89,7 @@ class _RunWriter(BatchingWriter):
             self._ended = True
         elif len(self._redactor) and isinstance(event, _REDACTED_TYPES):
             event = self._redact(event)
-        super().emit(stream, event)
+        super().emit(stream, event, at)
 
     def _redact(self, event: ev.Event) -> ev.Event:
         data = self._redactor.redact_value(msgspec.to_builtins(event))

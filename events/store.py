@@ -7,6 +7,7 @@ commits later: a backend guarantees that ``read_all`` returns positions in commi
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Protocol
@@ -37,11 +38,20 @@ class WrongExpectedVersion(StoreError):
         self.actual = actual
 
 
+def now_us() -> int:
+    """The wall-clock time in microseconds since the Unix epoch: what ``NewEvent.at`` holds."""
+    return time.time_ns() // 1000
+
+
 class NewEvent(msgspec.Struct, frozen=True):
     """An event about to be appended, with the id that makes re-sending it harmless."""
 
     event: Event
     id: uuid.UUID = msgspec.field(default_factory=new_id)
+    at: int = msgspec.field(default_factory=now_us)
+    """When it happened, in microseconds since the Unix epoch: the event's ``recorded_at``.
+    By default when the NewEvent is made, which for the writer is when the event is emitted,
+    not when its batch reaches the store."""
 
 
 class StreamAppend(msgspec.Struct, frozen=True):

@@ -35,13 +35,14 @@ class BatchingWriter:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
 
-    def emit(self, stream: str, event: Event) -> None:
-        """Queue an event for its stream. Raises the store's error if an append failed."""
+    def emit(self, stream: str, event: Event, at: int | None = None) -> None:
+        """Queue an event for its stream, stamped with when it happened: ``at`` (microseconds
+        since the Unix epoch) or now. Raises the store's error if an append failed."""
         if self._error is not None:
             raise self._error
         if self._closed:
             raise WriterClosed("the event writer is closed")
-        self._pending.append((stream, NewEvent(event)))
+        self._pending.append((stream, NewEvent(event) if at is None else NewEvent(event, at=at)))
         self._idle.clear()
         self._wake.set()
         if self._task is None:

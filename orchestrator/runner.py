@@ -143,8 +143,9 @@ class RunExecution:
         self.client = RunClient(transport=runner.transport)
         self.base_url = ""
 
-    def emit(self, event: ev.Event) -> None:
-        self.runner.writer.emit(self.stream, event)
+    def emit(self, event: ev.Event, at: int | None = None) -> None:
+        """Record an event that happened ``at`` (microseconds since the Unix epoch), or now."""
+        self.runner.writer.emit(self.stream, event, at)
         if self.runner.observer is not None:
             self.runner.observer(self.inputs.run_id, event)
 
