@@ -1,4 +1,4 @@
-"""Captures: values read out of a response (JSONPath, header, cookie, regex, status).
+"""Captures: values read out of a response (JSONPath, header, cookie, regex, link, status).
 
 Also the lookups assertions share: compiled JSONPath queries and regexes, cached because
 the same flow runs thousands of times, and ``MISSING`` for a value that is not there.
@@ -10,6 +10,7 @@ import enum
 import functools
 import re
 from typing import Any
+from urllib.parse import urljoin
 
 import jsonpath_rfc9535
 
@@ -93,7 +94,47 @@ def capture(name: str, spec: Capture, response: ResponseView) -> Any:
         return response.cookies[source]
     if kind == "regex":
         return _regex(name, source, response.text)
+    if kind == "link":
+        target = links(response).get(source.lower())
+        if target is None:
+            present = ", ".join(sorted(links(response))) or "none"
+            raise CaptureError(name, f'the Link header has no rel="{source}" (rels: {present})')
+        return target
     return response.status
+
+
+def capture_all(name: str, spec: Capture, response: ResponseView) -> list[Any]:
+    """Every value ``spec`` finds in ``response``: each node a JSONPath selects (so a page of
+    one item gives a list of one), or the one value of another source; [] if none. Raises
+    ``CaptureError`` for what no page could fix: a body that is not JSON, a bad pattern."""
+    kind, source = spec.source()
+    if kind == "json":
+        return _nodes(name, source, response)
+    if kind == "regex":
+        _pattern(name, source)
+    try:
+        return [capture(name, spec, response)]
+    except CaptureError:
+        return []
+
+
+# RFC 8288: <target>; param; name=value; name="quoted, value"
+_LINK_VALUE = re.compile(
+    r'<([^>]*)>((?:\s*;\s*[^;,"=\s]+(?:\s*=\s*(?:"(?:[^"\\]|\\.)*"|[^;,\s]*))?)*)'
+)
+_LINK_PARAM = re.compile(r';\s*([^;,"=\s]+)(?:\s*=\s*("(?:[^"\\]|\\.)*"|[^;,\s]*))?')
+
+
+def links(response: ResponseView) -> dict[str, str]:
+    """The Link header's targets by relation type (lower case), resolved against the
+    response's URL; the first link wins for a relation given twice."""
+    found: dict[str, str] = {}
+    for target, params in _LINK_VALUE.findall(response.headers.get("link", "")):
+        for param, value in _LINK_PARAM.findall(params):
+            if param.lower() == "rel":
+                for rel in value.strip('"').lower().split():
+                    found.setdefault(rel, urljoin(response.url, target.strip()))
+    return found
 
 
 def is_secret(name: str, spec: Capture) -> bool:
@@ -102,6 +143,13 @@ def is_secret(name: str, spec: Capture) -> bool:
 
 
 def _json(name: str, path: str, response: ResponseView) -> Any:
+    values = _nodes(name, path, response)
+    if not values:
+        raise CaptureError(name, f"{path} matched nothing in the response body")
+    return values[0] if len(values) == 1 else values
+
+
+def _nodes(name: str, path: str, response: ResponseView) -> list[Any]:
     try:
         query = compile_path(path)
     except jsonpath_rfc9535.JSONPathError as exc:
@@ -111,19 +159,20 @@ def _json(name: str, path: str, response: ResponseView) -> Any:
     except ValueError:
         body = excerpt(response.text, 80)
         raise CaptureError(name, f"{path}: {NOT_JSON} (it starts {body!r})") from None
-    value = select(query, document)
-    if value is MISSING:
-        raise CaptureError(name, f"{path} matched nothing in the response body")
-    return value
+    return [node.value for node in query.finditer(document)]
 
 
-def _regex(name: str, pattern: str, text: str) -> str:
+def _pattern(name: str, pattern: str) -> re.Pattern[str]:
     try:
-        compiled = compile_regex(pattern)
+        return compile_regex(pattern)
     except re.error as exc:
         raise CaptureError(
             name, f"regular expression {pattern!r} does not compile: {exc}"
         ) from None
+
+
+def _regex(name: str, pattern: str, text: str) -> str:
+    compiled = _pattern(name, pattern)
     match = compiled.search(text)
     if match is None:
         raise CaptureError(name, f"regular expression {pattern!r} matched nothing in the body")

@@ -414,6 +414,14 @@ def _check(flow: Flow, label: str) -> Iterator[Problem]:
                 yield from (problem(f"{at}.{expect_at}.{w}", m) for w, m in _check_expect(expect))
         for capture_name, capture in test.capture.items():
             yield from (problem(f"{at}.capture.{capture_name}", m) for m in _check_capture(capture))
+        if test.until is not None and test.until.next is not None:
+            yield from (problem(f"{at}.until.next", m) for m in _check_capture(test.until.next))
+            if test.until.next.collect or test.until.next.secret is not None:
+                yield problem(
+                    f"{at}.until.next",
+                    "collect and secret belong to captures, not to until.next",
+                    "capture the values in the test's capture instead",
+                )
 
 
 def _check_expect(expect: Expect) -> Iterator[tuple[str, str]]:
@@ -471,7 +479,7 @@ def _durations(flow: Flow) -> Iterator[tuple[str, Any]]:
     for name, test in flow.tests.items():
         if test.request.timeout is not None:
             yield f"tests.{name}.request.timeout", test.request.timeout
-        if test.until is not None:
+        if test.until is not None and test.until.interval is not None:
             yield f"tests.{name}.until.interval", test.until.interval
         retry_specs.append((f"tests.{name}.retries", test.retries))
     for where, retry in retry_specs:

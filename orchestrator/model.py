@@ -62,13 +62,6 @@ class Expect(_Spec, frozen=True):
     duration_ms: Predicate | None = None
 
 
-class Until(Expect, frozen=True):
-    """Poll: repeat the request until these checks hold, at most ``max_attempts`` times."""
-
-    interval: Duration = "500ms"
-    max_attempts: Polls = 10
-
-
 class Request(_Spec, frozen=True):
     url: str
     method: str = "GET"
@@ -82,15 +75,20 @@ class Request(_Spec, frozen=True):
 
 
 class Capture(_Spec, frozen=True):
-    """Exactly one source: json, header, cookie, regex or status."""
+    """Exactly one source: json, header, cookie, regex, link or status."""
 
     json: str | None = None
     header: str | None = None
     cookie: str | None = None
     regex: str | None = None
+    link: str | None = None
+    """A relation type of the Link header (``next``): the target URL, made absolute."""
     status: bool = False
     secret: bool | None = None
     """Default: True for names in the ``auth.`` namespace, False otherwise."""
+    collect: bool = False
+    """Keep a list of what every response of the test's polling gives (every JSONPath node,
+    page after page) instead of the value in the last response."""
 
     def source(self) -> tuple[str, str]:
         given = [
@@ -100,13 +98,35 @@ class Capture(_Spec, frozen=True):
                 ("header", self.header),
                 ("cookie", self.cookie),
                 ("regex", self.regex),
+                ("link", self.link),
                 ("status", "status" if self.status else None),
             )
             if value is not None
         ]
         if len(given) != 1:
-            raise ValueError("a capture takes exactly one of json, header, cookie, regex, status")
+            raise ValueError(
+                "a capture takes exactly one of json, header, cookie, regex, link, status"
+            )
         return given[0]
+
+
+class Until(Expect, frozen=True):
+    """Poll: repeat the request until these checks hold, at most ``max_attempts`` times.
+
+    With ``next``, each response also gives the value ``{{ poll.next }}`` reads in the next
+    request (a URL, a cursor, a page number), and the polling ends when a response gives
+    none: following pages until there are no more.
+    """
+
+    interval: Duration | None = None
+    """The wait between two requests: 500ms, or none when following ``next``."""
+    max_attempts: Polls = 10
+    next: Capture | None = None
+
+    def wait(self) -> Duration:
+        if self.interval is not None:
+            return self.interval
+        return 0 if self.next is not None else "500ms"
 
 
 RetryCondition = Literal["5xx", "429", "timeout", "connect"]

@@ -21,6 +21,7 @@ from events.types import DependencyKind, PlannedTest
 from orchestrator import templating
 from orchestrator.errors import Problem, UsageError
 from orchestrator.loader import LoadedFlow, test_parts
+from orchestrator.model import Test
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,8 @@ def plan(loaded: LoadedFlow, scope: Scope, tags: Collection[str] = ()) -> Plan:
                 providers[captured] = name
 
     below = _below(providers)
+    problems.extend(_reserved(label, flow.tests, scope))
+
     graph: nx.DiGraph = nx.DiGraph()
     graph.add_nodes_from(flow.tests)
     for name, test in flow.tests.items():
@@ -110,6 +113,11 @@ def plan(loaded: LoadedFlow, scope: Scope, tags: Collection[str] = ()) -> Plan:
             else:
                 graph.add_edge(dep, name, kind="order")
         for where, reference in _references(test_parts(test)):
+            if reference.split(".")[0] == POLL:
+                problem = _poll_problem(reference)
+                if problem:
+                    problems.append(Problem(label, f"tests.{name}.{where}", *problem))
+                continue
             found = _providers(reference, providers, below)
             if found:
                 kind: DependencyKind = "token" if reference.startswith("auth") else "data"
@@ -118,9 +126,21 @@ def plan(loaded: LoadedFlow, scope: Scope, tags: Collection[str] = ()) -> Plan:
                     if graph.get_edge_data(provider, name, {}).get("kind") != "token":
                         graph.add_edge(provider, name, kind=kind)
                 continue
-            problem = _undefined(reference, scope, providers)
+            problem = _undefined(reference, scope, providers, in_test=True)
             if problem:
                 problems.append(Problem(label, f"tests.{name}.{where}", *problem))
+        if test.until is None or test.until.next is None:
+            for where, value in test_parts(test):
+                if any(_POLL_NEXT.search(text) for text in templating.template_strings(value)):
+                    problems.append(
+                        Problem(
+                            label,
+                            f"tests.{name}.{where}",
+                            "poll.next is set only by until.next, which this test has not",
+                            "add until: {next: ...} naming where each response gives the next",
+                        )
+                    )
+                    break
     for where, reference in _references(
         [
             ("base_url", flow.base_url),
@@ -189,10 +209,49 @@ def _below(providers: Mapping[str, str]) -> dict[str, set[str]]:
     return below
 
 
+POLL = "poll"
+"""The namespace of a test's own polling values: ``poll.attempt``, ``poll.next``."""
+POLL_NAMES = ("poll.attempt", "poll.next")
+_POLL_NEXT = re.compile(r"\bpoll\s*(?:\.\s*next\b|\[\s*['\"]next['\"]\s*\])")
+
+
+def _reserved(label: str, tests: Mapping[str, Test], scope: Scope) -> Iterator[Problem]:
+    """A variable or capture named ``poll`` would hide the test's polling values."""
+    hint = "give it another name: poll.* holds the values of until polling"
+    if POLL in scope.variables:
+        yield Problem(label, f"variables.{POLL}", f"{POLL!r} is a reserved name", hint)
+    for name, test in tests.items():
+        for captured in test.capture:
+            if captured.split(".")[0] == POLL:
+                yield Problem(
+                    label, f"tests.{name}.capture.{captured}", f"{POLL!r} is a reserved name", hint
+                )
+
+
+def _poll_problem(reference: str) -> tuple[str, str] | None:
+    if reference in (POLL, "poll.attempt"):
+        return None
+    if reference == "poll.next":
+        # references() leaves out names under | default(...): this one has none
+        return (
+            "poll.next has no value for the first request",
+            "write {{ poll.next | default('...') }} with what the first request sends",
+        )
+    return (
+        f"{reference!r} is not a polling value",
+        _did_you_mean(reference, POLL_NAMES) or "poll has attempt and next",
+    )
+
+
 def _undefined(
-    reference: str, scope: Scope, providers: Mapping[str, str]
+    reference: str, scope: Scope, providers: Mapping[str, str], *, in_test: bool = False
 ) -> tuple[str, str] | None:
     root, _, rest = reference.partition(".")
+    if root == POLL:
+        return (
+            f"{reference} has a value only inside a test",
+            "read it in a test's request, expect or until",
+        )
     if root == "env":
         key = rest.split(".")[0]
         if key and key not in scope.env:
@@ -211,7 +270,7 @@ def _undefined(
         return None
     if root in scope.variables:
         return None
-    names = [*scope.variables, *providers]
+    names = [*scope.variables, *providers, *(POLL_NAMES if in_test else ())]
     hint = _did_you_mean(reference, names) or (
         "capture it in a test, or define it in variables, --var, --env or --data"
     )

@@ -84,6 +84,8 @@ class ResponseView:
     duration_ms: float
     set_cookie: tuple[str, ...] = ()
     """The raw Set-Cookie headers; parsed only when a capture asks for a cookie."""
+    url: str = ""
+    """Where the response came from, what a relative Link target is resolved against."""
 
     @functools.cached_property
     def cookies(self) -> dict[str, str]:

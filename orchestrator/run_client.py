@@ -158,13 +158,13 @@ class RunClient(httpx.AsyncClient):
     ) -> httpx.Request:
         """What ``build_request`` makes, with the run's cookies from ``RunCookies``:
         the client's default headers under the given ones, and the cookie header unless the
-        request sets its own."""
+        request sets its own. ``params`` are added to a query already in ``url`` (a name in
+        both takes the value of ``params``); httpx would replace that query with them."""
         merged = httpx.Headers(self.headers)
         merged.update(headers)
         request = httpx.Request(
             method,
-            _url(url),
-            params=params,
+            _url(url).copy_merge_params(params) if params else _url(url),
             headers=merged,
             content=content,
             data=data,

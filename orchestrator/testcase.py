@@ -9,17 +9,18 @@ import contextlib
 import email.utils
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 import msgspec
 
 from events import types as ev
 from events.context import assign_dotted
+from events.store import now_us
 from orchestrator import templating
 from orchestrator.assertions import evaluate
-from orchestrator.captures import CaptureError, capture, is_secret
-from orchestrator.model import Expect, Request, Retry, Test, Until, retry_policy, seconds
+from orchestrator.captures import CaptureError, capture, capture_all, is_secret
+from orchestrator.model import Capture, Expect, Request, Retry, Test, retry_policy, seconds
 from orchestrator.results import AssertionResult, Exchange, ResponseView, TestResult
 from orchestrator.run_client import text as response_text
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 EXCERPT = 2048
 """How much of a body an event or a report keeps."""
+_E = TypeVar("_E", bound=Expect)
 
 
 class _Failure(Exception):
@@ -48,9 +50,16 @@ class TestExecution:
         self.tries = 0
         """Attempts in the sense of retries: what a flaky-test detector counts."""
         self.unreported: ResponseView | None = None
+        self.unreported_at = 0
+        """When the unreported response was received (microseconds since the Unix epoch)."""
         self.exchange: Exchange | None = None
         self.assertions: list[AssertionResult] = []
         self.captured: dict[str, Any] = {}
+        self.collected: dict[str, list[Any]] = {}
+        self.poll: dict[str, Any] = {"attempt": 1}
+        """``{{ poll.* }}``: the request's number in the polling, the previous ``next``."""
+        # what this test's templates read: the run's names, and its own poll values
+        self.namespace: dict[str, Any] = {**run.namespace, "poll": self.poll}
 
     async def execute(self) -> TestResult:
         start = time.perf_counter()
@@ -102,7 +111,7 @@ class TestExecution:
 
     def _render(self, renderer: templating.Renderer) -> Any:
         try:
-            return renderer(self.run.namespace)
+            return renderer(self.namespace)
         except templating.TemplateError as exc:
             raise _Failure("template", f"template error: {exc}") from None
 
@@ -110,28 +119,64 @@ class TestExecution:
         until = self.test.until
         polls = until.max_attempts if until is not None else 1
         for poll in range(1, polls + 1):
+            self.poll["attempt"] = poll
             response = await self._send_with_retries()
+            self._collect(response)
             if until is None:
                 return response
-            checks = evaluate(self._expect(until), response, base_dir=self.run.plan.loaded.base_dir)
-            if all(check.passed for check in checks):
-                return response
+            rendered = self._expect(until)
+            checks = evaluate(rendered, response, base_dir=self.run.plan.loaded.base_dir)
+            held = all(check.passed for check in checks)
+            if rendered.next is None:
+                if held:
+                    return response
+                failure = f"until: the condition still failed after {polls} attempts"
+            else:
+                following = _next(rendered.next, response)
+                if checks and held:
+                    return response
+                if following is None:
+                    if not checks:
+                        return response  # the last page
+                    self._report_response()
+                    self.assertions.extend(self._record(checks, "until "))
+                    raise _Failure(
+                        "assertion",
+                        f"until: no next page after {poll} requests, and the condition "
+                        "still failed",
+                    )
+                self.poll["next"] = following
+                failure = (
+                    f"until: still a next page after {polls} requests; "
+                    "raise until.max_attempts to follow more"
+                )
             self._report_response()
             if poll == polls:
                 self.assertions.extend(self._record(checks, "until "))
-                raise _Failure(
-                    "assertion", f"until: the condition still failed after {polls} attempts"
-                )
-            await asyncio.sleep(seconds(until.interval))
+                raise _Failure("assertion", failure)
+            await asyncio.sleep(seconds(until.wait()))
         raise AssertionError("unreachable")
 
-    def _expect(self, expect: Expect | Until) -> Expect:
+    def _collect(self, response: ResponseView) -> None:
+        """What ``collect: true`` captures keep of every response, page after page."""
+        for name, spec in self.test.capture.items():
+            if spec.collect:
+                try:
+                    found = capture_all(name, spec, response)
+                except CaptureError as exc:
+                    raise _Failure("capture", self.run.redactor.redact(str(exc))) from None
+                if is_secret(name, spec):
+                    for value in found:
+                        self.run.redactor.add(_secret_text(value))
+                self.collected.setdefault(name, []).extend(found)
+
+    def _expect(self, expect: _E) -> _E:
         renderer = self.run.runner.expect_renderer(expect)
         if renderer is None:
             return expect
         rendered = self._render(renderer)
         try:
-            return msgspec.convert(rendered, Until if isinstance(expect, Until) else Expect)
+            return msgspec.convert(rendered, type(expect))
         except msgspec.ValidationError as exc:
             raise _Failure("template", f"expectations after rendering: {exc}") from None
 
@@ -184,6 +229,17 @@ class TestExecution:
             if request.follow_redirects is not None
             else flow.defaults.follow_redirects
         )
+        prepared = run.client.prepare(
+            request.method,
+            url,
+            headers=headers,
+            content=content,
+            data=form,
+            params=params,
+            timeout=timeout,
+        )
+        # what is recorded is what is sent: the URL with the query of `params` merged in
+        url = str(prepared.url)
         redact = run.redactor.redact
         self.run.emit(
             ev.RequestSent(
@@ -197,15 +253,6 @@ class TestExecution:
         )
         started = time.perf_counter()
         try:
-            prepared = run.client.prepare(
-                request.method,
-                url,
-                headers=headers,
-                content=content,
-                data=form,
-                params=params,
-                timeout=timeout,
-            )
             response = await run.client.send(prepared, follow_redirects=follow)
         except httpx.TimeoutException:
             self._note_exchange(request.method, url, headers, content or form)
@@ -215,6 +262,7 @@ class TestExecution:
             raise _Failure(
                 "connection", f"cannot reach {url}: {exc or type(exc).__name__}"
             ) from None
+        received_at = now_us()
         elapsed = (time.perf_counter() - started) * 1000
         joined: dict[str, str] = {}
         for key, value in response.headers.multi_items():  # lower-case names
@@ -230,6 +278,7 @@ class TestExecution:
         )
         self._note_exchange(request.method, url, headers, content or form)
         self.unreported = view
+        self.unreported_at = received_at
         return view
 
     def _report_response(self) -> None:
@@ -248,7 +297,8 @@ class TestExecution:
                 headers=masked,
                 body_excerpt=excerpt,
                 timings=ev.Timings(total_ms=round(view.duration_ms, 3)),
-            )
+            ),
+            at=self.unreported_at,
         )
         self.exchange.status = view.status
         self.exchange.response_headers = masked
@@ -257,7 +307,7 @@ class TestExecution:
 
     def _learn_secrets(self, response: ResponseView) -> None:
         for name, spec in self.test.capture.items():
-            if is_secret(name, spec):
+            if is_secret(name, spec) and not spec.collect:  # _collect learnt those
                 # a capture that fails is reported when the captures run
                 with contextlib.suppress(CaptureError):
                     self.run.redactor.add(_secret_text(capture(name, spec, response)))
@@ -319,7 +369,9 @@ class TestExecution:
         run = self.run
         for name, spec in self.test.capture.items():
             try:
-                value = capture(name, spec, response)
+                value = (
+                    self.collected.get(name, []) if spec.collect else capture(name, spec, response)
+                )
             except CaptureError as exc:
                 raise _Failure("capture", run.redactor.redact(str(exc))) from None
             assign_dotted(run.namespace, name, value)
@@ -337,6 +389,15 @@ class TestExecution:
             else:
                 self.captured[name] = value
                 run.emit(ev.VariableCaptured(test=self.name, name=name, value=value))
+
+
+def _next(spec: Capture, response: ResponseView) -> Any:
+    """What ``until.next`` finds in the response; None when there is no next page."""
+    try:
+        found = capture("until.next", spec, response)
+    except CaptureError:
+        return None
+    return None if found == "" else found
 
 
 def policy_conditions(policy: Retry) -> set[ev.FailureCategory]:

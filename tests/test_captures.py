@@ -16,7 +16,7 @@ BODY = {
     "user": {"id": 7, "nickname": None},
     "products": [{"id": 11, "price": 9.5}, {"id": 12, "price": 20}],
 }
-ONE_SOURCE = "a capture takes exactly one of json, header, cookie, regex, status"
+ONE_SOURCE = "a capture takes exactly one of json, header, cookie, regex, link, status"
 
 
 def response(

@@ -122,6 +122,44 @@ async def slow(request: web.Request) -> web.Response:
     return reply({"slept_ms": delay_ms})
 
 
+def _page(request: web.Request) -> tuple[int, int, list[dict[str, Any]], bool]:
+    """?page=1&per_page=3 of the products: (page, per_page, its items, whether one follows)."""
+    page, per_page = request.query.get("page", "1"), request.query.get("per_page", "3")
+    if not page.isdigit() or int(page) < 1:
+        raise ApiError(400, "page must be an integer from 1")
+    if not per_page.isdigit() or not 1 <= int(per_page) <= 100:
+        raise ApiError(400, "per_page must be an integer from 1 to 100")
+    number, size = int(page), int(per_page)
+    start = (number - 1) * size
+    return number, size, PRODUCTS[start : start + size], start + size < len(PRODUCTS)
+
+
+async def list_products(request: web.Request) -> web.Response:
+    """Pages of products with the next page's URL in the body, null on the last page."""
+    page, size, items, more = _page(request)
+    following = f"/products?page={page + 1}&per_page={size}" if more else None
+    return reply({"items": items, "page": page, "next": following, "total": len(PRODUCTS)})
+
+
+async def stock_levels(request: web.Request) -> web.Response:
+    """Pages of stock levels, a bare JSON array; the links are in the Link header (RFC 8288),
+    absolute, as GitHub's API gives them."""
+    page, size, items, more = _page(request)
+    base = request.url.with_query({})
+
+    def link(number: int, rel: str) -> str:
+        return f'<{base.with_query(page=number, per_page=size)}>; rel="{rel}"'
+
+    links = [link(1, "first")]
+    if more:
+        links.append(link(page + 1, "next"))
+    if page > 1:
+        links.append(link(page - 1, "prev"))
+    levels = [{"product_id": p["id"], "stock": p["stock"]} for p in items]
+    headers = {"Link": ", ".join(links), "X-Total-Count": str(len(PRODUCTS))}
+    return reply(levels, headers=headers)
+
+
 async def legacy_catalog(request: web.Request) -> web.Response:
     raise web.HTTPFound("/catalog")
 
@@ -246,6 +284,8 @@ _ROUTES: list[tuple[str, str, Handler, str]] = [
     ("*", "/echo", echo, "echo"),
     ("GET", "/slow", slow, "slow"),
     ("GET", "/legacy/catalog", legacy_catalog, "legacy"),
+    ("GET", "/products", list_products, "products"),
+    ("GET", "/stock", stock_levels, "stock"),
     ("POST", "/auth/login", login, "login"),
     ("POST", "/auth/refresh", refresh, "refresh"),
     ("GET", "/session", session_info, "session"),
