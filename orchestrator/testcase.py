@@ -229,15 +229,20 @@ class TestExecution:
             if request.follow_redirects is not None
             else flow.defaults.follow_redirects
         )
-        prepared = run.client.prepare(
-            request.method,
-            url,
-            headers=headers,
-            content=content,
-            data=form,
-            params=params,
-            timeout=timeout,
-        )
+        try:
+            prepared = run.client.prepare(
+                request.method,
+                url,
+                headers=headers,
+                content=content,
+                data=form,
+                params=params,
+                timeout=timeout,
+            )
+        except httpx.InvalidURL as exc:
+            self._note_exchange(request.method, url, headers, content or form)
+            message = f"cannot send to {url}: the URL is not valid ({exc})"
+            raise _Failure("connection", message) from None
         # what is recorded is what is sent: the URL with the query of `params` merged in
         url = str(prepared.url)
         redact = run.redactor.redact

@@ -152,3 +152,19 @@ async def test_events_written_in_one_batch_keep_the_times_they_were_emitted(
     gaps = [later.recorded_at - earlier.recorded_at for earlier, later in pairwise(events[1:])]
     assert all(timedelta(milliseconds=75) <= gap < timedelta(milliseconds=200) for gap in gaps)
     assert stamped.recorded_at.timestamp() * 1_000_000 == pytest.approx(explicit, abs=1)
+
+
+def test_a_url_that_cannot_be_sent_fails_the_test_without_a_traceback(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    flow = tmp_path / "bad-url.yaml"
+    flow.write_text(
+        "name: bad url\nvariables: {port: abc}\n"
+        'tests:\n  t:\n    request: {url: "http://127.0.0.1:{{ port }}/x"}\n'
+    )
+    code, out, err = baton("run", str(flow), "--json", str(tmp_path / "r.json"))
+    assert code == 1, out + err
+    assert "Traceback" not in out + err
+    [test] = json.loads((tmp_path / "r.json").read_text())["runs"][0]["tests"]
+    assert test["category"] == "connection"
+    assert test["message"].startswith("cannot send to http://127.0.0.1:abc/x: the URL is not valid")
