@@ -280,6 +280,7 @@ class TestExecution:
             set_cookie=tuple(response.headers.get_list("set-cookie"))
             if "set-cookie" in joined
             else (),
+            url=str(response.url),
         )
         self._note_exchange(request.method, url, headers, content or form)
         self.unreported = view

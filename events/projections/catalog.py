@@ -114,7 +114,8 @@ class Catalog:
     Within a page, as the upserts do across pages, the first sighting (by position) keeps
     its ``created_at``, the last one sets a suite's digest and source, and ``last_run_at``
     is the latest time seen (recorded_at is when an event happened, stamped by the process
-    that wrote it, so it need not grow with positions): the result does not depend on where pages begin.
+    that wrote it, so it need not grow with positions): the result does not depend on where
+    pages begin.
     """
 
     def __init__(self) -> None:

@@ -143,12 +143,11 @@ async def list_products(request: web.Request) -> web.Response:
 
 async def stock_levels(request: web.Request) -> web.Response:
     """Pages of stock levels, a bare JSON array; the links are in the Link header (RFC 8288),
-    absolute, as GitHub's API gives them."""
+    relative to the request's URL, which a client resolves."""
     page, size, items, more = _page(request)
-    base = request.url.with_query({})
 
     def link(number: int, rel: str) -> str:
-        return f'<{base.with_query(page=number, per_page=size)}>; rel="{rel}"'
+        return f'</stock?page={number}&per_page={size}>; rel="{rel}"'
 
     links = [link(1, "first")]
     if more:
