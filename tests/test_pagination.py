@@ -91,6 +91,8 @@ async def test_follows_the_next_link_in_the_body_and_collects_every_page(
     assert code == 0, out
     captures = tests["all_products"]["captures"]
     assert captures == {"products": NAMES, "pages": [1, 2, 3, 4], "last_page": 4}
+    # following next waits for nothing between pages (polling's default is 500 ms each)
+    assert tests["all_products"]["duration_ms"] < 1000
     shop = env["SHOP_URL"]
     assert await sent_urls(pg_server_dsn, run_id, "all_products") == [
         f"{shop}/products?per_page=2",
