@@ -185,6 +185,7 @@ class TestExecution:
             else flow.defaults.follow_redirects
         )
         redact = run.redactor.redact
+        await run.runner.writer.writable()  # paused while the event store is unreachable
         self.run.emit(
             ev.RequestSent(
                 test=self.name,

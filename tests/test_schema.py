@@ -28,6 +28,7 @@ RELEASED = {
     6: "8976fc6fc60f189052baf9e7382149c9e9ddeb8e1cd11eccd8acb2ad4bccb185",
     7: "04907efb7ee15a9ed260a35f182d6216c69495ad441761e1a624790a69f1675c",
     8: "f0a1e6b4bc6186c4fb0d093dc102bd9477734055db3fa4855af5658bad9147e2",
+    9: "b3ae24871c22726d417fc6712b28dee6a102192ec96d1d01b16840b18952327a",
 }
 STEP_NAMES = [
     "event store",
@@ -38,6 +39,7 @@ STEP_NAMES = [
     "Supabase Realtime publication",
     "log positions of decided executions",
     "newest executions first, in a fixed order",
+    "run owners and their heartbeats",
 ]
 
 
