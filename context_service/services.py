@@ -165,9 +165,11 @@ class Services:
         if task is None or task.done():
             return Dependency("projector", "down", "not running")
         try:
-            behind = await asyncio.wait_for(self.projector.behind(), _PROBE_TIMEOUT)
-            position = await asyncio.wait_for(self.projector.position(), _PROBE_TIMEOUT)
-            judged = await asyncio.wait_for(self.detector.position(), _PROBE_TIMEOUT)
+            # at once, not one after another: under load each waits for a pooled connection
+            (position, behind), judged = await asyncio.wait_for(
+                asyncio.gather(self.projector.progress(), self.detector.position()),
+                _PROBE_TIMEOUT,
+            )
         except Exception as exc:
             return Dependency("projector", "down", type(exc).__name__)
         detail = f"at position {position}, {behind} event(s) behind; findings judged to {judged}"

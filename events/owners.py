@@ -2,7 +2,7 @@
 
 An owner is a row of ``baton_owners`` (schema.sql step 9) that its process beats every
 ``timeout / 9`` seconds. The owner's appends (``Owner.append``, what its event writers
-call) claim a run in the transaction that stores its RunStarted and release it in the one
+call) claim a run in the statement that stores its RunStarted and release it in the one
 that stores its RunCompleted or RunCancelled: a claim exists exactly while the run is open
 in the log, and no moment exists where a run is open and unclaimed.
 
@@ -37,9 +37,12 @@ _BEAT = (
     " ON CONFLICT (id) DO UPDATE SET beat_at = now()"
 )
 _LEAVE = "DELETE FROM baton_owners WHERE id = $1"
-_CLAIM = (
-    "INSERT INTO baton_run_owners (stream, owner) SELECT unnest($1::text[]), $2"
-    " ON CONFLICT (stream) DO NOTHING"
+# with the append, in its statement (PostgresEventStore.append_with): $7 the runs that
+# start, $8 those that end, $9 the owner
+_CLAIM_AND_RELEASE = (
+    "claimed AS (INSERT INTO baton_run_owners (stream, owner) SELECT unnest($7::text[]), $9"
+    " ON CONFLICT (stream) DO NOTHING),"
+    " released AS (DELETE FROM baton_run_owners WHERE stream = ANY($8::text[]))"
 )
 _RELEASE = "DELETE FROM baton_run_owners WHERE stream = ANY($1::text[])"
 # runs of owners gone quiet (or gone), locked for this sweep; another sweeper skips them
@@ -140,15 +143,10 @@ class Owner:
         claim, release = started - ended, ended - started
         if not claim and not release:
             return await self._store.append(appends)
-        with driver_errors(self._store.dsn):
-            async with self._store.pool.acquire() as conn, conn.transaction():
-                # the rows first, the append last (its lock is held until the commit): the
-                # order a sweep takes them in too
-                if claim:
-                    await conn.execute(_CLAIM, sorted(claim), self.id)
-                if release:
-                    await conn.execute(_RELEASE, sorted(release))
-                return await self._store.append_in_transaction(conn, appends)
+        # one statement, one round trip: the claims commit with the events or not at all
+        return await self._store.append_with(
+            appends, _CLAIM_AND_RELEASE, sorted(claim), sorted(release), self.id
+        )
 
     async def _beating(self) -> None:
         while True:

@@ -40,6 +40,12 @@ _CHECKPOINT = "SELECT position FROM baton_projection_checkpoints WHERE name = $1
 ADVANCE = (
     "UPDATE baton_projection_checkpoints SET position = $2, updated_at = now() WHERE name = $1"
 )
+_PROGRESS = (
+    "WITH checkpoint AS (SELECT coalesce(max(position), 0) AS position"
+    " FROM baton_projection_checkpoints WHERE name = $1)"
+    " SELECT position, (SELECT count(*) FROM events e WHERE e.position > checkpoint.position)"
+    " FROM checkpoint"
+)
 _log = logging.getLogger("baton.projections")
 
 
@@ -99,6 +105,13 @@ class Projector:
                 self._name,
             )
         return count
+
+    async def progress(self) -> tuple[int, int]:
+        """(``position``, ``behind``) in one query: what /health shows, at one pooled
+        connection's cost."""
+        with driver_errors(self._store.dsn):
+            row = await self._store.pool.fetchrow(_PROGRESS, self._name)
+        return int(row[0]), int(row[1])
 
     async def catch_up(self) -> int:
         """Apply every event after the checkpoint, a page per transaction; return how many.
