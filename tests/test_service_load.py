@@ -23,8 +23,9 @@ import pytest
 
 from context_service.keys import create_key
 from events.settings import Settings
-from tests.conftest import Org, private_database
+from tests.conftest import SHOP, Org, private_database
 
+BATON = [sys.executable, "-m", "orchestrator.cli"]
 FLOW = """
 name: small chain
 base_url: "{{ env.SHOP_URL }}"
@@ -76,7 +77,7 @@ def start_service(settings: Settings, log: Path, **env: str) -> Served:
     environ.pop("BATON_REDIS_URL", None)
     with log.open("ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.cli", "serve", "--port", str(port)],
+            [*BATON, "serve", "--port", str(port)],
             env=environ,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -285,3 +286,45 @@ async def test_a_soak_of_500_runs_over_a_minute_leaves_connections_and_memory_fl
     finally:
         await conn.close()
     assert (running, claimed) == (0, 0)
+
+
+@pytest.mark.timeout(120)
+async def test_baton_run_with_many_flows_and_rows_at_concurrency_50_finishes(
+    pg_server_dsn: str, shop_url: str, tmp_path: Path
+) -> None:
+    """20 flow files x 30 data rows (600 runs) at --concurrency 50, with the default pool:
+    every run passes, the read tables hold each one, nothing is left claimed."""
+    flows = tmp_path / "flows"
+    flows.mkdir()
+    batch = (SHOP / "batch.yaml").read_text()
+    for index in range(20):
+        (flows / f"flow{index:02}.yaml").write_text(
+            batch.replace("name: shop batch checkout", f"name: flow {index:02}")
+        )
+    rows = tmp_path / "rows.csv"
+    rows.write_text(
+        "username,password\n" + "".join(f"user{n:03},pw-user{n:03}\n" for n in range(1, 31))
+    )
+    async with private_database() as dsn:
+        env = {**os.environ, "SHOP_URL": shop_url, "BATON_DATABASE_URL": dsn}
+        env["BATON_HOME"] = str(tmp_path / "home")
+        started = time.monotonic()
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [*BATON, "run", str(flows), "--data", str(rows), "--concurrency", "50", "-q"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=100,
+        )
+        took = time.monotonic() - started
+        assert done.returncode == 0, (done.stdout[-2000:], done.stderr)
+        conn = await asyncpg.connect(dsn)
+        try:
+            statuses = await conn.fetch("SELECT status, count(*) FROM test_runs GROUP BY status")
+            claims = await conn.fetchval("SELECT count(*) FROM baton_run_owners")
+        finally:
+            await conn.close()
+    assert {row[0]: row[1] for row in statuses} == {"passed": 600}
+    assert claims == 0
+    assert took < 90, took
