@@ -22,6 +22,7 @@ from events.postgres import PostgresEventStore
 from events.projections import Detector, Projector
 from events.secrets import Cipher, load_key
 from events.settings import Settings, mask_dsn
+from events.writer import GroupAppends
 
 _log = logging.getLogger("baton.service")
 _PROBE_TIMEOUT = 3.0
@@ -96,7 +97,7 @@ class Services:
                 )
 
         launcher = RunLauncher(
-            owner,
+            GroupAppends(owner),
             cipher,
             transport=make_transport(concurrency),
             concurrency=concurrency,

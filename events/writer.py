@@ -165,3 +165,65 @@ class BatchingWriter:
             else:
                 self._writable.set()
                 return positions
+
+
+class GroupAppends:
+    """One append at a time to ``store`` for many writers: what they ask for while one is in
+    flight goes out together in the next (group commit).
+
+    The service gives every run a writer of its own; fifty runs ending at once would be
+    fifty small appends, each taking the store's commit-order lock and a WAL flush in turn
+    while every pooled connection waits, /health's too. Each writer has at most one
+    append in flight and owns its streams, so a group never holds a stream twice. A group
+    the store refuses (a conflict of one writer) is retried one writer at a time, so only
+    that writer sees the error; an unreachable store fails every writer of the group, and
+    each retries on its own.
+    """
+
+    def __init__(self, store: Appender) -> None:
+        self._store = store
+        self._queue: list[tuple[Sequence[StreamAppend], asyncio.Future[list[list[int]]]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def append(self, appends: Sequence[StreamAppend]) -> list[list[int]]:
+        done: asyncio.Future[list[list[int]]] = asyncio.get_running_loop().create_future()
+        self._queue.append((appends, done))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain(), name="baton-group-appends")
+        return await done
+
+    async def _drain(self) -> None:
+        while self._queue:
+            group, self._queue = self._queue, []
+            try:
+                positions = await self._store.append([a for appends, _ in group for a in appends])
+            except (StoreUnavailable, asyncio.CancelledError) as exc:
+                for _, done in group:
+                    _settle(done, error=exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            except StoreError:
+                for appends, done in group:
+                    try:
+                        _settle(done, await self._store.append(appends))
+                    except StoreError as exc:
+                        _settle(done, error=exc)
+            else:
+                start = 0
+                for appends, done in group:
+                    _settle(done, positions[start : start + len(appends)])
+                    start += len(appends)
+
+
+def _settle(
+    done: asyncio.Future[list[list[int]]],
+    result: list[list[int]] | None = None,
+    *,
+    error: BaseException | None = None,
+) -> None:
+    if done.done():  # its writer was cancelled meanwhile
+        return
+    if error is not None:
+        done.set_exception(error)
+    else:
+        done.set_result(result or [])
