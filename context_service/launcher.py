@@ -24,6 +24,7 @@ import msgspec
 
 from events import types as ev
 from events.context import AUTH_PREFIX, Context
+from events.owners import Owner
 from events.secrets import Cipher, Redactor
 from events.store import StoreError
 from events.writer import DEFAULT_MAX_WAIT, Appender, BatchingWriter
@@ -111,10 +112,14 @@ class RunLauncher:
         concurrency: int = 10,
         max_wait: float = DEFAULT_MAX_WAIT,
         after_run: Callable[[int], Awaitable[object]] | None = None,
+        owner: Owner | None = None,
     ) -> None:
         """``store``: what the runs' writers append through. ``max_wait``: seconds a run
         stays paused while the store is unreachable. ``after_run``: awaited with the log
-        position of a run's last event when the run ends, before its ``on_done``."""
+        position of a run's last event when the run ends, before its ``on_done``.
+        ``owner``: the owner of the runs, told of a run whose events could not be stored
+        (it ends the run as interrupted once the store is back)."""
+        self._owner = owner
         self._store = store
         self._cipher = cipher
         self._transport = transport
@@ -167,6 +172,8 @@ class RunLauncher:
         except StoreError as exc:
             _log.error("run %s: its events could not all be stored: %s", spec.run_id, exc)
             state, error = "error", "the event store failed during the run"
+            if self._owner is not None:
+                self._owner.abandon(ev.run_stream(spec.run_id))
         await self._finish(spec, state, error, writer.position)
 
     async def _finish(self, spec: RunSpec, state: str, error: str, position: int) -> None:

@@ -103,6 +103,7 @@ class Services:
             concurrency=concurrency,
             max_wait=settings.store_wait,
             after_run=projected,
+            owner=owner,
         )
         services = cls(
             settings=settings,

@@ -45,10 +45,12 @@ _CLAIM_AND_RELEASE = (
     " released AS (DELETE FROM baton_run_owners WHERE stream = ANY($8::text[]))"
 )
 _RELEASE = "DELETE FROM baton_run_owners WHERE stream = ANY($1::text[])"
-# runs of owners gone quiet (or gone), locked for this sweep; another sweeper skips them
+# runs of owners gone quiet (or gone), and this owner's abandoned ones, locked for this
+# sweep; another sweeper skips them
 _ORPHANS = """
 SELECT r.stream FROM baton_run_owners r LEFT JOIN baton_owners o ON o.id = r.owner
-WHERE r.owner <> $1 AND (o.id IS NULL OR o.beat_at < now() - make_interval(secs => $2))
+WHERE (r.owner <> $1 AND (o.id IS NULL OR o.beat_at < now() - make_interval(secs => $2)))
+   OR (r.owner = $1 AND r.stream = ANY($4::text[]))
 ORDER BY r.stream LIMIT $3 FOR UPDATE OF r SKIP LOCKED
 """
 _LAST_EVENTS = (
@@ -74,6 +76,7 @@ class Owner:
         self._timeout = timeout
         self._interval = timeout / 9
         self._task: asyncio.Task[None] | None = None
+        self._abandoned: set[str] = set()
 
     @property
     def store(self) -> PostgresEventStore:
@@ -91,6 +94,11 @@ class Owner:
         with driver_errors(self._store.dsn):
             await self._store.pool.execute(_BEAT, self.id, socket.gethostname(), os.getpid())
 
+    def abandon(self, stream: str) -> None:
+        """A run of this owner that cannot go on (its events could not be stored): the next
+        sweep that reaches the store ends it as interrupted, as if its owner were gone."""
+        self._abandoned.add(stream)
+
     async def sweep(self) -> list[str]:
         """End every open run whose owner has not beaten for the timeout: RunCancelled
         "interrupted". Returns their streams."""
@@ -107,7 +115,8 @@ class Owner:
     async def _sweep_page(self) -> list[str]:
         with driver_errors(self._store.dsn):
             async with self._store.pool.acquire() as conn, conn.transaction():
-                rows = await conn.fetch(_ORPHANS, self.id, self._timeout, _SWEEP_PAGE)
+                abandoned = sorted(self._abandoned)
+                rows = await conn.fetch(_ORPHANS, self.id, self._timeout, _SWEEP_PAGE, abandoned)
                 streams = [row[0] for row in rows]
                 if not streams:
                     await conn.execute(_FORGET_QUIET, self._timeout)
@@ -125,6 +134,7 @@ class Owner:
                 ]
                 # last in the transaction: the append holds the commit-order lock to the end
                 await self._store.append_in_transaction(conn, appends)
+        self._abandoned.difference_update(abandoned)  # ended, or not open any more
         return [append.stream for append in appends]
 
     async def append(self, appends: Sequence[StreamAppend]) -> list[list[int]]:

@@ -364,3 +364,42 @@ def test_postgres_restarted_mid_run_loses_and_doubles_nothing(
             assert statuses == {"passed": 160}
 
     asyncio.run(check())
+
+
+@pytest.mark.timeout(120)
+async def test_a_service_run_the_store_drops_beyond_its_wait_ends_as_interrupted(
+    private_server: PrivateServer, shop_url: str, tmp_path: Path
+) -> None:
+    """baton serve with BATON_STORE_WAIT=2: PostgreSQL down for 6 s under a run. The run's
+    writer gives up; once the store is back, the service ends that run as interrupted
+    (its own heartbeat sweeps it), and the next run passes."""
+    import base64
+
+    from events.settings import Settings
+    from tests.test_owners import _events, _slow_suite, _wait_for
+    from tests.test_service_load import start_service, stop_service
+
+    settings = Settings(
+        database_url=private_server.dsn,
+        home=tmp_path / "home",
+        secret_key=base64.urlsafe_b64encode(os.urandom(32)).decode(),
+    )
+    served = start_service(
+        settings, tmp_path / "service.log", BATON_STORE_WAIT="2", BATON_OWNER_TIMEOUT="3"
+    )
+    try:
+        org, suite, environment = await _slow_suite(served, shop_url)
+        run = await org.start(suite, environment, nap_ms="3000")
+        await _wait_for(private_server.dsn, f"run-{run}", "RequestSent")
+        private_server.pg_ctl("stop", "-m", "immediate")
+        await asyncio.sleep(6)
+        private_server.pg_ctl("start")
+        await _wait_for(private_server.dsn, f"run-{run}", "RunCancelled", within=30)
+        events = await _events(private_server.dsn, f"run-{run}")
+        assert events[-1] == ("RunCancelled", "interrupted")
+        assert "TestPassed" not in [t for t, _ in events]
+        again = await org.start(suite, environment, nap_ms="10")
+        assert (await org.finished(again, within=30))["status"] == "passed"
+        await org.http.aclose()
+    finally:
+        stop_service(served)
