@@ -102,13 +102,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         base = cwd if cwd is not None else Path.cwd()
         home_value = _optional(environ, "BATON_HOME")
         home = Path(home_value).expanduser() if home_value else Path(".baton")
+        store_wait = _seconds(environ, "BATON_STORE_WAIT", STORE_WAIT)
+        owner_timeout = _seconds(environ, "BATON_OWNER_TIMEOUT", OWNER_TIMEOUT)
+        if owner_timeout <= store_wait:
+            # a process paused through an outage would count as gone, its runs ended under it
+            raise SettingsError(
+                f"BATON_OWNER_TIMEOUT ({owner_timeout:g} s) must be longer than"
+                f" BATON_STORE_WAIT ({store_wait:g} s): raise the one or lower the other"
+            )
         return cls(
             database_url=_optional(environ, "BATON_DATABASE_URL"),
             redis_url=_optional(environ, "BATON_REDIS_URL"),
             home=home if home.is_absolute() else base / home,
             secret_key=_optional(environ, "BATON_SECRET_KEY"),
-            store_wait=_seconds(environ, "BATON_STORE_WAIT", STORE_WAIT),
-            owner_timeout=_seconds(environ, "BATON_OWNER_TIMEOUT", OWNER_TIMEOUT),
+            store_wait=store_wait,
+            owner_timeout=owner_timeout,
         )
 
     @property

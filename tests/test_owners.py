@@ -31,8 +31,8 @@ tests:
     depends_on: [nap]
     request: {url: /health}
 """
-QUICK = {"BATON_OWNER_TIMEOUT": "1"}
-"""An owner quiet for 1 s is gone (the default is 90 s)."""
+QUICK = {"BATON_OWNER_TIMEOUT": "1", "BATON_STORE_WAIT": "0.5"}
+"""An owner quiet for 1 s is gone (the default is 90 s); it must outlast the store wait."""
 
 
 async def _events(dsn: str, stream: str) -> list[tuple[str, str]]:

@@ -283,7 +283,8 @@ def test_beyond_the_store_wait_the_run_stops_with_exit_3_and_shows_only_what_is_
         [sys.executable, "-c", "from orchestrator.cli import main; main()", "run",
          str(SHOP / "batch.yaml"), "-q"],
         env={**os.environ, "SHOP_URL": counting_shop.url, "BATON_DATABASE_URL": private_server.dsn,
-             "BATON_HOME": str(tmp_path / "home"), "BATON_OWNER_TIMEOUT": "1"},
+             "BATON_HOME": str(tmp_path / "home"), "BATON_OWNER_TIMEOUT": "1",
+             "BATON_STORE_WAIT": "0.5"},
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
