@@ -837,3 +837,31 @@ $$;
 
 INSERT INTO baton_schema_version (step, name)
 VALUES (9, 'events record when they happened') ON CONFLICT (step) DO NOTHING;
+
+-- step 10: run owners and their heartbeats
+--
+-- Every process that runs runs (`baton run`, the service) is an owner: a row here that it
+-- beats (beat_at = now()) every few seconds while it lives. A run it starts is claimed in
+-- baton_run_owners in the transaction that appends its RunStarted, and released in the
+-- one that appends its RunCompleted or RunCancelled, so a claim exists exactly while the
+-- run is open in the log. A run whose owner stopped beating (killed, its machine gone) is
+-- ended by whichever process sweeps next: RunCancelled with the reason "interrupted"
+-- (events.owners). Times are the database's, so the owners' clocks need not agree.
+CREATE TABLE IF NOT EXISTS baton_owners (
+    id          uuid PRIMARY KEY,
+    host        text NOT NULL,
+    pid         int NOT NULL,
+    started_at  timestamptz NOT NULL DEFAULT now(),
+    beat_at     timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS baton_run_owners (
+    stream      text COLLATE "C" PRIMARY KEY,
+    -- no foreign key: an owner's row may go (a clean exit) before a run it could not end
+    owner       uuid NOT NULL,
+    claimed_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS baton_run_owners_owner ON baton_run_owners (owner);
+
+INSERT INTO baton_schema_version (step, name)
+VALUES (10, 'run owners and their heartbeats') ON CONFLICT (step) DO NOTHING;

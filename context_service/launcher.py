@@ -4,8 +4,10 @@ Each run is an asyncio task with its own event writer. The writer is where the s
 puts what the runner does not know: the run's organization and project (RunStarted), the
 captures a rerun reuses (appended right after RunStarted, under the tests that captured
 them, so the new run's context holds them as the old one did), the secrets among them
-(masked in every event, as the runner masks its own), and why a run was cancelled. When a
-run ends, the read tables are brought up to date before the task reports it done.
+(masked in every event, as the runner masks its own), and why a run was cancelled. The
+writers append through the process's Owner (events.owners), which claims each run while it
+is open. When a run ends, its task waits for the process's projector to pass the run's last
+event (``after_run``) before it reports the run done.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,10 +24,10 @@ import msgspec
 
 from events import types as ev
 from events.context import AUTH_PREFIX, Context
-from events.postgres import PostgresEventStore
+from events.owners import Owner
 from events.secrets import Cipher, Redactor
 from events.store import StoreError
-from events.writer import BatchingWriter
+from events.writer import DEFAULT_MAX_WAIT, Appender, BatchingWriter
 from orchestrator.planner import Plan
 from orchestrator.runner import RunInputs, Runner
 
@@ -63,8 +65,8 @@ class RunSpec:
 class _RunWriter(BatchingWriter):
     """The writer of one run: see the module's docstring."""
 
-    def __init__(self, store: PostgresEventStore, spec: RunSpec) -> None:
-        super().__init__(store)
+    def __init__(self, store: Appender, spec: RunSpec, *, max_wait: float) -> None:
+        super().__init__(store, max_wait=max_wait)
         self._spec = spec
         self._redactor = Redactor(spec.hidden)
         self.cancel_requested = False
@@ -103,17 +105,26 @@ class RunLauncher:
 
     def __init__(
         self,
-        store: PostgresEventStore,
+        store: Appender,
         cipher: Cipher,
         *,
         transport: httpx.AsyncBaseTransport,
         concurrency: int = 10,
-        after_run: Callable[[], Any] | None = None,
+        max_wait: float = DEFAULT_MAX_WAIT,
+        after_run: Callable[[int], Awaitable[object]] | None = None,
+        owner: Owner | None = None,
     ) -> None:
+        """``store``: what the runs' writers append through. ``max_wait``: seconds a run
+        stays paused while the store is unreachable. ``after_run``: awaited with the log
+        position of a run's last event when the run ends, before its ``on_done``.
+        ``owner``: the owner of the runs, told of a run whose events could not be stored
+        (it ends the run as interrupted once the store is back)."""
+        self._owner = owner
         self._store = store
         self._cipher = cipher
         self._transport = transport
         self._concurrency = concurrency
+        self._max_wait = max_wait
         self._after_run = after_run
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._writers: dict[str, _RunWriter] = {}
@@ -122,7 +133,7 @@ class RunLauncher:
         return run_id in self._tasks
 
     def start(self, spec: RunSpec) -> None:
-        writer = _RunWriter(self._store, spec)
+        writer = _RunWriter(self._store, spec, max_wait=self._max_wait)
         self._writers[spec.run_id] = writer
         task = asyncio.create_task(self._run(spec, writer), name=f"baton-run-{spec.run_id}")
         self._tasks[spec.run_id] = task
@@ -161,12 +172,14 @@ class RunLauncher:
         except StoreError as exc:
             _log.error("run %s: its events could not all be stored: %s", spec.run_id, exc)
             state, error = "error", "the event store failed during the run"
-        await self._finish(spec, state, error)
+            if self._owner is not None:
+                self._owner.abandon(ev.run_stream(spec.run_id))
+        await self._finish(spec, state, error, writer.position)
 
-    async def _finish(self, spec: RunSpec, state: str, error: str) -> None:
+    async def _finish(self, spec: RunSpec, state: str, error: str, position: int) -> None:
         try:
-            if self._after_run is not None:
-                await self._after_run()
+            if self._after_run is not None and position:
+                await self._after_run(position)
             if spec.on_done is not None:
                 await spec.on_done(state, error)
         except Exception:

@@ -17,14 +17,17 @@ import msgspec
 from context_service.database import Database
 from context_service.launcher import RunLauncher
 from events.cache import ContextCache, ContextReader, open_cache
+from events.owners import Owner
 from events.postgres import PostgresEventStore
-from events.projections import Detector, Projector, project
+from events.projections import Detector, Projector
 from events.secrets import Cipher, load_key
 from events.settings import Settings, mask_dsn
-from events.store import StoreError
+from events.writer import GroupAppends
 
 _log = logging.getLogger("baton.service")
 _PROBE_TIMEOUT = 3.0
+_PROJECTED_WITHIN = 30.0
+"""Seconds a finished run waits for the projector before it reports done anyway."""
 
 
 class Dependency(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -51,6 +54,7 @@ class Services:
     launcher: RunLauncher
     projector: Projector
     detector: Detector
+    owner: Owner
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _projector_task: asyncio.Task[None] | None = None
 
@@ -68,21 +72,38 @@ class Services:
         except BaseException:
             await store.aclose()
             raise
+        # the owner of this process's runs: its first sweep ends the runs that a killed
+        # instance (this one before a restart, or another) left open
+        owner = Owner(store, timeout=settings.owner_timeout)
+        try:
+            await owner.start()
+        except BaseException:
+            await store.aclose()
+            raise
         cache = open_cache(settings)
+        projector = Projector(store)
 
-        async def catch_up() -> None:
-            # the read tables hold a finished run before its task reports it done
-            try:
-                await project(store)
-            except StoreError as exc:
-                _log.warning("projecting after a run failed (the projector retries): %s", exc)
+        async def projected(position: int) -> None:
+            # the read tables hold a finished run before its task reports it done. One
+            # projector per process does the work (serve, below); a run only waits for it:
+            # a projection per run would have every pooled connection waiting on the
+            # checkpoint's lock
+            if not await projector.wait_until(position, within=_PROJECTED_WITHIN):
+                _log.warning(
+                    "the projector has not reached position %d within %g s; the run is"
+                    " reported done before its read tables show it",
+                    position,
+                    _PROJECTED_WITHIN,
+                )
 
         launcher = RunLauncher(
-            store,
+            GroupAppends(owner),
             cipher,
             transport=make_transport(concurrency),
             concurrency=concurrency,
-            after_run=catch_up,
+            max_wait=settings.store_wait,
+            after_run=projected,
+            owner=owner,
         )
         services = cls(
             settings=settings,
@@ -92,8 +113,9 @@ class Services:
             reader=ContextReader(store, cache),
             cipher=cipher,
             launcher=launcher,
-            projector=Projector(store),
+            projector=projector,
             detector=Detector(store),
+            owner=owner,
         )
         services._projector_task = asyncio.create_task(
             services.projector.serve(stop=services._stop, then=services.detector.catch_up),
@@ -107,6 +129,7 @@ class Services:
         if self._projector_task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._projector_task, 10)
+        await self.owner.aclose()
         await self.cache.aclose()
         await self.store.aclose()
 
@@ -144,9 +167,11 @@ class Services:
         if task is None or task.done():
             return Dependency("projector", "down", "not running")
         try:
-            behind = await asyncio.wait_for(self.projector.behind(), _PROBE_TIMEOUT)
-            position = await asyncio.wait_for(self.projector.position(), _PROBE_TIMEOUT)
-            judged = await asyncio.wait_for(self.detector.position(), _PROBE_TIMEOUT)
+            # at once, not one after another: under load each waits for a pooled connection
+            (position, behind), judged = await asyncio.wait_for(
+                asyncio.gather(self.projector.progress(), self.detector.position()),
+                _PROBE_TIMEOUT,
+            )
         except Exception as exc:
             return Dependency("projector", "down", type(exc).__name__)
         detail = f"at position {position}, {behind} event(s) behind; findings judged to {judged}"

@@ -203,6 +203,21 @@ class PostgresEventStore:
             flat: list[int] = await self._pool.fetchval(_APPEND, *arguments)
         return _per_append(flat, counts)
 
+    async def append_with(
+        self, appends: Sequence[StreamAppend], ctes: str, *params: Any
+    ) -> list[list[int]]:
+        """``append`` in one statement with ``ctes``: data-modifying WITH queries (their
+        parameters numbered from $8) that commit or roll back with the events, at no round
+        trip more (events.owners claims and releases runs so)."""
+        arguments, counts = _append_arguments(appends)
+        if not counts:
+            return []
+        with _ErrorTranslator(self._dsn)():
+            flat: list[int] = await self._pool.fetchval(
+                f"WITH {ctes} {_APPEND}", *arguments, *params
+            )
+        return _per_append(flat, counts)
+
     async def append_in_transaction(
         self, conn: asyncpg.Connection, appends: Sequence[StreamAppend]
     ) -> list[list[int]]:
@@ -234,11 +249,29 @@ class PostgresEventStore:
             ]
 
     async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
+        return await self._read_all(self._pool, after_position, limit)
+
+    async def read_all_in_transaction(
+        self, conn: asyncpg.Connection, after_position: int = 0, limit: int = 1000
+    ) -> list[RecordedEvent]:
+        """``read_all`` on ``conn``, the connection that holds the caller's transaction.
+
+        A transaction that holds a lock must never wait for a second pooled connection:
+        every connection of the pool can be waiting on that lock, and nobody returns one
+        (the projector deadlocked so with ten runs ending at once). Each statement of a
+        READ COMMITTED transaction sees what has committed when it starts, so the page is
+        the same as ``read_all`` would return.
+        """
+        return await self._read_all(conn, after_position, limit)
+
+    async def _read_all(
+        self, source: asyncpg.Pool | asyncpg.Connection, after_position: int, limit: int
+    ) -> list[RecordedEvent]:
         decode = _decode_event
         recorded = RecordedEvent
         with _gc_paused:
             with _ErrorTranslator(self._dsn)():
-                rows = await self._pool.fetch(_READ_ALL, after_position, limit)
+                rows = await source.fetch(_READ_ALL, after_position, limit)
             return [
                 recorded(event_id, stream, version, position, at, decode(data))
                 for position, stream, version, event_id, at, data in rows

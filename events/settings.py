@@ -15,6 +15,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import msgspec
 
 _MASK = "***"
+STORE_WAIT = 60.0
+"""Default BATON_STORE_WAIT: a managed PostgreSQL's failover takes 10-60 s."""
+OWNER_TIMEOUT = 90.0
+"""Default BATON_OWNER_TIMEOUT: longer than STORE_WAIT plus a few heartbeats."""
 _KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 
 
@@ -47,9 +51,26 @@ def mask_dsn(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+class SettingsError(ValueError):
+    """A BATON_* variable that does not hold what it must (a usage error)."""
+
+
 def _optional(environ: Mapping[str, str], name: str) -> str | None:
     value = environ.get(name, "").strip()
     return value or None
+
+
+def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
+    value = _optional(environ, name)
+    if value is None:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise SettingsError(f"{name}={value!r}: expected a number of seconds above 0, like 60")
+    return seconds
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -58,12 +79,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ``database_url`` None selects the embedded PostgreSQL under ``home / "pgdata"``;
     ``redis_url`` None selects the in-process context cache; ``secret_key`` None lets the
     embedded default generate a key under ``home``.
+
+    ``store_wait``: seconds the runs of a process stay paused while the event store is
+    unreachable before the process gives up (BATON_STORE_WAIT). ``owner_timeout``: seconds
+    without a heartbeat after which a process counts as gone and its open runs are ended
+    as interrupted (BATON_OWNER_TIMEOUT); it must exceed ``store_wait``, or a process
+    paused through an outage would have its runs ended under it.
     """
 
     database_url: str | None = None
     redis_url: str | None = None
     home: Path = Path(".baton")
     secret_key: str | None = None
+    store_wait: float = STORE_WAIT
+    owner_timeout: float = OWNER_TIMEOUT
 
     @classmethod
     def from_env(
@@ -73,11 +102,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         base = cwd if cwd is not None else Path.cwd()
         home_value = _optional(environ, "BATON_HOME")
         home = Path(home_value).expanduser() if home_value else Path(".baton")
+        store_wait = _seconds(environ, "BATON_STORE_WAIT", STORE_WAIT)
+        owner_timeout = _seconds(environ, "BATON_OWNER_TIMEOUT", OWNER_TIMEOUT)
+        if owner_timeout <= store_wait:
+            # a process paused through an outage would count as gone, its runs ended under it
+            raise SettingsError(
+                f"BATON_OWNER_TIMEOUT ({owner_timeout:g} s) must be longer than"
+                f" BATON_STORE_WAIT ({store_wait:g} s): raise the one or lower the other"
+            )
         return cls(
             database_url=_optional(environ, "BATON_DATABASE_URL"),
             redis_url=_optional(environ, "BATON_REDIS_URL"),
             home=home if home.is_absolute() else base / home,
             secret_key=_optional(environ, "BATON_SECRET_KEY"),
+            store_wait=store_wait,
+            owner_timeout=owner_timeout,
         )
 
     @property
@@ -92,5 +131,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         key = _MASK if self.secret_key else None
         return (
             f"Settings(database_url={database!r}, redis_url={redis!r}, "
-            f"home={str(self.home)!r}, secret_key={key!r})"
+            f"home={str(self.home)!r}, secret_key={key!r}, store_wait={self.store_wait!r}, "
+            f"owner_timeout={self.owner_timeout!r})"
         )

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import click
 
+from events.settings import SettingsError
 from orchestrator.errors import BatonError, InfrastructureError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -137,6 +138,9 @@ def main() -> None:
             for line in str(exc).splitlines():
                 click.echo(f"error: {line}", err=True)
             sys.exit(exc.exit_code)
+        except SettingsError as exc:  # a BATON_* variable the user set
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
         except KeyboardInterrupt as exc:
             _interrupted(exc)
 

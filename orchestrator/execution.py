@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,7 @@ async def execute(
     observer: Observer | None = None,
 ) -> list[RunResult]:
     from events import open_store
+    from events.owners import Owner
     from events.secrets import Cipher, load_key
     from events.store import StoreError
     from events.writer import BatchingWriter
@@ -106,17 +107,20 @@ async def execute(
         store = await open_store(settings)
     except StoreError as exc:
         raise InfrastructureError(f"event store unavailable: {exc}") from None
-    writer = BatchingWriter(store)
+    # this process owns the runs it writes: it beats, and ends the runs of owners that
+    # stopped beating (a baton run or service killed mid-run) before its own begin
+    owner = Owner(store, timeout=settings.owner_timeout)
+    try:
+        await owner.start()
+    except StoreError as exc:
+        await store.aclose()
+        raise InfrastructureError(f"event store unavailable: {exc}") from None
+    writer = BatchingWriter(owner, max_wait=settings.store_wait, on_stored=_observe(observer))
     transport = make_transport(concurrency)
-    runner = Runner(
-        writer=writer,
-        cipher=cipher,
-        transport=transport,
-        concurrency=concurrency,
-        observer=observer,
-    )
+    runner = Runner(writer=writer, cipher=cipher, transport=transport, concurrency=concurrency)
     # The read tables follow the run live (realtime subscribers watch them), projected in
     # this process as appends commit; when the run ends only the tail is left to project.
+    # One projector: its page's transaction reads and writes on its own connection only.
     from events.projections import Projector
 
     projector = Projector(store)
@@ -140,8 +144,22 @@ async def execute(
         following.cancel()
         await asyncio.gather(following, return_exceptions=True)
         await transport.aclose()
+        await owner.aclose()
         await store.aclose()
     return results
+
+
+def _observe(observer: Observer | None) -> Callable[[str, ev.Event], None] | None:
+    """The writer's on_stored for the observer: a run's events, by run id, once stored."""
+    if observer is None:
+        return None
+    prefix = ev.run_stream("")
+
+    def stored(stream: str, event: ev.Event) -> None:
+        if stream.startswith(prefix):
+            observer(stream[len(prefix) :], event)
+
+    return stored
 
 
 async def _run_job(runner: Runner, writer: Any, job: Job) -> list[RunResult]:

@@ -1,7 +1,9 @@
 """Runs a plan: sends the requests, checks, captures, and records every step as an event.
 
-The runner never prints. It hands each event to the event writer (the log) and to an
-observer (live progress), and returns plain result data for the reporters.
+The runner never prints. It hands each event to the event writer (the log), which hands
+it on to an observer (live progress) once it is stored, and returns plain result data for
+the reporters. While the store is unreachable, the writer holds every request back
+(``BatchingWriter.writable``): a run pauses rather than sends what it could not record.
 """
 
 from __future__ import annotations
@@ -64,13 +66,11 @@ class Runner:
         cipher: Cipher,
         transport: httpx.AsyncBaseTransport,
         concurrency: int = 10,
-        observer: Observer | None = None,
     ) -> None:
         self.writer = writer
         self.cipher = cipher
         self.transport = transport
         self.slots = asyncio.Semaphore(concurrency)
-        self.observer = observer
         # compiled once per spec, not per request; each entry keeps its spec alive, so that
         # its id is not reused while it is cached
         self._expects: dict[int, tuple[templating.Renderer | None, Expect]] = {}
@@ -146,8 +146,6 @@ class RunExecution:
     def emit(self, event: ev.Event, at: int | None = None) -> None:
         """Record an event that happened ``at`` (microseconds since the Unix epoch), or now."""
         self.runner.writer.emit(self.stream, event, at)
-        if self.runner.observer is not None:
-            self.runner.observer(self.inputs.run_id, event)
 
     async def execute(self) -> RunResult:
         started_at = datetime.now(UTC).isoformat()

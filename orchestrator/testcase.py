@@ -246,6 +246,7 @@ class TestExecution:
         # what is recorded is what is sent: the URL with the query of `params` merged in
         url = str(prepared.url)
         redact = run.redactor.redact
+        await run.runner.writer.writable()  # paused while the event store is unreachable
         self.run.emit(
             ev.RequestSent(
                 test=self.name,

@@ -17,6 +17,7 @@ from msgspec.structs import replace
 
 from events import Settings, mask_dsn, open_store
 from events.postgres import PostgresEventStore, apply_schema, schema_sql
+from events.settings import SettingsError
 from events.store import (
     ANY_VERSION,
     NewEvent,
@@ -383,6 +384,29 @@ def test_settings_from_env() -> None:
     assert Settings.from_env({}, cwd=Path("/w")).home == Path("/w/.baton")
     with pytest.raises(AttributeError):
         settings.home = Path("/elsewhere")  # type: ignore[misc]
+
+
+def test_the_store_wait_and_the_owner_timeout_are_seconds_the_owner_s_the_longer() -> None:
+    defaults = Settings.from_env({})
+    assert (defaults.store_wait, defaults.owner_timeout) == (60.0, 90.0)
+    chosen = Settings.from_env({"BATON_STORE_WAIT": "5", "BATON_OWNER_TIMEOUT": "7.5"})
+    assert (chosen.store_wait, chosen.owner_timeout) == (5.0, 7.5)
+    for value in ("soon", "0", "-3", "inf"):
+        with pytest.raises(SettingsError, match=r"BATON_STORE_WAIT=.*a number of seconds"):
+            Settings.from_env({"BATON_STORE_WAIT": value})
+    with pytest.raises(SettingsError, match=r"BATON_OWNER_TIMEOUT \(60 s\) must be longer"):
+        Settings.from_env({"BATON_OWNER_TIMEOUT": "60"})
+
+
+def test_a_bad_setting_is_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.cli import baton
+
+    monkeypatch.setenv("BATON_STORE_WAIT", "a minute")
+    code, _, err = baton("runs")
+    assert code == 2
+    assert (
+        err == "error: BATON_STORE_WAIT='a minute': expected a number of seconds above 0, like 60\n"
+    )
 
 
 @pytest.mark.parametrize(

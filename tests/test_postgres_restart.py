@@ -1,5 +1,7 @@
-"""PostgreSQL restarted in the middle of a run (a private server the test may restart): the
-run finishes, and the log and the read tables lose and double nothing."""
+"""PostgreSQL restarted or down in the middle of a run (a private server the test may stop):
+the runs pause while the store is unreachable and resume when it is back, the log and the
+read tables lose and double nothing, and beyond BATON_STORE_WAIT the run stops with exit 3
+and one line, having shown nothing as passed that is not stored."""
 
 from __future__ import annotations
 
@@ -10,14 +12,20 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
+from aiohttp import web
 
 from events.projections import project
+from examples.shop.server import create_app
 from tests.conftest import SHOP
 
 
@@ -76,13 +84,15 @@ def private_server() -> Iterator[PrivateServer]:
         shutil.rmtree(server.base, ignore_errors=True)
 
 
-async def _count_events(dsn: str) -> int:
+async def _count_events(dsn: str, of_type: str | None = None) -> int:
     try:
         conn = await asyncpg.connect(dsn)
     except (OSError, asyncpg.PostgresError):
         return 0
     try:
-        count: int = await conn.fetchval("SELECT count(*) FROM events")
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM events WHERE $1::text IS NULL OR type = $1", of_type
+        )
         return count
     except asyncpg.UndefinedTableError:
         return 0
@@ -90,12 +100,207 @@ async def _count_events(dsn: str) -> int:
         await conn.close()
 
 
-@pytest.mark.parametrize("outage", ["restart", "down"])
-def test_postgres_restarted_mid_run_loses_and_doubles_nothing(
-    outage: str, private_server: PrivateServer, shop_url: str, tmp_path: Path
+SHOP_BATCH_TESTS = msgspec.yaml.decode((SHOP / "batch.yaml").read_bytes())["tests"]
+"""The tests of a run of batch.yaml."""
+
+
+class CountingShop:
+    """The demo shop in a thread of its own, counting the requests it receives."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.url = ""
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        @web.middleware
+        async def count(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+            self.requests += 1
+            return await handler(request)
+
+        app = create_app()
+        app.middlewares.insert(0, count)
+        runner = web.AppRunner(app, access_log=None)
+        self._loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        self.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        self._runner = runner
+        self._ready.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(runner.cleanup())
+
+    def __enter__(self) -> CountingShop:
+        self._thread.start()
+        assert self._ready.wait(10)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+@pytest.fixture
+def counting_shop() -> Iterator[CountingShop]:
+    with CountingShop() as shop:
+        yield shop
+
+
+def _batch(
+    tmp_path: Path, server: PrivateServer, shop: str, rows: int, *, quiet: bool = True, **env: str
+) -> Any:
+    data = tmp_path / "rows.csv"
+    data.write_text(
+        "username,password\n" + "".join(f"user{n:03},pw-user{n:03}\n" for n in range(1, rows + 1))
+    )
+    return subprocess.Popen(
+        [
+            sys.executable, "-c", "from orchestrator.cli import main; main()",
+            "run", str(SHOP / "batch.yaml"), "--data", str(data), "-c", "16",
+            *(["-q"] if quiet else []), "--json", str(tmp_path / "report.json"),
+        ],
+        env={
+            **os.environ,
+            "SHOP_URL": shop,
+            "BATON_DATABASE_URL": server.dsn,
+            "BATON_HOME": str(tmp_path / "home"),
+            **env,
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+def _wait_for_events(
+    server: PrivateServer, process: Any, count: int, of_type: str | None = None
 ) -> None:
-    """A restart: the run rides it out (the writer re-sends with the same event ids).
-    A server that stays down longer than the writer retries: one clear line, exit 3."""
+    while asyncio.run(_count_events(server.dsn, of_type)) < count:
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.02)
+
+
+async def _stored(dsn: str) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch("SELECT event_id, stream, version, type, data FROM events")
+    finally:
+        await conn.close()
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("down_for", [5, 30])
+def test_runs_pause_while_postgres_is_down_and_lose_nothing(
+    down_for: int, private_server: PrivateServer, counting_shop: CountingShop, tmp_path: Path
+) -> None:
+    """Stopped mid-batch for 5 s and for 30 s (within the default BATON_STORE_WAIT of 60 s):
+    no request goes out while the store is down, every request the shop saw is in the log,
+    every run passes and the report is written."""
+    process = _batch(tmp_path, private_server, counting_shop.url, rows=160)
+    try:
+        _wait_for_events(private_server, process, 500)
+        private_server.pg_ctl("stop", "-m", "immediate")
+        time.sleep(1)  # requests in flight when it stopped finish
+        paused_at = counting_shop.requests
+        time.sleep(down_for - 1.5)
+        sent_while_down = counting_shop.requests - paused_at
+        assert process.poll() is None, "the run ended while the store was down"
+        private_server.pg_ctl("start")
+        out, err = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert (process.returncode, err) == (0, ""), out
+    assert sent_while_down == 0
+    events = asyncio.run(_stored(private_server.dsn))
+    assert len({row["event_id"] for row in events}) == len(events)
+    sent = [row for row in events if row["type"] == "RequestSent"]
+    # every request the shop saw is in the log, once (order_shipped polls: several a run)
+    assert len(sent) == counting_shop.requests >= 160 * len(SHOP_BATCH_TESTS)
+    types = Counter(row["type"] for row in events)
+    assert types["RunCompleted"] == 160 and types["TestPassed"] == 160 * len(SHOP_BATCH_TESTS)
+    report = msgspec.json.decode((tmp_path / "report.json").read_bytes())
+    assert [run["status"] for run in report["runs"]] == ["passed"] * 160
+
+
+@pytest.mark.timeout(120)
+def test_beyond_the_store_wait_the_run_stops_with_exit_3_and_shows_only_what_is_stored(
+    private_server: PrivateServer, counting_shop: CountingShop, tmp_path: Path
+) -> None:
+    """BATON_STORE_WAIT=3 and the server down for longer: exit 3 with one line, no report,
+    no run printed as passed whose completion is not stored; the next baton run ends the
+    runs left open as interrupted once their owner has stopped beating."""
+    # not quiet: a line for every run that passed
+    process = _batch(
+        tmp_path, private_server, counting_shop.url, rows=160, quiet=False, BATON_STORE_WAIT="3"
+    )
+    try:
+        _wait_for_events(private_server, process, 10, "RunCompleted")
+        private_server.pg_ctl("stop", "-m", "immediate")
+        stopped = time.monotonic()
+        out, err = process.communicate(timeout=60)
+        took = time.monotonic() - stopped
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    private_server.pg_ctl("start")
+    errors = [line for line in err.splitlines() if line.strip()]
+    assert process.returncode == 3 and len(errors) == 1, (out, err)
+    assert errors[0].startswith("error: event store failed during the run: the event store was")
+    assert "unreachable for 3 s (BATON_STORE_WAIT)" in errors[0]
+    assert 3 <= took < 20, took
+    assert not (tmp_path / "report.json").exists()
+
+    events = asyncio.run(_stored(private_server.dsn))
+    completed = {
+        msgspec.json.decode(row["data"])["run_id"]
+        for row in events
+        if row["type"] == "RunStarted"
+        and any(e["stream"] == row["stream"] and e["type"] == "RunCompleted" for e in events)
+    }
+    printed = [line for line in out.splitlines() if line.startswith("✓ ")]
+    rows = {int(line.split("[row ")[1].split("]")[0]) for line in printed}
+    stored_rows = {
+        msgspec.json.decode(row["data"])["row"]
+        for row in events
+        if row["type"] == "RunStarted" and msgspec.json.decode(row["data"])["run_id"] in completed
+    }
+    assert rows and rows <= stored_rows, (sorted(rows - stored_rows), out)
+    open_runs = {row["stream"] for row in events if row["type"] == "RunStarted"} - {
+        row["stream"] for row in events if row["type"] in ("RunCompleted", "RunCancelled")
+    }
+    assert open_runs, "the outage came too late to leave a run open: make the batch longer"
+
+    # the next baton run (any flow) ends them, once their owner has been quiet 1 s
+    time.sleep(1.5)
+    done = subprocess.run(
+        [sys.executable, "-c", "from orchestrator.cli import main; main()", "run",
+         str(SHOP / "batch.yaml"), "-q"],
+        env={**os.environ, "SHOP_URL": counting_shop.url, "BATON_DATABASE_URL": private_server.dsn,
+             "BATON_HOME": str(tmp_path / "home"), "BATON_OWNER_TIMEOUT": "1",
+             "BATON_STORE_WAIT": "0.5"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    events = asyncio.run(_stored(private_server.dsn))
+    ends = {
+        row["stream"]: msgspec.json.decode(row["data"]).get("reason")
+        for row in events
+        if row["type"] == "RunCancelled"
+    }
+    assert open_runs <= set(ends) and {ends[stream] for stream in open_runs} == {"interrupted"}
+
+
+def test_postgres_restarted_mid_run_loses_and_doubles_nothing(
+    private_server: PrivateServer, shop_url: str, tmp_path: Path
+) -> None:
+    """A restart: the run rides it out (the writer re-sends with the same event ids)."""
     rows = tmp_path / "rows.csv"
     rows.write_text(
         "username,password\n" + "".join(f"user{n:03},pw-user{n:03}\n" for n in range(1, 161))
@@ -126,26 +331,15 @@ def test_postgres_restarted_mid_run_loses_and_doubles_nothing(
     try:
         while asyncio.run(_count_events(private_server.dsn)) < 500:
             assert process.poll() is None, process.communicate()
-        if outage == "restart":
-            private_server.pg_ctl("restart", "-m", "immediate")
-            assert process.poll() is None, "the run ended before the restart: make it longer"
-            out, err = process.communicate(timeout=60)
-        else:
-            private_server.pg_ctl("stop", "-m", "immediate")
-            out, err = process.communicate(timeout=60)
-            private_server.pg_ctl("start")
+        private_server.pg_ctl("restart", "-m", "immediate")
+        assert process.poll() is None, "the run ended before the restart: make it longer"
+        out, err = process.communicate(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
             process.communicate()
-    errors = [line for line in err.splitlines() if line.strip()]
-    # finished (and said nothing on stderr: no driver traceback), or one clear line
-    assert (process.returncode, errors) == (0, []) or (
-        process.returncode == 3 and len(errors) == 1 and "event store" in errors[0]
-    ), (process.returncode, out, err)
-    if outage == "down":
-        assert process.returncode == 3
-        assert errors[0].startswith("error: event store failed during the run: PostgreSQL at")
+    # finished, and said nothing on stderr: no driver traceback
+    assert (process.returncode, err) == (0, ""), out
 
     async def check() -> None:
         conn = await asyncpg.connect(private_server.dsn)
@@ -180,3 +374,42 @@ def test_postgres_restarted_mid_run_loses_and_doubles_nothing(
             assert statuses == {"passed": 160}
 
     asyncio.run(check())
+
+
+@pytest.mark.timeout(120)
+async def test_a_service_run_the_store_drops_beyond_its_wait_ends_as_interrupted(
+    private_server: PrivateServer, shop_url: str, tmp_path: Path
+) -> None:
+    """baton serve with BATON_STORE_WAIT=2: PostgreSQL down for 6 s under a run. The run's
+    writer gives up; once the store is back, the service ends that run as interrupted
+    (its own heartbeat sweeps it), and the next run passes."""
+    import base64
+
+    from events.settings import Settings
+    from tests.test_owners import _events, _slow_suite, _wait_for
+    from tests.test_service_load import start_service, stop_service
+
+    settings = Settings(
+        database_url=private_server.dsn,
+        home=tmp_path / "home",
+        secret_key=base64.urlsafe_b64encode(os.urandom(32)).decode(),
+    )
+    served = start_service(
+        settings, tmp_path / "service.log", BATON_STORE_WAIT="2", BATON_OWNER_TIMEOUT="3"
+    )
+    try:
+        org, suite, environment = await _slow_suite(served, shop_url)
+        run = await org.start(suite, environment, nap_ms="3000")
+        await _wait_for(private_server.dsn, f"run-{run}", "RequestSent")
+        private_server.pg_ctl("stop", "-m", "immediate")
+        await asyncio.sleep(6)
+        private_server.pg_ctl("start")
+        await _wait_for(private_server.dsn, f"run-{run}", "RunCancelled", within=30)
+        events = await _events(private_server.dsn, f"run-{run}")
+        assert events[-1] == ("RunCancelled", "interrupted")
+        assert "TestPassed" not in [t for t, _ in events]
+        again = await org.start(suite, environment, nap_ms="10")
+        assert (await org.finished(again, within=30))["status"] == "passed"
+        await org.http.aclose()
+    finally:
+        stop_service(served)

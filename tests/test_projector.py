@@ -281,3 +281,44 @@ async def test_runs_are_found_by_tag_through_the_gin_index(
         assert "test_runs_tags" in plan
     finally:
         await conn.close()
+
+
+async def test_catch_ups_at_once_on_one_small_pool_never_deadlock(
+    fresh_database_dsn: str,
+) -> None:
+    """Issue 9: every pooled connection waited on the checkpoint's lock while the one that
+    held it waited for a pooled connection to read its page. Ten catch-ups at once on a
+    pool of two: all finish, each event applied once."""
+    store = await PostgresEventStore.connect(fresh_database_dsn, max_size=2)
+    try:
+        for _ in range(5):
+            await write_runs(store, 4)
+        counts = await asyncio.wait_for(
+            asyncio.gather(*(Projector(store, page_size=10).catch_up() for _ in range(10))), 30
+        )
+    finally:
+        await store.aclose()
+    assert sum(counts) == 20 * len(run_events("x"))
+
+
+async def test_wait_until_wakes_when_the_serving_projector_passes_the_position(
+    store: PostgresEventStore,
+) -> None:
+    """What a finished run in the service waits on instead of projecting itself."""
+    projector = Projector(store)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(projector.serve(fallback=60.0, stop=stop))
+    try:
+        await asyncio.sleep(0.2)
+        [run] = await write_runs(store, 1)
+        last: int = await store.pool.fetchval("SELECT max(position) FROM events")
+        assert await projector.wait_until(last, within=5)
+        status = await store.pool.fetchval(
+            "SELECT status FROM test_runs WHERE stream = $1", f"run-{run}"
+        )
+        assert status == "passed"
+        # nothing will reach a position beyond the log: a bounded wait says so
+        assert not await projector.wait_until(last + 1, within=0.3)
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 5)

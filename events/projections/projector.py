@@ -40,15 +40,27 @@ _CHECKPOINT = "SELECT position FROM baton_projection_checkpoints WHERE name = $1
 ADVANCE = (
     "UPDATE baton_projection_checkpoints SET position = $2, updated_at = now() WHERE name = $1"
 )
+_PROGRESS = (
+    "WITH checkpoint AS (SELECT coalesce(max(position), 0) AS position"
+    " FROM baton_projection_checkpoints WHERE name = $1)"
+    " SELECT position, (SELECT count(*) FROM events e WHERE e.position > checkpoint.position)"
+    " FROM checkpoint"
+)
 _log = logging.getLogger("baton.projections")
 
 
 class Projector:
     """Keeps the read tables of ``store``'s database up to date with its log.
 
-    The store's pool must allow two connections: one holds the page's transaction while
-    ``read_all`` reads through another. ``handlers`` apply each page too, in the same
+    A page's transaction holds the checkpoint's lock and does all its work on its one
+    connection: the page is read through it too (``read_all_in_transaction``). Waiting for a
+    second pooled connection while holding the lock would deadlock as soon as every pooled
+    connection waits on the lock. ``handlers`` apply each page too, in the same
     transaction, after the read tables: a projection of another module, or a test's probe.
+
+    One projector per process is enough: what else wants the read tables up to date (a run
+    that ends in the service) waits for it to pass a position (``wait_until``) instead of
+    projecting on its own.
     """
 
     def __init__(
@@ -63,6 +75,9 @@ class Projector:
         self._name = name
         self._page_size = page_size
         self._handlers = tuple(handlers)
+        self._seen = 0
+        """The highest checkpoint this projector has seen committed (its own or another's)."""
+        self._moved = asyncio.Event()
 
     @property
     def name(self) -> str:
@@ -91,6 +106,13 @@ class Projector:
             )
         return count
 
+    async def progress(self) -> tuple[int, int]:
+        """(``position``, ``behind``) in one query: what /health shows, at one pooled
+        connection's cost."""
+        with driver_errors(self._store.dsn):
+            row = await self._store.pool.fetchrow(_PROGRESS, self._name)
+        return int(row[0]), int(row[1])
+
     async def catch_up(self) -> int:
         """Apply every event after the checkpoint, a page per transaction; return how many.
 
@@ -104,17 +126,44 @@ class Projector:
                 return applied
             applied += count
 
+    async def wait_until(self, position: int, *, within: float) -> bool:
+        """Wait until this projector has seen the checkpoint reach ``position`` (the read
+        tables hold everything up to it); False if that took longer than ``within`` s.
+
+        Only a projector that runs (``serve``, or a ``catch_up`` of someone else's) moves;
+        this waits on it, woken each time the checkpoint it sees advances.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while self._seen < position:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            moved = self._moved
+            try:
+                await asyncio.wait_for(moved.wait(), remaining)
+            except TimeoutError:
+                return self._seen >= position
+        return True
+
+    def _saw(self, position: int) -> None:
+        if position > self._seen:
+            self._seen = position
+            moved, self._moved = self._moved, asyncio.Event()
+            moved.set()
+
     async def _step(self) -> int:
         with driver_errors(self._store.dsn):
             async with self._store.pool.acquire() as conn, conn.transaction():
                 position = await lock_checkpoint(conn, self._name)
-                page = await self._store.read_all(position, self._page_size)
-                if not page:
-                    return 0
-                await apply_page(conn, page)
-                for handler in self._handlers:
-                    await handler(conn, page)
-                await conn.execute(ADVANCE, self._name, page[-1].position)
+                page = await self._store.read_all_in_transaction(conn, position, self._page_size)
+                if page:
+                    await apply_page(conn, page)
+                    for handler in self._handlers:
+                        await handler(conn, page)
+                    await conn.execute(ADVANCE, self._name, page[-1].position)
+        # committed: another projector's checkpoint (the lock waited for it), or this page's
+        self._saw(page[-1].position if page else position)
         return len(page)
 
     async def rebuild(self) -> int:
@@ -128,6 +177,7 @@ class Projector:
                 await lock_checkpoint(conn, self._name)
                 await conn.execute(f"TRUNCATE {', '.join(READ_TABLES)}")
                 await conn.execute(ADVANCE, self._name, 0)
+        self._seen = 0
         return await self.catch_up()
 
     async def serve(
