@@ -28,6 +28,7 @@ from events.owners import Owner
 from events.secrets import Cipher, Redactor
 from events.store import StoreError
 from events.writer import DEFAULT_MAX_WAIT, Appender, BatchingWriter
+from orchestrator import templating
 from orchestrator.planner import Plan
 from orchestrator.runner import RunInputs, Runner
 
@@ -159,6 +160,7 @@ class RunLauncher:
             cipher=self._cipher,
             transport=self._transport,
             concurrency=self._concurrency,
+            limits=templating.SERVICE_LIMITS,  # a tenant's templates: bounded, off the loop
         )
         try:
             await runner.run(spec.plan, spec.inputs)

@@ -66,8 +66,10 @@ class Runner:
         cipher: Cipher,
         transport: httpx.AsyncBaseTransport,
         concurrency: int = 10,
+        limits: templating.Limits = templating.CLI_LIMITS,
     ) -> None:
         self.writer = writer
+        self.limits = limits
         self.cipher = cipher
         self.transport = transport
         self.slots = asyncio.Semaphore(concurrency)
@@ -78,6 +80,13 @@ class Runner:
 
     async def run(self, plan: Plan, inputs: RunInputs) -> RunResult:
         return await RunExecution(self, plan, inputs).execute()
+
+    async def render(self, renderer: templating.Renderer, namespace: Mapping[str, Any]) -> Any:
+        """What ``renderer`` makes of ``namespace``: in a render thread if the limits say
+        so and it evaluates more than names (a tenant's template cannot hold up the loop)."""
+        if self.limits.off_loop and templating.is_costly(renderer):
+            return await templating.off_loop(renderer, namespace)
+        return renderer(namespace)
 
     def expect_renderer(self, spec: Expect) -> templating.Renderer | None:
         """What renders an expectation's templates; None if it has none."""
@@ -150,6 +159,7 @@ class RunExecution:
     async def execute(self) -> RunResult:
         started_at = datetime.now(UTC).isoformat()
         start = time.perf_counter()
+        templating.LIMITS.set(self.runner.limits)  # this run's task and its tests' tasks
         self.emit(
             ev.RunStarted(
                 run_id=self.inputs.run_id,
@@ -165,7 +175,10 @@ class RunExecution:
             )
         )
         try:
-            self._prepare()
+            if self.runner.limits.off_loop:
+                await templating.off_loop(self._prepare)
+            else:
+                self._prepare()
         except templating.TemplateError as exc:
             for name in self.plan.order:
                 self._skip(name, f"the flow's variables do not render: {exc}", "template")

@@ -67,7 +67,7 @@ class TestExecution:
             response = await self._send_until()
             self._learn_secrets(response)
             self._report_response()
-            self._check(response)
+            await self._check(response)
             self._capture(response)
         except _Failure as failure:
             self._report_response()
@@ -109,9 +109,9 @@ class TestExecution:
             tags=self.test.tags,
         )
 
-    def _render(self, renderer: templating.Renderer) -> Any:
+    async def _render(self, renderer: templating.Renderer) -> Any:
         try:
-            return renderer(self.namespace)
+            return await self.run.runner.render(renderer, self.namespace)
         except templating.TemplateError as exc:
             raise _Failure("template", f"template error: {exc}") from None
 
@@ -124,7 +124,7 @@ class TestExecution:
             self._collect(response)
             if until is None:
                 return response
-            rendered = self._expect(until)
+            rendered = await self._expect(until)
             checks = evaluate(rendered, response, base_dir=self.run.plan.loaded.base_dir)
             held = all(check.passed for check in checks)
             if rendered.next is None:
@@ -170,11 +170,11 @@ class TestExecution:
                         self.run.redactor.add(_secret_text(value))
                 self.collected.setdefault(name, []).extend(found)
 
-    def _expect(self, expect: _E) -> _E:
+    async def _expect(self, expect: _E) -> _E:
         renderer = self.run.runner.expect_renderer(expect)
         if renderer is None:
             return expect
-        rendered = self._render(renderer)
+        rendered = await self._render(renderer)
         try:
             return msgspec.convert(rendered, type(expect))
         except msgspec.ValidationError as exc:
@@ -210,19 +210,19 @@ class TestExecution:
         run, flow = self.run, self.run.flow
         request: Request = self.test.request
         parts = run.runner.request_parts(self.test, flow.defaults.headers)
-        url = str(self._render(parts.url))
+        url = str(await self._render(parts.url))
         if "://" not in url:
             url = f"{run.base_url}/{url.lstrip('/')}"
-        headers = {str(k): str(v) for k, v in self._render(parts.headers).items()}
+        headers = {str(k): str(v) for k, v in (await self._render(parts.headers)).items()}
         content: bytes | str | None = None
         if parts.json is not None:
-            content = msgspec.json.encode(self._render(parts.json))
+            content = _json(await self._render(parts.json))
             if not any(name.lower() == "content-type" for name in headers):
                 headers["content-type"] = "application/json"
         elif parts.body is not None:
-            content = str(self._render(parts.body))
-        form = self._render(parts.form) if parts.form is not None else None
-        params = self._render(parts.params) if parts.params is not None else None
+            content = str(await self._render(parts.body))
+        form = await self._render(parts.form) if parts.form is not None else None
+        params = await self._render(parts.params) if parts.params is not None else None
         timeout = seconds(request.timeout if request.timeout is not None else flow.defaults.timeout)
         follow = (
             request.follow_redirects
@@ -328,11 +328,11 @@ class TestExecution:
             request_body=redact(_text(body or "")[:EXCERPT]),
         )
 
-    def _check(self, response: ResponseView) -> None:
+    async def _check(self, response: ResponseView) -> None:
         if self.test.expect is None:
             return
         checks = evaluate(
-            self._expect(self.test.expect), response, base_dir=self.run.plan.loaded.base_dir
+            await self._expect(self.test.expect), response, base_dir=self.run.plan.loaded.base_dir
         )
         self.assertions.extend(self._record(checks))
         failed = [check for check in checks if not check.passed]
@@ -433,6 +433,13 @@ def _retry_after(value: str | None) -> float:
     except (TypeError, ValueError):
         return 0.0
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _json(value: Any) -> bytes:
+    try:
+        return msgspec.json.encode(value)
+    except (OverflowError, TypeError, ValueError) as exc:  # e.g. an integer beyond 64 bits
+        raise _Failure("template", f"the rendered json cannot be sent as JSON: {exc}") from None
 
 
 def _secret_text(value: Any) -> str:
