@@ -629,6 +629,7 @@ def references(text: str) -> frozenset[str]:
     """
     tree = _ENV.parse(text)
     local = {node.name for node in tree.find_all(nodes.Name) if node.ctx in ("store", "param")}
+    local.update(macro.name for macro in tree.find_all(nodes.Macro))
     found: set[str] = set()
     _collect(tree, found, optional=False)
     return frozenset(name for name in found if name.split(".")[0] not in local | _GLOBALS)
