@@ -503,9 +503,12 @@ async def off_loop(function: Callable[..., T], *args: Any) -> T:
     return await loop.run_in_executor(_RENDERS, functools.partial(context.run, function, *args))
 
 
-_RENDERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="baton-render")
-"""Where off_loop renders: two threads, so that renders wait for each other rather than
-take the interpreter from the event loop (they share one GIL with it)."""
+_RENDERS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="baton-render")
+"""Where off_loop renders: one thread. Renders share one GIL with the event loop, so a
+second thread would only take more of it from the loop (/health's slowest answer while
+tenants' templates ran to their limit: 1.2 s with two threads, 0.1-0.5 s with one);
+costly renders wait for each other instead, which is their tenants' cost, not the
+service's."""
 
 
 _ABSENT = object()
