@@ -95,7 +95,7 @@ def test_include_and_import_do_not_parse(tag: str) -> None:
 
 
 def _corpus_flow(base_url: str) -> str:
-    tests = {
+    tests: dict[str, Any] = {
         name: {"request": {"url": "/health", "params": {"p": text}}}
         for name, (text, _) in PAYLOADS.items()
     }
