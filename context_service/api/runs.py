@@ -3,6 +3,10 @@ a run's results, its context (now or at a log position) and its events.
 
 Starting, cancelling and rerunning need the ``run`` scope; reading needs ``read``. A run
 started here runs in the background: the answer (202) comes before its first request.
+
+Starting a run with ``variables`` needs the ``admin`` scope too: a variable can say where
+the run's requests go (``base_url: "{{ BASE_URL }}"``), and with them the environment's
+secrets, so only who may change the environment may change them for one run.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from context_service import runs
 from context_service.api.common import PageDep, PrincipalDep, ServicesDep
 from context_service.database import stream_of
-from context_service.errors import Conflict, NotFound
+from context_service.errors import Conflict, Forbidden, NotFound
 from context_service.keys import Principal
 from context_service.listing import Listing, Page, page_of
 from context_service.services import Services
@@ -38,7 +42,8 @@ class RunCreate(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     suite_id: uuid.UUID
     environment_id: uuid.UUID | None = None
     variables: Annotated[dict[VariableName, Value], msgspec.Meta(max_length=200)] = {}
-    """Override the flow's and the environment's variables (as ``--var`` does)."""
+    """Override the flow's and the environment's variables (as ``--var`` does); needs the
+    ``admin`` scope."""
     tags: Annotated[list[Tag], msgspec.Meta(max_length=50)] = []
     """Run only the tests with one of these tags, and what they need."""
 
@@ -211,7 +216,13 @@ class RunController(Controller):
     async def start_run(
         self, services: ServicesDep, principal: PrincipalDep, data: JSONBody[RunCreate]
     ) -> Response[Run]:
-        """Start a run of a suite, in an environment if given; it runs in the background."""
+        """Start a run of a suite, in an environment if given; it runs in the background.
+        ``variables`` need the admin scope (they can redirect the environment's secrets)."""
+        if data.variables and not principal.allows("admin"):
+            raise Forbidden(
+                "variables in a run need the 'admin' scope: they can change where the run's "
+                "requests, and the environment's secrets, go; change the environment instead"
+            )
         request = runs.StartRequest(data.suite_id, data.environment_id, data.variables, data.tags)
         run_id = await runs.start(services, principal, request)
         return _accepted(await fetch_run(services, principal, run_id))
