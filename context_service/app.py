@@ -12,9 +12,9 @@ from __future__ import annotations
 import gc
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
-from litestar import Litestar, Response, get
-from litestar.datastructures import State
+from litestar import Litestar, Request, Response, get
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ControllerRouterHandler
@@ -30,11 +30,24 @@ MAX_BODY_BYTES = 1024 * 1024
 
 
 @get("/health", opt={auth.EXCLUDE_OPT: True}, tags=["health"])
-async def health(state: State) -> Response[Health]:
-    """PostgreSQL, Redis and the projector, each with its state; 503 if one is down."""
-    services: Services = state.services
+async def health(request: Request[Any, Any, Any]) -> Response[Health]:
+    """Up, degraded or down (503) to anyone; with a valid key, also PostgreSQL, Redis and
+    the projector, each with its state and where it is."""
+    services: Services = request.app.state.services
     report = await services.health()
+    if not await _has_valid_key(services, request):
+        report = Health(report.status)  # where the database is and how far: not public
     return Response(report, status_code=503 if report.status == "down" else 200)
+
+
+async def _has_valid_key(services: Services, request: Request[Any, Any, Any]) -> bool:
+    key = auth.key_of(request)
+    if key is None:
+        return False
+    try:
+        return await services.db.principal(key) is not None
+    except Exception:  # the database is down: /health says so, without the details
+        return False
 
 
 def _routers() -> list[ControllerRouterHandler]:

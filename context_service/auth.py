@@ -45,13 +45,19 @@ def presented_key(headers: Any) -> str | None:
     return api_key or None
 
 
+def key_of(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    """The key a request carries: its header, or on a read the dashboard's cookie."""
+    key = presented_key(connection.headers)
+    if key is None and connection.scope.get("method", "GET") in _READ_METHODS:
+        key = connection.cookies.get(KEY_COOKIE) or None
+    return key
+
+
 class ApiKeyMiddleware(AbstractAuthenticationMiddleware):
     async def authenticate_request(
         self, connection: ASGIConnection[Any, Any, Any, Any]
     ) -> AuthenticationResult:
-        key = presented_key(connection.headers)
-        if key is None and connection.scope.get("method", "GET") in _READ_METHODS:
-            key = connection.cookies.get(KEY_COOKIE) or None
+        key = key_of(connection)
         if key is None:
             raise Unauthorized(
                 "an API key is required: send 'Authorization: Bearer <key>' or "

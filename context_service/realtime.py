@@ -23,6 +23,11 @@ of their own: they replay after a position and resume with Last-Event-ID like th
 The message is the event's fields without its ``type`` tag (the message's name says it).
 
 Another organization's run or project is absent (404, or WebSocket close code 4404).
+
+A stream lives no longer than its key: every ``KEY_CHECK`` seconds it asks whether the key
+is still valid (through the key cache, so a key revoked on another service process is seen
+within KEY_TTL). A revoked key ends an SSE stream with a ``revoked`` message (the
+EventSource's reconnection then gets 401) and closes a WebSocket with code 4401.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from litestar.params import FromPath, HeaderParameter, QueryParameter
 from litestar.response import Stream
 
 from context_service.api.common import PrincipalDep, ServicesDep
-from context_service.auth import principal_of
+from context_service.auth import key_of, principal_of
 from context_service.errors import BadRequest, NotFound
 from context_service.feed import TERMINAL, Entry, Feed, Hub, ProjectFeed, RunFeed, follow
 from context_service.keys import Principal
@@ -55,6 +60,11 @@ FLAKY = "flaky_test_detected"
 DEGRADED = "performance_degradation"
 _FINDING_MESSAGES = {"FlakyTestDetected": FLAKY, "PerformanceDegraded": DEGRADED}
 """The message a recorded finding becomes on a project's stream."""
+KEY_CHECK = 1.0
+"""Seconds between two checks that a stream's key is still valid."""
+REVOKED_CODE = 4401
+"""The WebSocket close code of a stream whose key was revoked."""
+_REVOKED = b'event: revoked\ndata: {"detail": "the API key was revoked"}\n\n'
 HEARTBEAT = 15.0
 """Seconds between SSE comments on a quiet stream: proxies keep it open, clients see it alive."""
 _log = logging.getLogger("baton.service.realtime")
@@ -169,10 +179,51 @@ async def _batches(hub: Hub, source: _Source) -> AsyncGenerator[list[Entry], Non
             yield batch
 
 
-async def _sse(hub: Hub, source: _Source) -> AsyncGenerator[bytes, None]:
+async def revoked(services: Services, key: str | None) -> None:
+    """Return once ``key`` is no longer valid (a key of the dashboard's cookie included)."""
+    if key is None:  # pragma: no cover - the middleware let no request without a key in
+        return
+    while True:
+        await asyncio.sleep(KEY_CHECK)
+        try:
+            if await services.db.principal(key) is None:
+                return
+        except Exception:  # the database is down: the stream ends (or not) on its own
+            _log.debug("a stream's key could not be checked", exc_info=True)
+
+
+class _Revoked(Exception):
+    """The key of a stream was revoked while it streamed."""
+
+
+async def _while_valid(
+    batches: AsyncGenerator[list[Entry], None], watch: asyncio.Task[None]
+) -> AsyncGenerator[list[Entry], None]:
+    """``batches`` until they end, or until ``watch`` ends (raising _Revoked)."""
+    while True:
+        step = asyncio.ensure_future(anext(batches))
+        await asyncio.wait({step, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if not step.done():
+            step.cancel()
+            await asyncio.gather(step, return_exceptions=True)
+            raise _Revoked
+        try:
+            batch = step.result()
+        except StopAsyncIteration:
+            return
+        yield batch
+
+
+async def _sse(
+    hub: Hub, source: _Source, services: Services, key: str | None
+) -> AsyncGenerator[bytes, None]:
     yield _PREAMBLE
+    watch = asyncio.create_task(revoked(services, key))
     try:
-        async with contextlib.aclosing(_batches(hub, source)) as batches:
+        async with (
+            contextlib.aclosing(_batches(hub, source)) as followed,
+            contextlib.aclosing(_while_valid(followed, watch)) as batches,
+        ):
             async for batch in batches:
                 if not batch:
                     yield b": ping\n\n"
@@ -181,6 +232,10 @@ async def _sse(hub: Hub, source: _Source) -> AsyncGenerator[bytes, None]:
     except StoreError as exc:
         # the client reconnects with Last-Event-ID (after ``retry``) and loses nothing
         _log.warning("a live stream ends: the event store failed: %s", exc)
+    except _Revoked:
+        yield _REVOKED
+    finally:
+        watch.cancel()
 
 
 def _resume_point(header: str | None, after: int | None) -> int | None:
@@ -192,15 +247,22 @@ def _resume_point(header: str | None, after: int | None) -> int | None:
     return max(int(header), after or 0)
 
 
-def _stream(hub: Hub, source: _Source) -> Response[Any]:
+def _stream(
+    hub: Hub, source: _Source, services: Services, request: Request[Any, Any, Any]
+) -> Response[Any]:
     if source.ended:
         return Response(None, status_code=204, headers=_SSE_HEADERS)
     return Stream(
-        _sse(hub, source), media_type="text/event-stream", headers=_SSE_HEADERS, status_code=200
+        _sse(hub, source, services, key_of(request)),
+        media_type="text/event-stream",
+        headers=_SSE_HEADERS,
+        status_code=200,
     )
 
 
-async def _pump(socket: WebSocket[Any, Any, Any], hub: Hub, source: _Source) -> None:
+async def _pump(
+    socket: WebSocket[Any, Any, Any], hub: Hub, source: _Source, services: Services
+) -> None:
     """Send the source over an accepted socket until it ends or the client goes away."""
 
     async def send() -> None:
@@ -220,13 +282,18 @@ async def _pump(socket: WebSocket[Any, Any, Any], hub: Hub, source: _Source) -> 
         while (await socket.receive())["type"] != "websocket.disconnect":
             pass
 
-    tasks = [asyncio.create_task(send()), asyncio.create_task(until_gone())]
+    watch = asyncio.create_task(revoked(services, key_of(socket)))
+    tasks = [asyncio.create_task(send()), asyncio.create_task(until_gone()), watch]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+    if watch in done:
+        with contextlib.suppress(Exception):
+            await socket.close(REVOKED_CODE, "the API key was revoked")
+        return
     for task in done:
         failure = None if task.cancelled() else task.exception()
         if failure is not None and not isinstance(failure, WebSocketDisconnect):
@@ -244,7 +311,7 @@ async def _serve_socket(
     except NotFound as exc:
         await socket.close(4404, exc.detail)
         return
-    await _pump(socket, hub, source)
+    await _pump(socket, hub, source, services)
 
 
 class RealtimeController(Controller):
@@ -265,7 +332,8 @@ class RealtimeController(Controller):
         or after ``Last-Event-ID``/``after``, live until RunCompleted or RunCancelled."""
         hub = hub_of(request.app.state, services)
         start = _resume_point(last_event_id, after)
-        return _stream(hub, await _run_source(services, hub, principal, run_id, start))
+        source = await _run_source(services, hub, principal, run_id, start)
+        return _stream(hub, source, services, request)
 
     @get("/projects/{project_id:uuid}/stream", media_type="text/event-stream")
     async def project_stream(
@@ -282,7 +350,8 @@ class RealtimeController(Controller):
         ``performance_degradation``."""
         hub = hub_of(request.app.state, services)
         start = _resume_point(last_event_id, after)
-        return _stream(hub, await _project_source(services, hub, principal, project_id, start))
+        source = await _project_source(services, hub, principal, project_id, start)
+        return _stream(hub, source, services, request)
 
     @websocket("/runs/{run_id:uuid}/ws")
     async def run_socket(

@@ -38,9 +38,12 @@ class Dependency(msgspec.Struct, frozen=True, omit_defaults=True):
     latency_ms: float | None = None
 
 
-class Health(msgspec.Struct, frozen=True):
+class Health(msgspec.Struct, frozen=True, omit_defaults=True):
     status: str
-    dependencies: list[Dependency]
+    """"ok", "degraded" or "down": all that is told without a key."""
+    dependencies: list[Dependency] = []
+    """Each dependency, where it is (a masked DSN, the Redis URL) and the log positions:
+    told only to a caller with a valid key."""
 
 
 @dataclass

@@ -53,7 +53,8 @@ def test_serve_answers_with_a_key_from_keys_create(
             except httpx.TransportError:
                 assert time.monotonic() < deadline, "baton serve did not answer in 30 s"
                 time.sleep(0.2)
-        assert health.status_code == 200
+        assert health.status_code == 200 and health.json() == {"status": "ok"}
+        health = httpx.get(f"{base}/health", headers={"X-API-Key": key}, timeout=5)
         assert {d["name"] for d in health.json()["dependencies"]} >= {"postgresql", "projector"}
         assert httpx.get(f"{base}/api/v1/projects").status_code == 401
         listed = httpx.get(f"{base}/api/v1/projects", headers={"X-API-Key": key})

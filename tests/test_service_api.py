@@ -70,9 +70,12 @@ def _problem(response: httpx.Response, status: int) -> dict[str, Any]:
     return body
 
 
-async def test_health_needs_no_key_and_reports_each_dependency(live_service: LiveService) -> None:
+async def test_health_needs_no_key_and_reports_each_dependency_to_a_key(
+    live_service: LiveService, admin: httpx.AsyncClient
+) -> None:
     async with live_service.client() as client:
-        health = await _json(await client.get("/health"), 200)
+        assert await _json(await client.get("/health"), 200) == {"status": "ok"}
+    health = await _json(await admin.get("/health"), 200)
     assert health["status"] == "ok"
     states = {d["name"]: d["status"] for d in health["dependencies"]}
     assert states == {"postgresql": "ok", "redis": "ok", "projector": "ok"}
@@ -84,12 +87,13 @@ async def test_health_shows_a_dead_redis_as_degraded(
     live_service: LiveService, redis_url: str
 ) -> None:
     """The context cache is only a cache: without Redis the service answers from the log."""
+    key = await create_key(live_service.settings, organization="initech", scopes=["read"], name="h")
     for url, state in (("redis://127.0.0.1:1/0", "degraded"), (redis_url, "ok")):
         settings = msgspec.structs.replace(live_service.settings, redis_url=url)
         other = LiveService(settings)
         other.start()
         try:
-            async with other.client() as client:
+            async with other.client(key) as client:
                 health = await _json(await client.get("/health"), 200)
         finally:
             other.stop()
