@@ -243,7 +243,9 @@ async def create_bench_database(pg: str) -> tuple[Settings, dict[str, str]]:
     key = base64.urlsafe_b64encode(os.urandom(32)).decode()
     env = {**os.environ, "BATON_DATABASE_URL": dsn, "BATON_HOME": str(home)}
     env["BATON_SECRET_KEY"] = key
-    return Settings(database_url=dsn, home=home, secret_key=key), env
+    env["BATON_ALLOWED_TARGETS"] = "127.0.0.1"  # its runs go to the demo shop on loopback
+    settings = Settings(database_url=dsn, home=home, secret_key=key, allowed_targets="127.0.0.1")
+    return settings, env
 
 
 async def drop_bench_database(pg: str, settings: Settings) -> None:

@@ -66,7 +66,9 @@ class Services:
         """Connect (schema applied), check the service's role, start the projector."""
         from events import open_store
         from orchestrator.execution import make_transport
+        from orchestrator.targets import TargetPolicy
 
+        targets = TargetPolicy.parse(settings.allowed_targets)  # a bad value: before connecting
         cipher = Cipher(load_key(settings.secret_key, settings.home))
         store = await open_store(settings)
         try:
@@ -102,7 +104,7 @@ class Services:
         launcher = RunLauncher(
             GroupAppends(owner),
             cipher,
-            transport=make_transport(concurrency),
+            transport=make_transport(concurrency, targets),
             concurrency=concurrency,
             max_wait=settings.store_wait,
             after_run=projected,

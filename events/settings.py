@@ -93,6 +93,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     secret_key: str | None = None
     store_wait: float = STORE_WAIT
     owner_timeout: float = OWNER_TIMEOUT
+    allowed_targets: str | None = None
+    """What runs started through the service may reach (orchestrator.targets); None:
+    public addresses only."""
 
     @classmethod
     def from_env(
@@ -117,6 +120,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             secret_key=_optional(environ, "BATON_SECRET_KEY"),
             store_wait=store_wait,
             owner_timeout=owner_timeout,
+            allowed_targets=_optional(environ, "BATON_ALLOWED_TARGETS"),
         )
 
     @property

@@ -27,6 +27,7 @@ from orchestrator.loader import find_flows, load_flow
 from orchestrator.planner import Plan, Scope, plan
 from orchestrator.results import RunResult
 from orchestrator.runner import Observer, RunInputs, Runner, initial_namespace
+from orchestrator.targets import TargetPolicy
 
 
 @dataclass(frozen=True)
@@ -191,17 +192,25 @@ async def _run_job(runner: Runner, writer: Any, job: Job) -> list[RunResult]:
     return results
 
 
-def make_transport(concurrency: int) -> httpx.AsyncBaseTransport:
+def make_transport(
+    concurrency: int, targets: TargetPolicy | None = None
+) -> httpx.AsyncBaseTransport:
     """aiohttp under httpx's API: the same client code, far less overhead per request
-    (bench/README.md). Cookies live in each run's httpx client, never in the shared pool."""
+    (bench/README.md). Cookies live in each run's httpx client, never in the shared pool.
+    ``targets``: the hosts requests may go to (the service's runs); None: any (the CLI)."""
     import aiohttp
     from httpx_aiohttp import AiohttpTransport
 
     def session() -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(limit=max(concurrency, 10), ttl_dns_cache=300)
+        connector = aiohttp.TCPConnector(
+            limit=max(concurrency, 10),
+            ttl_dns_cache=300,
+            resolver=targets.resolver() if targets is not None else None,
+        )
         return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
 
-    return AiohttpTransport(client=session)
+    transport = AiohttpTransport(client=session)
+    return targets.transport(transport) if targets is not None else transport
 
 
 def _targets(jobs: list[Job]) -> dict[tuple[str, int], str]:

@@ -324,6 +324,10 @@ async def service_database() -> AsyncIterator[str]:
         yield dsn
 
 
+LOOPBACK = "127.0.0.0/8,::1"
+"""What the tests' services may reach (BATON_ALLOWED_TARGETS): servers on this machine."""
+
+
 @pytest.fixture(scope="module")
 def live_service(service_database: str) -> Iterator[LiveService]:
     """The service on the module's own database, running for the whole module."""
@@ -333,6 +337,7 @@ def live_service(service_database: str) -> Iterator[LiveService]:
 
     home = _private_home()
     settings = Settings(
+        allowed_targets=LOOPBACK,  # the demo shop and the tests' own servers
         database_url=service_database,
         home=home,
         secret_key=base64.urlsafe_b64encode(os.urandom(32)).decode(),

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import asyncpg
+import msgspec
 import pytest
 from aiohttp import web
 from websockets.asyncio.client import connect as ws_connect
@@ -20,6 +23,7 @@ from context_service.database import KEY_TTL
 from context_service.keys import create_key
 from context_service.realtime import KEY_CHECK, REVOKED_CODE
 from examples.shop.server import serve as serve_shop
+from orchestrator.targets import TargetPolicy
 from tests.conftest import LiveService, Org
 
 PASSWORD = "secret-alice"  # the demo shop's, so that the run passes against it
@@ -37,26 +41,31 @@ tests:
 
 
 class Listener:
-    """An HTTP server on 127.0.0.1 that answers 200 to anything and keeps what it was sent."""
+    """An HTTP server that answers 200 to anything (or redirects everything to
+    ``redirect_to``) and keeps what it was sent."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1", redirect_to: str = "") -> None:
         self.received: list[str] = []
         self.url = ""
+        self._host = host
+        self._redirect_to = redirect_to
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
         async def anything(request: web.Request) -> web.Response:
             self.received.append(f"{request.method} {request.path_qs} {await request.text()}")
+            if self._redirect_to:
+                raise web.HTTPFound(self._redirect_to)
             return web.json_response({"ok": True})
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", anything)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, self._host, 0)
         await site.start()
         port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"http://{self._host}:{port}"
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -240,3 +249,114 @@ async def test_health_tells_only_up_or_down_without_a_key(
     assert detailed["status"] == "ok"
     names = {dependency["name"] for dependency in detailed["dependencies"]}
     assert names == {"postgresql", "redis", "projector"}
+
+
+# ---- targets ------------------------------------------------------------------------------
+
+
+def test_the_default_policy_refuses_loopback_link_local_private_and_reserved() -> None:
+    default = TargetPolicy.parse(None)
+    for address in (
+        "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1",
+        "0.0.0.0", "::1", "fe80::1%eth0", "fd00::1", "::ffff:127.0.0.1",
+    ):  # fmt: skip
+        refusal = default.refusal(address, [address])
+        assert refusal is not None and "BATON_ALLOWED_TARGETS" in refusal, address
+    assert "a link-local address" in (default.refusal("169.254.169.254", ["169.254.169.254"]) or "")
+    assert default.refusal("example.com", ["93.184.216.34", "2606:2800:220:1::1"]) is None
+    # every address of a name must be allowed
+    assert default.refusal("rebound.example", ["93.184.216.34", "127.0.0.1"]) is not None
+
+
+def test_an_explicit_policy_allows_what_it_lists_and_nothing_else() -> None:
+    policy = TargetPolicy.parse("10.1.0.0/16, api.internal ,::1")
+    assert policy.refusal("10.1.2.3", ["10.1.2.3"]) is None
+    assert policy.refusal("api.internal", ["10.9.9.9"]) is None  # a listed name, wherever
+    assert policy.refusal("::1", ["::1"]) is None
+    assert policy.refusal("10.2.0.1", ["10.2.0.1"]) is not None
+    assert policy.refusal("example.com", ["93.184.216.34"]) is not None  # not "public"
+    assert TargetPolicy.parse("public").refusal("example.com", ["93.184.216.34"]) is None
+    with pytest.raises(ValueError, match="BATON_ALLOWED_TARGETS: 'x/y' is not a host name"):
+        TargetPolicy.parse("10.0.0.0/8,x/y")
+
+
+@pytest.fixture
+async def strict_service(live_service: LiveService) -> AsyncIterator[LiveService]:
+    """A second service on the same database with the default policy (nothing set)."""
+    service = LiveService(msgspec.structs.replace(live_service.settings, allowed_targets=None))
+    service.start()
+    yield service
+    service.stop()
+
+
+async def test_by_default_tenant_runs_reach_no_address_of_the_service_host(
+    strict_service: LiveService, admin: Org, login_suite: dict[str, str], listener: Listener
+) -> None:
+    pg = urlsplit(strict_service.settings.database_url or "")
+    targets = {
+        "listener": f"{listener.url}/anything",
+        "postgres": f"http://{pg.hostname}:{pg.port}/",
+        "the_service": f"{strict_service.url}/health",
+        "metadata": "http://169.254.169.254/latest/meta-data/",
+        "localhost": f"http://localhost:{listener.url.rsplit(':', 1)[1]}/",
+    }
+    flow = {
+        "name": "reach in",
+        "base_url": "{{ BASE_URL }}",
+        "tests": {name: {"request": {"url": url}} for name, url in targets.items()},
+    }
+    suite = await admin.ok(
+        "POST",
+        "/api/v1/suites",
+        201,
+        json={"project_id": login_suite["project"], "content": json.dumps(flow)},
+    )
+    org = Org(strict_service, admin.key)
+    try:
+        run_id = await org.start(suite["id"], login_suite["environment"])
+        assert (await org.finished(run_id))["status"] == "failed"
+        results = (await org.ok("GET", f"/api/v1/runs/{run_id}/results"))["items"]
+    finally:
+        await org.http.aclose()
+    assert {r["test"] for r in results} == set(targets)
+    for result in results:
+        assert (result["status"], result["category"]) == ("failed", "connection"), result
+        assert "refused target: " in result["message"], result
+        assert "which runs started through the service may not reach" in result["message"]
+    assert listener.received == []
+
+
+async def test_a_redirect_to_a_refused_target_is_refused(
+    live_service: LiveService, admin: Org, login_suite: dict[str, str]
+) -> None:
+    inner = Listener("127.0.0.2")  # loopback too, but not on the list
+    await inner.start()
+    outer = Listener("127.0.0.1", redirect_to=f"{inner.url}/inside")
+    await outer.start()
+    service = LiveService(
+        msgspec.structs.replace(live_service.settings, allowed_targets="127.0.0.1")
+    )
+    service.start()
+    org = Org(service, admin.key)
+    try:
+        flow = {
+            "name": "redirected",
+            "base_url": "{{ BASE_URL }}",
+            "tests": {"hop": {"request": {"url": f"{outer.url}/go", "follow_redirects": True}}},
+        }
+        suite = await org.ok(
+            "POST",
+            "/api/v1/suites",
+            201,
+            json={"project_id": login_suite["project"], "content": json.dumps(flow)},
+        )
+        run_id = await org.start(suite["id"], login_suite["environment"])
+        await org.finished(run_id)
+        (result,) = (await org.ok("GET", f"/api/v1/runs/{run_id}/results"))["items"]
+    finally:
+        await org.http.aclose()
+        service.stop()
+        await outer.stop()
+        await inner.stop()
+    assert result["category"] == "connection" and "refused target: 127.0.0.2" in result["message"]
+    assert len(outer.received) == 1 and inner.received == []
