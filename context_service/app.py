@@ -24,6 +24,8 @@ from context_service.api.common import DEPENDENCIES
 from context_service.errors import EXCEPTION_HANDLERS
 from context_service.services import Health, Services
 from events.settings import Settings
+from orchestrator.errors import UsageError
+from orchestrator.targets import TargetPolicy
 
 MAX_BODY_BYTES = 1024 * 1024
 """The largest request body accepted (413 beyond): a bulk request of flow files fits."""
@@ -90,6 +92,10 @@ def create_app(
 ) -> Litestar:
     """The service for ``settings``. ``services``: already open ones (the app then leaves
     them open at shut-down), else the app opens its own at start-up."""
+    try:
+        TargetPolicy.parse(settings.allowed_targets)  # a wrong value: a usage error, at once
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:

@@ -24,6 +24,7 @@ from context_service.keys import create_key
 from context_service.realtime import KEY_CHECK, REVOKED_CODE
 from examples.shop.server import serve as serve_shop
 from orchestrator.targets import TargetPolicy
+from tests.cli import baton
 from tests.conftest import LiveService, Org
 
 PASSWORD = "secret-alice"  # the demo shop's, so that the run passes against it
@@ -360,3 +361,12 @@ async def test_a_redirect_to_a_refused_target_is_refused(
         await inner.stop()
     assert result["category"] == "connection" and "refused target: 127.0.0.2" in result["message"]
     assert len(outer.received) == 1 and inner.received == []
+
+
+def test_a_wrong_allowed_targets_value_stops_baton_serve_with_exit_2(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BATON_ALLOWED_TARGETS", "10.0.0.0/8,x/y")
+    code, _, err = baton("serve", "--port", "0")
+    assert code == 2 and "Traceback" not in err
+    assert "error: BATON_ALLOWED_TARGETS: 'x/y' is not a host name" in err
