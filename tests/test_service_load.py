@@ -72,6 +72,7 @@ def start_service(settings: Settings, log: Path, **env: str) -> Served:
         "BATON_DATABASE_URL": settings.database_url,
         "BATON_HOME": str(settings.home),
         "BATON_SECRET_KEY": settings.secret_key or "",
+        "BATON_ALLOWED_TARGETS": "127.0.0.1",  # its runs go to the demo shop on loopback
         **env,
     }
     environ.pop("BATON_REDIS_URL", None)
