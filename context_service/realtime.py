@@ -28,6 +28,10 @@ A stream lives no longer than its key: every ``KEY_CHECK`` seconds it asks wheth
 is still valid (through the key cache, so a key revoked on another service process is seen
 within KEY_TTL). A revoked key ends an SSE stream with a ``revoked`` message (the
 EventSource's reconnection then gets 401) and closes a WebSocket with code 4401.
+
+A stream also ends when the service starts to shut down (``Services.draining``): an SSE
+response simply ends, a WebSocket closes with 1001 (going away); either client resumes on
+another instance, or after the restart, from its last position.
 """
 
 from __future__ import annotations
@@ -192,12 +196,30 @@ async def revoked(services: Services, key: str | None) -> None:
             _log.debug("a stream's key could not be checked", exc_info=True)
 
 
+_REVOKED_KEY, _DRAINING = "revoked", "draining"
+
+
+async def _must_end(services: Services, key: str | None) -> str:
+    """Why a live stream must end now: its key was revoked, or the service shuts down."""
+    reasons = {
+        asyncio.ensure_future(revoked(services, key)): _REVOKED_KEY,
+        asyncio.ensure_future(services.draining.wait()): _DRAINING,
+    }
+    try:
+        done, _ = await asyncio.wait(reasons, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in reasons:
+            waiter.cancel()
+        await asyncio.gather(*reasons, return_exceptions=True)
+    return reasons[done.pop()]
+
+
 class _Revoked(Exception):
-    """The key of a stream was revoked while it streamed."""
+    """The stream must end (``watch``'s result says why)."""
 
 
 async def _while_valid(
-    batches: AsyncGenerator[list[Entry], None], watch: asyncio.Task[None]
+    batches: AsyncGenerator[list[Entry], None], watch: asyncio.Task[str]
 ) -> AsyncGenerator[list[Entry], None]:
     """``batches`` until they end, or until ``watch`` ends (raising _Revoked)."""
     while True:
@@ -218,7 +240,7 @@ async def _sse(
     hub: Hub, source: _Source, services: Services, key: str | None
 ) -> AsyncGenerator[bytes, None]:
     yield _PREAMBLE
-    watch = asyncio.create_task(revoked(services, key))
+    watch = asyncio.create_task(_must_end(services, key))
     try:
         async with (
             contextlib.aclosing(_batches(hub, source)) as followed,
@@ -233,7 +255,8 @@ async def _sse(
         # the client reconnects with Last-Event-ID (after ``retry``) and loses nothing
         _log.warning("a live stream ends: the event store failed: %s", exc)
     except _Revoked:
-        yield _REVOKED
+        if watch.result() == _REVOKED_KEY:
+            yield _REVOKED
     finally:
         watch.cancel()
 
@@ -282,7 +305,7 @@ async def _pump(
         while (await socket.receive())["type"] != "websocket.disconnect":
             pass
 
-    watch = asyncio.create_task(revoked(services, key_of(socket)))
+    watch = asyncio.create_task(_must_end(services, key_of(socket)))
     tasks = [asyncio.create_task(send()), asyncio.create_task(until_gone()), watch]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -292,7 +315,10 @@ async def _pump(
         await asyncio.gather(*tasks, return_exceptions=True)
     if watch in done:
         with contextlib.suppress(Exception):
-            await socket.close(REVOKED_CODE, "the API key was revoked")
+            if watch.result() == _REVOKED_KEY:
+                await socket.close(REVOKED_CODE, "the API key was revoked")
+            else:
+                await socket.close(1001, "the service is shutting down: reconnect with ?after=")
         return
     for task in done:
         failure = None if task.cancelled() else task.exception()

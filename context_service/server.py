@@ -45,12 +45,21 @@ def serve(host: str, port: int, settings: Settings) -> None:
 
     from context_service.app import create_app
 
-    config = uvicorn.Config(
-        create_app(settings), host=host, port=port, log_level="info", **UVICORN_OPTIONS
-    )
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", **UVICORN_OPTIONS)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # uvicorn waits for open responses before the app's own shut-down runs, and a
+            # live stream never ends by itself: end them now, not after the graceful timeout
+            super().handle_exit(sig, frame)
+            services = getattr(app.state, "services", None)
+            if services is not None:
+                asyncio.get_running_loop().call_soon_threadsafe(services.draining.set)
+
     # uvicorn.Server rather than uvicorn.run, which swallows KeyboardInterrupt and so would
     # hide which signal stopped the service
-    server = uvicorn.Server(config)
+    server = Server(config)
     try:
         server.run()
     except SystemExit:

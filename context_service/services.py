@@ -58,6 +58,9 @@ class Services:
     projector: Projector
     detector: Detector
     owner: Owner
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the service starts to shut down: live streams end at once (their clients
+    resume elsewhere with Last-Event-ID) instead of holding the shut-down open."""
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _projector_task: asyncio.Task[None] | None = None
 

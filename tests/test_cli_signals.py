@@ -359,6 +359,62 @@ def test_baton_serve_stops_cleanly(
     assert_embedded_stopped(home)
 
 
+def test_baton_serve_ends_open_live_streams_at_once_on_sigterm(
+    env: dict[str, str], api_key: str, shop_url: str, spawn: Callable[..., Baton]
+) -> None:
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    port = free_port()
+    serve = spawn("serve", "--port", str(port), env=env)
+    base = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {api_key}"}
+    ended: dict[str, object] = {}
+    with httpx.Client(base_url=base, headers=headers, timeout=10) as client:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if client.get("/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "baton serve did not answer in 60 s"
+            time.sleep(0.1)
+        run_id = start_slow_run(client, shop_url, "signals-streams")
+
+        def follow_sse() -> None:
+            try:
+                with client.stream("GET", f"/api/v1/runs/{run_id}/stream") as response:
+                    ended["sse_status"] = response.status_code
+                    for _ in response.iter_bytes():
+                        pass
+                ended["sse"] = "ended"
+            except httpx.HTTPError as exc:
+                ended["sse"] = f"broken: {type(exc).__name__}"
+
+        def follow_ws() -> None:
+            url = f"ws://127.0.0.1:{port}/api/v1/runs/{run_id}/ws"
+            with connect(url, additional_headers=headers) as socket_:
+                try:
+                    while True:
+                        socket_.recv(timeout=30)
+                except ConnectionClosed as closed:
+                    ended["ws"] = closed.rcvd.code if closed.rcvd else None
+
+        followers = [threading.Thread(target=follow_sse), threading.Thread(target=follow_ws)]
+        for follower in followers:
+            follower.start()
+        time.sleep(1.0)  # both streams replayed the log and are live
+        took = serve.interrupt(signal.SIGTERM)
+        for follower in followers:
+            follower.join(10)
+
+    assert took < 2.5, f"open streams held the shut-down for {took:.1f} s"
+    assert serve.process.returncode == 128 + signal.SIGTERM.value
+    assert ended == {"sse_status": 200, "sse": "ended", "ws": 1001}
+    assert " ERROR " not in serve.stderr and "Traceback" not in serve.stderr
+
+
 def test_the_summary_of_an_interrupted_batch() -> None:
     """Three rows: one finished passing, one with a failure then cut short, one not begun."""
     from events.types import (
