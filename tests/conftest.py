@@ -57,6 +57,22 @@ def shop_url() -> Iterator[str]:
     stop(process)
 
 
+@pytest.fixture
+def env(
+    monkeypatch: pytest.MonkeyPatch, pg_server_dsn: str, shop_url: str, tmp_path: Path
+) -> dict[str, str]:
+    """The environment of a user's shell: the shop's URL and the PostgreSQL server."""
+    values = {
+        "SHOP_URL": shop_url,
+        "BATON_DATABASE_URL": pg_server_dsn,
+        "BATON_HOME": str(tmp_path / "home"),
+    }
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("BATON_SECRET_KEY", raising=False)
+    return values
+
+
 # The machine's PostgreSQL (trust auth); BATON_TEST_PG_ADMIN points the tests elsewhere.
 PG_ADMIN_DSN = os.environ.get(
     "BATON_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres"

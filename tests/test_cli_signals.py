@@ -270,6 +270,19 @@ def api_key(home: Path) -> str:
     ).strip()
 
 
+def wait_until_serving(client: httpx.Client, serve: Baton) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if client.get("/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert serve.process.poll() is None, serve.stderr
+        assert time.monotonic() < deadline, "baton serve did not answer in 60 s"
+        time.sleep(0.1)
+
+
 def start_slow_run(client: httpx.Client, shop_url: str, name: str) -> str:
     """A run of the slow flow through the API, returned once its slow requests are sent."""
 
@@ -327,16 +340,7 @@ def test_baton_serve_stops_cleanly(
     base = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {api_key}"}
     with httpx.Client(base_url=base, headers=headers, timeout=10) as client:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if client.get("/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert serve.process.poll() is None, serve.stderr
-            assert time.monotonic() < deadline, "baton serve did not answer in 60 s"
-            time.sleep(0.1)
+        wait_until_serving(client, serve)
         run_id = start_slow_run(client, shop_url, f"signals-{signum.name.lower()}")
         served = client.get(f"/api/v1/runs/{run_id}/events").json()["items"]
     took = serve.interrupt(signum)
@@ -371,15 +375,7 @@ def test_baton_serve_ends_open_live_streams_at_once_on_sigterm(
     headers = {"Authorization": f"Bearer {api_key}"}
     ended: dict[str, object] = {}
     with httpx.Client(base_url=base, headers=headers, timeout=10) as client:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if client.get("/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "baton serve did not answer in 60 s"
-            time.sleep(0.1)
+        wait_until_serving(client, serve)
         run_id = start_slow_run(client, shop_url, "signals-streams")
 
         def follow_sse() -> None:

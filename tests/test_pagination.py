@@ -23,20 +23,6 @@ NAMES = [product["name"] for product in PRODUCTS]
 STOCK = [product["stock"] for product in PRODUCTS]
 
 
-@pytest.fixture
-def env(
-    monkeypatch: pytest.MonkeyPatch, pg_server_dsn: str, shop_url: str, tmp_path: Path
-) -> dict[str, str]:
-    values = {
-        "SHOP_URL": shop_url,
-        "BATON_DATABASE_URL": pg_server_dsn,
-        "BATON_HOME": str(tmp_path / "home"),
-    }
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    return values
-
-
 async def run_flow(tmp_path: Path, tests: str) -> tuple[int, str, dict[str, dict[str, Any]], str]:
     """Run a flow of these tests: (exit code, console, {test: its JSON report}, run id)."""
     flow = tmp_path / "pages.yaml"

@@ -24,20 +24,6 @@ APPEND_LOCK = 7283540231093542001
 """The advisory lock every baton_append takes (schema.sql)."""
 
 
-@pytest.fixture
-def env(
-    monkeypatch: pytest.MonkeyPatch, pg_server_dsn: str, shop_url: str, tmp_path: Path
-) -> dict[str, str]:
-    values = {
-        "SHOP_URL": shop_url,
-        "BATON_DATABASE_URL": pg_server_dsn,
-        "BATON_HOME": str(tmp_path / "home"),
-    }
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    return values
-
-
 async def run(tmp_path: Path, flow: str) -> tuple[int, str, dict[str, object]]:
     path = tmp_path / "flow.yaml"
     path.write_text(textwrap.dedent(flow))

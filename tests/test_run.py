@@ -22,22 +22,6 @@ from tests.test_reporters import assert_valid_junit
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def env(
-    monkeypatch: pytest.MonkeyPatch, pg_server_dsn: str, shop_url: str, tmp_path: Path
-) -> dict[str, str]:
-    """The environment of a user's shell: the shop's URL and the PostgreSQL server."""
-    values = {
-        "SHOP_URL": shop_url,
-        "BATON_DATABASE_URL": pg_server_dsn,
-        "BATON_HOME": str(tmp_path / "home"),
-    }
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("BATON_SECRET_KEY", raising=False)
-    return values
-
-
 def report(path: Path) -> dict[str, dict[str, str]]:
     """{run label: {test: status}} from a JSON report."""
     data = json.loads(path.read_text())
