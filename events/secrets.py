@@ -313,14 +313,14 @@ class Policy:
     def scrub(self, text: str) -> str:
         """``text`` with every credential it shows by its shape masked; itself if none."""
         lowered = text.lower()
+        scrubbed = text
         if any(hint in lowered for hint in self._hints):
-            text = self._members(text)
-            text = _PAIR.sub(self._pair, text)
-        if "eyJ" in text:
-            text = _JWT.sub(MASK, text)
+            scrubbed = _PAIR.sub(self._pair, self._members(scrubbed))
+        if "eyJ" in scrubbed:
+            scrubbed = _JWT.sub(MASK, scrubbed)
         if "bearer" in lowered:
-            text = _BEARER.sub(lambda m: f"{m.group(1)} {MASK}", text)
-        return text
+            scrubbed = _BEARER.sub(lambda m: f"{m.group(1)} {MASK}", scrubbed)
+        return text if scrubbed == text else scrubbed
 
     def _pair(self, match: re.Match[str]) -> str:
         name = match.group(1)
