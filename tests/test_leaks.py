@@ -100,7 +100,7 @@ def assert_nothing_leaks(secrets: dict[str, str], places: dict[str, str | bytes]
         for what, secret in secrets.items()
         for form in forms(secret)
         for where, text in places.items()
-        if (form.encode() if isinstance(text, bytes) else form) in text
+        if (form.encode() in text if isinstance(text, bytes) else form in text)
     ]
     assert not leaks, "\n".join(leaks[:20])
 
@@ -111,7 +111,8 @@ async def redis_dump(url: str) -> str:
     parts: list[str] = []
     try:
         async for key in client.scan_iter(count=1000):
-            kind = (await client.type(key)).decode()
+            found_type = await client.type(key)
+            kind = found_type.decode() if isinstance(found_type, bytes) else found_type
             if kind == "string":
                 value: Any = await client.get(key)
             elif kind == "hash":
@@ -289,7 +290,7 @@ async def test_the_service_leaks_no_token_and_no_echoed_secret_even_in_a_rerun(
             places[f"SSE {run_id}"], places[f"WebSocket {run_id}"] = sse, ws
             places[f"dashboard {run_id}"] = await _dashboard(service, key, run_id)
         places["GET /runs"] = (await org.http.get("/api/v1/runs")).text
-        context = json.loads(places[f"GET {first}/context"])  # type: ignore[arg-type]
+        context = json.loads(places[f"GET {first}/context"])
         assert context["variables"]["echoed"] == "***"
         assert "echoed" in context["secret_names"]
         # the rerun ran uses_echo again with the reused capture, masked as its own
@@ -329,7 +330,9 @@ async def test_the_service_log_shows_no_secret_from_a_query_string(
         port = _free_port()
         log = (tmp_path / "service.log").open("w")
         command = [str(Path(sys.executable).with_name("baton")), "serve", "--port", str(port)]
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = await asyncio.create_subprocess_exec(
+            *command, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
         try:
             org = Org(_Running(f"http://127.0.0.1:{port}"), key)  # type: ignore[arg-type]
             await _until_up(org.http)
@@ -349,7 +352,7 @@ async def test_the_service_log_shows_no_secret_from_a_query_string(
             await org.http.aclose()
         finally:
             process.terminate()
-            process.wait(timeout=30)
+            await asyncio.wait_for(process.wait(), 30)
             log.close()
     text = (tmp_path / "service.log").read_text()
     assert f"/api/v1/runs/{run_id}?access_token=***" in text, text[-3000:]
