@@ -29,6 +29,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from context_service.keys import create_key
 from events.embedded import start_embedded, stop_embedded
+from events.secrets import MASK
 from examples.shop.server import STATE
 from examples.shop.server import serve as serve_shop
 from tests.cli import baton
@@ -392,3 +393,61 @@ async def _until_up(http: httpx.AsyncClient) -> None:
             pass
         await asyncio.sleep(0.1)
     raise AssertionError("baton serve did not answer within 60 s")
+
+
+async def test_a_flow_adds_names_to_redact_and_keeps_others(
+    shop: tuple[web.AppRunner, str],
+    pg_server_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """``redact:`` in defaults and in a test, read from the flow file into the events."""
+    monkeypatch.setenv("SHOP_URL", shop[1])
+    monkeypatch.setenv("BATON_DATABASE_URL", pg_server_dsn)
+    monkeypatch.setenv("BATON_HOME", str(tmp_path / "home"))
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(
+        textwrap.dedent("""
+        name: redact options
+        base_url: "{{ env.SHOP_URL }}"
+        defaults: {redact: {keys: [user_id], keep: [token_type]}}
+        tests:
+          login:
+            request:
+              method: POST
+              url: /auth/login
+              json: {username: alice, password: secret-alice}
+          echo:
+            redact: {keys: ["*note*"], keep: [user_id]}
+            request: {method: POST, url: /echo, json: {my_note: hello, user_id: 7}}
+    """)
+    )
+    report = str(tmp_path / "r.json")
+    code, out, err = await asyncio.to_thread(baton, "run", str(flow), "--json", report)
+    assert code == 0, out + err
+    run_id = json.loads((tmp_path / "r.json").read_text())["runs"][0]["run_id"]
+    connection = await asyncpg.connect(pg_server_dsn)
+    try:
+        bodies = dict(
+            await connection.fetch(
+                "SELECT data->>'test', data->>'body_excerpt' FROM events"
+                " WHERE stream = $1 AND type = 'ResponseReceived'",
+                f"run-{run_id}",
+            )
+        )
+    finally:
+        await connection.close()
+    login = json.loads(bodies["login"])
+    assert login["token_type"] == "Bearer"  # kept
+    assert login["user_id"] == MASK and login["refresh_token"] == MASK  # added; built in
+    echoed = json.loads(bodies["echo"])
+    assert json.loads(echoed["body"]) == {"my_note": MASK, "user_id": 7}  # the test's own
+    code, _, err = await asyncio.to_thread(
+        baton, "validate", str(_write(tmp_path / "bad.yaml", "defaults: {redact: {names: [x]}}"))
+    )
+    assert code == 2 and "redact" in err and "names" in err, err
+
+
+def _write(path: Path, extra: str) -> Path:
+    path.write_text(f"name: bad\n{extra}\ntests: {{t: {{request: {{url: /health}}}}}}\n")
+    return path
