@@ -33,7 +33,14 @@ from events.secrets import MASK
 from examples.shop.server import STATE
 from examples.shop.server import serve as serve_shop
 from tests.cli import baton
-from tests.conftest import LiveService, Org, RedisServer, _private_home, private_database
+from tests.conftest import (
+    LOOPBACK,
+    LiveService,
+    Org,
+    RedisServer,
+    _private_home,
+    private_database,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -228,6 +235,7 @@ async def redis_service(private_redis: RedisServer) -> AsyncIterator[LiveService
             database_url=dsn,
             redis_url=private_redis.url,
             home=home,
+            allowed_targets=LOOPBACK,  # the demo shop
             secret_key=base64.urlsafe_b64encode(os.urandom(32)).decode(),
         )
         service = LiveService(settings)
@@ -279,6 +287,9 @@ async def test_the_service_leaks_no_token_and_no_echoed_secret_even_in_a_rerun(
         suite = await owner.ok("POST", "/api/v1/suites", 201, json=body)
         first = await org.start(suite["id"], environment["id"])
         assert (await org.finished(first))["status"] == "failed"
+        results = await org.ok("GET", f"/api/v1/runs/{first}/results")
+        statuses = {item["test"]: item["status"] for item in results["items"]}
+        assert statuses == {"login": "passed", "echo": "passed", "uses_echo": "failed"}
         again = (await org.ok("POST", f"/api/v1/runs/{first}/rerun", 202))["id"]
         assert (await org.finished(again))["status"] == "failed"
         places: dict[str, str | bytes] = {}
@@ -320,6 +331,7 @@ async def test_the_service_log_shows_no_secret_from_a_query_string(
             **os.environ,
             "BATON_DATABASE_URL": dsn,
             "BATON_HOME": str(tmp_path / "home"),
+            "BATON_ALLOWED_TARGETS": LOOPBACK,
             "BATON_SECRET_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode(),
         }
         env.pop("BATON_REDIS_URL", None)
@@ -347,7 +359,7 @@ async def test_the_service_log_shows_no_secret_from_a_query_string(
             body = {"project_id": project["id"], "content": FLOW}
             suite = await org.ok("POST", "/api/v1/suites", 201, json=body)
             run_id = await org.start(suite["id"], environment["id"])
-            await org.finished(run_id)
+            assert (await org.finished(run_id))["status"] == "failed"  # uses_echo, on purpose
             # a client that puts a credential in the URL: the access log writes the URL
             await org.http.get(f"/api/v1/runs/{run_id}?access_token={canary}")
             await org.http.aclose()
