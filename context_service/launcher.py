@@ -3,8 +3,9 @@
 Each run is an asyncio task with its own event writer. The writer is where the service
 puts what the runner does not know: the run's organization and project (RunStarted), the
 captures a rerun reuses (appended right after RunStarted, under the tests that captured
-them, so the new run's context holds them as the old one did), the secrets among them
-(masked in every event, as the runner masks its own), and why a run was cancelled. The
+them, so the new run's context holds them as the old one did), and why a run was
+cancelled. The runner masks the secrets among the reused captures, and the environment's
+secrets, as its own: they are its ``RunInputs.hidden``. The
 writers append through the process's Owner (events.owners), which claims each run while it
 is open. When a run ends, its task waits for the process's projector to pass the run's last
 event (``after_run``) before it reports the run done.
@@ -13,6 +14,7 @@ event (``after_run``) before it reports the run done.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -25,7 +27,7 @@ import msgspec
 from events import types as ev
 from events.context import AUTH_PREFIX, Context
 from events.owners import Owner
-from events.secrets import Cipher, Redactor
+from events.secrets import Cipher
 from events.store import StoreError
 from events.writer import DEFAULT_MAX_WAIT, Appender, BatchingWriter
 from orchestrator import templating
@@ -34,13 +36,6 @@ from orchestrator.runner import RunInputs, Runner
 
 _log = logging.getLogger("baton.service.runs")
 CANCELLED_REASON = "cancelled through the API"
-_REDACTED_TYPES = (
-    ev.RequestSent,
-    ev.ResponseReceived,
-    ev.AssertionEvaluated,
-    ev.TestFailed,
-    ev.TestSkipped,
-)
 
 
 @dataclass(frozen=True)
@@ -54,7 +49,8 @@ class RunSpec:
     reused: Sequence[ev.Event] = ()
     """Captures of an earlier run, appended after RunStarted (a rerun)."""
     hidden: Collection[str] = ()
-    """Secret values in clear that the runner does not know of (a rerun's reused ones)."""
+    """Secret values in clear that the flow does not name (a rerun's reused ones): the
+    runner masks them with the environment's secrets."""
     on_done: Callable[[str, str], Any] | None = field(default=None, compare=False)
     """Called with (state, error) when the task ends: 'finished', 'cancelled' or 'error'."""
 
@@ -69,7 +65,6 @@ class _RunWriter(BatchingWriter):
     def __init__(self, store: Appender, spec: RunSpec, *, max_wait: float) -> None:
         super().__init__(store, max_wait=max_wait)
         self._spec = spec
-        self._redactor = Redactor(spec.hidden)
         self.cancel_requested = False
         self._ended = False
 
@@ -90,15 +85,7 @@ class _RunWriter(BatchingWriter):
                 event = ev.RunCancelled(reason=CANCELLED_REASON)
         elif isinstance(event, ev.RunCompleted):
             self._ended = True
-        elif len(self._redactor) and isinstance(event, _REDACTED_TYPES):
-            event = self._redact(event)
         super().emit(stream, event, at)
-
-    def _redact(self, event: ev.Event) -> ev.Event:
-        data = self._redactor.redact_value(msgspec.to_builtins(event))
-        if isinstance(event, ev.RequestSent | ev.ResponseReceived):
-            data["headers"] = self._redactor.mask_headers(event.headers)
-        return msgspec.convert(data, type(event))
 
 
 class RunLauncher:
@@ -162,8 +149,11 @@ class RunLauncher:
             concurrency=self._concurrency,
             limits=templating.SERVICE_LIMITS,  # a tenant's templates: bounded, off the loop
         )
+        # every secret of the run is the runner's to mask: the environment's, even those the
+        # flow does not name, and a rerun's reused ones (a capture equal to one is a secret)
+        hidden = (*spec.inputs.hidden, *spec.inputs.secrets.values(), *spec.hidden)
         try:
-            await runner.run(spec.plan, spec.inputs)
+            await runner.run(spec.plan, dataclasses.replace(spec.inputs, hidden=hidden))
         except asyncio.CancelledError:
             state = "cancelled"
         except Exception as exc:  # the task's end is its report: nothing may escape it

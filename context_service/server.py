@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from events.secrets import RedactingFormatter
 from events.settings import Settings
 
 UVICORN_OPTIONS: dict[str, Any] = {
@@ -32,21 +34,19 @@ def serve(host: str, port: int, settings: Settings) -> None:
     Raises StartupFailed when the app did not start (its log says why).
     """
     import asyncio
-    import logging
 
     import uvicorn
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # httpx logs every request of every run at INFO, its URL whole: a query can hold a
-    # tenant's secret, and the log is no place for it
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging()
 
     from context_service.app import create_app
 
     app = create_app(settings)
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", **UVICORN_OPTIONS)
+    # log_config None: uvicorn's loggers keep no handlers of their own and write through
+    # the root's, redacted like every other line
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="info", log_config=None, **UVICORN_OPTIONS
+    )
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
@@ -75,3 +75,18 @@ def serve(host: str, port: int, settings: Settings) -> None:
 
 class StartupFailed(Exception):
     pass
+
+
+QUIET_LOGGERS = ("httpx", "httpcore", "aiohttp")
+"""Libraries that log every request's URL at INFO (query strings, secrets in them)."""
+
+
+def configure_logging() -> None:
+    """The service's log: one handler on stderr whose every line passes through the same
+    redaction as the runs' events (their secrets, credentials by shape), and no library
+    logging request URLs at INFO."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -3,6 +3,12 @@
 A secret is a kind of value, not a naming convention: once the runner knows a value is
 secret it encrypts it before any event carries it and adds it to the run's ``Redactor``,
 which every console line, report, log, API response and notification passes through.
+
+A response can also carry a credential the flow never names (a refresh token in a login
+answer), so a ``Redactor`` masks by shape too, after a ``Policy``: the values of keys,
+parameters, fields and headers whose names say they are credentials, and JWT-shaped
+strings. This module is the one home of that policy; the log lines of a process pass
+through it as well (``RedactingFormatter``).
 """
 
 from __future__ import annotations
@@ -10,17 +16,21 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import fnmatch
 import functools
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets as _random
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, quote_plus
+from urllib.parse import quote, quote_plus, unquote_plus
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -160,17 +170,10 @@ MIN_SECRET_LENGTH = 4
 _MIN_CORE_BYTES = 6
 _BASE64_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_")
 _PERCENT = re.compile(r"%[0-9A-F]{2}")
-_SENSITIVE_HEADERS = frozenset(
+# Masked whatever a flow's policy keeps: the credential headers of the design.
+_ALWAYS_MASKED_HEADERS = frozenset(
     {"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key"}
 )
-_SENSITIVE_WORDS = ("token", "secret", "api-key", "apikey", "api_key", "password", "session")
-
-
-@functools.lru_cache(maxsize=1024)
-def is_sensitive_header(name: str) -> bool:
-    """Headers whose value is masked whatever it holds."""
-    lowered = name.lower()
-    return lowered in _SENSITIVE_HEADERS or any(word in lowered for word in _SENSITIVE_WORDS)
 
 
 def _forms(secret: str) -> dict[str, tuple[int, int]]:
@@ -244,48 +247,192 @@ def _trie_pattern(words: Iterable[str]) -> str:
     return build(root)
 
 
-class Redactor:
-    """Replaces every known secret, in any of its encodings, with ``***``.
+# ---- credentials by shape -----------------------------------------------------------------
 
-    Values shorter than ``MIN_SECRET_LENGTH`` (4) characters are ignored: masking every
-    ``"1"`` or ``"ab"`` would ruin the output and such a value protects little anyway.
-    The set only grows during a run (secrets captured as it goes).
+_CREDENTIAL_NAME = re.compile(
+    r"passw(?:or)?d|secret|token|api[-_]?key|private[-_]?key|authorization|cookie|session|jwt"
+)
+# What a lower-cased text must contain for one of those names to be in it: a cheap test
+# that lets most texts (no credential named in them) skip the scan.
+_NAME_HINTS = ("passw", "secret", "token", "key", "authorization", "cookie", "session", "jwt")
+_JWT = re.compile(r"eyJ[\w-]{2,}\.eyJ[\w-]{2,}\.[\w-]*")
+_BEARER = re.compile(r"\b(Bearer)\s+[\w.~+/=-]{8,}", re.IGNORECASE)
+# "key": value in JSON, 'key': value in a Python repr (a log line), \"key\": value in JSON
+# written inside a JSON string (an echo service's copy of the request body)
+_MEMBER = re.compile(r"""(\\?["'])([^"'\\\n]{1,128})\1\s*:\s*""")
+_SCALAR = re.compile(r"[^,}\]\s\\]*")
+# key=value in a query string, a form body, a cookie, a log line
+_PAIR = re.compile(r"(?<![\w.%\[\]-])([\w.%\[\]-]{1,128})=([^&\s;,\"'<>=\\][^&\s;,\"'<>\\]*)")
+_WORD = re.compile(r"[A-Za-z_][\w-]*")
+_GLOB_CHARS = re.compile(r"[*?\[\]]")
 
-    Most texts hold no secret, and each run learns new ones (its own token), so a regular
-    expression over every form would be compiled once per run for a handful of texts. A
-    text is first checked with plain substring tests; only the forms it holds are then
-    searched, by ``str.find`` when it is one form, by a regular expression over just those
-    forms otherwise (the forms it does not hold can never match).
+
+def _globs(patterns: Iterable[str]) -> re.Pattern[str] | None:
+    translated = [fnmatch.translate(pattern) for pattern in patterns]
+    return re.compile("|".join(translated)) if translated else None
+
+
+class Policy:
+    """Which names say that their value is a credential: the built-in words (password,
+    passwd, secret, any ``*token*``, api_key/apikey, private_key, authorization, cookie,
+    session, jwt, anywhere in a name and in any case), plus ``keys``, minus ``keep``.
+
+    ``keys`` and ``keep`` are glob patterns matched against a whole name without case:
+    ``ssn`` is that name only, ``*card*`` any name holding "card". ``keep`` wins: it is how
+    a flow shows a value whose name only looks like a credential's (``token_type``).
     """
 
-    __slots__ = ("_forms", "_patterns", "_secrets", "_shortest")
+    __slots__ = ("_added", "_hints", "_kept", "_verdicts")
 
-    def __init__(self, values: Iterable[str] = ()) -> None:
-        self._secrets: set[str] = set()
-        self._forms: dict[str, tuple[int, int]] = {}
-        self._shortest = 0
-        self._patterns: dict[tuple[str, ...], re.Pattern[str]] = {}
-        for value in values:
-            self.add(value)
+    def __init__(self, keys: Iterable[str] = (), keep: Iterable[str] = ()) -> None:
+        added = [key.lower() for key in keys if key]
+        self._added = _globs(added)
+        self._kept = _globs(key.lower() for key in keep if key)
+        literal = {chunk for key in added for chunk in _GLOB_CHARS.split(key) if chunk}
+        self._hints = (*_NAME_HINTS, *sorted(literal))
+        self._verdicts: dict[str, bool] = {}
 
     def __repr__(self) -> str:
-        return f"Redactor({len(self._secrets)} secrets)"
+        return f"Policy(added={self._added and self._added.pattern!r})"
 
-    def __len__(self) -> int:
-        return len(self._secrets)
+    def is_credential(self, name: str) -> bool:
+        verdict = self._verdicts.get(name)
+        if verdict is None:
+            lowered = unquote_plus(name).lower()
+            verdict = not (self._kept and self._kept.match(lowered)) and bool(
+                _CREDENTIAL_NAME.search(lowered) or (self._added and self._added.match(lowered))
+            )
+            if len(self._verdicts) < 4096:  # bounded: names come from the responses
+                self._verdicts[name] = verdict
+        return verdict
+
+    def mentions_credential(self, text: str) -> bool:
+        """Whether a name in ``text`` (a JSONPath, an assertion's subject) is a credential's."""
+        return any(self.is_credential(word) for word in _WORD.findall(text))
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every credential it shows by its shape masked; itself if none."""
+        lowered = text.lower()
+        scrubbed = text
+        if any(hint in lowered for hint in self._hints):
+            scrubbed = _PAIR.sub(self._pair, self._members(scrubbed))
+        if "eyJ" in scrubbed:
+            scrubbed = _JWT.sub(MASK, scrubbed)
+        if "bearer" in lowered:
+            scrubbed = _BEARER.sub(lambda m: f"{m.group(1)} {MASK}", scrubbed)
+        return text if scrubbed == text else scrubbed
+
+    def _pair(self, match: re.Match[str]) -> str:
+        name = match.group(1)
+        return f"{name}={MASK}" if self.is_credential(name) else match.group()
+
+    def _members(self, text: str) -> str:
+        pieces: list[str] = []
+        last = pos = 0
+        while (match := _MEMBER.search(text, pos)) is not None:
+            pos = match.end()
+            if not self.is_credential(match.group(2)):
+                continue  # its value is searched as the rest: nested names, pairs
+            quote_mark = match.group(1)
+            end = _value_end(text, pos, quote_mark)
+            pieces.append(text[last:pos])
+            pieces.append(f"{quote_mark}{MASK}{quote_mark}")
+            last = pos = end
+        if not pieces:
+            return text
+        pieces.append(text[last:])
+        return "".join(pieces)
+
+
+def _value_end(text: str, start: int, quote_mark: str) -> int:
+    """Where the value at ``start`` ends: a string, an object or an array (at its closing
+    bracket), or a bare scalar; the end of the text if it is cut short."""
+    if text.startswith(quote_mark, start):
+        # inside JSON written in a JSON string (\"), a quote of the outer text is one
+        # backslash away, a quote of the inner string three (\\\"), five for a backslash
+        # then the end of the string
+        level = len(quote_mark) - 1
+        period, closing = 2 << level, (1 << level) - 1
+        pos = start + len(quote_mark)
+        while (end := text.find(quote_mark[-1], pos)) >= 0:
+            run = 0
+            while end - run > pos and text[end - run - 1] == "\\":
+                run += 1
+            if run % period == closing:
+                return end + 1
+            pos = end + 1
+        return len(text)
+    if start < len(text) and text[start] in "{[":
+        depth, in_string, escaped = 0, False, False
+        for index in range(start, len(text)):
+            char = text[index]
+            if in_string:
+                if escaped:
+                    escaped = False
+                elif char == "\\":
+                    escaped = True
+                elif char == '"':
+                    in_string = False
+            elif char == '"':
+                in_string = True
+            elif char in "{[":
+                depth += 1
+            elif char in "}]":
+                depth -= 1
+                if depth == 0:
+                    return index + 1
+        return len(text)
+    match = _SCALAR.match(text, start)
+    return match.end() if match else start
+
+
+DEFAULT_POLICY = Policy()
+
+
+@functools.lru_cache(maxsize=256)
+def policy_for(keys: tuple[str, ...] = (), keep: tuple[str, ...] = ()) -> Policy:
+    """The policy of a flow or test (``redact: {keys: [...], keep: [...]}``), made once."""
+    return DEFAULT_POLICY if not keys and not keep else Policy(keys, keep)
+
+
+# ---- known secrets ------------------------------------------------------------------------
+
+
+class _Known:
+    """The secret values of one run, with every text they can appear as; shared by the
+    redactors of its tests.
+
+    A value added replaces the containers rather than changing them: a log line formatted
+    in another thread (``RedactingFormatter``) reads a whole set, never one changing size.
+    """
+
+    __slots__ = ("__weakref__", "forms", "longest", "patterns", "secrets", "shortest")
+
+    def __init__(self) -> None:
+        self.secrets: frozenset[str] = frozenset()
+        self.forms: dict[str, tuple[int, int]] = {}
+        self.shortest = 0
+        self.longest = 0
+        self.patterns: dict[tuple[str, ...], re.Pattern[str]] = {}
+        with _LIVE_LOCK:
+            _LIVE.add(self)
 
     def add(self, value: str) -> None:
-        if len(value) < MIN_SECRET_LENGTH or value in self._secrets:
+        if len(value) < MIN_SECRET_LENGTH or value in self.secrets:
             return
-        self._secrets.add(value)
-        forms = self._forms
+        forms = dict(self.forms)
         for text, widen in _forms(value).items():
             old = forms.get(text, (0, 0))
             forms[text] = (max(old[0], widen[0]), max(old[1], widen[1]))
-        self._shortest = min(len(text) for text in forms)
-        self._patterns.clear()
+        self.shortest = min(len(text) for text in forms)
+        self.longest = max(len(text) for text in forms)
+        self.patterns = {}
+        self.forms = forms
+        self.secrets = self.secrets | {value}
 
-    def _search(self, found: list[str]) -> Callable[[str, int], tuple[int, int] | None]:
+    def _search(
+        self, found: list[str], patterns: dict[tuple[str, ...], re.Pattern[str]]
+    ) -> Callable[[str, int], tuple[int, int] | None]:
         """Where the next of the ``found`` forms starts and ends, the longest at a position."""
         if len(found) == 1:
             form = found[0]
@@ -296,9 +443,9 @@ class Redactor:
 
             return find
         key = tuple(found)
-        pattern = self._patterns.get(key)
+        pattern = patterns.get(key)
         if pattern is None:
-            pattern = self._patterns[key] = re.compile(_trie_pattern(found))
+            pattern = patterns[key] = re.compile(_trie_pattern(found))
 
         def search(text: str, pos: int) -> tuple[int, int] | None:
             match = pattern.search(text, pos)
@@ -306,14 +453,19 @@ class Redactor:
 
         return search
 
-    def redact(self, text: str) -> str:
-        forms = self._forms
-        if not forms or len(text) < self._shortest:
+    def replace(self, text: str) -> str:
+        """Most texts hold no secret, and each run learns new ones (its own token), so a
+        regular expression over every form would be compiled once per run for a handful
+        of texts. A text is first checked with plain substring tests; only the forms it
+        holds are then searched, by ``str.find`` when it is one form, by a regular
+        expression over just those forms otherwise (the others can never match)."""
+        forms, patterns = self.forms, self.patterns
+        if not forms or len(text) < self.shortest:
             return text
         found = [form for form in forms if form in text]
         if not found:
             return text
-        search = self._search(found)
+        search = self._search(found, patterns)
         pieces: list[str] = []
         last = 0
         span = search(text, 0)
@@ -333,27 +485,110 @@ class Redactor:
         pieces.append(text[last:])
         return "".join(pieces)
 
+
+# Every run's known secrets while its redactors live: what a log line is redacted with.
+_LIVE: weakref.WeakSet[_Known] = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
+# A cut excerpt could end inside a credential that is then no longer recognised (half a
+# JWT, half a secret): the text around the cut is redacted with this much beyond it.
+_EXCERPT_MARGIN = 2048
+
+
+class Redactor:
+    """Masks every known secret, in any of its encodings, and whatever its ``policy``
+    recognises as a credential by its shape, with ``***``.
+
+    Values shorter than ``MIN_SECRET_LENGTH`` (4) characters are not known secrets:
+    masking every ``"1"`` or ``"ab"`` would ruin the output and such a value protects
+    little anyway. The known set only grows during a run (secrets captured as it goes),
+    and is shared with the redactors ``scoped`` to one test's policy.
+    """
+
+    __slots__ = ("_known", "policy")
+
+    def __init__(self, values: Iterable[str] = (), policy: Policy = DEFAULT_POLICY) -> None:
+        self._known = _Known()
+        self.policy = policy
+        for value in values:
+            self.add(value)
+
+    def __repr__(self) -> str:
+        return f"Redactor({len(self._known.secrets)} secrets)"
+
+    def __len__(self) -> int:
+        return len(self._known.secrets)
+
+    def scoped(self, policy: Policy) -> Redactor:
+        """A redactor with another policy and the same known secrets (one test's)."""
+        if policy is self.policy:
+            return self
+        scoped = Redactor.__new__(Redactor)
+        scoped._known = self._known
+        scoped.policy = policy
+        return scoped
+
+    def add(self, value: str) -> None:
+        self._known.add(value)
+
+    def holds(self, value: Any) -> bool:
+        """Whether ``value`` (JSON-like) shows a known secret, in any of its forms."""
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        return self._known.replace(text) is not text
+
+    def redact(self, text: str) -> str:
+        return self.policy.scrub(self._known.replace(text))
+
+    def excerpt(self, text: str, limit: int) -> str:
+        """The first ``limit`` characters of ``text``, redacted as if it were whole: the
+        cut never leaves the start of a credential that would have been masked."""
+        window = limit + 2 * _EXCERPT_MARGIN
+        while True:
+            redacted = self.redact(text[:window])
+            if window >= len(text) or len(redacted) >= limit + _EXCERPT_MARGIN:
+                return redacted[:limit]
+            window *= 2
+
     def redact_value(self, value: Any) -> Any:
-        """``value`` (JSON-like: dicts, lists, strings, numbers) with every secret masked."""
-        if not self._secrets:
-            return value
+        """``value`` (JSON-like: dicts, lists, strings, numbers) with every secret masked,
+        and the value of every key named like a credential, at any depth."""
         if isinstance(value, str):
             return self.redact(value)
         if isinstance(value, dict):
             return {
-                self.redact(k) if isinstance(k, str) else k: self.redact_value(v)
+                self.redact(k) if isinstance(k, str) else k: MASK
+                if isinstance(k, str) and self.policy.is_credential(k)
+                else self.redact_value(v)
                 for k, v in value.items()
             }
         if isinstance(value, list | tuple):
             return [self.redact_value(item) for item in value]
         if isinstance(value, int | float) and not isinstance(value, bool):
             # a number is one token: mask it only when it is a secret, not when it contains one
-            return MASK if str(value) in self._secrets else value
+            return MASK if str(value) in self._known.secrets else value
         return value
 
     def mask_headers(self, headers: Mapping[str, str]) -> dict[str, str]:
-        """Credentials headers masked outright, every other value redacted."""
+        """Credential headers masked outright, every other value redacted."""
         return {
-            name: MASK if is_sensitive_header(name) else self.redact(value)
+            name: MASK
+            if name.lower() in _ALWAYS_MASKED_HEADERS or self.policy.is_credential(name)
+            else self.redact(value)
             for name, value in headers.items()
         }
+
+
+def redact_process_text(text: str) -> str:
+    """``text`` redacted with every run's known secrets in this process and the default
+    policy: for what is not any one run's (a log line)."""
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for known in live:
+        text = known.replace(text)
+    return DEFAULT_POLICY.scrub(text)
+
+
+class RedactingFormatter(logging.Formatter):
+    """A log formatter whose every line, traceback included, is ``redact_process_text``'s."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_process_text(super().format(record))

@@ -129,6 +129,16 @@ class Until(Expect, frozen=True):
         return 0 if self.next is not None else "500ms"
 
 
+class Redact(_Spec, frozen=True):
+    """What the flow adds to the names whose values are masked in every output (the keys of
+    bodies at any depth, query parameters, form fields, headers), and takes away from them.
+    Glob patterns matched against a whole name without case: ``ssn``, ``*card*``."""
+
+    keys: list[str] = []
+    keep: list[str] = []
+    """Names that only look like credentials' (``token_type``): shown, not masked."""
+
+
 RetryCondition = Literal["5xx", "429", "timeout", "connect"]
 
 
@@ -148,6 +158,7 @@ class Defaults(_Spec, frozen=True):
     retries: Retry | Attempts = 0
     headers: dict[str, str] = {}
     follow_redirects: bool = False
+    redact: Redact = Redact()
 
 
 class Test(_Spec, frozen=True):
@@ -163,6 +174,8 @@ class Test(_Spec, frozen=True):
     capture: dict[str, Capture] = {}
     retries: Retry | Attempts | None = None
     until: Until | None = None
+    redact: Redact | None = None
+    """Added to ``defaults.redact``; a name this one lists wins over the defaults'."""
 
 
 class Flow(_Spec, frozen=True):

@@ -26,7 +26,7 @@ from orchestrator.model import Expect, Request, Test
 from orchestrator.planner import Plan
 from orchestrator.results import RunResult, TestResult
 from orchestrator.run_client import RunClient
-from orchestrator.testcase import TestExecution
+from orchestrator.testcase import TestExecution, redaction_policy
 
 Observer = Callable[[str, ev.Event], None]
 
@@ -44,6 +44,10 @@ class RunInputs:
     batch_id: str = ""
     tags: tuple[str, ...] = ()
     """The --tag selection the run was started with."""
+    hidden: tuple[str, ...] = ()
+    """Secret values besides the ``secrets.*`` the flow reads: an environment's other
+    secrets, the secret captures a rerun reuses. Masked, and a capture equal to one is a
+    secret capture."""
     run_id: str = field(default_factory=lambda: str(ev.new_id()))
 
 
@@ -143,7 +147,7 @@ class RunExecution:
         self.flow = plan.loaded.flow
         self.inputs = inputs
         self.stream = ev.run_stream(inputs.run_id)
-        self.redactor = Redactor()
+        self.redactor = Redactor(inputs.hidden, redaction_policy(self.flow.defaults.redact))
         for name in plan.secret_names:
             if name in inputs.secrets:
                 self.redactor.add(inputs.secrets[name])
@@ -272,6 +276,7 @@ class RunExecution:
             self._skip_tree(child, f"depends on {name}, which was skipped")
 
     def _skip(self, name: str, reason: str, category: ev.FailureCategory | None = None) -> None:
+        reason = self.redactor.redact(reason)  # a template error can quote a value
         self.emit(ev.TestSkipped(test=name, reason=reason, category=category))
         test = self.flow.tests[name]
         self.results[name] = TestResult(

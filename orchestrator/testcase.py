@@ -5,7 +5,6 @@ response, capture what later tests need, and record each step as an event.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
 import time
 from datetime import UTC, datetime
@@ -16,11 +15,21 @@ import msgspec
 
 from events import types as ev
 from events.context import assign_dotted
+from events.secrets import MASK, Policy, policy_for
 from events.store import now_us
 from orchestrator import templating
 from orchestrator.assertions import evaluate
-from orchestrator.captures import CaptureError, capture, capture_all, is_secret
-from orchestrator.model import Capture, Expect, Request, Retry, Test, retry_policy, seconds
+from orchestrator.captures import MISSING, CaptureError, capture, capture_all, is_secret
+from orchestrator.model import (
+    Capture,
+    Expect,
+    Redact,
+    Request,
+    Retry,
+    Test,
+    retry_policy,
+    seconds,
+)
 from orchestrator.results import AssertionResult, Exchange, ResponseView, TestResult
 from orchestrator.run_client import text as response_text
 
@@ -45,6 +54,7 @@ class TestExecution:
         self.run = run
         self.name = name
         self.test = test
+        self.redactor = run.redactor.scoped(redaction_policy(run.flow.defaults.redact, test.redact))
         self.attempt = 0
         """Requests sent, polls and retries included."""
         self.tries = 0
@@ -56,6 +66,8 @@ class TestExecution:
         self.assertions: list[AssertionResult] = []
         self.captured: dict[str, Any] = {}
         self.collected: dict[str, list[Any]] = {}
+        self._values: dict[str, Any] = {}
+        """The captures of the last response, read once (CaptureError for one not found)."""
         self.poll: dict[str, Any] = {"attempt": 1}
         """``{{ poll.* }}``: the request's number in the polling, the previous ``next``."""
         # what this test's templates read: the run's names, and its own poll values
@@ -72,7 +84,7 @@ class TestExecution:
         except _Failure as failure:
             self._report_response()
             duration = (time.perf_counter() - start) * 1000
-            message = self.run.redactor.redact(str(failure))
+            message = self.redactor.redact(str(failure))
             self.run.emit(
                 ev.TestFailed(
                     test=self.name,
@@ -139,7 +151,7 @@ class TestExecution:
                     if not checks:
                         return response  # the last page
                     self._report_response()
-                    self.assertions.extend(self._record(checks, "until "))
+                    self.assertions.extend(self._record(checks, "until ", response=response))
                     raise _Failure(
                         "assertion",
                         f"until: no next page after {poll} requests, and the condition "
@@ -152,7 +164,7 @@ class TestExecution:
                 )
             self._report_response()
             if poll == polls:
-                self.assertions.extend(self._record(checks, "until "))
+                self.assertions.extend(self._record(checks, "until ", response=response))
                 raise _Failure("assertion", failure)
             await asyncio.sleep(seconds(until.wait()))
         raise AssertionError("unreachable")
@@ -164,10 +176,10 @@ class TestExecution:
                 try:
                     found = capture_all(name, spec, response)
                 except CaptureError as exc:
-                    raise _Failure("capture", self.run.redactor.redact(str(exc))) from None
-                if is_secret(name, spec):
-                    for value in found:
-                        self.run.redactor.add(_secret_text(value))
+                    raise _Failure("capture", self.redactor.redact(str(exc))) from None
+                for value in found:
+                    if self._is_secret(name, spec, value):
+                        self.redactor.add(_secret_text(value))
                 self.collected.setdefault(name, []).extend(found)
 
     async def _expect(self, expect: _E) -> _E:
@@ -245,16 +257,16 @@ class TestExecution:
             raise _Failure("connection", message) from None
         # what is recorded is what is sent: the URL with the query of `params` merged in
         url = str(prepared.url)
-        redact = run.redactor.redact
+        redactor = self.redactor
         await run.runner.writer.writable()  # paused while the event store is unreachable
         self.run.emit(
             ev.RequestSent(
                 test=self.name,
                 attempt=self.attempt,
                 method=request.method,
-                url=redact(url),
-                headers=run.redactor.mask_headers(headers),
-                body_excerpt=redact(_text(content or form or "")[:EXCERPT]),
+                url=redactor.redact(url),
+                headers=redactor.mask_headers(headers),
+                body_excerpt=redactor.excerpt(_text(content or form or ""), EXCERPT),
             )
         )
         started = time.perf_counter()
@@ -294,8 +306,8 @@ class TestExecution:
         view, self.unreported = self.unreported, None
         if view is None or self.exchange is None:
             return
-        excerpt = self.run.redactor.redact(view.text[:EXCERPT])
-        masked = self.run.redactor.mask_headers(view.headers)
+        excerpt = self.redactor.excerpt(view.text, EXCERPT)
+        masked = self.redactor.mask_headers(view.headers)
         self.run.emit(
             ev.ResponseReceived(
                 test=self.name,
@@ -313,19 +325,44 @@ class TestExecution:
         self.exchange.duration_ms = round(view.duration_ms, 3)
 
     def _learn_secrets(self, response: ResponseView) -> None:
+        self._values = {}
         for name, spec in self.test.capture.items():
-            if is_secret(name, spec) and not spec.collect:  # _collect learnt those
-                # a capture that fails is reported when the captures run
-                with contextlib.suppress(CaptureError):
-                    self.run.redactor.add(_secret_text(capture(name, spec, response)))
+            if spec.collect:  # _collect learnt those, one by one
+                self._values[name] = self.collected.get(name, [])
+                continue
+            try:
+                value = self._values[name] = capture(name, spec, response)
+            except CaptureError as exc:
+                self._values[name] = exc  # reported when the captures run
+                continue
+            if self._is_secret(name, spec, value):
+                self.redactor.add(_secret_text(value))
+
+    def _is_secret(self, name: str, spec: Capture, value: Any) -> bool:
+        """A secret capture: ``secret: true`` or ``auth.*``; a value that shows a known
+        secret, whatever ``secret:`` says (an echo of a password is the password); and,
+        unless ``secret: false``, a credential by its shape: a cookie, a name, a JSONPath
+        or a header named like a credential's, a value with one inside."""
+        if is_secret(name, spec) or self.redactor.holds(value):
+            return True
+        if spec.secret is False:
+            return False
+        credential = self.redactor.policy.mentions_credential
+        kind, source = spec.source()
+        return (
+            kind == "cookie"
+            or credential(name)
+            or (kind in ("json", "header") and credential(source))
+            or self.redactor.redact_value(value) != value
+        )
 
     def _note_exchange(self, method: str, url: str, headers: dict[str, str], body: Any) -> None:
-        redact = self.run.redactor.redact
+        redactor = self.redactor
         self.exchange = Exchange(
             method=method,
-            url=redact(url),
-            request_headers=self.run.redactor.mask_headers(headers),
-            request_body=redact(_text(body or "")[:EXCERPT]),
+            url=redactor.redact(url),
+            request_headers=redactor.mask_headers(headers),
+            request_body=redactor.excerpt(_text(body or ""), EXCERPT),
         )
 
     async def _check(self, response: ResponseView) -> None:
@@ -334,8 +371,9 @@ class TestExecution:
         checks = evaluate(
             await self._expect(self.test.expect), response, base_dir=self.run.plan.loaded.base_dir
         )
-        self.assertions.extend(self._record(checks))
-        failed = [check for check in checks if not check.passed]
+        recorded = self._record(checks, response=response)
+        self.assertions.extend(recorded)
+        failed = [check for check in recorded if not check.passed]
         if failed:
             category: ev.FailureCategory = "server_error" if response.status >= 500 else "assertion"
             first = failed[0]
@@ -346,17 +384,19 @@ class TestExecution:
                 f"got {_short(first.actual)}" + (f" ({first.message})" if first.message else ""),
             )
 
-    def _record(self, checks: list[AssertionResult], prefix: str = "") -> list[AssertionResult]:
-        redact = self.run.redactor.redact_value
+    def _record(
+        self, checks: list[AssertionResult], prefix: str = "", *, response: ResponseView
+    ) -> list[AssertionResult]:
+        redactor = self.redactor
         recorded = []
         for check in checks:
             safe = AssertionResult(
                 subject=prefix + check.subject,
                 predicate=check.predicate,
-                expected=redact(check.expected),
-                actual=redact(check.actual),
+                expected=redactor.redact_value(check.expected),
+                actual=self._shown_actual(check, response),
                 passed=check.passed,
-                message=self.run.redactor.redact(check.message),
+                message=redactor.redact(check.message),
             )
             recorded.append(safe)
             self.run.emit(
@@ -372,19 +412,30 @@ class TestExecution:
             )
         return recorded
 
+    def _shown_actual(self, check: AssertionResult, response: ResponseView) -> Any:
+        """What a check found, as events and reports show it: redacted; masked outright
+        when what it checks is named like a credential (``json $.refresh_token``)."""
+        actual = check.actual
+        if actual is MISSING or actual is None or isinstance(actual, bool):
+            return actual
+        if self.redactor.policy.mentions_credential(check.subject):
+            return MASK
+        text = response.text
+        if isinstance(actual, str) and actual.endswith("…") and text.startswith(actual[:-1]):
+            # the start of the body: redacted as a whole, so that the cut hides no secret
+            return self.redactor.excerpt(response.text, len(actual) - 1) + "…"
+        return self.redactor.redact_value(actual)
+
     def _capture(self, response: ResponseView) -> None:
         run = self.run
         for name, spec in self.test.capture.items():
-            try:
-                value = (
-                    self.collected.get(name, []) if spec.collect else capture(name, spec, response)
-                )
-            except CaptureError as exc:
-                raise _Failure("capture", run.redactor.redact(str(exc))) from None
+            value = self._values[name]
+            if isinstance(value, CaptureError):
+                raise _Failure("capture", self.redactor.redact(str(value)))
             assign_dotted(run.namespace, name, value)
-            if is_secret(name, spec):
+            if self._is_secret(name, spec, value):
                 text = _secret_text(value)
-                run.redactor.add(text)
+                self.redactor.add(text)
                 sealed = run.runner.cipher.encrypt(text)
                 self.captured[name] = "***"
                 if name.startswith("auth."):
@@ -405,6 +456,16 @@ def _next(spec: Capture, response: ResponseView) -> Any:
     except CaptureError:
         return None
     return None if found == "" else found
+
+
+def redaction_policy(defaults: Redact, test: Redact | None = None) -> Policy:
+    """The policy of a test: the flow's ``defaults.redact`` and the test's own ``redact``;
+    a name the test lists wins over the defaults' opposite choice."""
+    if test is None:
+        return policy_for(tuple(defaults.keys), tuple(defaults.keep))
+    keys = [key for key in defaults.keys if key not in test.keep] + test.keys
+    keep = [key for key in defaults.keep if key not in test.keys] + test.keep
+    return policy_for(tuple(keys), tuple(keep))
 
 
 def policy_conditions(policy: Retry) -> set[ev.FailureCategory]:

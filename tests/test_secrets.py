@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import multiprocessing
 import os
@@ -177,7 +178,7 @@ def test_secret_inside_longer_base64_is_masked(user: str, trailer: str) -> None:
     password = "correct horse/battery+staple"
     prefix, total = len(user) + 1, len(user) + 1 + len(password) + len(trailer)
     encoded = base64.b64encode(f"{user}:{password}{trailer}".encode()).decode()
-    out = Redactor([password]).redact(f'{{"Authorization": "Basic {encoded}"}}')
+    out = Redactor([password]).redact(f'{{"echoed": "Basic {encoded}"}}')
     left, right = out.split("Basic ", 1)[1].split('"', 1)[0].split(MASK)
     assert encoded.startswith(left)
     assert encoded.endswith(right)
@@ -197,9 +198,9 @@ def test_short_values_are_not_secrets() -> None:
 
 def test_secrets_learned_during_a_run_apply_from_then_on() -> None:
     redactor = Redactor()
-    assert redactor.redact("token=tok-123456") == "token=tok-123456"
+    assert redactor.redact("value=tok-123456") == "value=tok-123456"
     redactor.add("tok-123456")
-    assert redactor.redact("token=tok-123456") == f"token={MASK}"
+    assert redactor.redact("value=tok-123456") == f"value={MASK}"
     redactor.add("second-secret")
     assert redactor.redact("tok-123456 second-secret") == f"{MASK} {MASK}"
 
@@ -253,3 +254,171 @@ def test_credential_headers_are_always_masked() -> None:
     assert list(masked) == list(headers)
     plain = {"Content-Type": "application/json", "X-Echo": f"value {MASK}"}
     assert masked == {name: plain.get(name, MASK) for name in headers}
+
+
+# ---- credentials by shape: values the flow never names --------------------------------------
+
+RT = "rt-canary-9f3e1b7a"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "password",
+        "passwd",
+        "userPassword",
+        "secret",
+        "client_secret",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "tokens",
+        "api_key",
+        "apikey",
+        "X-Api-Key",
+        "private_key",
+        "authorization",
+        "cookie",
+        "session",
+        "session_id",
+        "jwt",
+    ],
+)
+def test_values_of_credential_names_are_masked_at_any_depth(name: str) -> None:
+    redactor = Redactor()
+    document = {"user": {"id": 7, "profile": [{"name": "x", name: RT}]}, name: RT}
+    for text in (json.dumps(document), json.dumps(document, indent=2)):
+        out = redactor.redact(text)
+        assert RT not in out
+        assert json.loads(out) == {
+            "user": {"id": 7, "profile": [{"name": "x", name: MASK}]},
+            name: MASK,
+        }
+    assert redactor.redact_value(document)["user"]["profile"][0][name] == MASK
+    assert redactor.redact(f"https://api.example/x?a=1&{name}={RT}&b=2") == (
+        f"https://api.example/x?a=1&{name}={MASK}&b=2"
+    )
+    assert redactor.mask_headers({name: RT}) == {name: MASK}
+
+
+def test_a_credential_holding_an_object_is_masked_whole() -> None:
+    text = '{"tokens": {"access": "a1", "refresh": ["r1", {"x": "r2"}]}, "next": 3}'
+    assert json.loads(Redactor().redact(text)) == {"tokens": MASK, "next": 3}
+
+
+def test_credential_names_in_forms_cookies_reprs_and_json_inside_json() -> None:
+    redactor = Redactor()
+    cases = {
+        f"grant_type=refresh&refresh_token={RT}&client_secret=cs-1": (
+            f"grant_type=refresh&refresh_token={MASK}&client_secret={MASK}"
+        ),
+        f"session={RT}==; Path=/; HttpOnly": f"session={MASK}; Path=/; HttpOnly",
+        f"user[password]={quote_plus(RT)}&user[name]=al": f"user[password]={MASK}&user[name]=al",
+        f"{{'refresh_token': '{RT}', 'n': 1}}": f"{{'refresh_token': '{MASK}', 'n': 1}}",
+        json.dumps({"body": json.dumps({"refresh_token": RT + '"x', "u": 1})}): json.dumps(
+            {"body": json.dumps({"refresh_token": MASK, "u": 1})}
+        ),
+        f"Authorization: Bearer {RT}": f"Authorization: Bearer {MASK}",
+    }
+    for text, expected in cases.items():
+        assert redactor.redact(text) == expected, text
+
+
+def test_a_cut_json_excerpt_masks_to_its_end() -> None:
+    text = f'{{"user_id": 1, "refresh_token": "{RT}", "session": {{"id": "{RT}"}}}}'
+    for cut in range(len(text)):
+        out = Redactor().redact(text[:cut])
+        assert RT[:4] not in out, (cut, out)
+
+
+def test_jwt_shaped_strings_are_masked_wherever_they_are() -> None:
+    header = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').rstrip(b"=").decode()
+    payload = base64.urlsafe_b64encode(b'{"sub":"42"}').rstrip(b"=").decode()
+    jwt = f"{header}.{payload}.c2lnbmF0dXJlLXg_y-z"
+    out = Redactor().redact(f'{{"note": "issued {jwt} today", "x": "{jwt}"}}')
+    assert jwt not in out and payload not in out
+    assert out == f'{{"note": "issued {MASK} today", "x": "{MASK}"}}'
+
+
+def test_ordinary_texts_are_left_alone() -> None:
+    redactor = Redactor()
+    for text in (
+        '{"products": [{"id": 3, "name": "monkey wrench", "keywords": ["tools"]}]}',
+        "a basic example, key points: none; x=1&y=2",
+        "GET /api/v1/runs?limit=10&sort=-started_at",
+    ):
+        assert redactor.redact(text) is text
+
+
+def test_a_flow_adds_names_and_keeps_others() -> None:
+    from events.secrets import policy_for
+
+    text = json.dumps(
+        {"ssn": "123-45-678", "user_ssn": "u", "card_number": "4111", "token_type": "Bearer"}
+    )
+    redactor = Redactor().scoped(policy_for(("ssn", "*card*"), ("token_type",)))
+    assert json.loads(redactor.redact(text)) == {
+        "ssn": MASK,
+        "user_ssn": "u",  # a name without * is that name only
+        "card_number": MASK,
+        "token_type": "Bearer",
+    }
+    assert json.loads(Redactor().redact(text))["token_type"] == MASK
+    # the credential headers of the design stay masked whatever a flow keeps
+    keeping = Redactor().scoped(policy_for((), ("authorization", "x-session")))
+    assert keeping.mask_headers({"Authorization": "Basic eA==", "X-Session": "s"}) == {
+        "Authorization": MASK,
+        "X-Session": "s",
+    }
+
+
+def test_scoped_redactors_share_the_secrets_they_learn() -> None:
+    from events.secrets import policy_for
+
+    run = Redactor()
+    test = run.scoped(policy_for(("ssn",)))
+    test.add("learned-in-a-test")
+    assert run.redact("x learned-in-a-test") == f"x {MASK}"
+    assert run.holds({"echo": ["learned-in-a-test"]})
+    assert not run.holds({"echo": "something else"})
+
+
+def test_an_excerpt_never_ends_in_part_of_a_secret() -> None:
+    secret = "s3cr3t-value-that-is-long"
+    redactor = Redactor([secret])
+    for padding in range(40):
+        text = "x" * (2048 - padding) + secret + "y" * 5000
+        out = redactor.excerpt(text, 2048)
+        assert len(out) == 2048 or out.endswith("y")
+        assert secret[:4] not in out
+    # shape rules too: a token cut by the limit is masked, not half shown
+    body = "[" + ", ".join(f'{{"refresh_token": "{RT}-{i}"}}' for i in range(200)) + "]"
+    assert RT not in redactor.excerpt(body, 2048)
+
+
+def test_log_lines_are_redacted_with_every_live_runs_secrets_and_by_shape() -> None:
+    import logging
+
+    from events.secrets import RedactingFormatter
+
+    run = Redactor([CANARY])
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(RedactingFormatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger("baton.test.redaction")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("sent %s", f"https://x/?q={quote_plus(CANARY)}&refresh_token={RT}")
+        try:
+            raise ValueError(f"bad value {CANARY!r}")
+        except ValueError:
+            logger.exception("failed")
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert "Traceback" in text
+    for secret in (CANARY, RT):
+        for form in {secret, quote_plus(secret), json.dumps(secret)[1:-1], repr(secret)[1:-1]}:
+            assert form not in text, form
+    assert len(run) == 1  # alive until here: its secrets are known to the log
