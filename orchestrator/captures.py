@@ -14,6 +14,7 @@ from urllib.parse import urljoin
 
 import jsonpath_rfc9535
 
+from events.secrets import Redactor
 from orchestrator.model import Capture
 from orchestrator.results import ResponseView
 
@@ -38,12 +39,30 @@ MISSING = Missing.MISSING
 
 
 class CaptureError(Exception):
-    """A capture found nothing to capture; the message names the capture and what is missing."""
+    """A capture found nothing to capture; the message names the capture and what is missing.
 
-    def __init__(self, name: str, problem: str) -> None:
+    ``body``: the response text the message quotes the start of. It is kept whole so that
+    ``shown`` can redact before cutting: a cut first could leave half a secret in view.
+    """
+
+    def __init__(self, name: str, problem: str, body: str | None = None) -> None:
         self.name = name
         self.problem = problem
-        super().__init__(f"capture {name}: {problem}")
+        self.body = body
+        super().__init__(self._message(excerpt(body, _QUOTED) if body is not None else None))
+
+    def shown(self, redactor: Redactor) -> str:
+        """The message as a user may see it: every secret masked, the quote included."""
+        quoted = redactor.excerpt(self.body, _QUOTED) if self.body is not None else None
+        return redactor.redact(self._message(quoted))
+
+    def _message(self, quoted: str | None) -> str:
+        tail = f" (it starts {quoted!r})" if quoted is not None else ""
+        return f"capture {self.name}: {self.problem}{tail}"
+
+
+_QUOTED = 80
+"""How much of a body a capture's message quotes."""
 
 
 @functools.lru_cache(maxsize=2048)
@@ -157,8 +176,7 @@ def _nodes(name: str, path: str, response: ResponseView) -> list[Any]:
     try:
         document = response.json
     except ValueError:
-        body = excerpt(response.text, 80)
-        raise CaptureError(name, f"{path}: {NOT_JSON} (it starts {body!r})") from None
+        raise CaptureError(name, f"{path}: {NOT_JSON}", response.text) from None
     return [node.value for node in query.finditer(document)]
 
 

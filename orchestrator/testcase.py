@@ -176,7 +176,7 @@ class TestExecution:
                 try:
                     found = capture_all(name, spec, response)
                 except CaptureError as exc:
-                    raise _Failure("capture", self.redactor.redact(str(exc))) from None
+                    raise _Failure("capture", exc.shown(self.redactor)) from None
                 for value in found:
                     if self._is_secret(name, spec, value):
                         self.redactor.add(_secret_text(value))
@@ -431,7 +431,7 @@ class TestExecution:
         for name, spec in self.test.capture.items():
             value = self._values[name]
             if isinstance(value, CaptureError):
-                raise _Failure("capture", self.redactor.redact(str(value)))
+                raise _Failure("capture", value.shown(self.redactor))
             assign_dotted(run.namespace, name, value)
             if self._is_secret(name, spec, value):
                 text = _secret_text(value)

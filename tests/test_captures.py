@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from events.secrets import Redactor
 from orchestrator.captures import CaptureError, capture, is_secret
 from orchestrator.model import Capture
 from orchestrator.results import ResponseView
@@ -168,3 +169,12 @@ def test_status(status: int) -> None:
 )
 def test_is_secret(name: str, fields: dict[str, Any], secret: bool) -> None:
     assert is_secret(name, spec(**fields)) is secret
+
+
+def test_a_capture_error_quotes_the_body_redacted_before_it_is_cut() -> None:
+    secret = "s3cr3t-value-0123456789"
+    body = "<html>" + "x" * 70 + secret + " and the rest of the page</html>"
+    error = CaptureError("order_id", "$.id: the response body is not JSON", body)
+    shown = error.shown(Redactor([secret]))
+    assert shown.startswith("capture order_id: $.id: the response body is not JSON (it starts")
+    assert "s3cr" not in shown and "***" in shown
