@@ -385,9 +385,11 @@ async def test_a_service_run_the_store_drops_beyond_its_wait_ends_as_interrupted
     (its own heartbeat sweeps it), and the next run passes."""
     import base64
 
+    from context_service.keys import create_key
     from events.settings import Settings
+    from tests.conftest import Org
     from tests.test_owners import _events, _slow_suite, _wait_for
-    from tests.test_service_load import start_service, stop_service
+    from tests.test_service_load import _Live, start_service, stop_service
 
     settings = Settings(
         database_url=private_server.dsn,
@@ -397,8 +399,15 @@ async def test_a_service_run_the_store_drops_beyond_its_wait_ends_as_interrupted
     served = start_service(
         settings, tmp_path / "service.log", BATON_STORE_WAIT="2", BATON_OWNER_TIMEOUT="3"
     )
+    org: Org | None = None
     try:
-        org, suite, environment = await _slow_suite(served, shop_url)
+        runner_only, suite, environment = await _slow_suite(served, shop_url)
+        await runner_only.http.aclose()
+        # the naps are run variables, which only an admin key may set (issue: exfiltration)
+        key = await create_key(
+            settings, organization="load", scopes=["read", "run", "admin"], name="naps"
+        )
+        org = Org(_Live(served.url), key)
         run = await org.start(suite, environment, nap_ms="3000")
         await _wait_for(private_server.dsn, f"run-{run}", "RequestSent")
         private_server.pg_ctl("stop", "-m", "immediate")
@@ -410,6 +419,7 @@ async def test_a_service_run_the_store_drops_beyond_its_wait_ends_as_interrupted
         assert "TestPassed" not in [t for t, _ in events]
         again = await org.start(suite, environment, nap_ms="10")
         assert (await org.finished(again, within=30))["status"] == "passed"
-        await org.http.aclose()
     finally:
+        if org is not None:
+            await org.http.aclose()
         stop_service(served)
