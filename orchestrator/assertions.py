@@ -10,21 +10,23 @@ from __future__ import annotations
 
 import functools
 import operator
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jsonpath_rfc9535
 import msgspec
+import regex
 
 from orchestrator.captures import (
     MISSING,
     NOT_JSON,
     Missing,
+    PatternTimeout,
     compile_path,
     compile_regex,
     excerpt,
+    search,
     select,
 )
 from orchestrator.model import BodyExpect, Check, Expect, Predicate
@@ -220,11 +222,14 @@ def _contains(expected: Any, actual: Any, header: bool) -> Outcome:
 def _matches(expected: Any, actual: Any, header: bool) -> Outcome:
     try:
         pattern = compile_regex(expected)
-    except re.error as exc:
+    except regex.error as exc:
         return False, f"regular expression {expected!r} does not compile: {exc}", actual
     if not isinstance(actual, str):
         return False, f"matches needs a string, got {_type_name(actual)}", actual
-    passed = pattern.search(actual) is not None
+    try:
+        passed = search(pattern, actual) is not None
+    except PatternTimeout as exc:
+        return False, str(exc), actual
     return passed, "" if passed else f"{expected!r} does not match", actual
 
 

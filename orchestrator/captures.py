@@ -13,8 +13,10 @@ from typing import Any
 from urllib.parse import urljoin
 
 import jsonpath_rfc9535
+import regex
 
 from events.secrets import Redactor
+from orchestrator import templating
 from orchestrator.model import Capture
 from orchestrator.results import ResponseView
 
@@ -72,9 +74,29 @@ def compile_path(path: str) -> jsonpath_rfc9535.JSONPathQuery:
 
 
 @functools.lru_cache(maxsize=2048)
-def compile_regex(pattern: str) -> re.Pattern[str]:
-    """Raises ``re.error`` if the pattern does not compile."""
-    return re.compile(pattern)
+def compile_regex(pattern: str) -> regex.Pattern[str]:
+    """Raises ``regex.error`` if the pattern does not compile. The ``regex`` package (the
+    syntax of ``re``) because its matches take a timeout: see ``search``."""
+    return regex.compile(pattern)
+
+
+class PatternTimeout(Exception):
+    """A match of one of the flow's patterns took longer than the run's limit."""
+
+
+def search(pattern: regex.Pattern[str], text: str) -> regex.Match[str] | None:
+    """``pattern.search(text)`` within the run's ``pattern_seconds``: a pattern that
+    backtracks without end fails its check instead of holding the event loop."""
+    seconds = templating.LIMITS.get(templating.CLI_LIMITS).pattern_seconds
+    try:
+        # concurrent: the match lets go of the GIL, so the loop answers while it runs
+        return pattern.search(text, timeout=seconds, concurrent=True)
+    except TimeoutError:
+        raise PatternTimeout(
+            f"regular expression {pattern.pattern!r} took longer than {seconds:g} s on "
+            "the response, the limit of one match; simplify it (nested repeats such as "
+            "(a+)+ backtrack without end)"
+        ) from None
 
 
 def select(query: jsonpath_rfc9535.JSONPathQuery, document: Any) -> Any:
@@ -180,10 +202,10 @@ def _nodes(name: str, path: str, response: ResponseView) -> list[Any]:
     return [node.value for node in query.finditer(document)]
 
 
-def _pattern(name: str, pattern: str) -> re.Pattern[str]:
+def _pattern(name: str, pattern: str) -> regex.Pattern[str]:
     try:
         return compile_regex(pattern)
-    except re.error as exc:
+    except regex.error as exc:
         raise CaptureError(
             name, f"regular expression {pattern!r} does not compile: {exc}"
         ) from None
@@ -191,11 +213,14 @@ def _pattern(name: str, pattern: str) -> re.Pattern[str]:
 
 def _regex(name: str, pattern: str, text: str) -> str:
     compiled = _pattern(name, pattern)
-    match = compiled.search(text)
+    try:
+        match = search(compiled, text)
+    except PatternTimeout as exc:
+        raise CaptureError(name, str(exc)) from None
     if match is None:
         raise CaptureError(name, f"regular expression {pattern!r} matched nothing in the body")
     # a group says which part to keep: token=(\w+) captures the token, not "token="
-    value = match.group(1) if compiled.groups else match.group(0)
+    value: str | None = match.group(1) if compiled.groups else match.group(0)
     if value is None:
         raise CaptureError(name, f"regular expression {pattern!r} matched, but group 1 did not")
     return value

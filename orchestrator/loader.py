@@ -18,6 +18,7 @@ from typing import Annotated, Any, Union, get_args, get_origin
 
 import jsonpath_rfc9535
 import msgspec
+import regex
 import yaml
 
 from orchestrator import templating
@@ -468,8 +469,8 @@ def _regex_error(pattern: str) -> Iterator[str]:
     if templating.has_template(pattern):
         return
     try:
-        re.compile(pattern)
-    except re.error as exc:
+        regex.compile(pattern)  # what the run compiles it with (captures.compile_regex)
+    except regex.error as exc:
         yield f"regular expression {pattern!r} does not compile: {exc}"
 
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import msgspec
@@ -29,6 +29,9 @@ from orchestrator.run_client import RunClient
 from orchestrator.testcase import TestExecution, redaction_policy
 
 Observer = Callable[[str, ev.Event], None]
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,13 @@ class Runner:
         if self.limits.off_loop and templating.is_costly(renderer):
             return await templating.off_loop(renderer, namespace)
         return renderer(namespace)
+
+    async def off_loop(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` in the render thread if the limits say so: a tenant's checks
+        and captures (their patterns, their schemas) cannot hold up the loop either."""
+        if self.limits.off_loop:
+            return await templating.off_loop(function, *args)
+        return function(*args)
 
     def expect_renderer(self, spec: Expect) -> templating.Renderer | None:
         """What renders an expectation's templates; None if it has none."""

@@ -69,11 +69,16 @@ class Limits:
     """Bits of any integer a template computes (Python prints no more than 4300 digits)."""
     off_loop: bool = False
     """Render in a worker thread, so that the event loop goes on answering meanwhile."""
+    pattern_seconds: float = 10.0
+    """Time of one match of one of the flow's regular expressions (``matches``, a regex
+    capture): a pattern that backtracks without end would hold the event loop as long."""
 
 
 CLI_LIMITS = Limits(output=16 * 2**20, iterations=10_000_000, seconds=10.0)
 """``baton run``: a user's own flows, generous but finite."""
-SERVICE_LIMITS = Limits(output=2**20, iterations=100_000, seconds=1.0, off_loop=True)
+SERVICE_LIMITS = Limits(
+    output=2**20, iterations=100_000, seconds=1.0, off_loop=True, pattern_seconds=0.25
+)
 """Runs started through the service: a tenant's flow must not stall it."""
 LIMITS: contextvars.ContextVar[Limits] = contextvars.ContextVar("baton_template_limits")
 """The limits of the renders of the current task (a run sets them); CLI_LIMITS if unset."""

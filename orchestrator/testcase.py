@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -77,7 +79,7 @@ class TestExecution:
         start = time.perf_counter()
         try:
             response = await self._send_until()
-            self._learn_secrets(response)
+            await self._learn_secrets(response)
             self._report_response()
             await self._check(response)
             self._capture(response)
@@ -133,18 +135,18 @@ class TestExecution:
         for poll in range(1, polls + 1):
             self.poll["attempt"] = poll
             response = await self._send_with_retries()
-            self._collect(response)
+            await self._collect(response)
             if until is None:
                 return response
             rendered = await self._expect(until)
-            checks = evaluate(rendered, response, base_dir=self.run.plan.loaded.base_dir)
+            checks = await self._evaluate(rendered, response)
             held = all(check.passed for check in checks)
             if rendered.next is None:
                 if held:
                     return response
                 failure = f"until: the condition still failed after {polls} attempts"
             else:
-                following = _next(rendered.next, response)
+                following = await self.run.runner.off_loop(_next, rendered.next, response)
                 if checks and held:
                     return response
                 if following is None:
@@ -169,18 +171,24 @@ class TestExecution:
             await asyncio.sleep(seconds(until.wait()))
         raise AssertionError("unreachable")
 
-    def _collect(self, response: ResponseView) -> None:
+    async def _collect(self, response: ResponseView) -> None:
         """What ``collect: true`` captures keep of every response, page after page."""
         for name, spec in self.test.capture.items():
             if spec.collect:
                 try:
-                    found = capture_all(name, spec, response)
+                    found = await self.run.runner.off_loop(capture_all, name, spec, response)
                 except CaptureError as exc:
                     raise _Failure("capture", exc.shown(self.redactor)) from None
                 for value in found:
                     if self._is_secret(name, spec, value):
                         self.redactor.add(_secret_text(value))
                 self.collected.setdefault(name, []).extend(found)
+
+    async def _evaluate(self, expect: Expect, response: ResponseView) -> list[AssertionResult]:
+        base_dir = self.run.plan.loaded.base_dir
+        return await self.run.runner.off_loop(
+            functools.partial(evaluate, base_dir=base_dir), expect, response
+        )
 
     async def _expect(self, expect: _E) -> _E:
         renderer = self.run.runner.expect_renderer(expect)
@@ -324,17 +332,15 @@ class TestExecution:
         self.exchange.response_excerpt = excerpt
         self.exchange.duration_ms = round(view.duration_ms, 3)
 
-    def _learn_secrets(self, response: ResponseView) -> None:
-        self._values = {}
+    async def _learn_secrets(self, response: ResponseView) -> None:
+        self._values = await self.run.runner.off_loop(_read_captures, self.test.capture, response)
         for name, spec in self.test.capture.items():
             if spec.collect:  # _collect learnt those, one by one
                 self._values[name] = self.collected.get(name, [])
                 continue
-            try:
-                value = self._values[name] = capture(name, spec, response)
-            except CaptureError as exc:
-                self._values[name] = exc  # reported when the captures run
-                continue
+            value = self._values[name]
+            if isinstance(value, CaptureError):
+                continue  # reported when the captures run
             if self._is_secret(name, spec, value):
                 self.redactor.add(_secret_text(value))
 
@@ -368,9 +374,7 @@ class TestExecution:
     async def _check(self, response: ResponseView) -> None:
         if self.test.expect is None:
             return
-        checks = evaluate(
-            await self._expect(self.test.expect), response, base_dir=self.run.plan.loaded.base_dir
-        )
+        checks = await self._evaluate(await self._expect(self.test.expect), response)
         recorded = self._record(checks, response=response)
         self.assertions.extend(recorded)
         failed = [check for check in recorded if not check.passed]
@@ -466,6 +470,20 @@ def redaction_policy(defaults: Redact, test: Redact | None = None) -> Policy:
     keys = [key for key in defaults.keys if key not in test.keep] + test.keys
     keep = [key for key in defaults.keep if key not in test.keys] + test.keep
     return policy_for(tuple(keys), tuple(keep))
+
+
+def _read_captures(captures: Mapping[str, Capture], response: ResponseView) -> dict[str, Any]:
+    """Each capture's value in ``response``, or the CaptureError that says why it has none
+    (``collect`` captures are _collect's)."""
+    values: dict[str, Any] = {}
+    for name, spec in captures.items():
+        if spec.collect:
+            continue
+        try:
+            values[name] = capture(name, spec, response)
+        except CaptureError as exc:
+            values[name] = exc
+    return values
 
 
 def policy_conditions(policy: Retry) -> set[ev.FailureCategory]:

@@ -296,3 +296,63 @@ async def test_costly_templates_never_hold_up_the_service(
         f"/health: {len(latencies)} answers in {took:.1f} s, slowest {max(latencies) * 1000:.0f} ms"
     )
     assert len(latencies) > 20 and max(latencies) < 1.0, max(latencies)
+
+
+BACKTRACKS = "(a|aa)+c"
+"""No match on a run of a's, found only after trying every way to split it: without a
+bound, hours of backtracking on 60 characters."""
+
+
+def test_a_pattern_that_backtracks_without_end_stops_at_the_run_s_limit() -> None:
+    from orchestrator.captures import PatternTimeout, compile_regex, search
+
+    token = templating.LIMITS.set(templating.SERVICE_LIMITS)
+    try:
+        start = time.monotonic()
+        with pytest.raises(PatternTimeout, match=r"took longer than 0\.25 s"):
+            search(compile_regex(BACKTRACKS), "a" * 60)
+        assert time.monotonic() - start < 1.0
+        assert search(compile_regex("a+c"), "aaac") is not None  # an ordinary one matches
+    finally:
+        templating.LIMITS.reset(token)
+
+
+async def test_patterns_that_backtrack_never_hold_up_the_service(
+    tenant: tuple[Org, str, str], live_service: LiveService
+) -> None:
+    """Checks and a capture whose patterns backtrack without end fail their tests, each
+    within the service's limit of one match, while /health answers within 1 s."""
+    org, project, environment = tenant
+    request = {"url": "/echo", "params": {"q": "a" * 60}}
+    tests: dict[str, Any] = {
+        f"check_{n}": {"request": request, "expect": {"body": {"matches": BACKTRACKS}}}
+        for n in range(4)
+    }
+    tests["capture"] = {"request": request, "capture": {"found": {"regex": BACKTRACKS}}}
+    flow = {"name": "backtracking", "base_url": "{{ env.SHOP_URL }}", "tests": tests}
+    latencies: list[float] = []
+    polling = True
+
+    async def poll_health() -> None:
+        async with live_service.client() as anonymous:
+            while polling:
+                start = time.monotonic()
+                response = await anonymous.get("/health", timeout=30)
+                latencies.append(time.monotonic() - start)
+                assert response.status_code == 200
+                await asyncio.sleep(0.05)
+
+    poller = asyncio.create_task(poll_health())
+    try:
+        run_id = await _run(org, project, environment, json.dumps(flow))
+        finished = await org.finished(run_id, within=60)
+    finally:
+        polling = False
+        await poller
+    assert finished["status"] == "failed"
+    results = await org.ok("GET", f"/api/v1/runs/{run_id}/results?limit=100")
+    assert len(results["items"]) == 5
+    for item in results["items"]:
+        assert "took longer than 0.25 s" in item["message"], item
+    print(f"/health: {len(latencies)} answers, slowest {max(latencies) * 1000:.0f} ms")
+    assert len(latencies) > 5 and max(latencies) < 1.0, max(latencies)
