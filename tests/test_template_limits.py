@@ -5,6 +5,7 @@ tenant's costly templates never hold up the service (``/health`` answers within 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import textwrap
 import time
@@ -209,6 +210,30 @@ _SUITES: dict[str, str] = {}
 """Suite ids by content: each flow is uploaded once (a second would be a conflict)."""
 
 
+@contextlib.asynccontextmanager
+async def health_latencies(live_service: LiveService) -> AsyncIterator[list[float]]:
+    """How long each /health took, asked every 50 ms (without a key) while the block runs;
+    every answer must be 200."""
+    latencies: list[float] = []
+    polling = True
+
+    async def poll() -> None:
+        async with live_service.client() as anonymous:
+            while polling:
+                start = time.monotonic()
+                response = await anonymous.get("/health", timeout=30)
+                latencies.append(time.monotonic() - start)
+                assert response.status_code == 200
+                await asyncio.sleep(0.05)
+
+    poller = asyncio.create_task(poll())
+    try:
+        yield latencies
+    finally:
+        polling = False
+        await poller
+
+
 async def _run(org: Org, project: str, environment: str, content: str) -> str:
     if content not in _SUITES:
         suite = await org.ok(
@@ -266,27 +291,11 @@ async def test_costly_templates_never_hold_up_the_service(
         "variables": {"s": "{{ 'a' * 10000 }}"},
         "tests": tests,
     }
-    latencies: list[float] = []
-    polling = True
-
-    async def poll_health() -> None:
-        async with live_service.client() as anonymous:
-            while polling:
-                start = time.monotonic()
-                response = await anonymous.get("/health", timeout=30)
-                latencies.append(time.monotonic() - start)
-                assert response.status_code == 200
-                await asyncio.sleep(0.05)
-
-    poller = asyncio.create_task(poll_health())  # from before the first run starts
     began = time.monotonic()
-    try:
+    async with health_latencies(live_service) as latencies:  # from before the first run
         runs = [await _run(org, project, environment, json.dumps(heavy)) for _ in range(2)]
         runs.append(await _run(org, project, environment, _corpus_flow("{{ env.SHOP_URL }}")))
         finished = [await org.finished(run_id, within=120) for run_id in runs]
-    finally:
-        polling = False
-        await poller
     took = time.monotonic() - began
     assert all(run["status"] == "failed" for run in finished)
     results = await org.ok("GET", f"/api/v1/runs/{runs[0]}/results?limit=100")
@@ -330,25 +339,9 @@ async def test_patterns_that_backtrack_never_hold_up_the_service(
     }
     tests["capture"] = {"request": request, "capture": {"found": {"regex": BACKTRACKS}}}
     flow = {"name": "backtracking", "base_url": "{{ env.SHOP_URL }}", "tests": tests}
-    latencies: list[float] = []
-    polling = True
-
-    async def poll_health() -> None:
-        async with live_service.client() as anonymous:
-            while polling:
-                start = time.monotonic()
-                response = await anonymous.get("/health", timeout=30)
-                latencies.append(time.monotonic() - start)
-                assert response.status_code == 200
-                await asyncio.sleep(0.05)
-
-    poller = asyncio.create_task(poll_health())
-    try:
+    async with health_latencies(live_service) as latencies:
         run_id = await _run(org, project, environment, json.dumps(flow))
         finished = await org.finished(run_id, within=60)
-    finally:
-        polling = False
-        await poller
     assert finished["status"] == "failed"
     results = await org.ok("GET", f"/api/v1/runs/{run_id}/results?limit=100")
     assert len(results["items"]) == 5
