@@ -13,7 +13,7 @@ import gc
 import logging
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
@@ -58,6 +58,27 @@ _READ_STREAM = (
     "SELECT position, version, event_id, recorded_at, data::text"
     " FROM events WHERE stream = $1 AND version > $2 ORDER BY version"
 )
+_READ_STREAM_RANGE = (
+    "SELECT position, version, event_id, recorded_at, data::text"
+    " FROM events WHERE stream = $1 AND version > $2 AND position > $3"
+    " AND ($4::int8 IS NULL OR position <= $4) ORDER BY version"
+)
+_READ_ALL_WHERE = (
+    "SELECT position, stream, version, event_id, recorded_at, data::text"
+    " FROM events WHERE position > $1 AND ($3::int8 IS NULL OR position <= $3)"
+    " AND ($4::text[] IS NULL OR type = ANY($4::text[])) ORDER BY position LIMIT $2"
+)
+_FIRST_EVENTS = (
+    "SELECT position, stream, version, event_id, recorded_at, data::text"
+    " FROM events WHERE stream = ANY($1::text[]) AND version = 1"
+)
+# baton_streams holds each stream's last version: one index probe a stream, no sort
+_LAST_EVENTS = (
+    "SELECT e.position, e.stream, e.version, e.event_id, e.recorded_at, e.data::text"
+    " FROM baton_streams s JOIN events e ON e.stream = s.stream AND e.version = s.version"
+    " WHERE s.stream = ANY($1::text[])"
+)
+_HEAD = "SELECT coalesce(max(position), 0) FROM events"
 _STREAM_VERSION = "SELECT version FROM baton_streams WHERE stream = $1"
 _LIST_STREAMS = (
     "SELECT stream FROM baton_streams WHERE starts_with(stream, $1)"
@@ -235,12 +256,24 @@ class PostgresEventStore:
             flat: list[int] = await conn.fetchval(_APPEND, *arguments)
         return _per_append(flat, counts)
 
-    async def read_stream(self, stream: str, after_version: int = 0) -> list[RecordedEvent]:
+    async def read_stream(
+        self,
+        stream: str,
+        after_version: int = 0,
+        *,
+        after_position: int = 0,
+        through_position: int | None = None,
+    ) -> list[RecordedEvent]:
         decode = _decode_event
         recorded = RecordedEvent
         with _gc_paused:
             with _ErrorTranslator(self._dsn)():
-                rows = await self._pool.fetch(_READ_STREAM, stream, after_version)
+                if after_position == 0 and through_position is None:
+                    rows = await self._pool.fetch(_READ_STREAM, stream, after_version)
+                else:
+                    rows = await self._pool.fetch(
+                        _READ_STREAM_RANGE, stream, after_version, after_position, through_position
+                    )
             # positional arguments, in RecordedEvent's field order: id, stream, version,
             # position, recorded_at, event
             return [
@@ -248,8 +281,51 @@ class PostgresEventStore:
                 for position, version, event_id, at, data in rows
             ]
 
-    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
-        return await self._read_all(self._pool, after_position, limit)
+    async def head(self) -> int:
+        with _ErrorTranslator(self._dsn)():
+            position: int = await self._pool.fetchval(_HEAD)
+        return position
+
+    async def first_events(self, streams: Sequence[str]) -> dict[str, RecordedEvent]:
+        return await self._by_stream(_FIRST_EVENTS, streams)
+
+    async def last_events(self, streams: Sequence[str]) -> dict[str, RecordedEvent]:
+        return await self._by_stream(_LAST_EVENTS, streams)
+
+    async def _by_stream(self, query: str, streams: Sequence[str]) -> dict[str, RecordedEvent]:
+        if not streams:
+            return {}
+        with _ErrorTranslator(self._dsn)():
+            rows = await self._pool.fetch(query, list(streams))
+        return {
+            stream: RecordedEvent(event_id, stream, version, position, at, _decode_event(data))
+            for position, stream, version, event_id, at, data in rows
+        }
+
+    async def read_all(
+        self,
+        after_position: int = 0,
+        limit: int = 1000,
+        *,
+        through_position: int | None = None,
+        types: Collection[str] | None = None,
+    ) -> list[RecordedEvent]:
+        if through_position is None and types is None:
+            return await self._read_all(self._pool, after_position, limit)
+        decode = _decode_event
+        with _gc_paused:
+            with _ErrorTranslator(self._dsn)():
+                rows = await self._pool.fetch(
+                    _READ_ALL_WHERE,
+                    after_position,
+                    limit,
+                    through_position,
+                    None if types is None else list(types),
+                )
+            return [
+                RecordedEvent(event_id, stream, version, position, at, decode(data))
+                for position, stream, version, event_id, at, data in rows
+            ]
 
     async def read_all_in_transaction(
         self, conn: asyncpg.Connection, after_position: int = 0, limit: int = 1000

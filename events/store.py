@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Protocol
 
 import msgspec
@@ -63,6 +63,12 @@ class StreamAppend(msgspec.Struct, frozen=True):
 
 
 class EventStore(Protocol):
+    """The log: what every package outside ``events`` reads and writes it through.
+
+    A backend guarantees commit order for readers by position (nothing is passed over that a
+    slower transaction commits later) and turns its driver's errors into StoreError.
+    """
+
     async def append(self, appends: Sequence[StreamAppend]) -> list[list[int]]:
         """Append to one or more streams atomically: all of it or none of it.
 
@@ -72,16 +78,45 @@ class EventStore(Protocol):
         """
         ...
 
-    async def read_stream(self, stream: str, after_version: int = 0) -> list[RecordedEvent]:
-        """The stream's events with version > after_version, by version."""
-        ...
-
-    async def read_all(self, after_position: int = 0, limit: int = 1000) -> list[RecordedEvent]:
-        """Events with position > after_position in commit order, never skipping one."""
+    async def head(self) -> int:
+        """The log's last committed position, 0 if it holds nothing."""
         ...
 
     async def stream_version(self, stream: str) -> int:
-        """The stream's last version, 0 if it holds nothing."""
+        """The head of a stream: its last version, 0 if it holds nothing."""
+        ...
+
+    async def read_stream(
+        self,
+        stream: str,
+        after_version: int = 0,
+        *,
+        after_position: int = 0,
+        through_position: int | None = None,
+    ) -> list[RecordedEvent]:
+        """The stream's events with version > after_version and after_position < position
+        <= through_position (no upper bound if None), by version."""
+        ...
+
+    async def first_events(self, streams: Sequence[str]) -> dict[str, RecordedEvent]:
+        """The first event (version 1) of each stream that has one."""
+        ...
+
+    async def last_events(self, streams: Sequence[str]) -> dict[str, RecordedEvent]:
+        """The last event of each stream that has one."""
+        ...
+
+    async def read_all(
+        self,
+        after_position: int = 0,
+        limit: int = 1000,
+        *,
+        through_position: int | None = None,
+        types: Collection[str] | None = None,
+    ) -> list[RecordedEvent]:
+        """Events with after_position < position <= through_position in commit order, never
+        skipping one; only those of ``types`` (event type names) if given. ``limit`` counts
+        the events returned."""
         ...
 
     async def list_streams(self, prefix: str, limit: int = 50) -> list[str]:
