@@ -31,11 +31,11 @@ from context_service.api.runs import RUNS, Run, fetch_run
 from context_service.auth import EXCLUDE_OPT, KEY_COOKIE
 from context_service.database import stream_of, translated
 from context_service.errors import ServiceError, Unauthorized
-from context_service.feed import shown
 from context_service.keys import Principal, authenticate
 from context_service.services import Services
 from events import types as ev
-from events.context import MASK, Context, redacted
+from events.context import Context, redacted
+from events.secrets import MASK, masked_event
 
 STATUSES = ("queued", "running", "passed", "failed", "cancelled", "error")
 LIVE = ("queued", "running")
@@ -171,7 +171,7 @@ def summary(event: ev.Event) -> str:
 
 
 def _log_line(position: int, at: datetime, data: bytes | str) -> LogLine:
-    event = shown(ev.decode(data))  # no secret's ciphertext either
+    event = masked_event(ev.decode(data))  # no secret's ciphertext either
     return LogLine(position, at, ev.event_type(event), getattr(event, "test", ""), summary(event))
 
 

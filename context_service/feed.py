@@ -30,13 +30,12 @@ from collections.abc import AsyncGenerator, Iterator, Sequence
 from typing import Protocol
 
 import asyncpg
-import msgspec
 
 from events import types as ev
 from events.postgres import PostgresEventStore, driver_errors
 from events.projections import DEFAULT_ORGANIZATION_ID, derive
 from events.projections.projector import CHANNEL
-from events.secrets import MASK
+from events.secrets import masked_event
 from events.store import StoreError
 
 RUN_LEVEL = frozenset({"RunStarted", "TestPassed", "TestFailed", "RunCompleted", "RunCancelled"})
@@ -51,15 +50,6 @@ _KNOWN_RUNS = 20_000
 _log = logging.getLogger("baton.service.realtime")
 
 
-def shown(event: ev.Event) -> ev.Event:
-    """The event as a subscriber may see it: a secret's ciphertext is no one's business."""
-    if isinstance(event, ev.AuthTokenUpdated) or (
-        isinstance(event, ev.VariableCaptured) and event.secret
-    ):
-        return msgspec.structs.replace(event, value=MASK)
-    return event
-
-
 class Entry:
     """One recorded event, encoded once for every subscriber that is sent it."""
 
@@ -70,7 +60,7 @@ class Entry:
         self.version = recorded.version
         self.stream = recorded.stream
         self.type = recorded.type
-        self.event = shown(recorded.event)
+        self.event = masked_event(recorded.event)
         self.data = ev.encode(self.event)
         self.project = project
         """The project whose stream carries it: a run-level event's run's, a finding's

@@ -25,9 +25,9 @@ import httpx
 import msgspec
 
 from events import types as ev
-from events.context import AUTH_PREFIX, Context
+from events.context import Context
 from events.owners import Owner
-from events.secrets import Cipher
+from events.secrets import Cipher, is_auth_name
 from events.store import StoreError
 from events.writer import DEFAULT_MAX_WAIT, Appender, BatchingWriter
 from orchestrator import templating
@@ -199,7 +199,7 @@ def reused_captures(context: Context, rerun: Collection[str]) -> list[ev.Event]:
         if test in rerun:
             continue
         for name, value in values.items():
-            if name.startswith(AUTH_PREFIX):
+            if is_auth_name(name):
                 events.append(ev.AuthTokenUpdated(test=test, name=name, value=str(value)))
             else:
                 events.append(

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from events.secrets import Cipher
+from events.secrets import AUTH_PREFIX, MASK, Cipher
 from events.types import (
     AuthTokenUpdated,
     RecordedEvent,
@@ -29,9 +29,6 @@ from events.types import (
     TestStatus,
     VariableCaptured,
 )
-
-MASK = "***"
-AUTH_PREFIX = "auth."
 
 ContextStatus = Literal["running", RunStatus]
 TestState = Literal["running", TestStatus]

@@ -9,6 +9,11 @@ answer), so a ``Redactor`` masks by shape too, after a ``Policy``: the values of
 parameters, fields and headers whose names say they are credentials, and JWT-shaped
 strings. This module is the one home of that policy; the log lines of a process pass
 through it as well (``RedactingFormatter``).
+
+It is also the one home of which *names* are secret: every ``auth.*`` capture (a run's auth
+tokens) unless it says ``secret: false``, any capture that says ``secret: true``, and the
+``secrets.*`` inputs a flow reads; and of how an event is shown to anyone but the runner
+(``masked_event``).
 """
 
 from __future__ import annotations
@@ -32,8 +37,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus, unquote_plus
 
+import msgspec
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from events.types import AuthTokenUpdated, Event, VariableCaptured
 
 MASK = "***"
 PREFIX = "enc:v1:"
@@ -52,6 +60,46 @@ _KEY_TEXT = re.compile(r"[A-Za-z0-9_\-+/]{43}=?")
 
 class SecretError(Exception):
     """A key that cannot be used, or a token that cannot be decrypted."""
+
+
+# ---- which names are secret ---------------------------------------------------------------
+
+AUTH_NAMESPACE = "auth"
+AUTH_PREFIX = AUTH_NAMESPACE + "."
+_SECRET_REFERENCE = re.compile(r"secrets\.(\w+)|secrets\[['\"](\w+)['\"]\]")
+
+
+def is_auth_name(name: str) -> bool:
+    """Whether a captured name is one of the run's auth tokens: ``auth.token``, not
+    ``author``, nor a capture named just ``auth``."""
+    return name.startswith(AUTH_PREFIX)
+
+
+def reads_auth(reference: str) -> bool:
+    """Whether a name a template reads is an auth token: one (``auth.token``) or all of
+    them (``{{ auth | tojson }}`` reads ``auth``); ``{{ author }}`` reads none."""
+    return reference == AUTH_NAMESPACE or is_auth_name(reference)
+
+
+def is_secret_capture(name: str, secret: bool | None) -> bool:
+    """What a capture's ``secret:`` says; without one, every auth token is a secret."""
+    return secret if secret is not None else is_auth_name(name)
+
+
+def secret_references(text: str) -> set[str]:
+    """The names of the ``secrets.*`` a template text reads (``secrets.NAME`` or
+    ``secrets['NAME']``), also those only read under ``| default(...)``."""
+    return {a or b for a, b in _SECRET_REFERENCE.findall(text)}
+
+
+def masked_event(event: Event) -> Event:
+    """The event as anyone but the runner may see it: the value of a secret capture (its
+    ciphertext, an auth token's or one marked ``secret``) is no one's business."""
+    if isinstance(event, AuthTokenUpdated) or (
+        isinstance(event, VariableCaptured) and event.secret
+    ):
+        return msgspec.structs.replace(event, value=MASK)
+    return event
 
 
 def _b64url(data: bytes) -> str:

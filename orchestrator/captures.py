@@ -178,11 +178,6 @@ def links(response: ResponseView) -> dict[str, str]:
     return found
 
 
-def is_secret(name: str, spec: Capture) -> bool:
-    """``secret:`` when given; otherwise everything in the ``auth.`` namespace is a secret."""
-    return spec.secret if spec.secret is not None else name.startswith("auth.")
-
-
 def _json(name: str, path: str, response: ResponseView) -> Any:
     values = _nodes(name, path, response)
     if not values:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import msgspec
 import networkx as nx
 
+from events.secrets import reads_auth, secret_references
 from events.types import DependencyKind, PlannedTest
 from orchestrator import templating
 from orchestrator.errors import Problem, UsageError
@@ -52,10 +53,10 @@ class Plan:
         parts = [part for test in flow.tests.values() for part in test_parts(test)]
         parts.append(("variables", flow.variables))
         return frozenset(
-            a or b
+            name
             for _, value in parts
             for text in templating.template_strings(value)
-            for a, b in _SECRET_REFERENCE.findall(text)
+            for name in secret_references(text)
         )
 
     @functools.cached_property
@@ -66,9 +67,6 @@ class Plan:
             PlannedTest(name, self.dependencies(name), definition_hash(tests[name]))
             for name in self.order
         ]
-
-
-_SECRET_REFERENCE = re.compile(r"secrets\.(\w+)|secrets\[['\"](\w+)['\"]\]")
 
 
 def definition_hash(test: object) -> str:
@@ -120,7 +118,7 @@ def plan(loaded: LoadedFlow, scope: Scope, tags: Collection[str] = ()) -> Plan:
                 continue
             found = _providers(reference, providers, below)
             if found:
-                kind: DependencyKind = "token" if reference.startswith("auth") else "data"
+                kind: DependencyKind = "token" if reads_auth(reference) else "data"
                 for provider in found - {name}:
                     # a test reading a token and data from the same test: token wins
                     if graph.get_edge_data(provider, name, {}).get("kind") != "token":

@@ -17,11 +17,11 @@ import msgspec
 
 from events import types as ev
 from events.context import assign_dotted
-from events.secrets import MASK, Policy, policy_for
+from events.secrets import MASK, Policy, is_auth_name, is_secret_capture, policy_for
 from events.store import now_us
 from orchestrator import templating
 from orchestrator.assertions import evaluate
-from orchestrator.captures import MISSING, CaptureError, capture, capture_all, is_secret
+from orchestrator.captures import MISSING, CaptureError, capture, capture_all
 from orchestrator.model import (
     Capture,
     Expect,
@@ -349,7 +349,7 @@ class TestExecution:
         secret, whatever ``secret:`` says (an echo of a password is the password); and,
         unless ``secret: false``, a credential by its shape: a cookie, a name, a JSONPath
         or a header named like a credential's, a value with one inside."""
-        if is_secret(name, spec) or self.redactor.holds(value):
+        if is_secret_capture(name, spec.secret) or self.redactor.holds(value):
             return True
         if spec.secret is False:
             return False
@@ -441,8 +441,8 @@ class TestExecution:
                 text = _secret_text(value)
                 self.redactor.add(text)
                 sealed = run.runner.cipher.encrypt(text)
-                self.captured[name] = "***"
-                if name.startswith("auth."):
+                self.captured[name] = MASK
+                if is_auth_name(name):
                     run.emit(ev.AuthTokenUpdated(test=self.name, name=name, value=sealed))
                 else:
                     run.emit(

@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from events.secrets import Redactor
-from orchestrator.captures import CaptureError, capture, is_secret
+from orchestrator.captures import CaptureError, capture
 from orchestrator.model import Capture
 from orchestrator.results import ResponseView
 
@@ -154,21 +154,6 @@ def test_regex(pattern: str, text: str, value: str) -> None:
 @pytest.mark.parametrize("status", [200, 201, 404, 503])
 def test_status(status: int) -> None:
     assert capture("code", spec(status=True), response({}, status=status)) == status
-
-
-@pytest.mark.parametrize(
-    ("name", "fields", "secret"),
-    [
-        ("auth.token", {"json": "$.t"}, True),
-        ("auth.refresh", {"json": "$.t", "secret": False}, False),
-        ("token", {"json": "$.t"}, False),
-        ("author", {"json": "$.t"}, False),
-        ("api_key", {"header": "X-Key", "secret": True}, True),
-        ("session", {"cookie": "s", "secret": False}, False),
-    ],
-)
-def test_is_secret(name: str, fields: dict[str, Any], secret: bool) -> None:
-    assert is_secret(name, spec(**fields)) is secret
 
 
 def test_a_capture_error_quotes_the_body_redacted_before_it_is_cut() -> None:

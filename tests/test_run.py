@@ -198,6 +198,53 @@ def test_context_events_and_runs_read_back_a_run(env: dict[str, str], tmp_path: 
     assert code == 2 and "no run 'no-such-run'" in err
 
 
+AUTHOR_FLOW = """
+name: authors
+base_url: "{{ env.SHOP_URL }}"
+tests:
+  login:
+    request:
+      method: POST
+      url: /auth/login
+      json: {username: alice, password: secret-alice}
+    capture:
+      auth.token: {json: "$.access_token"}
+  profile:
+    request: {url: /echo, params: {author: ada-lovelace}}
+    capture:
+      author: {json: "$.query.author"}
+  post:
+    request:
+      url: /echo
+      params: {by: "{{ author }}"}
+      headers: {Authorization: "Bearer {{ auth.token }}"}
+    expect:
+      json: {"$.query.by": ada-lovelace}
+"""
+
+
+def test_a_capture_named_author_is_data_not_a_token(env: dict[str, str], tmp_path: Path) -> None:
+    """``author`` only begins like ``auth.``: the test that reads it depends on it for data,
+    not for a token, and its value is shown, while the real token stays masked."""
+    flow = tmp_path / "authors.yaml"
+    flow.write_text(AUTHOR_FLOW)
+    code, out, err = baton("graph", str(flow))
+    assert code == 0, out + err
+    post = out.splitlines()[-1]
+    assert post.startswith("  3. post  <- ")
+    assert set(post.split("<- ")[1].split(", ")) == {"login (token)", "profile (data)"}
+    code, out, err = baton("run", str(flow), "--json", str(tmp_path / "r.json"))
+    assert code == 0, out + err
+    run = json.loads((tmp_path / "r.json").read_text())["runs"][0]
+    captures = {test["name"]: test.get("captures", {}) for test in run["tests"]}
+    assert captures["profile"] == {"author": "ada-lovelace"}
+    assert captures["login"] == {"auth.token": "***"}
+    code, out, _ = baton("context", run["run_id"])
+    context = json.loads(out)
+    assert context["variables"]["author"] == "ada-lovelace"
+    assert context["secret_names"] == [] and context["auth"] == {"token": "***"}
+
+
 def encodings(value: str) -> set[str]:
     raw = value.encode()
     forms = {

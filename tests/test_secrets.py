@@ -16,6 +16,7 @@ from urllib.parse import quote, quote_plus
 import pytest
 from cryptography.fernet import Fernet
 
+from events import types as ev
 from events.secrets import (
     GENERATE_HINT,
     KEY_FILE,
@@ -24,7 +25,11 @@ from events.secrets import (
     Redactor,
     SecretError,
     is_encrypted,
+    is_secret_capture,
     load_key,
+    masked_event,
+    reads_auth,
+    secret_references,
 )
 
 # A canary with every character that encodings treat specially: quote, slash, plus, space.
@@ -422,3 +427,52 @@ def test_log_lines_are_redacted_with_every_live_runs_secrets_and_by_shape() -> N
         for form in {secret, quote_plus(secret), json.dumps(secret)[1:-1], repr(secret)[1:-1]}:
             assert form not in text, form
     assert len(run) == 1  # alive until here: its secrets are known to the log
+
+
+# ---- which names are secret, and how an event is shown -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "declared", "secret"),
+    [
+        ("auth.token", None, True),
+        ("auth.refresh", False, False),
+        ("token", None, False),
+        ("author", None, False),
+        ("auth", None, False),
+        ("api_key", True, True),
+        ("session", False, False),
+    ],
+)
+def test_a_capture_is_secret_by_its_auth_name_or_what_it_declares(
+    name: str, declared: bool | None, secret: bool
+) -> None:
+    assert is_secret_capture(name, declared) is secret
+
+
+@pytest.mark.parametrize(
+    ("reference", "reads"),
+    [("auth.token", True), ("auth.token.raw", True), ("auth", True), ("author", False)],
+)
+def test_a_template_reads_auth_tokens_only_in_the_auth_namespace(
+    reference: str, reads: bool
+) -> None:
+    assert reads_auth(reference) is reads
+
+
+def test_secret_references_are_found_by_attribute_and_by_key() -> None:
+    text = "{{ secrets.A }} {{ secrets['B'] }} {{ secrets[\"C\"] | default('x') }} {{ secretsX }}"
+    assert secret_references(text) == {"A", "B", "C"}
+
+
+def test_an_event_is_shown_with_every_secret_capture_masked_and_nothing_else() -> None:
+    token = ev.AuthTokenUpdated(test="login", name="auth.token", value="enc:v1:ab:cd")
+    sealed = ev.VariableCaptured(test="login", name="sid", value="enc:v1:ab:ef", secret=True)
+    plain = ev.VariableCaptured(test="login", name="author", value="ada")
+    failed = ev.TestFailed(test="t", attempts=1, duration_ms=1.0, category="assertion", message="m")
+    assert masked_event(token) == ev.AuthTokenUpdated(test="login", name="auth.token", value=MASK)
+    assert masked_event(sealed) == ev.VariableCaptured(
+        test="login", name="sid", value=MASK, secret=True
+    )
+    assert masked_event(plain) is plain
+    assert masked_event(failed) is failed

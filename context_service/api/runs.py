@@ -30,7 +30,7 @@ from context_service.listing import Listing, Page, page_of
 from context_service.services import Services
 from events import types as ev
 from events.context import Context, redacted
-from events.secrets import MASK
+from events.secrets import masked_event
 
 VariableName = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Value = Annotated[str, msgspec.Meta(max_length=64 * 1024)]
@@ -171,12 +171,8 @@ async def fetch_run(services: Services, principal: Principal, run_id: uuid.UUID)
 
 
 def _shown(event: ev.Event) -> dict[str, Any]:
-    """An event for an answer: a secret's ciphertext is no one's business either."""
-    if isinstance(event, ev.AuthTokenUpdated) or (
-        isinstance(event, ev.VariableCaptured) and event.secret
-    ):
-        event = msgspec.structs.replace(event, value=MASK)
-    data: dict[str, Any] = msgspec.to_builtins(event)
+    """An event for an answer, masked as every reader of the service sees it."""
+    data: dict[str, Any] = msgspec.to_builtins(masked_event(event))
     return data
 
 

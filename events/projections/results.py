@@ -19,10 +19,10 @@ from datetime import UTC, date, datetime
 import asyncpg
 import msgspec
 
-from events.context import MASK
 from events.projections._sql import Column, delete, upsert
 from events.projections.catalog import Identity, derive
 from events.projections.runs import RunRow
+from events.secrets import masked_event
 from events.types import (
     AssertionEvaluated,
     AuthTokenUpdated,
@@ -219,12 +219,9 @@ class Results:
                 self._detail(row, recorded, event.attempt, "response", None, encode(event))
             case AssertionEvaluated():
                 self._detail(row, recorded, event.attempt, "assertion", event.passed, encode(event))
-            case VariableCaptured():
-                shown = msgspec.structs.replace(event, value=MASK) if event.secret else event
+            case VariableCaptured() | AuthTokenUpdated():
+                shown = masked_event(event)
                 self._detail(row, recorded, row.requests, "capture", None, encode(shown))
-            case AuthTokenUpdated():
-                shown_token = msgspec.structs.replace(event, value=MASK)
-                self._detail(row, recorded, row.requests, "capture", None, encode(shown_token))
             case TestPassed():
                 self._decide(row, recorded, "passed", event.attempts, event.duration_ms, None, "")
             case TestFailed():
