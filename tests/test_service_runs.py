@@ -15,8 +15,10 @@ import asyncpg
 import pytest
 
 from context_service.keys import create_key
+from context_service.watch import sse_messages
 from events.secrets import Cipher
 from examples.shop.server import serve as serve_shop
+from tests.cli import baton
 from tests.conftest import LiveService, Org
 
 CHECKOUT = (Path(__file__).parent.parent / "examples" / "shop" / "checkout.yaml").read_text()
@@ -378,3 +380,61 @@ async def test_a_key_without_the_run_scope_cannot_start_runs(
         assert "'run' scope" in response.json()["detail"]
         response = await http.post(f"/api/v1/runs/{checkout_run['id']}/rerun")
         assert response.status_code == 403
+
+
+MASKING_FLOW = """
+name: masked names
+base_url: "{{ env.SHOP_URL }}"
+tests:
+  login:
+    request:
+      method: POST
+      url: /auth/login
+      json: {username: alice, password: "{{ secrets.SHOP_PASSWORD }}"}
+    capture:
+      auth.token: {json: "$.access_token"}
+  note:
+    request: {url: /echo, params: {author: ada-lovelace, pin: 4321-8765}}
+    capture:
+      author: {json: "$.query.author"}
+      pin: {json: "$.query.pin", secret: true}
+"""
+
+
+def _masked_in_events(events: list[tuple[str, dict[str, Any]]]) -> dict[str, bool]:
+    """{captured name: whether its value is masked}, from (type, payload) pairs."""
+    kinds = ("VariableCaptured", "AuthTokenUpdated")
+    return {data["name"]: data["value"] == "***" for kind, data in events if kind in kinds}
+
+
+async def test_the_api_the_stream_and_the_cli_mask_the_same_names(
+    acme: Org,
+    shop_url: str,
+    live_service: LiveService,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """A token, a capture marked secret and an ordinary ``author``: the API's events, the
+    SSE stream and ``baton context`` on the service's database mask exactly the first two."""
+    ids = await _project(acme, "masked", shop_url)
+    suite = await _suite(acme, ids["project"], MASKING_FLOW)
+    run_id = await acme.start(suite, ids["environment"])
+    assert (await acme.finished(run_id))["status"] == "passed"
+    expected = {"auth.token": True, "pin": True, "author": False}
+    api = [(e["type"], e["data"]) for e in await _all_events(acme, run_id)]
+    assert _masked_in_events(api) == expected
+    async with acme.http.stream("GET", f"/api/v1/runs/{run_id}/stream") as response:
+        assert response.status_code == 200
+        stream = [(m.event, json.loads(m.data)) async for m in sse_messages(response.aiter_lines())]
+    assert _masked_in_events(stream) == expected
+    assert live_service.settings.database_url and live_service.settings.secret_key
+    monkeypatch.setenv("BATON_DATABASE_URL", live_service.settings.database_url)
+    monkeypatch.setenv("BATON_SECRET_KEY", live_service.settings.secret_key)
+    monkeypatch.setenv("BATON_HOME", str(tmp_path))
+    monkeypatch.delenv("BATON_REDIS_URL", raising=False)
+    code, out, err = await asyncio.to_thread(baton, "context", run_id)
+    assert code == 0, out + err
+    captured = json.loads(out)["captured"]
+    cli = {name: value == "***" for values in captured.values() for name, value in values.items()}
+    assert cli == expected
+    assert captured["note"]["author"] == "ada-lovelace"
