@@ -9,16 +9,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from events.errors import EventsError, StoreError, StoreUnavailable, WrongExpectedVersion
 from events.settings import Settings, mask_dsn
-from events.store import (
-    ANY_VERSION,
-    EventStore,
-    NewEvent,
-    StoreError,
-    StoreUnavailable,
-    StreamAppend,
-    WrongExpectedVersion,
-)
+from events.store import ANY_VERSION, EventStore, NewEvent, StreamAppend
 
 # A library logs, an application decides where logs go: without this, Python's last-resort
 # handler would print the projector's retry warnings into `baton run`'s output. The service
@@ -31,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ANY_VERSION",
     "EventStore",
+    "EventsError",
     "NewEvent",
     "PostgresEventStore",
     "Settings",

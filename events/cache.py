@@ -16,7 +16,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from events.context import Context, ContextError, context_at, fold
+from events.context import Context, context_at, fold
+from events.errors import CacheError as CacheError
+from events.errors import CacheUnavailable as CacheUnavailable
+from events.errors import ContextError
+from events.errors import ReaderError as ReaderError
+from events.errors import UnknownRun as UnknownRun
 from events.settings import Settings
 from events.store import EventStore
 from events.types import RecordedEvent, RunCancelled, RunCompleted, run_stream
@@ -29,26 +34,6 @@ RUNNING_TTL = 7 * 24 * 3600.0
 entry must not stay forever. Any later read refreshes it."""
 
 logger = logging.getLogger("baton.cache")
-
-
-class CacheError(Exception):
-    """Base of every error a cache backend raises; driver errors never escape a backend."""
-
-
-class CacheUnavailable(CacheError):
-    """The cache cannot be reached now (refused, timed out, backing off after a failure)."""
-
-
-class ReaderError(Exception):
-    """Base of the errors of ``ContextReader`` besides the event store's own."""
-
-
-class UnknownRun(ReaderError, LookupError):
-    """No event of this run in the log."""
-
-    def __init__(self, run_id: str) -> None:
-        super().__init__(f"no run {run_id!r} in the event store")
-        self.run_id = run_id
 
 
 class ContextCache(Protocol):

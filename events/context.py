@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from events.errors import ContextError as ContextError
 from events.secrets import AUTH_PREFIX, MASK, Cipher
 from events.types import (
     AuthTokenUpdated,
@@ -32,10 +33,6 @@ from events.types import (
 
 ContextStatus = Literal["running", RunStatus]
 TestState = Literal["running", TestStatus]
-
-
-class ContextError(ValueError):
-    """Events that cannot be folded into this context (another stream, a missing version)."""
 
 
 class Context(msgspec.Struct, kw_only=True):

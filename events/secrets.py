@@ -41,6 +41,7 @@ import msgspec
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from events.errors import SecretError as SecretError
 from events.types import AuthTokenUpdated, Event, VariableCaptured
 
 MASK = "***"
@@ -56,10 +57,6 @@ _KEY_ID_LENGTH = 8
 _AAD = b"baton-secret-v1"
 _NONCE = 12
 _KEY_TEXT = re.compile(r"[A-Za-z0-9_\-+/]{43}=?")
-
-
-class SecretError(Exception):
-    """A key that cannot be used, or a token that cannot be decrypted."""
 
 
 # ---- which names are secret ---------------------------------------------------------------

@@ -10,9 +10,11 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import msgspec
+
+from events.errors import SettingsError as SettingsError
 
 _MASK = "***"
 STORE_WAIT = 60.0
@@ -51,8 +53,28 @@ def mask_dsn(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-class SettingsError(ValueError):
-    """A BATON_* variable that does not hold what it must (a usage error)."""
+def scrub_dsn(text: str, dsn: str) -> str:
+    """``text`` (a driver's message, say) with the DSN's password masked wherever it shows,
+    as the DSN writes it or percent-decoded."""
+    for password in _passwords(dsn):
+        text = text.replace(password, _MASK)
+    return text
+
+
+def _passwords(dsn: str) -> list[str]:
+    """The password of a DSN in every form a text may show it, the longest first."""
+    if "://" not in dsn:
+        found = [match.group(2).strip("'") for match in _KEYWORD_PASSWORD.finditer(dsn)]
+    else:
+        try:
+            parts = urlsplit(dsn)
+            userinfo, query = parts.netloc.rpartition("@")[0], parts.query
+        except ValueError:  # as mask_dsn: what is between the scheme and the last '@'
+            userinfo, query = dsn.partition("://")[2].rpartition("@")[0], ""
+        found = [userinfo.partition(":")[2]] if ":" in userinfo else []
+        found += [v for k, v in parse_qsl(query, keep_blank_values=True) if k.lower() == "password"]
+    forms = {form for password in found for form in (password, unquote(password)) if form}
+    return sorted(forms, key=len, reverse=True)
 
 
 def _optional(environ: Mapping[str, str], name: str) -> str | None:

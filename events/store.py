@@ -1,4 +1,4 @@
-"""The event store interface and its error tree.
+"""The event store interface (its errors are in ``events.errors``, and re-exported here).
 
 Appends carry the stream version they expect (optimistic concurrency) and an id per event
 (idempotency). Readers by position never pass over an event that a slower transaction
@@ -14,28 +14,13 @@ from typing import Protocol
 
 import msgspec
 
+from events.errors import StoreError as StoreError
+from events.errors import StoreUnavailable as StoreUnavailable
+from events.errors import WrongExpectedVersion as WrongExpectedVersion
 from events.types import Event, RecordedEvent, new_id
 
 ANY_VERSION = -1
 """``expected_version`` that accepts whatever the stream holds."""
-
-
-class StoreError(Exception):
-    """Base of every error an event store raises; driver errors never escape a backend."""
-
-
-class StoreUnavailable(StoreError):
-    """The store cannot be reached (connection refused, server gone, timeout)."""
-
-
-class WrongExpectedVersion(StoreError):
-    def __init__(self, stream: str, expected: int, actual: int) -> None:
-        super().__init__(
-            f"stream {stream!r} is at version {actual}, the append expected {expected}"
-        )
-        self.stream = stream
-        self.expected = expected
-        self.actual = actual
 
 
 def now_us() -> int:

@@ -20,16 +20,14 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from events.store import NewEvent, StoreError, StoreUnavailable, StreamAppend
+from events.errors import StoreError, StoreUnavailable
+from events.errors import WriterClosed as WriterClosed
+from events.store import NewEvent, StreamAppend
 from events.types import Event
 
 _RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0)
 """Between attempts while the store is unreachable; the last one repeats."""
 DEFAULT_MAX_WAIT = 60.0
-
-
-class WriterClosed(StoreError):
-    pass
 
 
 class Appender(Protocol):
