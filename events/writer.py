@@ -157,7 +157,7 @@ class BatchingWriter:
                     raise StoreUnavailable(
                         f"the event store was unreachable for {self._max_wait:g} s"
                         f" (BATON_STORE_WAIT), so the runs stopped: {exc}"
-                    ) from None
+                    ) from exc
                 delay = _RETRY_DELAYS[min(attempt, len(_RETRY_DELAYS) - 1)]
                 attempt += 1
                 await asyncio.sleep(min(delay, self._max_wait - (now - since)))
