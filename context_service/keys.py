@@ -20,6 +20,7 @@ import asyncpg
 import msgspec
 
 from events.settings import Settings
+from orchestrator.errors import UsageError
 
 Scope = Literal["read", "run", "admin"]
 SCOPES: tuple[Scope, ...] = get_args(Scope)
@@ -43,7 +44,7 @@ _LOOKUP = (
 _TOUCH = "UPDATE api_credentials SET last_used_at = now() WHERE id = $1"
 
 
-class InvalidKeyRequest(ValueError):
+class InvalidKeyRequest(UsageError, ValueError):
     """A key request that cannot be honoured (unknown scope, malformed organization)."""
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from events.secrets import RedactingFormatter
 from events.settings import Settings
+from orchestrator.errors import InfrastructureError
 
 UVICORN_OPTIONS: dict[str, Any] = {
     # uvloop and httptools, named rather than "auto" so a missing one fails loudly instead
@@ -73,8 +74,8 @@ def serve(host: str, port: int, settings: Settings) -> None:
         raise StartupFailed("the service did not start (its log above says why)")
 
 
-class StartupFailed(Exception):
-    pass
+class StartupFailed(InfrastructureError):
+    """The service did not start: its log says why."""
 
 
 QUIET_LOGGERS = ("httpx", "httpcore", "aiohttp")

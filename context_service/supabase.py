@@ -40,6 +40,7 @@ from context_service.supabase_changes import (
     run_change,
 )
 from events.settings import mask_dsn
+from orchestrator.errors import InfrastructureError
 
 if TYPE_CHECKING:  # the supabase package takes ~0.4 s to import: only when watching
     import httpx
@@ -58,7 +59,7 @@ _RESULT_COLUMNS = (
 _Queue = asyncio.Queue[tuple["_Session | None", str, Any]]
 
 
-class SupabaseWatchError(Exception):
+class SupabaseWatchError(InfrastructureError):
     """The watch cannot go on: no connection, a refused key or join, a lost server, a
     run that does not exist. The message names the URL, never the key."""
 

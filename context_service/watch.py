@@ -17,13 +17,15 @@ from typing import Any
 import httpx
 import msgspec
 
+from orchestrator.errors import InfrastructureError
+
 TERMINAL = frozenset({"RunCompleted", "RunCancelled"})
 _QUIET = 45.0
 """Seconds without a byte (the service sends a comment every 15) before a connection is
 taken for dead and replaced."""
 
 
-class WatchError(Exception):
+class WatchError(InfrastructureError):
     """The stream cannot be followed: refused (no such run, a bad key) or unreachable."""
 
 

@@ -1,6 +1,8 @@
 """The ``baton`` command. Exit codes: 0 all passed, 1 a test failed, 2 usage or validation
 error, 3 infrastructure error, 128 + the signal's number when interrupted (130 SIGINT, 143
 SIGTERM). A user's mistake is one readable line, never a traceback.
+
+Errors are mapped to exit codes once, in ``main``; commands raise and let them through.
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ from typing import Any, TypeVar
 
 import click
 
-from events.settings import SettingsError
+from events.errors import (
+    EventsError,
+    SecretError,
+    SettingsError,
+    StoreError,
+    StoreUnavailable,
+)
 from orchestrator.errors import BatonError, InfrastructureError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -134,15 +142,28 @@ def main() -> None:
         except click.ClickException as exc:
             exc.show()
             sys.exit(2)
-        except BatonError as exc:
-            for line in str(exc).splitlines():
+        except (BatonError, EventsError) as exc:
+            code, message = _failure(exc)
+            for line in message.splitlines():
                 click.echo(f"error: {line}", err=True)
-            sys.exit(exc.exit_code)
-        except SettingsError as exc:  # a BATON_* variable the user set
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+            sys.exit(code)
         except KeyboardInterrupt as exc:
             _interrupted(exc)
+
+
+def _failure(exc: BatonError | EventsError) -> tuple[int, str]:
+    """The exit code and message of an error that ends a command: 2 for what the user gave
+    (flows, options, a BATON_* variable, the secret key), 3 for what failed outside the
+    flows (the event store, the cache, a server); a BatonError says which it is."""
+    if isinstance(exc, BatonError):
+        return exc.exit_code, str(exc)
+    if isinstance(exc, SettingsError | SecretError):
+        return 2, str(exc)
+    if isinstance(exc, StoreUnavailable):
+        return 3, f"event store unavailable: {exc}"
+    if isinstance(exc, StoreError):
+        return 3, f"event store failed: {exc}"
+    return 3, str(exc)
 
 
 def _interrupted(cause: BaseException | None) -> None:
@@ -409,7 +430,7 @@ def watch(run_id: str, supabase: bool, url: str, key: str | None) -> None:
     """Follow a run live until it ends, one line per change."""
     # the service's client side: imported only by the command that needs it
     if supabase:
-        from context_service.supabase import SupabaseWatchError, format_change, watch_supabase
+        from context_service.supabase import format_change, watch_supabase
 
         supabase_url, supabase_key = os.environ.get("SUPABASE_URL"), os.environ.get("SUPABASE_KEY")
         if not supabase_url or not supabase_key:
@@ -423,27 +444,22 @@ def watch(run_id: str, supabase: bool, url: str, key: str | None) -> None:
                     lambda change: click.echo(format_change(change)),
                 )
             )
-        except SupabaseWatchError as exc:
-            raise InfrastructureError(str(exc)) from None
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
+        except ValueError as exc:  # the run id is not a UUID
+            raise UsageError(str(exc)) from exc
         return
-    from context_service.watch import WatchError, watch_stream
+    from context_service.watch import watch_stream
     from orchestrator.inspect import format_event
 
     if not key:
         raise UsageError("watch needs an API key: --key or BATON_API_KEY (baton keys create)")
-    try:
-        _run(
-            watch_stream(
-                url,
-                key,
-                run_id,
-                lambda position, kind, event: click.echo(format_event(position, kind, event)),
-            )
+    _run(
+        watch_stream(
+            url,
+            key,
+            run_id,
+            lambda position, kind, event: click.echo(format_event(position, kind, event)),
         )
-    except WatchError as exc:
-        raise InfrastructureError(str(exc)) from None
+    )
 
 
 @cli.command()
@@ -452,14 +468,10 @@ def watch(run_id: str, supabase: bool, url: str, key: str | None) -> None:
 def serve(host: str, port: int) -> None:
     """Start the service: REST API, realtime streams, dashboard (OpenAPI at /schema).
     SIGINT or SIGTERM stops it: runs in flight end as cancelled."""
-    from context_service.server import StartupFailed
     from context_service.server import serve as run_service
     from events.settings import Settings
 
-    try:
-        run_service(host, port, Settings.from_env())
-    except StartupFailed as exc:
-        raise InfrastructureError(str(exc)) from None
+    run_service(host, port, Settings.from_env())
 
 
 @cli.group()
@@ -487,20 +499,11 @@ def keys() -> None:
 @click.option("--name", default="", help="What the key is for.")
 def create_key(organization: str, scopes: tuple[str, ...], name: str) -> None:
     """Create a key and print it, once: it is stored only as a hash."""
-    from context_service.keys import InvalidKeyRequest
     from context_service.keys import create_key as create
     from events.settings import Settings
-    from events.store import StoreError
 
-    try:
-        key = _run(
-            create(Settings.from_env(), organization=organization, scopes=list(scopes), name=name)
-        )
-    except InvalidKeyRequest as exc:
-        raise UsageError(str(exc)) from None
-    except StoreError as exc:
-        raise InfrastructureError(f"event store unavailable: {exc}") from None
-    click.echo(key)
+    settings = Settings.from_env()
+    click.echo(_run(create(settings, organization=organization, scopes=list(scopes), name=name)))
 
 
 @cli.group()
@@ -540,15 +543,11 @@ def rebuild_projections() -> None:
 def _with_dsn(action: Callable[[str], Any]) -> str:
     from events.embedded import start_embedded
     from events.settings import Settings
-    from events.store import StoreError
 
     async def go() -> str:
         settings = Settings.from_env()
-        try:
-            dsn = settings.database_url or await start_embedded(settings.home)
-            return str(await action(dsn))
-        except StoreError as exc:
-            raise InfrastructureError(f"database unavailable: {exc}") from None
+        dsn = settings.database_url or await start_embedded(settings.home)
+        return str(await action(dsn))
 
     return _run(go())
 
@@ -556,17 +555,11 @@ def _with_dsn(action: Callable[[str], Any]) -> str:
 def _with_store(action: Callable[[Any], Any]) -> str:
     from events import open_store
     from events.settings import Settings
-    from events.store import StoreError
 
     async def go() -> str:
-        try:
-            store = await open_store(Settings.from_env())
-        except StoreError as exc:
-            raise InfrastructureError(f"event store unavailable: {exc}") from None
+        store = await open_store(Settings.from_env())
         try:
             return str(await action(store))
-        except StoreError as exc:
-            raise InfrastructureError(f"event store failed: {exc}") from None
         finally:
             await store.aclose()
 

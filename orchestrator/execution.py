@@ -104,18 +104,15 @@ async def execute(
 
     await _check_reachable(jobs)
     cipher = Cipher(load_key(settings.secret_key, settings.home))
-    try:
-        store = await open_store(settings)
-    except StoreError as exc:
-        raise InfrastructureError(f"event store unavailable: {exc}") from None
+    store = await open_store(settings)
     # this process owns the runs it writes: it beats, and ends the runs of owners that
     # stopped beating (a baton run or service killed mid-run) before its own begin
     owner = Owner(store, timeout=settings.owner_timeout)
     try:
         await owner.start()
-    except StoreError as exc:
+    except BaseException:
         await store.aclose()
-        raise InfrastructureError(f"event store unavailable: {exc}") from None
+        raise
     writer = BatchingWriter(owner, max_wait=settings.store_wait, on_stored=_observe(observer))
     transport = make_transport(concurrency)
     runner = Runner(writer=writer, cipher=cipher, transport=transport, concurrency=concurrency)
@@ -139,7 +136,8 @@ async def execute(
         await following
         await projector.catch_up()
     except StoreError as exc:
-        raise InfrastructureError(f"event store failed during the run: {exc}") from None
+        # not left to the CLI's mapping: the message says that the runs had begun
+        raise InfrastructureError(f"event store failed during the run: {exc}") from exc
     finally:
         stop.set()
         following.cancel()
