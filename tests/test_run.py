@@ -210,9 +210,10 @@ tests:
     capture:
       auth.token: {json: "$.access_token"}
   profile:
-    request: {url: /echo, params: {author: ada-lovelace}}
+    request: {url: /echo, params: {author: ada-lovelace, pin: 4321-8765}}
     capture:
       author: {json: "$.query.author"}
+      pin: {json: "$.query.pin", secret: true}
   post:
     request:
       url: /echo
@@ -225,7 +226,7 @@ tests:
 
 def test_a_capture_named_author_is_data_not_a_token(env: dict[str, str], tmp_path: Path) -> None:
     """``author`` only begins like ``auth.``: the test that reads it depends on it for data,
-    not for a token, and its value is shown, while the real token stays masked."""
+    not for a token, and its value is shown, while the token and a secret stay masked."""
     flow = tmp_path / "authors.yaml"
     flow.write_text(AUTHOR_FLOW)
     code, out, err = baton("graph", str(flow))
@@ -237,12 +238,12 @@ def test_a_capture_named_author_is_data_not_a_token(env: dict[str, str], tmp_pat
     assert code == 0, out + err
     run = json.loads((tmp_path / "r.json").read_text())["runs"][0]
     captures = {test["name"]: test.get("captures", {}) for test in run["tests"]}
-    assert captures["profile"] == {"author": "ada-lovelace"}
+    assert captures["profile"] == {"author": "ada-lovelace", "pin": "***"}
     assert captures["login"] == {"auth.token": "***"}
     code, out, _ = baton("context", run["run_id"])
     context = json.loads(out)
     assert context["variables"]["author"] == "ada-lovelace"
-    assert context["secret_names"] == [] and context["auth"] == {"token": "***"}
+    assert context["secret_names"] == ["pin"] and context["auth"] == {"token": "***"}
 
 
 def encodings(value: str) -> set[str]:

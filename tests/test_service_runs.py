@@ -20,6 +20,7 @@ from events.secrets import Cipher
 from examples.shop.server import serve as serve_shop
 from tests.cli import baton
 from tests.conftest import LiveService, Org
+from tests.test_run import AUTHOR_FLOW
 
 CHECKOUT = (Path(__file__).parent.parent / "examples" / "shop" / "checkout.yaml").read_text()
 RERUN_FLOW = """
@@ -382,25 +383,6 @@ async def test_a_key_without_the_run_scope_cannot_start_runs(
         assert response.status_code == 403
 
 
-MASKING_FLOW = """
-name: masked names
-base_url: "{{ env.SHOP_URL }}"
-tests:
-  login:
-    request:
-      method: POST
-      url: /auth/login
-      json: {username: alice, password: "{{ secrets.SHOP_PASSWORD }}"}
-    capture:
-      auth.token: {json: "$.access_token"}
-  note:
-    request: {url: /echo, params: {author: ada-lovelace, pin: 4321-8765}}
-    capture:
-      author: {json: "$.query.author"}
-      pin: {json: "$.query.pin", secret: true}
-"""
-
-
 def _masked_in_events(events: list[tuple[str, dict[str, Any]]]) -> dict[str, bool]:
     """{captured name: whether its value is masked}, from (type, payload) pairs."""
     kinds = ("VariableCaptured", "AuthTokenUpdated")
@@ -417,7 +399,7 @@ async def test_the_api_the_stream_and_the_cli_mask_the_same_names(
     """A token, a capture marked secret and an ordinary ``author``: the API's events, the
     SSE stream and ``baton context`` on the service's database mask exactly the first two."""
     ids = await _project(acme, "masked", shop_url)
-    suite = await _suite(acme, ids["project"], MASKING_FLOW)
+    suite = await _suite(acme, ids["project"], AUTHOR_FLOW)
     run_id = await acme.start(suite, ids["environment"])
     assert (await acme.finished(run_id))["status"] == "passed"
     expected = {"auth.token": True, "pin": True, "author": False}
@@ -437,4 +419,4 @@ async def test_the_api_the_stream_and_the_cli_mask_the_same_names(
     captured = json.loads(out)["captured"]
     cli = {name: value == "***" for values in captured.values() for name, value in values.items()}
     assert cli == expected
-    assert captured["note"]["author"] == "ada-lovelace"
+    assert captured["profile"]["author"] == "ada-lovelace"
