@@ -32,25 +32,31 @@ def mask_dsn(url: str) -> str:
     """
     if "://" not in url:
         return _KEYWORD_PASSWORD.sub(lambda m: m.group(1) + _MASK, url)
+    scheme, userinfo, rest = _split_userinfo(url)
+    if ":" in userinfo:
+        url = f"{scheme}{userinfo.partition(':')[0]}:{_MASK}@{rest}"
     try:
         parts = urlsplit(url)
     except ValueError:
-        # not parseable as a URL: mask everything between the scheme and the last '@'
-        scheme, _, rest = url.partition("://")
-        at = rest.rfind("@")
-        return f"{scheme}://{_MASK}{rest[at:]}" if at >= 0 else url
-    netloc = parts.netloc
-    userinfo, has_at, hostinfo = netloc.rpartition("@")
-    if has_at and ":" in userinfo:
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:{_MASK}@{hostinfo}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(key.lower() == "password" for key, _ in pairs):
-            masked = [(k, _MASK if k.lower() == "password" else v) for k, v in pairs]
-            query = urlencode(masked, safe="/*")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        return url
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    if not any(key.lower() == "password" for key, _ in pairs):
+        return url
+    masked = [(k, _MASK if k.lower() == "password" else v) for k, v in pairs]
+    query = urlencode(masked, safe="/*")
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
+
+
+def _split_userinfo(url: str) -> tuple[str, str, str]:
+    """``scheme://``, the userinfo, and what follows its ``@``; the userinfo is all before
+    the last ``@`` ahead of the query, so that a password with an unescaped ``/`` or ``#``
+    is still found (urlsplit would end the host at it and leave the password in the path)."""
+    scheme, _, rest = url.partition("://")
+    authority = re.split(r"[?]", rest, maxsplit=1)[0]
+    at = authority.rfind("@")
+    if at < 0:
+        return f"{scheme}://", "", rest
+    return f"{scheme}://", rest[:at], rest[at + 1 :]
 
 
 def scrub_dsn(text: str, dsn: str) -> str:
@@ -66,11 +72,8 @@ def _passwords(dsn: str) -> list[str]:
     if "://" not in dsn:
         found = [match.group(2).strip("'") for match in _KEYWORD_PASSWORD.finditer(dsn)]
     else:
-        try:
-            parts = urlsplit(dsn)
-            userinfo, query = parts.netloc.rpartition("@")[0], parts.query
-        except ValueError:  # as mask_dsn: what is between the scheme and the last '@'
-            userinfo, query = dsn.partition("://")[2].rpartition("@")[0], ""
+        _, userinfo, rest = _split_userinfo(dsn)
+        query = rest.partition("?")[2].partition("#")[0]
         found = [userinfo.partition(":")[2]] if ":" in userinfo else []
         found += [v for k, v in parse_qsl(query, keep_blank_values=True) if k.lower() == "password"]
     forms = {form for password in found for form in (password, unquote(password)) if form}

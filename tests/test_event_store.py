@@ -414,6 +414,11 @@ def test_a_bad_setting_is_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch) -
     [
         ("postgresql://u:pw@h:5432/db", "postgresql://u:***@h:5432/db"),
         ("postgresql://u@h/db", "postgresql://u@h/db"),
+        ("postgresql://u:pa/ss#x@h/db", "postgresql://u:***@h/db"),
+        (
+            "postgresql://u:p@ss@h/db?application_name=a@b",
+            "postgresql://u:***@h/db?application_name=a@b",
+        ),
         ("redis://:pw@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
         ("pg://u@h/d?password=pw&ssl=1", "pg://u@h/d?password=***&ssl=1"),
         ("host=h user=u password=pw dbname=d", "host=h user=u password=*** dbname=d"),
