@@ -61,7 +61,7 @@ _READ_STREAM = (
 _READ_STREAM_RANGE = (
     "SELECT position, version, event_id, recorded_at, data::text"
     " FROM events WHERE stream = $1 AND version > $2 AND position > $3"
-    " AND ($4::int8 IS NULL OR position <= $4) ORDER BY version"
+    " AND ($4::int8 IS NULL OR position <= $4) ORDER BY version LIMIT $5"
 )
 _READ_ALL_WHERE = (
     "SELECT position, stream, version, event_id, recorded_at, data::text"
@@ -80,6 +80,9 @@ _LAST_EVENTS = (
 )
 _HEAD = "SELECT coalesce(max(position), 0) FROM events"
 _STREAM_VERSION = "SELECT version FROM baton_streams WHERE stream = $1"
+_STREAM_VERSION_AT = (
+    "SELECT coalesce(max(version), 0) FROM events WHERE stream = $1 AND position <= $2"
+)
 _LIST_STREAMS = (
     "SELECT stream FROM baton_streams WHERE starts_with(stream, $1)"
     " ORDER BY first_position DESC LIMIT $2"
@@ -265,16 +268,23 @@ class PostgresEventStore:
         *,
         after_position: int = 0,
         through_position: int | None = None,
+        limit: int | None = None,
     ) -> list[RecordedEvent]:
         decode = _decode_event
         recorded = RecordedEvent
         with _gc_paused:
             with _ErrorTranslator(self._dsn)():
-                if after_position == 0 and through_position is None:
+                if after_position == 0 and through_position is None and limit is None:
                     rows = await self._pool.fetch(_READ_STREAM, stream, after_version)
                 else:
+                    # LIMIT NULL is no limit
                     rows = await self._pool.fetch(
-                        _READ_STREAM_RANGE, stream, after_version, after_position, through_position
+                        _READ_STREAM_RANGE,
+                        stream,
+                        after_version,
+                        after_position,
+                        through_position,
+                        limit,
                     )
             # positional arguments, in RecordedEvent's field order: id, stream, version,
             # position, recorded_at, event
@@ -355,9 +365,12 @@ class PostgresEventStore:
                 for position, stream, version, event_id, at, data in rows
             ]
 
-    async def stream_version(self, stream: str) -> int:
+    async def stream_version(self, stream: str, *, through_position: int | None = None) -> int:
         with _ErrorTranslator(self._dsn)():
-            version: int | None = await self._pool.fetchval(_STREAM_VERSION, stream)
+            if through_position is None:
+                version: int | None = await self._pool.fetchval(_STREAM_VERSION, stream)
+            else:
+                version = await self._pool.fetchval(_STREAM_VERSION_AT, stream, through_position)
         return version or 0
 
     async def list_streams(self, prefix: str, limit: int = 50) -> list[str]:

@@ -67,8 +67,10 @@ class EventStore(Protocol):
         """The log's last committed position, 0 if it holds nothing."""
         ...
 
-    async def stream_version(self, stream: str) -> int:
-        """The head of a stream: its last version, 0 if it holds nothing."""
+    async def stream_version(self, stream: str, *, through_position: int | None = None) -> int:
+        """The head of a stream: its last version, 0 if it holds nothing. With
+        ``through_position``, its last version at or before that log position (how many of
+        its events a reader at that position has seen)."""
         ...
 
     async def read_stream(
@@ -78,9 +80,11 @@ class EventStore(Protocol):
         *,
         after_position: int = 0,
         through_position: int | None = None,
+        limit: int | None = None,
     ) -> list[RecordedEvent]:
         """The stream's events with version > after_version and after_position < position
-        <= through_position (no upper bound if None), by version."""
+        <= through_position (no upper bound if None), by version; the first ``limit`` of
+        them if given (a page)."""
         ...
 
     async def first_events(self, streams: Sequence[str]) -> dict[str, RecordedEvent]:
