@@ -29,9 +29,10 @@ from litestar.response import Redirect
 from context_service.api.common import PrincipalDep, ServicesDep
 from context_service.api.runs import RUNS, Run, fetch_run
 from context_service.auth import EXCLUDE_OPT, KEY_COOKIE
-from context_service.database import stream_of, translated
+from context_service.database import stream_of
 from context_service.errors import ServiceError, Unauthorized
-from context_service.keys import Principal, authenticate
+from context_service.keys import Principal
+from context_service.runs import run_started
 from context_service.services import Services
 from events import types as ev
 from events.context import Context, redacted
@@ -75,12 +76,6 @@ SELECT
      JOIN test_results t ON t.id = d.result_id
      WHERE t.run_id = $1 AND d.kind = 'assertion' AND NOT d.passed ORDER BY d.position) AS f)
 """
-_EVENTS = (
-    "SELECT position, recorded_at, data FROM events WHERE stream = $1 AND position <= $2"
-    " ORDER BY position DESC LIMIT $3"
-)
-_EVENT_COUNT = "SELECT count(*) FROM events WHERE stream = $1 AND position <= $2"
-_PLAN = "SELECT data FROM events WHERE stream = $1 AND version = 1"
 
 
 class TestRow(msgspec.Struct, frozen=True):
@@ -170,9 +165,10 @@ def summary(event: ev.Event) -> str:
     return ""
 
 
-def _log_line(position: int, at: datetime, data: bytes | str) -> LogLine:
-    event = masked_event(ev.decode(data))  # no secret's ciphertext either
-    return LogLine(position, at, ev.event_type(event), getattr(event, "test", ""), summary(event))
+def _log_line(recorded: ev.RecordedEvent) -> LogLine:
+    event = masked_event(recorded.event)  # no secret's ciphertext either
+    test = getattr(event, "test", "")
+    return LogLine(recorded.position, recorded.recorded_at, recorded.type, test, summary(event))
 
 
 def _planned(tests: list[TestRow], plan: list[str]) -> list[TestRow]:
@@ -196,17 +192,16 @@ async def run_view(services: Services, principal: Principal, run_id: uuid.UUID) 
     for failed in msgspec.json.decode(failures_json, type=list[FailedAssertion]):
         failures.setdefault(failed.test, []).append(failed.data)
     position = context.position
-    async with services.db.owner() as conn:
-        rows = await conn.fetch(_EVENTS, stream, position, EVENTS_SHOWN)
-        total = len(rows)
-        if total == EVENTS_SHOWN:
-            total = await conn.fetchval(_EVENT_COUNT, stream, position)
-        # the plan, even if RunStarted is newer than the snapshot: its rows are idempotent
-        first = await conn.fetchval(_PLAN, stream)
-    started = ev.decode(first) if first is not None else None
-    if isinstance(started, ev.RunStarted):
+    # the stream's versions count its events: the last EVENTS_SHOWN up to the snapshot
+    total = await services.store.stream_version(stream, through_position=position)
+    recorded = await services.store.read_stream(
+        stream, max(0, total - EVENTS_SHOWN), through_position=position
+    )
+    # the plan, even if RunStarted is newer than the snapshot: its rows are idempotent
+    started = await run_started(services.store, stream)
+    if started is not None:
         tests = _planned(tests, [planned.name for planned in started.plan])
-    events = [_log_line(row[0], row[1], row[2]) for row in reversed(rows)]
+    events = [_log_line(item) for item in recorded]
     live = run.status in LIVE and context.status == "running"
     return RunView(
         run, live, position, tests, failures, redacted(context), events, total - len(events)
@@ -310,10 +305,7 @@ async def login(request: Request[Any, Any, Any], services: ServicesDep) -> Respo
     """Check the key; if it may read, keep it in the session's cookie and go on."""
     form = await request.form()
     key, target = str(form.get("key", "")).strip(), _local(str(form.get("next", "")))
-    principal = None
-    if key:
-        with translated(services.store.dsn):
-            principal = await authenticate(services.store.pool, key)
+    principal = await services.db.principal(key) if key else None
     if principal is None or not principal.allows("read"):
         why = "that key lacks the read scope" if principal else "that key is not valid"
         return page("login.html", 401, target=target, message=why)

@@ -4,8 +4,9 @@
 ``baton_service`` (which owns nothing, so the policies of schema.sql apply to it) and names
 the caller's organization; both settings end with the transaction, so a pooled connection
 never carries them into the next request. Only what cannot be scoped to an organization
-yet runs as the owner: finding the organization of an API key, and reading the event log
-of a run once ``tenant`` has shown that the run is the caller's.
+yet runs as the owner: finding the organization of an API key. The event log has no
+organization column: a run's events are read through the EventStore (``Services.store``),
+once ``tenant`` has shown that the run is the caller's.
 
 This module is where driver errors become the service's errors (problem details).
 """
@@ -21,7 +22,7 @@ import asyncpg
 
 from context_service.errors import Conflict, NotFound, Unavailable, Unprocessable
 from context_service.keys import Principal, authenticate, digest
-from events.postgres import PostgresEventStore, driver_errors
+from events.postgres import driver_errors
 
 ROLE = "baton_service"
 _OWNED_RUN = (
@@ -58,26 +59,34 @@ _DUPLICATES = {
 
 
 class Database:
-    """Transactions on the event store's pool; see the module's docstring."""
+    """Transactions on the read tables, on the PostgreSQL event store's pool (``dsn`` names
+    the server in errors); see the module's docstring. The event log itself is read through
+    the EventStore, never here."""
 
     def __init__(
-        self, store: PostgresEventStore, *, clock: Callable[[], float] = time.monotonic
+        self, pool: asyncpg.Pool, dsn: str, *, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self._store = store
+        self._pool = pool
+        self._dsn = dsn
         self._clock = clock
         self._owned_runs: dict[tuple[uuid.UUID, uuid.UUID], str] = {}
         self._principals: dict[bytes, tuple[Principal, float]] = {}
         """By the key's digest: the key itself is not kept."""
 
     @property
-    def store(self) -> PostgresEventStore:
-        return self._store
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
+    @property
+    def dsn(self) -> str:
+        """The server's address, for ``translated`` (its password is masked in errors)."""
+        return self._dsn
 
     async def check(self) -> None:
         """Raise Unavailable unless the role of schema.sql step 5 exists and this login may
         use it (a server where the owner could not create it)."""
-        with translated(self._store.dsn):
-            usable = await self._store.pool.fetchval(_ROLE_USABLE, ROLE)
+        with translated(self._dsn):
+            usable = await self._pool.fetchval(_ROLE_USABLE, ROLE)
         if not usable:
             raise Unavailable(
                 f"the database has no role {ROLE} this login may use: create it "
@@ -87,8 +96,8 @@ class Database:
     @asynccontextmanager
     async def tenant(self, organization: uuid.UUID) -> AsyncIterator[asyncpg.Connection]:
         """A transaction that sees and writes only ``organization``'s rows."""
-        with translated(self._store.dsn):
-            async with self._store.pool.acquire() as conn, conn.transaction():
+        with translated(self._dsn):
+            async with self._pool.acquire() as conn, conn.transaction():
                 await conn.fetchrow(_ENTER, ROLE, str(organization))
                 yield conn
 
@@ -99,8 +108,8 @@ class Database:
         known = self._principals.get(key_digest := digest(key))
         if known is not None and known[1] > now:
             return known[0]
-        with translated(self._store.dsn):
-            principal = await authenticate(self._store.pool, key)
+        with translated(self._dsn):
+            principal = await authenticate(self._pool, key)
         if principal is None:
             self._principals.pop(key_digest, None)
             return None
@@ -128,14 +137,6 @@ class Database:
                 self._owned_runs.clear()  # a cache: a forgotten run is asked about again
             self._owned_runs[known] = stream
         return stream
-
-    @asynccontextmanager
-    async def owner(self) -> AsyncIterator[asyncpg.Connection]:
-        """A transaction as the tables' owner: row-level security does not apply. Only for
-        what cannot belong to an organization yet (see the module's docstring)."""
-        with translated(self._store.dsn):
-            async with self._store.pool.acquire() as conn, conn.transaction():
-                yield conn
 
 
 async def stream_of(conn: asyncpg.Connection, run_id: uuid.UUID) -> str:

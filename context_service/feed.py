@@ -32,20 +32,16 @@ from typing import Protocol
 import asyncpg
 
 from events import types as ev
-from events.postgres import PostgresEventStore, driver_errors
+from events.postgres import driver_errors
 from events.projections import DEFAULT_ORGANIZATION_ID, derive
 from events.projections.projector import CHANNEL
 from events.secrets import masked_event
-from events.store import StoreError
+from events.store import EventStore, StoreError
 
 RUN_LEVEL = frozenset({"RunStarted", "TestPassed", "TestFailed", "RunCompleted", "RunCancelled"})
 """What a project's stream carries of its runs' events."""
 TERMINAL = frozenset({"RunCompleted", "RunCancelled"})
 PAGE = 1000
-_HEAD = "SELECT coalesce(max(position), 0) FROM events"
-_FIRST_EVENTS = (
-    "SELECT stream, data::text FROM events WHERE stream = ANY($1::text[]) AND version = 1"
-)
 _KNOWN_RUNS = 20_000
 _log = logging.getLogger("baton.service.realtime")
 
@@ -108,8 +104,12 @@ def project_of(started: ev.RunStarted) -> uuid.UUID | None:
 class Hub:
     """The feed of one app: see the module's docstring. Runs only while someone follows."""
 
-    def __init__(self, store: PostgresEventStore, *, fallback: float = 1.0, keep: int = 5000):
+    def __init__(
+        self, store: EventStore, *, listen_dsn: str, fallback: float = 1.0, keep: int = 5000
+    ):
         self._store = store
+        self._listen_dsn = listen_dsn
+        """The PostgreSQL server whose notices ring the doorbell."""
         self._fallback = fallback
         self._keep = keep
         self._entries: list[Entry] = []
@@ -134,16 +134,14 @@ class Hub:
         return self._base
 
     @property
-    def store(self) -> PostgresEventStore:
+    def store(self) -> EventStore:
         return self._store
 
     async def log_head(self) -> int:
         """The log's highest position now (where a stream "from now on" starts)."""
-        with driver_errors(self._store.dsn):
-            head: int = await self._store.pool.fetchval(_HEAD)
         # positions commit in order (the store's contract), so nothing can still commit
         # below the highest position there is
-        return head
+        return await self._store.head()
 
     @contextlib.contextmanager
     def waking(self, key: str, wake: asyncio.Event) -> Iterator[None]:
@@ -191,11 +189,11 @@ class Hub:
             if r.type in RUN_LEVEL and r.type != "RunStarted" and r.stream not in self._projects
         }
         if unknown:
-            with driver_errors(self._store.dsn):
-                rows = await self._store.pool.fetch(_FIRST_EVENTS, list(unknown))
-            for stream, data in rows:
-                first = ev.decode(data)
-                self._known(stream, project_of(first) if isinstance(first, ev.RunStarted) else None)
+            for stream, first in (await self._store.first_events(list(unknown))).items():
+                started = first.event
+                self._known(
+                    stream, project_of(started) if isinstance(started, ev.RunStarted) else None
+                )
         made = []
         for recorded in records:
             project = None
@@ -243,8 +241,8 @@ class Hub:
             if not payload.isdigit() or int(payload) > self._head:
                 self._ring.set()
 
-        with driver_errors(self._store.dsn):
-            conn: asyncpg.Connection = await asyncpg.connect(self._store.dsn)
+        with driver_errors(self._listen_dsn):
+            conn: asyncpg.Connection = await asyncpg.connect(self._listen_dsn)
             try:
                 await conn.add_listener(CHANNEL, notice)
             except BaseException:
@@ -314,14 +312,7 @@ class RunFeed:
 
     async def catch_up(self, through: int) -> tuple[list[Entry], int]:
         head = self._hub.head  # read before the store: everything up to it is committed
-        store = self._hub.store
-        with driver_errors(store.dsn):
-            version: int = await store.pool.fetchval(
-                "SELECT coalesce(max(version), 0) FROM events WHERE stream = $1 AND position <= $2",
-                self._stream,
-                through,
-            )
-        records = await store.read_stream(self._stream, version)
+        records = await self._hub.store.read_stream(self._stream, after_position=through)
         entries = [Entry(r, None) for r in records]
         return entries, max(head, entries[-1].position if entries else through)
 

@@ -74,7 +74,6 @@ HEARTBEAT = 15.0
 _log = logging.getLogger("baton.service.realtime")
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _PREAMBLE = b"retry: 1000\n\n"
-_LAST = "SELECT position, type FROM events WHERE stream = $1 ORDER BY version DESC LIMIT 1"
 _PROJECT = (
     "SELECT EXISTS (SELECT FROM service_projects WHERE id = $1)"
     " OR EXISTS (SELECT FROM projects WHERE id = $1)"
@@ -92,7 +91,7 @@ def hub_of(state: State, services: Services) -> Hub:
     """The app's hub, made on first use (one LISTEN connection per process and app)."""
     hub: Hub | None = state.get("realtime_hub")
     if hub is None or hub.store is not services.store:
-        hub = Hub(services.store)
+        hub = Hub(services.store, listen_dsn=services.db.dsn)
         state["realtime_hub"] = hub
     return hub
 
@@ -112,10 +111,9 @@ async def _run_source(
     services: Services, hub: Hub, principal: Principal, run_id: uuid.UUID, after: int | None
 ) -> _Source:
     stream = await services.db.run_stream(principal.organization_id, run_id)
-    async with services.db.owner() as conn:
-        last = await conn.fetchrow(_LAST, stream)
+    last = (await services.store.last_events([stream])).get(stream)
     start = after or 0
-    ended = last is not None and last["type"] in TERMINAL and last["position"] <= start
+    ended = last is not None and last.type in TERMINAL and last.position <= start
     return _Source(RunFeed(hub, stream), project=False, after=start, ended=ended)
 
 

@@ -30,6 +30,7 @@ from events import types as ev
 from events.cache import UnknownRun
 from events.context import Context, decrypted_variables
 from events.secrets import SecretError
+from events.store import EventStore
 from orchestrator.planner import Plan
 from orchestrator.runner import RunInputs
 
@@ -178,7 +179,10 @@ async def rerun(services: Services, principal: Principal, run_id: uuid.UUID) -> 
     context = await _context(services, run_id)
     if context.status == "running":
         raise Conflict("the run has not ended: wait for it to end, or cancel it")
-    planned = await _planned(services, stream)
+    started = await run_started(services.store, stream)
+    if started is None:
+        raise Conflict("the run's log does not begin with RunStarted")
+    planned = [test.name for test in started.plan]
     todo = [name for name in planned if context.statuses.get(name) != "passed"]
     if not todo:
         raise Conflict("every test of the run passed: there is nothing to rerun")
@@ -198,14 +202,10 @@ async def _context(services: Services, run_id: uuid.UUID, at: int | None = None)
         raise NotFound(f"the run {run_id} has no events yet") from None
 
 
-async def _planned(services: Services, stream: str) -> list[str]:
-    first = await services.store.pool.fetchval(
-        "SELECT data FROM events WHERE stream = $1 AND version = 1", stream
-    )
-    started = ev.decode(first) if first is not None else None
-    if not isinstance(started, ev.RunStarted):
-        raise Conflict("the run's log does not begin with RunStarted")
-    return [planned.name for planned in started.plan]
+async def run_started(store: EventStore, stream: str) -> ev.RunStarted | None:
+    """The RunStarted a run's stream begins with (its plan), None if it does not (yet)."""
+    first = (await store.first_events([stream])).get(stream)
+    return first.event if first is not None and isinstance(first.event, ev.RunStarted) else None
 
 
 async def context_of(

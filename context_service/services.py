@@ -18,10 +18,10 @@ from context_service.database import Database
 from context_service.launcher import RunLauncher
 from events.cache import ContextCache, ContextReader, open_cache
 from events.owners import Owner
-from events.postgres import PostgresEventStore
 from events.projections import Detector, Projector
 from events.secrets import Cipher, load_key
 from events.settings import Settings, mask_dsn
+from events.store import EventStore
 from events.writer import GroupAppends
 
 _log = logging.getLogger("baton.service")
@@ -49,8 +49,10 @@ class Health(msgspec.Struct, frozen=True, omit_defaults=True):
 @dataclass
 class Services:
     settings: Settings
-    store: PostgresEventStore
+    store: EventStore
+    """The log: every read and append of events goes through it."""
     db: Database
+    """The read tables (and keys, organizations), on the PostgreSQL store's pool."""
     cache: ContextCache
     reader: ContextReader
     cipher: Cipher
@@ -75,7 +77,7 @@ class Services:
         cipher = Cipher(load_key(settings.secret_key, settings.home))
         store = await open_store(settings)
         try:
-            db = Database(store)
+            db = Database(store.pool, store.dsn)
             await db.check()
         except BaseException:
             await store.aclose()
@@ -152,7 +154,7 @@ class Services:
     async def _postgres(self) -> Dependency:
         start = time.perf_counter()
         try:
-            await asyncio.wait_for(self.store.pool.fetchval("SELECT 1"), _PROBE_TIMEOUT)
+            await asyncio.wait_for(self.db.pool.fetchval("SELECT 1"), _PROBE_TIMEOUT)
         except Exception as exc:  # any failure of a probe is "down"
             return Dependency("postgresql", "down", type(exc).__name__)
         where = mask_dsn(self.settings.database_url) if self.settings.database_url else "embedded"

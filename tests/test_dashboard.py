@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -211,6 +212,25 @@ async def test_the_run_page_shows_results_failures_context_and_log_without_secre
     assert html.count("<li data-position=") > 20 and "RunCompleted" in html
     assert 'data-live="no"' in html  # an ended run: nothing to follow
     _no_secret(html, shop)
+
+
+async def test_the_run_page_shows_the_last_events_of_a_long_run_and_counts_the_others(
+    acme: Org, setup: dict[str, str], shop: Shop
+) -> None:
+    checks = {f"check_{n}": {"request": {"url": "/health"}} for n in range(80)}
+    flow = {"name": "many checks", "base_url": "{{ env.SHOP_URL }}", "tests": checks}
+    body = {"project_id": setup["project"], "content": json.dumps(flow)}
+    suite = (await acme.ok("POST", "/api/v1/suites", 201, json=body))["id"]
+    run_id = await acme.start(suite, setup["local"])
+    assert (await acme.finished(run_id))["status"] == "passed"
+    logged = await acme.ok("GET", f"/api/v1/runs/{run_id}/events?limit=1000")
+    positions = [item["position"] for item in logged["items"]]
+    assert len(positions) > 300
+
+    html = (await acme.http.get(f"/runs/{run_id}")).text
+    shown = [int(at) for at in re.findall(r'<li data-position="(\d+)"', html)]
+    assert shown == positions[-300:]  # the newest 300, oldest first
+    assert f"{len(positions) - 300} earlier events are not shown here" in html
 
 
 async def test_another_organizations_run_is_not_found(

@@ -166,7 +166,7 @@ async def test_a_pooled_connection_comes_back_from_a_tenant_as_the_owner(
     )
     try:
         owner = await store.pool.fetchval("SELECT current_user")
-        async with Database(store).tenant(uuid.uuid4()) as conn:
+        async with Database(store.pool, store.dsn).tenant(uuid.uuid4()) as conn:
             assert await conn.fetchval("SELECT current_user") == "baton_service"
         role, organization = await store.pool.fetchrow(
             "SELECT current_user, current_setting('baton.organization_id', true)"
@@ -187,7 +187,7 @@ async def test_a_key_revoked_elsewhere_stops_working_within_the_key_ttl(
     now = [1000.0]
     store = await PostgresEventStore.connect(live_service.settings.database_url)
     try:
-        database = Database(store, clock=lambda: now[0])
+        database = Database(store.pool, store.dsn, clock=lambda: now[0])
         principal = await database.principal(created["key"])
         assert principal is not None and principal.scopes == {"read"}
         await store.pool.execute(

@@ -67,7 +67,7 @@ async def bulk(
     errors: list[FieldError] = []
     for index, item in enumerate(items):
         try:
-            with translated(services.store.dsn):
+            with translated(services.db.dsn):
                 async with conn.transaction():
                     results.append(await one(conn, item))
         except ServiceError as exc:

@@ -156,10 +156,6 @@ RESULTS = Listing(
     filters={"status": "status", "category": "category"},
     where=["run_id = $1"],
 )
-_EVENTS = (
-    "SELECT position, version, event_id, type, recorded_at, data FROM events"
-    " WHERE stream = $1 AND position > $2 ORDER BY position LIMIT $3"
-)
 
 
 async def fetch_run(services: Services, principal: Principal, run_id: uuid.UUID) -> Run:
@@ -295,11 +291,10 @@ class RunController(Controller):
     ) -> EventPage:
         """The run's events after position ``after``, in log order (secrets masked)."""
         stream = await services.db.run_stream(principal.organization_id, run_id)
-        async with services.db.owner() as conn:
-            rows = await conn.fetch(_EVENTS, stream, after, limit)
+        records = await services.store.read_stream(stream, after_position=after, limit=limit)
         items = [
-            RecordedEventOut(row[0], row[1], row[2], row[3], row[4], _shown(ev.decode(row[5])))
-            for row in rows
+            RecordedEventOut(r.position, r.version, r.id, r.type, r.recorded_at, _shown(r.event))
+            for r in records
         ]
         more = len(items) == limit
         return EventPage(items, items[-1].position if more else None)
