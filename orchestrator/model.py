@@ -203,8 +203,3 @@ def seconds(value: Duration) -> float:
     if not match:
         raise ValueError(f'duration {value!r}: write a number of seconds or "250ms", "10s", "2m"')
     return float(match.group(1)) * _UNIT[match.group(2)]
-
-
-def retry_policy(value: Retry | int | None, default: Retry | int) -> Retry:
-    chosen = default if value is None else value
-    return Retry(attempts=chosen) if isinstance(chosen, int) else chosen

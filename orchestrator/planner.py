@@ -20,6 +20,7 @@ import networkx as nx
 from events.secrets import reads_auth, secret_references
 from events.types import DependencyKind, PlannedTest
 from orchestrator import templating
+from orchestrator.compiled import CompiledTest, compile_test
 from orchestrator.errors import Problem, UsageError
 from orchestrator.loader import LoadedFlow, test_parts
 from orchestrator.model import Test
@@ -44,6 +45,20 @@ class Plan:
 
     def dependencies(self, test: str) -> dict[str, DependencyKind]:
         return {dep: self.graph.edges[dep, test]["kind"] for dep in self.graph.predecessors(test)}
+
+    def only(self, tests: Collection[str]) -> Plan:
+        """The plan of ``tests`` alone, in this plan's order: what they need of the others
+        is theirs to bring (a rerun's reused captures), or among ``tests`` (a --tag
+        selection with what it depends on)."""
+        chosen = set(tests)
+        order = [name for name in self.order if name in chosen]
+        return Plan(self.loaded, self.graph.subgraph(order).copy(), order)
+
+    @functools.cached_property
+    def compiled(self) -> dict[str, CompiledTest]:
+        """Each test of the plan, compiled on first use and shared by every run of it."""
+        flow = self.loaded.flow
+        return {name: compile_test(name, flow.tests[name], flow.defaults) for name in self.order}
 
     @functools.cached_property
     def secret_names(self) -> frozenset[str]:
@@ -163,15 +178,18 @@ def plan(loaded: LoadedFlow, scope: Scope, tags: Collection[str] = ()) -> Plan:
     if problems:
         raise UsageError(problems)
 
-    if tags:
-        wanted = {name for name, test in flow.tests.items() if set(test.tags) & set(tags)}
-        needed = set(wanted)
-        for name in wanted:
-            needed |= nx.ancestors(graph, name)
-        graph = graph.subgraph(needed).copy()
     position = {name: index for index, name in enumerate(flow.tests)}
     order = list(nx.lexicographical_topological_sort(graph, key=position.__getitem__))
-    return Plan(loaded, graph, order)
+    full = Plan(loaded, graph, order)
+    if not tags:
+        return full
+    wanted = {name for name, test in flow.tests.items() if set(test.tags) & set(tags)}
+    needed = set(wanted)
+    for name in wanted:
+        needed |= nx.ancestors(graph, name)
+    # the order of the whole plan restricted to an ancestor-closed set is the order
+    # the set sorts to by itself: nothing outside it comes before anything in it
+    return full.only(needed)
 
 
 def _references(

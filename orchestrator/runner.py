@@ -16,17 +16,16 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import httpx
-import msgspec
 
 from events import types as ev
 from events.secrets import Cipher, Redactor
 from events.writer import BatchingWriter
 from orchestrator import templating
-from orchestrator.model import Expect, Request, Test
+from orchestrator.compiled import redaction_policy
 from orchestrator.planner import Plan
 from orchestrator.results import RunResult, TestResult
 from orchestrator.run_client import RunClient
-from orchestrator.testcase import TestExecution, redaction_policy
+from orchestrator.testcase import TestExecution
 
 Observer = Callable[[str, ev.Event], None]
 
@@ -80,10 +79,6 @@ class Runner:
         self.cipher = cipher
         self.transport = transport
         self.slots = asyncio.Semaphore(concurrency)
-        # compiled once per spec, not per request; each entry keeps its spec alive, so that
-        # its id is not reused while it is cached
-        self._expects: dict[int, tuple[templating.Renderer | None, Expect]] = {}
-        self._requests: dict[int, tuple[_RequestParts, Test]] = {}
 
     async def run(self, plan: Plan, inputs: RunInputs) -> RunResult:
         return await RunExecution(self, plan, inputs).execute()
@@ -101,53 +96,6 @@ class Runner:
         if self.limits.off_loop:
             return await templating.off_loop(function, *args)
         return function(*args)
-
-    def expect_renderer(self, spec: Expect) -> templating.Renderer | None:
-        """What renders an expectation's templates; None if it has none."""
-        known = self._expects.get(id(spec))
-        if known is None:
-            data = msgspec.to_builtins(spec)
-            has = next(templating.template_strings(data), None) is not None
-            known = self._expects[id(spec)] = (
-                templating.compile_value(data) if has else None,
-                spec,
-            )
-        return known[0]
-
-    def request_parts(self, test: Test, default_headers: dict[str, str]) -> _RequestParts:
-        known = self._requests.get(id(test))
-        if known is None:
-            known = self._requests[id(test)] = (
-                _RequestParts.of(test.request, default_headers),
-                test,
-            )
-        return known[0]
-
-
-@dataclass(frozen=True)
-class _RequestParts:
-    """A test's request, compiled: each part a function of the namespace."""
-
-    url: templating.Renderer
-    headers: templating.Renderer
-    json: templating.Renderer | None
-    body: templating.Renderer | None
-    form: templating.Renderer | None
-    params: templating.Renderer | None
-
-    @classmethod
-    def of(cls, request: Request, default_headers: dict[str, str]) -> _RequestParts:
-        def optional(value: Any) -> templating.Renderer | None:
-            return None if value is None else templating.compile_value(value)
-
-        return cls(
-            url=templating.compile_value(request.url),
-            headers=templating.compile_value({**default_headers, **request.headers}),
-            json=None if request.json is msgspec.UNSET else templating.compile_value(request.json),
-            body=optional(request.body),
-            form=optional(request.form),
-            params=optional(request.params or None),
-        )
 
 
 class RunExecution:
@@ -294,10 +242,10 @@ class RunExecution:
         )
 
     async def _test(self, name: str) -> TestResult:
-        test = self.flow.tests[name]
-        if test.skip:
-            reason = test.skip if isinstance(test.skip, str) else "skip: true in the flow"
-            self._skip(name, reason)
+        compiled = self.plan.compiled[name]
+        skip = compiled.spec.skip
+        if skip:
+            self._skip(name, skip if isinstance(skip, str) else "skip: true in the flow")
             return self.results[name]
         async with self.runner.slots:
-            return await TestExecution(self, name, test).execute()
+            return await TestExecution(self, compiled).execute()

@@ -17,21 +17,13 @@ import msgspec
 
 from events import types as ev
 from events.context import assign_dotted
-from events.secrets import MASK, Policy, is_auth_name, is_secret_capture, policy_for
+from events.secrets import MASK, is_auth_name, is_secret_capture
 from events.store import now_us
 from orchestrator import templating
 from orchestrator.assertions import evaluate
 from orchestrator.captures import MISSING, CaptureError, capture, capture_all
-from orchestrator.model import (
-    Capture,
-    Expect,
-    Redact,
-    Request,
-    Retry,
-    Test,
-    retry_policy,
-    seconds,
-)
+from orchestrator.compiled import CompiledTest, Expectation
+from orchestrator.model import Capture, Expect
 from orchestrator.results import AssertionResult, Exchange, ResponseView, TestResult
 from orchestrator.run_client import text as response_text
 
@@ -52,11 +44,11 @@ class _Failure(Exception):
 class TestExecution:
     __test__ = False  # not a pytest test class
 
-    def __init__(self, run: RunExecution, name: str, test: Test) -> None:
+    def __init__(self, run: RunExecution, compiled: CompiledTest) -> None:
         self.run = run
-        self.name = name
-        self.test = test
-        self.redactor = run.redactor.scoped(redaction_policy(run.flow.defaults.redact, test.redact))
+        self.compiled = compiled
+        self.name = compiled.name
+        self.redactor = run.redactor.scoped(compiled.redaction)
         self.attempt = 0
         """Requests sent, polls and retries included."""
         self.tries = 0
@@ -120,7 +112,7 @@ class TestExecution:
             assertions=self.assertions,
             captures=self.captured,
             exchange=self.exchange if status == "failed" else None,
-            tags=self.test.tags,
+            tags=self.compiled.spec.tags,
         )
 
     async def _render(self, renderer: templating.Renderer) -> Any:
@@ -130,8 +122,8 @@ class TestExecution:
             raise _Failure("template", f"template error: {exc}") from None
 
     async def _send_until(self) -> ResponseView:
-        until = self.test.until
-        polls = until.max_attempts if until is not None else 1
+        until = self.compiled.until
+        polls = until.spec.max_attempts if until is not None else 1
         for poll in range(1, polls + 1):
             self.poll["attempt"] = poll
             response = await self._send_with_retries()
@@ -168,12 +160,12 @@ class TestExecution:
             if poll == polls:
                 self.assertions.extend(self._record(checks, "until ", response=response))
                 raise _Failure("assertion", failure)
-            await asyncio.sleep(seconds(until.wait()))
+            await asyncio.sleep(self.compiled.poll_wait)
         raise AssertionError("unreachable")
 
     async def _collect(self, response: ResponseView) -> None:
         """What ``collect: true`` captures keep of every response, page after page."""
-        for name, spec in self.test.capture.items():
+        for name, spec in self.compiled.captures.items():
             if spec.collect:
                 try:
                     found = await self.run.runner.off_loop(capture_all, name, spec, response)
@@ -190,19 +182,18 @@ class TestExecution:
             functools.partial(evaluate, base_dir=base_dir), expect, response
         )
 
-    async def _expect(self, expect: _E) -> _E:
-        renderer = self.run.runner.expect_renderer(expect)
-        if renderer is None:
+    async def _expect(self, expectation: Expectation[_E]) -> _E:
+        expect = expectation.spec
+        if expectation.renderer is None:
             return expect
-        rendered = await self._render(renderer)
+        rendered = await self._render(expectation.renderer)
         try:
             return msgspec.convert(rendered, type(expect))
         except msgspec.ValidationError as exc:
             raise _Failure("template", f"expectations after rendering: {exc}") from None
 
     async def _send_with_retries(self) -> ResponseView:
-        flow = self.run.flow
-        policy = retry_policy(self.test.retries, flow.defaults.retries)
+        policy = self.compiled.retry
         for retry in range(policy.attempts + 1):
             self.attempt += 1
             if retry or self.tries == 0:
@@ -211,25 +202,23 @@ class TestExecution:
             try:
                 response = await self._send()
             except _Failure as failure:
-                if retry < policy.attempts and failure.category in policy_conditions(policy):
-                    await asyncio.sleep(_backoff(policy, retry))
+                if retry < policy.attempts and failure.category in policy.failures:
+                    await asyncio.sleep(policy.backoff_after(retry))
                     continue
                 raise
             condition = "5xx" if response.status >= 500 else "429" if response.status == 429 else ""
-            if condition and condition in policy.on and retry < policy.attempts:
+            if condition and condition in policy.statuses and retry < policy.attempts:
                 self._report_response()
                 wait = _retry_after(response.headers.get("retry-after"))
-                await asyncio.sleep(
-                    min(max(wait, _backoff(policy, retry)), seconds(policy.max_delay))
-                )
+                await asyncio.sleep(min(max(wait, policy.backoff_after(retry)), policy.max_delay))
                 continue
             return response
         raise AssertionError("unreachable")
 
     async def _send(self) -> ResponseView:
-        run, flow = self.run, self.run.flow
-        request: Request = self.test.request
-        parts = run.runner.request_parts(self.test, flow.defaults.headers)
+        run, compiled = self.run, self.compiled
+        method = compiled.spec.request.method
+        parts = compiled.request
         url = str(await self._render(parts.url))
         if "://" not in url:
             url = f"{run.base_url}/{url.lstrip('/')}"
@@ -243,15 +232,10 @@ class TestExecution:
             content = str(await self._render(parts.body))
         form = await self._render(parts.form) if parts.form is not None else None
         params = await self._render(parts.params) if parts.params is not None else None
-        timeout = seconds(request.timeout if request.timeout is not None else flow.defaults.timeout)
-        follow = (
-            request.follow_redirects
-            if request.follow_redirects is not None
-            else flow.defaults.follow_redirects
-        )
+        timeout = compiled.timeout
         try:
             prepared = run.client.prepare(
-                request.method,
+                method,
                 url,
                 headers=headers,
                 content=content,
@@ -260,7 +244,7 @@ class TestExecution:
                 timeout=timeout,
             )
         except httpx.InvalidURL as exc:
-            self._note_exchange(request.method, url, headers, content or form)
+            self._note_exchange(method, url, headers, content or form)
             message = f"cannot send to {url}: the URL is not valid ({exc})"
             raise _Failure("connection", message) from None
         # what is recorded is what is sent: the URL with the query of `params` merged in
@@ -271,7 +255,7 @@ class TestExecution:
             ev.RequestSent(
                 test=self.name,
                 attempt=self.attempt,
-                method=request.method,
+                method=method,
                 url=redactor.redact(url),
                 headers=redactor.mask_headers(headers),
                 body_excerpt=redactor.excerpt(_text(content or form or ""), EXCERPT),
@@ -279,12 +263,12 @@ class TestExecution:
         )
         started = time.perf_counter()
         try:
-            response = await run.client.send(prepared, follow_redirects=follow)
+            response = await run.client.send(prepared, follow_redirects=compiled.follow_redirects)
         except httpx.TimeoutException:
-            self._note_exchange(request.method, url, headers, content or form)
+            self._note_exchange(method, url, headers, content or form)
             raise _Failure("timeout", f"no response within {timeout:g} s from {url}") from None
         except httpx.TransportError as exc:
-            self._note_exchange(request.method, url, headers, content or form)
+            self._note_exchange(method, url, headers, content or form)
             raise _Failure(
                 "connection", f"cannot reach {url}: {exc or type(exc).__name__}"
             ) from None
@@ -303,7 +287,7 @@ class TestExecution:
             else (),
             url=str(response.url),
         )
-        self._note_exchange(request.method, url, headers, content or form)
+        self._note_exchange(method, url, headers, content or form)
         self.unreported = view
         self.unreported_at = received_at
         return view
@@ -333,8 +317,9 @@ class TestExecution:
         self.exchange.duration_ms = round(view.duration_ms, 3)
 
     async def _learn_secrets(self, response: ResponseView) -> None:
-        self._values = await self.run.runner.off_loop(_read_captures, self.test.capture, response)
-        for name, spec in self.test.capture.items():
+        captures = self.compiled.captures
+        self._values = await self.run.runner.off_loop(_read_captures, captures, response)
+        for name, spec in captures.items():
             if spec.collect:  # _collect learnt those, one by one
                 self._values[name] = self.collected.get(name, [])
                 continue
@@ -372,9 +357,9 @@ class TestExecution:
         )
 
     async def _check(self, response: ResponseView) -> None:
-        if self.test.expect is None:
+        if self.compiled.expect is None:
             return
-        checks = await self._evaluate(await self._expect(self.test.expect), response)
+        checks = await self._evaluate(await self._expect(self.compiled.expect), response)
         recorded = self._record(checks, response=response)
         self.assertions.extend(recorded)
         failed = [check for check in recorded if not check.passed]
@@ -432,7 +417,7 @@ class TestExecution:
 
     def _capture(self, response: ResponseView) -> None:
         run = self.run
-        for name, spec in self.test.capture.items():
+        for name, spec in self.compiled.captures.items():
             value = self._values[name]
             if isinstance(value, CaptureError):
                 raise _Failure("capture", value.shown(self.redactor))
@@ -462,16 +447,6 @@ def _next(spec: Capture, response: ResponseView) -> Any:
     return None if found == "" else found
 
 
-def redaction_policy(defaults: Redact, test: Redact | None = None) -> Policy:
-    """The policy of a test: the flow's ``defaults.redact`` and the test's own ``redact``;
-    a name the test lists wins over the defaults' opposite choice."""
-    if test is None:
-        return policy_for(tuple(defaults.keys), tuple(defaults.keep))
-    keys = [key for key in defaults.keys if key not in test.keep] + test.keys
-    keep = [key for key in defaults.keep if key not in test.keys] + test.keep
-    return policy_for(tuple(keys), tuple(keep))
-
-
 def _read_captures(captures: Mapping[str, Capture], response: ResponseView) -> dict[str, Any]:
     """Each capture's value in ``response``, or the CaptureError that says why it has none
     (``collect`` captures are _collect's)."""
@@ -484,19 +459,6 @@ def _read_captures(captures: Mapping[str, Capture], response: ResponseView) -> d
         except CaptureError as exc:
             values[name] = exc
     return values
-
-
-def policy_conditions(policy: Retry) -> set[ev.FailureCategory]:
-    wanted: set[ev.FailureCategory] = set()
-    if "timeout" in policy.on:
-        wanted.add("timeout")
-    if "connect" in policy.on:
-        wanted.add("connection")
-    return wanted
-
-
-def _backoff(policy: Retry, retry: int) -> float:
-    return min(seconds(policy.delay) * policy.backoff**retry, seconds(policy.max_delay))
 
 
 def _retry_after(value: str | None) -> float:
