@@ -1,33 +1,27 @@
 """Runs the service starts: in this process, in the background, through the CLI's runner.
 
-Each run is an asyncio task with its own event writer. The writer is where the service
-puts what the runner does not know: the run's organization and project (RunStarted), the
-captures a rerun reuses (appended right after RunStarted, under the tests that captured
-them, so the new run's context holds them as the old one did), and why a run was
-cancelled. The runner masks the secrets among the reused captures, and the environment's
-secrets, as its own: they are its ``RunInputs.hidden``. The
-writers append through the process's Owner (events.owners), which claims each run while it
-is open. When a run ends, its task waits for the process's projector to pass the run's last
-event (``after_run``) before it reports the run done.
+Each run is an asyncio task with its own event writer. What the runner does not know of
+the flow, the service hands it in the run's ``RunInputs``: the organization and project
+(in RunStarted), the captures a rerun reuses and the secrets to mask besides the flow's.
+The writer records why a run was cancelled: through the API, or because the service
+stops. The writers append through the process's Owner (events.owners), which claims each
+run while it is open. When a run ends, its task waits for the process's projector to pass
+the run's last event (``after_run``) before it reports the run done.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import uuid
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import msgspec
 
 from events import types as ev
-from events.context import Context
 from events.owners import Owner
-from events.secrets import Cipher, is_auth_name
+from events.secrets import Cipher
 from events.store import StoreError
 from events.writer import DEFAULT_MAX_WAIT, Appender, BatchingWriter
 from orchestrator import templating
@@ -42,15 +36,8 @@ CANCELLED_REASON = "cancelled through the API"
 class RunSpec:
     """Everything a run needs, resolved and checked before the task starts."""
 
-    organization_id: uuid.UUID
-    project: str
     plan: Plan
     inputs: RunInputs
-    reused: Sequence[ev.Event] = ()
-    """Captures of an earlier run, appended after RunStarted (a rerun)."""
-    hidden: Collection[str] = ()
-    """Secret values in clear that the flow does not name (a rerun's reused ones): the
-    runner masks them with the environment's secrets."""
     on_done: Callable[[str, str], Any] | None = field(default=None, compare=False)
     """Called with (state, error) when the task ends: 'finished', 'cancelled' or 'error'."""
 
@@ -62,23 +49,14 @@ class RunSpec:
 class _RunWriter(BatchingWriter):
     """The writer of one run: see the module's docstring."""
 
-    def __init__(self, store: Appender, spec: RunSpec, *, max_wait: float) -> None:
+    def __init__(self, store: Appender, *, max_wait: float) -> None:
         super().__init__(store, max_wait=max_wait)
-        self._spec = spec
         self.cancel_requested = False
         self._ended = False
 
     def emit(self, stream: str, event: ev.Event, at: int | None = None) -> None:
         if self._ended:
             return  # a test task the runner left behind after a cancel: the run is over
-        if isinstance(event, ev.RunStarted):
-            event = msgspec.structs.replace(
-                event, organization=str(self._spec.organization_id), project=self._spec.project
-            )
-            super().emit(stream, event)
-            for reused in self._spec.reused:
-                super().emit(stream, reused)
-            return
         if isinstance(event, ev.RunCancelled):
             self._ended = True
             if self.cancel_requested:
@@ -121,7 +99,7 @@ class RunLauncher:
         return run_id in self._tasks
 
     def start(self, spec: RunSpec) -> None:
-        writer = _RunWriter(self._store, spec, max_wait=self._max_wait)
+        writer = _RunWriter(self._store, max_wait=self._max_wait)
         self._writers[spec.run_id] = writer
         task = asyncio.create_task(self._run(spec, writer), name=f"baton-run-{spec.run_id}")
         self._tasks[spec.run_id] = task
@@ -149,11 +127,8 @@ class RunLauncher:
             concurrency=self._concurrency,
             limits=templating.SERVICE_LIMITS,  # a tenant's templates: bounded, off the loop
         )
-        # every secret of the run is the runner's to mask: the environment's, even those the
-        # flow does not name, and a rerun's reused ones (a capture equal to one is a secret)
-        hidden = (*spec.inputs.hidden, *spec.inputs.secrets.values(), *spec.hidden)
         try:
-            await runner.run(spec.plan, dataclasses.replace(spec.inputs, hidden=hidden))
+            await runner.run(spec.plan, spec.inputs)
         except asyncio.CancelledError:
             state = "cancelled"
         except Exception as exc:  # the task's end is its report: nothing may escape it
@@ -188,32 +163,3 @@ class RunLauncher:
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         await self._transport.aclose()
-
-
-def reused_captures(context: Context, rerun: Collection[str]) -> list[ev.Event]:
-    """The captures of ``context`` by tests that are not run again, as events to append to
-    the rerun's stream (ciphertext stays ciphertext)."""
-    secret = set(context.secret_names)
-    events: list[ev.Event] = []
-    for test, values in context.captured.items():
-        if test in rerun:
-            continue
-        for name, value in values.items():
-            if is_auth_name(name):
-                events.append(ev.AuthTokenUpdated(test=test, name=name, value=str(value)))
-            else:
-                events.append(
-                    ev.VariableCaptured(test=test, name=name, value=value, secret=name in secret)
-                )
-    return events
-
-
-def hidden_values(context: Context, cipher: Cipher) -> list[str]:
-    """The clear values of a context's secrets (to mask them in a rerun's events)."""
-    values = [cipher.decrypt(token) for token in context.auth.values()]
-    values.extend(
-        cipher.decrypt(context.variables[name])
-        for name in context.secret_names
-        if name in context.variables
-    )
-    return values

@@ -13,7 +13,7 @@ rerun of the rerun finds them again), and the secrets among them are masked in i
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -24,14 +24,13 @@ from context_service.database import stream_of
 from context_service.errors import Conflict, NotFound, Unprocessable
 from context_service.flows import check_run, load_text
 from context_service.keys import Principal
-from context_service.launcher import RunSpec, hidden_values, reused_captures
+from context_service.launcher import RunSpec
 from context_service.services import Services
 from events import types as ev
 from events.cache import UnknownRun
 from events.context import Context, decrypted_variables
-from events.secrets import SecretError
+from events.secrets import Cipher, SecretError, is_auth_name
 from events.store import EventStore
-from orchestrator.planner import Plan
 from orchestrator.runner import RunInputs
 
 _ORIGIN = """
@@ -110,10 +109,11 @@ async def start(
     names = {*environment.plain, *request.variables}
     plan = check_run(loaded, names, environment.plain, environment.secrets, request.tags)
     captured: dict[str, Any] = {}
-    reused: list[ev.Event] = []
+    reused: list[ev.VariableCaptured | ev.AuthTokenUpdated] = []
     hidden: list[str] = []
     if only is not None and context is not None:
-        plan = _only(plan, only)
+        # what the tests need of the others is in the context: the plan of these alone
+        plan = plan.only(only)
         try:
             captured = decrypted_variables(context, services.cipher)
             hidden = hidden_values(context, services.cipher)
@@ -128,6 +128,12 @@ async def start(
         secrets=environment.secrets,
         environment=environment.name,
         tags=tuple(request.tags),
+        # every secret of the run is the runner's to mask: the environment's, even those
+        # the flow does not name, and a rerun's reused ones (a capture equal to one is one)
+        hidden=(*environment.secrets.values(), *hidden),
+        organization=str(org),
+        project=project,
+        reused=tuple(reused),
     )
     run_id = uuid.UUID(inputs.run_id)
     async with services.db.tenant(org) as conn:
@@ -147,16 +153,39 @@ async def start(
         async with services.db.tenant(org) as conn:
             await conn.execute(_DONE, run_id, state, error)
 
-    services.launcher.start(
-        RunSpec(org, project, plan, inputs, reused=reused, hidden=hidden, on_done=done)
-    )
+    services.launcher.start(RunSpec(plan, inputs, on_done=done))
     return run_id
 
 
-def _only(full: Plan, tests: Sequence[str]) -> Plan:
-    """The plan of ``tests`` alone: what they needed of the others is in the context."""
-    chosen = [name for name in full.order if name in set(tests)]
-    return Plan(full.loaded, full.graph.subgraph(chosen).copy(), chosen)
+def reused_captures(
+    context: Context, rerun: Collection[str]
+) -> list[ev.VariableCaptured | ev.AuthTokenUpdated]:
+    """The captures of ``context`` by tests that are not run again, as events for the
+    rerun to record (ciphertext stays ciphertext)."""
+    secret = set(context.secret_names)
+    events: list[ev.VariableCaptured | ev.AuthTokenUpdated] = []
+    for test, values in context.captured.items():
+        if test in rerun:
+            continue
+        for name, value in values.items():
+            if is_auth_name(name):
+                events.append(ev.AuthTokenUpdated(test=test, name=name, value=str(value)))
+            else:
+                events.append(
+                    ev.VariableCaptured(test=test, name=name, value=value, secret=name in secret)
+                )
+    return events
+
+
+def hidden_values(context: Context, cipher: Cipher) -> list[str]:
+    """The clear values of a context's secrets (to mask them in a rerun's events)."""
+    values = [cipher.decrypt(token) for token in context.auth.values()]
+    values.extend(
+        cipher.decrypt(context.variables[name])
+        for name in context.secret_names
+        if name in context.variables
+    )
+    return values
 
 
 async def rerun(services: Services, principal: Principal, run_id: uuid.UUID) -> uuid.UUID:

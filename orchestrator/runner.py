@@ -36,7 +36,8 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class RunInputs:
     """What one run reads besides captures: variables (lowest precedence first, already
-    merged), the process environment and the secrets."""
+    merged), the process environment and the secrets; and what its events say of it that
+    the flow does not (the service's organization and project, a rerun's reused captures)."""
 
     variables: Mapping[str, Any]
     env: Mapping[str, str]
@@ -50,6 +51,13 @@ class RunInputs:
     """Secret values besides the ``secrets.*`` the flow reads: an environment's other
     secrets, the secret captures a rerun reuses. Masked, and a capture equal to one is a
     secret capture."""
+    organization: str = ""
+    """The organization's id, for a run the service starts."""
+    project: str | None = None
+    """The project the run belongs to; None: the flow's ``project``."""
+    reused: tuple[ev.VariableCaptured | ev.AuthTokenUpdated, ...] = ()
+    """Captures of an earlier run (a rerun's), recorded right after RunStarted, under the
+    tests that captured them: the run's context holds them as the earlier one did."""
     run_id: str = field(default_factory=lambda: str(ev.new_id()))
 
 
@@ -131,11 +139,14 @@ class RunExecution:
                 environment=self.inputs.environment,
                 batch_id=self.inputs.batch_id,
                 row=self.inputs.row,
-                project=self.flow.project,
+                project=self.flow.project if self.inputs.project is None else self.inputs.project,
+                organization=self.inputs.organization,
                 tags=list(self.inputs.tags),
                 source=self.plan.loaded.label,
             )
         )
+        for reused in self.inputs.reused:
+            self.emit(reused)
         try:
             if self.runner.limits.off_loop:
                 await templating.off_loop(self._prepare)
