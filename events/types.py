@@ -155,6 +155,31 @@ class BatchCompleted(_Event, tag="BatchCompleted", frozen=True):
     duration_ms: float
 
 
+class ShardStarted(_Event, tag="ShardStarted", frozen=True):
+    """Shard ``shard`` of ``shards`` (``baton run --shard K/N --batch ID``) begins its share
+    of the batch's units: ``runs[i]`` runs the unit keyed ``units[i]``. Every shard of a
+    batch appends to the batch's stream; a shard run again (a CI retry) appends another
+    ShardStarted for the same ``shard``, and the latest one is that shard's (docs/batches.md)."""
+
+    batch_id: str
+    shard: int
+    shards: int
+    runs: list[str]
+    units: list[str]
+
+
+class ShardCompleted(_Event, tag="ShardCompleted", frozen=True):
+    """Every run of the shard's latest ShardStarted in this process has ended: how many
+    passed and how many did not."""
+
+    batch_id: str
+    shard: int
+    shards: int
+    passed: int
+    failed: int
+    duration_ms: float
+
+
 class _Finding(_Event, frozen=True):
     """What the projector finds in a test's history when a run completes: the test (case and
     environment, as test_run_history keys it) and the run whose execution of it crossed a
@@ -225,6 +250,8 @@ Event = (
     | RunCancelled
     | BatchStarted
     | BatchCompleted
+    | ShardStarted
+    | ShardCompleted
     | FlakyTestDetected
     | PerformanceDegraded
 )

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -206,6 +206,19 @@ def flow_options(function: F) -> F:
     return function
 
 
+def report_options(function: F) -> F:
+    options = [
+        click.option("--junit", type=click.Path(path_type=Path), help="Write a JUnit XML report."),
+        click.option(
+            "--json", "json_path", type=click.Path(path_type=Path), help="Write a JSON report."
+        ),
+        click.option("--html", type=click.Path(path_type=Path), help="Write an HTML report."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
 def _options(**kwargs: Any) -> Any:
     from orchestrator.execution import Options
     from orchestrator.inputs import parse_vars
@@ -224,14 +237,24 @@ def _options(**kwargs: Any) -> Any:
     type=click.IntRange(1, 1000),
     help="Requests in flight at once.",
 )
-@click.option("--junit", type=click.Path(path_type=Path), help="Write a JUnit XML report.")
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write a JSON report.")
-@click.option("--html", type=click.Path(path_type=Path), help="Write an HTML report.")
+@report_options
 @click.option("-q", "--quiet", is_flag=True, help="Only failures and the summary.")
 @click.option(
     "--serve",
     metavar="COMMAND",
     help="Start this server first, wait for base_url to answer, stop it after.",
+)
+@click.option(
+    "--shard",
+    "shard_text",
+    metavar="K/N",
+    help="Run the K-th of N shares of the batch's units (a CI matrix); needs --batch.",
+)
+@click.option(
+    "--batch",
+    "batch_id",
+    metavar="ID",
+    help="Record the runs under this batch (the CI pipeline's id); see baton report.",
 )
 def run(
     concurrency: int,
@@ -240,16 +263,26 @@ def run(
     html: Path | None,
     quiet: bool,
     serve: str | None,
+    shard_text: str | None,
+    batch_id: str | None,
     **kwargs: Any,
 ) -> None:
     """Run flow files (or directories of them). Interrupted (Ctrl-C, SIGTERM), the runs in
     flight end as cancelled and what passed, failed and was cancelled is printed."""
     from events.settings import Settings
     from orchestrator import execution
-    from orchestrator.reporters import ConsoleProgress, RunTally, render_summary
+    from orchestrator.reporters import ConsoleProgress, RunTally
 
+    shard = _shard(shard_text, batch_id)
     options = _options(concurrency=concurrency, **kwargs)
     jobs = execution.prepare(options)
+    shard_run = None
+    if shard is not None and batch_id:
+        from orchestrator.shards import ShardRun
+
+        shard_run = ShardRun.plan(jobs, shard, batch_id)
+        jobs = shard_run.jobs()
+        click.echo(shard_run.describe())
     color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     progress = ConsoleProgress(stream=sys.stdout, quiet=quiet, color=color)
     tally = RunTally()
@@ -262,7 +295,11 @@ def run(
         with _served(serve, jobs):
             results = _run(
                 execution.execute(
-                    jobs, Settings.from_env(), concurrency=concurrency, observer=observe
+                    jobs,
+                    Settings.from_env(),
+                    concurrency=concurrency,
+                    observer=observe,
+                    shard=shard_run,
                 )
             )
     except KeyboardInterrupt:
@@ -270,13 +307,64 @@ def run(
         click.echo(tally.render(color=color))
         raise
     progress.close()
-    from orchestrator.reporters import write_html, write_json, write_junit
+    if not _reported(results, junit=junit, json_path=json_path, html=html, color=color):
+        sys.exit(1)
+
+
+def _shard(text: str | None, batch_id: str | None) -> Any:
+    """The shard ``--shard`` names; with ``--batch`` alone the whole batch (1/1); None
+    for a plain local run."""
+    from orchestrator.shards import Shard
+
+    if text is None:
+        return Shard(1, 1) if batch_id else None
+    shard = Shard.parse(text)
+    if not batch_id:
+        raise UsageError(
+            f"--shard {text} needs --batch ID: one id that every shard of the job shares "
+            "(the CI pipeline's id), so that baton report --batch ID can merge them"
+        )
+    return shard
+
+
+def _reported(
+    results: list[Any],
+    *,
+    junit: Path | None,
+    json_path: Path | None,
+    html: Path | None,
+    color: bool,
+) -> bool:
+    """Write the reports asked for and print the summary; True if every run passed."""
+    from orchestrator.reporters import render_summary, write_html, write_json, write_junit
 
     for path, write in ((junit, write_junit), (json_path, write_json), (html, write_html)):
         if path is not None:
             write(results, path)
     click.echo(render_summary(results, color=color))
-    if any(result.status != "passed" for result in results):
+    return all(result.status == "passed" for result in results)
+
+
+@cli.command()
+@click.option(
+    "--batch",
+    "batch_id",
+    required=True,
+    metavar="ID",
+    help="The batch: the --batch ID its shards were run with.",
+)
+@report_options
+def report(batch_id: str, junit: Path | None, json_path: Path | None, html: Path | None) -> None:
+    """Merge the shards of a batch from the event store: one summary, the reports and the
+    exit code of one run of the whole batch. A missing or unfinished shard fails it."""
+    from orchestrator.batch_report import batch_report
+
+    found = _with_store(lambda store: batch_report(store, batch_id))
+    color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    passed = _reported(found.results, junit=junit, json_path=json_path, html=html, color=color)
+    for problem in found.problems:
+        click.echo(f"error: {problem}", err=True)
+    if found.problems or not passed:
         sys.exit(1)
 
 
@@ -552,14 +640,14 @@ def _with_dsn(action: Callable[[str], Any]) -> str:
     return _run(go())
 
 
-def _with_store(action: Callable[[Any], Any]) -> str:
+def _with_store(action: Callable[[Any], Awaitable[T]]) -> T:
     from events import open_store
     from events.settings import Settings
 
-    async def go() -> str:
+    async def go() -> T:
         store = await open_store(Settings.from_env())
         try:
-            return str(await action(store))
+            return await action(store)
         finally:
             await store.aclose()
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -28,6 +28,10 @@ from orchestrator.planner import Plan, Scope, plan
 from orchestrator.results import RunResult
 from orchestrator.runner import Observer, RunInputs, Runner, initial_namespace
 from orchestrator.targets import TargetPolicy
+
+if TYPE_CHECKING:
+    from events.store import EventStore
+    from orchestrator.shards import ShardRun
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,10 @@ async def execute(
     *,
     concurrency: int = 10,
     observer: Observer | None = None,
+    shard: ShardRun | None = None,
 ) -> list[RunResult]:
+    """Run every job; with ``shard``, the jobs are its units', and its start and end are
+    recorded on the batch's stream around them."""
     from events import open_store
     from events.owners import Owner
     from events.secrets import Cipher, load_key
@@ -125,6 +132,9 @@ async def execute(
     stop = asyncio.Event()
     following = asyncio.create_task(projector.serve(stop=stop))
     try:
+        start = time.perf_counter()
+        if shard is not None:
+            await _append_shared(store, ev.batch_stream(shard.batch_id), shard.started())
         batches = [_run_job(runner, writer, job) for job in jobs]
         try:
             results = [result for group in await asyncio.gather(*batches) for result in group]
@@ -132,6 +142,11 @@ async def execute(
             # interrupted too (cancelled): what the runs emitted, RunCancelled included,
             # is stored before the store closes
             await writer.aclose()
+        if shard is not None:
+            duration = (time.perf_counter() - start) * 1000
+            await _append_shared(
+                store, ev.batch_stream(shard.batch_id), shard.completed(results, duration)
+            )
         stop.set()
         await following
         await projector.catch_up()
@@ -146,6 +161,16 @@ async def execute(
         await owner.aclose()
         await store.aclose()
     return results
+
+
+async def _append_shared(store: EventStore, stream: str, event: ev.Event) -> None:
+    """Append to a stream other processes append to as well (a batch's, which every shard
+    writes): at whatever version it has reached. No shard's event depends on another's,
+    so there is nothing for an expected version to protect, and the store's commit order
+    gives each append a version of its own instead of failing all but one."""
+    from events.store import ANY_VERSION, NewEvent, StreamAppend
+
+    await store.append([StreamAppend(stream, [NewEvent(event)], ANY_VERSION)])
 
 
 def _observe(observer: Observer | None) -> Callable[[str, ev.Event], None] | None:

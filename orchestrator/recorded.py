@@ -1,0 +1,123 @@
+"""A run's results rebuilt from its events: what the runner returned, read back from the log.
+
+``baton report --batch`` merges the runs other processes made (the shards of a CI matrix),
+so it has only their events. What it rebuilds is what the runner's ``RunResult`` held,
+with two gaps the events do not carry: an assertion's explanatory ``message`` (its
+expected and actual are there) and a test's ``tags``. Secret captures are ``***``, as
+the runner reports them; every other string was redacted before it was stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import UTC
+
+from events import types as ev
+from events.secrets import MASK
+from orchestrator.results import AssertionResult, Exchange, RunResult, TestResult
+
+
+class _Test:
+    """What the events of one test say, as they come."""
+
+    def __init__(self) -> None:
+        self.assertions: list[AssertionResult] = []
+        self.captures: dict[str, object] = {}
+        self.exchange: Exchange | None = None
+        self.result: TestResult | None = None
+
+    def sent(self, event: ev.RequestSent) -> None:
+        self.exchange = Exchange(
+            method=event.method,
+            url=event.url,
+            request_headers=dict(event.headers),
+            request_body=event.body_excerpt,
+        )
+
+    def received(self, event: ev.ResponseReceived) -> None:
+        if self.exchange is None:
+            return
+        self.exchange.status = event.status
+        self.exchange.response_headers = dict(event.headers)
+        self.exchange.response_excerpt = event.body_excerpt
+        self.exchange.duration_ms = event.timings.total_ms
+
+    def finished(self, event: ev.TestPassed | ev.TestFailed | ev.TestSkipped) -> None:
+        if isinstance(event, ev.TestSkipped):
+            self.result = TestResult(
+                name=event.test, status="skipped", category=event.category, message=event.reason
+            )
+            return
+        failed = isinstance(event, ev.TestFailed)
+        self.result = TestResult(
+            name=event.test,
+            status="failed" if failed else "passed",
+            duration_ms=event.duration_ms,
+            attempts=event.attempts,
+            category=event.category if isinstance(event, ev.TestFailed) else None,
+            message=event.message if isinstance(event, ev.TestFailed) else "",
+            assertions=self.assertions,
+            captures=self.captures,
+            exchange=self.exchange if failed else None,
+        )
+
+
+def run_result(recorded: Iterable[ev.RecordedEvent]) -> RunResult | None:
+    """The run of a stream's events (in version order), or None until it has ended
+    (RunCompleted or RunCancelled); its tests in plan order, those that finished."""
+    started: ev.RecordedEvent | None = None
+    tests: dict[str, _Test] = {}
+    ended: RunResult | None = None
+    for item in recorded:
+        event = item.event
+        if isinstance(event, ev.RunStarted):
+            started = item
+            tests = {planned.name: _Test() for planned in event.plan}
+            continue
+        if isinstance(event, ev.RunCompleted | ev.RunCancelled) and started is not None:
+            ended = _ended(started, item, [t.result for t in tests.values() if t.result])
+            continue
+        # a rerun's reused captures name tests outside its plan: no result of this run's
+        test = tests.get(getattr(event, "test", ""))
+        if test is None:
+            continue
+        if isinstance(event, ev.RequestSent):
+            test.sent(event)
+        elif isinstance(event, ev.ResponseReceived):
+            test.received(event)
+        elif isinstance(event, ev.AssertionEvaluated):
+            test.assertions.append(
+                AssertionResult(
+                    event.subject, event.predicate, event.expected, event.actual, event.passed
+                )
+            )
+        elif isinstance(event, ev.VariableCaptured | ev.AuthTokenUpdated):
+            secret = isinstance(event, ev.AuthTokenUpdated) or event.secret
+            test.captures[event.name] = MASK if secret else event.value
+        elif isinstance(event, ev.TestPassed | ev.TestFailed | ev.TestSkipped):
+            test.finished(event)
+    return ended
+
+
+def _ended(started: ev.RecordedEvent, end: ev.RecordedEvent, tests: list[TestResult]) -> RunResult:
+    first = started.event
+    assert isinstance(first, ev.RunStarted)
+    last = end.event
+    if isinstance(last, ev.RunCompleted):
+        status: ev.RunStatus = last.status
+        duration = last.duration_ms
+    else:  # cancelled: no duration of its own
+        status = "cancelled"
+        duration = round((end.recorded_at - started.recorded_at).total_seconds() * 1000, 3)
+    return RunResult(
+        run_id=first.run_id,
+        suite=first.suite,
+        file=first.source,
+        status=status,
+        started_at=started.recorded_at.astimezone(UTC).isoformat(),
+        duration_ms=duration,
+        tests=tests,
+        environment=first.environment,
+        batch_id=first.batch_id,
+        row=first.row,
+    )
