@@ -8,6 +8,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -365,3 +366,68 @@ def test_shard_events_round_trip_and_old_batch_events_still_decode() -> None:
         {"type": "BatchStarted", "batch_id": "b", "suite": "s", "source": "f", "runs": []}
     )
     assert ev.decode(old) == ev.BatchStarted("b", "s", "f", [])
+
+
+SLOW = """
+name: slow
+base_url: "{{ env.SHOP_URL }}"
+variables: {ms: 3000}
+tests:
+  wait:
+    request: {url: "/slow?ms={{ ms }}"}
+    expect: {status: 200}
+"""
+
+
+def wait_for_request(dsn: str, batch: str, row: int) -> None:
+    """Until the run of ``row`` has sent its request."""
+
+    async def sent() -> bool:
+        connection = await asyncpg.connect(dsn)
+        try:
+            found = await connection.fetchval(
+                """
+                SELECT count(*) FROM events s JOIN events r ON r.stream = s.stream
+                WHERE s.type = 'RunStarted' AND s.data->>'batch_id' = $1
+                  AND (s.data->>'row')::int = $2 AND r.type = 'RequestSent'
+                """,
+                batch,
+                row,
+            )
+        finally:
+            await connection.close()
+        return bool(found)
+
+    deadline = time.monotonic() + 60
+    while not asyncio.run(sent()):
+        assert time.monotonic() < deadline, "the shard sent no request within 60 s"
+        time.sleep(0.1)
+
+
+def test_a_shard_killed_mid_run_is_unfinished_until_retried(
+    workdir: Path, pg_server_dsn: str
+) -> None:
+    (workdir / "slow.yaml").write_text(SLOW)
+    (workdir / "one.csv").write_text("row\n1\n2\n")
+    batch = f"pipeline-{uuid.uuid4().hex[:8]}"
+    assert run_shards(["1/2"], batch, "slow.yaml", "--data", "one.csv", "--var", "ms=0")[0][0] == 0
+    killed = start_shard("2/2", batch, "slow.yaml", "--data", "one.csv")
+    try:
+        wait_for_request(pg_server_dsn, batch, row=2)
+    finally:
+        killed.kill()  # SIGKILL: no RunCancelled, no ShardCompleted
+        killed.communicate(timeout=10)
+    code, out, err = baton("report", "--batch", batch)
+    assert code == 1
+    assert out.splitlines()[-1].startswith("1 passed in ")
+    [line] = err.splitlines()
+    assert line.startswith(f"error: batch {batch}: run ")
+    assert line.endswith(
+        "(slow.yaml::wait[2]) of shard 2/2 has not ended: the shard is still running, or it "
+        "died; run the shard again"
+    )
+    # CI retries it
+    assert run_shards(["2/2"], batch, "slow.yaml", "--data", "one.csv", "--var", "ms=0")[0][0] == 0
+    code, out, err = baton("report", "--batch", batch)
+    assert (code, err) == (0, "")
+    assert out.splitlines()[-1].startswith("2 runs: 2 passed; tests: 2 passed in ")
