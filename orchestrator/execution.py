@@ -166,8 +166,8 @@ async def execute(
 async def _append_shared(store: EventStore, stream: str, event: ev.Event) -> None:
     """Append to a stream other processes append to as well (a batch's, which every shard
     writes): at whatever version it has reached. No shard's event depends on another's,
-    so there is nothing for an expected version to protect, and the store's commit order
-    gives each append a version of its own instead of failing all but one."""
+    so there is nothing for an expected version to protect; it would only make shards
+    that start at once conflict. The store gives each append the stream's next version."""
     from events.store import ANY_VERSION, NewEvent, StreamAppend
 
     await store.append([StreamAppend(stream, [NewEvent(event)], ANY_VERSION)])
