@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -31,6 +31,9 @@ from events.errors import (
     StoreUnavailable,
 )
 from orchestrator.errors import BatonError, InfrastructureError, UsageError
+
+if TYPE_CHECKING:
+    from orchestrator.shards import Shard
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -280,7 +283,7 @@ def run(
     if shard is not None and batch_id:
         from orchestrator.shards import ShardRun
 
-        shard_run = ShardRun.plan(jobs, shard, batch_id)
+        shard_run = ShardRun.of(jobs, shard, batch_id)
         jobs = shard_run.jobs()
         click.echo(shard_run.describe())
     color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
@@ -311,7 +314,7 @@ def run(
         sys.exit(1)
 
 
-def _shard(text: str | None, batch_id: str | None) -> Any:
+def _shard(text: str | None, batch_id: str | None) -> Shard | None:
     """The shard ``--shard`` names; with ``--batch`` alone the whole batch (1/1); None
     for a plain local run."""
     from orchestrator.shards import Shard

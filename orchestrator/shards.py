@@ -112,7 +112,7 @@ class ShardRun:
     """How many units the whole batch has."""
 
     @classmethod
-    def plan(cls, jobs: Sequence[Job], shard: Shard, batch_id: str) -> ShardRun:
+    def of(cls, jobs: Sequence[Job], shard: Shard, batch_id: str) -> ShardRun:
         batch = units(jobs)
         return cls(batch_id, shard, shard.take(batch), len(batch))
 
