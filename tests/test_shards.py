@@ -431,3 +431,27 @@ def test_a_shard_killed_mid_run_is_unfinished_until_retried(
     code, out, err = baton("report", "--batch", batch)
     assert (code, err) == (0, "")
     assert out.splitlines()[-1].startswith("2 runs: 2 passed; tests: 2 passed in ")
+
+
+def test_a_shard_with_no_units_passes_and_counts_as_present(workdir: Path) -> None:
+    """More shards than units (a matrix sized for a bigger batch): the spare shard runs
+    nothing, passes, and the report does not take it for a missing one."""
+    batch = f"pipeline-{uuid.uuid4().hex[:8]}"
+    for shard, line in (("1/3", "1 of 2 units"), ("2/3", "1 of 2 units"), ("3/3", "0 of 2 units")):
+        code, out, err = baton("run", "two.yaml", "--shard", shard, "--batch", batch)
+        assert code == 0, out + err
+        assert out.splitlines()[0] == f"shard {shard} of batch {batch}: {line}"
+    assert out.splitlines()[-1] == "no tests ran"
+    code, out, err = baton("report", "--batch", batch)
+    assert (code, err) == (0, "")
+    assert out.splitlines()[-1].startswith("2 runs: 2 passed; tests: 3 passed in ")
+
+
+def test_batch_alone_runs_every_unit_as_one_shard(workdir: Path) -> None:
+    batch = f"pipeline-{uuid.uuid4().hex[:8]}"
+    code, out, err = baton("run", "two.yaml", "--batch", batch)
+    assert code == 0, out + err
+    assert out.splitlines()[0] == f"shard 1/1 of batch {batch}: 2 of 2 units"
+    code, out, err = baton("report", "--batch", batch)
+    assert (code, err) == (0, "")
+    assert out.splitlines()[-1].startswith("2 runs: 2 passed; tests: 3 passed in ")
