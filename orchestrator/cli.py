@@ -33,6 +33,7 @@ from events.errors import (
 from orchestrator.errors import BatonError, InfrastructureError, UsageError
 
 if TYPE_CHECKING:
+    from orchestrator.results import RunResult
     from orchestrator.shards import Shard
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -331,7 +332,7 @@ def _shard(text: str | None, batch_id: str | None) -> Shard | None:
 
 
 def _reported(
-    results: list[Any],
+    results: list[RunResult],
     *,
     junit: Path | None,
     json_path: Path | None,
