@@ -455,3 +455,15 @@ def test_batch_alone_runs_every_unit_as_one_shard(workdir: Path) -> None:
     code, out, err = baton("report", "--batch", batch)
     assert (code, err) == (0, "")
     assert out.splitlines()[-1].startswith("2 runs: 2 passed; tests: 3 passed in ")
+
+
+def test_shards_that_disagree_on_n_fail_the_report(workdir: Path) -> None:
+    batch = f"pipeline-{uuid.uuid4().hex[:8]}"
+    for shard in ("1/2", "2/3"):
+        assert baton("run", "two.yaml", "--shard", shard, "--batch", batch)[0] == 0
+    code, _, err = baton("report", "--batch", batch)
+    assert code == 1
+    assert err.splitlines()[0] == (
+        f"error: batch {batch}: its shards split it into different numbers of shards (2, 3); "
+        "run every shard with the same --shard K/N"
+    )
