@@ -3,13 +3,17 @@
 Appends carry the stream version they expect (optimistic concurrency) and an id per event
 (idempotency). Readers by position never pass over an event that a slower transaction
 commits later: a backend guarantees that ``read_all`` returns positions in commit order.
+``subscribe`` follows the log live on top of that (``tail``: the loop every backend shares).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import re
 import time
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Protocol
 
 import msgspec
@@ -21,6 +25,22 @@ from events.types import Event, RecordedEvent, new_id
 
 ANY_VERSION = -1
 """``expected_version`` that accepts whatever the stream holds."""
+
+
+# A \u0000 escape that is not itself an escaped backslash followed by "u0000".
+_NUL_ESCAPE = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def without_nul(data: bytes) -> bytes:
+    """An event's JSON with U+0000 in its strings as U+FFFD: what every backend stores.
+
+    PostgreSQL's jsonb rejects U+0000 (22P05), and an API may well return a NUL byte in a
+    body excerpt or a captured value, which must not fail the run. U+FFFD is what a decoder
+    shows for an unrepresentable character.
+    """
+    if b"\\u0000" not in data:
+        return data
+    return _NUL_ESCAPE.sub(rb"\1\\ufffd", data)
 
 
 def now_us() -> int:
@@ -112,4 +132,66 @@ class EventStore(Protocol):
         """Stream names starting with prefix, newest first."""
         ...
 
+    def subscribe(
+        self, after_position: int = 0, *, limit: int = 1000, idle: float = 1.0
+    ) -> AsyncIterator[list[RecordedEvent]]:
+        """The log after ``after_position``, live: pages of ``read_all`` (at most ``limit``
+        events each), the next as soon as an append commits, and ``[]`` (a heartbeat) when
+        ``idle`` seconds pass without one.
+
+        Nothing is skipped or repeated: each page starts after the last one. It never ends
+        and never raises StoreUnavailable: while the store is unreachable it keeps retrying
+        (with backoff, up to ``idle`` between tries) and yielding heartbeats, and it resumes
+        after the last event it yielded once the store is back. Other StoreErrors propagate.
+        Close it (``contextlib.aclosing``) to let go of what it holds (PostgreSQL: its
+        LISTEN connection).
+        """
+        ...
+
     async def aclose(self) -> None: ...
+
+
+_FIRST_RETRY = 0.05
+"""Seconds before the first retry of an unreachable store; doubled each time, up to idle."""
+
+Bell = Callable[[], Awaitable[asyncio.Event]]
+"""Arms a backend's doorbell: returns an event set by the next append that commits after
+the call. Raises StoreUnavailable when it cannot listen."""
+
+
+async def tail(
+    store: EventStore, arm: Bell, after_position: int, *, limit: int, idle: float
+) -> AsyncIterator[list[RecordedEvent]]:
+    """``EventStore.subscribe`` on ``store`` woken by ``arm``'s doorbell: see there.
+
+    The bell is armed before each read, so an append that commits after the read began
+    rings it and is read next; a read at every heartbeat catches what a lost ring would miss.
+    """
+    loop = asyncio.get_running_loop()
+    position = after_position
+    quiet_since = loop.time()
+    retry = _FIRST_RETRY
+    while True:
+        page: list[RecordedEvent] | None
+        try:
+            bell = await arm()
+            page = await store.read_all(position, limit)
+        except StoreUnavailable:
+            page = None
+        if page:
+            position = page[-1].position
+            retry = _FIRST_RETRY
+            yield page
+            quiet_since = loop.time()
+            continue
+        remaining = quiet_since + idle - loop.time()
+        if remaining <= 0:
+            yield []
+            quiet_since = loop.time()
+        elif page is None:
+            await asyncio.sleep(min(retry, remaining))
+            retry = min(retry * 2, idle)
+        else:
+            retry = _FIRST_RETRY
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(bell.wait(), remaining)
