@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -80,23 +81,24 @@ PG_ADMIN_DSN = os.environ.get(
 
 
 def _with_database(dsn: str, database: str) -> str:
-    base, _, _ = dsn.rpartition("/")
-    return f"{base}/{database}"
+    # the embedded server's DSN names its socket's folder in the query: keep that
+    return urlsplit(dsn)._replace(path=f"/{database}").geturl()
 
 
 @asynccontextmanager
-async def private_database() -> AsyncIterator[str]:
-    """A new database on the PostgreSQL server, dropped (connections and all) on exit."""
+async def private_database(admin_dsn: str = PG_ADMIN_DSN) -> AsyncIterator[str]:
+    """A new database on the PostgreSQL server (or the one ``admin_dsn`` names), dropped
+    (connections and all) on exit."""
     name = f"baton_test_{secrets.token_hex(6)}"
-    admin = await asyncpg.connect(PG_ADMIN_DSN)
+    admin = await asyncpg.connect(admin_dsn)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
     try:
-        yield _with_database(PG_ADMIN_DSN, name)
+        yield _with_database(admin_dsn, name)
     finally:
-        admin = await asyncpg.connect(PG_ADMIN_DSN)
+        admin = await asyncpg.connect(admin_dsn)
         try:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
