@@ -423,3 +423,47 @@ async def test_a_service_run_the_store_drops_beyond_its_wait_ends_as_interrupted
         if org is not None:
             await org.http.aclose()
         stop_service(served)
+
+
+@pytest.mark.timeout(60)
+async def test_a_subscription_beats_through_a_stopped_server_and_resumes_where_it_was(
+    private_server: PrivateServer,
+) -> None:
+    """PostgreSQL stopped for 2 s under a subscription (idle 0.3 s): it yields heartbeats
+    meanwhile and raises nothing; once the server is back it yields what was appended,
+    after the last event it yielded, without repeating it."""
+    from contextlib import aclosing
+
+    from events.postgres import PostgresEventStore
+    from events.store import NewEvent, StoreUnavailable, StreamAppend
+    from events.types import TestStarted
+
+    store = await PostgresEventStore.connect(private_server.dsn)
+    try:
+        [[first]] = await store.append([StreamAppend("run-before", [NewEvent(TestStarted("a"))])])
+        async with aclosing(store.subscribe(0, idle=0.3)) as pages:
+            assert [r.position for r in await anext(pages)] == [first]
+            await asyncio.to_thread(private_server.pg_ctl, "stop", "-m", "immediate")
+            loop = asyncio.get_running_loop()
+            down_until = loop.time() + 2
+            heartbeats = 0
+            while loop.time() < down_until:
+                assert await asyncio.wait_for(anext(pages), 5) == []
+                heartbeats += 1
+            assert heartbeats >= 4
+            await asyncio.to_thread(private_server.pg_ctl, "start")
+            appended = StreamAppend("run-after", [NewEvent(TestStarted("b"))])
+            for _ in range(100):
+                try:
+                    [[later]] = await store.append([appended])  # a re-send is harmless
+                    break
+                except StoreUnavailable:
+                    await asyncio.sleep(0.1)
+            else:
+                pytest.fail("the store did not take appends after the restart")
+            seen = []
+            while not seen:
+                seen = await asyncio.wait_for(anext(pages), 5)
+            assert [r.position for r in seen] == [later]
+    finally:
+        await store.aclose()
