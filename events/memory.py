@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncGenerator, Collection, Sequence
 from datetime import UTC, datetime, timedelta
 
 import msgspec
@@ -172,11 +172,10 @@ class MemoryEventStore:
         named.sort(key=lambda first: first.position, reverse=True)
         return [first.stream for first in named[: max(limit, 0)]]
 
-    async def subscribe(
+    def subscribe(
         self, after_position: int = 0, *, limit: int = 1000, idle: float = 1.0
-    ) -> AsyncIterator[list[RecordedEvent]]:
-        async for page in tail(self, self._bell, after_position, limit=limit, idle=idle):
-            yield page
+    ) -> AsyncGenerator[list[RecordedEvent], None]:
+        return tail(self, self._bell, after_position, limit=limit, idle=idle)
 
     async def _bell(self) -> asyncio.Event:
         return self._appended

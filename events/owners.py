@@ -53,10 +53,6 @@ WHERE (r.owner <> $1 AND (o.id IS NULL OR o.beat_at < now() - make_interval(secs
    OR (r.owner = $1 AND r.stream = ANY($4::text[]))
 ORDER BY r.stream LIMIT $3 FOR UPDATE OF r SKIP LOCKED
 """
-_LAST_EVENTS = (
-    "SELECT DISTINCT ON (stream) stream, version, type FROM events"
-    " WHERE stream = ANY($1::text[]) ORDER BY stream, version DESC"
-)
 _FORGET_QUIET = (
     "DELETE FROM baton_owners o WHERE o.beat_at < now() - make_interval(secs => $1)"
     " AND NOT EXISTS (SELECT FROM baton_run_owners r WHERE r.owner = o.id)"
@@ -121,16 +117,20 @@ class Owner:
                 if not streams:
                     await conn.execute(_FORGET_QUIET, self._timeout)
                     return []
-                last = {row[0]: (row[1], row[2]) for row in await conn.fetch(_LAST_EVENTS, streams)}
+                # read on another pooled connection while this one holds the claims' locks:
+                # what waits on those is an append that ends one of these runs, and none
+                # comes from this pool (their owners went quiet, or this owner gave them up)
+                last = await self._store.last_events(streams)
                 await conn.execute(_RELEASE, streams)
                 # a claim without events cannot happen (it commits with RunStarted), and an
                 # owner may die between storing a run's end and its next beat: end only the
                 # open ones, each at the version it has, so a late write of the old owner
                 # fails instead of adding to an ended run
+                interrupted = RunCancelled(reason=INTERRUPTED)
                 appends = [
-                    StreamAppend(stream, [NewEvent(RunCancelled(reason=INTERRUPTED))], version)
-                    for stream, (version, type_name) in last.items()
-                    if type_name not in _ENDS
+                    StreamAppend(stream, [NewEvent(interrupted)], last[stream].version)
+                    for stream in streams
+                    if stream in last and last[stream].type not in _ENDS
                 ]
                 # last in the transaction: the append holds the commit-order lock to the end
                 await self._store.append_in_transaction(conn, appends)

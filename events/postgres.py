@@ -12,7 +12,7 @@ import asyncio
 import gc
 import logging
 import threading
-from collections.abc import AsyncIterator, Collection, Iterator, Sequence
+from collections.abc import AsyncGenerator, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, NoReturn
 
@@ -84,6 +84,7 @@ _LAST_EVENTS = (
     " WHERE s.stream = ANY($1::text[])"
 )
 _HEAD = "SELECT coalesce(max(position), 0) FROM events"
+_COUNT_AFTER = "SELECT count(*) FROM events WHERE position > $1"
 _STREAM_VERSION = "SELECT version FROM baton_streams WHERE stream = $1"
 _STREAM_VERSION_AT = (
     "SELECT coalesce(max(version), 0) FROM events WHERE stream = $1 AND position <= $2"
@@ -303,6 +304,12 @@ class PostgresEventStore:
             position: int = await self._pool.fetchval(_HEAD)
         return position
 
+    async def count_after(self, after_position: int) -> int:
+        """How many events the log holds after ``after_position`` (a projector's lag)."""
+        with _ErrorTranslator(self._dsn)():
+            count: int = await self._pool.fetchval(_COUNT_AFTER, after_position)
+        return count
+
     async def first_events(self, streams: Sequence[str]) -> dict[str, RecordedEvent]:
         return await self._by_stream(_FIRST_EVENTS, streams)
 
@@ -385,7 +392,7 @@ class PostgresEventStore:
 
     async def subscribe(
         self, after_position: int = 0, *, limit: int = 1000, idle: float = 1.0
-    ) -> AsyncIterator[list[RecordedEvent]]:
+    ) -> AsyncGenerator[list[RecordedEvent], None]:
         doorbell = _Doorbell(self._dsn)
         try:
             async for page in tail(self, doorbell.arm, after_position, limit=limit, idle=idle):

@@ -13,7 +13,7 @@ import contextlib
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Sequence
 from typing import Protocol
 
 import msgspec
@@ -134,7 +134,7 @@ class EventStore(Protocol):
 
     def subscribe(
         self, after_position: int = 0, *, limit: int = 1000, idle: float = 1.0
-    ) -> AsyncIterator[list[RecordedEvent]]:
+    ) -> AsyncGenerator[list[RecordedEvent], None]:
         """The log after ``after_position``, live: pages of ``read_all`` (at most ``limit``
         events each), the next as soon as an append commits, and ``[]`` (a heartbeat) when
         ``idle`` seconds pass without one.
@@ -161,7 +161,7 @@ the call. Raises StoreUnavailable when it cannot listen."""
 
 async def tail(
     store: EventStore, arm: Bell, after_position: int, *, limit: int, idle: float
-) -> AsyncIterator[list[RecordedEvent]]:
+) -> AsyncGenerator[list[RecordedEvent], None]:
     """``EventStore.subscribe`` on ``store`` woken by ``arm``'s doorbell: see there.
 
     The bell is armed before each read, so an append that commits after the read began

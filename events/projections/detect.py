@@ -65,6 +65,7 @@ from events.types import (
     FlakyRule,
     FlakyTestDetected,
     PerformanceDegraded,
+    RunCompleted,
     analytics_stream,
 )
 
@@ -403,22 +404,24 @@ async def _slowdowns(conn: asyncpg.Connection, passed: Sequence[Execution]) -> l
     return findings
 
 
-_FOLLOWED = "SELECT coalesce(max(position), 0) FROM baton_projection_checkpoints WHERE name = $1"
-# Only the RunCompleted events, not decoded: every position up to the projector's
-# checkpoint is committed (it never passes one that commits later), so a plain range read
-# skips nothing.
-_COMPLETED = (
-    "SELECT stream, position, recorded_at FROM events"
-    f" WHERE position > $1 AND position <= $2 AND type = 'RunCompleted'"
-    f" AND starts_with(stream, '{RUN_PREFIX}') ORDER BY position LIMIT $3"
+_CHECKPOINTS = (
+    "SELECT coalesce(max(position) FILTER (WHERE name = $1), 0),"
+    " coalesce(max(position) FILTER (WHERE name = $2), 0)"
+    " FROM baton_projection_checkpoints WHERE name IN ($1, $2)"
 )
 
 
 class Detector:
     """Records the findings of the runs that completed, behind the projector named
     ``follows`` (see the module's docstring), ``page_size`` completed runs a transaction.
-    It reads only the RunCompleted events of the log, undecoded: the projector has read and
-    decoded every event already."""
+    It reads only the RunCompleted events of the log: every position up to the
+    projector's checkpoint is committed (it never passes one that commits later), so a
+    read up to there skips nothing.
+
+    As the projector does, it reads a page before its transaction takes the checkpoint's
+    lock, never while holding it, and under the lock applies it only if the checkpoint is
+    still where the page begins; otherwise another Detector judged it meanwhile, and the
+    next page is read from where that one stopped."""
 
     def __init__(
         self, store: PostgresEventStore, *, follows: str = DEFAULT_NAME, page_size: int = 100
@@ -429,15 +432,20 @@ class Detector:
 
     async def position(self) -> int:
         """The checkpoint: the last log position judged (0 before the first)."""
+        position, _ = await self._checkpoints()
+        return position
+
+    async def _checkpoints(self) -> tuple[int, int]:
+        """This Detector's checkpoint and the projector's it follows."""
         with driver_errors(self._store.dsn):
-            value: int = await self._store.pool.fetchval(_FOLLOWED, FINDINGS)
-        return value
+            row = await self._store.pool.fetchrow(_CHECKPOINTS, FINDINGS, self._follows)
+        return int(row[0]), int(row[1])
 
     async def catch_up(self) -> int:
         """Judge every run completed after the checkpoint, up to the projector's; return how
         many log positions that covered. Raises StoreUnavailable/StoreError."""
         covered = 0
-        while count := await self._step():
+        while (count := await self._step()) is not None:
             covered += count
         return covered
 
@@ -450,17 +458,25 @@ class Detector:
                 await conn.execute(ADVANCE, FINDINGS, 0)
         return await self.catch_up()
 
-    async def _step(self) -> int:
+    async def _step(self) -> int | None:
+        """Judge the next page: the log positions it covered (0 if another Detector moved
+        the checkpoint first), None when the projector's checkpoint is reached."""
+        position, ceiling = await self._checkpoints()
+        if ceiling <= position:
+            return None
+        page = await self._store.read_all(
+            position, self._page_size, through_position=ceiling, types=[RunCompleted.__name__]
+        )
+        # a full page may stop short of the ceiling; otherwise the ceiling is reached
+        reached = page[-1].position if len(page) == self._page_size else ceiling
+        completed = [
+            (r.stream, r.position, r.recorded_at) for r in page if r.stream.startswith(RUN_PREFIX)
+        ]
         with driver_errors(self._store.dsn):
             async with self._store.pool.acquire() as conn, conn.transaction():
-                position = await lock_checkpoint(conn, FINDINGS)
-                ceiling: int = await conn.fetchval(_FOLLOWED, self._follows)
-                if ceiling <= position:
+                if await lock_checkpoint(conn, FINDINGS) != position:
                     return 0
-                rows = await conn.fetch(_COMPLETED, position, ceiling, self._page_size)
-                # a full page may stop short of the ceiling; otherwise the ceiling is reached
-                reached = rows[-1]["position"] if len(rows) == self._page_size else ceiling
                 # last: its append holds every other append back until this commit
-                await record_findings(self._store, conn, [tuple(row) for row in rows])
+                await record_findings(self._store, conn, completed)
                 await conn.execute(ADVANCE, FINDINGS, reached)
         return reached - position

@@ -4,11 +4,14 @@ A page is applied in one transaction together with the checkpoint (the last posi
 applied): a crash or an error rolls back both, and the next attempt starts from the same
 position. The checkpoint row is locked for the page, so projectors in several processes
 (every ``baton run`` catches up at its end) take turns instead of applying a page twice.
-Positions come from ``read_all``, which never passes over an event that a slower
-transaction commits later (see baton_append in schema.sql), so nothing is skipped either.
+Pages come from the store (``read_all``, and live ``subscribe``), which never pass over an
+event that a slower transaction commits later, so nothing is skipped either.
 
-Live, the projector LISTENs on the channel baton_append notifies at commit and catches up
-when it rings; a timeout catches up anyway, in case a notice was lost with a connection.
+A page is read before its transaction takes the checkpoint's lock, never while holding it:
+a transaction that holds the lock and waits for a second pooled connection deadlocks as
+soon as every pooled connection waits on the lock (ten runs ending at once did, issue 9).
+Under the lock the page is checked against the checkpoint: what another projector applied
+meanwhile is left out, and a checkpoint that moved back (a rebuild) is read from again.
 
 The findings of events.projections.detect (flaky tests, slowdowns) are not the
 projector's: a Detector follows it with a checkpoint of its own, so judging history never
@@ -18,18 +21,19 @@ holds up the read tables (``baton run`` waits for those).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import asyncpg
 
+from events.postgres import CHANNEL as CHANNEL  # re-exported: its home was here
 from events.postgres import PostgresEventStore, driver_errors
 from events.projections.page import READ_TABLES, apply_page
 from events.store import StoreUnavailable
 from events.types import RecordedEvent
 
-CHANNEL = "baton_events"
-"""Notified by baton_append when an append commits; the payload is its highest position."""
 DEFAULT_NAME = "read-model"
 
 PageHandler = Callable[[asyncpg.Connection, Sequence[RecordedEvent]], Awaitable[None]]
@@ -40,23 +44,18 @@ _CHECKPOINT = "SELECT position FROM baton_projection_checkpoints WHERE name = $1
 ADVANCE = (
     "UPDATE baton_projection_checkpoints SET position = $2, updated_at = now() WHERE name = $1"
 )
-_PROGRESS = (
-    "WITH checkpoint AS (SELECT coalesce(max(position), 0) AS position"
-    " FROM baton_projection_checkpoints WHERE name = $1)"
-    " SELECT position, (SELECT count(*) FROM events e WHERE e.position > checkpoint.position)"
-    " FROM checkpoint"
-)
+_POSITION = "SELECT position FROM baton_projection_checkpoints WHERE name = $1"
 _log = logging.getLogger("baton.projections")
+T = TypeVar("T")
 
 
 class Projector:
     """Keeps the read tables of ``store``'s database up to date with its log.
 
     A page's transaction holds the checkpoint's lock and does all its work on its one
-    connection: the page is read through it too (``read_all_in_transaction``). Waiting for a
-    second pooled connection while holding the lock would deadlock as soon as every pooled
-    connection waits on the lock. ``handlers`` apply each page too, in the same
-    transaction, after the read tables: a projection of another module, or a test's probe.
+    connection; the page was read before (see the module's docstring). ``handlers`` apply
+    each page too, in the same transaction, after the read tables: a projection of another
+    module, or a test's probe.
 
     One projector per process is enough: what else wants the read tables up to date (a run
     that ends in the service) waits for it to pass a position (``wait_until``) instead of
@@ -90,28 +89,18 @@ class Projector:
     async def position(self) -> int:
         """The checkpoint: the last log position applied (0 before the first)."""
         with driver_errors(self._store.dsn):
-            value: int | None = await self._store.pool.fetchval(
-                "SELECT position FROM baton_projection_checkpoints WHERE name = $1", self._name
-            )
+            value: int | None = await self._store.pool.fetchval(_POSITION, self._name)
         return value or 0
 
     async def behind(self) -> int:
         """How many events the log holds past the checkpoint (what ``catch_up`` would apply,
         give or take appends in flight)."""
-        with driver_errors(self._store.dsn):
-            count: int = await self._store.pool.fetchval(
-                "SELECT count(*) FROM events WHERE position >"
-                " coalesce((SELECT position FROM baton_projection_checkpoints WHERE name = $1), 0)",
-                self._name,
-            )
-        return count
+        return (await self.progress())[1]
 
     async def progress(self) -> tuple[int, int]:
-        """(``position``, ``behind``) in one query: what /health shows, at one pooled
-        connection's cost."""
-        with driver_errors(self._store.dsn):
-            row = await self._store.pool.fetchrow(_PROGRESS, self._name)
-        return int(row[0]), int(row[1])
+        """(``position``, ``behind``): what /health shows."""
+        position = await self.position()
+        return position, await self._store.count_after(position)
 
     async def catch_up(self) -> int:
         """Apply every event after the checkpoint, a page per transaction; return how many.
@@ -119,12 +108,39 @@ class Projector:
         Raises StoreUnavailable/StoreError from the database; an error inside a page
         leaves that page's tables and checkpoint as they were, and propagates.
         """
+        applied, _ = await self._catch_up()
+        return applied
+
+    async def _catch_up(self) -> tuple[int, int]:
+        """``catch_up``, and the checkpoint it reached."""
         applied = 0
-        while True:
-            count = await self._step()
-            if count == 0:
-                return applied
+        after = await self.position()
+        while page := await self._store.read_all(after, self._page_size):
+            count, after = await self._apply(after, page)
             applied += count
+        self._saw(after)
+        return applied, after
+
+    async def _apply(self, after: int, page: Sequence[RecordedEvent]) -> tuple[int, int]:
+        """Apply ``page``, the log's events after position ``after``, in one transaction with
+        the checkpoint, leaving out what the checkpoint has passed. Returns how many it
+        applied and the checkpoint then; one below ``after`` (moved back by a rebuild) means
+        nothing was applied, and the log is to be read again from there."""
+        with driver_errors(self._store.dsn):
+            async with self._store.pool.acquire() as conn, conn.transaction():
+                checkpoint = await lock_checkpoint(conn, self._name)
+                # past ``after``, the page's events are every event up to its last: those
+                # beyond the checkpoint are what follows it
+                fresh = [e for e in page if e.position > checkpoint] if checkpoint >= after else []
+                if fresh:
+                    await apply_page(conn, fresh)
+                    for handler in self._handlers:
+                        await handler(conn, fresh)
+                    checkpoint = fresh[-1].position
+                    await conn.execute(ADVANCE, self._name, checkpoint)
+        # committed: this page, or another projector's checkpoint (the lock waited for it)
+        self._saw(checkpoint)
+        return len(fresh), checkpoint
 
     async def wait_until(self, position: int, *, within: float) -> bool:
         """Wait until this projector has seen the checkpoint reach ``position`` (the read
@@ -152,20 +168,6 @@ class Projector:
             moved, self._moved = self._moved, asyncio.Event()
             moved.set()
 
-    async def _step(self) -> int:
-        with driver_errors(self._store.dsn):
-            async with self._store.pool.acquire() as conn, conn.transaction():
-                position = await lock_checkpoint(conn, self._name)
-                page = await self._store.read_all_in_transaction(conn, position, self._page_size)
-                if page:
-                    await apply_page(conn, page)
-                    for handler in self._handlers:
-                        await handler(conn, page)
-                    await conn.execute(ADVANCE, self._name, page[-1].position)
-        # committed: another projector's checkpoint (the lock waited for it), or this page's
-        self._saw(page[-1].position if page else position)
-        return len(page)
-
     async def rebuild(self) -> int:
         """Empty every read table and the checkpoint in one transaction, then catch up.
 
@@ -187,41 +189,48 @@ class Projector:
         stop: asyncio.Event | None = None,
         then: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
-        """Catch up, then again whenever an append commits, until ``stop`` is set (or the
-        task is cancelled). ``then`` runs after each catch-up: what follows the read tables
-        (a Detector). Survives the database going away: it retries every few seconds and
-        catches up once the database is back."""
+        """Catch up, then follow the log (``subscribe``), applying each page as it comes,
+        until ``stop`` is set (or the task is cancelled). ``then`` runs after each page and
+        each heartbeat: what follows the read tables (a Detector).
+
+        Every heartbeat (``fallback`` seconds without an append) catches up too, from the
+        checkpoint: after a page that failed, or a rebuild elsewhere, nothing waits for the
+        next append. Survives the database going away: the subscription waits it out, and
+        a page that fails for it is logged and caught up with later.
+        """
         stop = stop or asyncio.Event()
-        wake = asyncio.Event()
-        listener: asyncpg.Connection | None = None
-
-        def ring(*_: object) -> None:
-            wake.set()
-
-        try:
-            while not stop.is_set():
+        after = await self._first_catch_up(fallback, stop, then)
+        if after is None:
+            return
+        subscription = self._store.subscribe(after, limit=self._page_size, idle=fallback)
+        async with contextlib.aclosing(subscription) as pages:
+            while (page := await _unless_stopped(anext(pages), stop)) is not None:
                 try:
-                    if listener is None or listener.is_closed():
-                        listener = await self._listen(ring)
-                    wake.clear()  # before catching up: a notice during it means go again
-                    await self.catch_up()
+                    if not page or (await self._apply(after, page))[1] < page[-1].position:
+                        await self.catch_up()
                     if then is not None:
                         await then()
                 except StoreUnavailable as exc:
                     _log.warning("projector %s: %s; retrying", self._name, exc)
-                    listener = None
-                    wake.clear()
-                await _first(wake, stop, within=fallback)
-        finally:
-            if listener is not None and not listener.is_closed():
-                await listener.close()
+                if page:
+                    after = page[-1].position
 
-    async def _listen(self, ring: Callable[..., None]) -> asyncpg.Connection:
-        # a connection of its own: a pooled one goes back to the pool after every use
-        with driver_errors(self._store.dsn):
-            conn: asyncpg.Connection = await asyncpg.connect(self._store.dsn)
-            await conn.add_listener(CHANNEL, ring)
-        return conn
+    async def _first_catch_up(
+        self, retry: float, stop: asyncio.Event, then: Callable[[], Awaitable[object]] | None
+    ) -> int | None:
+        """Catch up (and ``then``), every ``retry`` s until the database answers; the
+        checkpoint reached, or None if ``stop`` was set first."""
+        while not stop.is_set():
+            try:
+                _, checkpoint = await self._catch_up()
+                if then is not None:
+                    await then()
+                return checkpoint
+            except StoreUnavailable as exc:
+                _log.warning("projector %s: %s; retrying", self._name, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), retry)
+        return None
 
 
 async def lock_checkpoint(conn: asyncpg.Connection, name: str) -> int:
@@ -230,12 +239,14 @@ async def lock_checkpoint(conn: asyncpg.Connection, name: str) -> int:
     return position
 
 
-async def _first(wake: asyncio.Event, stop: asyncio.Event, *, within: float) -> None:
-    """Return when either event is set, or after ``within`` seconds."""
-    waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stop.wait())]
+async def _unless_stopped(pending: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """What ``pending`` gives, or None if ``stop`` is set first (``pending`` is cancelled)."""
+    task = asyncio.ensure_future(pending)
+    stopped = asyncio.ensure_future(stop.wait())
     try:
-        await asyncio.wait(waiters, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for waiter in waiters:
-            waiter.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)
+        task.cancel()  # nothing if it is done
+        stopped.cancel()
+        await asyncio.gather(task, stopped, return_exceptions=True)
+    return None if task.cancelled() else task.result()
