@@ -334,44 +334,20 @@ class PostgresEventStore:
         through_position: int | None = None,
         types: Collection[str] | None = None,
     ) -> list[RecordedEvent]:
-        if through_position is None and types is None:
-            return await self._read_all(self._pool, after_position, limit)
-        decode = _decode_event
-        with _gc_paused:
-            with _ErrorTranslator(self._dsn)():
-                rows = await self._pool.fetch(
-                    _READ_ALL_WHERE,
-                    after_position,
-                    limit,
-                    through_position,
-                    None if types is None else list(types),
-                )
-            return [
-                RecordedEvent(event_id, stream, version, position, at, decode(data))
-                for position, stream, version, event_id, at, data in rows
-            ]
-
-    async def read_all_in_transaction(
-        self, conn: asyncpg.Connection, after_position: int = 0, limit: int = 1000
-    ) -> list[RecordedEvent]:
-        """``read_all`` on ``conn``, the connection that holds the caller's transaction.
-
-        A transaction that holds a lock must never wait for a second pooled connection:
-        every connection of the pool can be waiting on that lock, and nobody returns one
-        (the projector deadlocked so with ten runs ending at once). Each statement of a
-        READ COMMITTED transaction sees what has committed when it starts, so the page is
-        the same as ``read_all`` would return.
-        """
-        return await self._read_all(conn, after_position, limit)
-
-    async def _read_all(
-        self, source: asyncpg.Pool | asyncpg.Connection, after_position: int, limit: int
-    ) -> list[RecordedEvent]:
         decode = _decode_event
         recorded = RecordedEvent
         with _gc_paused:
             with _ErrorTranslator(self._dsn)():
-                rows = await source.fetch(_READ_ALL, after_position, limit)
+                if through_position is None and types is None:
+                    rows = await self._pool.fetch(_READ_ALL, after_position, limit)
+                else:
+                    rows = await self._pool.fetch(
+                        _READ_ALL_WHERE,
+                        after_position,
+                        limit,
+                        through_position,
+                        None if types is None else list(types),
+                    )
             return [
                 recorded(event_id, stream, version, position, at, decode(data))
                 for position, stream, version, event_id, at, data in rows
