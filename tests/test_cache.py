@@ -1,6 +1,7 @@
 """The context cache: one contract for both backends (in-process, and Redis for real at
 127.0.0.1:6379 under this session's key prefix), the reader that never answers stale, and
-what happens when Redis is unreachable, silent, or killed mid-run."""
+what happens when Redis is unreachable, silent, or killed mid-run. The log the reader folds
+is the in-memory event store: the reader is what is tested, not the store."""
 
 from __future__ import annotations
 
@@ -31,10 +32,10 @@ from events.cache import (
 from events.cache_memory import MemoryContextCache
 from events.cache_redis import RedisContextCache
 from events.context import Context, context_at, fold
-from events.postgres import PostgresEventStore
+from events.memory import MemoryEventStore
 from events.secrets import Cipher
 from events.settings import Settings
-from events.store import NewEvent, StreamAppend
+from events.store import EventStore, NewEvent, StreamAppend
 from tests.conftest import RedisServer
 
 CIPHER = Cipher(Fernet.generate_key())
@@ -82,19 +83,19 @@ def realistic_context() -> Context:
     )
 
 
-async def record(store: PostgresEventStore, run_id: str, events: Sequence[ev.Event]) -> None:
+async def record(store: EventStore, run_id: str, events: Sequence[ev.Event]) -> None:
     stream = ev.run_stream(run_id)
     await store.append([StreamAppend(stream, [NewEvent(event) for event in events])])
 
 
-async def new_run(store: PostgresEventStore, *, ended: bool) -> str:
+async def new_run(store: EventStore, *, ended: bool) -> str:
     """A run in the log: its first test passed; if ``ended``, the rest and RunCompleted too."""
     run_id = str(uuid.uuid4())
     await record(store, run_id, [*first_half(run_id), *(second_half() if ended else [])])
     return run_id
 
 
-async def log_fold(store: PostgresEventStore, run_id: str) -> Context:
+async def log_fold(store: EventStore, run_id: str) -> Context:
     return fold(await store.read_stream(ev.run_stream(run_id)))
 
 
@@ -105,16 +106,25 @@ def hours_from_now(hours: float) -> Callable[[], float]:
     return lambda: time.time() + hours * 3600
 
 
-class CountingStore(PostgresEventStore):
-    """The real PostgreSQL store (sharing its pool), counting the reads the reader makes."""
+class CountingStore(MemoryEventStore):
+    """An event store counting the reads the reader makes."""
 
-    def __init__(self, store: PostgresEventStore) -> None:
-        super().__init__(store.pool, store.dsn)
+    def __init__(self) -> None:
+        super().__init__()
         self.calls: list[tuple[str, int]] = []
 
-    async def read_stream(self, stream: str, after_version: int = 0) -> list[ev.RecordedEvent]:
+    async def read_stream(
+        self,
+        stream: str,
+        after_version: int = 0,
+        *,
+        after_position: int = 0,
+        through_position: int | None = None,
+    ) -> list[ev.RecordedEvent]:
         self.calls.append(("read_stream", after_version))
-        return await super().read_stream(stream, after_version)
+        return await super().read_stream(
+            stream, after_version, after_position=after_position, through_position=through_position
+        )
 
     async def stream_version(self, stream: str) -> int:
         self.calls.append(("stream_version", 0))
@@ -125,15 +135,13 @@ class CountingStore(PostgresEventStore):
 
 
 @pytest.fixture
-async def pg_store(pg_server_dsn: str) -> AsyncIterator[PostgresEventStore]:
-    store = await PostgresEventStore.connect(pg_server_dsn)
-    yield store
-    await store.aclose()
+def store() -> EventStore:
+    return MemoryEventStore()
 
 
 @pytest.fixture
-def counting(pg_store: PostgresEventStore) -> CountingStore:
-    return CountingStore(pg_store)
+def counting() -> CountingStore:
+    return CountingStore()
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -273,11 +281,11 @@ async def test_an_unknown_run_is_an_error_not_an_empty_context(
 
 
 async def test_time_travel_folds_from_the_log_and_leaves_the_cache_alone(
-    cache: ContextCache, pg_store: PostgresEventStore
+    cache: ContextCache, store: EventStore
 ) -> None:
-    run_id = await new_run(pg_store, ended=True)
-    events = await pg_store.read_stream(ev.run_stream(run_id))
-    reader = ContextReader(pg_store, cache)
+    run_id = await new_run(store, ended=True)
+    events = await store.read_stream(ev.run_stream(run_id))
+    reader = ContextReader(store, cache)
     then = await reader.context(run_id, at=events[6].position)
     assert then == context_at(events, events[6].position)
     assert (then.version, then.statuses) == (7, {"login": "passed"})
@@ -285,23 +293,23 @@ async def test_time_travel_folds_from_the_log_and_leaves_the_cache_alone(
 
 
 async def test_a_context_from_another_log_is_rebuilt_from_this_one(
-    cache: ContextCache, pg_store: PostgresEventStore
+    cache: ContextCache, store: EventStore
 ) -> None:
     # the database was recreated under the same Redis: the cache is ahead of the log
-    run_id = await new_run(pg_store, ended=False)
-    truth = await log_fold(pg_store, run_id)
+    run_id = await new_run(store, ended=False)
+    truth = await log_fold(store, run_id)
     await cache.put(msgspec.structs.replace(truth, version=40, status="passed"), ttl=60)
-    reader = ContextReader(pg_store, cache)
+    reader = ContextReader(store, cache)
     assert await reader.context(run_id) == truth
     assert await cache.get(run_id) == truth
 
 
 async def test_a_context_is_kept_24_hours_after_its_run_ends(
-    cache: ContextCache, pg_store: PostgresEventStore
+    cache: ContextCache, store: EventStore
 ) -> None:
-    running = await new_run(pg_store, ended=False)
-    ended = await new_run(pg_store, ended=True)
-    reader = ContextReader(pg_store, cache)
+    running = await new_run(store, ended=False)
+    ended = await new_run(store, ended=True)
+    reader = ContextReader(store, cache)
     await reader.refresh(running)
     await reader.refresh(ended)
     running_left = await cache.expires_in(running)
@@ -312,7 +320,7 @@ async def test_a_context_is_kept_24_hours_after_its_run_ends(
     # read back 23 hours after it ended: one hour left; 25 hours after: answered, not kept
     for hours, kept in ((23, True), (25, False)):
         await cache.delete(ended)
-        later = ContextReader(pg_store, cache, clock=hours_from_now(hours))
+        later = ContextReader(store, cache, clock=hours_from_now(hours))
         assert (await later.context(ended)).status == "failed"
         left = await cache.expires_in(ended)
         if kept:
@@ -335,10 +343,10 @@ async def test_the_in_process_cache_drops_the_least_recently_used_beyond_its_bou
 
 
 async def test_secrets_stay_encrypted_in_redis(
-    redis_cache: RedisContextCache, redis_client: Redis, pg_store: PostgresEventStore
+    redis_cache: RedisContextCache, redis_client: Redis, store: EventStore
 ) -> None:
-    run_id = await new_run(pg_store, ended=True)
-    context = await ContextReader(pg_store, redis_cache).refresh(run_id)
+    run_id = await new_run(store, ended=True)
+    context = await ContextReader(store, redis_cache).refresh(run_id)
     raw = await redis_client.get(redis_cache.key(run_id))
     assert raw is not None
     assert CANARY_TOKEN.encode() not in raw
@@ -359,14 +367,14 @@ async def test_redis_keys_carry_the_ttl(
 
 
 async def test_an_undecodable_entry_is_a_miss_and_is_replaced(
-    redis_cache: RedisContextCache, redis_client: Redis, pg_store: PostgresEventStore
+    redis_cache: RedisContextCache, redis_client: Redis, store: EventStore
 ) -> None:
-    run_id = await new_run(pg_store, ended=False)
+    run_id = await new_run(store, ended=False)
     await redis_client.set(redis_cache.key(run_id), b"\x93not a context")
     with pytest.raises(CacheError):
         await redis_cache.get(run_id)
-    truth = await log_fold(pg_store, run_id)
-    assert await ContextReader(pg_store, redis_cache).context(run_id) == truth
+    truth = await log_fold(store, run_id)
+    assert await ContextReader(store, redis_cache).context(run_id) == truth
     assert await redis_cache.get(run_id) == truth
 
 
@@ -386,13 +394,13 @@ async def test_open_cache_picks_redis_when_the_url_is_set(
 # ---- Redis unreachable, silent, or killed -------------------------------------------------------
 
 
-async def test_a_closed_port_answers_from_postgresql_and_warns_once(
-    pg_store: PostgresEventStore, caplog: pytest.LogCaptureFixture, closing: Closing
+async def test_a_closed_port_answers_from_the_log_and_warns_once(
+    store: EventStore, caplog: pytest.LogCaptureFixture, closing: Closing
 ) -> None:
-    run_id = await new_run(pg_store, ended=True)
-    truth = await log_fold(pg_store, run_id)
+    run_id = await new_run(store, ended=True)
+    truth = await log_fold(store, run_id)
     cache = closing(open_cache(Settings(redis_url="redis://:hunter2@127.0.0.1:1/0")))
-    reader = ContextReader(pg_store, cache)
+    reader = ContextReader(store, cache)
     started = time.monotonic()
     answers = [await reader.context(run_id) for _ in range(5)]
     answers.append(await reader.refresh(run_id))
@@ -405,15 +413,15 @@ async def test_a_closed_port_answers_from_postgresql_and_warns_once(
 
 
 async def test_a_redis_that_never_answers_costs_one_timeout_not_one_per_read(
-    pg_store: PostgresEventStore, closing: Closing
+    store: EventStore, closing: Closing
 ) -> None:
-    run_id = await new_run(pg_store, ended=False)
-    truth = await log_fold(pg_store, run_id)
+    run_id = await new_run(store, ended=False)
+    truth = await log_fold(store, run_id)
     with socket.socket() as silent:  # connections queue in the backlog, nothing replies
         silent.bind(("127.0.0.1", 0))
         silent.listen(64)
         url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
-        reader = ContextReader(pg_store, closing(RedisContextCache.from_url(url, timeout=0.25)))
+        reader = ContextReader(store, closing(RedisContextCache.from_url(url, timeout=0.25)))
         started = time.monotonic()
         answers = [await reader.context(run_id) for _ in range(10)]
         elapsed = time.monotonic() - started
