@@ -117,8 +117,11 @@ class MemoryEventStore:
     async def head(self) -> int:
         return self._head
 
-    async def stream_version(self, stream: str) -> int:
-        return len(self._streams.get(stream, ()))
+    async def stream_version(self, stream: str, *, through_position: int | None = None) -> int:
+        events = self._streams.get(stream, [])
+        if through_position is None:
+            return len(events)
+        return bisect.bisect_right(events, through_position, key=_position)
 
     async def read_stream(
         self,
@@ -127,13 +130,15 @@ class MemoryEventStore:
         *,
         after_position: int = 0,
         through_position: int | None = None,
+        limit: int | None = None,
     ) -> list[RecordedEvent]:
-        return [
+        found = [
             recorded
             for recorded in self._streams.get(stream, [])[max(after_version, 0) :]
             if recorded.position > after_position
             and (through_position is None or recorded.position <= through_position)
         ]
+        return found if limit is None else found[: max(limit, 0)]
 
     async def first_events(self, streams: Sequence[str]) -> dict[str, RecordedEvent]:
         return {stream: self._streams[stream][0] for stream in streams if stream in self._streams}
@@ -182,6 +187,10 @@ class MemoryEventStore:
 
     async def aclose(self) -> None:
         return None
+
+
+def _position(recorded: RecordedEvent) -> int:
+    return recorded.position
 
 
 def _conforms(store: MemoryEventStore) -> EventStore:

@@ -120,15 +120,20 @@ class CountingStore(MemoryEventStore):
         *,
         after_position: int = 0,
         through_position: int | None = None,
+        limit: int | None = None,
     ) -> list[ev.RecordedEvent]:
         self.calls.append(("read_stream", after_version))
         return await super().read_stream(
-            stream, after_version, after_position=after_position, through_position=through_position
+            stream,
+            after_version,
+            after_position=after_position,
+            through_position=through_position,
+            limit=limit,
         )
 
-    async def stream_version(self, stream: str) -> int:
+    async def stream_version(self, stream: str, *, through_position: int | None = None) -> int:
         self.calls.append(("stream_version", 0))
-        return await super().stream_version(stream)
+        return await super().stream_version(stream, through_position=through_position)
 
 
 # ---- fixtures -----------------------------------------------------------------------------

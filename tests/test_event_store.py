@@ -32,30 +32,6 @@ def started(test: str = "login") -> NewEvent:
     return NewEvent(TestStarted(test=test))
 
 
-async def test_a_stream_is_read_in_pages_and_as_of_a_log_position(
-    store: PostgresEventStore,
-) -> None:
-    stream, other = fresh_stream(), fresh_stream()
-    positions: list[int] = []
-    for test in ("a", "b", "c", "d"):  # interleaved with another stream's events
-        [[position]], _ = await asyncio.gather(
-            store.append([StreamAppend(stream, [started(test)])]),
-            store.append([StreamAppend(other, [started(test)])]),
-        )
-        positions.append(position)
-    recorded = await store.read_stream(stream)
-
-    assert await store.read_stream(stream, limit=2) == recorded[:2]
-    assert await store.read_stream(stream, after_position=positions[1], limit=1) == recorded[2:3]
-    assert (
-        await store.read_stream(stream, 1, through_position=positions[2], limit=5)
-        == (recorded[1:3])
-    )
-    assert await store.stream_version(stream, through_position=positions[0] - 1) == 0
-    assert await store.stream_version(stream, through_position=positions[2]) == 3
-    assert await store.stream_version(stream, through_position=positions[3] + 100) == 4
-
-
 async def test_schema_applies_twice_without_change(
     store: PostgresEventStore, store_dsn: str
 ) -> None:

@@ -368,6 +368,27 @@ async def test_head_a_stream_by_position_and_the_first_and_last_events_of_stream
     assert await store.first_events([]) == {} and await store.last_events([]) == {}
 
 
+async def test_a_stream_is_read_in_pages_and_as_of_a_log_position(
+    store: EventStore,
+) -> None:
+    stream, other = fresh_stream(), fresh_stream()
+    written: list[int] = []
+    for test in ("a", "b", "c", "d"):  # interleaved with another stream's events
+        [[position]], _ = await asyncio.gather(
+            store.append([StreamAppend(stream, [started(test)])]),
+            store.append([StreamAppend(other, [started(test)])]),
+        )
+        written.append(position)
+    recorded = await store.read_stream(stream)
+
+    assert await store.read_stream(stream, limit=2) == recorded[:2]
+    assert await store.read_stream(stream, after_position=written[1], limit=1) == recorded[2:3]
+    assert await store.read_stream(stream, 1, through_position=written[2], limit=5) == recorded[1:3]
+    assert await store.stream_version(stream, through_position=written[0] - 1) == 0
+    assert await store.stream_version(stream, through_position=written[2]) == 3
+    assert await store.stream_version(stream, through_position=written[3] + 100) == 4
+
+
 async def test_read_all_bounded_and_by_type(store: EventStore) -> None:
     before = await mark(store)
     stream = fresh_stream()
