@@ -1,11 +1,10 @@
 """The realtime feed of one service process: a doorbell, a window of recent events, cursors.
 
 The event store is what replays; the doorbell only says that something was committed. One
-``Hub`` per app holds a single LISTEN connection on the channel baton_append notifies at
-commit, and one task that reads the log after its head (``read_all``, which never passes
-over an event a slower transaction commits later) whenever the doorbell rings, or every
-``fallback`` seconds in case a notice was lost with its connection. What it reads joins a
-window of recent events, each encoded once (secrets masked) for every subscriber.
+``Hub`` per app holds a single subscription to the log (``EventStore.subscribe``: woken at
+each commit, read by position, never passing over an event a slower transaction commits
+later), in one task that runs while someone follows. What it reads joins a window of recent
+events, each encoded once (secrets masked) for every subscriber.
 
 A subscriber is a cursor: the position of the last event it was given. ``follow`` serves
 it from the window while its cursor is inside the window, and from the store otherwise (a
@@ -29,14 +28,10 @@ import uuid
 from collections.abc import AsyncGenerator, Iterator, Sequence
 from typing import Protocol
 
-import asyncpg
-
 from events import types as ev
-from events.postgres import driver_errors
 from events.projections import DEFAULT_ORGANIZATION_ID, derive
-from events.projections.projector import CHANNEL
 from events.secrets import masked_event
-from events.store import EventStore, StoreError
+from events.store import EventStore, StoreError, next_page
 
 RUN_LEVEL = frozenset({"RunStarted", "TestPassed", "TestFailed", "RunCompleted", "RunCancelled"})
 """What a project's stream carries of its runs' events."""
@@ -104,12 +99,8 @@ def project_of(started: ev.RunStarted) -> uuid.UUID | None:
 class Hub:
     """The feed of one app: see the module's docstring. Runs only while someone follows."""
 
-    def __init__(
-        self, store: EventStore, *, listen_dsn: str, fallback: float = 1.0, keep: int = 5000
-    ):
+    def __init__(self, store: EventStore, *, fallback: float = 1.0, keep: int = 5000):
         self._store = store
-        self._listen_dsn = listen_dsn
-        """The PostgreSQL server whose notices ring the doorbell."""
         self._fallback = fallback
         self._keep = keep
         self._entries: list[Entry] = []
@@ -117,7 +108,8 @@ class Hub:
         self._base = 0
         self._head = 0
         self._waiters: dict[str, set[asyncio.Event]] = {}
-        self._ring = asyncio.Event()
+        self._deserted = asyncio.Event()
+        """Set when the last follower leaves: the tail ends."""
         self._followers = 0
         self._task: asyncio.Task[None] | None = None
         self._starting = asyncio.Lock()
@@ -178,7 +170,7 @@ class Hub:
     def detach(self) -> None:
         self._followers -= 1
         if self._followers == 0:
-            self._ring.set()  # the tail sees nobody follows and ends
+            self._deserted.set()
 
     async def entries(self, records: Sequence[ev.RecordedEvent]) -> list[Entry]:
         """``records`` as entries, with the project of each run-level event's run and of
@@ -213,60 +205,38 @@ class Hub:
         self._projects[stream] = project
 
     async def _tail(self) -> None:
-        listener: asyncpg.Connection | None = None
         try:
             while self._followers > 0:
                 try:
-                    if listener is None or listener.is_closed():
-                        listener = await self._listen()
-                    self._ring.clear()  # before reading: a notice during it means go again
-                    await self._read()
+                    await self._follow_log()
                 except Exception as exc:  # followers wait on this task: it must go on
                     if isinstance(exc, StoreError):
                         _log.warning("realtime feed: %s; retrying", exc)
                     else:
                         _log.exception("realtime feed failed; retrying")
-                    await _closed(listener)
-                    listener = None
-                    self._ring.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._ring.wait(), self._fallback)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._deserted.wait(), self._fallback)
         finally:
             self._task = None  # before any await: a new follower starts a new tail
-            await _closed(listener)
 
-    async def _listen(self) -> asyncpg.Connection:
-        # a connection of its own: a pooled one goes back to the pool after every use
-        def notice(_conn: object, _pid: int, _channel: str, payload: str) -> None:
-            if not payload.isdigit() or int(payload) > self._head:
-                self._ring.set()
-
-        with driver_errors(self._listen_dsn):
-            conn: asyncpg.Connection = await asyncpg.connect(self._listen_dsn)
-            try:
-                await conn.add_listener(CHANNEL, notice)
-            except BaseException:
-                await conn.close()
-                raise
-        conn.add_termination_listener(lambda _conn: self._ring.set())
-        return conn
-
-    async def _read(self) -> None:
-        while True:
-            records = await self._store.read_all(self._head, PAGE)
-            if not records:
-                return
-            made = await self.entries(records)
-            self._entries.extend(made)
-            self._positions.extend(entry.position for entry in made)
-            self._head = made[-1].position
-            if len(self._entries) > 2 * self._keep:
-                cut = len(self._entries) - self._keep
-                self._base = self._positions[cut - 1]
-                del self._entries[:cut], self._positions[:cut]
-            self._wake(made)
-            if len(records) < PAGE:
-                return
+    async def _follow_log(self) -> None:
+        """Read the log into the window as appends commit, until nobody follows. A page that
+        fails on its way in is read again: the subscription starts over from ``head``."""
+        self._deserted.clear()
+        pages = self._store.subscribe(self._head, limit=PAGE, idle=self._fallback)
+        async with contextlib.aclosing(pages):
+            while (records := await next_page(pages, self._deserted)) is not None:
+                if not records:
+                    continue  # a heartbeat
+                made = await self.entries(records)
+                self._entries.extend(made)
+                self._positions.extend(entry.position for entry in made)
+                self._head = made[-1].position
+                if len(self._entries) > 2 * self._keep:
+                    cut = len(self._entries) - self._keep
+                    self._base = self._positions[cut - 1]
+                    del self._entries[:cut], self._positions[:cut]
+                self._wake(made)
 
     def _wake(self, made: Sequence[Entry]) -> None:
         waiters = self._waiters
@@ -279,12 +249,6 @@ class Hub:
 
 def project_key(project: uuid.UUID) -> str:
     return f"project:{project}"
-
-
-async def _closed(conn: asyncpg.Connection | None) -> None:
-    if conn is not None and not conn.is_closed():
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(conn.close(), 5)
 
 
 class Feed(Protocol):

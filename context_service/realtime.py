@@ -88,10 +88,10 @@ Position = Annotated[
 
 
 def hub_of(state: State, services: Services) -> Hub:
-    """The app's hub, made on first use (one LISTEN connection per process and app)."""
+    """The app's hub, made on first use (one subscription to the log per process and app)."""
     hub: Hub | None = state.get("realtime_hub")
     if hub is None or hub.store is not services.store:
-        hub = Hub(services.store, listen_dsn=services.db.dsn)
+        hub = Hub(services.store)
         state["realtime_hub"] = hub
     return hub
 

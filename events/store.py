@@ -13,7 +13,7 @@ import contextlib
 import re
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection, Sequence
 from typing import Protocol
 
 import msgspec
@@ -149,6 +149,22 @@ class EventStore(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+async def next_page(
+    pages: AsyncIterator[list[RecordedEvent]], stop: asyncio.Event
+) -> list[RecordedEvent] | None:
+    """The next page of a subscription, or None if ``stop`` is set first: the wait for the
+    page is cancelled then, which ends the subscription."""
+    page = asyncio.ensure_future(anext(pages))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([page, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        page.cancel()  # nothing if it is done
+        stopped.cancel()
+        await asyncio.gather(page, stopped, return_exceptions=True)
+    return None if page.cancelled() else page.result()
 
 
 _FIRST_RETRY = 0.05

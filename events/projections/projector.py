@@ -24,14 +24,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
 
 import asyncpg
 
 from events.postgres import CHANNEL as CHANNEL  # re-exported: its home was here
 from events.postgres import PostgresEventStore, driver_errors
 from events.projections.page import READ_TABLES, apply_page
-from events.store import StoreUnavailable
+from events.store import StoreUnavailable, next_page
 from events.types import RecordedEvent
 
 DEFAULT_NAME = "read-model"
@@ -46,7 +45,6 @@ ADVANCE = (
 )
 _POSITION = "SELECT position FROM baton_projection_checkpoints WHERE name = $1"
 _log = logging.getLogger("baton.projections")
-T = TypeVar("T")
 
 
 class Projector:
@@ -204,7 +202,7 @@ class Projector:
             return
         subscription = self._store.subscribe(after, limit=self._page_size, idle=fallback)
         async with contextlib.aclosing(subscription) as pages:
-            while (page := await _unless_stopped(anext(pages), stop)) is not None:
+            while (page := await next_page(pages, stop)) is not None:
                 try:
                     if not page or (await self._apply(after, page))[1] < page[-1].position:
                         await self.catch_up()
@@ -237,16 +235,3 @@ async def lock_checkpoint(conn: asyncpg.Connection, name: str) -> int:
     await conn.execute(_LOCK, name)
     position: int = await conn.fetchval(_CHECKPOINT, name)
     return position
-
-
-async def _unless_stopped(pending: Awaitable[T], stop: asyncio.Event) -> T | None:
-    """What ``pending`` gives, or None if ``stop`` is set first (``pending`` is cancelled)."""
-    task = asyncio.ensure_future(pending)
-    stopped = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        task.cancel()  # nothing if it is done
-        stopped.cancel()
-        await asyncio.gather(task, stopped, return_exceptions=True)
-    return None if task.cancelled() else task.result()
