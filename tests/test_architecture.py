@@ -71,12 +71,6 @@ EVENT_STORE_BACKEND = {
 }
 """Modules that may write SQL on the log's tables (events, baton_streams) and its channel
 (baton_events). events/embedded*.py may too: it starts the server the backend talks to."""
-STORE_HELPER_MOVES = {
-    # moved by the store helper: onto the EventStore protocol and its subscription
-    "events/owners.py": "reads the last event of the runs it sweeps",
-    "events/projections/projector.py": "LISTENs on baton_events and counts what is behind",
-    "events/projections/detect.py": "reads the completions of runs by position",
-}
 POSTGRES_STORE_NAMED = {
     "events/__init__.py": "open_store builds it, and the package exports it lazily",
     "events/postgres.py": "the backend itself",
@@ -88,12 +82,14 @@ POSTGRES_STORE_NAMED = {
 """Modules that may name PostgresEventStore: every other caller is typed against the
 EventStore protocol (the service's read tables go through context_service.database)."""
 STORE_HELPER_NAMES_POSTGRES = {
-    # moved by the store helper: the projector, the Detector and the owners take an
-    # EventStore (and a pool for the read tables)
-    "events/owners.py": "appends with its claims in one statement (append_with)",
+    # they read the log through the protocol; what they write commits in a transaction of
+    # their own PostgreSQL tables, which only the PostgreSQL store can join
+    "events/owners.py": "appends with its claims in one statement (append_with), and ends"
+    " runs in its sweep's transaction",
     "events/projections/__init__.py": "project and rebuild open a store from a DSN",
-    "events/projections/projector.py": "reads and appends in the read tables' transaction",
-    "events/projections/detect.py": "reads and appends in its findings' transaction",
+    "events/projections/projector.py": "applies pages with its checkpoint in transactions on"
+    " the store's pool (the read tables are in its database)",
+    "events/projections/detect.py": "appends its findings in its checkpoint's transaction",
     "events/projections/queries.py": "queries the read tables on the store's pool",
 }
 _LOG_SQL = re.compile(
@@ -147,7 +143,7 @@ def _names(tree: ast.Module) -> set[str]:
 
 
 def test_only_the_store_backend_writes_sql_on_the_log() -> None:
-    allowed = {*EVENT_STORE_BACKEND, *STORE_HELPER_MOVES}
+    allowed = set(EVENT_STORE_BACKEND)
     found = {name: sql for name, tree in _sources().items() if (sql := _log_sql(tree))}
     assert {
         name: sql

@@ -15,10 +15,9 @@ from events.postgres import PostgresEventStore
 from events.projections.catalog import DEFAULT_ORGANIZATION_ID, NAMESPACE, derive
 from events.projections.detect import Detector
 from events.projections.page import READ_TABLES
-from events.projections.projector import CHANNEL, DEFAULT_NAME, PageHandler, Projector
+from events.projections.projector import DEFAULT_NAME, PageHandler, Projector
 
 __all__ = [
-    "CHANNEL",
     "DEFAULT_NAME",
     "DEFAULT_ORGANIZATION_ID",
     "NAMESPACE",

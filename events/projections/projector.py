@@ -27,7 +27,6 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 
-from events.postgres import CHANNEL as CHANNEL  # re-exported: its home was here
 from events.postgres import PostgresEventStore, driver_errors
 from events.projections.page import READ_TABLES, apply_page
 from events.store import StoreUnavailable, next_page
