@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import uuid
 from collections.abc import AsyncGenerator, Collection, Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -44,7 +45,7 @@ class MemoryEventStore:
         """``_log``'s positions, for bisecting."""
         self._streams: dict[str, list[RecordedEvent]] = {}
         """Each stream's events by version: version v at index v - 1."""
-        self._by_id: dict[object, RecordedEvent] = {}
+        self._by_id: dict[uuid.UUID, RecordedEvent] = {}
         self._head = 0
         self._appended = asyncio.Event()
         """Set (and replaced) by each append that stores something: subscribers wait on it."""
@@ -54,7 +55,7 @@ class MemoryEventStore:
             if item.expected_version < ANY_VERSION:
                 raise ValueError(f"expected_version {item.expected_version} is not a version")
         staged: list[RecordedEvent] = []
-        staged_ids: dict[object, RecordedEvent] = {}
+        staged_ids: dict[uuid.UUID, RecordedEvent] = {}
         versions: dict[str, int] = {}
         result: list[list[int]] = []
         for item in appends:
@@ -62,7 +63,7 @@ class MemoryEventStore:
             current = versions.get(stream, len(self._streams.get(stream, ())))
             ids = [new.id for new in item.events]
 
-            def stored(event_id: object, stream: str = stream) -> RecordedEvent | None:
+            def stored(event_id: uuid.UUID, stream: str = stream) -> RecordedEvent | None:
                 found = staged_ids.get(event_id) or self._by_id.get(event_id)
                 return found if found is not None and found.stream == stream else None
 
