@@ -1,10 +1,10 @@
 """The EventStore contract, one module for every backend: in memory, on the PostgreSQL
 server and on the embedded default (a database of this module's own on each server).
 
-What a backend cannot be made to do is skipped there, with the reason: an append in memory
-commits as it draws its positions, so none can commit late, and there is no connection to
-lose. PostgreSQL's own behaviour (schema, outages of the server, the pool) is tested in
-test_event_store.py and test_postgres_restart.py.
+What only a server can be made to do runs on the two servers (``served``): an append in
+memory commits as it draws its positions, so none can commit late, and there is no
+connection to lose. PostgreSQL's own behaviour (schema, outages of the server, the pool)
+is tested in test_event_store.py and test_postgres_restart.py.
 """
 
 from __future__ import annotations
@@ -55,17 +55,17 @@ class Backend:
         self.store = store
         self._dsn = dsn
 
-    def server(self, why: str) -> str:
-        """The DSN of the store's database; the test is skipped, saying ``why``, if none."""
-        if self._dsn is None:
-            pytest.skip(why)
+    @property
+    def dsn(self) -> str:
+        """The DSN of the store's database (``served`` backends have one)."""
+        assert self._dsn is not None, "a test of a server takes the served fixture"
         return self._dsn
 
     @asynccontextmanager
     async def append_held_open(self, stream: str) -> AsyncIterator[int]:
         """An append to ``stream`` that has drawn its position (yielded) and commits when
         the block ends."""
-        dsn = self.server("in memory an append commits as it draws its positions")
+        dsn = self.dsn
         slow = await asyncpg.connect(dsn)
         try:
             transaction = slow.transaction()
@@ -124,6 +124,15 @@ async def backend(backend_dsn: str | None) -> AsyncIterator[Backend]:
         return
     store = await PostgresEventStore.connect(backend_dsn, max_size=20)
     yield Backend(store, backend_dsn)
+    await store.aclose()
+
+
+@pytest.fixture(params=["server", "embedded"])
+async def served(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    """A backend on a server: what can commit late and lose its connections."""
+    dsn: str = request.getfixturevalue(f"{request.param}_database")
+    store = await PostgresEventStore.connect(dsn, max_size=20)
+    yield Backend(store, dsn)
     await store.aclose()
 
 
@@ -410,12 +419,12 @@ async def test_read_all_bounded_and_by_type(store: EventStore) -> None:
     assert await store.read_all(whole[-1].position) == []
 
 
-async def test_reader_never_skips_an_append_that_commits_late(backend: Backend) -> None:
-    store = backend.store
+async def test_reader_never_skips_an_append_that_commits_late(served: Backend) -> None:
+    store = served.store
     before = await mark(store)
     slow_stream = fresh_stream()
     later_streams = [fresh_stream(), fresh_stream()]
-    async with backend.append_held_open(slow_stream) as slow_position:
+    async with served.append_held_open(slow_stream) as slow_position:
         later = [
             asyncio.create_task(store.append([StreamAppend(s, [started("later")])]))
             for s in later_streams
@@ -502,11 +511,11 @@ async def test_subscribe_yields_a_heartbeat_when_idle(store: EventStore) -> None
         assert 0.25 <= loop.time() - start < 2
 
 
-async def test_subscribe_never_skips_an_append_that_commits_late(backend: Backend) -> None:
-    store = backend.store
+async def test_subscribe_never_skips_an_append_that_commits_late(served: Backend) -> None:
+    store = served.store
     before = await mark(store)
     async with aclosing(store.subscribe(before, idle=0.2)) as pages:
-        async with backend.append_held_open(fresh_stream()) as slow_position:
+        async with served.append_held_open(fresh_stream()) as slow_position:
             later = asyncio.create_task(store.append([StreamAppend(fresh_stream(), [started()])]))
             await asyncio.sleep(0.3)
             # the later append waits for the open one; neither is readable yet
@@ -518,9 +527,9 @@ async def test_subscribe_never_skips_an_append_that_commits_late(backend: Backen
     assert positions(seen) == [slow_position, later_position]
 
 
-async def test_subscribe_goes_on_after_losing_its_connections(backend: Backend) -> None:
-    dsn = backend.server("an in-memory store has no connection to lose")
-    store = backend.store
+async def test_subscribe_goes_on_after_losing_its_connections(served: Backend) -> None:
+    dsn = served.dsn
+    store = served.store
     before = await mark(store)
     loop = asyncio.get_running_loop()
     async with aclosing(store.subscribe(before, idle=2.0)) as pages:
