@@ -28,8 +28,8 @@ from context_service.launcher import RunSpec
 from context_service.services import Services
 from events import types as ev
 from events.cache import UnknownRun
-from events.context import Context, decrypted_variables
-from events.secrets import Cipher, SecretError, is_auth_name
+from events.context import Context, decrypted_variables, hidden_values
+from events.secrets import SecretError, is_auth_name
 from events.store import EventStore
 from orchestrator.runner import RunInputs
 
@@ -175,17 +175,6 @@ def reused_captures(
                     ev.VariableCaptured(test=test, name=name, value=value, secret=name in secret)
                 )
     return events
-
-
-def hidden_values(context: Context, cipher: Cipher) -> list[str]:
-    """The clear values of a context's secrets (to mask them in a rerun's events)."""
-    values = [cipher.decrypt(token) for token in context.auth.values()]
-    values.extend(
-        cipher.decrypt(context.variables[name])
-        for name in context.secret_names
-        if name in context.variables
-    )
-    return values
 
 
 async def rerun(services: Services, principal: Principal, run_id: uuid.UUID) -> uuid.UUID:

@@ -229,6 +229,18 @@ def decrypted_variables(context: Context, cipher: Cipher) -> dict[str, Any]:
     return namespace
 
 
+def hidden_values(context: Context, cipher: Cipher) -> list[str]:
+    """The clear values of a context's secrets (to mask them in the events of a run that
+    reuses its captures)."""
+    values = [cipher.decrypt(token) for token in context.auth.values()]
+    values.extend(
+        cipher.decrypt(context.variables[name])
+        for name in context.secret_names
+        if name in context.variables
+    )
+    return values
+
+
 def assign_dotted(namespace: dict[str, Any], dotted: str, value: Any) -> None:
     """Set ``auth.token`` as ``namespace['auth']['token']``, the shape templates read.
 

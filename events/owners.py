@@ -44,6 +44,7 @@ _CLAIM_AND_RELEASE = (
     " ON CONFLICT (stream) DO NOTHING),"
     " released AS (DELETE FROM baton_run_owners WHERE stream = ANY($9::text[]))"
 )
+_ADOPT = "UPDATE baton_run_owners SET owner = $2, claimed_at = now() WHERE stream = $1"
 _RELEASE = "DELETE FROM baton_run_owners WHERE stream = ANY($1::text[])"
 # runs of owners gone quiet (or gone), and this owner's abandoned ones, locked for this
 # sweep; another sweeper skips them
@@ -168,12 +169,25 @@ class Owner:
                 # unreachable: the writers pause meanwhile; beat again at the next tick
                 _log.info("owner heartbeat: %s", exc)
 
-    async def aclose(self) -> None:
-        """Stop beating and leave: runs still claimed (none, after a clean end) count as
-        interrupted at the next sweep of another process."""
+    async def adopt(self, stream: str) -> bool:
+        """Take over the claim on an open run whose owner stopped (a ``baton worker`` killed
+        mid-job, whose job another worker now has): the sweep no longer ends it. False if
+        no owner holds it: it has ended, or it never started."""
+        with driver_errors(self._store.dsn):
+            result = await self._store.pool.execute(_ADOPT, stream, self.id)
+        return bool(result != "UPDATE 0")
+
+    async def stop(self) -> None:
+        """Stop beating without leaving: the runs still claimed stay this owner's until the
+        timeout passes, time for a worker to adopt them (a job handed back unfinished)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+
+    async def aclose(self) -> None:
+        """Stop beating and leave: runs still claimed (none, after a clean end) count as
+        interrupted at the next sweep of another process."""
+        await self.stop()
         with contextlib.suppress(StoreError, TimeoutError), driver_errors(self._store.dsn):
             await asyncio.wait_for(self._store.pool.execute(_LEAVE, self.id), 5)

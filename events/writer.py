@@ -79,6 +79,11 @@ class BatchingWriter:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="baton-event-writer")
 
+    def resume(self, stream: str, version: int) -> None:
+        """Append to ``stream`` after the ``version`` events another writer stored (a run a
+        dead worker began): this writer owns it from there on."""
+        self._versions[stream] = version
+
     async def writable(self) -> None:
         """Return at once while the store takes appends; while it is unreachable, wait until
         it takes them again. Raises the store's error once the writer has given up."""

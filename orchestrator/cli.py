@@ -33,6 +33,7 @@ from events.errors import (
 from orchestrator.errors import BatonError, InfrastructureError, UsageError
 
 if TYPE_CHECKING:
+    from orchestrator.batch_report import BatchReport
     from orchestrator.results import RunResult
     from orchestrator.shards import Shard
 
@@ -260,6 +261,13 @@ def _options(**kwargs: Any) -> Any:
     metavar="ID",
     help="Record the runs under this batch (the CI pipeline's id); see baton report.",
 )
+@click.option(
+    "--queue",
+    "queue_url",
+    metavar="URL",
+    help="Queue the batch's units for baton worker processes (redis://HOST:PORT/DB) and "
+    "follow it from the event store.",
+)
 def run(
     concurrency: int,
     junit: Path | None,
@@ -269,6 +277,7 @@ def run(
     serve: str | None,
     shard_text: str | None,
     batch_id: str | None,
+    queue_url: str | None,
     **kwargs: Any,
 ) -> None:
     """Run flow files (or directories of them). Interrupted (Ctrl-C, SIGTERM), the runs in
@@ -277,9 +286,17 @@ def run(
     from orchestrator import execution
     from orchestrator.reporters import ConsoleProgress, RunTally
 
+    if queue_url is not None and shard_text is not None:
+        raise UsageError(
+            "--queue and --shard: the queue shares the batch among its workers; use one"
+        )
     shard = _shard(shard_text, batch_id)
     options = _options(concurrency=concurrency, **kwargs)
     jobs = execution.prepare(options)
+    if queue_url is not None:
+        reports = {"junit": junit, "json_path": json_path, "html": html}
+        _queued(queue_url, options, jobs, batch_id, quiet=quiet, serve=serve, **reports)
+        return
     shard_run = None
     if shard is not None and batch_id:
         from orchestrator.shards import ShardRun
@@ -365,11 +382,149 @@ def report(batch_id: str, junit: Path | None, json_path: Path | None, html: Path
 
     found = _with_store(lambda store: batch_report(store, batch_id))
     color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-    passed = _reported(found.results, junit=junit, json_path=json_path, html=html, color=color)
+    _batch_reported(found, junit=junit, json_path=json_path, html=html, color=color)
+
+
+def _batch_reported(found: BatchReport, **reports: Any) -> None:
+    """A batch's reports and summary (``_reported``), what could not be merged, and exit 1
+    unless every run passed."""
+    passed = _reported(found.results, **reports)
     for problem in found.problems:
         click.echo(f"error: {problem}", err=True)
     if found.problems or not passed:
         sys.exit(1)
+
+
+def _queued(
+    url: str,
+    options: Any,
+    jobs: list[Any],
+    batch_id: str | None,
+    *,
+    quiet: bool,
+    serve: str | None,
+    **reports: Path | None,
+) -> None:
+    """``baton run --queue``: see orchestrator.submit."""
+    import uuid
+
+    from events import open_store
+    from events.settings import Settings, mask_dsn
+    from orchestrator.queue import JobQueue
+    from orchestrator.reporters import ConsoleProgress, RunTally
+    from orchestrator.shards import Shard, ShardRun
+    from orchestrator.submit import submit
+
+    batch = ShardRun.of(jobs, Shard(1, 1), batch_id or str(uuid.uuid4()))
+    color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    progress = ConsoleProgress(stream=sys.stdout, quiet=quiet, color=color)
+    tally = RunTally()
+
+    def ended(run_id: str, recorded: list[Any]) -> None:
+        for item in recorded:
+            progress(run_id, item.event)
+            tally(run_id, item.event)
+
+    async def go() -> BatchReport:
+        queue = JobQueue(url)
+        store = await open_store(Settings.from_env())
+        try:
+            return await submit(store, queue, options, batch, ended)
+        finally:
+            await store.aclose()
+            await queue.aclose()
+
+    click.echo(f"batch {batch.batch_id}: {len(batch.units)} units queued on {mask_dsn(url)}")
+    try:
+        with _served(serve, jobs):
+            found = _run(go())
+    except KeyboardInterrupt:
+        progress.close()
+        click.echo(tally.render(color=color))
+        raise
+    progress.close()
+    _batch_reported(found, color=color, **reports)
+
+
+@cli.command()
+@click.option(
+    "--queue",
+    "queue_url",
+    required=True,
+    metavar="URL",
+    help="The queue baton run --queue submits to: redis://HOST:PORT/DB.",
+)
+@click.option(
+    "-c",
+    "--concurrency",
+    default=4,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="Jobs (runs) at once.",
+)
+@click.option(
+    "--drain-timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds a stopped worker gives its jobs to finish before handing them back.",
+)
+@click.option(
+    "--claim-after",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(0.1),
+    help="Seconds after which a job its worker stopped touching is claimed by another.",
+)
+@click.option(
+    "--max-deliveries",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Handed out more often than this, a job ends its run as failed.",
+)
+def worker(
+    queue_url: str,
+    concurrency: int,
+    drain_timeout: float,
+    claim_after: float,
+    max_deliveries: int,
+) -> None:
+    """Run the jobs of baton run --queue, each run's events in the one event store
+    (BATON_DATABASE_URL). Start it in the root of the same checkout. SIGTERM or SIGINT:
+    no new jobs, those in flight finish (up to --drain-timeout), then it exits."""
+    import logging
+
+    from events.settings import Settings
+    from orchestrator.worker import WorkerOptions, work
+
+    logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("baton").setLevel(logging.INFO)
+    options = WorkerOptions(concurrency, drain_timeout, claim_after, max_deliveries)
+    settings = Settings.from_env()
+    _run(_until_stopped(lambda stop: work(queue_url, settings, options, stop)))
+
+
+async def _until_stopped(main: Callable[[asyncio.Event], Awaitable[T]]) -> T:
+    """``main(stop)``, where the first SIGINT or SIGTERM sets ``stop`` instead of cancelling
+    (a worker drains) and a second one stops at once; either way the command then exits as
+    interrupted by the first (128 + its number)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    stop = asyncio.Event()
+
+    def stopping(signum: int) -> None:
+        if stop.is_set():
+            _signals.cancel_on_signal(task, signum)
+            return
+        _signals.received = signum
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in _signals.handled:
+            loop.add_signal_handler(signum, stopping, signum)
+    return await main(stop)
 
 
 @contextmanager

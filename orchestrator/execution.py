@@ -134,7 +134,7 @@ async def execute(
     try:
         start = time.perf_counter()
         if shard is not None:
-            await _append_shared(store, ev.batch_stream(shard.batch_id), shard.started())
+            await append_shared(store, ev.batch_stream(shard.batch_id), shard.started())
         batches = [_run_job(runner, writer, job) for job in jobs]
         try:
             results = [result for group in await asyncio.gather(*batches) for result in group]
@@ -144,7 +144,7 @@ async def execute(
             await writer.aclose()
         if shard is not None:
             duration = (time.perf_counter() - start) * 1000
-            await _append_shared(
+            await append_shared(
                 store, ev.batch_stream(shard.batch_id), shard.completed(results, duration)
             )
         stop.set()
@@ -163,7 +163,7 @@ async def execute(
     return results
 
 
-async def _append_shared(store: EventStore, stream: str, event: ev.Event) -> None:
+async def append_shared(store: EventStore, stream: str, event: ev.Event) -> None:
     """Append to a stream other processes append to as well (a batch's, which every shard
     writes): at whatever version it has reached. No shard's event depends on another's,
     so there is nothing for an expected version to protect; it would only make shards

@@ -65,9 +65,25 @@ class _Test:
 def run_result(recorded: Iterable[ev.RecordedEvent]) -> RunResult | None:
     """The run of a stream's events (in version order), or None until it has ended
     (RunCompleted or RunCancelled); its tests in plan order, those that finished."""
+    started, tests, end = _read(recorded)
+    if started is None or end is None:
+        return None
+    return _ended(started, end, [t.result for t in tests.values() if t.result])
+
+
+def finished_tests(recorded: Iterable[ev.RecordedEvent]) -> dict[str, TestResult]:
+    """The tests of a run, ended or not, that have their result, by name (plan order)."""
+    _, tests, _ = _read(recorded)
+    return {name: test.result for name, test in tests.items() if test.result is not None}
+
+
+def _read(
+    recorded: Iterable[ev.RecordedEvent],
+) -> tuple[ev.RecordedEvent | None, dict[str, _Test], ev.RecordedEvent | None]:
+    """RunStarted, what each test's events say, and the event that ended the run."""
     started: ev.RecordedEvent | None = None
     tests: dict[str, _Test] = {}
-    ended: RunResult | None = None
+    ended: ev.RecordedEvent | None = None
     for item in recorded:
         event = item.event
         if isinstance(event, ev.RunStarted):
@@ -75,13 +91,18 @@ def run_result(recorded: Iterable[ev.RecordedEvent]) -> RunResult | None:
             tests = {planned.name: _Test() for planned in event.plan}
             continue
         if isinstance(event, ev.RunCompleted | ev.RunCancelled) and started is not None:
-            ended = _ended(started, item, [t.result for t in tests.values() if t.result])
+            ended = item
             continue
         # a rerun's reused captures name tests outside its plan: no result of this run's
-        test = tests.get(getattr(event, "test", ""))
+        name = getattr(event, "test", "")
+        test = tests.get(name)
         if test is None:
             continue
-        if isinstance(event, ev.RequestSent):
+        if isinstance(event, ev.TestStarted) and event.attempt == 1:
+            # sent again from the start (a worker resumed the run its killed one began):
+            # what the first try recorded is no part of the result
+            tests[name] = _Test()
+        elif isinstance(event, ev.RequestSent):
             test.sent(event)
         elif isinstance(event, ev.ResponseReceived):
             test.received(event)
@@ -96,7 +117,7 @@ def run_result(recorded: Iterable[ev.RecordedEvent]) -> RunResult | None:
             test.captures[event.name] = MASK if secret else event.value
         elif isinstance(event, ev.TestPassed | ev.TestFailed | ev.TestSkipped):
             test.finished(event)
-    return ended
+    return started, tests, ended
 
 
 def _ended(started: ev.RecordedEvent, end: ev.RecordedEvent, tests: list[TestResult]) -> RunResult:

@@ -30,6 +30,20 @@ from orchestrator.testcase import TestExecution
 Observer = Callable[[str, ev.Event], None]
 
 
+@dataclass(frozen=True)
+class Resume:
+    """A run that another process began and did not end (a ``baton worker`` killed mid-job):
+    its stream holds ``version`` events, RunStarted first. The tests in ``finished`` ended
+    there and are not sent again; what they captured comes back in ``captures`` (the
+    template namespace, secrets in clear). ``failure``: end the run as failed, every test
+    not yet finished skipped with this reason, instead of running them."""
+
+    version: int
+    finished: Mapping[str, TestResult]
+    captures: Mapping[str, Any]
+    failure: str = ""
+
+
 T = TypeVar("T")
 
 
@@ -59,6 +73,25 @@ class RunInputs:
     """Captures of an earlier run (a rerun's), recorded right after RunStarted, under the
     tests that captured them: the run's context holds them as the earlier one did."""
     run_id: str = field(default_factory=lambda: str(ev.new_id()))
+    resume: Resume | None = None
+    """Go on with a run whose stream already begins (see Resume), instead of starting it."""
+
+
+def run_started(plan: Plan, inputs: RunInputs) -> ev.RunStarted:
+    """The event a run of ``plan`` with ``inputs`` begins with."""
+    return ev.RunStarted(
+        run_id=inputs.run_id,
+        suite=plan.loaded.flow.name,
+        suite_digest=plan.loaded.digest,
+        plan=plan.planned,
+        environment=inputs.environment,
+        batch_id=inputs.batch_id,
+        row=inputs.row,
+        project=plan.loaded.flow.project if inputs.project is None else inputs.project,
+        organization=inputs.organization,
+        tags=list(inputs.tags),
+        source=plan.loaded.label,
+    )
 
 
 def initial_namespace(inputs: RunInputs) -> dict[str, Any]:
@@ -130,23 +163,14 @@ class RunExecution:
         started_at = datetime.now(UTC).isoformat()
         start = time.perf_counter()
         templating.LIMITS.set(self.runner.limits)  # this run's task and its tests' tasks
-        self.emit(
-            ev.RunStarted(
-                run_id=self.inputs.run_id,
-                suite=self.flow.name,
-                suite_digest=self.plan.loaded.digest,
-                plan=self.plan.planned,
-                environment=self.inputs.environment,
-                batch_id=self.inputs.batch_id,
-                row=self.inputs.row,
-                project=self.flow.project if self.inputs.project is None else self.inputs.project,
-                organization=self.inputs.organization,
-                tags=list(self.inputs.tags),
-                source=self.plan.loaded.label,
-            )
-        )
-        for reused in self.inputs.reused:
-            self.emit(reused)
+        resume = self.inputs.resume
+        if resume is None or not resume.version:
+            self.emit(run_started(self.plan, self.inputs))
+            for reused in self.inputs.reused:
+                self.emit(reused)
+        if resume is not None:
+            self.runner.writer.resume(self.stream, resume.version)
+            self.results.update(resume.finished)
         try:
             if self.runner.limits.off_loop:
                 await templating.off_loop(self._prepare)
@@ -156,6 +180,10 @@ class RunExecution:
             for name in self.plan.order:
                 self._skip(name, f"the flow's variables do not render: {exc}", "template")
         else:
+            if resume is not None and resume.failure:
+                for name in self.plan.order:
+                    if name not in self.results:
+                        self._skip(name, resume.failure)
             try:
                 await self._schedule()
             except asyncio.CancelledError:
@@ -166,7 +194,11 @@ class RunExecution:
         failed = sum(1 for t in tests if t.status == "failed")
         skipped = sum(1 for t in tests if t.status == "skipped")
         status: ev.RunStatus = (
-            "failed" if failed or any(t.category == "template" for t in tests) else "passed"
+            "failed"
+            if failed
+            or any(t.category == "template" for t in tests)
+            or (resume is not None and resume.failure)
+            else "passed"
         )
         self.emit(
             ev.RunCompleted(
@@ -192,12 +224,20 @@ class RunExecution:
 
     def _prepare(self) -> None:
         self.namespace = initial_namespace(self.inputs)
+        if self.inputs.resume is not None:
+            _merge(self.namespace, self.inputs.resume.captures)
         self.base_url = str(templating.render(self.flow.base_url, self.namespace)).rstrip("/")
 
     async def _schedule(self) -> None:
         graph = self.plan.graph
-        waiting = {name: set(graph.predecessors(name)) for name in self.plan.order}
+        waiting = {
+            name: set(graph.predecessors(name))
+            for name in self.plan.order
+            if name not in self.results  # a resumed run's finished tests stand
+        }
         running: dict[asyncio.Task[TestResult], str] = {}
+        for name in [name for name in self.plan.order if name in self.results]:
+            self._settle(name, waiting)
 
         def start_ready() -> None:
             for name in self.plan.order:
@@ -221,21 +261,24 @@ class RunExecution:
         waiting: dict[str, set[str]],
         start_ready: Callable[[], None],
     ) -> None:
-        graph = self.plan.graph
         while running:
             done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 name = running.pop(task)
-                result = task.result()
-                self.results[name] = result
-                for child in graph.successors(name):
-                    if result.status == "passed":
-                        waiting.get(child, set()).discard(name)
-                    elif child in waiting:
-                        verb = "failed" if result.status == "failed" else "was skipped"
-                        self._skip_tree(child, f"depends on {name}, which {verb}")
-                        del waiting[child]
+                self.results[name] = task.result()
+                self._settle(name, waiting)
             start_ready()
+
+    def _settle(self, name: str, waiting: dict[str, set[str]]) -> None:
+        """The test ``name`` has its result: its dependents may start, or are skipped."""
+        result = self.results[name]
+        for child in self.plan.graph.successors(name):
+            if result.status == "passed":
+                waiting.get(child, set()).discard(name)
+            elif child in waiting:
+                verb = "failed" if result.status == "failed" else "was skipped"
+                self._skip_tree(child, f"depends on {name}, which {verb}")
+                del waiting[child]
 
     def _skip_tree(self, name: str, reason: str) -> None:
         if name in self.results:
@@ -260,3 +303,13 @@ class RunExecution:
             return self.results[name]
         async with self.runner.slots:
             return await TestExecution(self, compiled).execute()
+
+
+def _merge(namespace: dict[str, Any], captures: Mapping[str, Any]) -> None:
+    """``captures`` into ``namespace``, nested names (``auth.token``) into their parents."""
+    for name, value in captures.items():
+        parent = namespace.get(name)
+        if isinstance(parent, dict) and isinstance(value, Mapping):
+            _merge(parent, value)
+        else:
+            namespace[name] = value

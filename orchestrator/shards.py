@@ -36,6 +36,13 @@ class Unit:
     plan: Plan
     inputs: RunInputs
 
+    def in_batch(self, batch_id: str) -> RunInputs:
+        """The unit's inputs as a run of the batch: a data row's run says which batch and
+        row it is, as a local ``--data`` run's does; a flow's run says neither."""
+        if self.inputs.row > 0:
+            return dataclasses.replace(self.inputs, batch_id=batch_id)
+        return self.inputs
+
 
 def components(plan: Plan) -> list[Plan]:
     """The plan's weakly connected components, each a plan of its own, ordered by where
@@ -117,19 +124,8 @@ class ShardRun:
         return cls(batch_id, shard, shard.take(batch), len(batch))
 
     def jobs(self) -> list[Job]:
-        """One job per unit. A data row's run says which batch and row it is, as a local
-        ``--data`` run's does; the batch's stream says which shard ran it."""
-        return [
-            Job(
-                unit.plan,
-                [
-                    dataclasses.replace(unit.inputs, batch_id=self.batch_id)
-                    if unit.inputs.row > 0
-                    else unit.inputs
-                ],
-            )
-            for unit in self.units
-        ]
+        """One job per unit (``Unit.in_batch``); the batch's stream says which shard ran it."""
+        return [Job(unit.plan, [unit.in_batch(self.batch_id)]) for unit in self.units]
 
     def started(self) -> ev.ShardStarted:
         return ev.ShardStarted(

@@ -1,0 +1,237 @@
+"""The batch queue on Redis Streams: one stream of jobs, one consumer group of workers.
+
+A job is one unit of a batch (``orchestrator.shards``), said in what a worker needs to
+rebuild it from the same checkout: the flow paths and options the batch was submitted
+with, the unit's key and the run id it is to record. redis-py's Streams API does the
+rest: XADD submits, XREADGROUP hands a job to one worker, XACK retires it once its run's
+events are stored, and a job whose worker stopped acknowledging it (killed) is claimed by
+another with XAUTOCLAIM after the visibility timeout. A worker keeps the jobs it still
+works on from looking idle by claiming them for itself (XCLAIM JUSTID, which leaves the
+delivery count alone). A batch is cancelled with a key every worker reads before and
+while it runs one of the batch's jobs.
+
+This module is the one boundary where redis errors become QueueUnavailable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from events.settings import mask_dsn
+from orchestrator.errors import InfrastructureError, UsageError
+from orchestrator.execution import Options
+
+STREAM = "baton:jobs"
+GROUP = "baton-workers"
+_CANCELLED = "baton:cancelled:"
+BATCH_CANCELLED = "the batch was cancelled"
+"""The reason of the RunCancelled of a run its batch's cancellation ended before it began."""
+_CANCEL_TTL = 7 * 24 * 3600
+"""How long a batch's cancellation is kept: longer than any batch waits in the queue."""
+
+
+class QueueUnavailable(InfrastructureError):
+    """Redis did not answer, or answered with an error."""
+
+
+class QueuedJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One unit of a batch, for a worker to rebuild and run."""
+
+    batch_id: str
+    run_id: str
+    unit: str
+    """The unit's key (``flows/shop.yaml::login[3]``): the same on the worker's checkout."""
+    paths: list[str]
+    """As the submitter named them, relative to its working directory where they were;
+    a worker resolves them against its own (start it in the same checkout's root)."""
+    environment: str | None = None
+    variables: dict[str, str] = {}
+    secrets_file: str | None = None
+    data_file: str | None = None
+    tags: list[str] = []
+    concurrency: int = 10
+    """Requests in flight at once in the run."""
+
+    @classmethod
+    def of(cls, options: Options, batch_id: str, run_id: str, unit: str) -> QueuedJob:
+        return cls(
+            batch_id=batch_id,
+            run_id=run_id,
+            unit=unit,
+            paths=[_portable(path) for path in options.paths],
+            environment=options.environment,
+            variables=dict(options.variables),
+            secrets_file=_portable(options.secrets_file) if options.secrets_file else None,
+            data_file=_portable(options.data_file) if options.data_file else None,
+            tags=list(options.tags),
+            concurrency=options.concurrency,
+        )
+
+    def options(self) -> Options:
+        return Options(
+            paths=[Path(path) for path in self.paths],
+            environment=self.environment,
+            variables=self.variables,
+            secrets_file=Path(self.secrets_file) if self.secrets_file else None,
+            data_file=Path(self.data_file) if self.data_file else None,
+            tags=tuple(self.tags),
+            concurrency=self.concurrency,
+        )
+
+
+def _portable(path: Path) -> str:
+    """``path`` relative to the working directory if it is under it: what another machine's
+    checkout can resolve."""
+    absolute = path.absolute()
+    with contextlib.suppress(ValueError):
+        return absolute.relative_to(Path.cwd()).as_posix()
+    return str(absolute)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: str
+    """The job's entry id in the stream."""
+    job: QueuedJob | None
+    """None: the entry is not a job this version of Baton can read."""
+    deliveries: int
+    """How many times the job was handed to a worker, this time included."""
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(QueuedJob)
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class JobQueue:
+    """The stream and group at ``url`` (redis://HOST:PORT/DB); ``aclose`` it."""
+
+    def __init__(self, url: str, *, stream: str = STREAM, group: str = GROUP) -> None:
+        try:
+            self._redis = Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+        except ValueError as exc:
+            raise UsageError(f"--queue {mask_dsn(url)}: {exc}") from None
+        self._where = mask_dsn(url)
+        self.stream = stream
+        self.group = group
+        self._claim_from = "0-0"
+        """Where the next XAUTOCLAIM goes on scanning the pending jobs."""
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except RedisError as exc:
+            raise QueueUnavailable(f"the queue at {self._where}: {exc}") from exc
+
+    async def ensure_group(self) -> None:
+        """The stream and its group, created if missing (a new Redis, or one restarted
+        without persistence)."""
+        with self._errors():
+            try:
+                await self._redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def submit(self, jobs: Sequence[QueuedJob]) -> list[str]:
+        await self.ensure_group()
+        with self._errors():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for job in jobs:
+                    pipe.xadd(self.stream, {"job": _encoder.encode(job)})
+                ids = await pipe.execute()
+        return [_text(entry) for entry in ids]
+
+    async def take(self, consumer: str, count: int, block: float) -> list[Delivery]:
+        """Up to ``count`` new jobs for ``consumer``, waiting up to ``block`` seconds."""
+        with self._errors():
+            try:
+                found: Any = await self._redis.xreadgroup(
+                    self.group, consumer, {self.stream: ">"}, count=count, block=int(block * 1000)
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self.ensure_group()  # Redis restarted empty
+                return []
+        return [
+            _delivery(entry, fields, 1) for _, entries in found or [] for entry, fields in entries
+        ]
+
+    async def claim_stale(self, consumer: str, idle: float, count: int) -> list[Delivery]:
+        """Up to ``count`` jobs some worker took and has not touched for ``idle`` seconds
+        (killed, or cut off), now ``consumer``'s, with how often each was handed out."""
+        with self._errors():
+            try:
+                answer: Any = await self._redis.xautoclaim(
+                    self.stream,
+                    self.group,
+                    consumer,
+                    int(idle * 1000),
+                    self._claim_from,
+                    count=count,
+                )
+                self._claim_from, claimed = _text(answer[0]), answer[1]
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self.ensure_group()
+                return []
+            deliveries = []
+            for entry, fields in claimed:
+                if fields is None:  # deleted meanwhile
+                    continue
+                pending = await self._redis.xpending_range(
+                    self.stream, self.group, min=entry, max=entry, count=1
+                )
+                times = int(pending[0]["times_delivered"]) if pending else 1
+                deliveries.append(_delivery(entry, fields, times))
+        return deliveries
+
+    async def touch(self, consumer: str, ids: Sequence[str]) -> None:
+        """Reset the idle time of jobs ``consumer`` still works on, so no one claims them."""
+        if not ids:
+            return
+        with self._errors():
+            await self._redis.xclaim(self.stream, self.group, consumer, 0, list(ids), justid=True)
+
+    async def ack(self, entry: str) -> None:
+        with self._errors():
+            await self._redis.xack(self.stream, self.group, entry)
+
+    async def cancel(self, batch_id: str) -> None:
+        with self._errors():
+            await self._redis.set(_CANCELLED + batch_id, b"1", ex=_CANCEL_TTL)
+
+    async def cancelled(self, batch_id: str) -> bool:
+        with self._errors():
+            return bool(await self._redis.exists(_CANCELLED + batch_id))
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _delivery(entry: bytes | str, fields: dict[bytes, bytes], deliveries: int) -> Delivery:
+    try:
+        job: QueuedJob | None = _decoder.decode(fields[b"job"])
+    except (KeyError, msgspec.DecodeError):
+        job = None
+    return Delivery(_text(entry), job, deliveries)

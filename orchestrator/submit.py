@@ -1,0 +1,109 @@
+"""``baton run PATH... --queue URL``: a batch as jobs on the queue, followed from the log.
+
+The batch is recorded as one shard of one (ShardStarted on ``batch-<ID>``, listing every
+unit's run), so ``baton report --batch ID`` merges it as it merges a CI matrix's; the
+submitter prints that same report when every run has ended. Cancelled (Ctrl-C, SIGTERM),
+it marks the batch cancelled on the queue, which every worker reads before and while it
+runs a job of it; it ends the runs no worker has begun itself (RunStarted, RunCancelled,
+at version 0, so a worker that begins one at that moment conflicts instead of doubling
+it) and waits a bound for the runs in flight to record their end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+from events import types as ev
+from events.store import EventStore, NewEvent, StreamAppend, WrongExpectedVersion
+from orchestrator.batch_report import BatchReport, batch_report
+from orchestrator.execution import Options, append_shared
+from orchestrator.queue import BATCH_CANCELLED, JobQueue, QueuedJob
+from orchestrator.runner import run_started
+from orchestrator.shards import ShardRun, Unit
+
+_POLL = 0.25
+"""Seconds between looks at which runs have ended."""
+_PAGE = 200
+"""Runs looked at per query."""
+CANCEL_WAIT = 15.0
+"""Seconds a cancelled batch's runs in flight get to record their end."""
+
+Ended = Callable[[str, list[ev.RecordedEvent]], None]
+"""Called with each run's id and events as it ends."""
+
+
+async def submit(
+    store: EventStore,
+    queue: JobQueue,
+    options: Options,
+    batch: ShardRun,
+    on_ended: Ended | None = None,
+) -> BatchReport:
+    """Queue every unit of ``batch`` (one shard of one), wait for every run to end, and
+    return the batch's report. Cancelled, it cancels the batch first (see the module)."""
+    start = time.perf_counter()
+    stream = ev.batch_stream(batch.batch_id)
+    await append_shared(store, stream, batch.started())
+    await queue.submit(
+        [QueuedJob.of(options, batch.batch_id, u.inputs.run_id, u.key) for u in batch.units]
+    )
+    open_runs = [unit.inputs.run_id for unit in batch.units]
+    try:
+        await _follow(store, open_runs, on_ended)
+    except asyncio.CancelledError:
+        await _cancel(store, queue, batch, open_runs, on_ended)
+        raise
+    report = await batch_report(store, batch.batch_id)
+    duration = (time.perf_counter() - start) * 1000
+    await append_shared(store, stream, batch.completed(report.results, duration))
+    return report
+
+
+async def _follow(
+    store: EventStore, open_runs: list[str], on_ended: Ended | None, *, until: float | None = None
+) -> None:
+    """Until every run of ``open_runs`` has ended (or ``until``, a monotonic time); the
+    ended ones are taken out of it."""
+    while open_runs:
+        streams = [ev.run_stream(run_id) for run_id in open_runs]
+        last: dict[str, ev.RecordedEvent] = {}
+        for page in range(0, len(streams), _PAGE):
+            last.update(await store.last_events(streams[page : page + _PAGE]))
+        for run_id, run_stream in zip(list(open_runs), streams, strict=True):
+            event = last.get(run_stream)
+            if event is not None and isinstance(event.event, ev.RunCompleted | ev.RunCancelled):
+                open_runs.remove(run_id)
+                if on_ended is not None:
+                    on_ended(run_id, await store.read_stream(run_stream))
+        if open_runs:
+            if until is not None and time.monotonic() >= until:
+                return
+            await asyncio.sleep(_POLL)
+
+
+async def _cancel(
+    store: EventStore,
+    queue: JobQueue,
+    batch: ShardRun,
+    open_runs: list[str],
+    on_ended: Ended | None,
+) -> None:
+    await queue.cancel(batch.batch_id)
+    by_run: dict[str, Unit] = {unit.inputs.run_id: unit for unit in batch.units}
+    streams = [ev.run_stream(run_id) for run_id in open_runs]
+    begun = await store.last_events(streams)
+    for run_id, run_stream in zip(open_runs, streams, strict=True):
+        if run_stream in begun:
+            continue  # a worker runs it: it sees the batch cancelled within a second
+        unit = by_run[run_id]
+        events = [
+            NewEvent(run_started(unit.plan, unit.in_batch(batch.batch_id))),
+            NewEvent(ev.RunCancelled(reason=BATCH_CANCELLED)),
+        ]
+        # a conflict: a worker began it just now, and cancels it
+        with contextlib.suppress(WrongExpectedVersion):
+            await store.append([StreamAppend(run_stream, events, 0)])
+    await _follow(store, open_runs, on_ended, until=time.monotonic() + CANCEL_WAIT)
