@@ -1,0 +1,303 @@
+"""The batch queue for real: a private redis-server, ``baton worker`` processes, the demo
+shop, a database of the test's own; workers stopped with SIGTERM and SIGINT and killed
+with SIGKILL. What happened is counted in the events table itself."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.conftest import SHOP, RedisServer
+
+ROWS = 50
+FAILING_ROW = 7
+SLOW = """
+name: slow chain
+base_url: "{{ env.SHOP_URL }}"
+variables: {username: user001, password: pw-user001}
+tests:
+  login:
+    request:
+      method: POST
+      url: /auth/login
+      json: {username: "{{ username }}", password: "{{ password }}"}
+    capture: {auth.token: {json: "$.access_token"}}
+  wait:
+    depends_on: [login]
+    request: {url: "/slow?ms={{ env.SLOW_MS }}"}
+    expect: {status: 200}
+  profile:
+    depends_on: [wait]
+    request:
+      url: /me
+      headers: {Authorization: "Bearer {{ auth.token }}"}
+    expect:
+      status: 200
+      json: {"$.username": "{{ username }}"}
+"""
+
+
+class Workdir:
+    """A checkout the submitter and the workers share, and the processes started in it."""
+
+    def __init__(self, path: Path, env: dict[str, str], queue: str) -> None:
+        self.path = path
+        self.env = env
+        self.queue = queue
+        self.processes: list[subprocess.Popen[str]] = []
+
+    def baton(self, *args: str, **env: str) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", *args],
+            cwd=self.path,
+            env={**self.env, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.processes.append(process)
+        return process
+
+    def worker(self, *args: str) -> subprocess.Popen[str]:
+        return self.baton("worker", "--queue", self.queue, "--claim-after", "1.5", *args)
+
+    def submit(self, *args: str) -> subprocess.Popen[str]:
+        return self.baton("run", "-q", *args, "--queue", self.queue)
+
+
+@pytest.fixture
+def workdir(
+    tmp_path: Path, fresh_database_dsn: str, private_redis: RedisServer
+) -> Iterator[Workdir]:
+    process = subprocess.Popen(
+        [sys.executable, str(SHOP / "server.py"), "--port", "0"], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    shop = process.stdout.readline().split()[-1]
+    env = {
+        **os.environ,
+        "SHOP_URL": shop,
+        "SLOW_MS": "2500",
+        "BATON_DATABASE_URL": fresh_database_dsn,
+        "BATON_HOME": str(tmp_path / "home"),  # one generated secret key for every process
+    }
+    env.pop("BATON_SECRET_KEY", None)
+    (tmp_path / "batch.yaml").write_text((SHOP / "batch.yaml").read_text())
+    (tmp_path / "slow.yaml").write_text(SLOW)
+    lines = ["username,password"]
+    for row in range(1, ROWS + 1):
+        password = "wrong" if row == FAILING_ROW else f"pw-user{row:03}"
+        lines.append(f"user{row:03},{password}")
+    (tmp_path / "rows.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "six.csv").write_text("\n".join(lines[:7]).replace("wrong", "pw-user007") + "\n")
+    work = Workdir(tmp_path, env, private_redis.url)
+    migrated = work.baton("db", "migrate")
+    assert migrated.wait(timeout=60) == 0
+    yield work
+    for started in work.processes:
+        if started.poll() is None:
+            started.kill()
+        started.communicate()
+    process.terminate()
+    process.communicate(timeout=10)
+
+
+def query(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    async def go() -> list[asyncpg.Record]:
+        connection = await asyncpg.connect(dsn)
+        try:
+            return list(await connection.fetch(sql, *args))
+        finally:
+            await connection.close()
+
+    return asyncio.run(go())
+
+
+def per_run(dsn: str) -> dict[str, dict[str, int]]:
+    """For every run stream: how many events of each type it holds."""
+    counts: dict[str, dict[str, int]] = {}
+    for record in query(dsn, "SELECT stream, type, count(*) FROM events GROUP BY 1, 2"):
+        if record[0].startswith("run-"):
+            counts.setdefault(record[0], {})[record[1]] = record[2]
+    return counts
+
+
+def results_per_test(dsn: str) -> dict[tuple[str, str], int]:
+    """How many results (TestPassed, TestFailed, TestSkipped) each (run, test) has."""
+    found = query(
+        dsn,
+        "SELECT stream, data->>'test', count(*) FROM events"
+        " WHERE type IN ('TestPassed', 'TestFailed', 'TestSkipped') GROUP BY 1, 2",
+    )
+    return {(record[0], record[1]): record[2] for record in found}
+
+
+def requests_of(dsn: str, test: str) -> int:
+    found = query(
+        dsn, "SELECT count(*) FROM events WHERE type = 'RequestSent' AND data->>'test' = $1", test
+    )
+    return int(found[0][0])
+
+
+def wait_for(condition: Callable[[], bool], within: float = 30, what: str = "") -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {within} s: {what}"
+        time.sleep(0.1)
+
+
+def finish(process: subprocess.Popen[str], timeout: float = 90) -> tuple[int, str, str]:
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
+
+
+def junit_cases(path: Path) -> list[tuple[str, str, str]]:
+    """Each JUnit test case: its class (the run), name and outcome."""
+    cases = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        outcome = next((child.tag for child in case), "passed")
+        cases.append((case.get("classname", ""), case.get("name", ""), outcome))
+    return cases
+
+
+def failed_lines(out: str) -> list[str]:
+    """The lines of the failed runs and tests, without their durations."""
+    return [re.sub(r"\s+\d+ ms$", "", line) for line in out.splitlines() if line.startswith("✗")]
+
+
+def summary(out: str) -> str:
+    """The summary's totals line, without its duration."""
+    line = [line for line in out.splitlines() if " runs: " in line][-1]
+    return line.rsplit(" in ", 1)[0]
+
+
+def test_fifty_rows_on_three_workers_end_once_each_and_report_as_a_local_run(
+    workdir: Workdir, fresh_database_dsn: str
+) -> None:
+    workers = [workdir.worker() for _ in range(3)]
+    code, out, err = finish(
+        workdir.submit("batch.yaml", "--data", "rows.csv", "--junit", "queued.xml")
+    )
+    assert code == 1, out + err  # row 7 logs in with a wrong password
+    counts = per_run(fresh_database_dsn)
+    assert len(counts) == ROWS
+    assert all(c["RunStarted"] == 1 and c["RunCompleted"] == 1 for c in counts.values())
+    assert not any("RunCancelled" in c for c in counts.values())
+    results = results_per_test(fresh_database_dsn)
+    assert len(results) == ROWS * 5 and set(results.values()) == {1}
+    assert sum(c.get("TestPassed", 0) for c in counts.values()) == (ROWS - 1) * 5
+
+    local_code, local_out, local_err = finish(
+        workdir.baton("run", "-q", "batch.yaml", "--data", "rows.csv", "--junit", "local.xml")
+    )
+    assert local_code == code, local_out + local_err
+    assert (
+        summary(out)
+        == summary(local_out)
+        == ("50 runs: 49 passed, 1 failed; tests: 245 passed, 1 failed, 4 skipped")
+    )
+    failures = failed_lines(out)
+    assert failures == failed_lines(local_out)
+    assert any("[row 7] / login" in line for line in failures)
+    assert junit_cases(workdir.path / "queued.xml") == junit_cases(workdir.path / "local.xml")
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
+        assert finish(worker, timeout=30)[0] == 128 + signal.SIGTERM
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_worker_finishes_its_job_and_the_others_finish_the_batch(
+    workdir: Workdir, fresh_database_dsn: str, signum: signal.Signals
+) -> None:
+    first = workdir.worker("--concurrency", "1")
+    submitter = workdir.submit("slow.yaml", "--data", "six.csv")
+    wait_for(lambda: requests_of(fresh_database_dsn, "wait") == 1, what="the first job's wait")
+    others = [workdir.worker("--concurrency", "1") for _ in range(2)]
+    first.send_signal(signum)
+    code, _, err = finish(first, timeout=30)
+    assert code == 128 + signum, err
+    # it finished the job it had, and took no other
+    ended = query(
+        fresh_database_dsn,
+        "SELECT count(*) FROM events WHERE type = 'RunCompleted' AND data->>'status' = 'passed'",
+    )
+    assert ended[0][0] >= 1
+    code, out, err = finish(submitter)
+    assert code == 0, out + err
+    assert summary(out) == "6 runs: 6 passed; tests: 18 passed"
+    counts = per_run(fresh_database_dsn)
+    assert len(counts) == 6
+    assert all(c["RunCompleted"] == 1 and "RunCancelled" not in c for c in counts.values())
+    assert requests_of(fresh_database_dsn, "wait") == 6  # none sent twice: nothing handed back
+    for other in others:
+        other.send_signal(signal.SIGTERM)
+        finish(other, timeout=30)
+
+
+def test_a_killed_workers_job_is_claimed_and_resumed_from_its_events(
+    workdir: Workdir, fresh_database_dsn: str
+) -> None:
+    doomed = workdir.worker()
+    submitter = workdir.submit("slow.yaml")
+    wait_for(lambda: requests_of(fresh_database_dsn, "wait") == 1, what="the wait request")
+    doomed.kill()
+    doomed.communicate()
+    heir = workdir.worker()
+    code, out, err = finish(submitter)
+    assert code == 0, out + err
+    assert "3 passed" in out
+    [counts] = per_run(fresh_database_dsn).values()
+    assert counts["RunStarted"] == 1 and counts["RunCompleted"] == 1
+    assert "RunCancelled" not in counts
+    assert set(results_per_test(fresh_database_dsn).values()) == {1}
+    assert counts["TestPassed"] == 3
+    # login passed before the kill: not sent again; its token came back from the log, as
+    # profile's pass shows; the wait in flight was sent again
+    assert requests_of(fresh_database_dsn, "login") == 1
+    assert requests_of(fresh_database_dsn, "wait") == 2
+    assert requests_of(fresh_database_dsn, "profile") == 1
+    report = workdir.baton("report", "--batch", out.split()[1].rstrip(":"))
+    code, report_out, report_err = finish(report)
+    assert code == 0, report_out + report_err
+    heir.send_signal(signal.SIGTERM)
+    finish(heir, timeout=30)
+
+
+def test_a_job_that_keeps_killing_its_workers_ends_failed_after_max_deliveries(
+    workdir: Workdir, fresh_database_dsn: str
+) -> None:
+    submitter = workdir.submit("slow.yaml")
+    for delivery in (1, 2):
+        worker = workdir.worker("--max-deliveries", "2")
+        wait_for(
+            lambda n=delivery: requests_of(fresh_database_dsn, "wait") == n,  # type: ignore[misc]
+            what=f"delivery {delivery}'s wait request",
+        )
+        worker.kill()
+        worker.communicate()
+    last = workdir.worker("--max-deliveries", "2")
+    code, out, err = finish(submitter)
+    assert code == 1, out + err
+    assert "handed to a worker 3 times" in out
+    assert "--max-deliveries 2" in out
+    [counts] = per_run(fresh_database_dsn).values()
+    assert counts["RunCompleted"] == 1
+    status = query(
+        fresh_database_dsn, "SELECT data->>'status' FROM events WHERE type = 'RunCompleted'"
+    )
+    assert status[0][0] == "failed"
+    assert requests_of(fresh_database_dsn, "wait") == 2  # not sent a third time
+    last.send_signal(signal.SIGTERM)
+    finish(last, timeout=30)
