@@ -301,3 +301,56 @@ def test_a_job_that_keeps_killing_its_workers_ends_failed_after_max_deliveries(
     assert requests_of(fresh_database_dsn, "wait") == 2  # not sent a third time
     last.send_signal(signal.SIGTERM)
     finish(last, timeout=30)
+
+
+def test_a_job_past_the_drain_timeout_is_handed_back_and_resumed_by_another_worker(
+    workdir: Workdir, fresh_database_dsn: str
+) -> None:
+    hurried = workdir.worker("--drain-timeout", "0.3")
+    submitter = workdir.submit("slow.yaml")
+    wait_for(lambda: requests_of(fresh_database_dsn, "wait") == 1, what="the wait request")
+    hurried.send_signal(signal.SIGTERM)
+    code, _, err = finish(hurried, timeout=10)
+    assert code == 128 + signal.SIGTERM, err
+    assert "handed 1 unfinished job(s) back" in err
+    [counts] = per_run(fresh_database_dsn).values()
+    assert "RunCancelled" not in counts and "RunCompleted" not in counts  # left open
+    heir = workdir.worker()
+    code, out, err = finish(submitter)
+    assert code == 0, out + err
+    [counts] = per_run(fresh_database_dsn).values()
+    assert counts["RunCompleted"] == 1 and "RunCancelled" not in counts
+    assert requests_of(fresh_database_dsn, "login") == 1
+    assert requests_of(fresh_database_dsn, "wait") == 2
+    heir.send_signal(signal.SIGTERM)
+    finish(heir, timeout=30)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_stopping_the_submitter_cancels_the_batch(
+    workdir: Workdir, fresh_database_dsn: str, signum: signal.Signals
+) -> None:
+    worker = workdir.worker("--concurrency", "1")
+    submitter = workdir.submit("slow.yaml", "--data", "six.csv")
+    wait_for(lambda: requests_of(fresh_database_dsn, "wait") == 1, what="the first wait")
+    submitter.send_signal(signum)
+    code, out, err = finish(submitter, timeout=30)
+    assert code == 128 + signum, out + err
+    assert "INTERRUPTED" in out
+    counts = per_run(fresh_database_dsn)
+    assert len(counts) == 6
+    assert all(c["RunStarted"] == 1 and c.get("RunCancelled") == 1 for c in counts.values())
+    assert not any("RunCompleted" in c for c in counts.values())
+    reasons = query(
+        fresh_database_dsn,
+        "SELECT data->>'reason', count(*) FROM events WHERE type = 'RunCancelled' GROUP BY 1",
+    )
+    assert dict((r[0], r[1]) for r in reasons) == {
+        "interrupted": 1,  # the run in flight, cancelled by its worker
+        "the batch was cancelled": 5,  # the jobs no worker had begun
+    }
+    time.sleep(1)  # the worker takes the remaining jobs, finds them ended, sends nothing
+    assert requests_of(fresh_database_dsn, "login") == 1
+    assert worker.poll() is None
+    worker.send_signal(signal.SIGTERM)
+    assert finish(worker, timeout=30)[0] == 128 + signal.SIGTERM
