@@ -29,10 +29,15 @@ import httpx
 from events import types as ev
 from events.context import decrypted_variables, fold, hidden_values
 from events.owners import Owner
-from events.postgres import PostgresEventStore
 from events.secrets import Cipher
 from events.settings import Settings
-from events.store import StoreError, StoreUnavailable, StreamAppend, WrongExpectedVersion
+from events.store import (
+    EventStore,
+    StoreError,
+    StoreUnavailable,
+    StreamAppend,
+    WrongExpectedVersion,
+)
 from events.writer import Appender, BatchingWriter, GroupAppends
 from orchestrator import execution
 from orchestrator.errors import UsageError
@@ -88,7 +93,7 @@ class Worker:
     def __init__(
         self,
         queue: JobQueue,
-        store: PostgresEventStore,
+        store: EventStore,
         owner: Owner,
         cipher: Cipher,
         transport: httpx.AsyncBaseTransport,
