@@ -427,9 +427,10 @@ def _queued(
 
     async def go() -> BatchReport:
         queue = JobQueue(url)
-        store = await open_store(Settings.from_env())
+        settings = Settings.from_env()
+        store = await open_store(settings)
         try:
-            return await submit(store, queue, options, batch, ended)
+            return await submit(store, queue, options, batch, ended, store_wait=settings.store_wait)
         finally:
             await store.aclose()
             await queue.aclose()

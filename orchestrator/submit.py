@@ -17,7 +17,14 @@ import time
 from collections.abc import Callable
 
 from events import types as ev
-from events.store import EventStore, NewEvent, StreamAppend, WrongExpectedVersion
+from events.settings import STORE_WAIT
+from events.store import (
+    EventStore,
+    NewEvent,
+    StoreUnavailable,
+    StreamAppend,
+    WrongExpectedVersion,
+)
 from orchestrator.batch_report import BatchReport, batch_report
 from orchestrator.execution import Options, append_shared
 from orchestrator.queue import BATCH_CANCELLED, JobQueue, QueuedJob
@@ -41,6 +48,8 @@ async def submit(
     options: Options,
     batch: ShardRun,
     on_ended: Ended | None = None,
+    *,
+    store_wait: float = STORE_WAIT,
 ) -> BatchReport:
     """Queue every unit of ``batch`` (one shard of one), wait for every run to end, and
     return the batch's report. Cancelled, it cancels the batch first (see the module)."""
@@ -52,7 +61,7 @@ async def submit(
     )
     open_runs = [unit.inputs.run_id for unit in batch.units]
     try:
-        await _follow(store, open_runs, on_ended)
+        await _follow(store, open_runs, on_ended, store_wait=store_wait)
     except asyncio.CancelledError:
         await _cancel(store, queue, batch, open_runs, on_ended)
         raise
@@ -63,15 +72,30 @@ async def submit(
 
 
 async def _follow(
-    store: EventStore, open_runs: list[str], on_ended: Ended | None, *, until: float | None = None
+    store: EventStore,
+    open_runs: list[str],
+    on_ended: Ended | None,
+    *,
+    store_wait: float = STORE_WAIT,
+    until: float | None = None,
 ) -> None:
     """Until every run of ``open_runs`` has ended (or ``until``, a monotonic time); the
     ended ones are taken out of it."""
+    down_since: float | None = None
     while open_runs:
         streams = [ev.run_stream(run_id) for run_id in open_runs]
         last: dict[str, ev.RecordedEvent] = {}
-        for page in range(0, len(streams), _PAGE):
-            last.update(await store.last_events(streams[page : page + _PAGE]))
+        try:
+            for page in range(0, len(streams), _PAGE):
+                last.update(await store.last_events(streams[page : page + _PAGE]))
+        except StoreUnavailable:
+            # the workers pause through an outage of the store (BATON_STORE_WAIT): so does this
+            down_since = down_since or time.monotonic()
+            if time.monotonic() - down_since > store_wait:
+                raise
+            await asyncio.sleep(_POLL)
+            continue
+        down_since = None
         for run_id, run_stream in zip(list(open_runs), streams, strict=True):
             event = last.get(run_stream)
             if event is not None and isinstance(event.event, ev.RunCompleted | ev.RunCancelled):

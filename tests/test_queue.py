@@ -5,6 +5,7 @@ with SIGKILL. What happened is counted in the events table itself."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -18,8 +19,12 @@ from typing import Any
 
 import asyncpg
 import pytest
+from redis.asyncio import Redis
 
+from orchestrator.queue import GROUP, STREAM
 from tests.conftest import SHOP, RedisServer
+from tests.test_postgres_restart import PrivateServer
+from tests.test_postgres_restart import private_server as private_server
 
 ROWS = 50
 FAILING_ROW = 7
@@ -81,6 +86,12 @@ class Workdir:
 def workdir(
     tmp_path: Path, fresh_database_dsn: str, private_redis: RedisServer
 ) -> Iterator[Workdir]:
+    with checkout(tmp_path, fresh_database_dsn, private_redis.url) as work:
+        yield work
+
+
+@contextlib.contextmanager
+def checkout(tmp_path: Path, dsn: str, queue: str) -> Iterator[Workdir]:
     process = subprocess.Popen(
         [sys.executable, str(SHOP / "server.py"), "--port", "0"], stdout=subprocess.PIPE, text=True
     )
@@ -90,7 +101,7 @@ def workdir(
         **os.environ,
         "SHOP_URL": shop,
         "SLOW_MS": "2500",
-        "BATON_DATABASE_URL": fresh_database_dsn,
+        "BATON_DATABASE_URL": dsn,
         "BATON_HOME": str(tmp_path / "home"),  # one generated secret key for every process
     }
     env.pop("BATON_SECRET_KEY", None)
@@ -102,16 +113,18 @@ def workdir(
         lines.append(f"user{row:03},{password}")
     (tmp_path / "rows.csv").write_text("\n".join(lines) + "\n")
     (tmp_path / "six.csv").write_text("\n".join(lines[:7]).replace("wrong", "pw-user007") + "\n")
-    work = Workdir(tmp_path, env, private_redis.url)
+    work = Workdir(tmp_path, env, queue)
     migrated = work.baton("db", "migrate")
     assert migrated.wait(timeout=60) == 0
-    yield work
-    for started in work.processes:
-        if started.poll() is None:
-            started.kill()
-        started.communicate()
-    process.terminate()
-    process.communicate(timeout=10)
+    try:
+        yield work
+    finally:
+        for started in work.processes:
+            if started.poll() is None:
+                started.kill()
+            started.communicate()
+        process.terminate()
+        process.communicate(timeout=10)
 
 
 def query(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
@@ -354,3 +367,43 @@ def test_stopping_the_submitter_cancels_the_batch(
     assert worker.poll() is None
     worker.send_signal(signal.SIGTERM)
     assert finish(worker, timeout=30)[0] == 128 + signal.SIGTERM
+
+
+def test_postgres_down_mid_job_pauses_the_worker_which_acknowledges_only_what_is_stored(
+    tmp_path: Path, private_server: PrivateServer, private_redis: RedisServer
+) -> None:
+    dsn = private_server.dsn
+    with checkout(tmp_path, dsn, private_redis.url) as work:
+        worker = work.worker("--concurrency", "2")
+        submitter = work.submit("slow.yaml", "--data", "six.csv")
+        wait_for(lambda: requests_of(dsn, "wait") == 2, what="two wait requests")
+        private_server.pg_ctl("stop", "-m", "immediate")
+        time.sleep(4)  # the waits end meanwhile: their events cannot be stored
+        pending = pending_jobs(private_redis.url)
+        private_server.pg_ctl("start")
+        code, out, err = finish(submitter)
+        assert code == 0, out + err
+        assert worker.poll() is None
+        assert pending == 6  # none acknowledged while its events were not stored
+        assert pending_jobs(private_redis.url) == 0
+        counts = per_run(dsn)
+        assert len(counts) == 6
+        assert all(c["RunCompleted"] == 1 and "RunCancelled" not in c for c in counts.values())
+        assert set(results_per_test(dsn).values()) == {1}
+        worker.send_signal(signal.SIGTERM)
+        finish(worker, timeout=30)
+
+
+def pending_jobs(url: str) -> int:
+    """Jobs taken and not acknowledged, and jobs not taken yet."""
+
+    async def go() -> int:
+        client = Redis.from_url(url)
+        try:
+            taken = await client.xpending(STREAM, GROUP)
+            groups = await client.xinfo_groups(STREAM)
+            return int(taken["pending"]) + int(groups[0]["lag"] or 0)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
