@@ -221,6 +221,18 @@ class JobQueue:
         with self._errors():
             return bool(await self._redis.exists(_CANCELLED + batch_id))
 
+    async def server(self) -> str:
+        """The id of the Redis server process: another one after a restart."""
+        with self._errors():
+            info: Any = await self._redis.info("server")
+        return str(info["run_id"])
+
+    async def holds(self, entry: str) -> bool:
+        """Whether the stream still holds the job ``entry`` (acknowledged or not): after a
+        restart, whether Redis kept the stream (persistence) or lost it."""
+        with self._errors():
+            return bool(await self._redis.xrange(self.stream, entry, entry))
+
     async def aclose(self) -> None:
         await self._redis.aclose()
 

@@ -27,7 +27,7 @@ from events.store import (
 )
 from orchestrator.batch_report import BatchReport, batch_report
 from orchestrator.execution import Options, append_shared
-from orchestrator.queue import BATCH_CANCELLED, JobQueue, QueuedJob
+from orchestrator.queue import BATCH_CANCELLED, JobQueue, QueuedJob, QueueUnavailable
 from orchestrator.runner import run_started
 from orchestrator.shards import ShardRun, Unit
 
@@ -56,12 +56,14 @@ async def submit(
     start = time.perf_counter()
     stream = ev.batch_stream(batch.batch_id)
     await append_shared(store, stream, batch.started())
-    await queue.submit(
-        [QueuedJob.of(options, batch.batch_id, u.inputs.run_id, u.key) for u in batch.units]
-    )
-    open_runs = [unit.inputs.run_id for unit in batch.units]
+    jobs = {
+        unit.inputs.run_id: QueuedJob.of(options, batch.batch_id, unit.inputs.run_id, unit.key)
+        for unit in batch.units
+    }
+    queued = _Queued(queue, jobs, await queue.server(), await queue.submit(list(jobs.values())))
+    open_runs = list(jobs)
     try:
-        await _follow(store, open_runs, on_ended, store_wait=store_wait)
+        await _follow(store, open_runs, on_ended, store_wait=store_wait, queued=queued)
     except asyncio.CancelledError:
         await _cancel(store, queue, batch, open_runs, on_ended)
         raise
@@ -71,6 +73,42 @@ async def submit(
     return report
 
 
+class _Queued:
+    """The jobs of a batch on the queue, queued again if a restart of Redis lost them.
+
+    A Redis without persistence comes back empty. The log still says which runs of the
+    batch have not ended, so their jobs go on the queue again, with the same run ids: a
+    worker resumes each from its events, as it resumes a killed worker's job. A job that
+    a worker still runs then has two workers; the run's stream takes the appends of only
+    one of them (its expected versions), the other stops without acknowledging it.
+    """
+
+    _EVERY = 2.0
+    """Seconds between looks at whether Redis restarted."""
+
+    def __init__(self, queue: JobQueue, jobs: dict[str, QueuedJob], server: str, ids: list[str]):
+        self.queue = queue
+        self.jobs = jobs
+        self.server = server
+        self.first = ids[0] if ids else ""
+        self.checked = time.monotonic()
+
+    async def keep(self, open_runs: list[str]) -> None:
+        if not self.first or time.monotonic() - self.checked < self._EVERY:
+            return
+        self.checked = time.monotonic()
+        try:
+            server = await self.queue.server()
+            if server == self.server:
+                return
+            if not await self.queue.holds(self.first):
+                ids = await self.queue.submit([self.jobs[run_id] for run_id in open_runs])
+                self.first = ids[0] if ids else ""
+        except QueueUnavailable:
+            return  # still down (or restarting): look again later
+        self.server = server
+
+
 async def _follow(
     store: EventStore,
     open_runs: list[str],
@@ -78,6 +116,7 @@ async def _follow(
     *,
     store_wait: float = STORE_WAIT,
     until: float | None = None,
+    queued: _Queued | None = None,
 ) -> None:
     """Until every run of ``open_runs`` has ended (or ``until``, a monotonic time); the
     ended ones are taken out of it."""
@@ -105,6 +144,8 @@ async def _follow(
         if open_runs:
             if until is not None and time.monotonic() >= until:
                 return
+            if queued is not None:
+                await queued.keep(open_runs)
             await asyncio.sleep(_POLL)
 
 

@@ -407,3 +407,26 @@ def pending_jobs(url: str) -> int:
             await client.aclose()
 
     return asyncio.run(go())
+
+
+def test_redis_restarted_empty_mid_batch_loses_no_run(
+    workdir: Workdir, fresh_database_dsn: str, private_redis: RedisServer
+) -> None:
+    workers = [workdir.worker("--concurrency", "1") for _ in range(2)]
+    submitter = workdir.submit("slow.yaml", "--data", "six.csv")
+    wait_for(lambda: requests_of(fresh_database_dsn, "wait") == 2, what="two wait requests")
+    private_redis.kill()  # no persistence: it comes back without the stream
+    time.sleep(0.5)
+    private_redis.start()
+    code, out, err = finish(submitter)
+    assert code == 0, out + err
+    assert summary(out) == "6 runs: 6 passed; tests: 18 passed"
+    counts = per_run(fresh_database_dsn)
+    assert len(counts) == 6
+    assert all(c["RunCompleted"] == 1 and "RunCancelled" not in c for c in counts.values())
+    assert set(results_per_test(fresh_database_dsn).values()) == {1}
+    assert requests_of(fresh_database_dsn, "login") == 6  # no passed test sent again
+    for worker in workers:
+        assert worker.poll() is None
+        worker.send_signal(signal.SIGTERM)
+        finish(worker, timeout=30)
