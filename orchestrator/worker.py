@@ -185,9 +185,12 @@ class Worker:
             # another worker claimed the job and writes the run now: its job to finish
             _log.warning("run %s of job %s is written by another worker", job.run_id, delivery.id)
             return
-        except StoreError as exc:
+        except (StoreError, QueueUnavailable) as exc:
             # not acknowledged: the job is claimed again once this worker stops touching it
             _log.error("job %s (run %s) left for another try: %s", delivery.id, job.run_id, exc)
+            return
+        except Exception:
+            _log.exception("job %s (run %s) left for another try", delivery.id, job.run_id)
             return
         if done:
             try:
@@ -216,7 +219,7 @@ class Worker:
                 _unbuildable(writer, job, len(recorded), str(exc))
                 return True
             inputs = dataclasses.replace(unit.in_batch(job.batch_id), run_id=job.run_id)
-            if await self.queue.cancelled(job.batch_id):
+            if await self._cancelled(job.batch_id):
                 writer.resume(stream, len(recorded))
                 if not recorded:
                     writer.emit(stream, run_started(unit.plan, inputs))

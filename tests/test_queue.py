@@ -171,6 +171,12 @@ def wait_for(condition: Callable[[], bool], within: float = 30, what: str = "") 
         time.sleep(0.1)
 
 
+def stopped(process: subprocess.Popen[str]) -> int:
+    """SIGTERM to a worker: its exit code once it has drained."""
+    process.send_signal(signal.SIGTERM)
+    return finish(process, timeout=30)[0]
+
+
 def finish(process: subprocess.Popen[str], timeout: float = 90) -> tuple[int, str, str]:
     out, err = process.communicate(timeout=timeout)
     return process.returncode, out, err
@@ -226,8 +232,7 @@ def test_fifty_rows_on_three_workers_end_once_each_and_report_as_a_local_run(
     assert any("[row 7] / login" in line for line in failures)
     assert junit_cases(workdir.path / "queued.xml") == junit_cases(workdir.path / "local.xml")
     for worker in workers:
-        worker.send_signal(signal.SIGTERM)
-        assert finish(worker, timeout=30)[0] == 128 + signal.SIGTERM
+        assert stopped(worker) == 128 + signal.SIGTERM
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -255,8 +260,7 @@ def test_a_stopped_worker_finishes_its_job_and_the_others_finish_the_batch(
     assert all(c["RunCompleted"] == 1 and "RunCancelled" not in c for c in counts.values())
     assert requests_of(fresh_database_dsn, "wait") == 6  # none sent twice: nothing handed back
     for other in others:
-        other.send_signal(signal.SIGTERM)
-        finish(other, timeout=30)
+        stopped(other)
 
 
 def test_a_killed_workers_job_is_claimed_and_resumed_from_its_events(
@@ -284,8 +288,7 @@ def test_a_killed_workers_job_is_claimed_and_resumed_from_its_events(
     report = workdir.baton("report", "--batch", out.split()[1].rstrip(":"))
     code, report_out, report_err = finish(report)
     assert code == 0, report_out + report_err
-    heir.send_signal(signal.SIGTERM)
-    finish(heir, timeout=30)
+    stopped(heir)
 
 
 def test_a_job_that_keeps_killing_its_workers_ends_failed_after_max_deliveries(
@@ -312,8 +315,7 @@ def test_a_job_that_keeps_killing_its_workers_ends_failed_after_max_deliveries(
     )
     assert status[0][0] == "failed"
     assert requests_of(fresh_database_dsn, "wait") == 2  # not sent a third time
-    last.send_signal(signal.SIGTERM)
-    finish(last, timeout=30)
+    stopped(last)
 
 
 def test_a_job_past_the_drain_timeout_is_handed_back_and_resumed_by_another_worker(
@@ -335,8 +337,7 @@ def test_a_job_past_the_drain_timeout_is_handed_back_and_resumed_by_another_work
     assert counts["RunCompleted"] == 1 and "RunCancelled" not in counts
     assert requests_of(fresh_database_dsn, "login") == 1
     assert requests_of(fresh_database_dsn, "wait") == 2
-    heir.send_signal(signal.SIGTERM)
-    finish(heir, timeout=30)
+    stopped(heir)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -365,8 +366,7 @@ def test_stopping_the_submitter_cancels_the_batch(
     time.sleep(1)  # the worker takes the remaining jobs, finds them ended, sends nothing
     assert requests_of(fresh_database_dsn, "login") == 1
     assert worker.poll() is None
-    worker.send_signal(signal.SIGTERM)
-    assert finish(worker, timeout=30)[0] == 128 + signal.SIGTERM
+    assert stopped(worker) == 128 + signal.SIGTERM
 
 
 def test_postgres_down_mid_job_pauses_the_worker_which_acknowledges_only_what_is_stored(
@@ -390,8 +390,7 @@ def test_postgres_down_mid_job_pauses_the_worker_which_acknowledges_only_what_is
         assert len(counts) == 6
         assert all(c["RunCompleted"] == 1 and "RunCancelled" not in c for c in counts.values())
         assert set(results_per_test(dsn).values()) == {1}
-        worker.send_signal(signal.SIGTERM)
-        finish(worker, timeout=30)
+        stopped(worker)
 
 
 def pending_jobs(url: str) -> int:
@@ -428,5 +427,4 @@ def test_redis_restarted_empty_mid_batch_loses_no_run(
     assert requests_of(fresh_database_dsn, "login") == 6  # no passed test sent again
     for worker in workers:
         assert worker.poll() is None
-        worker.send_signal(signal.SIGTERM)
-        finish(worker, timeout=30)
+        stopped(worker)
