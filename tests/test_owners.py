@@ -16,7 +16,11 @@ import asyncpg
 import httpx
 import pytest
 
+from events.owners import Owner
+from events.postgres import PostgresEventStore
 from events.settings import Settings
+from events.store import NewEvent, StreamAppend
+from events.types import RunStarted, new_id, run_stream
 from tests.conftest import Org, private_database
 from tests.test_service_load import Served, _Live, _org, start_service, stop_service
 
@@ -185,3 +189,36 @@ async def test_a_killed_baton_run_s_runs_are_ended_by_the_next_baton_run(
         await conn.close()
     assert statuses[stream] == "cancelled" and sorted(statuses.values()) == ["cancelled", "passed"]
     assert claims == 0
+
+
+async def test_a_run_adopted_from_a_silent_owner_is_not_swept_and_its_other_runs_are(
+    fresh_store: PostgresEventStore,
+) -> None:
+    """A worker killed mid-job goes silent; the worker that claims its job adopts the run,
+    so the sweep ends only the runs nobody took over."""
+    gone = Owner(fresh_store, timeout=0.5)
+    await gone.start()
+    taken, left = (str(new_id()) for _ in range(2))
+    await gone.append(
+        [
+            StreamAppend(
+                run_stream(run),
+                [NewEvent(RunStarted(run_id=run, suite="s", suite_digest="", plan=[]))],
+                0,
+            )
+            for run in (taken, left)
+        ]
+    )
+    await gone.stop()  # silent from now on, as if killed: its row stays
+    heir = Owner(fresh_store, timeout=0.5)
+    await heir.start()
+    try:
+        assert await heir.adopt(run_stream(taken))
+        await asyncio.sleep(0.8)  # the heir's beats sweep meanwhile
+        await heir.sweep()
+        last = await fresh_store.last_events([run_stream(taken), run_stream(left)])
+        assert type(last[run_stream(taken)].event).__name__ == "RunStarted"
+        assert type(last[run_stream(left)].event).__name__ == "RunCancelled"
+        assert not await heir.adopt(run_stream(left))  # ended: nobody's to adopt
+    finally:
+        await heir.aclose()
