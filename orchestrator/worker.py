@@ -117,7 +117,6 @@ class Worker:
     async def serve(self, stop: asyncio.Event) -> bool:
         """Work until ``stop`` is set, then drain. True if jobs were handed back unfinished
         (their runs' claims must outlive this process: ``Owner.stop``, not ``aclose``)."""
-        await self.queue.ensure_group()
         loop = asyncio.get_running_loop()
         touching = asyncio.create_task(self._touching())
         next_claim = 0.0
