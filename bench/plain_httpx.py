@@ -9,6 +9,9 @@ transport and pool limits (100 connections, 20 kept alive). Baton shares one poo
 its runs too. A pool sized to the concurrency (50 kept alive) is slower, not faster: httpcore
 checks every pooled connection's socket on every request (bench/README.md). Run it as
 ``python bench/plain_httpx.py URL USERS.csv CONCURRENCY``; it exits 1 if a check fails.
+
+A CONCURRENCY of 1 is the sequential script: the chains one after another in a plain loop,
+each request awaited before the next is sent, no tasks (bench/run.py's ``httpx-sequential``).
 """
 
 from __future__ import annotations
@@ -69,10 +72,18 @@ def read_users(path: str) -> list[dict[str, str]]:
 
 async def main(base_url: str, users: list[dict[str, str]], concurrency: int) -> int:
     slots = asyncio.Semaphore(concurrency)
+    outcomes: list[BaseException | None] = []
     async with httpx.AsyncClient(base_url=base_url, timeout=10.0) as client:
-        outcomes = await asyncio.gather(
-            *(chain(client, slots, user) for user in users), return_exceptions=True
-        )
+        if concurrency == 1:
+            for user in users:
+                try:
+                    await chain(client, slots, user)
+                except Exception as exc:
+                    outcomes.append(exc)
+        else:
+            outcomes = await asyncio.gather(
+                *(chain(client, slots, user) for user in users), return_exceptions=True
+            )
     failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
     for failure in failures[:5]:
         print(f"failed: {failure!r}", file=sys.stderr)

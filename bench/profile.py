@@ -97,7 +97,7 @@ def record(chains: int, rate: int, admin_url: str) -> None:
             dropped = ("BATON_", "PYTHONDONTWRITEBYTECODE")
             env = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
             env.update(SHOP_URL=url, BATON_DATABASE_URL=db_url, BATON_HOME=str(home))
-            run = [sys.executable, "-m", "orchestrator.cli", "run", str(CHAIN), "-c", "50", "-q"]
+            run = [sys.executable, "-m", "orchestrator.cli", "run", str(CHAIN), "-c", "10", "-q"]
             run += ["--data", str(users_file(chains))]
             # once unprofiled: the schema, the key file and bytecode are not what we look for
             subprocess.run(run, env=env, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)

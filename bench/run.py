@@ -1,13 +1,15 @@
-"""The benchmark harness: Baton against hand-written httpx and aiohttp clients, whole process.
+"""The benchmark harness: Baton against its peers (httpx, aiohttp, Step CI), whole process.
 
-    python bench/run.py [--repeat 5] [--concurrency 50] [--workloads 50,500]
+    python bench/run.py [--repeat 5] [--concurrency 10] [--workloads 50,500] [--memory 5000]
 
 Starts the demo API once, then for each workload (chains of six dependent requests, one per
 user) runs every contender as a separate process ``--repeat`` times, the contenders of a
 round one after the other in an order that rotates from round to round, so that they share
 the machine's noise. Each sample is the wall time of the whole process (start-up and exit
-included) and its peak RSS from wait4(). Prints the medians and the target ratios, and
-writes everything to bench/results/<date>.json. See bench/README.md.
+included) and its peak RSS from wait4(). The ``--memory`` workload runs only Baton, for the
+peak-memory target. Prints the medians and the target ratios, and writes everything to
+bench/results/<date>.json. Step CI is installed with npm into ``--stepci-home`` (outside the
+repository) the first time. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import csv
 import os
 import platform
 import shutil
@@ -30,26 +33,34 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import yaml
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 CHAIN = BENCH / "chain.yaml"
+STEPCI_CHAIN = BENCH / "chain.stepci.yml"
+STEPCI_VERSION = "2.8.2"
 STEPS = 6
-CONTENDERS = ("baton-pg", "baton-embedded", "httpx", "aiohttp")
-TARGETS: list[tuple[str, str, str, int, float]] = [
-    # (what, numerator, denominator, chains, at most) -- chains 0: the numerator's own 50
-    ("time", "baton-pg", "httpx", 500, 1.0),
-    ("time", "baton-embedded", "httpx", 500, 1.0),
-    ("time", "baton-pg", "aiohttp", 500, 2.5),
-    ("time", "baton-embedded", "aiohttp", 500, 2.5),
-    ("time", "baton-pg", "httpx", 50, 1.5),
-    ("time", "baton-embedded", "httpx", 50, 2.0),
-    ("rss", "baton-pg", "httpx", 50, 2.5),
-    ("rss", "baton-pg", "httpx", 500, 2.5),
-    ("rss", "baton-embedded", "httpx", 50, 2.5),
-    ("rss", "baton-embedded", "httpx", 500, 2.5),
-    ("rss", "baton-pg", "baton-pg", 500, 1.5),
-    ("rss", "baton-embedded", "baton-embedded", 500, 1.5),
+CONTENDERS = ("baton-pg", "baton-embedded", "httpx", "httpx-sequential", "aiohttp", "stepci")
+BATON = ("baton-pg", "baton-embedded")
+FASTER_HTTPX = "faster httpx"
+"""A denominator: whichever of httpx and httpx-sequential has the lower median time."""
+MEMORY = 0
+"""A workload size in TARGETS standing for the ``--memory`` workload."""
+TARGETS: list[tuple[str, str, int, str, int, float]] = [
+    # (what, numerator, its chains, denominator, its chains, at most): the issue's targets
+    ("time", "baton-pg", 500, FASTER_HTTPX, 500, 1.0),
+    ("time", "baton-embedded", 500, FASTER_HTTPX, 500, 1.0),
+    ("time", "baton-pg", 500, "aiohttp", 500, 2.0),
+    ("time", "baton-embedded", 500, "aiohttp", 500, 2.0),
+    ("time", "baton-pg", 500, "stepci", 500, 0.5),
+    ("time", "baton-embedded", 500, "stepci", 500, 0.5),
+    ("time", "baton-pg", 50, FASTER_HTTPX, 50, 1.5),
+    ("time", "baton-embedded", 50, FASTER_HTTPX, 50, 2.0),
+    ("time", "baton-pg", 50, "stepci", 50, 0.5),
+    ("time", "baton-embedded", 50, "stepci", 50, 0.5),
+    ("rss", "baton-pg", MEMORY, "baton-pg", 500, 1.3),
+    ("rss", "baton-embedded", MEMORY, "baton-embedded", 500, 1.3),
 ]
 
 
@@ -63,10 +74,49 @@ class Sample(msgspec.Struct):
 
 
 def users_file(chains: int) -> Path:
+    """bench/users-N.csv, written if missing. The demo API takes ``pw-user001`` to
+    ``pw-user999``; past 999 users, any name's ``secret-<name>`` (examples/shop/state.py)."""
     path = BENCH / f"users-{chains}.csv"
     if not path.exists():
-        rows = [f"user{i:03d},pw-user{i:03d}" for i in range(1, chains + 1)]
+        rows = [
+            f"user{i:03d},pw-user{i:03d}" if i < 1000 else f"user{i},secret-user{i}"
+            for i in range(1, chains + 1)
+        ]
         path.write_text("username,password\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def install_stepci(home: Path) -> Path:
+    """The ``stepci`` command of STEPCI_VERSION under ``home``, installed with npm if missing."""
+    command = home / "node_modules" / ".bin" / "stepci"
+    manifest = home / "node_modules" / "stepci" / "package.json"
+    installed = (
+        msgspec.json.decode(manifest.read_bytes()).get("version") if manifest.exists() else None
+    )
+    if installed != STEPCI_VERSION:
+        if shutil.which("npm") is None:
+            raise SystemExit("Step CI needs Node.js and npm (or --contenders without stepci)")
+        home.mkdir(parents=True, exist_ok=True)
+        print(f"installing stepci@{STEPCI_VERSION} into {home}", flush=True)
+        install = ["npm", "install", "--prefix", str(home), "--no-audit", "--no-fund"]
+        subprocess.run(
+            [*install, f"stepci@{STEPCI_VERSION}"], check=True, stdout=subprocess.DEVNULL
+        )
+    return command
+
+
+def stepci_workflow(users: Path, folder: Path) -> Path:
+    """bench/chain.stepci.yml with one test per row of ``users``, the row in the test's env.
+    Every test shares one list of steps, which YAML writes once and refers to by an alias,
+    so the file stays small."""
+    workflow = yaml.safe_load(STEPCI_CHAIN.read_text(encoding="utf-8"))
+    steps = workflow["tests"]["chain"]["steps"]
+    with users.open(newline="", encoding="utf-8") as rows:
+        workflow["tests"] = {
+            row["username"]: {"env": dict(row), "steps": steps} for row in csv.DictReader(rows)
+        }
+    path = folder / f"stepci-{users.stem}.yml"
+    path.write_text(yaml.safe_dump(workflow, sort_keys=False), encoding="utf-8")
     return path
 
 
@@ -126,15 +176,19 @@ def fresh_database(admin_url: str) -> Iterator[str]:
         asyncio.run(execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
-def commands(url: str, concurrency: int, db_url: str, homes: dict[str, Path]) -> dict[str, Any]:
+def commands(
+    url: str, concurrency: int, db_url: str, scratch: Path, stepci: Path | None
+) -> dict[str, Any]:
     """For each contender, a function of the users file giving (command, environment)."""
     baton = str(Path(sys.executable).with_name("baton"))
     # bytecode is cached as after a normal install: the warm-up round writes it
     dropped = ("BATON_", "PYTHONDONTWRITEBYTECODE")
     base = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
     base["SHOP_URL"] = url
-    pg_env = {**base, "BATON_DATABASE_URL": db_url, "BATON_HOME": str(homes["baton-pg"])}
-    embedded_env = {**base, "BATON_HOME": str(homes["baton-embedded"])}
+    pg_env = {**base, "BATON_DATABASE_URL": db_url, "BATON_HOME": str(scratch / "home-pg")}
+    embedded_env = {**base, "BATON_HOME": str(scratch / "home-embedded")}
+    # no usage report over the network (Step CI's own switch)
+    stepci_env = {**base, "STEPCI_DISABLE_ANALYTICS": "1"}
 
     def baton_run(env: dict[str, str]) -> Any:
         def build(users: Path) -> tuple[list[str], dict[str, str]]:
@@ -143,23 +197,31 @@ def commands(url: str, concurrency: int, db_url: str, homes: dict[str, Path]) ->
 
         return build
 
-    def plain(script: str) -> Any:
+    def plain(script: str, limit: int) -> Any:
         def build(users: Path) -> tuple[list[str], dict[str, str]]:
-            return [sys.executable, str(BENCH / script), url, str(users), str(concurrency)], base
+            return [sys.executable, str(BENCH / script), url, str(users), str(limit)], base
 
         return build
+
+    def stepci_run(users: Path) -> tuple[list[str], dict[str, str]]:
+        assert stepci is not None
+        workflow = stepci_workflow(users, scratch)
+        args = ["run", str(workflow), "-e", f"SHOP_URL={url}", "--concurrency", str(concurrency)]
+        return [str(stepci), *args], stepci_env
 
     return {
         "baton-pg": baton_run(pg_env),
         "baton-embedded": baton_run(embedded_env),
-        "httpx": plain("plain_httpx.py"),
-        "aiohttp": plain("plain_aiohttp.py"),
+        "httpx": plain("plain_httpx.py", concurrency),
+        "httpx-sequential": plain("plain_httpx.py", 1),
+        "aiohttp": plain("plain_aiohttp.py", concurrency),
+        "stepci": stepci_run,
     }
 
 
-def summarize(samples: list[Sample], workloads: list[int]) -> dict[str, Any]:
+def summarize(samples: list[Sample], memory_chains: int) -> dict[str, Any]:
     medians: dict[str, dict[str, Any]] = {}
-    for chains in workloads:
+    for chains in sorted({s.chains for s in samples}):
         for contender in CONTENDERS:
             mine = [s for s in samples if s.contender == contender and s.chains == chains]
             if not mine:
@@ -176,10 +238,17 @@ def summarize(samples: list[Sample], workloads: list[int]) -> dict[str, Any]:
                 "cpu_seconds": statistics.median(s.cpu_seconds for s in mine),
                 "peak_rss_mb": statistics.median(s.peak_rss_kb for s in mine) / 1024,
             }
+
+    def row(contender: str, chains: int) -> dict[str, Any] | None:
+        chains = memory_chains if chains == MEMORY else chains
+        if contender == FASTER_HTTPX:
+            found = [medians.get(f"{name}/{chains}") for name in ("httpx", "httpx-sequential")]
+            return min((r for r in found if r), key=lambda r: r["seconds"], default=None)
+        return medians.get(f"{contender}/{chains}")
+
     ratios = []
-    for what, top, bottom, chains, limit in TARGETS:
-        below = chains if top != bottom else min(workloads)
-        a, b = medians.get(f"{top}/{chains}"), medians.get(f"{bottom}/{below}")
+    for what, top, top_chains, bottom, bottom_chains, limit in TARGETS:
+        a, b = row(top, top_chains), row(bottom, bottom_chains)
         if a is None or b is None or a is b:
             continue
         key = "seconds" if what == "time" else "peak_rss_mb"
@@ -189,8 +258,8 @@ def summarize(samples: list[Sample], workloads: list[int]) -> dict[str, Any]:
         ratios.append(
             {
                 "what": what,
-                "numerator": f"{top}/{chains}",
-                "denominator": f"{bottom}/{below}",
+                "numerator": f"{a['contender']}/{a['chains']}",
+                "denominator": f"{b['contender']}/{b['chains']}",
                 "ratio": round(ratio, 3),
                 "cpu_ratio": round(cpu, 3) if cpu is not None else None,
                 "at_most": limit,
@@ -220,7 +289,7 @@ def print_report(summary: dict[str, Any]) -> None:
         print(f"| {label} | {r['ratio']:.2f}x | {r['at_most']}x | {r['verdict']} | {cpu} |")
 
 
-def machine() -> dict[str, Any]:
+def machine(stepci: Path | None) -> dict[str, Any]:
     model = ""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -232,6 +301,10 @@ def machine() -> dict[str, Any]:
     for name in packages:
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)
+    if stepci is not None:
+        versions["stepci"] = STEPCI_VERSION
+        node = subprocess.run(["node", "--version"], capture_output=True, text=True)
+        versions["node"] = node.stdout.strip().lstrip("v")
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
@@ -254,13 +327,27 @@ def machine() -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5, help="timed runs of each (default 5)")
-    parser.add_argument("--concurrency", type=int, default=50, help="requests in flight")
+    parser.add_argument(
+        "--concurrency", type=int, default=10, help="requests in flight (default 10)"
+    )
     parser.add_argument("--workloads", default="50,500", help="chains per workload")
+    parser.add_argument(
+        "--memory",
+        type=int,
+        default=5000,
+        help="chains of the peak-memory workload, Baton only (default 5000; 0: none)",
+    )
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument(
         "--admin-url",
         default="postgresql://postgres@127.0.0.1:5432/postgres",
         help="PostgreSQL server on which a fresh database is created, then dropped",
+    )
+    parser.add_argument(
+        "--stepci-home",
+        type=Path,
+        default=Path.home() / ".cache" / "baton-bench" / "stepci",
+        help="npm prefix that Step CI is installed into (outside the repository)",
     )
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     options = parser.parse_args()
@@ -269,37 +356,38 @@ def main() -> None:
     unknown = set(contenders) - set(CONTENDERS)
     if unknown:
         parser.error(f"unknown contenders: {', '.join(sorted(unknown))}")
+    stepci = install_stepci(options.stepci_home) if "stepci" in contenders else None
 
-    before = machine()
+    before = machine(stepci)
     samples: list[Sample] = []
     scratch = Path(tempfile.mkdtemp(prefix="baton-bench-"))
-    homes = {"baton-pg": scratch / "home-pg", "baton-embedded": scratch / "home-embedded"}
     try:
         with shop_api() as url, fresh_database(options.admin_url) as db_url:
-            build = commands(url, options.concurrency, db_url, homes)
+            build = commands(url, options.concurrency, db_url, scratch, stepci)
             # an untimed round: initdb of the embedded cluster, schema.sql, secret keys,
             # bytecode and page caches; none of it is counted
             start = time.perf_counter()
             for name in contenders:
                 measure(*build[name](users_file(min(workloads))))
             print(f"warm-up round (embedded initdb included): {time.perf_counter() - start:.1f} s")
+            runs = [(chains, contenders) for chains in workloads]
+            if options.memory:
+                runs.append((options.memory, [c for c in contenders if c in BATON]))
             for round_ in range(options.repeat):
-                order = (
-                    contenders[round_ % len(contenders) :] + contenders[: round_ % len(contenders)]
-                )
-                for chains in workloads:
-                    for name in order:
+                for chains, names in runs:
+                    turn = round_ % len(names) if names else 0
+                    for name in names[turn:] + names[:turn]:
                         seconds, cpu, rss = measure(*build[name](users_file(chains)))
                         samples.append(Sample(name, chains, round_, seconds, cpu, rss))
                         print(
-                            f"round {round_ + 1} {name:>15} {chains:>4} chains: {seconds:.3f} s, "
+                            f"round {round_ + 1} {name:>16} {chains:>5} chains: {seconds:.3f} s, "
                             f"CPU {cpu:.2f} s, {rss / 1024:.1f} MB",
                             flush=True,
                         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    summary = summarize(samples, workloads)
+    summary = summarize(samples, options.memory)
     print_report(summary)
     when = datetime.now(UTC)
     options.out.mkdir(parents=True, exist_ok=True)
@@ -310,6 +398,7 @@ def main() -> None:
             "repeat": options.repeat,
             "concurrency": options.concurrency,
             "workloads": workloads,
+            "memory_workload": options.memory,
             "contenders": contenders,
         },
         "machine": before,
