@@ -135,7 +135,13 @@ async def execute(
         start = time.perf_counter()
         if shard is not None:
             await append_shared(store, ev.batch_stream(shard.batch_id), shard.started())
-        batches = [_run_job(runner, writer, job) for job in jobs]
+        # Runs start as earlier ones end, not all at once: a run holds its client (cookie
+        # jar, connection state) and namespace while it lives, and 5,000 data rows started
+        # together held 5,000 of them (peak RSS 223 MB against 93 MB for 500 rows). Twice
+        # the requests in flight keeps every request slot busy while some runs wait (a
+        # retry's delay, a poll's interval).
+        live = asyncio.Semaphore(2 * concurrency)
+        batches = [_run_job(runner, writer, job, live) for job in jobs]
         try:
             results = [result for group in await asyncio.gather(*batches) for result in group]
         finally:
@@ -186,9 +192,15 @@ def _observe(observer: Observer | None) -> Callable[[str, ev.Event], None] | Non
     return stored
 
 
-async def _run_job(runner: Runner, writer: Any, job: Job) -> list[RunResult]:
+async def _run_job(
+    runner: Runner, writer: Any, job: Job, live: asyncio.Semaphore
+) -> list[RunResult]:
+    async def run(inputs: RunInputs) -> RunResult:
+        async with live:
+            return await runner.run(job.plan, inputs)
+
     if not job.batch_id:
-        return list(await asyncio.gather(*(runner.run(job.plan, run) for run in job.runs)))
+        return list(await asyncio.gather(*(run(inputs) for inputs in job.runs)))
     stream = ev.batch_stream(job.batch_id)
     source = str(job.plan.loaded.path)
     writer.emit(
@@ -201,7 +213,7 @@ async def _run_job(runner: Runner, writer: Any, job: Job) -> list[RunResult]:
         ),
     )
     start = time.perf_counter()
-    results = list(await asyncio.gather(*(runner.run(job.plan, run) for run in job.runs)))
+    results = list(await asyncio.gather(*(run(inputs) for inputs in job.runs)))
     passed = sum(1 for result in results if result.status == "passed")
     writer.emit(
         stream,
