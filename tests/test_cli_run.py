@@ -99,7 +99,12 @@ def test_serve_waits_for_the_api_without_spinning(env: Path) -> None:
     )
     try:
         watched = psutil.Process(process.pid)
-        time.sleep(1.5)  # started: flows checked, the server command launched
+        # started: flows checked, the server command launched (its shell is baton's child);
+        # waited for, not slept for: on a busy machine start-up alone can outlast a fixed pause
+        deadline = time.monotonic() + 30
+        while not watched.children():
+            assert process.poll() is None and time.monotonic() < deadline, "no server launched"
+            time.sleep(0.05)
         before = watched.cpu_times()
         time.sleep(2)
         after = watched.cpu_times()

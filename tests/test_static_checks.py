@@ -231,16 +231,16 @@ def test_validation_time_grows_linearly_up_to_the_largest_file(tmp_path: Path) -
         assert path.stat().st_size < MAX_FLOW_BYTES
         took = []
         for _ in range(times):
-            started = time.perf_counter()
+            # CPU time of this (in-process) validation, not wall time: tests running beside
+            # it (pytest-xdist, other suites) stretch the wall clock, not the work done
+            started = time.process_time()
             code, output = validate(path)
-            took.append(time.perf_counter() - started)
+            took.append(time.process_time() - started)
             assert code == 0, output
             assert f"ok ({count} tests" in output
-        return min(took)  # the least disturbed by whatever else the machine runs
+        return min(took)  # the least disturbed by cache and memory contention
 
-    # each the least disturbed of a few tries: one try of the large file, against three of
-    # the small, failed once at 15.5x (bound 15x) while other test suites shared the CPU
-    small, large = seconds(3_000, 3), seconds(12_000, 2)
+    small, large = seconds(3_000, 2), seconds(12_000, 1)
     # four times the tests: linear is at most 4x, quadratic 16x
     assert large < 10 * small, (small, large)
 

@@ -128,9 +128,18 @@ async def backend(backend_dsn: str | None) -> AsyncIterator[Backend]:
 
 
 @pytest.fixture(params=["server", "embedded"])
-async def served(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
-    """A backend on a server: what can commit late and lose its connections."""
+def served_dsn(request: pytest.FixtureRequest) -> str:
+    # looked up outside the event loop: a module's async database fixture cannot be set up
+    # from inside another async fixture, which happens when this test is the module's first
+    # user of it (as under pytest-xdist, where each worker runs only some of the module)
     dsn: str = request.getfixturevalue(f"{request.param}_database")
+    return dsn
+
+
+@pytest.fixture
+async def served(served_dsn: str) -> AsyncIterator[Backend]:
+    """A backend on a server: what can commit late and lose its connections."""
+    dsn = served_dsn
     store = await PostgresEventStore.connect(dsn, max_size=20)
     yield Backend(store, dsn)
     await store.aclose()
