@@ -251,10 +251,13 @@ async def _connections(dsn: str) -> int:
 
 
 @pytest.mark.timeout(180)
-async def test_a_soak_of_500_runs_over_a_minute_leaves_connections_and_memory_flat(
+async def test_a_soak_of_500_runs_over_40_s_leaves_connections_and_memory_flat(
     service: Served, shop_url: str
 ) -> None:
-    """~60 s: 500 runs started at ~8 a second, /health polled throughout."""
+    """~40 s: 500 runs started at ~12 a second, /health polled throughout. The number of
+    runs, not the time, is what shows a leak per run (it was 60 s at ~8 a second); a faster
+    pace than the service keeps up with on a busy machine would grow memory with the
+    backlog, not with a leak."""
     org, suite, environment = await _org(service, shop_url)
     pid = service.process.pid
     connections: list[int] = []
@@ -264,8 +267,8 @@ async def test_a_soak_of_500_runs_over_a_minute_leaves_connections_and_memory_fl
         started = time.monotonic()
         for index in range(500):
             runs.append(await org.start(suite, environment))
-            # pace the starts: run n at n * 0.12 s
-            await asyncio.sleep(max(0.0, started + (index + 1) * 0.12 - time.monotonic()))
+            # pace the starts: run n at n * 0.08 s
+            await asyncio.sleep(max(0.0, started + (index + 1) * 0.08 - time.monotonic()))
             if index % 25 == 24:
                 connections.append(await _connections(service.dsn))
                 rss.append(_rss(pid))
