@@ -26,6 +26,7 @@ FailureCategory = Literal[
     "capture",
 ]
 DependencyKind = Literal["token", "data", "order"]
+HealthStatus = Literal["healthy", "degraded", "unhealthy", "timeout"]
 FlakyRule = Literal["failure_rate", "flip_rate"]
 
 
@@ -180,6 +181,28 @@ class ShardCompleted(_Event, tag="ShardCompleted", frozen=True):
     duration_ms: float
 
 
+class ServiceHealthChecked(_Event, tag="ServiceHealthChecked", frozen=True):
+    """A service's health check before a run (stream ``health-<id>``, one per invocation).
+
+    healthy: a 2xx/3xx answer within ``degraded_after`` at the first request; degraded: a
+    2xx/3xx answer, but slower than that or only after a retry; unhealthy: every request
+    answered another status or could not connect; timeout: the last request got no answer
+    within the timeout. ``response_time_ms`` and ``status_code`` are the last request's.
+    """
+
+    service: str
+    url: str
+    status: HealthStatus
+    attempts: int
+    response_time_ms: float | None = None
+    status_code: int | None = None
+    error: str = ""
+    project: str = "default"
+    organization: str = ""
+    suite: str = ""
+    session_id: str = ""
+
+
 class _Finding(_Event, frozen=True):
     """What the projector finds in a test's history when a run completes: the test (case and
     environment, as test_run_history keys it) and the run whose execution of it crossed a
@@ -252,6 +275,7 @@ Event = (
     | BatchCompleted
     | ShardStarted
     | ShardCompleted
+    | ServiceHealthChecked
     | FlakyTestDetected
     | PerformanceDegraded
 )
@@ -282,6 +306,14 @@ def run_stream(run_id: str) -> str:
 
 def batch_stream(batch_id: str) -> str:
     return f"batch-{batch_id}"
+
+
+HEALTH_PREFIX = "health-"
+
+
+def health_stream(check_id: str) -> str:
+    """The stream of one invocation's health checks (ServiceHealthChecked)."""
+    return f"{HEALTH_PREFIX}{check_id}"
 
 
 ANALYTICS_PREFIX = "analytics-"

@@ -27,6 +27,8 @@ from orchestrator.loader import find_flows, load_flow
 from orchestrator.planner import Plan, Scope, plan
 from orchestrator.results import RunResult
 from orchestrator.runner import Observer, RunInputs, Runner, initial_namespace
+from orchestrator.services import Clock, Health, ResolvedService, resolve
+from orchestrator.services import check as check_service
 from orchestrator.targets import TargetPolicy
 
 if TYPE_CHECKING:
@@ -103,9 +105,12 @@ async def execute(
     concurrency: int = 10,
     observer: Observer | None = None,
     shard: ShardRun | None = None,
+    clock: Clock | None = None,
 ) -> list[RunResult]:
     """Run every job; with ``shard``, the jobs are its units', and its start and end are
-    recorded on the batch's stream around them."""
+    recorded on the batch's stream around them. Before any run, each declared service with
+    a health path is checked (``check_health``). ``clock``: what rate limits and health
+    checks wait with (tests pass one that does not wait)."""
     from events import open_store
     from events.owners import Owner
     from events.secrets import Cipher, load_key
@@ -125,7 +130,9 @@ async def execute(
         raise
     writer = BatchingWriter(owner, max_wait=settings.store_wait, on_stored=_observe(observer))
     transport = make_transport(concurrency)
-    runner = Runner(writer=writer, cipher=cipher, transport=transport, concurrency=concurrency)
+    runner = Runner(
+        writer=writer, cipher=cipher, transport=transport, concurrency=concurrency, clock=clock
+    )
     # The read tables follow the run live (realtime subscribers watch them), projected in
     # this process as appends commit; when the run ends only the tail is left to project.
     # One projector: its page's transaction reads and writes on its own connection only.
@@ -135,6 +142,11 @@ async def execute(
     stop = asyncio.Event()
     following = asyncio.create_task(projector.serve(stop=stop))
     try:
+        refusal = await check_health(jobs, runner)
+        if refusal:
+            await writer.aclose()
+            await projector.catch_up()
+            raise InfrastructureError(refusal)
         start = time.perf_counter()
         if shard is not None:
             await append_shared(store, ev.batch_stream(shard.batch_id), shard.started())
@@ -182,6 +194,57 @@ async def append_shared(store: EventStore, stream: str, event: ev.Event) -> None
     from events.store import ANY_VERSION, NewEvent, StreamAppend
 
     await store.append([StreamAppend(stream, [NewEvent(event)], ANY_VERSION)])
+
+
+def _services(job: Job) -> dict[str, ResolvedService]:
+    """The job's services as its first run renders them (rows of a batch that send one to
+    another host are not checked: their tests run)."""
+    try:
+        return resolve(job.plan.loaded.flow, initial_namespace(job.runs[0]))
+    except templating.TemplateError:
+        return {}  # the run itself reports it, test by test
+
+
+async def check_health(jobs: list[Job], runner: Runner) -> str:
+    """Check every service with a health path once, record each check as a
+    ServiceHealthChecked and keep it in ``runner.health``. Returns why the runs must not
+    start (a service with ``on_unhealthy: abort`` failed), or "" to go on."""
+    from events.secrets import Redactor
+
+    checks: dict[tuple[str, str], tuple[Job, asyncio.Task[Health]]] = {}
+    for job in jobs:
+        for service in _services(job).values():
+            if service.spec.health is not None and service.key not in checks:
+                task = asyncio.create_task(
+                    check_service(service, runner.transport, runner.limiters.clock)
+                )
+                checks[service.key] = (job, task)
+    if not checks:
+        return ""
+    await asyncio.gather(*(task for _, task in checks.values()))
+    stream = ev.health_stream(str(ev.new_id()))
+    refusals = []
+    for key, (job, task) in checks.items():
+        health = task.result()
+        runner.health[key] = health
+        inputs = job.runs[0]
+        redactor = Redactor([*inputs.secrets.values(), *inputs.hidden])
+        flow = job.plan.loaded.flow
+        project = flow.project if inputs.project is None else inputs.project
+        runner.writer.emit(
+            stream,
+            health.event(
+                redactor,
+                project=project,
+                organization=inputs.organization,
+                suite=flow.name,
+            ),
+        )
+        if not health.usable and health.service.spec.on_unhealthy == "abort":
+            refusals.append(
+                f"{redactor.redact(health.reason)}; no test was run (on_unhealthy: abort)"
+            )
+    return "\n".join(refusals)
 
 
 def _observe(observer: Observer | None) -> Callable[[str, ev.Event], None] | None:
@@ -271,6 +334,9 @@ def _targets(jobs: list[Job]) -> dict[tuple[str, int], str]:
     targets: dict[tuple[str, int], str] = {}
     for job in jobs:
         base = _base_url(job)
+        checked = {s.base_url for s in _services(job).values() if s.spec.health is not None}
+        if base.rstrip("/") in checked:
+            continue  # its health check says more, and may only skip its tests
         parts = urlsplit(base)
         if parts.hostname:
             port = parts.port or (443 if parts.scheme == "https" else 80)

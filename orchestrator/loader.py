@@ -410,6 +410,13 @@ def _check(flow: Flow, label: str) -> Iterator[Problem]:
             yield problem(where, f"template does not parse: {exc}", f"in {text!r}")
     for name, test in flow.tests.items():
         at = f"tests.{name}"
+        if test.service is not None and test.service not in flow.services:
+            declared = ", ".join(flow.services) or "none"
+            yield problem(
+                f"{at}.service",
+                f"no service {test.service!r} in the flow's services (declared: {declared})",
+                "declare it under services, or remove service:",
+            )
         for expect_at, expect in (("expect", test.expect), ("until", test.until)):
             if expect is not None:
                 yield from (problem(f"{at}.{expect_at}.{w}", m) for w, m in _check_expect(expect))
@@ -476,6 +483,9 @@ def _regex_error(pattern: str) -> Iterator[str]:
 
 def _durations(flow: Flow) -> Iterator[tuple[str, Any]]:
     yield "defaults.timeout", flow.defaults.timeout
+    for name, service in flow.services.items():
+        yield f"services.{name}.timeout", service.timeout
+        yield f"services.{name}.degraded_after", service.degraded_after
     retry_specs: list[tuple[str, Any]] = [("defaults.retries", flow.defaults.retries)]
     for name, test in flow.tests.items():
         if test.request.timeout is not None:
@@ -494,6 +504,9 @@ def _templates(flow: Flow) -> Iterator[tuple[str, str]]:
         yield "base_url", text
     for text in templating.template_strings(flow.defaults.headers):
         yield "defaults.headers", text
+    for name, service in flow.services.items():
+        for text in templating.template_strings(service.base_url):
+            yield f"services.{name}.base_url", text
     for key, value in flow.variables.items():
         for text in templating.template_strings(value):
             yield f"variables.{key}", text

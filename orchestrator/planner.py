@@ -159,6 +159,7 @@ def plan(loaded: LoadedFlow, scope: Scope, tags: Collection[str] = ()) -> Plan:
             ("base_url", flow.base_url),
             ("defaults.headers", flow.defaults.headers),
             *((f"variables.{k}", v) for k, v in flow.variables.items()),
+            *((f"services.{k}.base_url", v.base_url) for k, v in flow.services.items()),
         ]
     ):
         problem = _undefined(reference, scope, {})
