@@ -865,3 +865,48 @@ CREATE INDEX IF NOT EXISTS baton_run_owners_owner ON baton_run_owners (owner);
 
 INSERT INTO baton_schema_version (step, name)
 VALUES (10, 'run owners and their heartbeats') ON CONFLICT (step) DO NOTHING;
+
+-- step 11: service health checks
+--
+-- One row per ServiceHealthChecked event (stream health-<id>, a check before a run of
+-- `baton run`): id is the event's id, checked_at its recorded_at, so a rebuild gives the
+-- same rows. No foreign key to projects: an aborted invocation checks without a run, and
+-- the projects row comes with a project's first run.
+CREATE TABLE IF NOT EXISTS service_health_checks (
+    id                uuid PRIMARY KEY,
+    organization_id   uuid NOT NULL,
+    project_id        uuid NOT NULL,
+    suite             text NOT NULL,
+    service           text NOT NULL,
+    url               text NOT NULL,
+    status            text NOT NULL
+        CHECK (status IN ('healthy', 'degraded', 'unhealthy', 'timeout')),
+    attempts          int NOT NULL,
+    response_time_ms  float8,
+    status_code       int,
+    error             text NOT NULL DEFAULT '',
+    session_id        uuid,
+    position          bigint NOT NULL,
+    checked_at        timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS service_health_checks_latest
+    ON service_health_checks (project_id, service, checked_at DESC, id DESC);
+
+DO $$
+BEGIN
+    ALTER TABLE service_health_checks ENABLE ROW LEVEL SECURITY;
+    IF NOT EXISTS (SELECT FROM pg_policies WHERE schemaname = current_schema()
+                   AND tablename = 'service_health_checks'
+                   AND policyname = 'baton_organization') THEN
+        CREATE POLICY baton_organization ON service_health_checks
+            USING (organization_id = baton_current_organization())
+            WITH CHECK (organization_id = baton_current_organization());
+    END IF;
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'baton_service') THEN
+        GRANT SELECT ON service_health_checks TO baton_service;
+    END IF;
+END
+$$;
+
+INSERT INTO baton_schema_version (step, name)
+VALUES (11, 'service health checks') ON CONFLICT (step) DO NOTHING;

@@ -54,6 +54,7 @@ async def _has_valid_key(services: Services, request: Request[Any, Any, Any]) ->
 
 def _routers() -> list[ControllerRouterHandler]:
     from context_service.api.environments import EnvironmentController
+    from context_service.api.health import ServiceHealthController
     from context_service.api.keys import KeyController
     from context_service.api.projects import ProjectController
     from context_service.api.runs import RunController
@@ -69,6 +70,7 @@ def _routers() -> list[ControllerRouterHandler]:
         TestCaseController,
         EnvironmentController,
         RunController,
+        ServiceHealthController,
         KeyController,
         dashboard,
         RealtimeController,

@@ -228,7 +228,10 @@ async def check_health(jobs: list[Job], runner: Runner) -> str:
         health = task.result()
         runner.health[key] = health
         inputs = job.runs[0]
-        redactor = Redactor([*inputs.secrets.values(), *inputs.hidden])
+        # what a run of the job masks: the secrets its flow reads, not every variable
+        # of the environment that secrets.* could read
+        read = [inputs.secrets[name] for name in job.plan.secret_names if name in inputs.secrets]
+        redactor = Redactor([*read, *inputs.hidden])
         flow = job.plan.loaded.flow
         project = flow.project if inputs.project is None else inputs.project
         runner.writer.emit(

@@ -12,15 +12,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 
+from context_service.keys import create_key
 from events.memory import MemoryEventStore
+from events.projections import DEFAULT_ORGANIZATION_ID, derive
 from events.secrets import Cipher
 from events.writer import BatchingWriter
 from orchestrator.execution import Options, make_transport, prepare
 from orchestrator.runner import Runner
 from tests.cli import baton
+from tests.conftest import LiveService, Org
 
 
 class Api:
@@ -173,18 +175,6 @@ def _flow(tmp_path: Path, action: str) -> tuple[str, str]:
     return "checked.yaml", f"health-{tag}"
 
 
-async def _health_rows(dsn: str, project: str) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetch(
-            "SELECT h.* FROM service_health_checks h JOIN projects p ON p.id = h.project_id "
-            "WHERE p.name = $1 ORDER BY h.checked_at",
-            project,
-        )
-    finally:
-        await conn.close()
-
-
 def test_an_unhealthy_service_skips_its_tests_and_only_those(
     shell: Api, api: Api, tmp_path: Path
 ) -> None:
@@ -210,46 +200,50 @@ def test_an_unhealthy_service_with_abort_exits_3_before_any_test(
     assert api.received == [] and shell.received == []
 
 
-async def test_health_checks_are_recorded_and_projected(
-    shell: Api, api: Api, tmp_path: Path, pg_server_dsn: str
+@pytest.fixture
+async def default_org(live_service: LiveService, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The service's API as the organization of the command line's runs, and ``baton run``
+    recording into the service's database."""
+    monkeypatch.setenv("BATON_DATABASE_URL", live_service.settings.database_url)
+    key = await create_key(live_service.settings, organization="default", scopes=["read"], name="t")
+    org = Org(live_service, key)
+    yield org
+    await org.http.aclose()
+
+
+async def test_health_checks_are_recorded_projected_and_served(
+    shell: Api, api: Api, tmp_path: Path, default_org: Org
 ) -> None:
     flow, project = _flow(tmp_path, "skip")
-    api.health_delay = 0.0
     code, out, err = await asyncio.to_thread(baton, "run", flow)
     assert code == 0, out + err
     api.health_status = 503
     code, out, err = await asyncio.to_thread(baton, "run", flow)
     assert code == 0, out + err
-
-    rows = await _health_rows(pg_server_dsn, project)
-    assert [(r["service"], r["status"], r["status_code"], r["attempts"]) for r in rows] == [
-        ("api", "healthy", 200, 1),
-        ("api", "unhealthy", 503, 2),
-    ]
-    assert rows[0]["response_time_ms"] >= 0 and rows[1]["error"].endswith("(after 2 attempts)")
-
-
-def test_a_slow_health_check_is_degraded_and_its_tests_run(
-    shell: Api, api: Api, tmp_path: Path
-) -> None:
-    api.health_delay = 0.3
-    (tmp_path / "slow.yaml").write_text(
-        HEALTH.format(tag="slow", action="skip").replace(
-            "timeout: 2s", "timeout: 2s\n    degraded_after: 100ms"
-        )
+    api.health_status, api.health_delay = 200, 0.3
+    (tmp_path / flow).write_text(
+        (tmp_path / flow)
+        .read_text()
+        .replace("timeout: 2s", "timeout: 2s\n    degraded_after: 0.1s")
     )
-    code, out, err = baton("run", "slow.yaml")
+    code, out, err = await asyncio.to_thread(baton, "run", flow)
     assert code == 0, out + err
-    assert sorted(path for _, path in api.received) == ["/after", "/ping"]
-    code, out, err = baton("events", _last_run(out))
-    assert code == 0, out + err
+    assert "service unhealthy" not in out  # a degraded service's tests run
 
-
-def _last_run(out: str) -> str:
-    for word in out.split():
-        if len(word) == 36 and word.count("-") == 4:
-            return word
-    raise AssertionError(f"no run id in {out!r}")
+    project_id = derive("project", DEFAULT_ORGANIZATION_ID, project)
+    found = await default_org.ok("GET", f"/api/v1/projects/{project_id}/services/health")
+    [service] = found["services"]
+    assert (service["service"], service["status"]) == ("api", "degraded")
+    history = [(c["status"], c["status_code"], c["attempts"]) for c in service["history"]]
+    assert history == [("degraded", 200, 1), ("unhealthy", 503, 2), ("healthy", 200, 1)]
+    degraded, unhealthy, healthy = service["history"]
+    assert degraded["response_time_ms"] >= 300 and "over 100 ms" in degraded["error"]
+    assert unhealthy["error"] == f"GET {api.url}/health answered 503 (after 2 attempts)"
+    assert healthy["url"] == f"{api.url}/health" and healthy["error"] == ""
+    only_one = await default_org.ok(
+        "GET", f"/api/v1/projects/{project_id}/services/health", params={"history": 1}
+    )
+    assert [c["status"] for c in only_one["services"][0]["history"]] == ["degraded"]
 
 
 def test_a_test_naming_an_undeclared_service_is_refused_with_its_place(
