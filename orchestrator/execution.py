@@ -23,7 +23,7 @@ from events.settings import Settings
 from orchestrator import templating
 from orchestrator.errors import InfrastructureError, Problem, UsageError
 from orchestrator.inputs import environment_file, read_mapping, read_rows, read_secrets
-from orchestrator.loader import find_flows, load_flow
+from orchestrator.loader import find_flows, load_flow, with_services
 from orchestrator.planner import Plan, Scope, plan
 from orchestrator.results import RunResult
 from orchestrator.runner import Observer, RunInputs, Runner, initial_namespace
@@ -74,6 +74,8 @@ def prepare(options: Options, environ: Mapping[str, str] = os.environ) -> list[J
             if options.environment:
                 env_file = environment_file(options.environment, loaded.base_dir)
                 env_vars = read_mapping(env_file, "the environment file")
+                if "services" in env_vars:
+                    loaded = with_services(loaded, env_vars.pop("services"), str(env_file))
             names = {*loaded.flow.variables, *env_vars, *rows[0], *options.variables}
             flow_plan = plan(loaded, Scope(names, environ, secrets), options.tags)
         except UsageError as exc:

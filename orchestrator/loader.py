@@ -23,7 +23,7 @@ import yaml
 
 from orchestrator import templating
 from orchestrator.errors import Problem, UsageError
-from orchestrator.model import Capture, Expect, Flow, Predicate, Test, seconds
+from orchestrator.model import Capture, Expect, Flow, Predicate, Service, Test, seconds
 
 _STATUS = re.compile(r"^([1-5]xx|[1-5]\d\d)$", re.IGNORECASE)
 _MSGSPEC_PATH = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
@@ -104,6 +104,35 @@ def load_flow(path: Path) -> LoadedFlow:
     if problems:
         raise UsageError(problems)
     return LoadedFlow(path, flow, hashlib.sha256(data).hexdigest())
+
+
+def with_services(loaded: LoadedFlow, declared: Any, label: str) -> LoadedFlow:
+    """The flow with the services an environment file (``label``) declares under
+    ``services:``, each replacing the flow's of the same name. Raises UsageError."""
+    try:
+        services = msgspec.convert(declared, dict[str, Service])
+    except msgspec.ValidationError:
+        raise UsageError(
+            _schema_problems(declared, dict[str, Service], label, "services")
+        ) from None
+    problems = []
+    for name, service in services.items():
+        for field in ("timeout", "degraded_after"):
+            try:
+                seconds(getattr(service, field))
+            except ValueError as exc:
+                problems.append(Problem(label, f"services.{name}.{field}", str(exc)))
+        for text in templating.template_strings(service.base_url):
+            try:
+                templating.references(text)
+            except templating.TemplateError as exc:
+                problems.append(
+                    Problem(label, f"services.{name}.base_url", f"template does not parse: {exc}")
+                )
+    if problems:
+        raise UsageError(problems)
+    flow = msgspec.structs.replace(loaded.flow, services={**loaded.flow.services, **services})
+    return LoadedFlow(loaded.path, flow, loaded.digest)
 
 
 def _valid_part(raw: dict[str, Any]) -> Flow:
@@ -410,13 +439,6 @@ def _check(flow: Flow, label: str) -> Iterator[Problem]:
             yield problem(where, f"template does not parse: {exc}", f"in {text!r}")
     for name, test in flow.tests.items():
         at = f"tests.{name}"
-        if test.service is not None and test.service not in flow.services:
-            declared = ", ".join(flow.services) or "none"
-            yield problem(
-                f"{at}.service",
-                f"no service {test.service!r} in the flow's services (declared: {declared})",
-                "declare it under services, or remove service:",
-            )
         for expect_at, expect in (("expect", test.expect), ("until", test.until)):
             if expect is not None:
                 yield from (problem(f"{at}.{expect_at}.{w}", m) for w, m in _check_expect(expect))

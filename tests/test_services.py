@@ -250,10 +250,40 @@ def test_a_test_naming_an_undeclared_service_is_refused_with_its_place(
     shell: Api, tmp_path: Path
 ) -> None:
     (tmp_path / "typo.yaml").write_text(
-        "name: typo\nservices:\n  api: {base_url: 'http://127.0.0.1:1', rate_limit: 0}\n"
+        "name: typo\nservices:\n  api: {base_url: 'http://127.0.0.1:1'}\n"
         "tests:\n  a: {request: {url: 'http://127.0.0.1:1/a'}, service: apl}\n"
     )
     code, out, err = baton("run", "typo.yaml")
     assert code == 2, out + err
-    assert "typo.yaml: tests.a.service: no service 'apl' in the flow's services" in err
-    assert "typo.yaml: services.api.rate_limit: 0 is out of range" in err
+    assert "typo.yaml: tests.a.service: no service 'apl' among the declared services (api)" in err
+    (tmp_path / "range.yaml").write_text(
+        "name: range\nservices:\n  api: {base_url: 'http://127.0.0.1:1', rate_limit: 0}\n"
+        "tests:\n  a: {request: {url: 'http://127.0.0.1:1/a'}}\n"
+    )
+    code, out, err = baton("run", "range.yaml")
+    assert code == 2, out + err
+    assert "range.yaml: services.api.rate_limit: 0 is out of range" in err
+
+
+def test_an_environment_file_declares_services_over_the_flows(
+    shell: Api, api: Api, tmp_path: Path
+) -> None:
+    flow, _ = _flow(tmp_path, "skip")
+    (tmp_path / "env").mkdir()
+    (tmp_path / "env" / "strict.yaml").write_text(
+        "services:\n  api:\n    base_url: '{{ env.API_URL }}'\n    health: /health\n"
+        "    retries: 0\n    on_unhealthy: abort\n"
+    )
+    (tmp_path / "env" / "typo.yaml").write_text(
+        "services:\n  api: {base_url: x, health: /h, on_unhealty: abort}\n"
+    )
+    api.health_status = 503
+    code, out, err = baton("run", flow, "--env", "strict")
+    assert code == 3, out + err
+    assert f"service unhealthy: api: GET {api.url}/health answered 503;" in err
+    assert api.received == []
+    code, out, err = baton("run", flow, "--env", "typo")
+    assert code == 2, out + err
+    assert (
+        "typo.yaml: services.api: unknown field 'on_unhealty' (did you mean 'on_unhealthy'?)" in err
+    )
