@@ -366,23 +366,53 @@ def _reported(
     return all(result.status == "passed" for result in results)
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option(
     "--batch",
     "batch_id",
-    required=True,
     metavar="ID",
     help="The batch: the --batch ID its shards were run with.",
 )
 @report_options
-def report(batch_id: str, junit: Path | None, json_path: Path | None, html: Path | None) -> None:
-    """Merge the shards of a batch from the event store: one summary, the reports and the
-    exit code of one run of the whole batch. A missing or unfinished shard fails it."""
+@click.pass_context
+def report(
+    ctx: click.Context,
+    batch_id: str | None,
+    junit: Path | None,
+    json_path: Path | None,
+    html: Path | None,
+) -> None:
+    """Reports from the event store. With --batch: merge the shards of a batch into one
+    summary, the reports and the exit code of one run of the whole batch (a missing or
+    unfinished shard fails it). `baton report issue RUN_ID TEST`: a failed test as a
+    Markdown issue."""
+    if ctx.invoked_subcommand is not None:
+        if batch_id is not None or junit or json_path or html:
+            raise click.UsageError("--batch and the report files are not for a subcommand")
+        return
+    if batch_id is None:
+        raise click.UsageError("give --batch ID, or a subcommand: baton report issue RUN_ID TEST")
     from orchestrator.batch_report import batch_report
 
     found = _with_store(lambda store: batch_report(store, batch_id))
     color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     _batch_reported(found, junit=junit, json_path=json_path, html=html, color=color)
+
+
+@report.command("issue")
+@click.argument("run_id")
+@click.argument("test")
+def report_issue(run_id: str, test: str) -> None:
+    """Print a ready-to-file Markdown report of the failed TEST of run RUN_ID: its request,
+    the response, expected against actual, the run's context; secrets redacted."""
+    from orchestrator.issue_report import issue_markdown
+
+    async def read(store: Any) -> str:
+        from events import types as ev
+
+        return issue_markdown(await store.read_stream(ev.run_stream(run_id)), test, run_id)
+
+    click.echo(_with_store(read), nl=False)
 
 
 def _batch_reported(found: BatchReport, **reports: Any) -> None:

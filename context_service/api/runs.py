@@ -299,6 +299,25 @@ class RunController(Controller):
         more = len(items) == limit
         return EventPage(items, items[-1].position if more else None)
 
+    @get("/{run_id:uuid}/tests/{test:str}/issue", media_type="text/markdown")
+    async def issue_report(
+        self,
+        services: ServicesDep,
+        principal: PrincipalDep,
+        run_id: FromPath[uuid.UUID],
+        test: FromPath[str],
+    ) -> str:
+        """A ready-to-file Markdown report of the test's failure (``baton report issue``):
+        404 for no such test, 409 for a test that did not fail."""
+        from orchestrator.issue_report import NotReportable, issue_markdown
+
+        stream = await services.db.run_stream(principal.organization_id, run_id)
+        recorded = await services.store.read_stream(stream)
+        try:
+            return issue_markdown(recorded, test, str(run_id))
+        except NotReportable as exc:
+            raise (NotFound if exc.missing else Conflict)(str(exc)) from None
+
 
 def _accepted(run: Run) -> Response[Run]:
     return Response(run, status_code=202, headers={"Location": f"/api/v1/runs/{run.id}"})
