@@ -11,7 +11,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -108,11 +108,14 @@ async def execute(
     observer: Observer | None = None,
     shard: ShardRun | None = None,
     clock: Clock | None = None,
+    session_id: str = "",
 ) -> list[RunResult]:
     """Run every job; with ``shard``, the jobs are its units', and its start and end are
     recorded on the batch's stream around them. Before any run, each declared service with
     a health path is checked (``check_health``). ``clock``: what rate limits and health
-    checks wait with (tests pass one that does not wait)."""
+    checks wait with (tests pass one that does not wait). ``session_id``: the runs start in
+    that test session, admitted all at once before any health check or request (a paused
+    session refuses them: SessionRefused)."""
     from events import open_store
     from events.owners import Owner
     from events.secrets import Cipher, load_key
@@ -144,6 +147,8 @@ async def execute(
     stop = asyncio.Event()
     following = asyncio.create_task(projector.serve(stop=stop))
     try:
+        if session_id:
+            jobs = await _admitted(store, session_id, jobs)
         refusal = await check_health(jobs, runner)
         if refusal:
             await writer.aclose()
@@ -198,6 +203,17 @@ async def append_shared(store: EventStore, stream: str, event: ev.Event) -> None
     await store.append([StreamAppend(stream, [NewEvent(event)], ANY_VERSION)])
 
 
+async def _admitted(store: EventStore, session_id: str, jobs: list[Job]) -> list[Job]:
+    """The jobs with their runs in the session, once it has admitted them all."""
+    from events import sessions
+
+    await sessions.admit(store, session_id, [run.run_id for job in jobs for run in job.runs])
+    return [
+        Job(job.plan, [replace(run, session_id=session_id) for run in job.runs], job.batch_id)
+        for job in jobs
+    ]
+
+
 def _services(job: Job) -> dict[str, ResolvedService]:
     """The job's services as its first run renders them (rows of a batch that send one to
     another host are not checked: their tests run)."""
@@ -243,6 +259,7 @@ async def check_health(jobs: list[Job], runner: Runner) -> str:
                 project=project,
                 organization=inputs.organization,
                 suite=flow.name,
+                session_id=inputs.session_id,
             ),
         )
         if not health.usable and health.service.spec.on_unhealthy == "abort":

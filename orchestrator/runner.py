@@ -77,6 +77,8 @@ class RunInputs:
     run_id: str = field(default_factory=lambda: str(ev.new_id()))
     resume: Resume | None = None
     """Go on with a run whose stream already begins (see Resume), instead of starting it."""
+    session_id: str = ""
+    """The test session the run was admitted to (events.sessions), if any."""
 
 
 def run_started(plan: Plan, inputs: RunInputs) -> ev.RunStarted:
@@ -93,6 +95,7 @@ def run_started(plan: Plan, inputs: RunInputs) -> ev.RunStarted:
         organization=inputs.organization,
         tags=list(inputs.tags),
         source=plan.loaded.label,
+        session_id=inputs.session_id,
     )
 
 
