@@ -27,9 +27,7 @@ tests:
 
 
 @pytest.fixture
-def shell(
-    monkeypatch: pytest.MonkeyPatch, pg_server_dsn: str, tmp_path: Path
-) -> Iterator[Api]:
+def shell(monkeypatch: pytest.MonkeyPatch, pg_server_dsn: str, tmp_path: Path) -> Iterator[Api]:
     api = Api()
     monkeypatch.setenv("API_URL", api.url)
     monkeypatch.setenv("BATON_DATABASE_URL", pg_server_dsn)
@@ -82,7 +80,7 @@ def test_a_paused_session_refuses_new_runs_until_resumed(shell: Api) -> None:
     assert "is completed: only an active session can be paused" in err
 
     events = _ok("events", first_run)
-    assert f'session_id={session_id}' in events.replace('"', "")
+    assert f"session_id={session_id}" in events.replace('"', "")
 
 
 def test_an_unknown_session_is_a_usage_error(shell: Api) -> None:
