@@ -58,6 +58,7 @@ def _routers() -> list[ControllerRouterHandler]:
     from context_service.api.keys import KeyController
     from context_service.api.projects import ProjectController
     from context_service.api.runs import RunController
+    from context_service.api.sessions import SessionController
     from context_service.api.suites import SuiteController
     from context_service.api.tests import TestCaseController
     from context_service.dashboard import router as dashboard
@@ -71,6 +72,7 @@ def _routers() -> list[ControllerRouterHandler]:
         EnvironmentController,
         RunController,
         ServiceHealthController,
+        SessionController,
         KeyController,
         dashboard,
         RealtimeController,

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from context_service.keys import create_key
 from events import sessions
 from events import types as ev
 from events.errors import SessionRefused, UnknownSession
 from events.memory import MemoryEventStore
 from tests.cli import baton
+from tests.conftest import LiveService, Org
 from tests.test_services import Api
 
 FLOW = """
@@ -111,3 +113,84 @@ async def test_a_pause_and_a_run_decided_at_once_never_both_land() -> None:
         assert not isinstance(outcomes[0], BaseException)
     with pytest.raises(UnknownSession):
         await sessions.read(store, "missing")
+
+
+@pytest.fixture
+async def initech(live_service: LiveService) -> AsyncIterator[Org]:
+    key = await create_key(
+        live_service.settings, organization="initech", scopes=["read", "run", "admin"], name="s"
+    )
+    org = Org(live_service, key)
+    yield org
+    await org.http.aclose()
+
+
+async def _suite_in_environment(org: Org, api: Api) -> dict[str, str]:
+    project = await org.ok("POST", "/api/v1/projects", 201, json={"name": "sessions"})
+    environment = await org.ok(
+        "POST",
+        "/api/v1/environments",
+        201,
+        json={
+            "project_id": project["id"],
+            "name": "local",
+            "variables": [{"name": "API_URL", "value": api.url}],
+        },
+    )
+    suite = await org.ok(
+        "POST", "/api/v1/suites", 201, json={"project_id": project["id"], "content": FLOW}
+    )
+    return {"suite_id": suite["id"], "environment_id": environment["id"]}
+
+
+async def test_the_service_pauses_a_session_and_refuses_its_new_runs_with_409(
+    initech: Org, live_service: LiveService
+) -> None:
+    api = Api()
+    try:
+        run_of = await _suite_in_environment(initech, api)
+        created = await initech.ok(
+            "POST",
+            "/api/v1/sessions",
+            201,
+            json={"name": "exploratory", "project": "sessions", "tester": "bo"},
+        )
+        session = created["id"]
+        assert (created["status"], created["runs"], created["tester"]) == ("created", 0, "bo")
+        in_session = {**run_of, "session_id": session}
+        first = await initech.ok("POST", "/api/v1/runs", 202, json=in_session)
+        assert (await initech.finished(first["id"]))["status"] == "passed"
+        found = await initech.ok("GET", f"/api/v1/sessions/{session}")
+        assert (found["status"], found["runs"]) == ("active", 1)
+
+        paused = await initech.ok(
+            "POST", f"/api/v1/sessions/{session}/pause", json={"reason": "vendor outage"}
+        )
+        assert (paused["status"], paused["reason"]) == ("paused", "vendor outage")
+        refused = await initech.http.post("/api/v1/runs", json=in_session)
+        assert refused.status_code == 409
+        assert "is paused (vendor outage): no new run starts in it" in refused.text
+        again = await initech.http.post(f"/api/v1/sessions/{session}/pause")
+        assert again.status_code == 409 and "only an active session can be paused" in again.text
+        assert len(api.received) == 1
+
+        await initech.ok("POST", f"/api/v1/sessions/{session}/resume")
+        second = await initech.ok("POST", "/api/v1/runs", 202, json=in_session)
+        assert (await initech.finished(second["id"]))["status"] == "passed"
+        runs = await initech.poll(
+            f"/api/v1/sessions/{session}/runs",
+            lambda items: [item["status"] for item in items] == ["passed", "passed"],
+        )
+        assert [item["run_id"] for item in runs] == [first["id"], second["id"]]
+        assert {item["suite"] for item in runs} == {"in a session"}
+        completed = await initech.ok("POST", f"/api/v1/sessions/{session}/complete")
+        assert (completed["status"], completed["runs"]) == ("completed", 2)
+        assert completed["ended_at"] is not None
+
+        outsider = await create_key(
+            live_service.settings, organization="hooli", scopes=["read"], name="o"
+        )
+        async with live_service.client(outsider) as other:
+            assert (await other.get(f"/api/v1/sessions/{session}")).status_code == 404
+    finally:
+        api.close()

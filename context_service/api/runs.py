@@ -46,6 +46,8 @@ class RunCreate(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ``admin`` scope."""
     tags: Annotated[list[Tag], msgspec.Meta(max_length=50)] = []
     """Run only the tests with one of these tags, and what they need."""
+    session_id: uuid.UUID | None = None
+    """Start it in this test session: 409 while the session is paused, completed or failed."""
 
 
 class Run(msgspec.Struct, frozen=True):
@@ -215,7 +217,9 @@ class RunController(Controller):
                 "variables in a run need the 'admin' scope: they can change where the run's "
                 "requests, and the environment's secrets, go; change the environment instead"
             )
-        request = runs.StartRequest(data.suite_id, data.environment_id, data.variables, data.tags)
+        request = runs.StartRequest(
+            data.suite_id, data.environment_id, data.variables, data.tags, data.session_id
+        )
         run_id = await runs.start(services, principal, request)
         return _accepted(await fetch_run(services, principal, run_id))
 
