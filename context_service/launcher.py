@@ -27,6 +27,7 @@ from events.writer import DEFAULT_MAX_WAIT, Appender, BatchingWriter
 from orchestrator import templating
 from orchestrator.planner import Plan
 from orchestrator.runner import RunInputs, Runner
+from orchestrator.services import Limiters, SystemClock
 
 _log = logging.getLogger("baton.service.runs")
 CANCELLED_REASON = "cancelled through the API"
@@ -87,6 +88,8 @@ class RunLauncher:
         (it ends the run as interrupted once the store is back)."""
         self._owner = owner
         self._store = store
+        # one rate limiter per service for the whole process, whichever run sends
+        self._limiters = Limiters(SystemClock())
         self._cipher = cipher
         self._transport = transport
         self._concurrency = concurrency
@@ -126,6 +129,7 @@ class RunLauncher:
             transport=self._transport,
             concurrency=self._concurrency,
             limits=templating.SERVICE_LIMITS,  # a tenant's templates: bounded, off the loop
+            limiters=self._limiters,
         )
         try:
             await runner.run(spec.plan, spec.inputs)

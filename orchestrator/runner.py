@@ -121,9 +121,12 @@ class Runner:
         concurrency: int = 10,
         limits: templating.Limits = templating.CLI_LIMITS,
         clock: Clock | None = None,
+        limiters: Limiters | None = None,
     ) -> None:
+        """``limiters``: the process's rate limiters, when it makes a Runner per run (the
+        service, a worker); by default the Runner's own, for every run it runs."""
         self.writer = writer
-        self.limiters = Limiters(clock or SystemClock())
+        self.limiters = limiters or Limiters(clock or SystemClock())
         self.health: dict[tuple[str, str], Health] = {}
         """By service key: what ``execute`` found before the runs (a service not checked
         has no entry, and its tests run)."""

@@ -21,6 +21,7 @@ from events.secrets import Cipher
 from events.writer import BatchingWriter
 from orchestrator.execution import Options, make_transport, prepare
 from orchestrator.runner import Runner
+from orchestrator.services import Limiters
 from tests.cli import baton
 from tests.conftest import LiveService, Org
 
@@ -106,8 +107,9 @@ tests:
 """
 
 
+@pytest.mark.parametrize("runners", ["one for every run", "one per run (service, worker)"])
 async def test_a_rate_limit_holds_across_the_rows_of_a_batch_run_concurrently(
-    api: Api, tmp_path: Path
+    api: Api, tmp_path: Path, runners: str
 ) -> None:
     limit = 4
     clock = StepClock(api, limit)
@@ -120,9 +122,20 @@ async def test_a_rate_limit_holds_across_the_rows_of_a_batch_run_concurrently(
     store = MemoryEventStore()
     writer = BatchingWriter(store)
     transport = make_transport(10)
-    runner = Runner(writer=writer, cipher=Cipher(os.urandom(32)), transport=transport, clock=clock)
+    cipher = Cipher(os.urandom(32))
+    limiters = Limiters(clock)
+
+    def runner() -> Runner:
+        return Runner(writer=writer, cipher=cipher, transport=transport, limiters=limiters)
+
+    shared = runner()
     try:
-        results = await asyncio.gather(*(runner.run(job.plan, inputs) for inputs in job.runs))
+        results = await asyncio.gather(
+            *(
+                (shared if runners == "one for every run" else runner()).run(job.plan, inputs)
+                for inputs in job.runs
+            )
+        )
     finally:
         await writer.aclose()
         await transport.aclose()
