@@ -39,7 +39,7 @@ class Api:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                if self.path == "/health":
+                if self.path.endswith("/health"):
                     time.sleep(api.health_delay)
                     status = api.health_status
                 else:
@@ -211,6 +211,48 @@ def test_an_unhealthy_service_with_abort_exits_3_before_any_test(
     assert code == 3, out + err
     assert "service unhealthy: api: GET" in err and "no test was run (on_unhealthy: abort)" in err
     assert api.received == [] and shell.received == []
+
+
+def test_a_health_check_that_times_out_skips_and_hides_the_secret_in_its_url(
+    shell: Api, api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pg_server_dsn: str
+) -> None:
+    token = "tenant-" + os.urandom(8).hex()
+    monkeypatch.setenv("TENANT_TOKEN", token)
+    api.health_delay = 1.0
+    (tmp_path / "slow.yaml").write_text(
+        "name: timing out\nproject: timeout-" + token[-6:] + "\n"
+        "base_url: '{{ env.API_URL }}'\n"
+        "services:\n"
+        "  api: {base_url: '{{ env.API_URL }}/t/{{ secrets.TENANT_TOKEN }}', health: /health,"
+        " timeout: 200ms, retries: 0}\n"
+        "tests:\n"
+        "  ping: {request: {url: '/t/{{ secrets.TENANT_TOKEN }}/ping'}}\n"
+    )
+    code, out, err = baton("run", "slow.yaml")
+    assert code == 0, out + err
+    assert f"service unhealthy: api: GET {api.url}/t/***/health: no answer within 0.2 s" in out
+    assert token not in out + err
+    assert api.received == []
+
+    async def rows() -> list[Any]:
+        import asyncpg
+
+        conn = await asyncpg.connect(pg_server_dsn)
+        try:
+            project = derive("project", DEFAULT_ORGANIZATION_ID, "timeout-" + token[-6:])
+            return list(
+                await conn.fetch(
+                    "SELECT status, url, error, status_code FROM service_health_checks "
+                    "WHERE project_id = $1",
+                    project,
+                )
+            )
+        finally:
+            await conn.close()
+
+    [row] = asyncio.run(rows())
+    assert (row["status"], row["status_code"]) == ("timeout", None)
+    assert row["url"] == f"{api.url}/t/***/health" and token not in row["error"]
 
 
 @pytest.fixture
