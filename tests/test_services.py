@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +25,7 @@ from orchestrator.execution import Options, make_transport, prepare
 from orchestrator.runner import Runner
 from orchestrator.services import Limiters
 from tests.cli import baton
-from tests.conftest import LiveService, Org
+from tests.conftest import SHOP, LiveService, Org
 
 
 class Api:
@@ -345,3 +347,21 @@ def test_an_environment_file_declares_services_over_the_flows(
     assert (
         "typo.yaml: services.api: unknown field 'on_unhealty' (did you mean 'on_unhealthy'?)" in err
     )
+
+
+def test_serve_waits_for_a_checked_service_before_its_health_check(
+    shell: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("LATE_URL", f"http://127.0.0.1:{port}")
+    (tmp_path / "late.yaml").write_text(
+        "name: late\nbase_url: '{{ env.LATE_URL }}'\n"
+        "services:\n  shop: {base_url: '{{ env.LATE_URL }}', health: /health, retries: 0}\n"
+        "tests:\n  up: {request: {url: /health}, expect: {status: 200}}\n"
+    )
+    server = f"{sys.executable} {SHOP / 'server.py'} --port {port}"
+    code, out, err = baton("run", "late.yaml", "--serve", f"sh -c 'sleep 0.5; exec {server}'")
+    assert code == 0, out + err
+    assert out.splitlines()[-1].startswith("1 passed in "), out
