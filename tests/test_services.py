@@ -365,3 +365,63 @@ def test_serve_waits_for_a_checked_service_before_its_health_check(
     code, out, err = baton("run", "late.yaml", "--serve", f"sh -c 'sleep 0.5; exec {server}'")
     assert code == 0, out + err
     assert out.splitlines()[-1].startswith("1 passed in "), out
+
+
+async def test_the_services_runs_check_health_first_and_skip_or_abort(
+    live_service: LiveService, api: Api
+) -> None:
+    other = Api()
+    key = await create_key(
+        live_service.settings, organization="umbrella", scopes=["read", "run", "admin"], name="h"
+    )
+    org = Org(live_service, key)
+    try:
+        project = await org.ok("POST", "/api/v1/projects", 201, json={"name": "checked"})
+        variables = [
+            {"name": "API_URL", "value": api.url},
+            {"name": "OTHER_URL", "value": other.url},
+        ]
+        environment = await org.ok(
+            "POST",
+            "/api/v1/environments",
+            201,
+            json={"project_id": project["id"], "name": "local", "variables": variables},
+        )
+        api.health_status = 503
+        reasons = {}
+        for action in ("skip", "abort"):
+            content = (
+                HEALTH.format(tag="x", action=action)
+                .replace("project: health-x\n", "")
+                .replace("name: checked", f"name: checked {action}")
+            )
+            suite = await org.ok(
+                "POST",
+                "/api/v1/suites",
+                201,
+                json={
+                    "project_id": project["id"],
+                    "content": content,
+                    "filename": f"{action}.yaml",
+                },
+            )
+            started = await org.start(suite["id"], environment["id"])
+            # skipped tests do not fail a run; an aborted one fails
+            expected = "passed" if action == "skip" else "failed"
+            assert (await org.finished(started))["status"] == expected
+            results = await org.ok("GET", f"/api/v1/runs/{started}/results?limit=10")
+            reasons[action] = {r["test"]: (r["status"], r["message"]) for r in results["items"]}
+        unhealthy = f"service unhealthy: api: GET {api.url}/health answered 503 (after 2 attempts)"
+        assert reasons["skip"] == {
+            "ping": ("skipped", unhealthy),
+            "after": ("skipped", "depends on ping, which was skipped"),
+            "elsewhere": ("passed", ""),
+        }
+        aborted = f"{unhealthy}; no test was run (on_unhealthy: abort)"
+        assert set(reasons["abort"].values()) == {("skipped", aborted)}
+        assert api.received == [] and [path for _, path in other.received] == ["/x"]
+        health = await org.ok("GET", f"/api/v1/projects/{project['id']}/services/health")
+        assert [c["status"] for c in health["services"][0]["history"]] == ["unhealthy"] * 2
+    finally:
+        await org.http.aclose()
+        other.close()
