@@ -8,13 +8,14 @@ import asyncio
 import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from context_service.keys import create_key
 from events import sessions
 from events import types as ev
-from events.errors import SessionRefused, UnknownSession
+from events.errors import SessionRefused, UnknownSession, WrongExpectedVersion
 from events.memory import MemoryEventStore
 from tests.cli import baton
 from tests.conftest import LiveService, Org
@@ -91,26 +92,50 @@ def test_an_unknown_session_is_a_usage_error(shell: Api) -> None:
     assert shell.received == []
 
 
-async def test_a_pause_and_a_run_decided_at_once_never_both_land() -> None:
-    store = MemoryEventStore()
-    for _ in range(20):
+class Interleaving:
+    """The memory store, with every read of a stream handing the loop on: two changes
+    decided at once both read the session before either appends, as they do over a
+    network."""
+
+    def __init__(self) -> None:
+        self.store = MemoryEventStore()
+        self.conflicts = 0
+
+    async def read_stream(self, stream: str) -> list[ev.RecordedEvent]:
+        found = await self.store.read_stream(stream)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return found
+
+    async def append(self, appends: list[Any]) -> list[list[int]]:
+        try:
+            return await self.store.append(appends)
+        except WrongExpectedVersion:
+            self.conflicts += 1
+            raise
+
+
+@pytest.mark.parametrize("first", ["pause", "run"])
+async def test_a_pause_and_a_run_decided_at_once_never_both_land(first: str) -> None:
+    store: Any = Interleaving()
+    for _ in range(5):
         session = await sessions.create(store, "race")
         session = await sessions.admit(store, session.id, ["first"])  # active
-        outcomes = await asyncio.gather(
-            sessions.change(store, session.id, "pause"),
-            sessions.admit(store, session.id, ["second"]),
-            return_exceptions=True,
-        )
+        pause = sessions.change(store, session.id, "pause")
+        run = sessions.admit(store, session.id, ["second"])
+        both = (pause, run) if first == "pause" else (run, pause)
+        earlier, later = await asyncio.gather(*both, return_exceptions=True)
         recorded = await store.read_stream(ev.session_stream(session.id))
         kinds = [type(r.event).__name__ for r in recorded]
-        assert kinds[-1] in ("SessionPaused", "SessionRunsStarted")
-        if isinstance(outcomes[1], SessionRefused):
-            # refused: the pause came first, and no run joined after it
+        if first == "pause":
+            # the pause landed; the run, decided on the active session, read it again
+            assert isinstance(later, SessionRefused), later
             assert kinds[-1] == "SessionPaused" and kinds.count("SessionRunsStarted") == 1
         else:
-            # admitted: it landed before the pause, which then paused an active session
+            # the run landed; the pause, decided on the same version, read it again
+            assert not isinstance(earlier, BaseException) and not isinstance(later, BaseException)
             assert kinds[-2:] == ["SessionRunsStarted", "SessionPaused"]
-        assert not isinstance(outcomes[0], BaseException)
+    assert store.conflicts == 5  # each time, the second append found the first one there
     with pytest.raises(UnknownSession):
         await sessions.read(store, "missing")
 
