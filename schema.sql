@@ -865,3 +865,77 @@ CREATE INDEX IF NOT EXISTS baton_run_owners_owner ON baton_run_owners (owner);
 
 INSERT INTO baton_schema_version (step, name)
 VALUES (10, 'run owners and their heartbeats') ON CONFLICT (step) DO NOTHING;
+
+-- step 11: service health checks and test sessions
+--
+-- One row per ServiceHealthChecked event (stream health-<id>, a check before a run of
+-- `baton run`): id is the event's id, checked_at its recorded_at, so a rebuild gives the
+-- same rows. No foreign key to projects: an aborted invocation checks without a run, and
+-- the projects row comes with a project's first run.
+CREATE TABLE IF NOT EXISTS service_health_checks (
+    id                uuid PRIMARY KEY,
+    organization_id   uuid NOT NULL,
+    project_id        uuid NOT NULL,
+    suite             text NOT NULL,
+    service           text NOT NULL,
+    url               text NOT NULL,
+    status            text NOT NULL
+        CHECK (status IN ('healthy', 'degraded', 'unhealthy', 'timeout')),
+    attempts          int NOT NULL,
+    response_time_ms  float8,
+    status_code       int,
+    error             text NOT NULL DEFAULT '',
+    session_id        uuid,
+    position          bigint NOT NULL,
+    checked_at        timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS service_health_checks_latest
+    ON service_health_checks (project_id, service, checked_at DESC, id DESC);
+
+-- A test session (stream session-<id>, events.sessions) as its events leave it, and the
+-- runs admitted to it. Times are the events' recorded_at.
+CREATE TABLE IF NOT EXISTS test_sessions (
+    id               uuid PRIMARY KEY,
+    organization_id  uuid NOT NULL,
+    project_id       uuid NOT NULL,
+    name             text NOT NULL,
+    description      text NOT NULL DEFAULT '',
+    tester           text NOT NULL DEFAULT '',
+    status           text NOT NULL
+        CHECK (status IN ('created', 'active', 'paused', 'completed', 'failed')),
+    reason           text NOT NULL DEFAULT '',
+    created_at       timestamptz NOT NULL,
+    started_at       timestamptz,
+    ended_at         timestamptz
+);
+CREATE INDEX IF NOT EXISTS test_sessions_status ON test_sessions (organization_id, status);
+
+CREATE TABLE IF NOT EXISTS session_runs (
+    session_id       uuid NOT NULL REFERENCES test_sessions (id) ON DELETE CASCADE,
+    run_id           uuid NOT NULL,
+    organization_id  uuid NOT NULL,
+    added_at         timestamptz NOT NULL,
+    PRIMARY KEY (session_id, run_id)
+);
+
+DO $$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['service_health_checks', 'test_sessions', 'session_runs'] LOOP
+        EXECUTE format('ALTER TABLE %I ENABLE ROW LEVEL SECURITY', t);
+        IF NOT EXISTS (SELECT FROM pg_policies WHERE schemaname = current_schema()
+                       AND tablename = t AND policyname = 'baton_organization') THEN
+            EXECUTE format('CREATE POLICY baton_organization ON %I '
+                'USING (organization_id = baton_current_organization()) '
+                'WITH CHECK (organization_id = baton_current_organization())', t);
+        END IF;
+    END LOOP;
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'baton_service') THEN
+        GRANT SELECT ON service_health_checks, test_sessions, session_runs TO baton_service;
+    END IF;
+END
+$$;
+
+INSERT INTO baton_schema_version (step, name)
+VALUES (11, 'service health checks and test sessions') ON CONFLICT (step) DO NOTHING;

@@ -54,9 +54,11 @@ async def _has_valid_key(services: Services, request: Request[Any, Any, Any]) ->
 
 def _routers() -> list[ControllerRouterHandler]:
     from context_service.api.environments import EnvironmentController
+    from context_service.api.health import ServiceHealthController
     from context_service.api.keys import KeyController
     from context_service.api.projects import ProjectController
     from context_service.api.runs import RunController
+    from context_service.api.sessions import SessionController
     from context_service.api.suites import SuiteController
     from context_service.api.tests import TestCaseController
     from context_service.dashboard import router as dashboard
@@ -69,6 +71,8 @@ def _routers() -> list[ControllerRouterHandler]:
         TestCaseController,
         EnvironmentController,
         RunController,
+        ServiceHealthController,
+        SessionController,
         KeyController,
         dashboard,
         RealtimeController,

@@ -12,6 +12,7 @@ the run's last event (``after_run``) before it reports the run done.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ from events.store import StoreError
 from events.writer import DEFAULT_MAX_WAIT, Appender, BatchingWriter
 from orchestrator import templating
 from orchestrator.planner import Plan
-from orchestrator.runner import RunInputs, Runner
+from orchestrator.runner import Resume, RunInputs, Runner
+from orchestrator.services import Limiters, SystemClock
 
 _log = logging.getLogger("baton.service.runs")
 CANCELLED_REASON = "cancelled through the API"
@@ -44,6 +46,19 @@ class RunSpec:
     @property
     def run_id(self) -> str:
         return self.inputs.run_id
+
+
+async def _checked(runner: Runner, spec: RunSpec) -> RunInputs:
+    """The run's inputs once its services' health is checked (docs/flow-format.md#services):
+    an unhealthy service's tests are skipped by the runner; with ``on_unhealthy: abort``,
+    every test is skipped with the reason and the run fails, as there is no exit code to
+    give it."""
+    from orchestrator.execution import Job, check_health
+
+    refusal = await check_health([Job(spec.plan, [spec.inputs])], runner)
+    if not refusal:
+        return spec.inputs
+    return dataclasses.replace(spec.inputs, resume=Resume(0, {}, {}, failure=refusal))
 
 
 class _RunWriter(BatchingWriter):
@@ -87,6 +102,8 @@ class RunLauncher:
         (it ends the run as interrupted once the store is back)."""
         self._owner = owner
         self._store = store
+        # one rate limiter per service for the whole process, whichever run sends
+        self._limiters = Limiters(SystemClock())
         self._cipher = cipher
         self._transport = transport
         self._concurrency = concurrency
@@ -126,9 +143,10 @@ class RunLauncher:
             transport=self._transport,
             concurrency=self._concurrency,
             limits=templating.SERVICE_LIMITS,  # a tenant's templates: bounded, off the loop
+            limiters=self._limiters,
         )
         try:
-            await runner.run(spec.plan, spec.inputs)
+            await runner.run(spec.plan, await _checked(runner, spec))
         except asyncio.CancelledError:
             state = "cancelled"
         except Exception as exc:  # the task's end is its report: nothing may escape it

@@ -12,6 +12,7 @@ rerun of the rerun finds them again), and the secrets among them are masked in i
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
@@ -54,6 +55,7 @@ class StartRequest(msgspec.Struct, frozen=True):
     environment_id: uuid.UUID | None = None
     variables: Mapping[str, str] = {}
     tags: Sequence[str] = ()
+    session_id: uuid.UUID | None = None
 
 
 class _Environment(msgspec.Struct, frozen=True):
@@ -135,6 +137,11 @@ async def start(
         project=project,
         reused=tuple(reused),
     )
+    if request.session_id is not None:
+        from context_service.api.sessions import admit
+
+        await admit(services, principal, request.session_id, inputs.run_id)
+        inputs = dataclasses.replace(inputs, session_id=str(request.session_id))
     run_id = uuid.UUID(inputs.run_id)
     async with services.db.tenant(org) as conn:
         await conn.execute(

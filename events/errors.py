@@ -10,6 +10,9 @@
     ├── ReaderError              the context reader, besides the store's and cache's errors
     │   └── UnknownRun           no event of the run in the log (also a LookupError)
     ├── ContextError             events that cannot be folded (also a ValueError)
+    ├── SessionError             a test session that is not there, or refuses the change
+    │   ├── UnknownSession       no such session (also a LookupError)
+    │   └── SessionRefused       the change its state does not allow (a pause, a new run)
     ├── SecretError              a key that cannot be used, a token that cannot be decrypted
     └── SettingsError            a BATON_* variable that does not hold what it must (a ValueError)
 
@@ -74,6 +77,20 @@ class UnknownRun(ReaderError, LookupError):
 
 class ContextError(EventsError, ValueError):
     """Events that cannot be folded into this context (another stream, a missing version)."""
+
+
+class SessionError(EventsError):
+    """Base of the errors of events.sessions besides the event store's own."""
+
+
+class UnknownSession(SessionError, LookupError):
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"no test session {session_id!r} in the event store")
+        self.session_id = session_id
+
+
+class SessionRefused(SessionError):
+    """What the session's state does not allow; the message says the state and why."""
 
 
 class SecretError(EventsError):

@@ -26,6 +26,7 @@ FailureCategory = Literal[
     "capture",
 ]
 DependencyKind = Literal["token", "data", "order"]
+HealthStatus = Literal["healthy", "degraded", "unhealthy", "timeout"]
 FlakyRule = Literal["failure_rate", "flip_rate"]
 
 
@@ -53,6 +54,8 @@ class RunStarted(_Event, tag="RunStarted", frozen=True):
     """The organization's id (a UUID) for runs the service starts; "" is the default org."""
     source: str = ""
     """The flow file, as given on the command line."""
+    session_id: str = ""
+    """The test session the run belongs to (``baton run --session ID``), if any."""
 
 
 class TestStarted(_Event, tag="TestStarted", frozen=True):
@@ -180,6 +183,73 @@ class ShardCompleted(_Event, tag="ShardCompleted", frozen=True):
     duration_ms: float
 
 
+class ServiceHealthChecked(_Event, tag="ServiceHealthChecked", frozen=True):
+    """A service's health check before a run (stream ``health-<id>``, one per invocation).
+
+    healthy: a 2xx/3xx answer within ``degraded_after`` at the first request; degraded: a
+    2xx/3xx answer, but slower than that or only after a retry; unhealthy: every request
+    answered another status or could not connect; timeout: the last request got no answer
+    within the timeout. ``response_time_ms`` and ``status_code`` are the last request's.
+    """
+
+    service: str
+    url: str
+    status: HealthStatus
+    attempts: int
+    response_time_ms: float | None = None
+    status_code: int | None = None
+    error: str = ""
+    project: str = "default"
+    organization: str = ""
+    suite: str = ""
+    session_id: str = ""
+
+
+class SessionCreated(_Event, tag="SessionCreated", frozen=True):
+    """A test session begins (stream ``session-<id>``): runs over a period, grouped.
+    Its states and their changes: events.sessions."""
+
+    session_id: str
+    name: str
+    description: str = ""
+    project: str = "default"
+    organization: str = ""
+    tester: str = ""
+
+
+class SessionRunsStarted(_Event, tag="SessionRunsStarted", frozen=True):
+    """Runs admitted to the session (one invocation's), appended at the version the
+    session was read at: a pause committed meanwhile makes the append fail, never both."""
+
+    run_ids: list[str]
+
+
+class SessionPaused(_Event, tag="SessionPaused", frozen=True):
+    reason: str = ""
+
+
+class SessionResumed(_Event, tag="SessionResumed", frozen=True):
+    pass
+
+
+class SessionCompleted(_Event, tag="SessionCompleted", frozen=True):
+    pass
+
+
+class SessionFailed(_Event, tag="SessionFailed", frozen=True):
+    reason: str = ""
+
+
+SessionEvent = (
+    SessionCreated
+    | SessionRunsStarted
+    | SessionPaused
+    | SessionResumed
+    | SessionCompleted
+    | SessionFailed
+)
+
+
 class _Finding(_Event, frozen=True):
     """What the projector finds in a test's history when a run completes: the test (case and
     environment, as test_run_history keys it) and the run whose execution of it crossed a
@@ -252,6 +322,13 @@ Event = (
     | BatchCompleted
     | ShardStarted
     | ShardCompleted
+    | ServiceHealthChecked
+    | SessionCreated
+    | SessionRunsStarted
+    | SessionPaused
+    | SessionResumed
+    | SessionCompleted
+    | SessionFailed
     | FlakyTestDetected
     | PerformanceDegraded
 )
@@ -282,6 +359,21 @@ def run_stream(run_id: str) -> str:
 
 def batch_stream(batch_id: str) -> str:
     return f"batch-{batch_id}"
+
+
+SESSION_PREFIX = "session-"
+
+
+def session_stream(session_id: str) -> str:
+    return f"{SESSION_PREFIX}{session_id}"
+
+
+HEALTH_PREFIX = "health-"
+
+
+def health_stream(check_id: str) -> str:
+    """The stream of one invocation's health checks (ServiceHealthChecked)."""
+    return f"{HEALTH_PREFIX}{check_id}"
 
 
 ANALYTICS_PREFIX = "analytics-"

@@ -26,6 +26,7 @@ import click
 from events.errors import (
     EventsError,
     SecretError,
+    SessionError,
     SettingsError,
     StoreError,
     StoreUnavailable,
@@ -162,7 +163,7 @@ def _failure(exc: BatonError | EventsError) -> tuple[int, str]:
     flows (the event store, the cache, a server); a BatonError says which it is."""
     if isinstance(exc, BatonError):
         return exc.exit_code, str(exc)
-    if isinstance(exc, SettingsError | SecretError):
+    if isinstance(exc, SettingsError | SecretError | SessionError):
         return 2, str(exc)
     if isinstance(exc, StoreUnavailable):
         return 3, f"event store unavailable: {exc}"
@@ -268,6 +269,12 @@ def _options(**kwargs: Any) -> Any:
     help="Queue the batch's units for baton worker processes (redis://HOST:PORT/DB) and "
     "follow it from the event store.",
 )
+@click.option(
+    "--session",
+    "session_id",
+    metavar="ID",
+    help="Run in this test session (baton session create); refused while it is paused.",
+)
 def run(
     concurrency: int,
     junit: Path | None,
@@ -278,6 +285,7 @@ def run(
     shard_text: str | None,
     batch_id: str | None,
     queue_url: str | None,
+    session_id: str | None,
     **kwargs: Any,
 ) -> None:
     """Run flow files (or directories of them). Interrupted (Ctrl-C, SIGTERM), the runs in
@@ -290,6 +298,8 @@ def run(
         raise UsageError(
             "--queue and --shard: the queue shares the batch among its workers; use one"
         )
+    if queue_url is not None and session_id is not None:
+        raise UsageError("--queue and --session: a queued batch does not join a session yet")
     shard = _shard(shard_text, batch_id)
     options = _options(concurrency=concurrency, **kwargs)
     jobs = execution.prepare(options)
@@ -321,6 +331,7 @@ def run(
                     concurrency=concurrency,
                     observer=observe,
                     shard=shard_run,
+                    session_id=session_id or "",
                 )
             )
     except KeyboardInterrupt:
@@ -366,23 +377,53 @@ def _reported(
     return all(result.status == "passed" for result in results)
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option(
     "--batch",
     "batch_id",
-    required=True,
     metavar="ID",
     help="The batch: the --batch ID its shards were run with.",
 )
 @report_options
-def report(batch_id: str, junit: Path | None, json_path: Path | None, html: Path | None) -> None:
-    """Merge the shards of a batch from the event store: one summary, the reports and the
-    exit code of one run of the whole batch. A missing or unfinished shard fails it."""
+@click.pass_context
+def report(
+    ctx: click.Context,
+    batch_id: str | None,
+    junit: Path | None,
+    json_path: Path | None,
+    html: Path | None,
+) -> None:
+    """Reports from the event store. With --batch: merge the shards of a batch into one
+    summary, the reports and the exit code of one run of the whole batch (a missing or
+    unfinished shard fails it). `baton report issue RUN_ID TEST`: a failed test as a
+    Markdown issue."""
+    if ctx.invoked_subcommand is not None:
+        if batch_id is not None or junit or json_path or html:
+            raise click.UsageError("--batch and the report files are not for a subcommand")
+        return
+    if batch_id is None:
+        raise click.UsageError("give --batch ID, or a subcommand: baton report issue RUN_ID TEST")
     from orchestrator.batch_report import batch_report
 
     found = _with_store(lambda store: batch_report(store, batch_id))
     color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     _batch_reported(found, junit=junit, json_path=json_path, html=html, color=color)
+
+
+@report.command("issue")
+@click.argument("run_id")
+@click.argument("test")
+def report_issue(run_id: str, test: str) -> None:
+    """Print a ready-to-file Markdown report of the failed TEST of run RUN_ID: its request,
+    the response, expected against actual, the run's context; secrets redacted."""
+    from orchestrator.issue_report import issue_markdown
+
+    async def read(store: Any) -> str:
+        from events import types as ev
+
+        return issue_markdown(await store.read_stream(ev.run_stream(run_id)), test, run_id)
+
+    click.echo(_with_store(read), nl=False)
 
 
 def _batch_reported(found: BatchReport, **reports: Any) -> None:
@@ -592,6 +633,72 @@ def graph(fmt: str, **kwargs: Any) -> None:
 
     for job in execution.prepare(_options(**kwargs)):
         click.echo(render_graph(job.plan, fmt))
+
+
+@cli.group()
+def session() -> None:
+    """Test sessions: runs grouped over a period (create, show, pause, resume, complete,
+    fail). `baton run --session ID` runs in one; a paused session refuses new runs."""
+
+
+def _session_line(found: Any) -> str:
+    reason = f" ({found.reason})" if found.reason else ""
+    return (
+        f"{found.id} {found.name}: {found.status}{reason}, {len(found.run_ids)} runs, "
+        f"project {found.project}"
+    )
+
+
+@session.command("create")
+@click.argument("name")
+@click.option("--description", default="", help="What the session is for.")
+@click.option("--project", default="default", show_default=True, help="The project's name.")
+@click.option("--tester", default="", help="Who tests.")
+def session_create(name: str, description: str, project: str, tester: str) -> None:
+    """Create a test session; prints its id first."""
+    from events import sessions
+
+    found = _with_store(
+        lambda store: sessions.create(
+            store, name, description=description, project=project, tester=tester
+        )
+    )
+    click.echo(_session_line(found))
+
+
+@session.command("show")
+@click.argument("session_id")
+def session_show(session_id: str) -> None:
+    """A session's state and its runs."""
+    from events import sessions
+
+    found = _with_store(lambda store: sessions.read(store, session_id))
+    click.echo(_session_line(found))
+    for run_id in found.run_ids:
+        click.echo(f"  run {run_id}")
+
+
+def _session_change(to: Any) -> Callable[..., None]:
+    def command(session_id: str, reason: str = "") -> None:
+        from events import sessions
+
+        found = _with_store(lambda store: sessions.change(store, session_id, to, reason))
+        click.echo(_session_line(found))
+
+    command.__doc__ = {
+        "pause": "Pause a session: no new run starts in it until it is resumed.",
+        "resume": "Resume a paused session.",
+        "complete": "Complete an active session.",
+        "fail": "End an active or paused session as failed.",
+    }[to]
+    return command
+
+
+for _change in ("pause", "resume", "complete", "fail"):
+    _command = _session_change(_change)
+    if _change in ("pause", "fail"):
+        _command = click.option("--reason", default="", help="Why.")(_command)
+    session.command(_change)(click.argument("session_id")(_command))
 
 
 @cli.command()

@@ -11,7 +11,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -23,10 +23,12 @@ from events.settings import Settings
 from orchestrator import templating
 from orchestrator.errors import InfrastructureError, Problem, UsageError
 from orchestrator.inputs import environment_file, read_mapping, read_rows, read_secrets
-from orchestrator.loader import find_flows, load_flow
+from orchestrator.loader import find_flows, load_flow, with_services
 from orchestrator.planner import Plan, Scope, plan
 from orchestrator.results import RunResult
 from orchestrator.runner import Observer, RunInputs, Runner, initial_namespace
+from orchestrator.services import Clock, Health, ResolvedService, resolve
+from orchestrator.services import check as check_service
 from orchestrator.targets import TargetPolicy
 
 if TYPE_CHECKING:
@@ -72,6 +74,8 @@ def prepare(options: Options, environ: Mapping[str, str] = os.environ) -> list[J
             if options.environment:
                 env_file = environment_file(options.environment, loaded.base_dir)
                 env_vars = read_mapping(env_file, "the environment file")
+                if "services" in env_vars:
+                    loaded = with_services(loaded, env_vars.pop("services"), str(env_file))
             names = {*loaded.flow.variables, *env_vars, *rows[0], *options.variables}
             flow_plan = plan(loaded, Scope(names, environ, secrets), options.tags)
         except UsageError as exc:
@@ -103,9 +107,15 @@ async def execute(
     concurrency: int = 10,
     observer: Observer | None = None,
     shard: ShardRun | None = None,
+    clock: Clock | None = None,
+    session_id: str = "",
 ) -> list[RunResult]:
     """Run every job; with ``shard``, the jobs are its units', and its start and end are
-    recorded on the batch's stream around them."""
+    recorded on the batch's stream around them. Before any run, each declared service with
+    a health path is checked (``check_health``). ``clock``: what rate limits and health
+    checks wait with (tests pass one that does not wait). ``session_id``: the runs start in
+    that test session, admitted all at once before any health check or request (a paused
+    session refuses them: SessionRefused)."""
     from events import open_store
     from events.owners import Owner
     from events.secrets import Cipher, load_key
@@ -125,7 +135,9 @@ async def execute(
         raise
     writer = BatchingWriter(owner, max_wait=settings.store_wait, on_stored=_observe(observer))
     transport = make_transport(concurrency)
-    runner = Runner(writer=writer, cipher=cipher, transport=transport, concurrency=concurrency)
+    runner = Runner(
+        writer=writer, cipher=cipher, transport=transport, concurrency=concurrency, clock=clock
+    )
     # The read tables follow the run live (realtime subscribers watch them), projected in
     # this process as appends commit; when the run ends only the tail is left to project.
     # One projector: its page's transaction reads and writes on its own connection only.
@@ -135,6 +147,13 @@ async def execute(
     stop = asyncio.Event()
     following = asyncio.create_task(projector.serve(stop=stop))
     try:
+        if session_id:
+            jobs = await _admitted(store, session_id, jobs)
+        refusal = await check_health(jobs, runner)
+        if refusal:
+            await writer.aclose()
+            await projector.catch_up()
+            raise InfrastructureError(refusal)
         start = time.perf_counter()
         if shard is not None:
             await append_shared(store, ev.batch_stream(shard.batch_id), shard.started())
@@ -182,6 +201,72 @@ async def append_shared(store: EventStore, stream: str, event: ev.Event) -> None
     from events.store import ANY_VERSION, NewEvent, StreamAppend
 
     await store.append([StreamAppend(stream, [NewEvent(event)], ANY_VERSION)])
+
+
+async def _admitted(store: EventStore, session_id: str, jobs: list[Job]) -> list[Job]:
+    """The jobs with their runs in the session, once it has admitted them all."""
+    from events import sessions
+
+    await sessions.admit(store, session_id, [run.run_id for job in jobs for run in job.runs])
+    return [
+        Job(job.plan, [replace(run, session_id=session_id) for run in job.runs], job.batch_id)
+        for job in jobs
+    ]
+
+
+def _services(job: Job) -> dict[str, ResolvedService]:
+    """The job's services as its first run renders them (rows of a batch that send one to
+    another host are not checked: their tests run)."""
+    try:
+        return resolve(job.plan.loaded.flow, initial_namespace(job.runs[0]))
+    except templating.TemplateError:
+        return {}  # the run itself reports it, test by test
+
+
+async def check_health(jobs: list[Job], runner: Runner) -> str:
+    """Check every service with a health path once, record each check as a
+    ServiceHealthChecked and keep it in ``runner.health``. Returns why the runs must not
+    start (a service with ``on_unhealthy: abort`` failed), or "" to go on."""
+    from events.secrets import Redactor
+
+    checks: dict[tuple[str, str], tuple[Job, asyncio.Task[Health]]] = {}
+    for job in jobs:
+        for service in _services(job).values():
+            if service.spec.health is not None and service.key not in checks:
+                task = asyncio.create_task(
+                    check_service(service, runner.transport, runner.limiters.clock)
+                )
+                checks[service.key] = (job, task)
+    if not checks:
+        return ""
+    await asyncio.gather(*(task for _, task in checks.values()))
+    stream = ev.health_stream(str(ev.new_id()))
+    refusals = []
+    for key, (job, task) in checks.items():
+        health = task.result()
+        runner.health[key] = health
+        inputs = job.runs[0]
+        # what a run of the job masks: the secrets its flow reads, not every variable
+        # of the environment that secrets.* could read
+        read = [inputs.secrets[name] for name in job.plan.secret_names if name in inputs.secrets]
+        redactor = Redactor([*read, *inputs.hidden])
+        flow = job.plan.loaded.flow
+        project = flow.project if inputs.project is None else inputs.project
+        runner.writer.emit(
+            stream,
+            health.event(
+                redactor,
+                project=project,
+                organization=inputs.organization,
+                suite=flow.name,
+                session_id=inputs.session_id,
+            ),
+        )
+        if not health.usable and health.service.spec.on_unhealthy == "abort":
+            refusals.append(
+                f"{redactor.redact(health.reason)}; no test was run (on_unhealthy: abort)"
+            )
+    return "\n".join(refusals)
 
 
 def _observe(observer: Observer | None) -> Callable[[str, ev.Event], None] | None:
@@ -267,10 +352,15 @@ def make_transport(
     return targets.transport(transport) if targets is not None else transport
 
 
-def _targets(jobs: list[Job]) -> dict[tuple[str, int], str]:
+def _targets(jobs: list[Job], *, unchecked: bool = False) -> dict[tuple[str, int], str]:
+    """The flows' base URLs by host and port; ``unchecked``: leaving out those a service's
+    health check covers (it says more, and may only skip the service's tests)."""
     targets: dict[tuple[str, int], str] = {}
     for job in jobs:
         base = _base_url(job)
+        checked = {s.base_url for s in _services(job).values() if s.spec.health is not None}
+        if unchecked and base.rstrip("/") in checked:
+            continue
         parts = urlsplit(base)
         if parts.hostname:
             port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -278,9 +368,11 @@ def _targets(jobs: list[Job]) -> dict[tuple[str, int], str]:
     return targets
 
 
-async def _unreachable(jobs: list[Job], wait: float) -> tuple[str, str] | None:
+async def _unreachable(
+    jobs: list[Job], wait: float, *, unchecked: bool = False
+) -> tuple[str, str] | None:
     """The first base URL nobody answers, with the reason; None if all answer."""
-    for (host, port), base in _targets(jobs).items():
+    for (host, port), base in _targets(jobs, unchecked=unchecked).items():
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), wait)
         except (OSError, TimeoutError) as exc:
@@ -296,7 +388,7 @@ async def is_reachable(jobs: list[Job], wait: float) -> bool:
 
 async def _check_reachable(jobs: list[Job]) -> None:
     """A base URL that nobody answers is an infrastructure problem, not N test failures."""
-    failure = await _unreachable(jobs, wait=5)
+    failure = await _unreachable(jobs, wait=5, unchecked=True)
     if failure is not None:
         base, reason = failure
         raise InfrastructureError(f"cannot reach {base}: {reason}; is the API running?")

@@ -23,7 +23,7 @@ import yaml
 
 from orchestrator import templating
 from orchestrator.errors import Problem, UsageError
-from orchestrator.model import Capture, Expect, Flow, Predicate, Test, seconds
+from orchestrator.model import Capture, Expect, Flow, Predicate, Service, Test, seconds
 
 _STATUS = re.compile(r"^([1-5]xx|[1-5]\d\d)$", re.IGNORECASE)
 _MSGSPEC_PATH = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
@@ -104,6 +104,35 @@ def load_flow(path: Path) -> LoadedFlow:
     if problems:
         raise UsageError(problems)
     return LoadedFlow(path, flow, hashlib.sha256(data).hexdigest())
+
+
+def with_services(loaded: LoadedFlow, declared: Any, label: str) -> LoadedFlow:
+    """The flow with the services an environment file (``label``) declares under
+    ``services:``, each replacing the flow's of the same name. Raises UsageError."""
+    try:
+        services = msgspec.convert(declared, dict[str, Service])
+    except msgspec.ValidationError:
+        raise UsageError(
+            _schema_problems(declared, dict[str, Service], label, "services")
+        ) from None
+    problems = []
+    for name, service in services.items():
+        for field in ("timeout", "degraded_after"):
+            try:
+                seconds(getattr(service, field))
+            except ValueError as exc:
+                problems.append(Problem(label, f"services.{name}.{field}", str(exc)))
+        for text in templating.template_strings(service.base_url):
+            try:
+                templating.references(text)
+            except templating.TemplateError as exc:
+                problems.append(
+                    Problem(label, f"services.{name}.base_url", f"template does not parse: {exc}")
+                )
+    if problems:
+        raise UsageError(problems)
+    flow = msgspec.structs.replace(loaded.flow, services={**loaded.flow.services, **services})
+    return LoadedFlow(loaded.path, flow, loaded.digest)
 
 
 def _valid_part(raw: dict[str, Any]) -> Flow:
@@ -476,6 +505,9 @@ def _regex_error(pattern: str) -> Iterator[str]:
 
 def _durations(flow: Flow) -> Iterator[tuple[str, Any]]:
     yield "defaults.timeout", flow.defaults.timeout
+    for name, service in flow.services.items():
+        yield f"services.{name}.timeout", service.timeout
+        yield f"services.{name}.degraded_after", service.degraded_after
     retry_specs: list[tuple[str, Any]] = [("defaults.retries", flow.defaults.retries)]
     for name, test in flow.tests.items():
         if test.request.timeout is not None:
@@ -494,6 +526,9 @@ def _templates(flow: Flow) -> Iterator[tuple[str, str]]:
         yield "base_url", text
     for text in templating.template_strings(flow.defaults.headers):
         yield "defaults.headers", text
+    for name, service in flow.services.items():
+        for text in templating.template_strings(service.base_url):
+            yield f"services.{name}.base_url", text
     for key, value in flow.variables.items():
         for text in templating.template_strings(value):
             yield f"variables.{key}", text

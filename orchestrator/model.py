@@ -161,10 +161,40 @@ class Defaults(_Spec, frozen=True):
     redact: Redact = Redact()
 
 
+RateLimit = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+UnhealthyAction = Literal["skip", "abort"]
+
+
+class Service(_Spec, frozen=True):
+    """A service the flow calls: checked before a run, its requests held to its rate limit.
+
+    A test calls the service its ``service:`` names, or else the one whose ``base_url``
+    begins its request's URL (the longest such base).
+    """
+
+    base_url: str
+    """May be a template (``"{{ shop_url }}"``): an environment file gives it per environment."""
+    health: str | None = None
+    """The path (under base_url) of a GET that answers 2xx when the service is up; None: no
+    check."""
+    timeout: Duration = "5s"
+    """For one health-check request."""
+    retries: Attempts = 2
+    """Extra health-check requests after a failed one."""
+    degraded_after: Duration = "1s"
+    """A health check that answers more slowly than this (or only after a retry) is degraded."""
+    rate_limit: RateLimit | None = None
+    """Requests per minute, every run of the process together; None: no limit."""
+    on_unhealthy: UnhealthyAction = "skip"
+    """skip: its tests are skipped ("service unhealthy"); abort: the run exits 3 first."""
+
+
 class Test(_Spec, frozen=True):
     __test__ = False  # not a pytest test class
 
     request: Request
+    service: str | None = None
+    """The name of the flow's service the test calls; None: the one its URL begins with."""
     description: str = ""
     depends_on: list[str] = []
     tags: list[str] = []
@@ -187,6 +217,7 @@ class Flow(_Spec, frozen=True):
     description: str = ""
     variables: dict[str, Any] = {}
     defaults: Defaults = Defaults()
+    services: dict[str, Service] = {}
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")

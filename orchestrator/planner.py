@@ -113,6 +113,16 @@ def plan(loaded: LoadedFlow, scope: Scope, tags: Collection[str] = ()) -> Plan:
     graph: nx.DiGraph = nx.DiGraph()
     graph.add_nodes_from(flow.tests)
     for name, test in flow.tests.items():
+        if test.service is not None and test.service not in flow.services:
+            declared = ", ".join(flow.services) or "none"
+            problems.append(
+                Problem(
+                    label,
+                    f"tests.{name}.service",
+                    f"no service {test.service!r} among the declared services ({declared})",
+                    "declare it under services (in the flow or the environment file)",
+                )
+            )
         for dep in test.depends_on:
             if dep not in flow.tests:
                 problems.append(
@@ -159,6 +169,7 @@ def plan(loaded: LoadedFlow, scope: Scope, tags: Collection[str] = ()) -> Plan:
             ("base_url", flow.base_url),
             ("defaults.headers", flow.defaults.headers),
             *((f"variables.{k}", v) for k, v in flow.variables.items()),
+            *((f"services.{k}.base_url", v.base_url) for k, v in flow.services.items()),
         ]
     ):
         problem = _undefined(reference, scope, {})

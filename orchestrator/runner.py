@@ -25,6 +25,8 @@ from orchestrator.compiled import redaction_policy
 from orchestrator.planner import Plan
 from orchestrator.results import RunResult, TestResult
 from orchestrator.run_client import RunClient
+from orchestrator.services import Clock, Health, Limiters, ResolvedService, SystemClock, resolve
+from orchestrator.services import service_of as _service_of
 from orchestrator.testcase import TestExecution
 
 Observer = Callable[[str, ev.Event], None]
@@ -75,6 +77,8 @@ class RunInputs:
     run_id: str = field(default_factory=lambda: str(ev.new_id()))
     resume: Resume | None = None
     """Go on with a run whose stream already begins (see Resume), instead of starting it."""
+    session_id: str = ""
+    """The test session the run was admitted to (events.sessions), if any."""
 
 
 def run_started(plan: Plan, inputs: RunInputs) -> ev.RunStarted:
@@ -91,6 +95,7 @@ def run_started(plan: Plan, inputs: RunInputs) -> ev.RunStarted:
         organization=inputs.organization,
         tags=list(inputs.tags),
         source=plan.loaded.label,
+        session_id=inputs.session_id,
     )
 
 
@@ -104,7 +109,8 @@ def initial_namespace(inputs: RunInputs) -> dict[str, Any]:
 
 
 class Runner:
-    """Shared by every run of one invocation: the connection pool, the writer, the limit."""
+    """Shared by every run of one invocation: the connection pool, the writer, the limit,
+    the services' rate limiters and their health as checked before the runs."""
 
     def __init__(
         self,
@@ -114,8 +120,16 @@ class Runner:
         transport: httpx.AsyncBaseTransport,
         concurrency: int = 10,
         limits: templating.Limits = templating.CLI_LIMITS,
+        clock: Clock | None = None,
+        limiters: Limiters | None = None,
     ) -> None:
+        """``limiters``: the process's rate limiters, when it makes a Runner per run (the
+        service, a worker); by default the Runner's own, for every run it runs."""
         self.writer = writer
+        self.limiters = limiters or Limiters(clock or SystemClock())
+        self.health: dict[tuple[str, str], Health] = {}
+        """By service key: what ``execute`` found before the runs (a service not checked
+        has no entry, and its tests run)."""
         self.limits = limits
         self.cipher = cipher
         self.transport = transport
@@ -154,6 +168,7 @@ class RunExecution:
         self.results: dict[str, TestResult] = {}
         self.client = RunClient(transport=runner.transport)
         self.base_url = ""
+        self.services: dict[str, ResolvedService] = {}
 
     def emit(self, event: ev.Event, at: int | None = None) -> None:
         """Record an event that happened ``at`` (microseconds since the Unix epoch), or now."""
@@ -227,6 +242,7 @@ class RunExecution:
         if self.inputs.resume is not None:
             _merge(self.namespace, self.inputs.resume.captures)
         self.base_url = str(templating.render(self.flow.base_url, self.namespace)).rstrip("/")
+        self.services = resolve(self.flow, self.namespace)
 
     async def _schedule(self) -> None:
         graph = self.plan.graph
@@ -301,8 +317,31 @@ class RunExecution:
         if skip:
             self._skip(name, skip if isinstance(skip, str) else "skip: true in the flow")
             return self.results[name]
+        service = await self._service(name)
+        if service is not None:
+            health = self.runner.health.get(service.key)
+            if health is not None and not health.usable:
+                self._skip(name, health.reason)
+                return self.results[name]
+        limiter = self.runner.limiters.of(service) if service is not None else None
         async with self.runner.slots:
-            return await TestExecution(self, compiled).execute()
+            return await TestExecution(self, compiled, limiter).execute()
+
+    async def _service(self, name: str) -> ResolvedService | None:
+        """The service the test calls (see ``services.service_of``)."""
+        if not self.services:
+            return None
+        compiled = self.plan.compiled[name]
+        url = ""
+        if compiled.spec.service is None:
+            try:
+                namespace = {**self.namespace, "poll": {"attempt": 1}}
+                url = str(await self.runner.render(compiled.request.url, namespace))
+            except templating.TemplateError:
+                return None  # the test reports it when it renders its request
+            if "://" not in url:
+                url = f"{self.base_url}/{url.lstrip('/')}"
+        return _service_of(compiled.spec, url, self.services)
 
 
 def _merge(namespace: dict[str, Any], captures: Mapping[str, Any]) -> None:

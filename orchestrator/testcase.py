@@ -29,6 +29,7 @@ from orchestrator.run_client import text as response_text
 
 if TYPE_CHECKING:
     from orchestrator.runner import RunExecution
+    from orchestrator.services import RateLimiter
 
 EXCERPT = 2048
 """How much of a body an event or a report keeps."""
@@ -44,8 +45,12 @@ class _Failure(Exception):
 class TestExecution:
     __test__ = False  # not a pytest test class
 
-    def __init__(self, run: RunExecution, compiled: CompiledTest) -> None:
+    def __init__(
+        self, run: RunExecution, compiled: CompiledTest, limiter: RateLimiter | None = None
+    ) -> None:
         self.run = run
+        self.limiter = limiter
+        """The rate limit of the service the test calls: every request waits its turn."""
         self.compiled = compiled
         self.name = compiled.name
         self.redactor = run.redactor.scoped(compiled.redaction)
@@ -251,6 +256,8 @@ class TestExecution:
         url = str(prepared.url)
         redactor = self.redactor
         await run.runner.writer.writable()  # paused while the event store is unreachable
+        if self.limiter is not None:
+            await self.limiter.acquire()
         self.run.emit(
             ev.RequestSent(
                 test=self.name,

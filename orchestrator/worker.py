@@ -51,6 +51,7 @@ from orchestrator.queue import (
 )
 from orchestrator.recorded import finished_tests
 from orchestrator.runner import Resume, RunInputs, Runner, run_started
+from orchestrator.services import Limiters, SystemClock
 from orchestrator.shards import Unit, units
 
 _CANCEL_CHECK = 0.5
@@ -107,6 +108,8 @@ class Worker:
         self.owner = owner
         self.cipher = cipher
         self.transport = transport
+        self.limiters = Limiters(SystemClock())
+        """One rate limiter per service for every job this worker runs."""
         self.options = options
         self.consumer = consumer
         self.store_wait = store_wait
@@ -230,6 +233,7 @@ class Worker:
                 cipher=self.cipher,
                 transport=self.transport,
                 concurrency=job.concurrency,
+                limiters=self.limiters,
             )
             await self._watching(job.batch_id, runner.run(unit.plan, inputs))
             return True

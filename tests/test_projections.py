@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FAILING_FLOW = """\
 name: shop failing
 base_url: "{{ env.SHOP_URL }}"
+services:
+  shop: {base_url: "{{ env.SHOP_URL }}", health: /health}
 tests:
   health:
     request: {url: /health}
@@ -71,7 +73,8 @@ class Projected(msgspec.Struct):
 @pytest.fixture(scope="module")
 def projected(shop_url: str) -> Iterator[Projected]:
     """A database after a user's day: every example flow, a batch, a flow run twice that
-    fails, a run by tag; then the projector caught up."""
+    fails (its service health-checked, in a test session), a run by tag; then the
+    projector caught up."""
     dsn = asyncio.run(_create_database())
     work = Path(tempfile.mkdtemp(prefix="baton-projections-"))
     (work / "failing.yaml").write_text(FAILING_FLOW)
@@ -90,6 +93,10 @@ def projected(shop_url: str) -> Iterator[Projected]:
         patch.setenv("BATON_DATABASE_URL", dsn)
         patch.setenv("BATON_HOME", str(work / "home"))
         patch.delenv("BATON_SECRET_KEY", raising=False)
+        code, out, err = baton("session", "create", "a user's day")
+        assert code == 0, out + err
+        for command in commands[2:4]:
+            command += ["--session", out.split()[0]]
         for index, command in enumerate(commands):
             report = work / f"report-{index}.json"
             code, out, err = baton("run", *command, "--json", str(report), "-q")

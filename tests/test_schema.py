@@ -30,6 +30,7 @@ RELEASED = {
     8: "f0a1e6b4bc6186c4fb0d093dc102bd9477734055db3fa4855af5658bad9147e2",
     9: "282f9e312a033449693fc96d9dead8a0eaa701308b86d5fa6aa2b116db45b8bd",
     10: "0035db928a94fb4ed5221539ddc5432267c33f406aeca3a610277a0b0d0c7d52",
+    11: "9eda7a4bfe7a9585d5f4719d9dfc4e865dc60d98fcfcdc1798ce0021463fdf65",
 }
 STEP_NAMES = [
     "event store",
@@ -42,6 +43,7 @@ STEP_NAMES = [
     "newest executions first, in a fixed order",
     "events record when they happened",
     "run owners and their heartbeats",
+    "service health checks and test sessions",
 ]
 
 

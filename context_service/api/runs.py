@@ -46,6 +46,8 @@ class RunCreate(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     ``admin`` scope."""
     tags: Annotated[list[Tag], msgspec.Meta(max_length=50)] = []
     """Run only the tests with one of these tags, and what they need."""
+    session_id: uuid.UUID | None = None
+    """Start it in this test session: 409 while the session is paused, completed or failed."""
 
 
 class Run(msgspec.Struct, frozen=True):
@@ -215,7 +217,9 @@ class RunController(Controller):
                 "variables in a run need the 'admin' scope: they can change where the run's "
                 "requests, and the environment's secrets, go; change the environment instead"
             )
-        request = runs.StartRequest(data.suite_id, data.environment_id, data.variables, data.tags)
+        request = runs.StartRequest(
+            data.suite_id, data.environment_id, data.variables, data.tags, data.session_id
+        )
         run_id = await runs.start(services, principal, request)
         return _accepted(await fetch_run(services, principal, run_id))
 
@@ -298,6 +302,25 @@ class RunController(Controller):
         ]
         more = len(items) == limit
         return EventPage(items, items[-1].position if more else None)
+
+    @get("/{run_id:uuid}/tests/{test:str}/issue", media_type="text/markdown")
+    async def issue_report(
+        self,
+        services: ServicesDep,
+        principal: PrincipalDep,
+        run_id: FromPath[uuid.UUID],
+        test: FromPath[str],
+    ) -> str:
+        """A ready-to-file Markdown report of the test's failure (``baton report issue``):
+        404 for no such test, 409 for a test that did not fail."""
+        from orchestrator.issue_report import NotReportable, issue_markdown
+
+        stream = await services.db.run_stream(principal.organization_id, run_id)
+        recorded = await services.store.read_stream(stream)
+        try:
+            return issue_markdown(recorded, test, str(run_id))
+        except NotReportable as exc:
+            raise (NotFound if exc.missing else Conflict)(str(exc)) from None
 
 
 def _accepted(run: Run) -> Response[Run]:

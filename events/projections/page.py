@@ -13,7 +13,7 @@ from datetime import datetime
 import asyncpg
 
 from events.context import Context, fold
-from events.projections import metrics
+from events.projections import health, metrics, sessions
 from events.projections.catalog import DEFAULT_ORGANIZATION_ID, Catalog
 from events.projections.results import Results, load_results
 from events.projections.runs import (
@@ -43,6 +43,9 @@ READ_TABLES = (
     "performance_metrics",
     "test_run_history",
     "failure_analysis",
+    "service_health_checks",
+    "test_sessions",
+    "session_runs",
 )
 """Every table the projector writes, parents first. organizations is not one of them: its
 rows are not derived from events (schema.sql creates the default one)."""
@@ -51,10 +54,13 @@ rows are not derived from events (schema.sql creates the default one)."""
 async def apply_page(conn: asyncpg.Connection, page: Sequence[RecordedEvent]) -> None:
     """Apply events (in position order, a run's events in version order) to the read tables.
 
-    Events of streams other than runs' (batches) change no table. The events of a run
+    Health checks go to service_health_checks, sessions to test_sessions; events of
+    other streams (batches) change no table. The events of a run
     whose RunStarted the read tables do not hold are ignored: there is no run to attach
     them to (a log always starts a run's stream with RunStarted).
     """
+    await health.apply(conn, page)
+    await sessions.apply(conn, page)
     by_stream: dict[str, list[RecordedEvent]] = {}
     for recorded in page:
         if recorded.stream.startswith(RUN_PREFIX):
