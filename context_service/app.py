@@ -53,6 +53,7 @@ async def _has_valid_key(services: Services, request: Request[Any, Any, Any]) ->
 
 
 def _routers() -> list[ControllerRouterHandler]:
+    from context_service.analytics_page import router as analytics_page
     from context_service.api.environments import EnvironmentController
     from context_service.api.keys import KeyController
     from context_service.api.projects import ProjectController
@@ -71,6 +72,7 @@ def _routers() -> list[ControllerRouterHandler]:
         RunController,
         KeyController,
         dashboard,
+        analytics_page,
         RealtimeController,
     ]
 
