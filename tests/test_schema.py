@@ -30,6 +30,7 @@ RELEASED = {
     8: "f0a1e6b4bc6186c4fb0d093dc102bd9477734055db3fa4855af5658bad9147e2",
     9: "282f9e312a033449693fc96d9dead8a0eaa701308b86d5fa6aa2b116db45b8bd",
     10: "0035db928a94fb4ed5221539ddc5432267c33f406aeca3a610277a0b0d0c7d52",
+    11: "e15c5139ac3a0a5c0da69abcece5475d9b30ff5696dc1e3a17c8362e2c59987f",
 }
 STEP_NAMES = [
     "event store",
@@ -42,6 +43,7 @@ STEP_NAMES = [
     "newest executions first, in a fixed order",
     "events record when they happened",
     "run owners and their heartbeats",
+    "daily rollups of runs and failures",
 ]
 
 
