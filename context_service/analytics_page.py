@@ -19,7 +19,7 @@ from litestar.params import FromQuery
 from context_service.analytics import MAX_DAYS, Analytics, DailyMetric, Period, analytics
 from context_service.api.common import PrincipalDep, ServicesDep
 from context_service.charts import Series, by_series, line_chart
-from context_service.dashboard import _error_page, _to_login, page
+from context_service.dashboard import error_page, page, to_login
 from context_service.errors import BadRequest, ServiceError, Unauthorized
 
 PERIODS = (7, 30, 90, 365)
@@ -121,7 +121,7 @@ def _chosen(project: str | None, projects: list[tuple[uuid.UUID, str]]) -> uuid.
 router = Router(
     "/",
     route_handlers=[analytics_page],
-    exception_handlers={Unauthorized: _to_login, ServiceError: _error_page},
+    exception_handlers={Unauthorized: to_login, ServiceError: error_page},
     include_in_schema=False,
 )
 """The analytics page, for ``create_app``."""

@@ -249,12 +249,12 @@ def _local(target: str | None) -> str:
     return "/runs"
 
 
-def _to_login(request: Request[Any, Any, Any], exc: Unauthorized) -> Response[Any]:
+def to_login(request: Request[Any, Any, Any], exc: Unauthorized) -> Response[Any]:
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     return Redirect(f"/login?next={quote(target, safe='')}", status_code=303)
 
 
-def _error_page(request: Request[Any, Any, Any], exc: ServiceError) -> Response[str]:
+def error_page(request: Request[Any, Any, Any], exc: ServiceError) -> Response[str]:
     return page("error.html", int(exc.status), code=int(exc.status), detail=exc.detail)
 
 
@@ -356,7 +356,7 @@ async def logout() -> Response[Any]:
 router = Router(
     "/",
     route_handlers=[home, runs_page, run_page, waterfall_part, login_form, login, logout],
-    exception_handlers={Unauthorized: _to_login, ServiceError: _error_page},
+    exception_handlers={Unauthorized: to_login, ServiceError: error_page},
     include_in_schema=False,
 )
 """The dashboard's pages, for ``create_app``."""
