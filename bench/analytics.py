@@ -45,6 +45,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from cache_bench import private_database
 
 from context_service.analytics import DAILY, FAILURES, RUNS, Period, analytics, findings
@@ -220,7 +221,7 @@ async def load(
     for n in range(finding_count):
         case, name = cases[n % len(cases)]
         at = now - timedelta(days=days) * (n + 0.5) / finding_count
-        common = dict(
+        common: dict[str, Any] = dict(
             run_id=str(uuid.uuid4()), suite="shop checkout", test=name, test_case_id=case,
             environment="staging", environment_id=str(envs[0]),
         )  # fmt: skip
@@ -304,6 +305,50 @@ async def measure(
     return out
 
 
+async def page_cost(store: PostgresEventStore, repeat: int) -> dict[str, dict[str, float]]:
+    """What the rollups add to a projector page that decides a run of today: the
+    recomputation of today's run_metrics row of its suite and environment, and of today's
+    failure_metrics rows of its tests (in a transaction rolled back, so nothing changes)."""
+    async with store.pool.acquire() as conn:
+        today = await conn.fetchval(
+            "SELECT max((ended_at AT TIME ZONE 'UTC')::date) FROM test_runs"
+        )
+        run_day = await conn.fetchrow(
+            "SELECT suite_id, environment_id, $1::date FROM test_runs"
+            " WHERE (ended_at AT TIME ZONE 'UTC')::date = $1 LIMIT 1",
+            today,
+        )
+        case_days = [
+            (row[0], run_day[1], today)
+            for row in await conn.fetch("SELECT id FROM test_cases ORDER BY name")
+        ]
+
+        def rolled_back(
+            refresh: Callable[[asyncpg.Connection, Any], Awaitable[None]], keys: Any
+        ) -> Callable[[], Awaitable[None]]:
+            async def call() -> None:
+                transaction = conn.transaction()
+                await transaction.start()
+                try:
+                    await refresh(conn, keys)
+                finally:
+                    await transaction.rollback()
+
+            return call
+
+        return {
+            "run_metrics (1 day of 1 suite)": await timed(
+                rolled_back(metrics.refresh_runs, [tuple(run_day)]), repeat
+            ),
+            "failure_metrics (1 day of each test)": await timed(
+                rolled_back(metrics.refresh_failures, case_days), repeat
+            ),
+            "performance_metrics (1 day of each test), for comparison": await timed(
+                rolled_back(metrics.refresh, case_days), repeat
+            ),
+        }
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     async with private_database(args.pg) as dsn:
         store = await PostgresEventStore.connect(dsn, max_size=4)
@@ -320,6 +365,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 sizes = await conn.fetchval(
                     "SELECT pg_size_pretty(pg_database_size(current_database()))"
                 )
+            cost = await page_cost(store, args.repeat)
             periods = [await measure(store, org, project, int(d), args.repeat)
                        for d in args.periods.split(",")]  # fmt: skip
         finally:
@@ -333,11 +379,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "rows": counts,
         "database_size": sizes,
         "periods": periods,
+        "projector_page_cost": cost,
     }
 
 
 def _report(result: dict[str, Any]) -> None:
     print(f"loaded in {result['load_seconds']} s: {result['rows']} ({result['database_size']})")
+    for name, timing in result["projector_page_cost"].items():
+        print(f"recompute {name}: {timing['median_ms']} ms")
     for period in result["periods"]:
         print(f"last {period['days']} days: endpoint {period['endpoint']['median_ms']} ms median")
         for name, timing in period["queries"].items():
