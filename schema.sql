@@ -939,3 +939,89 @@ $$;
 
 INSERT INTO baton_schema_version (step, name)
 VALUES (11, 'service health checks and test sessions') ON CONFLICT (step) DO NOTHING;
+
+-- step 12: daily rollups of runs and failures
+--
+-- What the analytics endpoint reads instead of every run and failure of a period (measured
+-- in bench/ANALYTICS.md: over 1,000,000 results, run durations took 265 ms for 30 days
+-- from test_runs and failure categories 151 ms from failure_analysis). Like
+-- performance_metrics, each row is recomputed from its day's rows whenever one of them
+-- changes (events.projections.metrics), so it is exact and cannot drift.
+-- run_metrics: the runs of one suite in one environment that ended on one UTC day.
+CREATE TABLE IF NOT EXISTS run_metrics (
+    organization_id  uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
+    project_id       uuid NOT NULL REFERENCES projects (id) ON DELETE CASCADE,
+    suite_id         uuid NOT NULL REFERENCES test_suites (id) ON DELETE CASCADE,
+    environment_id   uuid NOT NULL REFERENCES environments (id) ON DELETE CASCADE,
+    day              date NOT NULL,
+    runs             int NOT NULL CHECK (runs > 0),
+    passed           int NOT NULL CHECK (passed BETWEEN 0 AND runs),
+    avg_duration_ms  double precision,
+    p50_duration_ms  double precision,
+    p95_duration_ms  double precision,
+    max_duration_ms  double precision,
+    PRIMARY KEY (suite_id, environment_id, day)
+);
+CREATE INDEX IF NOT EXISTS run_metrics_by_project ON run_metrics (project_id, day);
+-- the day's ended runs of a suite in an environment, for the recomputation
+CREATE INDEX IF NOT EXISTS test_runs_ended
+    ON test_runs (suite_id, environment_id, ended_at) WHERE ended_at IS NOT NULL;
+
+-- failure_metrics: the results of one test case in one environment decided on one UTC day
+-- with a failure category (failed, or skipped for a reason), per category.
+CREATE TABLE IF NOT EXISTS failure_metrics (
+    organization_id  uuid NOT NULL REFERENCES organizations (id) ON DELETE CASCADE,
+    test_case_id     uuid NOT NULL REFERENCES test_cases (id) ON DELETE CASCADE,
+    environment_id   uuid NOT NULL REFERENCES environments (id) ON DELETE CASCADE,
+    day              date NOT NULL,
+    category         text NOT NULL CHECK (category IN ('assertion', 'timeout', 'connection',
+                         'server_error', 'dependency_skipped', 'template', 'capture')),
+    failures         int NOT NULL CHECK (failures > 0),
+    last_at          timestamptz NOT NULL,
+    PRIMARY KEY (test_case_id, environment_id, day, category)
+);
+-- a day's categorised results of a test, for the recomputation: a few percent of them
+CREATE INDEX IF NOT EXISTS test_results_categorised
+    ON test_results (test_case_id, environment_id, ended_at) WHERE category IS NOT NULL;
+
+DO $$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['run_metrics', 'failure_metrics'] LOOP
+        EXECUTE format('ALTER TABLE %I ENABLE ROW LEVEL SECURITY', t);
+        IF NOT EXISTS (SELECT FROM pg_policies WHERE schemaname = current_schema()
+                       AND tablename = t AND policyname = 'baton_organization') THEN
+            EXECUTE format('CREATE POLICY baton_organization ON %I '
+                'USING (organization_id = baton_current_organization()) '
+                'WITH CHECK (organization_id = baton_current_organization())', t);
+        END IF;
+    END LOOP;
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'baton_service') THEN
+        GRANT SELECT ON run_metrics, failure_metrics TO baton_service;
+    END IF;
+END
+$$;
+
+-- the rollups of what the log holds already
+INSERT INTO run_metrics (organization_id, project_id, suite_id, environment_id, day, runs,
+    passed, avg_duration_ms, p50_duration_ms, p95_duration_ms, max_duration_ms)
+SELECT organization_id, project_id, suite_id, environment_id,
+    (ended_at AT TIME ZONE 'UTC')::date, count(*), count(*) FILTER (WHERE status = 'passed'),
+    round(avg(duration_ms::numeric), 3)::float8,
+    round(percentile_cont(0.50) WITHIN GROUP (ORDER BY duration_ms)::numeric, 3)::float8,
+    round(percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms)::numeric, 3)::float8,
+    max(duration_ms)
+FROM test_runs WHERE ended_at IS NOT NULL
+GROUP BY 1, 2, 3, 4, 5
+ON CONFLICT DO NOTHING;
+INSERT INTO failure_metrics (organization_id, test_case_id, environment_id, day, category,
+    failures, last_at)
+SELECT organization_id, test_case_id, environment_id, (ended_at AT TIME ZONE 'UTC')::date,
+    category, count(*), max(ended_at)
+FROM test_results WHERE category IS NOT NULL AND ended_at IS NOT NULL
+GROUP BY 1, 2, 3, 4, 5
+ON CONFLICT DO NOTHING;
+
+INSERT INTO baton_schema_version (step, name)
+VALUES (12, 'daily rollups of runs and failures') ON CONFLICT (step) DO NOTHING;

@@ -53,6 +53,7 @@ async def _has_valid_key(services: Services, request: Request[Any, Any, Any]) ->
 
 
 def _routers() -> list[ControllerRouterHandler]:
+    from context_service.analytics_page import router as analytics_page
     from context_service.api.environments import EnvironmentController
     from context_service.api.health import ServiceHealthController
     from context_service.api.keys import KeyController
@@ -75,6 +76,7 @@ def _routers() -> list[ControllerRouterHandler]:
         SessionController,
         KeyController,
         dashboard,
+        analytics_page,
         RealtimeController,
     ]
 

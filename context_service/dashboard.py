@@ -25,10 +25,12 @@ from litestar import Request, Response, Router, get, post
 from litestar.datastructures import Cookie
 from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect
+from markupsafe import Markup
 
 from context_service.api.common import PrincipalDep, ServicesDep
 from context_service.api.runs import RUNS, Run, fetch_run
 from context_service.auth import EXCLUDE_OPT, KEY_COOKIE
+from context_service.charts import bars, waterfall
 from context_service.database import stream_of
 from context_service.errors import ServiceError, Unauthorized
 from context_service.keys import Principal
@@ -69,7 +71,8 @@ SELECT
             position
      FROM test_execution_context WHERE run_id = $1) AS c),
   (SELECT coalesce(json_agg(r), '[]')::text FROM (
-     SELECT test_name AS name, status, attempts, duration_ms, response_status, category, message
+     SELECT test_name AS name, status, attempts, duration_ms, response_status, category, message,
+            started_at, ended_at
      FROM test_results WHERE run_id = $1 ORDER BY started_at NULLS LAST, test_name) AS r),
   (SELECT coalesce(json_agg(f), '[]')::text FROM (
      SELECT t.test_name AS test, d.data FROM test_result_details d
@@ -87,6 +90,9 @@ class TestRow(msgspec.Struct, frozen=True):
     response_status: int | None = None
     category: str | None = None
     message: str = ""
+    started_at: datetime | None = None
+    """Its first TestStarted, as the log recorded it."""
+    ended_at: datetime | None = None
 
 
 class FailedAssertion(msgspec.Struct, frozen=True):
@@ -114,6 +120,12 @@ class RunView(msgspec.Struct, frozen=True):
     events: list[LogLine]
     omitted: int
     """Events before the ones shown (the API has them all)."""
+    needs: dict[str, list[str]]
+    """Each planned test's dependencies (the plan's depends_on, inferred ones included)."""
+
+    def waterfall(self) -> Markup:
+        rows = [(t.name, t.status, t.started_at, t.ended_at) for t in self.tests]
+        return waterfall(bars(self.run.started_at, rows, self.needs), total_ms=self.run.duration_ms)
 
 
 def as_text(value: Any) -> str:
@@ -199,12 +211,14 @@ async def run_view(services: Services, principal: Principal, run_id: uuid.UUID) 
     )
     # the plan, even if RunStarted is newer than the snapshot: its rows are idempotent
     started = await run_started(services.store, stream)
+    needs: dict[str, list[str]] = {}
     if started is not None:
         tests = _planned(tests, [planned.name for planned in started.plan])
+        needs = {planned.name: list(planned.depends_on) for planned in started.plan}
     events = [_log_line(item) for item in recorded]
     live = run.status in LIVE and context.status == "running"
     return RunView(
-        run, live, position, tests, failures, redacted(context), events, total - len(events)
+        run, live, position, tests, failures, redacted(context), events, total - len(events), needs
     )
 
 
@@ -235,12 +249,12 @@ def _local(target: str | None) -> str:
     return "/runs"
 
 
-def _to_login(request: Request[Any, Any, Any], exc: Unauthorized) -> Response[Any]:
+def to_login(request: Request[Any, Any, Any], exc: Unauthorized) -> Response[Any]:
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     return Redirect(f"/login?next={quote(target, safe='')}", status_code=303)
 
 
-def _error_page(request: Request[Any, Any, Any], exc: ServiceError) -> Response[str]:
+def error_page(request: Request[Any, Any, Any], exc: ServiceError) -> Response[str]:
     return page("error.html", int(exc.status), code=int(exc.status), detail=exc.detail)
 
 
@@ -289,9 +303,22 @@ async def run_page(
         "run.html",
         view=view,
         mask=MASK,
-        longest=max((test.duration_ms or 0 for test in view.tests), default=0) or 1,
+        waterfall=view.waterfall(),
         failed=[t for t in view.tests if t.status == "failed" or t.name in view.failures],
         captured_by=captured_by,
+    )
+
+
+@get("/runs/{run_id:uuid}/waterfall", name="dashboard:waterfall")
+async def waterfall_part(
+    services: ServicesDep, principal: PrincipalDep, run_id: FromPath[uuid.UUID]
+) -> Response[str]:
+    """The run page's waterfall alone: its script draws it again as verdicts come in."""
+    view = await run_view(services, principal, run_id)
+    return Response(
+        str(view.waterfall()),
+        media_type="text/html",
+        headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
     )
 
 
@@ -328,8 +355,8 @@ async def logout() -> Response[Any]:
 
 router = Router(
     "/",
-    route_handlers=[home, runs_page, run_page, login_form, login, logout],
-    exception_handlers={Unauthorized: _to_login, ServiceError: _error_page},
+    route_handlers=[home, runs_page, run_page, waterfall_part, login_form, login, logout],
+    exception_handlers={Unauthorized: to_login, ServiceError: error_page},
     include_in_schema=False,
 )
 """The dashboard's pages, for ``create_app``."""

@@ -31,6 +31,7 @@ RELEASED = {
     9: "282f9e312a033449693fc96d9dead8a0eaa701308b86d5fa6aa2b116db45b8bd",
     10: "0035db928a94fb4ed5221539ddc5432267c33f406aeca3a610277a0b0d0c7d52",
     11: "9eda7a4bfe7a9585d5f4719d9dfc4e865dc60d98fcfcdc1798ce0021463fdf65",
+    12: "3d6c1db79e820b921e26860550350c66264a15b4217da6a91cfe8b17aa23cb3c",
 }
 STEP_NAMES = [
     "event store",
@@ -44,6 +45,7 @@ STEP_NAMES = [
     "events record when they happened",
     "run owners and their heartbeats",
     "service health checks and test sessions",
+    "daily rollups of runs and failures",
 ]
 
 

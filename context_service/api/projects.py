@@ -8,7 +8,7 @@ they were started. Its name therefore never changes; its description may.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, date, datetime
 from typing import Annotated
 
 import asyncpg
@@ -16,6 +16,7 @@ import msgspec
 from litestar import Controller, delete, get, patch, post
 from litestar.params import FromPath, JSONBody, QueryParameter
 
+from context_service.analytics import MAX_DAYS, Analytics, Period, analytics
 from context_service.api.common import Description, Name, PageDep, PrincipalDep, ServicesDep, bulk
 from context_service.errors import NotFound
 from context_service.listing import Listing, Page, page_of
@@ -172,3 +173,31 @@ class ProjectController(Controller):
             status = await conn.execute("DELETE FROM service_projects WHERE id = $1", project_id)
         if status == "DELETE 0":
             raise NotFound(f"no project {project_id}")
+
+    @get("/{project_id:uuid}/analytics")
+    async def project_analytics(
+        self,
+        services: ServicesDep,
+        principal: PrincipalDep,
+        project_id: FromPath[uuid.UUID],
+        days: Annotated[
+            int, QueryParameter(ge=1, le=MAX_DAYS, description="UTC days up to until")
+        ] = 30,
+        until: Annotated[
+            date | None, QueryParameter(description="the last day (UTC) looked at; today")
+        ] = None,
+        environment: Annotated[
+            str | None, QueryParameter(description="only this environment (its name)")
+        ] = None,
+        test: Annotated[str | None, QueryParameter(description="only this test (its name)")] = None,
+    ) -> Analytics:
+        """Daily metrics per test and environment, run durations, flaky tests, slowdowns,
+        failure categories and service health over the last ``days`` (docs/analytics.md)."""
+        period = Period(
+            until=until or datetime.now(UTC).date(),
+            days=days,
+            environment=environment or None,
+            test=test or None,
+        )
+        async with services.db.tenant(principal.organization_id) as conn:
+            return await analytics(conn, services.store, project_id, period)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 import asyncpg
 
@@ -46,6 +46,8 @@ READ_TABLES = (
     "service_health_checks",
     "test_sessions",
     "session_runs",
+    "run_metrics",
+    "failure_metrics",
 )
 """Every table the projector writes, parents first. organizations is not one of them: its
 rows are not derived from events (schema.sql creates the default one)."""
@@ -104,3 +106,12 @@ async def apply_page(conn: asyncpg.Connection, page: Sequence[RecordedEvent]) ->
     await write_contexts(conn, folded)
     days = await results.write(conn)
     await metrics.refresh(conn, days)
+    await metrics.refresh_failures(conn, results.failure_days)
+    await metrics.refresh_runs(
+        conn,
+        {
+            (run.suite_id, run.environment_id, run.ended_at.astimezone(UTC).date())
+            for run, _ in touched.values()
+            if run.ended_at is not None
+        },
+    )

@@ -161,6 +161,8 @@ class Results:
             self._before[key] = msgspec.structs.replace(row)
             self._by_run.setdefault(row.run_id, []).append(row)
         self._details: list[tuple[object, ...]] = []
+        self.failure_days: set[MetricKey] = set()
+        """After write: the failure_metrics days whose categorised results changed."""
 
     def start(self, run: RunRow, identity: Identity) -> None:
         for name, case in identity.cases.items():
@@ -314,6 +316,10 @@ class Results:
             for day in (before.metric_key() if before else None, row.metric_key()):
                 if day is not None:
                     days.add(day)
+            for had in (before, row):
+                if had is not None and had.category is not None and had.ended_at is not None:
+                    at = had.ended_at.astimezone(UTC).date()
+                    self.failure_days.add((had.test_case_id, had.environment_id, at))
         await upsert(
             conn,
             "test_run_history",
