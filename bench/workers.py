@@ -41,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -73,6 +74,12 @@ class Batch(msgspec.Struct):
     submitter_cpu: float
     worker_cpu: list[float]
     load: list[float]
+    postgres_cpu: float
+    """The batch's database's PostgreSQL backends (sampled every 0.5 s: a backend's last
+    half second before it closes is missed)."""
+    shop_cpu: float
+    machine_busy: float
+    """The share of both cores busy during the batch, everyone's work included."""
 
 
 class Resumed(msgspec.Struct):
@@ -152,7 +159,7 @@ def database(admin_url: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def shop(latency_ms: float) -> Iterator[str]:
+def shop(latency_ms: float) -> Iterator[tuple[str, int]]:
     server = [sys.executable, str(ROOT / "examples/shop/server.py"), "--port", "0"]
     server += ["--latency-ms", str(latency_ms)]
     process = subprocess.Popen(server, cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -161,10 +168,72 @@ def shop(latency_ms: float) -> Iterator[str]:
         line = process.stdout.readline().strip()
         if " on " not in line:
             raise SystemExit(f"the demo API did not start: {line!r}")
-        yield line.rsplit(" on ", 1)[1]
+        yield line.rsplit(" on ", 1)[1], process.pid
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def cpu_of(pid: int) -> float:
+    """CPU seconds (user and system) of a running process, 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of every core since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle, iowait
+    return sum(values) - idle, sum(values)
+
+
+class PostgresMeter:
+    """The CPU seconds of the backends that serve one database, sampled in a thread."""
+
+    def __init__(self, admin_url: str, database: str) -> None:
+        self.admin_url = admin_url
+        self.database = database
+        self.seen: dict[int, float] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._sample()), daemon=True)
+
+    async def _sample(self) -> None:
+        connection = await asyncpg.connect(self.admin_url)
+        try:
+            while not self.stop.is_set():
+                sql = "SELECT pid FROM pg_stat_activity WHERE datname = $1"
+                for record in await connection.fetch(sql, self.database):
+                    self.seen[record[0]] = max(self.seen.get(record[0], 0.0), cpu_of(record[0]))
+                await asyncio.sleep(0.5)
+        finally:
+            await connection.close()
+
+    def __enter__(self) -> PostgresMeter:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+    def seconds(self) -> float:
+        return sum(self.seen.values())
+
+
+WITHOUT_PROJECTOR = """
+import events.projections as projections
+async def serve(self, *args, stop=None, **kwargs):
+    if stop is not None:
+        await stop.wait()
+projections.Projector.serve = serve
+from orchestrator.cli import main
+main()
+"""
+"""``baton`` with the read tables' projector doing nothing: a measurement of what the
+projector in every worker costs (``--without-worker-projector``), not a way to run."""
 
 
 class Checkout:
@@ -187,11 +256,11 @@ class Checkout:
         self.logs = itertools.count()
         self.log_of: dict[int, Path] = {}
 
-    def start(self, *args: str) -> subprocess.Popen[bytes]:
+    def start(self, *args: str, command: list[str] | None = None) -> subprocess.Popen[bytes]:
         path = self.path / f"{args[0]}-{next(self.logs)}.log"
         with path.open("wb") as log:
             process = subprocess.Popen(
-                [self.baton, *args],
+                [*(command or [self.baton]), *args],
                 cwd=self.path,
                 env=self.env,
                 stdout=subprocess.DEVNULL,
@@ -203,9 +272,12 @@ class Checkout:
     def says(self, process: subprocess.Popen[bytes], text: str) -> bool:
         return text in self.log_of[process.pid].read_text(errors="replace")
 
-    def worker(self, concurrency: int, claim_after: float) -> subprocess.Popen[bytes]:
+    def worker(
+        self, concurrency: int, claim_after: float, *, projector: bool = True
+    ) -> subprocess.Popen[bytes]:
         args = ["--concurrency", str(concurrency), "--claim-after", str(claim_after)]
-        return self.start("worker", "--queue", self.queue, *args)
+        command = None if projector else [sys.executable, "-c", WITHOUT_PROJECTOR]
+        return self.start("worker", "--queue", self.queue, *args, command=command)
 
     def migrate(self) -> None:
         if self.start("db", "migrate").wait(timeout=120) != 0:
@@ -276,17 +348,28 @@ def users(path: Path, rows: int) -> Path:
 
 
 def batch(
-    args: argparse.Namespace, part: str, shop_url: str, workers: int, round_: int, folder: Path
+    args: argparse.Namespace,
+    part: str,
+    shop_api: tuple[str, int],
+    workers: int,
+    round_: int,
+    folder: Path,
 ) -> Batch:
+    shop_url, shop_pid = shop_api
     with database(args.admin_url) as dsn, redis_server() as queue:
         checkout = Checkout(folder, shop_url, dsn, queue)
         checkout.migrate()
         profile = folder / f"profile-{part}-{workers}-{round_}"
-        started = [checkout.worker(args.concurrency, 30) for _ in range(workers)]
+        projector = not args.without_worker_projector
+        started = [
+            checkout.worker(args.concurrency, 30, projector=projector) for _ in range(workers)
+        ]
         spies = [spy(w, profile / f"worker{i}.txt") for i, w in enumerate(started) if args.profile]
         try:
             wait_for(lambda: readers(queue) == workers, f"{workers} workers to join")
             load = list(os.getloadavg())
+            meter = PostgresMeter(args.admin_url, dsn.rsplit("/", 1)[1]).__enter__()
+            shop_before, ticks_before = cpu_of(shop_pid), machine_ticks()
             begin = time.perf_counter()
             submit_args = ["run", CHAIN.name, "--data", f"users-{args.rows}.csv", "-q"]
             submitter = checkout.start(*submit_args, "--queue", queue)
@@ -294,6 +377,11 @@ def batch(
                 spies.append(spy(submitter, profile / "submitter.txt"))
             submitter_cpu = waited(submitter, f"the submitter (logs in {folder})")
             seconds = time.perf_counter() - begin
+            shop_cpu = cpu_of(shop_pid) - shop_before
+            busy, total = (
+                now - then for now, then in zip(machine_ticks(), ticks_before, strict=True)
+            )
+            meter.__exit__()
         finally:
             for worker in started:
                 if worker.poll() is None:
@@ -303,7 +391,18 @@ def batch(
             recorder.wait(timeout=60)
         check_batch(dsn, args.rows, CHAIN_TESTS)
         return Batch(
-            part, workers, round_, args.rows, seconds, span(dsn), submitter_cpu, worker_cpu, load
+            part,
+            workers,
+            round_,
+            args.rows,
+            seconds,
+            span(dsn),
+            submitter_cpu,
+            worker_cpu,
+            load,
+            meter.seconds(),
+            shop_cpu,
+            busy / total,
         )
 
 
@@ -318,8 +417,13 @@ def spy(process: subprocess.Popen[bytes], path: Path) -> subprocess.Popen[bytes]
 
 
 def resumed(
-    args: argparse.Namespace, shop_url: str, claim_after: float, round_: int, folder: Path
+    args: argparse.Namespace,
+    shop_api: tuple[str, int],
+    claim_after: float,
+    round_: int,
+    folder: Path,
 ) -> Resumed:
+    shop_url = shop_api[0]
     with database(args.admin_url) as dsn, redis_server() as queue:
         checkout = Checkout(folder, shop_url, dsn, queue)
         checkout.migrate()
@@ -399,6 +503,9 @@ def summarize(batches: list[Batch], resumes: list[Resumed]) -> dict[str, Any]:
                 "span_chains_per_second": span_throughput,
                 "submitter_cpu": median([s.submitter_cpu for s in samples]),
                 "workers_cpu": median([sum(s.worker_cpu) for s in samples]),
+                "postgres_cpu": median([s.postgres_cpu for s in samples]),
+                "shop_cpu": median([s.shop_cpu for s in samples]),
+                "machine_busy": median([s.machine_busy for s in samples]),
             }
             if base:
                 base_seconds = median([s.seconds for s in base])
@@ -454,6 +561,11 @@ def main() -> None:
     parser.add_argument("--claim-after", default="2,6", help="the resume part's values (s)")
     parser.add_argument("--kills", type=int, default=3, help="resume samples per --claim-after")
     parser.add_argument("--profile", action="store_true", help="py-spy every process (raw)")
+    parser.add_argument(
+        "--without-worker-projector",
+        action="store_true",
+        help="measurement only: workers whose read-table projector does nothing",
+    )
     parser.add_argument("--admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--output", type=Path, default=None, help="the results' JSON file")
     args = parser.parse_args()
@@ -480,7 +592,10 @@ def main() -> None:
                         batches.append(sample)
                         print(
                             f"{part} round {round_} workers {workers}: {sample.seconds:.2f} s"
-                            f" (log span {sample.span_seconds:.2f} s), load {sample.load[0]:.2f}",
+                            f" (log span {sample.span_seconds:.2f} s), load {sample.load[0]:.2f},"
+                            f" CPU s: workers {sum(sample.worker_cpu):.1f}, submitter"
+                            f" {sample.submitter_cpu:.1f}, PostgreSQL {sample.postgres_cpu:.1f},"
+                            f" shop {sample.shop_cpu:.1f}; cores {sample.machine_busy:.0%} busy",
                             flush=True,
                         )
         if "resume" in parts:
