@@ -18,9 +18,9 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "workers.py"
 def test_smoke_run_ends_every_chain_once_on_two_workers(tmp_path: Path) -> None:
     output = tmp_path / "workers.json"
     smoke = ["--rows", "12", "--workers", "2", "--parts", "io", "--repeat", "1"]
+    where = ["--admin-url", PG_ADMIN_DSN, "--output", str(output)]
     done = subprocess.run(
-        [sys.executable, str(BENCH), *smoke, "--latency-ms", "5"]
-        + ["--admin-url", PG_ADMIN_DSN, "--output", str(output)],
+        [sys.executable, str(BENCH), *smoke, "--latency-ms", "5", *where],
         capture_output=True,
         text=True,
         timeout=120,
