@@ -308,6 +308,15 @@ async def test_each_app_has_its_own_state(start_shop: Shop) -> None:
     assert (await second.get("/me", headers=bearer(token))).status_code == 401
 
 
+async def test_latency_delays_every_request_answer_unchanged(start_shop: Shop) -> None:
+    slow = await start_shop(latency_ms=300)
+    loop = asyncio.get_running_loop()
+    for path, status in (("/health", 200), ("/catalog", 401)):
+        started = loop.time()
+        assert (await slow.get(path)).status_code == status
+        assert loop.time() - started >= 0.3
+
+
 async def test_the_script_prints_its_address_and_stops_on_sigterm() -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable,

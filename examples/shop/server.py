@@ -29,6 +29,7 @@ __all__ = ["BROKEN_NAMES", "create_app", "main", "serve"]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 STATE = web.AppKey("state", ShopState)
 BROKEN = web.AppKey("broken", frozenset[str])
+LATENCY = web.AppKey("latency", float)
 USER = web.RequestKey("user", Session)
 TOKEN = web.RequestKey("token", str)
 
@@ -62,6 +63,9 @@ def authenticated(handler: Handler) -> Handler:
 async def shop_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     route = request.match_info.route.name or ""
     request_id = secrets.token_hex(8)
+    if request.app[LATENCY]:
+        # an API that waits on its own backends: the workers' benchmark needs I/O-bound chains
+        await asyncio.sleep(request.app[LATENCY])
     try:
         if route.split(".")[0] in request.app[BROKEN]:
             raise ApiError(500, f"internal server error (endpoint {route!r} is broken)")
@@ -307,9 +311,10 @@ BROKEN_NAMES = frozenset(name.split(".")[0] for *_, name in _ROUTES)
 
 
 def create_app(
-    *, broken: frozenset[str] = frozenset(), token_ttl: float = 300.0
+    *, broken: frozenset[str] = frozenset(), token_ttl: float = 300.0, latency_ms: float = 0.0
 ) -> web.Application:
-    """A fresh shop with its own state. The endpoints named in ``broken`` answer 500."""
+    """A fresh shop with its own state. The endpoints named in ``broken`` answer 500; every
+    request waits ``latency_ms`` before it is handled."""
     unknown = set(broken) - BROKEN_NAMES
     if unknown:
         known = ", ".join(sorted(BROKEN_NAMES))
@@ -317,6 +322,7 @@ def create_app(
     app = web.Application(middlewares=[shop_middleware])
     app[STATE] = ShopState(token_ttl=token_ttl)
     app[BROKEN] = frozenset(broken)
+    app[LATENCY] = max(latency_ms, 0.0) / 1000
     for method, path, handler, name in _ROUTES:
         app.router.add_route(method, path, handler, name=name)
     return app
@@ -352,6 +358,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--token-ttl", type=float, default=300.0, help="access token lifetime (s)")
     parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0.0,
+        help="milliseconds every request waits before it is handled (asyncio.sleep)",
+    )
+    parser.add_argument(
         "--broken",
         default="",
         help=f"comma-separated endpoints that answer 500, of: {', '.join(sorted(BROKEN_NAMES))}",
@@ -360,9 +372,10 @@ def main(argv: list[str] | None = None) -> None:
     broken = frozenset(name.strip() for name in args.broken.split(",") if name.strip())
     if broken - BROKEN_NAMES:
         parser.error(f"unknown --broken names: {', '.join(sorted(broken - BROKEN_NAMES))}")
-    asyncio.run(
-        _serve_forever(args.host, args.port, {"broken": broken, "token_ttl": args.token_ttl})
-    )
+    if args.latency_ms < 0:
+        parser.error("--latency-ms must be 0 or more")
+    opts = {"broken": broken, "token_ttl": args.token_ttl, "latency_ms": args.latency_ms}
+    asyncio.run(_serve_forever(args.host, args.port, opts))
 
 
 if __name__ == "__main__":
