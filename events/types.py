@@ -151,6 +151,9 @@ class RunCompleted(_Event, tag="RunCompleted", frozen=True):
     failed: int
     skipped: int
     duration_ms: float
+    known_failures: int = 0
+    """Of the failed, those marked known-failing whose mark had not expired: they did not
+    fail the run."""
 
 
 class RunCancelled(_Event, tag="RunCancelled", frozen=True):

@@ -224,6 +224,7 @@ class RunExecution:
                 failed=failed,
                 skipped=skipped,
                 duration_ms=round(duration, 3),
+                known_failures=sum(1 for t in tests if t.excused),
             )
         )
         return RunResult(
