@@ -178,3 +178,28 @@ def test_a_bad_date_or_a_missing_reason_is_a_usage_error_naming_the_place(
         "(write it as YYYY-MM-DD, such as 2026-12-31)",
         f"error: {flow}: tests.c.known_failure: the field 'reason' is required",
     ]
+
+
+async def test_the_batch_report_rebuilt_from_the_log_keeps_the_known_failure(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """``baton report --batch`` has only the events: the mark must be in them."""
+    flow = tmp_path / "known.yaml"
+    flow.write_text(FLOW.format(until="2999-12-31"))
+    batch = f"known-{tmp_path.name}"
+    code, out, err = await asyncio.to_thread(
+        baton, "run", "-q", str(flow), "--shard", "1/1", "--batch", batch
+    )
+    assert code == 0, out + err
+    report = tmp_path / "merged.json"
+    code, out, err = await asyncio.to_thread(
+        baton, "report", "--batch", batch, "--json", str(report)
+    )
+    assert code == 0, out + err
+    assert "known failure: bug 12: health is no teapot, until 2999-12-31" in out
+    # each independent test is a unit of its own in a batch: three runs, all passed
+    assert out.splitlines()[-1].startswith("3 runs: 3 passed; tests: 2 passed, 1 known failure in ")
+    [teapot] = [
+        t for t in json.loads(report.read_text())["runs"][0]["tests"] if t["name"] == "teapot"
+    ]
+    assert teapot["known_failure"]["until"] == "2999-12-31"
