@@ -140,6 +140,15 @@ async def test_an_expired_mark_fails_the_run_again_and_says_when_it_expired(
     html = (out_dir / "report.html").read_text()
     assert "the known-failure mark expired on 2000-01-31" in html
 
+    code, issue, err = await asyncio.to_thread(
+        baton, "report", "issue", report["runs"][0]["run_id"], "teapot"
+    )
+    assert code == 0, issue + err
+    assert (
+        "**Marked in the flow:** the known-failure mark expired on 2000-01-31: "
+        "bug 12: health is no teapot"
+    ) in issue
+
 
 def test_a_mark_holds_through_its_last_day_and_expires_the_day_after() -> None:
     mark = KnownFailure(reason="bug 12", until=date(2026, 12, 31))
