@@ -39,6 +39,7 @@ from context_service.services import Services
 from events import types as ev
 from events.context import Context, redacted
 from events.secrets import MASK, masked_event
+from orchestrator.known_failures import describe
 
 STATUSES = ("queued", "running", "passed", "failed", "cancelled", "error")
 LIVE = ("queued", "running")
@@ -163,16 +164,19 @@ def summary(event: ev.Event) -> str:
             | ev.AuthTokenUpdated(name=name, value=value)
         ):
             return f"{name} = {as_text(value)}"
-        case ev.TestPassed(attempts=attempts, duration_ms=duration):
-            return f"{attempts} attempt(s), {duration:.0f} ms"
-        case ev.TestFailed(category=category, message=message):
-            return f"{category}: {message}"
+        case ev.TestPassed(attempts=attempts, duration_ms=duration, known_failure=known):
+            note = f"; {describe(known, 'passed')}" if known is not None else ""
+            return f"{attempts} attempt(s), {duration:.0f} ms{note}"
+        case ev.TestFailed(category=category, message=message, known_failure=known):
+            note = f" ({describe(known, 'failed')})" if known is not None else ""
+            return f"{category}: {message}{note}"
         case ev.TestSkipped(reason=reason) | ev.RunCancelled(reason=reason):
             return reason
         case ev.RunCompleted():
             return (
-                f"{event.status}: {event.passed} passed, {event.failed} failed,"
-                f" {event.skipped} skipped in {event.duration_ms:.0f} ms"
+                f"{event.status}: {event.passed} passed, {event.failed} failed"
+                + (f" ({event.known_failures} known)" if event.known_failures else "")
+                + f", {event.skipped} skipped in {event.duration_ms:.0f} ms"
             )
     return ""
 

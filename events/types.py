@@ -112,10 +112,21 @@ class AuthTokenUpdated(_Event, tag="AuthTokenUpdated", frozen=True):
     value: str
 
 
+class KnownFailureMark(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The flow marked the test known-failing: why, the last day the mark holds (ISO date),
+    and whether that day had passed when the test ran (then its failure fails the run)."""
+
+    reason: str
+    until: str
+    expired: bool = False
+
+
 class TestPassed(_Event, tag="TestPassed", frozen=True):
     test: str
     attempts: int
     duration_ms: float
+    known_failure: KnownFailureMark | None = None
+    """Marked known-failing, and passed: the mark can be removed."""
 
 
 class TestFailed(_Event, tag="TestFailed", frozen=True):
@@ -124,6 +135,8 @@ class TestFailed(_Event, tag="TestFailed", frozen=True):
     duration_ms: float
     category: FailureCategory
     message: str
+    known_failure: KnownFailureMark | None = None
+    """Marked known-failing: unless the mark has expired, this failure does not fail the run."""
 
 
 class TestSkipped(_Event, tag="TestSkipped", frozen=True):
@@ -138,6 +151,9 @@ class RunCompleted(_Event, tag="RunCompleted", frozen=True):
     failed: int
     skipped: int
     duration_ms: float
+    known_failures: int = 0
+    """Of the failed, those marked known-failing whose mark had not expired: they did not
+    fail the run."""
 
 
 class RunCancelled(_Event, tag="RunCancelled", frozen=True):

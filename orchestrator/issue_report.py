@@ -20,6 +20,7 @@ import msgspec
 from events import types as ev
 from events.secrets import MASK, Redactor
 from orchestrator.errors import UsageError
+from orchestrator.known_failures import describe
 
 SHOWN = 1500
 """Characters of a body the report quotes."""
@@ -161,6 +162,12 @@ def _render(
         "",
         f"**What failed:** {shown.text(failed.message)}",
         "",
+    ]
+    if failed.known_failure is not None:
+        # the flow already knows of it: whoever files the issue links it to the known one
+        note = describe(failed.known_failure, "failed")
+        lines += [f"**Marked in the flow:** {shown.text(note)}", ""]
+    lines += [
         "## Request",
         "",
     ]

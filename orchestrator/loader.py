@@ -13,8 +13,9 @@ import re
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Union, get_args, get_origin
 
 import jsonpath_rfc9535
 import msgspec
@@ -68,7 +69,21 @@ MAX_DEPTH = 64
 MAX_VALUES = 1_000_000
 """How many values a flow file may hold with its YAML aliases expanded: more than a file
 of MAX_FLOW_BYTES can hold without aliases."""
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_BASE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_BASE_LOADER):  # type: ignore[misc, valid-type]
+    """YAML without its implicit timestamps: ``2026-12-31`` stays text, so that the schema
+    checks a date where the flow uses one and names the place; YAML itself would refuse
+    ``2026-13-01`` with no line and no field."""
+
+    yaml_implicit_resolvers: ClassVar[dict[str, list[tuple[str, Any]]]] = {
+        first: [pair for pair in pairs if pair[0] != "tag:yaml.org,2002:timestamp"]
+        for first, pairs in _BASE_LOADER.yaml_implicit_resolvers.items()
+    }
+
+
+_LOADER = _Loader
 _NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
 
 
@@ -381,6 +396,10 @@ def _struct_of(kind: Any) -> Any:
 
 
 def _leaf_problem(raw: Any, kind: Any, failure: str, label: str, where: str) -> Problem:
+    if date in _members(kind):
+        return Problem(
+            label, where, f"{raw!r} is not a date", "write it as YYYY-MM-DD, such as 2026-12-31"
+        )
     meta = _number_meta(kind)
     if meta is not None and _is_number(raw, kind):
         low, high = meta.ge, meta.le

@@ -7,6 +7,7 @@ Any string value may be a jinja2 template; templates are rendered at run time.
 from __future__ import annotations
 
 import re
+from datetime import date
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -189,6 +190,15 @@ class Service(_Spec, frozen=True):
     """skip: its tests are skipped ("service unhealthy"); abort: the run exits 3 first."""
 
 
+class KnownFailure(_Spec, frozen=True):
+    """A test expected to fail for now: it runs and is reported, but its failure fails the
+    run only once ``until`` has passed (the last day the mark holds, UTC)."""
+
+    reason: str
+    until: date
+    """YYYY-MM-DD."""
+
+
 class Test(_Spec, frozen=True):
     __test__ = False  # not a pytest test class
 
@@ -200,6 +210,7 @@ class Test(_Spec, frozen=True):
     tags: list[str] = []
     skip: bool | str = False
     """True, or the reason to skip."""
+    known_failure: KnownFailure | None = None
     expect: Expect | None = None
     capture: dict[str, Capture] = {}
     retries: Retry | Attempts | None = None

@@ -59,6 +59,7 @@ class _Test:
             assertions=self.assertions,
             captures=self.captures,
             exchange=self.exchange if failed else None,
+            known_failure=event.known_failure,
         )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from events.types import FailureCategory, RunStatus, TestStatus
+from events.types import FailureCategory, KnownFailureMark, RunStatus, TestStatus
 
 
 class AssertionResult(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -54,6 +54,18 @@ class TestResult(msgspec.Struct, omit_defaults=True):
     captures: dict[str, Any] = {}
     exchange: Exchange | None = None
     tags: list[str] = []
+    known_failure: KnownFailureMark | None = None
+    """The flow's known-failure mark, as judged the day the test ran."""
+
+    @property
+    def excused(self) -> bool:
+        """Failed, but marked known-failing and the mark has not expired: the run still
+        passes."""
+        return (
+            self.status == "failed"
+            and self.known_failure is not None
+            and not self.known_failure.expired
+        )
 
 
 class RunResult(msgspec.Struct, omit_defaults=True):
@@ -68,6 +80,10 @@ class RunResult(msgspec.Struct, omit_defaults=True):
     environment: str = ""
     batch_id: str = ""
     row: int = -1
+
+    @property
+    def known_failures(self) -> int:
+        return sum(1 for test in self.tests if test.excused)
 
     def count(self, status: TestStatus) -> int:
         return sum(1 for test in self.tests if test.status == status)

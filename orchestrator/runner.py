@@ -12,7 +12,7 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 
 import httpx
@@ -79,6 +79,8 @@ class RunInputs:
     """Go on with a run whose stream already begins (see Resume), instead of starting it."""
     session_id: str = ""
     """The test session the run was admitted to (events.sessions), if any."""
+    today: date = field(default_factory=lambda: datetime.now(UTC).date())
+    """The day known-failure marks are judged against (UTC)."""
 
 
 def run_started(plan: Plan, inputs: RunInputs) -> ev.RunStarted:
@@ -210,7 +212,7 @@ class RunExecution:
         skipped = sum(1 for t in tests if t.status == "skipped")
         status: ev.RunStatus = (
             "failed"
-            if failed
+            if any(t.status == "failed" and not t.excused for t in tests)
             or any(t.category == "template" for t in tests)
             or (resume is not None and resume.failure)
             else "passed"
@@ -222,6 +224,7 @@ class RunExecution:
                 failed=failed,
                 skipped=skipped,
                 duration_ms=round(duration, 3),
+                known_failures=sum(1 for t in tests if t.excused),
             )
         )
         return RunResult(

@@ -23,6 +23,7 @@ from orchestrator import templating
 from orchestrator.assertions import evaluate
 from orchestrator.captures import MISSING, CaptureError, capture, capture_all
 from orchestrator.compiled import CompiledTest, Expectation
+from orchestrator.known_failures import judged
 from orchestrator.model import Capture, Expect
 from orchestrator.results import AssertionResult, Exchange, ResponseView, TestResult
 from orchestrator.run_client import text as response_text
@@ -62,6 +63,7 @@ class TestExecution:
         self.unreported_at = 0
         """When the unreported response was received (microseconds since the Unix epoch)."""
         self.exchange: Exchange | None = None
+        self.known_failure = judged(compiled.spec.known_failure, run.inputs.today)
         self.assertions: list[AssertionResult] = []
         self.captured: dict[str, Any] = {}
         self.collected: dict[str, list[Any]] = {}
@@ -91,12 +93,18 @@ class TestExecution:
                     duration_ms=round(duration, 3),
                     category=failure.category,
                     message=message,
+                    known_failure=self.known_failure,
                 )
             )
             return self._result("failed", duration, failure.category, message)
         duration = (time.perf_counter() - start) * 1000
         self.run.emit(
-            ev.TestPassed(test=self.name, attempts=self.tries, duration_ms=round(duration, 3))
+            ev.TestPassed(
+                test=self.name,
+                attempts=self.tries,
+                duration_ms=round(duration, 3),
+                known_failure=self.known_failure,
+            )
         )
         return self._result("passed", duration)
 
@@ -118,6 +126,7 @@ class TestExecution:
             captures=self.captured,
             exchange=self.exchange if status == "failed" else None,
             tags=self.compiled.spec.tags,
+            known_failure=self.known_failure,
         )
 
     async def _render(self, renderer: templating.Renderer) -> Any:

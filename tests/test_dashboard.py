@@ -233,6 +233,23 @@ async def test_the_run_page_shows_the_last_events_of_a_long_run_and_counts_the_o
     assert f"{len(positions) - 300} earlier events are not shown here" in html
 
 
+async def test_the_run_page_log_shows_a_known_failure_that_did_not_fail_the_run(
+    acme: Org, setup: dict[str, str], shop: Shop
+) -> None:
+    mark = {"reason": "bug 12: health is no teapot", "until": "2999-12-31"}
+    tests = {
+        "teapot": {"request": {"url": "/health"}, "expect": {"status": 418}, "known_failure": mark}
+    }
+    flow = {"name": "known failure", "base_url": "{{ env.SHOP_URL }}", "tests": tests}
+    body = {"project_id": setup["project"], "content": json.dumps(flow)}
+    suite = (await acme.ok("POST", "/api/v1/suites", 201, json=body))["id"]
+    run_id = await acme.start(suite, setup["local"])
+    assert (await acme.finished(run_id))["status"] == "passed"
+    html = (await acme.http.get(f"/runs/{run_id}")).text
+    assert "(known failure: bug 12: health is no teapot, until 2999-12-31)" in html
+    assert "passed: 0 passed, 1 failed (1 known), 0 skipped" in html
+
+
 async def test_another_organizations_run_is_not_found(
     globex: Org, runs: dict[str, dict[str, Any]]
 ) -> None:

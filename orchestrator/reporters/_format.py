@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 
+from orchestrator.known_failures import describe
 from orchestrator.results import AssertionResult, Exchange, RunResult, TestResult
 
 Paint = Callable[[str, str], str]
@@ -76,22 +77,33 @@ def run_label(run: RunResult) -> str:
     return f"{run.suite} [row {run.row}]" if is_batch_row(run) else run.suite
 
 
-def counts(passed: int, failed: int, skipped: int) -> str:
+def counts(passed: int, failed: int, skipped: int, known: int = 0) -> str:
+    """``failed`` leaves out the ``known`` failures (marked, not expired)."""
     parts = [f"{passed} passed"]
     if failed:
         parts.append(f"{failed} failed")
+    if known:
+        parts.append(f"{known} known failure" + ("s" if known > 1 else ""))
     if skipped:
         parts.append(f"{skipped} skipped")
     return ", ".join(parts)
 
 
 def run_counts(run: RunResult) -> str:
-    return counts(run.count("passed"), run.count("failed"), run.count("skipped"))
+    known = run.known_failures
+    return counts(run.count("passed"), run.count("failed") - known, run.count("skipped"), known)
+
+
+def known_failure_note(test: TestResult) -> str:
+    """What the flow's known-failure mark means for this test's result; "" if unmarked."""
+    if test.known_failure is None or test.status == "skipped":
+        return ""
+    return describe(test.known_failure, test.status)
 
 
 def run_problem(run: RunResult) -> str:
     """Why a run failed when none of its tests did (an error or a cancellation), else ""."""
-    if run.status == "passed" or run.count("failed"):
+    if run.status == "passed" or run.count("failed") > run.known_failures:
         return ""
     return "the run was cancelled" if run.status == "cancelled" else f"the run ended: {run.status}"
 
@@ -135,6 +147,8 @@ def exchange_lines(exchange: Exchange, paint: Paint = plain) -> list[str]:
 def failure_detail(test: TestResult, paint: Paint = plain) -> list[str]:
     """What went wrong in one test: the message, each failed check, the last exchange."""
     lines: list[str] = []
+    if note := known_failure_note(test):
+        lines.append(printable(note))
     if test.message:
         category = f"[{test.category}] " if test.category else ""
         lines.append(category + clip(printable(test.message), MESSAGE_LIMIT))

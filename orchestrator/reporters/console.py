@@ -31,6 +31,7 @@ from events.types import (
     TestSkipped,
     TestStarted,
 )
+from orchestrator.known_failures import describe
 from orchestrator.reporters import _format as fmt
 from orchestrator.reporters.json_report import summarize
 from orchestrator.results import RunResult
@@ -179,10 +180,17 @@ class ConsoleProgress:
             retried = f"  after {event.attempts} attempts" if event.attempts > 1 else ""
             took = paint("dim", fmt.duration(event.duration_ms))
             line = f"  {paint('passed', '✓')} {event.test}  {took}{retried}"
+            if event.known_failure is not None:
+                note = fmt.printable(describe(event.known_failure, "passed"))
+                line += "  " + paint("skipped", note)
         elif isinstance(event, TestFailed):
             run.tally["failed"] += 1
             why = fmt.first_line(fmt.printable(event.message))
             line = f"  {paint('failed', '✗')} {event.test}  [{event.category}] {why}"
+            if event.known_failure is not None:
+                line += "  " + paint(
+                    "skipped", f"({fmt.printable(describe(event.known_failure, 'failed'))})"
+                )
         else:
             run.tally["skipped"] += 1
             if self._quiet:
@@ -194,7 +202,8 @@ class ConsoleProgress:
     def _completed(self, run_id: str, run: _RunState, event: RunCompleted) -> None:
         self._runs.pop(run_id, None)
         took = fmt.duration(event.duration_ms)
-        tally = fmt.counts(event.passed, event.failed, event.skipped)
+        known = event.known_failures
+        tally = fmt.counts(event.passed, event.failed - known, event.skipped, known)
         if not run.batch:
             if event.status not in ("passed", "failed"):
                 self._run_line(run_id, run, f"  ! the run ended: {event.status}")
@@ -313,7 +322,7 @@ def render_summary(results: list[RunResult], *, color: bool, max_failures: int =
     budget = max_failures
     hidden = 0
     for run in results:
-        failed = sum(1 for test in run.tests if test.status == "failed")
+        failed = sum(1 for test in run.tests if test.status == "failed" and not test.excused)
         lines += _run_failures(run, paint, budget)
         hidden += max(failed - budget, 0)
         budget = max(budget - failed, 0)
@@ -321,8 +330,9 @@ def render_summary(results: list[RunResult], *, color: bool, max_failures: int =
         lines.insert(0, paint("title", "FAILURES"))
     if hidden:
         lines += ["", f"… and {hidden} more failed tests (see the JUnit, JSON or HTML report)"]
+    lines += _known_failures(results, paint)
     summary = summarize(results)
-    totals = fmt.counts(summary.passed, summary.failed, summary.skipped)
+    totals = fmt.counts(summary.passed, summary.failed, summary.skipped, summary.known_failures)
     if summary.runs > 1:
         runs = f"{summary.runs} runs: {summary.runs_passed} passed"
         runs += f", {summary.runs_failed} failed" if summary.runs_failed else ""
@@ -339,7 +349,7 @@ def _run_failures(run: RunResult, paint: fmt.Paint, budget: int) -> list[str]:
     problem = fmt.run_problem(run)
     if problem:
         lines += ["", f"{paint('failed', '✗')} {paint('bold', fmt.run_label(run))}: {problem}"]
-    failed = [test for test in run.tests if test.status == "failed"]
+    failed = [test for test in run.tests if test.status == "failed" and not test.excused]
     for test in failed[:budget]:
         title = paint("bold", f"{fmt.run_label(run)} / {test.name}")
         lines += ["", f"{paint('failed', '✗')} {title}  {paint('dim', run.file)}"]
@@ -347,6 +357,19 @@ def _run_failures(run: RunResult, paint: fmt.Paint, budget: int) -> list[str]:
     if lines:
         lines += _skipped_lines(run, paint)
     return lines
+
+
+def _known_failures(results: list[RunResult], paint: fmt.Paint) -> list[str]:
+    """The marked tests that did not fail the run: those still failing, and those that pass
+    now (their mark can go)."""
+    lines = [
+        f"  {paint('skipped', '✗' if test.status == 'failed' else '✓')} "
+        f"{fmt.run_label(run)} / {test.name}  {fmt.printable(fmt.known_failure_note(test))}"
+        for run in results
+        for test in run.tests
+        if test.excused or (test.status == "passed" and test.known_failure is not None)
+    ]
+    return ["", paint("title", "KNOWN FAILURES"), *lines] if lines else []
 
 
 def _skipped_lines(run: RunResult, paint: fmt.Paint) -> list[str]:

@@ -39,6 +39,7 @@ def _environment() -> jinja2.Environment:
         counts=fmt.run_counts,
         problem=fmt.run_problem,
         first_line=fmt.first_line,
+        known_failure=fmt.known_failure_note,
         printable=fmt.printable,
         clip=fmt.clip,
         marks={"passed": "✓", "failed": "✗", "skipped": "-"},

@@ -9,6 +9,7 @@ added at any time, so readers should ignore what they do not know)::
         "status": "passed" | "failed",   # failed if any run did not pass
         "runs": 3, "runs_passed": 2, "runs_failed": 1,   # runs_failed: failed, error or cancelled
         "tests": 18, "passed": 15, "failed": 1, "skipped": 2,
+        "known_failures": 0,   # failed, but marked known-failing and not expired: not in "failed"
         "started_at": "2024-05-01T10:00:00+00:00",   # the earliest run's start, "" if no runs
         "duration_ms": 1234.5                        # wall clock from first start to last end
       },
@@ -18,7 +19,8 @@ added at any time, so readers should ignore what they do not know)::
 Each element of ``runs`` is an ``orchestrator.results.RunResult`` encoded by msgspec, with
 default-valued fields left out: ``run_id``, ``suite``, ``file``, ``status``, ``started_at``,
 ``duration_ms``, ``tests`` (each a ``TestResult``: ``name``, ``status``, ``duration_ms``,
-``attempts``, ``category``, ``message``, ``assertions`` with ``subject``, ``predicate``,
+``attempts``, ``category``, ``message``, ``known_failure`` with ``reason``, ``until`` and
+``expired`` for a test the flow marks known-failing, ``assertions`` with ``subject``, ``predicate``,
 ``expected``, ``actual``, ``passed``, ``message``; ``captures``; ``exchange`` with the
 request and the response excerpt), and for batch rows ``batch_id`` and ``row``.
 Secrets are redacted before results reach a reporter; this file holds only what they hold.
@@ -48,6 +50,7 @@ class Summary(msgspec.Struct, frozen=True):
     skipped: int
     started_at: str
     duration_ms: float
+    known_failures: int = 0
 
 
 class JsonReport(msgspec.Struct):
@@ -88,7 +91,8 @@ def wall_clock_ms(results: list[RunResult]) -> tuple[str, float]:
 def summarize(results: list[RunResult]) -> Summary:
     tests = [test for run in results for test in run.tests]
     runs_passed = sum(1 for run in results if run.status == "passed")
-    failed = sum(1 for test in tests if test.status == "failed")
+    known = sum(1 for test in tests if test.excused)
+    failed = sum(1 for test in tests if test.status == "failed") - known
     started_at, duration_ms = wall_clock_ms(results)
     return Summary(
         status="passed" if runs_passed == len(results) and not failed else "failed",
@@ -101,6 +105,7 @@ def summarize(results: list[RunResult]) -> Summary:
         skipped=sum(1 for test in tests if test.status == "skipped"),
         started_at=started_at,
         duration_ms=round(duration_ms, 3),
+        known_failures=known,
     )
 
 

@@ -15,8 +15,13 @@ of ``testsuites`` are tests, failures, errors and time.
           <failure message="first line" type="assertion">expected/actual, exchange</failure>
         </testcase>
         <testcase ...><skipped message="depends on add_to_cart, which failed"/></testcase>
+        <testcase ...><skipped message="known failure: bug 12, until 2026-12-31"/>
+          <system-out>the failure</system-out></testcase>
       </testsuite>
     </testsuites>
+
+A known failure (marked, not expired) is a ``<skipped>``, as pytest writes an xfail, so CI
+reads the run as green as Baton's exit code does; an expired mark is a ``<failure>`` again.
 
 A run that errored or was cancelled without a failing test gets one extra ``(run)``
 testcase with an ``<error>``, so CI never reads such a run as green.
@@ -61,7 +66,10 @@ def _set(element: ET.Element, **attributes: str | int) -> None:
 
 
 def _headline(test: TestResult) -> str:
-    """One line for CI's test list: the runner's message, else the first failed check."""
+    """One line for CI's test list: an expired known-failure mark, the runner's message,
+    else the first failed check."""
+    if test.known_failure is not None:
+        return fmt.first_line(fmt.known_failure_note(test), _MESSAGE_LIMIT)
     if test.message:
         return fmt.first_line(test.message, _MESSAGE_LIMIT)
     for check in fmt.failed_assertions(test):
@@ -75,20 +83,24 @@ def _testcase(parent: ET.Element, run: RunResult, test: TestResult) -> ET.Elemen
     # classname carries the row too: Jenkins and GitLab key results on classname + name,
     # so fifty rows of one suite would otherwise collapse into one test
     _set(case, classname=fmt.run_label(run), name=test.name, time=_seconds(test.duration_ms))
-    if test.status == "failed":
+    note = fmt.known_failure_note(test)
+    out_lines = [f"captured {name} = {fmt.show(value)}" for name, value in test.captures.items()]
+    if test.excused:
+        skipped = ET.SubElement(case, "skipped")
+        _set(skipped, message=fmt.first_line(note, _MESSAGE_LIMIT))
+        out_lines = fmt.failure_detail(test) + out_lines
+    elif test.status == "failed":
         failure = ET.SubElement(case, "failure")
         _set(failure, message=_headline(test), type=test.category or "")
         failure.text = _text("\n".join(fmt.failure_detail(test)))
     elif test.status == "skipped":
         skipped = ET.SubElement(case, "skipped")
         _set(skipped, message=fmt.first_line(test.message or "skipped", _MESSAGE_LIMIT))
-    if test.captures:
+    elif note:  # passed, marked known-failing: the mark can go
+        out_lines.insert(0, note)
+    if out_lines:
         out = ET.SubElement(case, "system-out")
-        out.text = _text(
-            "\n".join(
-                f"captured {name} = {fmt.show(value)}" for name, value in test.captures.items()
-            )
-        )
+        out.text = _text("\n".join(out_lines))
     return case
 
 
@@ -120,9 +132,9 @@ def _testsuite(parent: ET.Element, index: int, run: RunResult) -> tuple[int, int
         name=fmt.run_label(run),
         id=index,
         tests=tests,
-        failures=run.count("failed"),
+        failures=run.count("failed") - run.known_failures,
         errors=errors,
-        skipped=run.count("skipped"),
+        skipped=run.count("skipped") + run.known_failures,
         time=_seconds(run.duration_ms),
         timestamp=_timestamp(run.started_at),
         hostname="localhost",
