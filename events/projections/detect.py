@@ -16,9 +16,14 @@ The rules (the constants below):
   that always fails is broken, not flaky).
 - ``flip_rate``: status changes between consecutive executions / (n - 1) >= 0.2 over the
   last 30 executions, n >= 5.
-- ``performance_degradation``: the median duration of the last 5 passed executions more
-  than 20% above the median of the passed executions in the 30 days before the oldest of
-  those 5, with at least 10 of them.
+- ``performance_degradation``: the median of the passed executions of the last 24 hours
+  (at least 5 runs) more than 20% and at least 10 ms above the baseline: the median of the
+  daily medians of the passed executions in the 30 days before, ending an hour before the
+  oldest recent execution and leaving out every batch the recent window holds, with at
+  least 10 runs on at least 3 distinct days. One batch never judges itself, a test's first
+  days are no baseline, and 2 ms to 3 ms is no slowdown (docs/analytics.md says why). It
+  is crossed when it holds on the passed executions up to and with the run's, and did not
+  up to the test's previous passed execution: reported once, again only after recovering.
 
 An execution is a test that passed or failed: a skipped test (for a failed dependency or
 any other reason) sent nothing, and counts as neither a failure nor a flip.
@@ -47,6 +52,7 @@ something.
 
 from __future__ import annotations
 
+import statistics
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -78,11 +84,21 @@ FAILURE_RATE_ABOVE = Fraction(1, 10)
 FLIP_WINDOW = 30
 """The last executions the flip rate looks at."""
 FLIP_RATE_AT_LEAST = Fraction(1, 5)
-RECENT_PASSES = 5
+RECENT_WINDOW = timedelta(days=1)
+"""The slowdown rule's recent window: the passed executions of the day up to the one judged."""
+MIN_RECENT_RUNS = 5
 BASELINE_WINDOW = timedelta(days=30)
-MIN_BASELINE = 10
+BASELINE_GAP = timedelta(hours=1)
+"""The baseline ends this long before the recent window's oldest execution, so runs started
+together (a batch, or runs that were not given one) never judge each other."""
+MIN_BASELINE_RUNS = 10
+MIN_BASELINE_DAYS = 3
+"""Distinct UTC days with passed executions in the baseline: a test's first days, or one
+busy day, are no baseline."""
 SLOWDOWN_ABOVE = Fraction(6, 5)
-"""The recent median must exceed the baseline median times this (20% slower)."""
+"""The recent median must exceed the baseline median times this (20% slower)..."""
+SLOWER_BY_AT_LEAST_MS = 10.0
+"""...and by at least this much: 2 ms to 3 ms is noise, not a slowdown."""
 
 # A history row h that is an execution, decided at or before the RunCompleted of key k. A
 # row written before schema step 7 has no position: it is older than any run judged since.
@@ -158,47 +174,20 @@ CROSS JOIN LATERAL ({_flips(_EXECUTIONS + _OTHER_RUNS)}) AS flips_before
 )
 
 
-def _recent(passes: str) -> str:
-    """The median, number and oldest time of the newest ``$6`` of ``passes``."""
-    return f"""
-    SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) AS median,
-           count(*) AS samples, min(executed_at) AS since
-    FROM (
-        SELECT h.duration_ms, h.executed_at FROM test_run_history h
-        WHERE {passes} {_NEWEST_FIRST} LIMIT $6
-    ) AS newest
-    """
-
-
-def _baseline(passes: str, recent: str) -> str:
-    """The median and number of ``passes`` in the ``$7`` before ``recent`` began."""
-    return f"""
-    SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY h.duration_ms) AS median,
-           count(*) AS samples
-    FROM test_run_history h
-    WHERE {passes} AND h.executed_at >= {recent}.since - $7::interval
-      AND h.executed_at < {recent}.since
-    """
-
-
-# Per key: recent and baseline medians with the run, and without it.
-_SLOWDOWN = (
-    _KEYS
-    + f"""
-SELECT k.run_id, k.test_case_id,
-       recent.median AS recent_median, recent.samples AS recent_samples,
-       baseline.median AS baseline_median, baseline.samples AS baseline_samples,
-       recent_before.median AS recent_median_before,
-       recent_before.samples AS recent_samples_before,
-       baseline_before.median AS baseline_median_before,
-       baseline_before.samples AS baseline_samples_before
-FROM k
-CROSS JOIN LATERAL ({_recent(_PASSES)}) AS recent
-CROSS JOIN LATERAL ({_baseline(_PASSES, "recent")}) AS baseline
-CROSS JOIN LATERAL ({_recent(_PASSES + _OTHER_RUNS)}) AS recent_before
-CROSS JOIN LATERAL ({_baseline(_PASSES + _OTHER_RUNS, "recent_before")}) AS baseline_before
+# The passed executions of some tests, as the slowdown rule reads them: in log order, with
+# the batch of their run. $1, $2: test case and environment ids; $3: the oldest time any
+# key of the page can look back to; $4: the newest position any key of the page is judged at.
+_PASSED_HISTORY = """
+SELECT h.test_case_id, h.environment_id, h.run_id, h.duration_ms, h.executed_at,
+       coalesce(h.position, 0) AS position, r.batch_id
+FROM unnest($1::uuid[], $2::uuid[]) AS k(test_case_id, environment_id)
+JOIN test_run_history h
+  ON h.test_case_id = k.test_case_id AND h.environment_id = k.environment_id
+LEFT JOIN test_runs r ON r.id = h.run_id
+WHERE h.status = 'passed' AND h.duration_ms IS NOT NULL
+  AND h.executed_at >= $3 AND coalesce(h.position, 0) <= $4
+ORDER BY h.test_case_id, h.environment_id, coalesce(h.position, 0), h.executed_at, h.run_id
 """
-)
 
 
 class Execution(msgspec.Struct, frozen=True):
@@ -236,19 +225,60 @@ def flip_rate_holds(samples: int, flips: int) -> bool:
     return samples >= MIN_SAMPLES and Fraction(flips, samples - 1) >= FLIP_RATE_AT_LEAST
 
 
-def slower(
-    recent_samples: int,
-    recent_median: float | None,
-    baseline_samples: int,
-    baseline_median: float | None,
-) -> bool:
-    if recent_median is None or baseline_median is None or baseline_median <= 0:
-        return False  # no passes to compare, or a baseline no slowdown can be a ratio of
-    return (
-        recent_samples >= RECENT_PASSES
-        and baseline_samples >= MIN_BASELINE
-        and Fraction(recent_median) > SLOWDOWN_ABOVE * Fraction(baseline_median)
-    )
+class Passed(msgspec.Struct, frozen=True):
+    """A passed execution as the slowdown rule reads it."""
+
+    run_id: uuid.UUID
+    duration_ms: float
+    executed_at: datetime
+    position: int
+    batch_id: uuid.UUID | None
+
+
+class Slowdown(msgspec.Struct, frozen=True):
+    recent_median_ms: float
+    baseline_median_ms: float
+    recent_runs: int
+    baseline_runs: int
+
+
+def slowdown(history: Sequence[Passed]) -> Slowdown | None:
+    """The slowdown the last of ``history`` (passed executions in log order) shows, if any.
+
+    Recent: the executions of the day up to it (each run one sample), at least 5 runs.
+    Baseline: the 30 days before the recent window, ending an hour before its oldest
+    execution and leaving out every batch the recent window holds, with at least 10 runs
+    on at least 3 distinct days; its median is the median of the daily medians, so a busy
+    day weighs no more than a quiet one and a burst of noise within a day does not move it.
+    """
+    if not history:
+        return None
+    now = history[-1].executed_at
+    recent = [p for p in history if p.executed_at > now - RECENT_WINDOW]
+    if len(recent) < MIN_RECENT_RUNS:
+        return None
+    recent_batches = {p.batch_id for p in recent if p.batch_id is not None}
+    baseline_end = min(p.executed_at for p in recent) - BASELINE_GAP
+    days: dict[object, list[float]] = {}
+    runs = 0
+    for p in history:
+        if now - BASELINE_WINDOW <= p.executed_at < baseline_end and (
+            p.batch_id is None or p.batch_id not in recent_batches
+        ):
+            days.setdefault(p.executed_at.date(), []).append(p.duration_ms)
+            runs += 1
+    if runs < MIN_BASELINE_RUNS or len(days) < MIN_BASELINE_DAYS:
+        return None
+    baseline_median = statistics.median(statistics.median(d) for d in days.values())
+    recent_median = statistics.median(p.duration_ms for p in recent)
+    if baseline_median <= 0:
+        return None  # no slowdown can be a ratio of it
+    if (
+        Fraction(recent_median) > SLOWDOWN_ABOVE * Fraction(baseline_median)
+        and recent_median - baseline_median >= SLOWER_BY_AT_LEAST_MS
+    ):
+        return Slowdown(recent_median, baseline_median, len(recent), runs)
+    return None
 
 
 # ---- from the page to the findings --------------------------------------------------------
@@ -368,23 +398,35 @@ def _flaky_event(
 
 
 async def _slowdowns(conn: asyncpg.Connection, passed: Sequence[Execution]) -> list[Found]:
+    """A slowdown crossed by each run's execution: the rule holds on the history up to
+    and with it, and did not on the history up to the test's previous passed execution."""
     if not passed:
         return []
-    by_key = {e.key: e for e in passed}
-    rows = await conn.fetch(_SLOWDOWN, *_keys(passed), RECENT_PASSES, BASELINE_WINDOW)
-    findings = []
+    tests = sorted({(e.test_case_id, e.environment_id) for e in passed})
+    oldest = min(e.completed_at for e in passed) - BASELINE_WINDOW - RECENT_WINDOW
+    rows = await conn.fetch(
+        _PASSED_HISTORY,
+        [t for t, _ in tests],
+        [env for _, env in tests],
+        oldest,
+        max(e.position for e in passed),
+    )
+    histories: dict[tuple[uuid.UUID, uuid.UUID], list[Passed]] = {}
     for row in rows:
-        now = slower(
-            row["recent_samples"], row["recent_median"],
-            row["baseline_samples"], row["baseline_median"],
+        history = histories.setdefault((row["test_case_id"], row["environment_id"]), [])
+        history.append(
+            Passed(row["run_id"], row["duration_ms"], row["executed_at"], row["position"],
+                   row["batch_id"])
         )  # fmt: skip
-        before = slower(
-            row["recent_samples_before"], row["recent_median_before"],
-            row["baseline_samples_before"], row["baseline_median_before"],
-        )  # fmt: skip
-        if not now or before:
+    findings = []
+    for execution in passed:
+        history = histories.get((execution.test_case_id, execution.environment_id), [])
+        mine = next((i for i, p in enumerate(history) if p.run_id == execution.run_id), None)
+        if mine is None:
             continue
-        execution = by_key[(row["run_id"], row["test_case_id"])]
+        found = slowdown(history[: mine + 1])
+        if found is None or slowdown(history[:mine]) is not None:
+            continue
         event = PerformanceDegraded(
             run_id=str(execution.run_id),
             suite=execution.suite,
@@ -392,12 +434,12 @@ async def _slowdowns(conn: asyncpg.Connection, passed: Sequence[Execution]) -> l
             test_case_id=str(execution.test_case_id),
             environment=execution.environment,
             environment_id=str(execution.environment_id),
-            recent_median_ms=round(row["recent_median"], 3),
-            baseline_median_ms=round(row["baseline_median"], 3),
-            ratio=round(row["recent_median"] / row["baseline_median"], 4),
+            recent_median_ms=round(found.recent_median_ms, 3),
+            baseline_median_ms=round(found.baseline_median_ms, 3),
+            ratio=round(found.recent_median_ms / found.baseline_median_ms, 4),
             threshold=float(SLOWDOWN_ABOVE),
-            recent_samples=row["recent_samples"],
-            baseline_samples=row["baseline_samples"],
+            recent_samples=found.recent_runs,
+            baseline_samples=found.baseline_runs,
             baseline_days=BASELINE_WINDOW.days,
         )
         findings.append(_finding(execution, "performance_degradation", event))
