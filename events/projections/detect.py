@@ -4,26 +4,27 @@ Flaky tests and performance degradation (DESIGN.md, "Analytics and retention"; s
 For every run whose RunCompleted is in a page, once the page's read tables are written, each
 test the run executed is judged on test_run_history as it stood at that RunCompleted: the
 executions of the same test case in the same environment that were decided at or before its
-log position. A finding is recorded when a rule holds with the run's execution and did not
-hold without it, so a test is reported once, when it crosses the line, not on every run
-after. Only logged facts enter (positions, recorded times, never the clock), so a rebuild,
-or pages that begin elsewhere, decide the same.
+log position. A finding is recorded when the run's execution crosses a rule (below), so a
+test is reported once, when it crosses the line, not on every run after. Only logged facts
+enter (positions, recorded times, never the clock), so a rebuild, or pages that begin
+elsewhere, decide the same.
 
-The rules (the constants below):
+The rules (the constants below; docs/analytics.md gives them with the why):
 
-- ``failure_rate`` (seed 002): failed executions / executions > 10% over the 7 days up to
-  the run's completion, with at least 5 executions, and not all of them failed (a test
-  that always fails is broken, not flaky).
-- ``flip_rate``: status changes between consecutive executions / (n - 1) >= 0.2 over the
-  last 30 executions, n >= 5.
-- ``performance_degradation``: the median of the passed executions of the last 24 hours
-  (at least 5 runs) more than 20% and at least 10 ms above the baseline: the median of the
-  daily medians of the passed executions in the 30 days before, ending an hour before the
-  oldest recent execution and leaving out every batch the recent window holds, with at
-  least 10 runs on at least 3 distinct days. One batch never judges itself, a test's first
-  days are no baseline, and 2 ms to 3 ms is no slowdown (docs/analytics.md says why). It
-  is crossed when it holds on the passed executions up to and with the run's, and did not
-  up to the test's previous passed execution: reported once, again only after recovering.
+- ``failure_rate`` (seed 002): failed executions / executions over the 7 days up to the
+  execution judged, above 10% by more than one standard error (the Wilson interval's lower
+  end), with at least 30 executions spanning at least 3 days, and not all of them failed
+  (a test that always fails is broken, not flaky).
+- ``flip_rate``: status changes between consecutive executions / (n - 1) over the last 100
+  executions of those 7 days, at least 0.2 by more than one standard error, with the same
+  minimums.
+- ``performance_degradation``: see ``slowdown``: the newest two batches against a baseline
+  of the 30 days before them, with a gap, by median, 20%, 10 ms and 3 robust standard
+  deviations of the baseline's batches.
+
+A rule is crossed at an execution when it holds on the test's history up to and with it
+and held at none of the test's executions of the 7 days before (``QUIET``): a test is
+reported once while it stays over, and again only after a week under the line.
 
 An execution is a test that passed or failed: a skipped test (for a failed dependency or
 any other reason) sent nothing, and counts as neither a failure nor a flip.
@@ -52,9 +53,10 @@ something.
 
 from __future__ import annotations
 
+import math
 import statistics
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from fractions import Fraction
 
@@ -77,15 +79,21 @@ from events.types import (
 
 FINDINGS = "findings"
 """The Detector's checkpoint."""
-MIN_SAMPLES = 5
-"""Executions a flaky rule needs before it may hold: 1 failure in 2 runs is not news."""
+MIN_SAMPLES = 30
+"""Executions a flaky rule needs before it may hold: 1 failure in 5 runs is not news."""
+MIN_DAYS = 3
+"""UTC days a flaky rule's window spans (first to last): one batch, or one bad hour, is no
+history."""
 FAILURE_RATE_WINDOW = timedelta(days=7)
 FAILURE_RATE_ABOVE = Fraction(1, 10)
-FLIP_WINDOW = 30
-"""The last executions the flip rate looks at."""
+FLIP_WINDOW = 100
+"""The last executions (of the failure rate's 7 days) the flip rate looks at."""
 FLIP_RATE_AT_LEAST = Fraction(1, 5)
-RECENT_WINDOW = timedelta(days=1)
-"""The slowdown rule's recent window: the passed executions of the day up to the one judged."""
+QUIET = timedelta(days=7)
+"""A flaky rule is crossed when it holds and held at none of the test's executions of this
+long before: a rate that hovers about its line is one finding, not one a day."""
+RECENT_WINDOW = timedelta(days=7)
+"""How far back the slowdown rule looks for its recent batches."""
 MIN_RECENT_RUNS = 5
 BASELINE_WINDOW = timedelta(days=30)
 BASELINE_GAP = timedelta(hours=1)
@@ -99,6 +107,13 @@ SLOWDOWN_ABOVE = Fraction(6, 5)
 """The recent median must exceed the baseline median times this (20% slower)..."""
 SLOWER_BY_AT_LEAST_MS = 10.0
 """...and by at least this much: 2 ms to 3 ms is noise, not a slowdown."""
+MIN_RECENT_BATCHES = 2
+MIN_BATCH_RUNS = 3
+"""The recent window's batches (of at least this many runs) that must each be slower."""
+SPREADS = 3
+"""...each by more than this many robust standard deviations (1.4826 x the median absolute
+deviation) of the baseline's batch medians: where batches vary by 12%, two batches 25%
+over are the variation, not a slowdown."""
 
 # A history row h that is an execution, decided at or before the RunCompleted of key k. A
 # row written before schema step 7 has no position: it is older than any run judged since.
@@ -106,21 +121,6 @@ _EXECUTED_BY_THEN = """
     h.status IN ('passed', 'failed') AND h.category IS DISTINCT FROM 'dependency_skipped'
     AND coalesce(h.position, 0) <= k.position
 """
-# The executions of k's test case in its environment, as of k's RunCompleted.
-_EXECUTIONS = (
-    "h.test_case_id = k.test_case_id AND h.environment_id = k.environment_id AND"
-    + _EXECUTED_BY_THEN
-)
-_PASSES = _EXECUTIONS + " AND h.status = 'passed' AND h.duration_ms IS NOT NULL"
-_OTHER_RUNS = " AND h.run_id <> k.run_id"
-_NEWEST_FIRST = "ORDER BY h.executed_at DESC, h.run_id DESC"
-_KEYS = """
-WITH k AS (
-    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::bigint[], $5::timestamptz[])
-        AS k(run_id, test_case_id, environment_id, position, completed_at)
-)
-"""
-
 # The tests each completed run executed, with what a finding names.
 _EXECUTED = f"""
 SELECT r.id AS run_id, r.project_id, h.test_case_id, h.environment_id, h.status,
@@ -135,43 +135,17 @@ WHERE {_EXECUTED_BY_THEN}
 """
 
 
-def _flips(executions: str) -> str:
-    """Executions and status changes among the newest ``$7`` of ``executions``."""
-    return f"""
-    SELECT count(*) AS samples, count(*) FILTER (WHERE status <> previous) AS flips
-    FROM (
-        SELECT status, lag(status) OVER (ORDER BY executed_at, run_id) AS previous
-        FROM (
-            SELECT h.status, h.executed_at, h.run_id FROM test_run_history h
-            WHERE {executions} {_NEWEST_FIRST} LIMIT $7
-        ) AS newest
-    ) AS consecutive
-    """
-
-
-# Per key: the failure rate's numbers with and without the run, the flip rate's with and
-# without it. $6: the failure rate's window; $7: the flip rate's.
-_FLAKY = (
-    _KEYS
-    + f"""
-SELECT k.run_id, k.test_case_id,
-       rate.samples, rate.failures, rate.samples_before, rate.failures_before,
-       flips.samples AS flip_samples, flips.flips,
-       flips_before.samples AS flip_samples_before, flips_before.flips AS flips_before
-FROM k
-CROSS JOIN LATERAL (
-    SELECT count(*) AS samples,
-           count(*) FILTER (WHERE h.status = 'failed') AS failures,
-           count(*) FILTER (WHERE h.run_id <> k.run_id) AS samples_before,
-           count(*) FILTER (WHERE h.run_id <> k.run_id AND h.status = 'failed')
-               AS failures_before
-    FROM test_run_history h
-    WHERE {_EXECUTIONS} AND h.executed_at > k.completed_at - $6::interval
-) AS rate
-CROSS JOIN LATERAL ({_flips(_EXECUTIONS)}) AS flips
-CROSS JOIN LATERAL ({_flips(_EXECUTIONS + _OTHER_RUNS)}) AS flips_before
+# The executions of some tests, as the flaky rules read them, in log order. $1, $2: test
+# case and environment ids; $3: the oldest time any key of the page looks back to; $4: the
+# newest position any key of the page is judged at.
+_EXECUTED_HISTORY = f"""
+SELECT h.test_case_id, h.environment_id, h.run_id, h.status, h.executed_at
+FROM unnest($1::uuid[], $2::uuid[]) AS k(test_case_id, environment_id)
+JOIN test_run_history h
+  ON h.test_case_id = k.test_case_id AND h.environment_id = k.environment_id
+WHERE {_EXECUTED_BY_THEN.replace("k.position", "$4")} AND h.executed_at >= $3
+ORDER BY h.test_case_id, h.environment_id, coalesce(h.position, 0), h.executed_at, h.run_id
 """
-)
 
 
 # The passed executions of some tests, as the slowdown rule reads them: in log order, with
@@ -213,16 +187,85 @@ class Execution(msgspec.Struct, frozen=True):
 # ---- the rules: pure functions of the numbers ---------------------------------------------
 
 
-def failure_rate_holds(samples: int, failures: int) -> bool:
+def lower_bound(successes: int, trials: int) -> float:
+    """The Wilson score interval's lower end at one standard error: a rate observed on a
+    few dozen executions is not taken for more than it shows."""
+    z = 1.0
+    p = successes / trials
+    centre = p + z * z / (2 * trials)
+    margin = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
+    return (centre - margin) / (1 + z * z / trials)
+
+
+def failure_rate_holds(samples: int, failures: int, days: int) -> bool:
     return (
         samples >= MIN_SAMPLES
+        and days >= MIN_DAYS
         and failures < samples
-        and Fraction(failures, samples) > FAILURE_RATE_ABOVE
+        and lower_bound(failures, samples) > FAILURE_RATE_ABOVE
     )
 
 
-def flip_rate_holds(samples: int, flips: int) -> bool:
-    return samples >= MIN_SAMPLES and Fraction(flips, samples - 1) >= FLIP_RATE_AT_LEAST
+def flip_rate_holds(samples: int, flips: int, days: int) -> bool:
+    return (
+        samples >= MIN_SAMPLES
+        and days >= MIN_DAYS
+        and lower_bound(flips, samples - 1) >= FLIP_RATE_AT_LEAST
+    )
+
+
+class Executed(msgspec.Struct, frozen=True):
+    """An execution as the flaky rules read it."""
+
+    run_id: uuid.UUID
+    status: str
+    executed_at: datetime
+
+
+class FlakyState(msgspec.Struct, frozen=True):
+    """Both flaky rules' numbers as of one execution, and whether each was crossed there."""
+
+    samples: int
+    failures: int
+    flip_samples: int
+    flips: int
+    failure_rate_crossed: bool
+    flip_rate_crossed: bool
+
+
+def flaky_states(history: Sequence[Executed]) -> list[FlakyState]:
+    """The flaky rules as of each of ``history`` (a test's executions in log order): the
+    window of each is the executions of the 7 days up to it (the flip rate: the last 50 of
+    them). Prefix sums keep it linear in the history, whatever the windows hold."""
+    failed = [0]
+    changed = [0]
+    for i, e in enumerate(history):
+        failed.append(failed[-1] + (e.status == "failed"))
+        flip = i > 0 and e.status != history[i - 1].status
+        changed.append(changed[-1] + flip)
+    states: list[FlakyState] = []
+    held = {"failure_rate": [0], "flip_rate": [0]}
+    start = 0  # the oldest execution of the window (log order; times follow it)
+    for i, e in enumerate(history):
+        while history[start].executed_at <= e.executed_at - FAILURE_RATE_WINDOW:
+            start += 1
+        days = (e.executed_at.date() - history[start].executed_at.date()).days + 1
+        samples, failures = i + 1 - start, failed[i + 1] - failed[start]
+        flip_start = max(start, i + 1 - FLIP_WINDOW)
+        flip_samples, flips = i + 1 - flip_start, changed[i + 1] - changed[flip_start + 1]
+        now = {
+            "failure_rate": failure_rate_holds(samples, failures, days),
+            "flip_rate": flip_rate_holds(flip_samples, flips, days),
+        }
+        # quiet: held at none of the executions of the window before this one
+        crossed = {
+            rule: holds and held[rule][i] == held[rule][start] for rule, holds in now.items()
+        }
+        for rule, holds in now.items():
+            held[rule].append(held[rule][-1] + holds)
+        states.append(FlakyState(samples, failures, flip_samples, flips,
+                                 crossed["failure_rate"], crossed["flip_rate"]))  # fmt: skip
+    return states
 
 
 class Passed(msgspec.Struct, frozen=True):
@@ -245,40 +288,99 @@ class Slowdown(msgspec.Struct, frozen=True):
 def slowdown(history: Sequence[Passed]) -> Slowdown | None:
     """The slowdown the last of ``history`` (passed executions in log order) shows, if any.
 
-    Recent: the executions of the day up to it (each run one sample), at least 5 runs.
+    Recent: the executions of the newest 2 batches of at least 3 runs (and of the batch
+    under way), within 7 days, at least 5 runs; its level is their median.
     Baseline: the 30 days before the recent window, ending an hour before its oldest
-    execution and leaving out every batch the recent window holds, with at least 10 runs
-    on at least 3 distinct days; its median is the median of the daily medians, so a busy
-    day weighs no more than a quiet one and a burst of noise within a day does not move it.
+    execution and leaving out every batch the recent window holds, with at least 10 runs on
+    at least 3 distinct days; its level is the median of the daily medians, so a busy day
+    weighs no more than a quiet one. The recent level must be 20% and 10 ms over the
+    baseline's, and so must the median of each of the recent window's batches of at least
+    3 runs, of which there must be 2: the runs of a batch share the machine's and the
+    API's moment, so one slow batch is one sample, not a slowdown.
     """
     if not history:
         return None
     now = history[-1].executed_at
-    recent = [p for p in history if p.executed_at > now - RECENT_WINDOW]
+    recent = _recent(history)
     if len(recent) < MIN_RECENT_RUNS:
         return None
     recent_batches = {p.batch_id for p in recent if p.batch_id is not None}
     baseline_end = min(p.executed_at for p in recent) - BASELINE_GAP
-    days: dict[object, list[float]] = {}
-    runs = 0
-    for p in history:
-        if now - BASELINE_WINDOW <= p.executed_at < baseline_end and (
-            p.batch_id is None or p.batch_id not in recent_batches
-        ):
-            days.setdefault(p.executed_at.date(), []).append(p.duration_ms)
-            runs += 1
-    if runs < MIN_BASELINE_RUNS or len(days) < MIN_BASELINE_DAYS:
+    baseline = [
+        p
+        for p in history
+        if now - BASELINE_WINDOW <= p.executed_at < baseline_end
+        and (p.batch_id is None or p.batch_id not in recent_batches)
+    ]
+    days = _medians(baseline, lambda p: p.executed_at.date(), 1)
+    if len(baseline) < MIN_BASELINE_RUNS or len(days) < MIN_BASELINE_DAYS:
         return None
-    baseline_median = statistics.median(statistics.median(d) for d in days.values())
-    recent_median = statistics.median(p.duration_ms for p in recent)
-    if baseline_median <= 0:
+    baseline_level = statistics.median(days)
+    if baseline_level <= 0:
         return None  # no slowdown can be a ratio of it
-    if (
-        Fraction(recent_median) > SLOWDOWN_ABOVE * Fraction(baseline_median)
-        and recent_median - baseline_median >= SLOWER_BY_AT_LEAST_MS
+    level = statistics.median(p.duration_ms for p in recent)
+    batches = _medians(recent, _batch, MIN_BATCH_RUNS)
+    usual = _medians(baseline, _batch, MIN_BATCH_RUNS)
+    centre = statistics.median(usual) if usual else baseline_level
+    spread = 1.4826 * statistics.median(abs(m - centre) for m in usual) if usual else 0.0
+    if len(batches) >= MIN_RECENT_BATCHES and all(
+        _slower(median, baseline_level) and median - baseline_level > SPREADS * spread
+        for median in [level, *batches]
     ):
-        return Slowdown(recent_median, baseline_median, len(recent), runs)
+        return Slowdown(level, baseline_level, len(recent), len(baseline))
     return None
+
+
+def _recent(history: Sequence[Passed]) -> list[Passed]:
+    """The newest batches of ``history``, back to the ``MIN_RECENT_BATCHES``-th with at
+    least ``MIN_BATCH_RUNS`` runs (the newest, still running, may have fewer)."""
+    groups: dict[object, int] = {}
+    full = 0
+    since = history[-1].executed_at - RECENT_WINDOW
+    for i in range(len(history) - 1, -1, -1):
+        group = _batch(history[i])
+        if history[i].executed_at <= since or (group not in groups and full >= MIN_RECENT_BATCHES):
+            return list(history[i + 1 :])
+        groups[group] = groups.get(group, 0) + 1
+        if groups[group] == MIN_BATCH_RUNS:
+            full += 1
+    return list(history)
+
+
+def _slower(level: float, baseline: float) -> bool:
+    return (
+        Fraction(level) > SLOWDOWN_ABOVE * Fraction(baseline)
+        and level - baseline >= SLOWER_BY_AT_LEAST_MS
+    )
+
+
+def _slow_before(history: Sequence[Passed], mine: int) -> bool:
+    """Whether the slowdown held at any of the test's passed executions of the ``QUIET``
+    before ``history[mine]``: the newest first, as a test that stays slow held just now."""
+    since = history[mine].executed_at - QUIET
+    for i in range(mine - 1, -1, -1):
+        if history[i].executed_at <= since:
+            return False
+        if slowdown(history[: i + 1]) is not None:
+            return True
+    return False
+
+
+def _batch(passed: Passed) -> object:
+    """The batch of a run, or for a run outside one, the UTC hour it was decided in."""
+    if passed.batch_id is not None:
+        return passed.batch_id
+    return passed.executed_at.replace(minute=0, second=0, microsecond=0)
+
+
+def _medians(
+    passed: Sequence[Passed], group: Callable[[Passed], object], at_least: int
+) -> list[float]:
+    """The median duration of each group of ``passed`` with ``at_least`` executions."""
+    groups: dict[object, list[float]] = {}
+    for p in passed:
+        groups.setdefault(group(p), []).append(p.duration_ms)
+    return [statistics.median(d) for d in groups.values() if len(d) >= at_least]
 
 
 # ---- from the page to the findings --------------------------------------------------------
@@ -313,16 +415,6 @@ async def record_findings(
     )
 
 
-def _keys(executions: Sequence[Execution]) -> list[list[object]]:
-    return [
-        [e.run_id for e in executions],
-        [e.test_case_id for e in executions],
-        [e.environment_id for e in executions],
-        [e.position for e in executions],
-        [e.completed_at for e in executions],
-    ]
-
-
 def _finding(execution: Execution, rule: str, event: Finding) -> Found:
     event_id = derive("finding", execution.run_id, execution.test_case_id, rule)
     return (
@@ -333,37 +425,47 @@ def _finding(execution: Execution, rule: str, event: Finding) -> Found:
 
 
 async def _flaky(conn: asyncpg.Connection, executions: Sequence[Execution]) -> list[Found]:
-    by_key = {e.key: e for e in executions}
-    rows = await conn.fetch(_FLAKY, *_keys(executions), FAILURE_RATE_WINDOW, FLIP_WINDOW)
-    findings = []
+    tests = sorted({(e.test_case_id, e.environment_id) for e in executions})
+    oldest = min(e.completed_at for e in executions) - FAILURE_RATE_WINDOW - QUIET
+    rows = await conn.fetch(
+        _EXECUTED_HISTORY,
+        [t for t, _ in tests],
+        [env for _, env in tests],
+        oldest,
+        max(e.position for e in executions),
+    )
+    histories: dict[tuple[uuid.UUID, uuid.UUID], list[Executed]] = {}
     for row in rows:
-        execution = by_key[(row["run_id"], row["test_case_id"])]
-        samples, failures = row["samples"], row["failures"]
-        if failure_rate_holds(samples, failures) and not failure_rate_holds(
-            row["samples_before"], row["failures_before"]
-        ):
+        history = histories.setdefault((row["test_case_id"], row["environment_id"]), [])
+        history.append(Executed(row["run_id"], row["status"], row["executed_at"]))
+    states = {test: flaky_states(history) for test, history in histories.items()}
+    findings = []
+    for execution in executions:
+        history = histories.get((execution.test_case_id, execution.environment_id), [])
+        mine = next((i for i, e in enumerate(history) if e.run_id == execution.run_id), None)
+        if mine is None:
+            continue
+        state = states[(execution.test_case_id, execution.environment_id)][mine]
+        if state.failure_rate_crossed:
             event = _flaky_event(
                 execution,
                 "failure_rate",
-                rate=Fraction(failures, samples),
+                rate=Fraction(state.failures, state.samples),
                 threshold=FAILURE_RATE_ABOVE,
-                samples=samples,
+                samples=state.samples,
                 window=f"{FAILURE_RATE_WINDOW.days} days",
-                failures=failures,
+                failures=state.failures,
             )
             findings.append(_finding(execution, "failure_rate", event))
-        samples, flips = row["flip_samples"], row["flips"]
-        if flip_rate_holds(samples, flips) and not flip_rate_holds(
-            row["flip_samples_before"], row["flips_before"]
-        ):
+        if state.flip_rate_crossed:
             event = _flaky_event(
                 execution,
                 "flip_rate",
-                rate=Fraction(flips, samples - 1),
+                rate=Fraction(state.flips, state.flip_samples - 1),
                 threshold=FLIP_RATE_AT_LEAST,
-                samples=samples,
+                samples=state.flip_samples,
                 window=f"last {FLIP_WINDOW} executions",
-                flips=flips,
+                flips=state.flips,
             )
             findings.append(_finding(execution, "flip_rate", event))
     return findings
@@ -403,7 +505,7 @@ async def _slowdowns(conn: asyncpg.Connection, passed: Sequence[Execution]) -> l
     if not passed:
         return []
     tests = sorted({(e.test_case_id, e.environment_id) for e in passed})
-    oldest = min(e.completed_at for e in passed) - BASELINE_WINDOW - RECENT_WINDOW
+    oldest = min(e.completed_at for e in passed) - BASELINE_WINDOW - RECENT_WINDOW - QUIET
     rows = await conn.fetch(
         _PASSED_HISTORY,
         [t for t, _ in tests],
@@ -425,7 +527,7 @@ async def _slowdowns(conn: asyncpg.Connection, passed: Sequence[Execution]) -> l
         if mine is None:
             continue
         found = slowdown(history[: mine + 1])
-        if found is None or slowdown(history[:mine]) is not None:
+        if found is None or _slow_before(history, mine):
             continue
         event = PerformanceDegraded(
             run_id=str(execution.run_id),
