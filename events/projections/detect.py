@@ -89,6 +89,9 @@ FAILURE_RATE_ABOVE = Fraction(1, 10)
 FLIP_WINDOW = 100
 """The last executions (of the failure rate's 7 days) the flip rate looks at."""
 FLIP_RATE_AT_LEAST = Fraction(1, 5)
+MARGIN = 1.5
+"""Standard errors a flaky rate must clear its line by (bench/FINDINGS.md: at 1.0, a test
+failing 5% of the time was reported in 3 of 15 histories)."""
 QUIET = timedelta(days=7)
 """A flaky rule is crossed when it holds and held at none of the test's executions of this
 long before: a rate that hovers about its line is one finding, not one a day."""
@@ -188,9 +191,9 @@ class Execution(msgspec.Struct, frozen=True):
 
 
 def lower_bound(successes: int, trials: int) -> float:
-    """The Wilson score interval's lower end at one standard error: a rate observed on a
-    few dozen executions is not taken for more than it shows."""
-    z = 1.0
+    """The Wilson score interval's lower end, ``MARGIN`` standard errors down: a rate
+    observed on a few dozen executions is not taken for more than it shows."""
+    z = MARGIN
     p = successes / trials
     centre = p + z * z / (2 * trials)
     margin = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
