@@ -12,11 +12,11 @@ elsewhere, decide the same.
 The rules (the constants below; docs/analytics.md gives them with the why):
 
 - ``failure_rate`` (seed 002): failed executions / executions over the 7 days up to the
-  execution judged, above 10% by more than one standard error (the Wilson interval's lower
+  execution judged, above 10% by more than 1.5 standard errors (the Wilson interval's lower
   end), with at least 30 executions spanning at least 3 days, and not all of them failed
   (a test that always fails is broken, not flaky).
 - ``flip_rate``: status changes between consecutive executions / (n - 1) over the last 100
-  executions of those 7 days, at least 0.2 by more than one standard error, with the same
+  executions of those 7 days, at least 0.2 by more than 1.5 standard errors, with the same
   minimums.
 - ``performance_degradation``: see ``slowdown``: the newest two batches against a baseline
   of the 30 days before them, with a gap, by median, 20%, 10 ms and 3 robust standard
