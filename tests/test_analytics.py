@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import uuid
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 
@@ -60,16 +63,22 @@ def run_events(
     return [*events, passed, ev.RunCompleted("passed", 2, 0, 0, 200.0)]
 
 
-async def append_run(store: PostgresEventStore, events: Sequence[ev.Event]) -> str:
-    """One append per run: each run has its own recorded time, as runs in a log do."""
+async def append_run(
+    store: PostgresEventStore, events: Sequence[ev.Event], at: datetime | None = None
+) -> str:
+    """One append per run: each run has its own recorded time, as runs in a log do; ``at``
+    (default now) is when it started, its events a millisecond apart."""
     started = events[0]
     assert isinstance(started, ev.RunStarted)
-    new = [NewEvent(event) for event in events]
+    start = int((at or datetime.now(UTC)).timestamp() * 1_000_000)
+    new = [NewEvent(event, at=start + 1000 * i) for i, event in enumerate(events)]
     await store.append([StreamAppend(ev.run_stream(started.run_id), new)])
     return started.run_id
 
 
 DEFAULT_PROJECT = derive("project", DEFAULT_ORGANIZATION_ID, "default")
+DAY = timedelta(days=1)
+T0 = datetime(2026, 3, 2, 9, tzinfo=UTC)
 
 
 async def findings(store: PostgresEventStore) -> list[ev.RecordedEvent]:
@@ -111,35 +120,52 @@ def store(fresh_store: PostgresEventStore) -> PostgresEventStore:
     return fresh_store
 
 
-async def test_a_test_becomes_flaky_once_when_its_failure_rate_passes_10_percent(
+def days_of_runs(
+    days: int, outcome: Callable[[int], dict[str, Any]]
+) -> list[tuple[datetime, list[ev.Event]]]:
+    """10 runs a day, a minute apart, from T0; run n (from 0) has ``outcome(n)``."""
+    return [
+        (T0 + (n // 10) * DAY + (n % 10) * timedelta(minutes=1),
+         run_events(str(uuid.uuid4()), **outcome(n)))
+        for n in range(10 * days)
+    ]  # fmt: skip
+
+
+def every_fifth_fails(n: int) -> dict[str, Any]:
+    return {"checkout": "failed"} if n % 5 == 4 else {}
+
+
+async def test_a_flaky_test_is_reported_once_per_rule_and_the_same_after_a_rebuild(
     store: PostgresEventStore,
 ) -> None:
-    # 1 failure in 10 is 10%, not above it; the second failure makes it 2 in 11
-    outcomes = [{}] * 9 + [{"checkout": "failed"}] * 2 + [{}] * 2
-    runs = await live(store, outcomes)
+    # checkout fails 1 run in 5 for 6 days: both rules need 30 executions over 3 days
+    runs = await append_runs(store, days_of_runs(6, every_fifth_fails))
+    await rebuild(store)
     recorded = await findings(store)
-    assert summary(recorded, runs) == [("checkout", 11, "failure_rate")]
+    assert summary(recorded, runs) == [
+        ("checkout", 30, "failure_rate"),
+        ("checkout", 30, "flip_rate"),
+    ]
     found = recorded[0].event
     assert isinstance(found, ev.FlakyTestDetected)
     suite = derive("suite", DEFAULT_PROJECT, "shop")
     case = derive("test", suite, "checkout", "h-checkout")
     assert found == ev.FlakyTestDetected(
-        run_id=runs[10],
+        run_id=runs[29],
         suite="shop",
         test="checkout",
         test_case_id=str(case),
         environment="default",
         environment_id=found.environment_id,
         rule="failure_rate",
-        rate=round(2 / 11, 4),
+        rate=0.2,
         threshold=0.1,
-        samples=11,
+        samples=30,
         window="7 days",
-        failures=2,
+        failures=6,
     )
-    # the log again, in one page and in pages of 7 events: the same decision, so the
-    # store answers the re-sent finding with its position and nothing is added
-    await rebuild(store)
+    # the log again, in pages of 7 events: the same decision, so the store answers the
+    # re-sent findings with their positions and nothing is added
     await rebuild(store, page_size=7)
     assert await findings(store) == recorded
 
@@ -147,80 +173,150 @@ async def test_a_test_becomes_flaky_once_when_its_failure_rate_passes_10_percent
 async def test_the_detector_judges_only_what_the_projector_has_written(
     store: PostgresEventStore,
 ) -> None:
-    outcomes = [{}] * 9 + [{"checkout": "failed"}] * 2
-    runs = [await append_run(store, run_events(str(uuid.uuid4()), **o)) for o in outcomes]
+    runs = await append_runs(store, days_of_runs(4, every_fifth_fails))
     assert await Detector(store).catch_up() == 0  # no history written yet: nothing to judge
     assert await Projector(store).catch_up() > 0
     # the read tables alone (what baton run waits for) record no finding
     assert await findings(store) == []
     assert await Detector(store).catch_up() > 0
-    assert summary(await findings(store), runs) == [("checkout", 11, "failure_rate")]
+    assert [rule for _, _, rule in summary(await findings(store), runs)] == [
+        "failure_rate",
+        "flip_rate",
+    ]
 
 
 async def test_runs_skipped_for_a_failed_dependency_are_neither_failures_nor_flips(
     store: PostgresEventStore,
 ) -> None:
-    # counted as failures, the 3 skips would make checkout flaky at run 5 (1 of 5) or 7
-    outcomes = [{}] * 4 + [{"checkout": "skipped"}] * 3 + [{}, {"checkout": "failed"}]
-    runs = await live(store, outcomes)
-    checkout = [r for r in await findings(store) if getattr(r.event, "test", "") == "checkout"]
-    assert summary(checkout, runs) == [
-        ("checkout", 9, "failure_rate"),
-        ("checkout", 9, "flip_rate"),
+    # login fails 1 run in 3, and checkout is skipped then: counted as failures or flips,
+    # the skips would make checkout flaky; login is
+    def login_fails(n: int) -> dict[str, Any]:
+        return {"checkout": "skipped"} if n % 3 == 0 else {}
+
+    runs = await append_runs(store, days_of_runs(6, login_fails))
+    await rebuild(store)
+    assert {(test, rule) for test, _, rule in summary(await findings(store), runs)} == {
+        ("login", "failure_rate"),
+        ("login", "flip_rate"),
+    }
+
+
+async def test_one_batch_with_failures_is_not_flaky_history(store: PostgresEventStore) -> None:
+    # 50 runs within a second, 1 in 5 failing: an incident of one moment, not a history
+    runs = [
+        (T0 + n * timedelta(milliseconds=20), run_events(str(uuid.uuid4()), **every_fifth_fails(n)))
+        for n in range(50)
     ]
-    by_rule = {r.event.rule: r.event for r in checkout if isinstance(r.event, ev.FlakyTestDetected)}
-    assert (by_rule["failure_rate"].samples, by_rule["failure_rate"].failures) == (6, 1)
-    assert (by_rule["flip_rate"].samples, by_rule["flip_rate"].flips) == (6, 1)
-    assert by_rule["flip_rate"].rate == 0.2
-    assert by_rule["flip_rate"].window == "last 30 executions"
+    await append_runs(store, runs)
+    await rebuild(store)
+    assert await findings(store) == []
 
 
-async def test_a_failure_rate_counts_the_last_7_days_and_a_flip_rate_the_last_executions(
+def batch(
+    day: int, runs: int, rng: random.Random, *, checkout_ms: float = 100.0, batch_id: str = ""
+) -> list[tuple[datetime, list[ev.Event]]]:
+    """``runs`` runs started 20 ms apart on ``day`` (from T0), all passing, checkout's time
+    noisy around ``checkout_ms`` with a scheduling hiccup (3.5x) now and then."""
+    made = []
+    for n in range(runs):
+        noise = 3.5 if rng.random() < 0.05 else rng.uniform(0.85, 1.15)
+        events = run_events(str(uuid.uuid4()), checkout_ms=checkout_ms * noise,
+                            login_ms=50.0 * rng.uniform(0.8, 1.2))  # fmt: skip
+        started = events[0]
+        assert isinstance(started, ev.RunStarted)
+        events[0] = msgspec.structs.replace(
+            started, batch_id=batch_id, row=n + 1 if batch_id else -1
+        )
+        made.append((T0 + day * DAY + n * timedelta(milliseconds=20), events))
+    return made
+
+
+async def append_runs(
+    store: PostgresEventStore, runs: Sequence[tuple[datetime, list[ev.Event]]]
+) -> list[str]:
+    return [await append_run(store, events, at) for at, events in runs]
+
+
+async def test_one_healthy_batch_of_50_runs_finds_nothing_after_a_rebuild(
     store: PostgresEventStore,
 ) -> None:
-    old = [await append_run(store, run_events(str(uuid.uuid4()), "failed")) for _ in range(2)]
-    # the store stamps now(): move these two runs 8 days back, as if the log had been
-    # written then, before any projector has read them
-    await store.pool.execute(
-        "UPDATE events SET recorded_at = recorded_at - interval '8 days' WHERE stream = ANY($1)",
-        [ev.run_stream(run_id) for run_id in old],
-    )
-    runs = old + await live(store, [{}] * 5)
-    # with the old failures the failure rate would be 2 of 5 at run 5: they are out of the
-    # window; the flips have no window (F F P P P: 1 change in 4)
-    assert summary(await findings(store), runs) == [("checkout", 5, "flip_rate")]
+    # the reported case: get_order at 1.33x its "baseline" within one second of runs
+    rng = random.Random(1)
+    await append_runs(store, batch(0, 50, rng, batch_id="nightly-1"))
+    await rebuild(store)
+    assert await findings(store) == []
 
 
-async def test_a_slowdown_above_20_percent_is_reported_once_and_15_percent_not_at_all(
+async def test_two_healthy_batches_find_nothing(store: PostgresEventStore) -> None:
+    # back to back (as reported: 21 findings), then a day apart: a batch or two is no
+    # baseline, and neither judges the other
+    rng = random.Random(2)
+    runs = batch(0, 50, rng, batch_id="b1") + batch(0, 50, rng, batch_id="b2")
+    runs += batch(1, 50, rng, batch_id="b3")
+    await append_runs(store, runs)
+    await rebuild(store)
+    assert await findings(store) == []
+
+
+async def test_a_slowdown_of_30_percent_over_days_is_reported_once(
     store: PostgresEventStore,
 ) -> None:
-    # checkout goes from 100 to 130 ms (+30%), login from 50 to 57.5 ms (+15%)
-    outcomes = [{}] * 15 + [{"checkout_ms": 130.0, "login_ms": 57.5}] * 4
-    runs = await live(store, outcomes)
+    rng = random.Random(3)
+    steady = [run for day in range(10) for run in batch(day, 8, rng)]
+    slow = [run for day in range(10, 14) for run in batch(day, 8, rng, checkout_ms=130.0)]
+    runs = await append_runs(store, steady + slow)
+    await rebuild(store)
     recorded = await findings(store)
-    # run 18: the last 5 checkouts are 100, 100, 130, 130, 130; 13 runs before them
-    assert summary(recorded, runs) == [("checkout", 18, "slowdown")]
+    assert [(test, rule) for test, _, rule in summary(recorded, runs)] == [("checkout", "slowdown")]
     found = recorded[0].event
     assert isinstance(found, ev.PerformanceDegraded)
-    assert (found.recent_median_ms, found.baseline_median_ms, found.ratio) == (130.0, 100.0, 1.3)
-    assert (found.recent_samples, found.baseline_samples, found.baseline_days) == (5, 13, 30)
-    assert found.threshold == 1.2
-    await rebuild(store)
+    # on day 11, its 3rd run: two batches (here hours) of at least 3 runs are slow; the
+    # baseline is days 0 to 9, day 10 being recent
+    assert runs.index(found.run_id) == 11 * 8 + 2
+    assert 1.2 < found.ratio < 1.45
+    assert (found.recent_samples, found.threshold, found.baseline_days) == (11, 1.2, 30)
+    assert found.baseline_samples == 10 * 8
+    # judged live, run by run, the same finding; and again after a rebuild in small pages
+    await rebuild(store, page_size=7)
     assert await findings(store) == recorded
+
+
+async def test_a_slowdown_is_reported_again_only_after_it_recovered(
+    store: PostgresEventStore,
+) -> None:
+    rng = random.Random(4)
+    days = [100.0] * 6 + [150.0] * 2 + [100.0] * 8 + [150.0] * 2
+    runs = [run for day, ms in enumerate(days) for run in batch(day, 6, rng, checkout_ms=ms)]
+    ids = await append_runs(store, runs)
+    await rebuild(store)
+    days_found = [(number - 1) // 6 for _, number, _ in summary(await findings(store), ids)]
+    # once on day 7 (the second slow batch), recovered on day 8, quiet for a week after it
+    # last held, once again on day 17
+    assert days_found == [7, 17]
+
+
+async def test_a_test_s_first_days_are_no_slowdown(store: PostgresEventStore) -> None:
+    # two days at 100 ms, then twice as slow: two days are not a baseline yet
+    rng = random.Random(5)
+    runs = [run for day in range(2) for run in batch(day, 10, rng)]
+    await append_runs(store, runs + batch(2, 10, rng, checkout_ms=200.0))
+    await rebuild(store)
+    assert await findings(store) == []
+
+
+async def test_2_ms_to_3_ms_is_no_slowdown(store: PostgresEventStore) -> None:
+    # 1.5x for days on end, but under the 10 ms floor
+    rng = random.Random(6)
+    runs = [run for day in range(6) for run in batch(day, 10, rng, checkout_ms=2.0)]
+    await append_runs(store, runs + batch(6, 10, rng, checkout_ms=3.0))
+    await rebuild(store)
+    assert await findings(store) == []
 
 
 async def test_four_executions_are_too_few_to_call_a_test_flaky(
     store: PostgresEventStore,
 ) -> None:
     runs = await live(store, [{}, {"checkout": "failed"}, {"checkout": "failed"}, {}])
-    assert summary(await findings(store), runs) == []
-
-
-async def test_a_slowdown_needs_10_passed_executions_before_the_recent_5(
-    store: PostgresEventStore,
-) -> None:
-    # login doubles its time after 9 runs: 9 are too few to be sure of the baseline
-    runs = await live(store, [{}] * 9 + [{"login_ms": 100.0}] * 5)
     assert summary(await findings(store), runs) == []
 
 
@@ -249,22 +345,31 @@ async def test_the_project_stream_carries_findings_live_and_replays_them_once(
         org = await store.pool.fetchval("SELECT id FROM organizations WHERE slug = 'acme'")
         project = (await http.post("/api/v1/projects", json={"name": "shop"})).json()["id"]
         url = f"/api/v1/projects/{project}/stream"
-        # checkout: 8 passes, then failures (flaky at run 9); login: 15 runs at 50 ms,
-        # then 3 at 100 ms (slower at run 18)
+        # checkout fails 1 run in 3 (both flaky rules cross at run 30: 30 executions over
+        # 5 days); login takes 50 ms for 5 days, 6 runs a day in 2 hours of 3 runs, then
+        # 100 ms on day 6 (slower at run 36, once 2 hours of it are slow)
         outcomes: list[dict[str, Any]] = [
-            {"checkout": "passed" if n < 8 else "failed", "login_ms": 50.0 if n < 15 else 100.0}
-            for n in range(18)
+            {
+                "checkout": "failed" if n % 3 == 2 else "passed",
+                "login_ms": 50.0 if n < 30 else 100.0,
+            }
+            for n in range(36)
         ]
+        started = [
+            T0 + (n // 6 + (n >= 30)) * DAY + (n % 6 // 3) * 6 * timedelta(hours=1)
+            + (n % 3) * timedelta(minutes=5)
+            for n in range(36)
+        ]  # fmt: skip
         runs: list[str] = []
         async with http.stream("GET", url) as response:
             assert response.status_code == 200
 
             async def appending() -> None:
-                for outcome in outcomes:
+                for outcome, at in zip(outcomes, started, strict=True):
                     events = run_events(
                         str(uuid.uuid4()), **outcome, organization=str(org), project="shop"
                     )
-                    runs.append(await append_run(store, events))
+                    runs.append(await append_run(store, events, at))
 
             writer = asyncio.create_task(appending())
             got = await asyncio.wait_for(
@@ -272,23 +377,26 @@ async def test_the_project_stream_carries_findings_live_and_replays_them_once(
             )
             await writer
         kinds = [m.event for m in got]
-        assert kinds.count("RunCompleted") == 18
-        assert kinds.count("flaky_test_detected") == 1
+        assert kinds.count("RunCompleted") == 36
+        assert kinds.count("flaky_test_detected") == 2
         flaky = json.loads(next(m.data for m in got if m.event == "flaky_test_detected"))
         assert (flaky["run_id"], flaky["test"], flaky["rule"]) == (
-            runs[8],
+            runs[29],
             "checkout",
             "failure_rate",
         )
-        assert (flaky["samples"], flaky["failures"]) == (9, 1)
+        assert (flaky["samples"], flaky["failures"]) == (30, 10)
         assert "type" not in flaky
         slower = json.loads(got[-1].data)
-        assert (slower["run_id"], slower["test"], slower["ratio"]) == (runs[17], "login", 2.0)
+        assert (slower["run_id"], slower["test"], slower["ratio"]) == (runs[35], "login", 2.0)
         # each after the RunCompleted of its run
         completed = [int(m.id or 0) for m in got if m.event == "RunCompleted"]
-        positions = {m.event: int(m.id or 0) for m in got if m.event in FINDING_MESSAGES}
-        assert completed[8] < positions["flaky_test_detected"]
-        assert completed[17] < positions["performance_degradation"]
+        positions: dict[str, int] = {}
+        for m in got:
+            if m.event in FINDING_MESSAGES:
+                positions.setdefault(m.event, int(m.id or 0))
+        assert completed[29] < positions["flaky_test_detected"]
+        assert completed[35] < positions["performance_degradation"]
 
         # reconnect after run 9 started: replayed from the log once, then on to the end
         headers = {"Last-Event-ID": str(completed[7])}

@@ -31,7 +31,8 @@ PLAN = [
 ]
 TODAY = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
 # (days ago, what becomes of checkout): 3 days ago, none 2 days ago, yesterday, today
-HISTORY = [(3, "passed")] * 4 + [(1, "passed")] * 5 + [(1, "failed")] * 2
+# (the flaky rules need 30 executions over 3 days: 12, 18 and 2 of them)
+HISTORY = [(3, "passed")] * 12 + [(1, "passed")] * 12 + [(1, "failed")] * 6
 HISTORY += [(0, "passed")] * 2 + [(0, "skipped")]
 DAYS_WITH_DATA = sorted({(TODAY - timedelta(days=ago)).date().isoformat() for ago, _ in HISTORY})
 
@@ -131,8 +132,8 @@ async def test_daily_metrics_per_test_and_environment_over_the_days_with_executi
                 for r in found["daily"] if r["test"] == "checkout"]  # fmt: skip
     # the skipped checkout of today sent nothing: it is not an execution
     assert checkout == [
-        (DAYS_WITH_DATA[0], 4, 4, 100.0, 90.0),
-        (DAYS_WITH_DATA[1], 7, 5, 71.43, 90.0),
+        (DAYS_WITH_DATA[0], 12, 12, 100.0, 90.0),
+        (DAYS_WITH_DATA[1], 18, 12, 66.67, 90.0),
         (DAYS_WITH_DATA[2], 2, 2, 100.0, 90.0),
     ]
     login_today = [
@@ -144,7 +145,7 @@ async def test_daily_metrics_per_test_and_environment_over_the_days_with_executi
     runs = {
         r["day"]: (r["runs"], r["passed"], r["failed"], r["p95_duration_ms"]) for r in found["runs"]
     }
-    assert runs[DAYS_WITH_DATA[1]] == (7, 5, 2, 200.0)
+    assert runs[DAYS_WITH_DATA[1]] == (18, 12, 6, 200.0)
     assert runs[DAYS_WITH_DATA[2]][:3] == (3, 2, 1)
 
 
@@ -153,14 +154,14 @@ async def test_flaky_tests_name_the_rule_that_fired_and_failures_are_categorised
 ) -> None:
     found = await orgs["acme"].ok("GET", f"/api/v1/projects/{project}/analytics")
     [flaky] = found["flaky"]
-    # the second failure of checkout yesterday: 2 of 11 executions in 7 days
+    # the sixth failure of checkout yesterday: 6 of 30 executions in 7 days
     assert (flaky["test"], flaky["rule"], flaky["samples"], flaky["failures"]) == (
-        "checkout", "failure_rate", 11, 2,
+        "checkout", "failure_rate", 30, 6,
     )  # fmt: skip
     assert flaky["times"] == 1  # once: when the line was crossed
     assert found["slowdowns"] == []
     categories = {c["category"]: (c["failures"], c["tests"]) for c in found["failure_categories"]}
-    assert categories == {"assertion": (2, 1), "server_error": (1, 1), "dependency_skipped": (1, 1)}
+    assert categories == {"assertion": (6, 1), "server_error": (1, 1), "dependency_skipped": (1, 1)}
     assert [(h["service"], h["status"]) for h in found["service_health"]] == [("api", "unhealthy")]
 
 
@@ -168,7 +169,7 @@ async def test_the_period_and_filters_narrow_every_part(orgs: dict[str, Org], pr
     url = f"/api/v1/projects/{project}/analytics"
     two_days = await orgs["acme"].ok("GET", f"{url}?days=2")
     assert {r["day"] for r in two_days["daily"]} == set(DAYS_WITH_DATA[1:])
-    assert sum(r["runs"] for r in two_days["runs"]) == 10
+    assert sum(r["runs"] for r in two_days["runs"]) == 21
     login = await orgs["acme"].ok("GET", f"{url}?test=login")
     assert {r["test"] for r in login["daily"]} == {"login"}
     assert login["flaky"] == [] and [c["category"] for c in login["failure_categories"]] == [

@@ -4,21 +4,27 @@ Flaky tests and performance degradation (DESIGN.md, "Analytics and retention"; s
 For every run whose RunCompleted is in a page, once the page's read tables are written, each
 test the run executed is judged on test_run_history as it stood at that RunCompleted: the
 executions of the same test case in the same environment that were decided at or before its
-log position. A finding is recorded when a rule holds with the run's execution and did not
-hold without it, so a test is reported once, when it crosses the line, not on every run
-after. Only logged facts enter (positions, recorded times, never the clock), so a rebuild,
-or pages that begin elsewhere, decide the same.
+log position. A finding is recorded when the run's execution crosses a rule (below), so a
+test is reported once, when it crosses the line, not on every run after. Only logged facts
+enter (positions, recorded times, never the clock), so a rebuild, or pages that begin
+elsewhere, decide the same.
 
-The rules (the constants below):
+The rules (the constants below; docs/analytics.md gives them with the why):
 
-- ``failure_rate`` (seed 002): failed executions / executions > 10% over the 7 days up to
-  the run's completion, with at least 5 executions, and not all of them failed (a test
-  that always fails is broken, not flaky).
-- ``flip_rate``: status changes between consecutive executions / (n - 1) >= 0.2 over the
-  last 30 executions, n >= 5.
-- ``performance_degradation``: the median duration of the last 5 passed executions more
-  than 20% above the median of the passed executions in the 30 days before the oldest of
-  those 5, with at least 10 of them.
+- ``failure_rate`` (seed 002): failed executions / executions over the 7 days up to the
+  execution judged, above 10% by more than 1.5 standard errors (the Wilson interval's lower
+  end), with at least 30 executions spanning at least 3 days, and not all of them failed
+  (a test that always fails is broken, not flaky).
+- ``flip_rate``: status changes between consecutive executions / (n - 1) over the last 100
+  executions of those 7 days, at least 0.2 by more than 1.5 standard errors, with the same
+  minimums.
+- ``performance_degradation``: see ``slowdown``: the newest two batches against a baseline
+  of the 30 days before them, with a gap, by median, 20%, 10 ms and 3 robust standard
+  deviations of the baseline's batches.
+
+A rule is crossed at an execution when it holds on the test's history up to and with it
+and held at none of the test's executions of the 7 days before (``QUIET``): a test is
+reported once while it stays over, and again only after a week under the line.
 
 An execution is a test that passed or failed: a skipped test (for a failed dependency or
 any other reason) sent nothing, and counts as neither a failure nor a flip.
@@ -47,8 +53,10 @@ something.
 
 from __future__ import annotations
 
+import math
+import statistics
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from fractions import Fraction
 
@@ -71,18 +79,44 @@ from events.types import (
 
 FINDINGS = "findings"
 """The Detector's checkpoint."""
-MIN_SAMPLES = 5
-"""Executions a flaky rule needs before it may hold: 1 failure in 2 runs is not news."""
+MIN_SAMPLES = 30
+"""Executions a flaky rule needs before it may hold: 1 failure in 5 runs is not news."""
+MIN_DAYS = 3
+"""UTC days a flaky rule's window spans (first to last): one batch, or one bad hour, is no
+history."""
 FAILURE_RATE_WINDOW = timedelta(days=7)
 FAILURE_RATE_ABOVE = Fraction(1, 10)
-FLIP_WINDOW = 30
-"""The last executions the flip rate looks at."""
+FLIP_WINDOW = 100
+"""The last executions (of the failure rate's 7 days) the flip rate looks at."""
 FLIP_RATE_AT_LEAST = Fraction(1, 5)
-RECENT_PASSES = 5
+MARGIN = 1.5
+"""Standard errors a flaky rate must clear its line by (bench/FINDINGS.md: at 1.0, a test
+failing 5% of the time was reported in 3 of 15 histories)."""
+QUIET = timedelta(days=7)
+"""A flaky rule is crossed when it holds and held at none of the test's executions of this
+long before: a rate that hovers about its line is one finding, not one a day."""
+RECENT_WINDOW = timedelta(days=7)
+"""How far back the slowdown rule looks for its recent batches."""
+MIN_RECENT_RUNS = 5
 BASELINE_WINDOW = timedelta(days=30)
-MIN_BASELINE = 10
+BASELINE_GAP = timedelta(hours=1)
+"""The baseline ends this long before the recent window's oldest execution, so runs started
+together (a batch, or runs that were not given one) never judge each other."""
+MIN_BASELINE_RUNS = 10
+MIN_BASELINE_DAYS = 3
+"""Distinct UTC days with passed executions in the baseline: a test's first days, or one
+busy day, are no baseline."""
 SLOWDOWN_ABOVE = Fraction(6, 5)
-"""The recent median must exceed the baseline median times this (20% slower)."""
+"""The recent median must exceed the baseline median times this (20% slower)..."""
+SLOWER_BY_AT_LEAST_MS = 10.0
+"""...and by at least this much: 2 ms to 3 ms is noise, not a slowdown."""
+MIN_RECENT_BATCHES = 2
+MIN_BATCH_RUNS = 3
+"""The recent window's batches (of at least this many runs) that must each be slower."""
+SPREADS = 3
+"""...each by more than this many robust standard deviations (1.4826 x the median absolute
+deviation) of the baseline's batch medians: where batches vary by 12%, two batches 25%
+over are the variation, not a slowdown."""
 
 # A history row h that is an execution, decided at or before the RunCompleted of key k. A
 # row written before schema step 7 has no position: it is older than any run judged since.
@@ -90,21 +124,6 @@ _EXECUTED_BY_THEN = """
     h.status IN ('passed', 'failed') AND h.category IS DISTINCT FROM 'dependency_skipped'
     AND coalesce(h.position, 0) <= k.position
 """
-# The executions of k's test case in its environment, as of k's RunCompleted.
-_EXECUTIONS = (
-    "h.test_case_id = k.test_case_id AND h.environment_id = k.environment_id AND"
-    + _EXECUTED_BY_THEN
-)
-_PASSES = _EXECUTIONS + " AND h.status = 'passed' AND h.duration_ms IS NOT NULL"
-_OTHER_RUNS = " AND h.run_id <> k.run_id"
-_NEWEST_FIRST = "ORDER BY h.executed_at DESC, h.run_id DESC"
-_KEYS = """
-WITH k AS (
-    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::bigint[], $5::timestamptz[])
-        AS k(run_id, test_case_id, environment_id, position, completed_at)
-)
-"""
-
 # The tests each completed run executed, with what a finding names.
 _EXECUTED = f"""
 SELECT r.id AS run_id, r.project_id, h.test_case_id, h.environment_id, h.status,
@@ -119,86 +138,33 @@ WHERE {_EXECUTED_BY_THEN}
 """
 
 
-def _flips(executions: str) -> str:
-    """Executions and status changes among the newest ``$7`` of ``executions``."""
-    return f"""
-    SELECT count(*) AS samples, count(*) FILTER (WHERE status <> previous) AS flips
-    FROM (
-        SELECT status, lag(status) OVER (ORDER BY executed_at, run_id) AS previous
-        FROM (
-            SELECT h.status, h.executed_at, h.run_id FROM test_run_history h
-            WHERE {executions} {_NEWEST_FIRST} LIMIT $7
-        ) AS newest
-    ) AS consecutive
-    """
-
-
-# Per key: the failure rate's numbers with and without the run, the flip rate's with and
-# without it. $6: the failure rate's window; $7: the flip rate's.
-_FLAKY = (
-    _KEYS
-    + f"""
-SELECT k.run_id, k.test_case_id,
-       rate.samples, rate.failures, rate.samples_before, rate.failures_before,
-       flips.samples AS flip_samples, flips.flips,
-       flips_before.samples AS flip_samples_before, flips_before.flips AS flips_before
-FROM k
-CROSS JOIN LATERAL (
-    SELECT count(*) AS samples,
-           count(*) FILTER (WHERE h.status = 'failed') AS failures,
-           count(*) FILTER (WHERE h.run_id <> k.run_id) AS samples_before,
-           count(*) FILTER (WHERE h.run_id <> k.run_id AND h.status = 'failed')
-               AS failures_before
-    FROM test_run_history h
-    WHERE {_EXECUTIONS} AND h.executed_at > k.completed_at - $6::interval
-) AS rate
-CROSS JOIN LATERAL ({_flips(_EXECUTIONS)}) AS flips
-CROSS JOIN LATERAL ({_flips(_EXECUTIONS + _OTHER_RUNS)}) AS flips_before
+# The executions of some tests, as the flaky rules read them, in log order. $1, $2: test
+# case and environment ids; $3: the oldest time any key of the page looks back to; $4: the
+# newest position any key of the page is judged at.
+_EXECUTED_HISTORY = f"""
+SELECT h.test_case_id, h.environment_id, h.run_id, h.status, h.executed_at
+FROM unnest($1::uuid[], $2::uuid[]) AS k(test_case_id, environment_id)
+JOIN test_run_history h
+  ON h.test_case_id = k.test_case_id AND h.environment_id = k.environment_id
+WHERE {_EXECUTED_BY_THEN.replace("k.position", "$4")} AND h.executed_at >= $3
+ORDER BY h.test_case_id, h.environment_id, coalesce(h.position, 0), h.executed_at, h.run_id
 """
-)
 
 
-def _recent(passes: str) -> str:
-    """The median, number and oldest time of the newest ``$6`` of ``passes``."""
-    return f"""
-    SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) AS median,
-           count(*) AS samples, min(executed_at) AS since
-    FROM (
-        SELECT h.duration_ms, h.executed_at FROM test_run_history h
-        WHERE {passes} {_NEWEST_FIRST} LIMIT $6
-    ) AS newest
-    """
-
-
-def _baseline(passes: str, recent: str) -> str:
-    """The median and number of ``passes`` in the ``$7`` before ``recent`` began."""
-    return f"""
-    SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY h.duration_ms) AS median,
-           count(*) AS samples
-    FROM test_run_history h
-    WHERE {passes} AND h.executed_at >= {recent}.since - $7::interval
-      AND h.executed_at < {recent}.since
-    """
-
-
-# Per key: recent and baseline medians with the run, and without it.
-_SLOWDOWN = (
-    _KEYS
-    + f"""
-SELECT k.run_id, k.test_case_id,
-       recent.median AS recent_median, recent.samples AS recent_samples,
-       baseline.median AS baseline_median, baseline.samples AS baseline_samples,
-       recent_before.median AS recent_median_before,
-       recent_before.samples AS recent_samples_before,
-       baseline_before.median AS baseline_median_before,
-       baseline_before.samples AS baseline_samples_before
-FROM k
-CROSS JOIN LATERAL ({_recent(_PASSES)}) AS recent
-CROSS JOIN LATERAL ({_baseline(_PASSES, "recent")}) AS baseline
-CROSS JOIN LATERAL ({_recent(_PASSES + _OTHER_RUNS)}) AS recent_before
-CROSS JOIN LATERAL ({_baseline(_PASSES + _OTHER_RUNS, "recent_before")}) AS baseline_before
+# The passed executions of some tests, as the slowdown rule reads them: in log order, with
+# the batch of their run. $1, $2: test case and environment ids; $3: the oldest time any
+# key of the page can look back to; $4: the newest position any key of the page is judged at.
+_PASSED_HISTORY = """
+SELECT h.test_case_id, h.environment_id, h.run_id, h.duration_ms, h.executed_at,
+       coalesce(h.position, 0) AS position, r.batch_id
+FROM unnest($1::uuid[], $2::uuid[]) AS k(test_case_id, environment_id)
+JOIN test_run_history h
+  ON h.test_case_id = k.test_case_id AND h.environment_id = k.environment_id
+LEFT JOIN test_runs r ON r.id = h.run_id
+WHERE h.status = 'passed' AND h.duration_ms IS NOT NULL
+  AND h.executed_at >= $3 AND coalesce(h.position, 0) <= $4
+ORDER BY h.test_case_id, h.environment_id, coalesce(h.position, 0), h.executed_at, h.run_id
 """
-)
 
 
 class Execution(msgspec.Struct, frozen=True):
@@ -224,31 +190,200 @@ class Execution(msgspec.Struct, frozen=True):
 # ---- the rules: pure functions of the numbers ---------------------------------------------
 
 
-def failure_rate_holds(samples: int, failures: int) -> bool:
+def lower_bound(successes: int, trials: int) -> float:
+    """The Wilson score interval's lower end, ``MARGIN`` standard errors down: a rate
+    observed on a few dozen executions is not taken for more than it shows."""
+    z = MARGIN
+    p = successes / trials
+    centre = p + z * z / (2 * trials)
+    margin = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
+    return (centre - margin) / (1 + z * z / trials)
+
+
+def failure_rate_holds(samples: int, failures: int, days: int) -> bool:
     return (
         samples >= MIN_SAMPLES
+        and days >= MIN_DAYS
         and failures < samples
-        and Fraction(failures, samples) > FAILURE_RATE_ABOVE
+        and lower_bound(failures, samples) > FAILURE_RATE_ABOVE
     )
 
 
-def flip_rate_holds(samples: int, flips: int) -> bool:
-    return samples >= MIN_SAMPLES and Fraction(flips, samples - 1) >= FLIP_RATE_AT_LEAST
-
-
-def slower(
-    recent_samples: int,
-    recent_median: float | None,
-    baseline_samples: int,
-    baseline_median: float | None,
-) -> bool:
-    if recent_median is None or baseline_median is None or baseline_median <= 0:
-        return False  # no passes to compare, or a baseline no slowdown can be a ratio of
+def flip_rate_holds(samples: int, flips: int, days: int) -> bool:
     return (
-        recent_samples >= RECENT_PASSES
-        and baseline_samples >= MIN_BASELINE
-        and Fraction(recent_median) > SLOWDOWN_ABOVE * Fraction(baseline_median)
+        samples >= MIN_SAMPLES
+        and days >= MIN_DAYS
+        and lower_bound(flips, samples - 1) >= FLIP_RATE_AT_LEAST
     )
+
+
+class Executed(msgspec.Struct, frozen=True):
+    """An execution as the flaky rules read it."""
+
+    run_id: uuid.UUID
+    status: str
+    executed_at: datetime
+
+
+class FlakyState(msgspec.Struct, frozen=True):
+    """Both flaky rules' numbers as of one execution, and whether each was crossed there."""
+
+    samples: int
+    failures: int
+    flip_samples: int
+    flips: int
+    failure_rate_crossed: bool
+    flip_rate_crossed: bool
+
+
+def flaky_states(history: Sequence[Executed]) -> list[FlakyState]:
+    """The flaky rules as of each of ``history`` (a test's executions in log order): the
+    window of each is the executions of the 7 days up to it (the flip rate: the last 50 of
+    them). Prefix sums keep it linear in the history, whatever the windows hold."""
+    failed = [0]
+    changed = [0]
+    for i, e in enumerate(history):
+        failed.append(failed[-1] + (e.status == "failed"))
+        flip = i > 0 and e.status != history[i - 1].status
+        changed.append(changed[-1] + flip)
+    states: list[FlakyState] = []
+    held = {"failure_rate": [0], "flip_rate": [0]}
+    start = 0  # the oldest execution of the window (log order; times follow it)
+    for i, e in enumerate(history):
+        while history[start].executed_at <= e.executed_at - FAILURE_RATE_WINDOW:
+            start += 1
+        days = (e.executed_at.date() - history[start].executed_at.date()).days + 1
+        samples, failures = i + 1 - start, failed[i + 1] - failed[start]
+        flip_start = max(start, i + 1 - FLIP_WINDOW)
+        flip_samples, flips = i + 1 - flip_start, changed[i + 1] - changed[flip_start + 1]
+        now = {
+            "failure_rate": failure_rate_holds(samples, failures, days),
+            "flip_rate": flip_rate_holds(flip_samples, flips, days),
+        }
+        # quiet: held at none of the executions of the window before this one
+        crossed = {
+            rule: holds and held[rule][i] == held[rule][start] for rule, holds in now.items()
+        }
+        for rule, holds in now.items():
+            held[rule].append(held[rule][-1] + holds)
+        states.append(FlakyState(samples, failures, flip_samples, flips,
+                                 crossed["failure_rate"], crossed["flip_rate"]))  # fmt: skip
+    return states
+
+
+class Passed(msgspec.Struct, frozen=True):
+    """A passed execution as the slowdown rule reads it."""
+
+    run_id: uuid.UUID
+    duration_ms: float
+    executed_at: datetime
+    position: int
+    batch_id: uuid.UUID | None
+
+
+class Slowdown(msgspec.Struct, frozen=True):
+    recent_median_ms: float
+    baseline_median_ms: float
+    recent_runs: int
+    baseline_runs: int
+
+
+def slowdown(history: Sequence[Passed]) -> Slowdown | None:
+    """The slowdown the last of ``history`` (passed executions in log order) shows, if any.
+
+    Recent: the executions of the newest 2 batches of at least 3 runs (and of the batch
+    under way), within 7 days, at least 5 runs; its level is their median.
+    Baseline: the 30 days before the recent window, ending an hour before its oldest
+    execution and leaving out every batch the recent window holds, with at least 10 runs on
+    at least 3 distinct days; its level is the median of the daily medians, so a busy day
+    weighs no more than a quiet one. The recent level must be 20% and 10 ms over the
+    baseline's, and so must the median of each of the recent window's batches of at least
+    3 runs, of which there must be 2: the runs of a batch share the machine's and the
+    API's moment, so one slow batch is one sample, not a slowdown.
+    """
+    if not history:
+        return None
+    now = history[-1].executed_at
+    recent = _recent(history)
+    if len(recent) < MIN_RECENT_RUNS:
+        return None
+    recent_batches = {p.batch_id for p in recent if p.batch_id is not None}
+    baseline_end = min(p.executed_at for p in recent) - BASELINE_GAP
+    baseline = [
+        p
+        for p in history
+        if now - BASELINE_WINDOW <= p.executed_at < baseline_end
+        and (p.batch_id is None or p.batch_id not in recent_batches)
+    ]
+    days = _medians(baseline, lambda p: p.executed_at.date(), 1)
+    if len(baseline) < MIN_BASELINE_RUNS or len(days) < MIN_BASELINE_DAYS:
+        return None
+    baseline_level = statistics.median(days)
+    if baseline_level <= 0:
+        return None  # no slowdown can be a ratio of it
+    level = statistics.median(p.duration_ms for p in recent)
+    batches = _medians(recent, _batch, MIN_BATCH_RUNS)
+    usual = _medians(baseline, _batch, MIN_BATCH_RUNS)
+    centre = statistics.median(usual) if usual else baseline_level
+    spread = 1.4826 * statistics.median(abs(m - centre) for m in usual) if usual else 0.0
+    if len(batches) >= MIN_RECENT_BATCHES and all(
+        _slower(median, baseline_level) and median - baseline_level > SPREADS * spread
+        for median in [level, *batches]
+    ):
+        return Slowdown(level, baseline_level, len(recent), len(baseline))
+    return None
+
+
+def _recent(history: Sequence[Passed]) -> list[Passed]:
+    """The newest batches of ``history``, back to the ``MIN_RECENT_BATCHES``-th with at
+    least ``MIN_BATCH_RUNS`` runs (the newest, still running, may have fewer)."""
+    groups: dict[object, int] = {}
+    full = 0
+    since = history[-1].executed_at - RECENT_WINDOW
+    for i in range(len(history) - 1, -1, -1):
+        group = _batch(history[i])
+        if history[i].executed_at <= since or (group not in groups and full >= MIN_RECENT_BATCHES):
+            return list(history[i + 1 :])
+        groups[group] = groups.get(group, 0) + 1
+        if groups[group] == MIN_BATCH_RUNS:
+            full += 1
+    return list(history)
+
+
+def _slower(level: float, baseline: float) -> bool:
+    return (
+        Fraction(level) > SLOWDOWN_ABOVE * Fraction(baseline)
+        and level - baseline >= SLOWER_BY_AT_LEAST_MS
+    )
+
+
+def _slow_before(history: Sequence[Passed], mine: int) -> bool:
+    """Whether the slowdown held at any of the test's passed executions of the ``QUIET``
+    before ``history[mine]``: the newest first, as a test that stays slow held just now."""
+    since = history[mine].executed_at - QUIET
+    for i in range(mine - 1, -1, -1):
+        if history[i].executed_at <= since:
+            return False
+        if slowdown(history[: i + 1]) is not None:
+            return True
+    return False
+
+
+def _batch(passed: Passed) -> object:
+    """The batch of a run, or for a run outside one, the UTC hour it was decided in."""
+    if passed.batch_id is not None:
+        return passed.batch_id
+    return passed.executed_at.replace(minute=0, second=0, microsecond=0)
+
+
+def _medians(
+    passed: Sequence[Passed], group: Callable[[Passed], object], at_least: int
+) -> list[float]:
+    """The median duration of each group of ``passed`` with ``at_least`` executions."""
+    groups: dict[object, list[float]] = {}
+    for p in passed:
+        groups.setdefault(group(p), []).append(p.duration_ms)
+    return [statistics.median(d) for d in groups.values() if len(d) >= at_least]
 
 
 # ---- from the page to the findings --------------------------------------------------------
@@ -283,16 +418,6 @@ async def record_findings(
     )
 
 
-def _keys(executions: Sequence[Execution]) -> list[list[object]]:
-    return [
-        [e.run_id for e in executions],
-        [e.test_case_id for e in executions],
-        [e.environment_id for e in executions],
-        [e.position for e in executions],
-        [e.completed_at for e in executions],
-    ]
-
-
 def _finding(execution: Execution, rule: str, event: Finding) -> Found:
     event_id = derive("finding", execution.run_id, execution.test_case_id, rule)
     return (
@@ -303,37 +428,47 @@ def _finding(execution: Execution, rule: str, event: Finding) -> Found:
 
 
 async def _flaky(conn: asyncpg.Connection, executions: Sequence[Execution]) -> list[Found]:
-    by_key = {e.key: e for e in executions}
-    rows = await conn.fetch(_FLAKY, *_keys(executions), FAILURE_RATE_WINDOW, FLIP_WINDOW)
-    findings = []
+    tests = sorted({(e.test_case_id, e.environment_id) for e in executions})
+    oldest = min(e.completed_at for e in executions) - FAILURE_RATE_WINDOW - QUIET
+    rows = await conn.fetch(
+        _EXECUTED_HISTORY,
+        [t for t, _ in tests],
+        [env for _, env in tests],
+        oldest,
+        max(e.position for e in executions),
+    )
+    histories: dict[tuple[uuid.UUID, uuid.UUID], list[Executed]] = {}
     for row in rows:
-        execution = by_key[(row["run_id"], row["test_case_id"])]
-        samples, failures = row["samples"], row["failures"]
-        if failure_rate_holds(samples, failures) and not failure_rate_holds(
-            row["samples_before"], row["failures_before"]
-        ):
+        history = histories.setdefault((row["test_case_id"], row["environment_id"]), [])
+        history.append(Executed(row["run_id"], row["status"], row["executed_at"]))
+    states = {test: flaky_states(history) for test, history in histories.items()}
+    findings = []
+    for execution in executions:
+        history = histories.get((execution.test_case_id, execution.environment_id), [])
+        mine = next((i for i, e in enumerate(history) if e.run_id == execution.run_id), None)
+        if mine is None:
+            continue
+        state = states[(execution.test_case_id, execution.environment_id)][mine]
+        if state.failure_rate_crossed:
             event = _flaky_event(
                 execution,
                 "failure_rate",
-                rate=Fraction(failures, samples),
+                rate=Fraction(state.failures, state.samples),
                 threshold=FAILURE_RATE_ABOVE,
-                samples=samples,
+                samples=state.samples,
                 window=f"{FAILURE_RATE_WINDOW.days} days",
-                failures=failures,
+                failures=state.failures,
             )
             findings.append(_finding(execution, "failure_rate", event))
-        samples, flips = row["flip_samples"], row["flips"]
-        if flip_rate_holds(samples, flips) and not flip_rate_holds(
-            row["flip_samples_before"], row["flips_before"]
-        ):
+        if state.flip_rate_crossed:
             event = _flaky_event(
                 execution,
                 "flip_rate",
-                rate=Fraction(flips, samples - 1),
+                rate=Fraction(state.flips, state.flip_samples - 1),
                 threshold=FLIP_RATE_AT_LEAST,
-                samples=samples,
+                samples=state.flip_samples,
                 window=f"last {FLIP_WINDOW} executions",
-                flips=flips,
+                flips=state.flips,
             )
             findings.append(_finding(execution, "flip_rate", event))
     return findings
@@ -368,23 +503,35 @@ def _flaky_event(
 
 
 async def _slowdowns(conn: asyncpg.Connection, passed: Sequence[Execution]) -> list[Found]:
+    """A slowdown crossed by each run's execution: the rule holds on the history up to
+    and with it, and did not on the history up to the test's previous passed execution."""
     if not passed:
         return []
-    by_key = {e.key: e for e in passed}
-    rows = await conn.fetch(_SLOWDOWN, *_keys(passed), RECENT_PASSES, BASELINE_WINDOW)
-    findings = []
+    tests = sorted({(e.test_case_id, e.environment_id) for e in passed})
+    oldest = min(e.completed_at for e in passed) - BASELINE_WINDOW - RECENT_WINDOW - QUIET
+    rows = await conn.fetch(
+        _PASSED_HISTORY,
+        [t for t, _ in tests],
+        [env for _, env in tests],
+        oldest,
+        max(e.position for e in passed),
+    )
+    histories: dict[tuple[uuid.UUID, uuid.UUID], list[Passed]] = {}
     for row in rows:
-        now = slower(
-            row["recent_samples"], row["recent_median"],
-            row["baseline_samples"], row["baseline_median"],
+        history = histories.setdefault((row["test_case_id"], row["environment_id"]), [])
+        history.append(
+            Passed(row["run_id"], row["duration_ms"], row["executed_at"], row["position"],
+                   row["batch_id"])
         )  # fmt: skip
-        before = slower(
-            row["recent_samples_before"], row["recent_median_before"],
-            row["baseline_samples_before"], row["baseline_median_before"],
-        )  # fmt: skip
-        if not now or before:
+    findings = []
+    for execution in passed:
+        history = histories.get((execution.test_case_id, execution.environment_id), [])
+        mine = next((i for i, p in enumerate(history) if p.run_id == execution.run_id), None)
+        if mine is None:
             continue
-        execution = by_key[(row["run_id"], row["test_case_id"])]
+        found = slowdown(history[: mine + 1])
+        if found is None or _slow_before(history, mine):
+            continue
         event = PerformanceDegraded(
             run_id=str(execution.run_id),
             suite=execution.suite,
@@ -392,12 +539,12 @@ async def _slowdowns(conn: asyncpg.Connection, passed: Sequence[Execution]) -> l
             test_case_id=str(execution.test_case_id),
             environment=execution.environment,
             environment_id=str(execution.environment_id),
-            recent_median_ms=round(row["recent_median"], 3),
-            baseline_median_ms=round(row["baseline_median"], 3),
-            ratio=round(row["recent_median"] / row["baseline_median"], 4),
+            recent_median_ms=round(found.recent_median_ms, 3),
+            baseline_median_ms=round(found.baseline_median_ms, 3),
+            ratio=round(found.recent_median_ms / found.baseline_median_ms, 4),
             threshold=float(SLOWDOWN_ABOVE),
-            recent_samples=row["recent_samples"],
-            baseline_samples=row["baseline_samples"],
+            recent_samples=found.recent_runs,
+            baseline_samples=found.baseline_runs,
             baseline_days=BASELINE_WINDOW.days,
         )
         findings.append(_finding(execution, "performance_degradation", event))
