@@ -179,9 +179,9 @@ class MemoryEventStore:
         return [first.stream for first in named[: max(limit, 0)]]
 
     def subscribe(
-        self, after_position: int = 0, *, limit: int = 1000, idle: float = 1.0
+        self, after_position: int = 0, *, limit: int = 1000, idle: float = 1.0, pace: float = 0.0
     ) -> AsyncGenerator[list[RecordedEvent], None]:
-        return tail(self, self._bell, after_position, limit=limit, idle=idle)
+        return tail(self, self._bell, after_position, limit=limit, idle=idle, pace=pace)
 
     async def _bell(self) -> asyncio.Event:
         return self._appended

@@ -367,11 +367,12 @@ class PostgresEventStore:
         return [row[0] for row in rows]
 
     async def subscribe(
-        self, after_position: int = 0, *, limit: int = 1000, idle: float = 1.0
+        self, after_position: int = 0, *, limit: int = 1000, idle: float = 1.0, pace: float = 0.0
     ) -> AsyncGenerator[list[RecordedEvent], None]:
         doorbell = _Doorbell(self._dsn)
+        pages = tail(self, doorbell.arm, after_position, limit=limit, idle=idle, pace=pace)
         try:
-            async for page in tail(self, doorbell.arm, after_position, limit=limit, idle=idle):
+            async for page in pages:
                 yield page
         finally:
             await doorbell.aclose()

@@ -133,11 +133,19 @@ class EventStore(Protocol):
         ...
 
     def subscribe(
-        self, after_position: int = 0, *, limit: int = 1000, idle: float = 1.0
+        self,
+        after_position: int = 0,
+        *,
+        limit: int = 1000,
+        idle: float = 1.0,
+        pace: float = 0.0,
     ) -> AsyncGenerator[list[RecordedEvent], None]:
         """The log after ``after_position``, live: pages of ``read_all`` (at most ``limit``
         events each), the next as soon as an append commits, and ``[]`` (a heartbeat) when
-        ``idle`` seconds pass without one.
+        ``idle`` seconds pass without one. With ``pace``, a page shorter than ``limit`` is
+        followed by a pause of that many seconds before the next read, so that events
+        appended one after another come together: fewer, larger pages, none more than
+        ``pace`` late.
 
         Nothing is skipped or repeated: each page starts after the last one. It never ends
         and never raises StoreUnavailable: while the store is unreachable it keeps retrying
@@ -176,7 +184,7 @@ the call. Raises StoreUnavailable when it cannot listen."""
 
 
 async def tail(
-    store: EventStore, arm: Bell, after_position: int, *, limit: int, idle: float
+    store: EventStore, arm: Bell, after_position: int, *, limit: int, idle: float, pace: float
 ) -> AsyncGenerator[list[RecordedEvent], None]:
     """``EventStore.subscribe`` on ``store`` woken by ``arm``'s doorbell: see there.
 
@@ -199,6 +207,8 @@ async def tail(
             retry = _FIRST_RETRY
             yield page
             quiet_since = loop.time()
+            if pace and len(page) < limit:
+                await asyncio.sleep(pace)
             continue
         remaining = quiet_since + idle - loop.time()
         if remaining <= 0:

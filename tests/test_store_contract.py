@@ -506,6 +506,20 @@ async def test_subscribe_wakes_on_an_append_well_within_idle(store: EventStore) 
     assert woke_after < 0.5  # a thirtieth of idle at most: the notification woke it
 
 
+async def test_subscribe_with_a_pace_gathers_appends_that_trickle_in(store: EventStore) -> None:
+    """What a projector follows with: appends 50 ms apart come in one page, not three."""
+    before = await mark(store)
+    async with aclosing(store.subscribe(before, idle=30, pace=0.5)) as pages:
+        [[first]] = await store.append([StreamAppend(fresh_stream(), [started()])])
+        assert positions(await next_page(pages)) == [first]
+        later = []
+        for _ in range(3):
+            await asyncio.sleep(0.05)
+            [[position]] = await store.append([StreamAppend(fresh_stream(), [started()])])
+            later.append(position)
+        assert positions(await next_page(pages)) == later
+
+
 async def test_subscribe_yields_a_heartbeat_when_idle(store: EventStore) -> None:
     before = await mark(store)
     loop = asyncio.get_running_loop()

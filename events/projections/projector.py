@@ -43,6 +43,12 @@ ADVANCE = (
     "UPDATE baton_projection_checkpoints SET position = $2, updated_at = now() WHERE name = $1"
 )
 _POSITION = "SELECT position FROM baton_projection_checkpoints WHERE name = $1"
+
+PACE = 0.25
+"""Seconds the projector lets events gather after a short page: a page costs a transaction
+and a recomputation of each touched table row whatever its size, and events that trickle
+in one run at a time made pages of a few events (bench/WORKERS.md: PostgreSQL's CPU grew
+with a batch's wall time). The read tables lag the log by up to this much more."""
 _log = logging.getLogger("baton.projections")
 
 
@@ -183,6 +189,7 @@ class Projector:
         self,
         *,
         fallback: float = 1.0,
+        pace: float = PACE,
         stop: asyncio.Event | None = None,
         then: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
@@ -199,7 +206,7 @@ class Projector:
         after = await self._first_catch_up(fallback, stop, then)
         if after is None:
             return
-        subscription = self._store.subscribe(after, limit=self._page_size, idle=fallback)
+        subscription = self._store.subscribe(after, limit=self._page_size, idle=fallback, pace=pace)
         async with contextlib.aclosing(subscription) as pages:
             while (page := await next_page(pages, stop)) is not None:
                 try:
