@@ -106,8 +106,8 @@ _STREAM_EXISTS = "SELECT EXISTS (SELECT FROM baton_streams WHERE stream = $1)"
 # first appended; ON CONFLICT DO NOTHING lets a taken id or position be counted, not raised
 _RESTORE = (
     "INSERT INTO events (position, stream, version, event_id, type, recorded_at, data)"
-    " OVERRIDING SYSTEM VALUE SELECT * FROM unnest($1::int8[], $2::text[], $3::int[], $4::uuid[], $5::text[],"
-    " $6::timestamptz[], $7::jsonb[]) ON CONFLICT DO NOTHING"
+    " OVERRIDING SYSTEM VALUE SELECT * FROM unnest($1::int8[], $2::text[], $3::int[],"
+    " $4::uuid[], $5::text[], $6::timestamptz[], $7::jsonb[]) ON CONFLICT DO NOTHING"
 )
 _RESTORE_STREAM = (
     "INSERT INTO baton_streams (stream, version, first_position, created_at)"
