@@ -25,6 +25,7 @@ from events.store import (
     StoreError,
     StreamAppend,
     WrongExpectedVersion,
+    restorable,
     tail,
     without_nul,
 )
@@ -47,6 +48,8 @@ class MemoryEventStore:
         """Each stream's events by version: version v at index v - 1."""
         self._by_id: dict[uuid.UUID, RecordedEvent] = {}
         self._head = 0
+        """The last position drawn: as PostgreSQL's identity, never drawn again, even when
+        the events that held it are removed."""
         self._appended = asyncio.Event()
         """Set (and replaced) by each append that stores something: subscribers wait on it."""
 
@@ -116,7 +119,38 @@ class MemoryEventStore:
         appended.set()
 
     async def head(self) -> int:
-        return self._head
+        return self._positions[-1] if self._positions else 0
+
+    async def remove_stream(self, stream: str) -> int:
+        removed = self._streams.pop(stream, [])
+        if not removed:
+            return 0
+        gone = {recorded.id for recorded in removed}
+        for event_id in gone:
+            del self._by_id[event_id]
+        self._log = [recorded for recorded in self._log if recorded.id not in gone]
+        self._positions = [recorded.position for recorded in self._log]
+        return len(removed)
+
+    async def restore_stream(self, recorded: Sequence[RecordedEvent]) -> None:
+        if not recorded:
+            return
+        stream = restorable(recorded)
+        if stream in self._streams:
+            raise StoreError(f"stream {stream} holds events again: it cannot be restored over")
+        taken = set(self._positions)
+        for event in recorded:
+            if event.id in self._by_id or event.position in taken or event.position < 1:
+                raise StoreError(
+                    f"event {event.id} at position {event.position} of stream {stream}:"
+                    " its id or position is taken"
+                )
+        self._streams[stream] = list(recorded)
+        for event in recorded:
+            self._by_id[event.id] = event
+        self._log = sorted([*self._log, *recorded], key=_position)
+        self._positions = [event.position for event in self._log]
+        self._head = max(self._head, recorded[-1].position)
 
     async def stream_version(self, stream: str, *, through_position: int | None = None) -> int:
         events = self._streams.get(stream, [])

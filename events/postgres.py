@@ -30,6 +30,7 @@ from events.store import (
     StoreUnavailable,
     StreamAppend,
     WrongExpectedVersion,
+    restorable,
     tail,
     without_nul,
 )
@@ -94,6 +95,30 @@ _LIST_STREAMS = (
     " ORDER BY first_position DESC LIMIT $2"
 )
 
+
+# Removal and restore take baton_append's commit-order lock (schema.sql, step 1): a reader
+# by position never sees a half-removed or half-restored stream.
+_APPEND_LOCK = "SELECT pg_advisory_xact_lock(7283540231093542001)"
+_REMOVE = "DELETE FROM events WHERE stream = $1"
+_FORGET_STREAM = "DELETE FROM baton_streams WHERE stream = $1"
+_STREAM_EXISTS = "SELECT EXISTS (SELECT FROM baton_streams WHERE stream = $1)"
+# OVERRIDING SYSTEM VALUE: the positions are the ones the identity drew when the events were
+# first appended; ON CONFLICT DO NOTHING lets a taken id or position be counted, not raised
+_RESTORE = (
+    "INSERT INTO events (position, stream, version, event_id, type, recorded_at, data)"
+    " OVERRIDING SYSTEM VALUE SELECT * FROM unnest($1::int8[], $2::text[], $3::int[],"
+    " $4::uuid[], $5::text[], $6::timestamptz[], $7::jsonb[]) ON CONFLICT DO NOTHING"
+)
+_RESTORE_STREAM = (
+    "INSERT INTO baton_streams (stream, version, first_position, created_at)"
+    " VALUES ($1, $2, $3, $4)"
+)
+# a restore into another database than the one the events came from must not leave the
+# identity below positions it holds: it would draw them again
+_IDENTITY_PAST = (
+    "SELECT setval(s, $1) FROM CAST(pg_get_serial_sequence('events', 'position') AS regclass)"
+    " AS s WHERE $1 > coalesce(pg_sequence_last_value(s), 0)"
+)
 
 _decode_event = msgspec.json.Decoder(Event).decode
 _encode_event = msgspec.json.Encoder().encode
@@ -360,6 +385,46 @@ class PostgresEventStore:
             else:
                 version = await self._pool.fetchval(_STREAM_VERSION_AT, stream, through_position)
         return version or 0
+
+    async def remove_stream(self, stream: str) -> int:
+        with _ErrorTranslator(self._dsn)():
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(_APPEND_LOCK)
+                status: str = await conn.execute(_REMOVE, stream)
+                await conn.execute(_FORGET_STREAM, stream)
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def restore_stream(self, recorded: Sequence[RecordedEvent]) -> None:
+        if not recorded:
+            return
+        stream = restorable(recorded)
+        columns = (
+            [event.position for event in recorded],
+            [stream] * len(recorded),
+            [event.version for event in recorded],
+            [event.id for event in recorded],
+            [event.type for event in recorded],
+            [event.recorded_at for event in recorded],
+            [without_nul(_encode_event(event.event)) for event in recorded],
+        )
+        with _ErrorTranslator(self._dsn)():
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(_APPEND_LOCK)
+                if await conn.fetchval(_STREAM_EXISTS, stream):
+                    raise StoreError(
+                        f"stream {stream} holds events again: it cannot be restored over"
+                    )
+                status: str = await conn.execute(_RESTORE, *columns)
+                if int(status.rsplit(" ", 1)[-1]) != len(recorded):
+                    raise StoreError(
+                        f"some events of stream {stream} have an id or a position that is"
+                        " taken: nothing was restored"
+                    )
+                first = recorded[0]
+                await conn.execute(
+                    _RESTORE_STREAM, stream, len(recorded), first.position, first.recorded_at
+                )
+                await conn.fetchval(_IDENTITY_PAST, recorded[-1].position)
 
     async def list_streams(self, prefix: str, limit: int = 50) -> list[str]:
         with _ErrorTranslator(self._dsn)():

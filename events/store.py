@@ -132,6 +132,26 @@ class EventStore(Protocol):
         """Stream names starting with prefix, newest first."""
         ...
 
+    async def remove_stream(self, stream: str) -> int:
+        """Delete every event of ``stream`` (archival: read them first); return how many.
+
+        Positions are never reused: the log then has a hole where the stream's events were,
+        which readers by position simply pass (they read "after a position", never "the next
+        one"). The stream is then as if it never existed (version 0), until restored.
+        """
+        ...
+
+    async def restore_stream(self, recorded: Sequence[RecordedEvent]) -> None:
+        """Put removed events of one stream back with their ids, versions, positions and
+        times, atomically. Raises StoreError if the stream holds events again, if an id or a
+        position is taken, or if the versions are not 1..n.
+
+        A restored event's position is below what readers by position have passed, so
+        ``read_all``/``subscribe`` from a later checkpoint never see it again: restoring
+        brings back history for reading by stream, not new events to deliver.
+        """
+        ...
+
     def subscribe(
         self,
         after_position: int = 0,
@@ -157,6 +177,20 @@ class EventStore(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+def restorable(recorded: Sequence[RecordedEvent]) -> str:
+    """The one stream of events to restore, whose versions are 1..n in order; StoreError
+    (what every backend raises) when they are not that."""
+    streams = {event.stream for event in recorded}
+    if len(streams) != 1:
+        raise StoreError(f"a restore takes the events of one stream, got {len(streams)} streams")
+    stream = streams.pop()
+    if [event.version for event in recorded] != list(range(1, len(recorded) + 1)):
+        raise StoreError(
+            f"a restore of stream {stream} needs its whole stream: versions 1..{len(recorded)}"
+        )
+    return stream
 
 
 async def next_page(

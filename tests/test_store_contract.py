@@ -428,6 +428,91 @@ async def test_read_all_bounded_and_by_type(store: EventStore) -> None:
     assert await store.read_all(whole[-1].position) == []
 
 
+# ---- archival: a stream removed and restored -------------------------------------------------
+
+
+async def test_a_removed_stream_leaves_a_hole_and_comes_back_where_it_was(
+    store: EventStore,
+) -> None:
+    before = await mark(store)
+    archived, kept = fresh_stream(), fresh_stream()
+    for test in ("a", "b", "c"):  # interleaved, so the hole is in the middle of the log
+        await store.append([StreamAppend(archived, [started(test)])])
+        await store.append([StreamAppend(kept, [started(test)])])
+    whole = await store.read_all(before)
+    original = await store.read_stream(archived)
+    head = await store.head()
+
+    assert await store.remove_stream(archived) == 3
+    assert await store.remove_stream(archived) == 0
+    # readers by position pass the hole: every other event, in order, nothing skipped
+    assert await store.read_all(before) == [r for r in whole if r.stream == kept]
+    assert await store.read_all(before, limit=2) == [r for r in whole if r.stream == kept][:2]
+    assert await store.read_stream(archived) == []
+    assert await store.stream_version(archived) == 0
+    assert await store.first_events([archived]) == {} and await store.last_events([archived]) == {}
+    assert archived not in await store.list_streams("run-", limit=1000)
+    assert await store.head() == head  # the kept stream holds the newest event
+
+    await store.restore_stream(original)
+    assert await store.read_stream(archived) == original
+    assert await store.read_all(before) == whole
+    assert await store.stream_version(archived) == 3
+    assert await store.stream_version(archived, through_position=original[1].position) == 2
+    assert await store.last_events([archived]) == {archived: original[-1]}
+    listed = await store.list_streams("run-", limit=1000)
+    assert listed.index(kept) < listed.index(archived)  # newest first, as before
+    # the restored stream goes on from its version
+    await store.append([StreamAppend(archived, [started("d")], expected_version=3)])
+    assert await store.stream_version(archived) == 4
+
+
+async def test_removing_the_newest_stream_never_lets_its_positions_be_drawn_again(
+    store: EventStore,
+) -> None:
+    await mark(store)
+    newest = fresh_stream()
+    await store.append([StreamAppend(newest, [started("a"), started("b")])])
+    original = await store.read_stream(newest)
+    await store.remove_stream(newest)
+    assert await store.head() < original[0].position
+
+    [[later]] = await store.append([StreamAppend(fresh_stream(), [started()])])
+    assert later > original[-1].position
+    await store.restore_stream(original)
+    assert await store.read_stream(newest) == original
+    assert await store.head() == later
+
+
+async def test_a_restore_that_would_clash_is_refused_whole(store: EventStore) -> None:
+    stream = fresh_stream()
+    await store.append([StreamAppend(stream, [started("a"), started("b")])])
+    original = await store.read_stream(stream)
+    await store.remove_stream(stream)
+
+    with pytest.raises(StoreError, match=r"versions 1\.\.1"):
+        await store.restore_stream(original[1:])
+    with pytest.raises(StoreError, match="one stream"):
+        await store.restore_stream([original[0], replace(original[1], stream=fresh_stream())])
+
+    # the stream began again meanwhile: restoring over it would fork it
+    await store.append([StreamAppend(stream, [started("new")], expected_version=0)])
+    with pytest.raises(StoreError, match="holds events again"):
+        await store.restore_stream(original)
+    again = await store.read_stream(stream)
+    await store.remove_stream(stream)
+
+    # an id taken by another stream: nothing of the restore is written
+    other = fresh_stream()
+    clash = replace(original[1], id=again[0].id, position=original[1].position)
+    await store.restore_stream([replace(again[0], stream=other, version=1)])
+    with pytest.raises(StoreError, match="taken"):
+        await store.restore_stream([original[0], clash])
+    assert await store.read_stream(stream) == []
+    await store.restore_stream(original)
+    assert await store.read_stream(stream) == original
+
+
 async def test_reader_never_skips_an_append_that_commits_late(served: Backend) -> None:
     store = served.store
     before = await mark(store)
