@@ -185,6 +185,10 @@ class ShardStarted(_Event, tag="ShardStarted", frozen=True):
     shards: int
     runs: list[str]
     units: list[str]
+    queued: str = ""
+    """For a batch on a queue (``baton run --queue``): its jobs' options, encrypted with
+    the secret key (variables may be secrets), so that ``baton batch requeue`` can queue
+    the runs that have not ended again from the log alone."""
 
 
 class ShardCompleted(_Event, tag="ShardCompleted", frozen=True):

@@ -450,6 +450,7 @@ def _queued(
     import uuid
 
     from events import open_store
+    from events.secrets import Cipher, load_key
     from events.settings import Settings, mask_dsn
     from orchestrator.queue import JobQueue
     from orchestrator.reporters import ConsoleProgress, RunTally
@@ -470,8 +471,11 @@ def _queued(
         queue = JobQueue(url)
         settings = Settings.from_env()
         store = await open_store(settings)
+        cipher = Cipher(load_key(settings.secret_key, settings.home))
         try:
-            return await submit(store, queue, options, batch, ended, store_wait=settings.store_wait)
+            return await submit(
+                store, queue, options, batch, ended, store_wait=settings.store_wait, cipher=cipher
+            )
         finally:
             await store.aclose()
             await queue.aclose()
@@ -859,6 +863,43 @@ def create_key(organization: str, scopes: tuple[str, ...], name: str) -> None:
 
     settings = Settings.from_env()
     click.echo(_run(create(settings, organization=organization, scopes=list(scopes), name=name)))
+
+
+@cli.group()
+def batch() -> None:
+    """Batches on a queue (baton run --queue)."""
+
+
+@batch.command("requeue")
+@click.argument("batch_id")
+@click.option(
+    "--queue", "queue_url", required=True, metavar="URL", help="The queue: redis://HOST:PORT/DB."
+)
+def requeue_batch(batch_id: str, queue_url: str) -> None:
+    """Queue the runs of BATCH_ID that have not ended again, from the event log alone:
+    after Redis lost the jobs and the submitter is gone. Workers resume each run from its
+    events; follow it with baton report --batch BATCH_ID."""
+    from events import open_store
+    from events.secrets import Cipher, load_key
+    from events.settings import Settings, mask_dsn
+    from orchestrator.queue import JobQueue
+    from orchestrator.submit import requeue
+
+    async def go() -> tuple[int, int]:
+        settings = Settings.from_env()
+        cipher = Cipher(load_key(settings.secret_key, settings.home))
+        queue = JobQueue(queue_url)
+        store = await open_store(settings)
+        try:
+            return await requeue(store, queue, cipher, batch_id)
+        finally:
+            await store.aclose()
+            await queue.aclose()
+
+    queued, ended = _run(go())
+    click.echo(
+        f"batch {batch_id}: {queued} runs queued again on {mask_dsn(queue_url)} ({ended} had ended)"
+    )
 
 
 @cli.group()

@@ -27,6 +27,7 @@ import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from events.secrets import Cipher
 from events.settings import mask_dsn
 from orchestrator.errors import InfrastructureError, UsageError
 from orchestrator.execution import Options
@@ -76,6 +77,14 @@ class QueuedJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             tags=list(options.tags),
             concurrency=options.concurrency,
         )
+
+    def sealed(self, cipher: Cipher) -> str:
+        """This job's options (not its run or unit), encrypted: ShardStarted.queued."""
+        return cipher.encrypt(msgspec.json.encode(self).decode())
+
+    @classmethod
+    def unsealed(cls, token: str, cipher: Cipher) -> QueuedJob:
+        return msgspec.json.decode(cipher.decrypt(token), type=cls)
 
     def options(self) -> Options:
         return Options(

@@ -16,7 +16,10 @@ import contextlib
 import time
 from collections.abc import Callable
 
+from msgspec.structs import replace
+
 from events import types as ev
+from events.secrets import Cipher
 from events.settings import STORE_WAIT
 from events.store import (
     EventStore,
@@ -26,6 +29,7 @@ from events.store import (
     WrongExpectedVersion,
 )
 from orchestrator.batch_report import BatchReport, batch_report
+from orchestrator.errors import UsageError
 from orchestrator.execution import Options, append_shared
 from orchestrator.queue import BATCH_CANCELLED, JobQueue, QueuedJob, QueueUnavailable
 from orchestrator.runner import run_started
@@ -50,12 +54,14 @@ async def submit(
     on_ended: Ended | None = None,
     *,
     store_wait: float = STORE_WAIT,
+    cipher: Cipher,
 ) -> BatchReport:
     """Queue every unit of ``batch`` (one shard of one), wait for every run to end, and
     return the batch's report. Cancelled, it cancels the batch first (see the module)."""
     start = time.perf_counter()
     stream = ev.batch_stream(batch.batch_id)
-    await append_shared(store, stream, batch.started())
+    sealed = QueuedJob.of(options, batch.batch_id, "", "").sealed(cipher)
+    await append_shared(store, stream, replace(batch.started(), queued=sealed))
     jobs = {
         unit.inputs.run_id: QueuedJob.of(options, batch.batch_id, unit.inputs.run_id, unit.key)
         for unit in batch.units
@@ -71,6 +77,41 @@ async def submit(
     duration = (time.perf_counter() - start) * 1000
     await append_shared(store, stream, batch.completed(report.results, duration))
     return report
+
+
+async def requeue(
+    store: EventStore, queue: JobQueue, cipher: Cipher, batch_id: str
+) -> tuple[int, int]:
+    """Queue again, from the log alone, the jobs of every run of a queued batch that has
+    not ended (same run ids: a worker resumes each from its events); how many were queued
+    and how many had ended. For when Redis lost the jobs and no submitter is left to
+    queue them again itself."""
+    started = [
+        recorded.event
+        for recorded in await store.read_stream(ev.batch_stream(batch_id))
+        if isinstance(recorded.event, ev.ShardStarted)
+    ]
+    if not started:
+        raise UsageError(f"no batch {batch_id} in the event store")
+    batch = started[-1]
+    if not batch.queued:
+        raise UsageError(
+            f"batch {batch_id} was not submitted to a queue (baton run --queue): run its"
+            " shards again with baton run --shard K/N --batch ID"
+        )
+    template = QueuedJob.unsealed(batch.queued, cipher)
+    last = await store.last_events([ev.run_stream(run_id) for run_id in batch.runs])
+    unended = [
+        (run_id, unit)
+        for run_id, unit in zip(batch.runs, batch.units, strict=True)
+        if not isinstance(
+            getattr(last.get(ev.run_stream(run_id)), "event", None),
+            ev.RunCompleted | ev.RunCancelled,
+        )
+    ]
+    await queue.ensure_group()
+    await queue.submit([replace(template, run_id=run_id, unit=unit) for run_id, unit in unended])
+    return len(unended), len(batch.runs) - len(unended)
 
 
 class _Queued:

@@ -428,3 +428,58 @@ def test_redis_restarted_empty_mid_batch_loses_no_run(
     for worker in workers:
         assert worker.poll() is None
         stopped(worker)
+
+
+def test_a_batch_is_queued_again_from_the_log_alone_when_redis_and_its_submitter_are_gone(
+    workdir: Workdir, fresh_database_dsn: str, private_redis: RedisServer
+) -> None:
+    workers = [workdir.worker("--concurrency", "1")]
+    submitter = workdir.submit("slow.yaml", "--data", "six.csv", "--var", "api_key=s3cr3t-v4lue")
+    wait_for(lambda: requests_of(fresh_database_dsn, "wait") == 1, what="a wait request")
+    submitter.kill()  # SIGKILL: no one is left to queue the batch again
+    submitter.communicate()
+    private_redis.kill()  # no persistence: it comes back without the jobs
+    time.sleep(0.5)
+    private_redis.start()
+    [batch_id] = [
+        row["stream"].removeprefix("batch-")
+        for row in query(
+            fresh_database_dsn, "SELECT DISTINCT stream FROM events WHERE stream LIKE 'batch-%'"
+        )
+    ]
+    # the batch's record holds the jobs' options, never a --var in clear
+    payloads = query(
+        fresh_database_dsn,
+        "SELECT data::text AS p FROM events WHERE stream = $1",
+        f"batch-{batch_id}",
+    )
+    assert payloads and all("s3cr3t-v4lue" not in row["p"] for row in payloads)
+    requeued = workdir.baton("batch", "requeue", batch_id, "--queue", workdir.queue)
+    code, out, err = finish(requeued)
+    assert code == 0, out + err
+    queued = int(out.split(":")[1].split()[0])
+    assert 1 <= queued <= 6  # the runs not ended in the log, the one in flight among them
+    workers.append(workdir.worker("--concurrency", "3"))
+    wait_for(
+        lambda: sum(c.get("RunCompleted", 0) for c in per_run(fresh_database_dsn).values()) == 6,
+        within=60,
+        what="six runs completed",
+    )
+    counts = per_run(fresh_database_dsn)
+    assert len(counts) == 6
+    assert all(c["RunCompleted"] == 1 and "RunCancelled" not in c for c in counts.values())
+    assert set(results_per_test(fresh_database_dsn).values()) == {1}
+    report = workdir.baton("report", "--batch", batch_id)
+    code, out, err = finish(report)
+    assert code == 0, out + err
+    assert summary(out) == "6 runs: 6 passed; tests: 18 passed"
+    for worker in workers:
+        stopped(worker)
+
+
+def test_requeue_names_a_batch_it_cannot_find(workdir: Workdir) -> None:
+    code, _out, err = finish(
+        workdir.baton("batch", "requeue", "no-such-batch", "--queue", workdir.queue)
+    )
+    assert code == 2
+    assert "error: no batch no-such-batch in the event store" in err
