@@ -735,6 +735,38 @@ def events(run_id: str) -> None:
     click.echo(_with_store(lambda store: inspect.event_log(store, run_id)))
 
 
+@cli.group()
+def archive() -> None:
+    """A run's event log moved to the archive (gzip JSON lines) and back (docs/retention.md)."""
+
+
+def _archive_dir() -> Path:
+    from events.archive import archive_dir
+    from events.settings import Settings
+
+    return archive_dir(Settings.from_env().home, os.environ.get("BATON_ARCHIVE_DIR"))
+
+
+@archive.command("run")
+@click.argument("run_id")
+def archive_run(run_id: str) -> None:
+    """Archive a run's events, then remove them from the event log."""
+    from events import archive as archival
+
+    path = _with_store(lambda store: archival.archive_run(store, run_id, _archive_dir()))
+    click.echo(f"archived run {run_id} to {path}")
+
+
+@archive.command("restore")
+@click.argument("run_id")
+def archive_restore(run_id: str) -> None:
+    """Bring an archived run's events back, with their positions, for show and events."""
+    from events import archive as archival
+
+    count = _with_store(lambda store: archival.restore_run(store, run_id, _archive_dir()))
+    click.echo(f"restored run {run_id}: {count} events")
+
+
 @cli.command()
 @click.option("--status", type=click.Choice(["running", "passed", "failed", "cancelled", "error"]))
 @click.option("--suite", help="The suite's name.")
