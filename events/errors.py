@@ -93,6 +93,11 @@ class SessionRefused(SessionError):
     """What the session's state does not allow; the message says the state and why."""
 
 
+class ArchiveError(EventsError):
+    """A run that cannot be archived or restored as asked (not in the log, still running,
+    not in the archive, in the log already): the user's to fix."""
+
+
 class SecretError(EventsError):
     """A key that cannot be used, or a token that cannot be decrypted."""
 

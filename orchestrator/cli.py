@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from events.errors import (
+    ArchiveError,
     EventsError,
     SecretError,
     SessionError,
@@ -163,7 +164,7 @@ def _failure(exc: BatonError | EventsError) -> tuple[int, str]:
     flows (the event store, the cache, a server); a BatonError says which it is."""
     if isinstance(exc, BatonError):
         return exc.exit_code, str(exc)
-    if isinstance(exc, SettingsError | SecretError | SessionError):
+    if isinstance(exc, SettingsError | SecretError | SessionError | ArchiveError):
         return 2, str(exc)
     if isinstance(exc, StoreUnavailable):
         return 3, f"event store unavailable: {exc}"
