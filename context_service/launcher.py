@@ -112,9 +112,6 @@ class RunLauncher:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._writers: dict[str, _RunWriter] = {}
 
-    def running(self, run_id: str) -> bool:
-        return run_id in self._tasks
-
     def start(self, spec: RunSpec) -> None:
         writer = _RunWriter(self._store, max_wait=self._max_wait)
         self._writers[spec.run_id] = writer

@@ -199,8 +199,8 @@ async def rerun(services: Services, principal: Principal, run_id: uuid.UUID) -> 
         )
     if not suite_known:
         raise Conflict("the suite of this run is not (or no longer) uploaded to the service")
-    if services.launcher.running(str(run_id)):
-        raise Conflict("the run is still running: wait for it to end, or cancel it")
+    # the log, not the launcher, says whether the run ended: the launcher keeps a run a
+    # moment longer, while it records the end, after the log (and GET /runs) says so
     context = await _context(services, run_id)
     if context.status == "running":
         raise Conflict("the run has not ended: wait for it to end, or cancel it")

@@ -274,6 +274,8 @@ async def test_a_running_run_is_cancelled_through_the_api(acme: Org, shop_url: s
         if any(e["type"] == "RequestSent" for e in page["items"]):
             break
         await asyncio.sleep(0.05)
+    early = await acme.http.post(f"/api/v1/runs/{run['id']}/rerun")
+    assert early.status_code == 409 and "has not ended" in early.json()["detail"]
     cancelled = await acme.ok("POST", f"/api/v1/runs/{run['id']}/cancel", 202)
     assert cancelled["status"] == "cancelled"
     assert cancelled["message"] == "cancelled through the API"
