@@ -1000,3 +1000,37 @@ __all__ = ["UsageError", "cli", "main"]
 
 if __name__ == "__main__":
     main()
+
+
+@cli.command("import")
+@click.argument("kind", type=click.Choice(["openapi", "postman", "curl", "har"]))
+@click.argument("source", metavar="SOURCE")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the flow to this file (default: standard output).",
+)
+def import_(kind: str, source: str, output: Path | None) -> None:
+    """Write a flow file from an OpenAPI document, a Postman collection, curl commands or a
+    HAR file (SOURCE; - for standard input). What cannot be translated is listed on
+    standard error, each with its place in SOURCE."""
+    from orchestrator.importers import converter
+
+    if source == "-":
+        text, name = sys.stdin.read(), "<stdin>"
+    else:
+        try:
+            text, name = Path(source).read_text(encoding="utf-8"), source
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{source}: cannot read it ({exc.__class__.__name__})") from None
+    imported = converter(kind)(text, name)
+    for part in imported.untranslated:
+        click.echo(f"not translated: {name}: {part}", err=True)
+    if output is None:
+        click.echo(imported.yaml(), nl=False)
+    else:
+        output.write_text(imported.yaml(), encoding="utf-8")
+    tests = len(imported.flow.get("tests", {}))
+    left = f"; {len(imported.untranslated)} part(s) not translated" if imported.untranslated else ""
+    click.echo(f"imported {tests} test(s) from {name}{left}", err=True)
