@@ -35,7 +35,8 @@ class Imported:
     untranslated: list[Untranslated] = field(default_factory=list)
 
     def yaml(self) -> str:
-        return yaml.safe_dump(self.flow, sort_keys=False, allow_unicode=True, width=100)
+        text: str = yaml.safe_dump(self.flow, sort_keys=False, allow_unicode=True, width=100)
+        return text
 
 
 Converter = Callable[[str, str], Imported]
