@@ -25,6 +25,7 @@ import yaml
 from orchestrator import templating
 from orchestrator.errors import Problem, UsageError
 from orchestrator.model import Capture, Expect, Flow, Predicate, Service, Test, seconds
+from orchestrator.requests_check import request_problems
 
 _STATUS = re.compile(r"^([1-5]xx|[1-5]\d\d)$", re.IGNORECASE)
 _MSGSPEC_PATH = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
@@ -115,7 +116,7 @@ def load_flow(path: Path) -> LoadedFlow:
         # every problem of the file
         problems += _check(_valid_part(raw), label)
         raise UsageError(problems) from None
-    problems = list(_check(flow, label))
+    problems = [*_check(flow, label), *request_problems(flow, label, path.parent)]
     if problems:
         raise UsageError(problems)
     return LoadedFlow(path, flow, hashlib.sha256(data).hexdigest())
