@@ -9,11 +9,13 @@ import email.utils
 import functools
 import hashlib
 import mimetypes
+import ssl
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import aiohttp
 import httpx
 import msgspec
 
@@ -296,13 +298,21 @@ class TestExecution:
         started = time.perf_counter()
         try:
             response = await run.client.send(prepared, follow_redirects=compiled.follow_redirects)
-        except httpx.TimeoutException:
+        except httpx.TimeoutException as exc:
             self._note_exchange(method, url, headers, shown)
-            raise _Failure("timeout", f"no response within {timeout:g} s from {url}") from None
+            lost = _not_a_timeout(exc)
+            if lost is None:
+                raise _Failure("timeout", f"no response within {timeout:g} s from {url}") from None
+            # httpx-aiohttp maps every aiohttp connection error to ConnectTimeout, a refused
+            # certificate and a closed connection too: those are no timeouts
+            hint = _tls_hint(exc, url, client_cert=tls is not None and tls.client_cert is not None)
+            raise _Failure("connection", f"cannot reach {url}: {lost}{hint}") from None
         except httpx.TransportError as exc:
             self._note_exchange(method, url, headers, shown)
             raise _Failure(
-                "connection", f"cannot reach {url}: {exc or type(exc).__name__}{_tls_hint(exc)}"
+                "connection",
+                f"cannot reach {url}: {exc or type(exc).__name__}"
+                + _tls_hint(exc, url, client_cert=tls is not None and tls.client_cert is not None),
             ) from None
         received_at = now_us()
         elapsed = (time.perf_counter() - started) * 1000
@@ -562,16 +572,34 @@ def _graphql_errors(response: ResponseView) -> AssertionResult:
     )
 
 
-def _tls_hint(exc: Exception) -> str:
-    """What to do about a certificate the connection refused."""
-    text = str(exc)
+def _not_a_timeout(exc: BaseException) -> BaseException | None:
+    """The connection error behind a TimeoutException that is none: a TLS error, or the
+    server closing the connection. None for a real timeout."""
+    seen: BaseException | None = exc.__cause__
+    while seen is not None:
+        if isinstance(seen, TimeoutError):
+            return None
+        if isinstance(seen, ssl.SSLError | aiohttp.ClientConnectionError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _tls_hint(exc: BaseException, url: str, *, client_cert: bool) -> str:
+    """What to do about a TLS connection that failed."""
+    text = str(_not_a_timeout(exc) or exc)
     if "CERTIFICATE_VERIFY_FAILED" in text:
         return (
             "; the server's certificate is not trusted: give its CA with tls.ca_bundle "
             "(or tls.verify: false, for a test server only)"
         )
-    if "CERTIFICATE_REQUIRED" in text or "HANDSHAKE_FAILURE" in text:
-        return "; the server asks for a client certificate: give tls.client_cert and client_key"
+    asked = "CERTIFICATE_REQUIRED" in text or "HANDSHAKE_FAILURE" in text
+    closed = "disconnected" in text.lower() and url.startswith("https:")
+    if asked or (closed and not client_cert):
+        return (
+            "; if the server requires a client certificate (mutual TLS), give "
+            "tls.client_cert and tls.client_key"
+        )
     return ""
 
 
