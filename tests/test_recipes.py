@@ -83,3 +83,18 @@ async def test_the_data_driven_recipe_runs_once_per_row(env: dict[str, str]) -> 
     assert code == 0, out + err
     rows = len((RECIPES / "customers.csv").read_text().splitlines()) - 1
     assert f"{rows} runs: {rows} passed" in out
+
+
+async def test_the_baton_flow_of_the_comparison_page_runs_green(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    page = (ROOT / "docs" / "comparison.md").read_text()
+    section = page.split("## Baton\n", 1)[1]
+    flow = tmp_path / "checkout.yaml"
+    flow.write_text(section.split("```yaml\n", 1)[1].split("```", 1)[0])
+    report = tmp_path / "report.json"
+    code, out, err = await asyncio.to_thread(baton, "run", str(flow), "--json", str(report))
+    assert code == 0, out + err
+    (run,) = json.loads(report.read_text())["runs"]
+    assert [test["name"] for test in run["tests"]] == ["login", "cart", "checkout"]
+    assert all(test["status"] == "passed" for test in run["tests"])
