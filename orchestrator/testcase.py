@@ -349,6 +349,8 @@ class TestExecution:
                 summary.append(f"{name}={value}")
                 continue
             path = base_dir / str(value["file"])
+            if not self.run.runner.limits.read_files:
+                raise _Failure("template", f"multipart.{name}: this run may not read files")
             try:
                 data = await asyncio.to_thread(path.read_bytes)
             except OSError as exc:
@@ -371,6 +373,8 @@ class TestExecution:
         spec = self.compiled.tls
         if spec is None:
             return None
+        if not self.run.runner.limits.read_files:
+            raise _Failure("connection", "tls: this run may not read certificate files")
         paths = {}
         for field in ("ca_bundle", "client_cert", "client_key"):
             value = getattr(spec, field)

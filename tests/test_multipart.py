@@ -114,3 +114,26 @@ def test_validate_refuses_two_bodies_in_one_request(tmp_path: Path) -> None:
     code, _out, err = baton("validate", str(flow))
     assert code == 2
     assert "tests.upload.request: a request has one body, this one gives json and multipart" in err
+
+
+def test_the_service_refuses_flows_that_read_files_of_its_host() -> None:
+    from context_service.errors import Unprocessable
+    from context_service.flows import load_text
+
+    flow = """
+name: exfiltrate
+base_url: https://api.example.com
+defaults:
+  tls: {ca_bundle: "{{ env.CA }}"}
+tests:
+  upload:
+    request:
+      method: POST
+      url: /upload
+      multipart: {doc: {file: "{{ '/etc/passwd' }}"}, note: plain text is fine}
+"""
+    with pytest.raises(Unprocessable) as refused:
+        load_text(flow, "exfiltrate.yaml")
+    message = str(refused.value)
+    assert "tests.upload.request.multipart.doc: a file cannot be read by the service" in message
+    assert "defaults.tls: certificate files cannot be read by the service" in message
