@@ -546,6 +546,8 @@ def _templates(flow: Flow) -> Iterator[tuple[str, str]]:
         yield "base_url", text
     for text in templating.template_strings(flow.defaults.headers):
         yield "defaults.headers", text
+    for text in templating.template_strings(msgspec.to_builtins(flow.defaults.tls)):
+        yield "defaults.tls", text
     for name, service in flow.services.items():
         for text in templating.template_strings(service.base_url):
             yield f"services.{name}.base_url", text
@@ -565,3 +567,5 @@ def test_parts(test: Test) -> Iterator[tuple[str, Any]]:
         yield "expect", msgspec.to_builtins(test.expect)
     if test.until is not None:
         yield "until", msgspec.to_builtins(test.until)
+    if test.tls is not None:
+        yield "tls", msgspec.to_builtins(test.tls)

@@ -119,15 +119,21 @@ def _flow(directory: Path, base_url: str, tests: str, defaults: str = "") -> Pat
 
 
 async def test_a_ca_bundle_and_a_client_certificate_reach_a_mutual_tls_server(
-    env: dict[str, str], tmp_path: Path, servers: Servers, pg_server_dsn: str
+    env: dict[str, str],
+    tmp_path: Path,
+    servers: Servers,
+    pg_server_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # a CI job names the key's path in the environment: the path is a template
+    monkeypatch.setenv("CLIENT_KEY_FILE", str(servers.certs / "client.key"))
     flow = _flow(
         tmp_path,
         servers.mutual,
         "  who:\n    request: {url: /who}\n"
         '    expect: {status: 200, json: {"$.client": baton-client}}\n',
         "defaults:\n  tls:\n    ca_bundle: certs/ca.crt\n"
-        "    client_cert: certs/client.crt\n    client_key: certs/client.key\n",
+        '    client_cert: certs/client.crt\n    client_key: "{{ env.CLIENT_KEY_FILE }}"\n',
     )
     code, out, err, tests = await run_flow(flow)
     assert code == 0, out + err
@@ -199,3 +205,19 @@ def test_validate_names_a_missing_certificate_file(tmp_path: Path) -> None:
     assert f"{flow}: defaults.tls.ca_bundle: no such file: certs/ca.pem" in err
     assert f"{flow}: tests.who.tls.client_key: no such file: certs/none.key" in err
     assert f"{flow}: tests.who.tls.client_key: a client key without client_cert" in err
+
+
+def test_validate_checks_the_templates_of_tls_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CA_FILE", raising=False)
+    flow = _flow(
+        tmp_path,
+        "https://127.0.0.1:1",
+        '  who:\n    request: {url: /who}\n    tls: {client_cert: "{{ cert_path }}"}\n',
+        'defaults:\n  tls: {ca_bundle: "{{ env.CA_FILE }}"}\n',
+    )
+    code, _out, err = baton("validate", str(flow))
+    assert code == 2
+    assert f"{flow}: defaults.tls: environment variable CA_FILE is not set" in err
+    assert f"{flow}: tests.who.tls: variable 'cert_path' is not defined" in err
