@@ -220,6 +220,11 @@ def report_options(function: F) -> F:
             "--json", "json_path", type=click.Path(path_type=Path), help="Write a JSON report."
         ),
         click.option("--html", type=click.Path(path_type=Path), help="Write an HTML report."),
+        click.option(
+            "--ctrf",
+            type=click.Path(path_type=Path),
+            help="Write a CTRF JSON report (Common Test Report Format).",
+        ),
     ]
     for option in reversed(options):
         function = option(function)
@@ -281,6 +286,7 @@ def run(
     junit: Path | None,
     json_path: Path | None,
     html: Path | None,
+    ctrf: Path | None,
     quiet: bool,
     serve: str | None,
     shard_text: str | None,
@@ -305,7 +311,7 @@ def run(
     options = _options(concurrency=concurrency, **kwargs)
     jobs = execution.prepare(options)
     if queue_url is not None:
-        reports = {"junit": junit, "json_path": json_path, "html": html}
+        reports = {"junit": junit, "json_path": json_path, "html": html, "ctrf": ctrf}
         _queued(queue_url, options, jobs, batch_id, quiet=quiet, serve=serve, **reports)
         return
     shard_run = None
@@ -340,7 +346,7 @@ def run(
         click.echo(tally.render(color=color))
         raise
     progress.close()
-    if not _reported(results, junit=junit, json_path=json_path, html=html, color=color):
+    if not _reported(results, junit=junit, json_path=json_path, html=html, ctrf=ctrf, color=color):
         sys.exit(1)
 
 
@@ -366,12 +372,25 @@ def _reported(
     junit: Path | None,
     json_path: Path | None,
     html: Path | None,
+    ctrf: Path | None = None,
     color: bool,
 ) -> bool:
     """Write the reports asked for and print the summary; True if every run passed."""
-    from orchestrator.reporters import render_summary, write_html, write_json, write_junit
+    from orchestrator.reporters import (
+        render_summary,
+        write_ctrf,
+        write_html,
+        write_json,
+        write_junit,
+    )
 
-    for path, write in ((junit, write_junit), (json_path, write_json), (html, write_html)):
+    writers = (
+        (junit, write_junit),
+        (json_path, write_json),
+        (html, write_html),
+        (ctrf, write_ctrf),
+    )
+    for path, write in writers:
         if path is not None:
             write(results, path)
     click.echo(render_summary(results, color=color))
@@ -393,13 +412,14 @@ def report(
     junit: Path | None,
     json_path: Path | None,
     html: Path | None,
+    ctrf: Path | None,
 ) -> None:
     """Reports from the event store. With --batch: merge the shards of a batch into one
     summary, the reports and the exit code of one run of the whole batch (a missing or
     unfinished shard fails it). `baton report issue RUN_ID TEST`: a failed test as a
     Markdown issue."""
     if ctx.invoked_subcommand is not None:
-        if batch_id is not None or junit or json_path or html:
+        if batch_id is not None or junit or json_path or html or ctrf:
             raise click.UsageError("--batch and the report files are not for a subcommand")
         return
     if batch_id is None:
@@ -408,7 +428,7 @@ def report(
 
     found = _with_store(lambda store: batch_report(store, batch_id))
     color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-    _batch_reported(found, junit=junit, json_path=json_path, html=html, color=color)
+    _batch_reported(found, junit=junit, json_path=json_path, html=html, ctrf=ctrf, color=color)
 
 
 @report.command("issue")
