@@ -660,6 +660,29 @@ def graph(fmt: str, **kwargs: Any) -> None:
         click.echo(render_graph(job.plan, fmt))
 
 
+@cli.command("plan")
+@flow_options
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the plan as JSON: tests, dependencies and their kind, what each needs.",
+)
+def plan_command(as_json: bool, **kwargs: Any) -> None:
+    """Print the plan of flow files (checked as baton validate checks them); with --json
+    as data for tools and coding agents (docs/ci.md)."""
+    from orchestrator import execution
+    from orchestrator.graphs import render_graph
+    from orchestrator.plan_export import encode_plans
+
+    jobs = execution.prepare(_options(**kwargs))
+    if as_json:
+        click.echo(encode_plans((job.plan, len(job.runs)) for job in jobs).decode())
+        return
+    for job in jobs:
+        click.echo(render_graph(job.plan, "text"))
+
+
 @cli.group()
 def session() -> None:
     """Test sessions: runs grouped over a period (create, show, pause, resume, complete,
