@@ -683,6 +683,39 @@ def plan_command(as_json: bool, **kwargs: Any) -> None:
         click.echo(render_graph(job.plan, "text"))
 
 
+@cli.command()
+@click.argument("directory", default=".", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", help="The flow's name (its file: flows/NAME.yaml).  [default: api]")
+@click.option(
+    "--base-url",
+    help="The API's address, for env/local.yaml; asked on a terminal.  "
+    "[default: http://127.0.0.1:8765]",
+)
+@click.option(
+    "--ci",
+    type=click.Choice(["github", "gitlab", "none"]),
+    default="github",
+    show_default=True,
+    help="The CI file: .github/workflows/baton.yml or .gitlab-ci.yml.",
+)
+@click.option("--force", is_flag=True, help="Overwrite files that exist.")
+def init(directory: Path, name: str | None, base_url: str | None, ci: str, force: bool) -> None:
+    """Scaffold a project in DIRECTORY: a login-then-use flow, env/local.yaml and a CI
+    file. On a terminal it asks for what the options do not give; elsewhere it asks
+    nothing. It refuses to overwrite a file unless --force."""
+    from orchestrator.scaffold import DEFAULT_BASE_URL, Scaffold
+
+    if base_url is None:
+        base_url = DEFAULT_BASE_URL
+        if sys.stdin.isatty():  # a pipe or CI has nobody to answer
+            base_url = click.prompt("Base URL of the API", default=DEFAULT_BASE_URL)
+    scaffold = Scaffold(directory, name or "api", base_url, ci)  # type: ignore[arg-type]
+    for path in scaffold.write(force=force):
+        click.echo(f"wrote {path}")
+    where = "" if directory == Path(".") else f"cd {directory} && "
+    click.echo(f"next: {where}baton validate flows/ && baton run flows/ --env local")
+
+
 @cli.group()
 def session() -> None:
     """Test sessions: runs grouped over a period (create, show, pause, resume, complete,
