@@ -100,7 +100,8 @@ class Runner:
                 ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", command],
                 cwd=self.workspace,
                 env={
-                    **os.environ,
+                    # a runner's environment has no BATON_* but what the workflow sets
+                    **{k: v for k, v in os.environ.items() if not k.startswith("BATON_")},
                     "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
                     **values,
                     **self.overrides,
