@@ -4,9 +4,11 @@ elsewhere it asks nothing; it never overwrites a file without --force."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pexpect
@@ -14,6 +16,7 @@ import pytest
 import yaml
 
 from tests.cli import baton
+from tests.test_ci_examples import Runner
 
 BATON = str(Path(sys.executable).parent / "baton")
 
@@ -50,6 +53,26 @@ async def test_without_a_terminal_init_asks_nothing_and_the_flow_runs(
     )
     assert code == 0, out + err
     assert "2 passed" in out
+
+
+async def test_the_scaffolded_github_workflow_runs_and_keeps_its_reports(
+    fresh_baton_home: Path, shop_url: str
+) -> None:
+    """Its run: steps, run as GitHub would (tests/test_ci_examples.py), against the demo
+    shop as the base URL given to init, on the embedded PostgreSQL under .baton/ (the
+    workflow sets no BATON_DATABASE_URL)."""
+    # not pytest's tmp_path: the embedded server must reach its data directory (conftest)
+    tmp_path = fresh_baton_home
+    assert init("--base-url", shop_url, cwd=tmp_path).returncode == 0
+    document = yaml.safe_load((tmp_path / ".github" / "workflows" / "baton.yml").read_text())
+    runner = Runner(tmp_path, contexts={"runner": {"os": "Linux"}}, document=document)
+    ok = await asyncio.to_thread(runner.job, "baton")
+    log = "\n".join(runner.log)
+    assert ok, log
+    junit = ET.parse(tmp_path / "reports" / "junit.xml").getroot()
+    assert (junit.get("tests"), junit.get("failures")) == ("2", "0"), log
+    ctrf = json.loads((tmp_path / "reports" / "ctrf.json").read_text())
+    assert [t["status"] for t in ctrf["results"]["tests"]] == ["passed", "passed"]
 
 
 def test_init_refuses_to_overwrite_and_force_does(tmp_path: Path) -> None:

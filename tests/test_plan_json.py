@@ -62,3 +62,11 @@ def test_plan_json_of_a_broken_flow_is_one_line_and_exit_2(tmp_path: Path) -> No
     assert out == ""
     assert "broken.yaml" in err and "nope" in err
     assert "Traceback" not in err
+
+
+def test_plan_without_json_prints_the_text_of_graph() -> None:
+    flow = str(SHOP / "checkout.yaml")
+    code, text, err = baton("plan", flow)
+    assert code == 0, err
+    assert text == baton("graph", flow)[1]
+    assert "  3. profile  <- login (token)\n" in text
