@@ -187,10 +187,29 @@ def cli() -> None:
     """Run chains of dependent HTTP API tests, recording every step as events."""
 
 
+def _environment_names(
+    ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[click.shell_completion.CompletionItem]:
+    """``--env`` completes the environments of env/ in the working directory (where
+    ``baton init`` puts them; the flows named before it are not parsed yet when an
+    option's value is completed, so env/ beside them is out of reach)."""
+    names = {found.stem for pattern in ("*.yaml", "*.yml") for found in Path("env").glob(pattern)}
+    return [
+        click.shell_completion.CompletionItem(name)
+        for name in sorted(names)
+        if name.startswith(incomplete)
+    ]
+
+
 def flow_options(function: F) -> F:
     options = [
         click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path)),
-        click.option("--env", "environment", help="Environment: env/NAME.yaml or a file."),
+        click.option(
+            "--env",
+            "environment",
+            help="Environment: env/NAME.yaml or a file.",
+            shell_complete=_environment_names,
+        ),
         click.option("--var", "variables", multiple=True, help="Set a variable: name=value."),
         click.option(
             "--secrets",

@@ -45,6 +45,21 @@ def test_a_flow_path_completes_files_and_init_a_directory(tmp_path: Path) -> Non
     assert complete("baton init pro", 2, tmp_path) == ["dir,pro"]
 
 
+def test_env_completes_the_environments_of_env(tmp_path: Path) -> None:
+    (tmp_path / "env").mkdir()
+    for name in ("local.yaml", "staging.yml", "stage-2.yaml", "notes.txt"):
+        (tmp_path / "env" / name).write_text("base_url: http://x\n")
+    assert complete("baton run flows/ --env st", 4, tmp_path) == [
+        "plain,stage-2",
+        "plain,staging",
+    ]
+    assert complete("baton validate flows/ --env ", 4, tmp_path) == [
+        "plain,local",
+        "plain,stage-2",
+        "plain,staging",
+    ]
+
+
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
 def test_the_completion_script_for_each_shell(shell: str, tmp_path: Path) -> None:
     env = {**os.environ, "_BATON_COMPLETE": f"{shell}_source"}
