@@ -726,7 +726,8 @@ def init(directory: Path, name: str | None, base_url: str | None, ci: str, force
 
     if base_url is None:
         base_url = DEFAULT_BASE_URL
-        if sys.stdin.isatty():  # a pipe or CI has nobody to answer
+        # a pipe, CI or a closed standard input (None) has nobody to answer
+        if sys.stdin is not None and sys.stdin.isatty():
             base_url = click.prompt("Base URL of the API", default=DEFAULT_BASE_URL)
     scaffold = Scaffold(directory, name or "api", base_url, ci)  # type: ignore[arg-type]
     for path in scaffold.write(force=force):

@@ -75,6 +75,19 @@ async def test_the_scaffolded_github_workflow_runs_and_keeps_its_reports(
     assert [t["status"] for t in ctrf["results"]["tests"]] == ["passed", "passed"]
 
 
+def test_init_with_standard_input_closed_asks_nothing(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [BATON, "init", "--ci", "none"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=lambda: os.close(0),
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*.yaml")) == ["api.yaml", "local.yaml"]
+
+
 def test_init_refuses_to_overwrite_and_force_does(tmp_path: Path) -> None:
     assert init("--name", "Shop API", cwd=tmp_path).returncode == 0
     flow = tmp_path / "flows" / "shop-api.yaml"
