@@ -100,17 +100,6 @@ def _epoch_ms(iso: str) -> int | None:
     return int(moment.timestamp() * 1000)
 
 
-def _headline(test: TestResult) -> str:
-    if note := fmt.known_failure_note(test):
-        return fmt.first_line(note, _MESSAGE_LIMIT)
-    if test.message:
-        return fmt.first_line(fmt.printable(test.message), _MESSAGE_LIMIT)
-    for check in fmt.failed_assertions(test):
-        expected, actual = fmt.show(check.expected, 100), fmt.show(check.actual, 100)
-        return f"{check.subject} {check.predicate}: expected {expected}, got {actual}"
-    return "failed"
-
-
 def _status(test: TestResult) -> Status:
     if test.excused:
         return "other"
@@ -136,7 +125,7 @@ def _test(run: RunResult, test: TestResult) -> CtrfTest:
     status = _status(test)
     message = trace = ""
     if status in ("failed", "other"):
-        message = _headline(test)
+        message = fmt.headline(test, _MESSAGE_LIMIT)
         trace = fmt.printable("\n".join(fmt.failure_detail(test)))
     elif status == "skipped":
         message = fmt.first_line(fmt.printable(test.message or "skipped"), _MESSAGE_LIMIT)
