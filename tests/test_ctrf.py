@@ -48,7 +48,9 @@ def failing_checkout() -> TestResult:
     )
 
 
-def run(tests: list[TestResult], status: str, row: int = -1, batch: str = "") -> RunResult:
+def run(
+    tests: list[TestResult], status: str, row: int = -1, batch: str = "", environment: str = ""
+) -> RunResult:
     return RunResult(
         run_id=f"run-{row}",
         suite="shop",
@@ -59,6 +61,7 @@ def run(tests: list[TestResult], status: str, row: int = -1, batch: str = "") ->
         tests=tests,
         batch_id=batch,
         row=row,
+        environment=environment,
     )
 
 
@@ -78,13 +81,15 @@ def test_every_outcome_is_valid_ctrf_with_the_status_a_dashboard_counts() -> Non
             "failed",
             row=1,
             batch="ci-42",
+            environment="staging",
         ),
-        run([result("login", "passed")], "cancelled", row=2, batch="ci-42"),
+        run([result("login", "passed")], "cancelled", 2, "ci-42", "staging"),
     ]
     report = encoded(results)
     assert_valid(report)
     assert report["reportFormat"] == "CTRF"
     assert report["runId"] == "ci-42"
+    assert report["results"]["environment"] == {"testEnvironment": "staging"}
     tests = {(t["suite"][0], t["name"]): t for t in report["results"]["tests"]}
     row1 = "shop [row 1]"
     assert tests[row1, "login"]["status"] == "passed"
@@ -124,6 +129,7 @@ def test_no_runs_is_still_a_valid_report(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "reports" / "ctrf.json").read_text())
     assert_valid(report)
     assert report["results"]["summary"]["tests"] == 0
+    assert "environment" not in report["results"] and "runId" not in report
 
 
 PASSWORD = "hunter2-ctrf-canary"

@@ -74,10 +74,15 @@ class CtrfTool(msgspec.Struct):
     version: str
 
 
-class CtrfResults(msgspec.Struct):
+class CtrfEnvironment(msgspec.Struct, omit_defaults=True, rename="camel"):
+    test_environment: str = ""
+
+
+class CtrfResults(msgspec.Struct, omit_defaults=True):
     tool: CtrfTool
     summary: CtrfSummary
     tests: list[CtrfTest]
+    environment: CtrfEnvironment | None = None
 
 
 class CtrfReport(msgspec.Struct, omit_defaults=True, rename="camel"):
@@ -197,13 +202,20 @@ def build_ctrf(results: list[RunResult], now: datetime | None = None) -> CtrfRep
         duration=round(duration_ms),
     )
     batches = {run.batch_id for run in results}
+    environments = {run.environment for run in results} - {""}
     return CtrfReport(
         report_format="CTRF",
         spec_version=SPEC_VERSION,
         report_id=str(uuid.uuid4()),
         timestamp=now.isoformat(timespec="seconds"),
         generated_by=TOOL,
-        results=CtrfResults(CtrfTool(TOOL, _version()), summary, tests),
+        results=CtrfResults(
+            CtrfTool(TOOL, _version()),
+            summary,
+            tests,
+            # --env NAME, when every run had the same: dashboards group reports by it
+            CtrfEnvironment(environments.pop()) if len(environments) == 1 else None,
+        ),
         # CTRF's runId is the logical run that shards share: Baton's batch
         run_id=batches.pop() if len(batches) == 1 and "" not in batches else "",
     )
