@@ -25,9 +25,9 @@ _decode = msgspec.json.Decoder(RecordedEvent).decode
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def archive_dir(home: Path, environ_value: str | None) -> Path:
+def archive_dir(home: Path, configured: Path | str | None) -> Path:
     """BATON_ARCHIVE_DIR when set, else ``archive`` under BATON_HOME."""
-    return Path(environ_value).expanduser() if environ_value else home / "archive"
+    return Path(configured).expanduser() if configured else home / "archive"
 
 
 def project_dir(directory: Path, project: str) -> Path:

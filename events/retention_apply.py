@@ -17,10 +17,12 @@ lock): ``baton serve`` on several machines does not archive a run twice.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -58,6 +60,7 @@ from events.retention_sql import (
 from events.types import run_stream
 
 _encode = msgspec.json.Encoder().encode
+_log = logging.getLogger("baton.retention")
 CHUNK = 200
 """Runs removed per transaction: each one recomputes the rollups of its runs' days."""
 
@@ -312,3 +315,33 @@ async def policy_of(store: PostgresEventStore, project: str) -> str:
         f" {policy.failed_days} days, monthly metrics {policy.metrics_days} days, contexts"
         f" {policy.context_hours} hours after the run ends"
     )
+
+
+Clock = Callable[[], datetime]
+
+
+def wall_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+async def apply_periodically(
+    store: PostgresEventStore,
+    directory: Path,
+    *,
+    interval: float,
+    stop: asyncio.Event,
+    clock: Clock = wall_clock,
+    cache: ContextCache | None = None,
+) -> None:
+    """Apply retention at once, then every ``interval`` seconds, until ``stop`` is set: what
+    ``baton serve`` runs. A failed apply (the database away) is logged and tried again at
+    the next interval; what it left half done, the next one finishes."""
+    while not stop.is_set():
+        try:
+            report = await apply_retention(store, directory, clock(), cache=cache)
+            for line in report.lines():
+                _log.info("%s", line)
+        except Exception as exc:  # the service keeps serving; the next apply retries
+            _log.warning("retention apply failed: %s; next try in %g s", exc, interval)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)

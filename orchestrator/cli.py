@@ -745,7 +745,8 @@ def _archive_dir() -> Path:
     from events.archive import archive_dir
     from events.settings import Settings
 
-    return archive_dir(Settings.from_env().home, os.environ.get("BATON_ARCHIVE_DIR"))
+    settings = Settings.from_env()
+    return archive_dir(settings.home, settings.archive_dir)
 
 
 @archive.command("run")

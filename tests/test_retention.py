@@ -21,6 +21,7 @@ from events.postgres import PostgresEventStore
 from events.projections import READ_TABLES, project, rebuild
 from events.retention import DEFAULT, MonthFacts, Policy, RunFacts, due
 from events.retention_apply import apply_retention
+from events.settings import Settings
 from events.store import NewEvent, StreamAppend
 from events.types import (
     PlannedTest,
@@ -425,3 +426,40 @@ async def test_monthly_metrics_outlive_the_results_and_leave_after_two_years(
         ("catalog", 3),
         ("login", 3),
     ]
+
+
+async def test_the_service_applies_retention_on_its_interval(
+    fresh_store: PostgresEventStore, tmp_path: Path
+) -> None:
+    """`baton serve`'s background apply, its clock set: an old run leaves at start-up, one
+    recorded later leaves at the next interval."""
+    from context_service.services import Services
+
+    archive = tmp_path / "archive"
+    first = await record_run(fresh_store, NOW - timedelta(days=100))
+    settings = Settings(
+        database_url=fresh_store.dsn,
+        home=tmp_path / "home",
+        archive_dir=archive,
+        retention_interval=0.3,
+    )
+    services = await Services.open(settings, clock=lambda: NOW)
+    try:
+        for run_id in (first, await record_run(fresh_store, NOW - timedelta(days=100))):
+            path = archive / "default" / "2026-06" / "events" / f"{run_id}.jsonl.gz"
+            for _ in range(100):
+                if path.exists() and not await fresh_store.read_stream(run_stream(run_id)):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail(f"run {run_id} was not archived by the service within 10 s")
+    finally:
+        await services.aclose()
+
+
+def test_the_interval_is_a_setting() -> None:
+    assert Settings.from_env({}).retention_interval == 24 * 3600
+    assert Settings.from_env({"BATON_RETENTION_INTERVAL": "3600"}).retention_interval == 3600
+    assert Settings.from_env({"BATON_RETENTION_INTERVAL": "off"}).retention_interval is None
+    archive = Settings.from_env({"BATON_ARCHIVE_DIR": "/srv/baton-archive"}).archive_dir
+    assert archive == Path("/srv/baton-archive")
