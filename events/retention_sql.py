@@ -3,8 +3,7 @@
 Removing a run leaves the read tables as a rebuild from the remaining log would make them:
 its rows go, the daily rollups of its days are recomputed from what remains, and the
 catalog (projects, environments, suites, test cases) loses what no remaining run names and
-takes its first and last sightings from the remaining runs (first by log position, as the
-projector keeps them).
+takes its first and last sightings from the remaining runs.
 """
 
 from __future__ import annotations
@@ -119,7 +118,10 @@ REMOVE_RUNS = [
     "DELETE FROM test_runs WHERE id = ANY($1)",
 ]
 
-# the catalog of the touched projects ($1) as the remaining runs make it
+# The catalog of the touched projects ($1) as the remaining runs make it. The projector
+# keeps a row's first sighting (by log position) and its latest time; here the first is the
+# earliest start, the same run unless a process's clock stamped a run that committed later
+# with an earlier time (the log's positions are the store backend's to read, not this SQL's).
 TIDY_CATALOG = [
     """DELETE FROM test_cases c USING test_suites s
        WHERE c.suite_id = s.id AND s.project_id = ANY($1)
@@ -131,32 +133,25 @@ TIDY_CATALOG = [
     """DELETE FROM projects p WHERE p.id = ANY($1)
          AND NOT EXISTS (SELECT FROM test_runs r WHERE r.project_id = p.id)""",
     """UPDATE projects p SET created_at = f.first_at, last_run_at = f.last_at
-       FROM (SELECT DISTINCT ON (r.project_id) r.project_id, r.started_at AS first_at,
-                 max(r.started_at) OVER (PARTITION BY r.project_id) AS last_at
-             FROM test_runs r JOIN baton_streams b ON b.stream = r.stream
-             WHERE r.project_id = ANY($1) ORDER BY r.project_id, b.first_position) f
+       FROM (SELECT project_id, min(started_at) AS first_at, max(started_at) AS last_at
+             FROM test_runs WHERE project_id = ANY($1) GROUP BY project_id) f
        WHERE p.id = f.project_id""",
     """UPDATE environments e SET created_at = f.first_at
-       FROM (SELECT DISTINCT ON (r.environment_id) r.environment_id, r.started_at AS first_at
-             FROM test_runs r JOIN baton_streams b ON b.stream = r.stream
-             WHERE r.project_id = ANY($1) ORDER BY r.environment_id, b.first_position) f
+       FROM (SELECT environment_id, min(started_at) AS first_at
+             FROM test_runs WHERE project_id = ANY($1) GROUP BY environment_id) f
        WHERE e.id = f.environment_id""",
-    """UPDATE test_suites s SET created_at = f.first_at, last_run_at = l.last_at,
+    """UPDATE test_suites s SET created_at = f.first_at, last_run_at = f.last_at,
            digest = l.suite_digest, source = l.source
-       FROM (SELECT DISTINCT ON (r.suite_id) r.suite_id, r.started_at AS first_at
-             FROM test_runs r JOIN baton_streams b ON b.stream = r.stream
-             WHERE r.project_id = ANY($1) ORDER BY r.suite_id, b.first_position) f,
-            (SELECT DISTINCT ON (r.suite_id) r.suite_id, r.suite_digest, r.source,
-                 max(r.started_at) OVER (PARTITION BY r.suite_id) AS last_at
-             FROM test_runs r JOIN baton_streams b ON b.stream = r.stream
-             WHERE r.project_id = ANY($1) ORDER BY r.suite_id, b.first_position DESC) l
+       FROM (SELECT suite_id, min(started_at) AS first_at, max(started_at) AS last_at
+             FROM test_runs WHERE project_id = ANY($1) GROUP BY suite_id) f,
+            (SELECT DISTINCT ON (suite_id) suite_id, suite_digest, source
+             FROM test_runs WHERE project_id = ANY($1)
+             ORDER BY suite_id, started_at DESC, id DESC) l
        WHERE s.id = f.suite_id AND s.id = l.suite_id""",
     """UPDATE test_cases c SET created_at = f.first_at, last_run_at = f.last_at
-       FROM (SELECT DISTINCT ON (t.test_case_id) t.test_case_id, r.started_at AS first_at,
-                 max(r.started_at) OVER (PARTITION BY t.test_case_id) AS last_at
+       FROM (SELECT t.test_case_id, min(r.started_at) AS first_at, max(r.started_at) AS last_at
              FROM test_results t JOIN test_runs r ON r.id = t.run_id
-             JOIN baton_streams b ON b.stream = r.stream
-             WHERE r.project_id = ANY($1) ORDER BY t.test_case_id, b.first_position) f
+             WHERE r.project_id = ANY($1) GROUP BY t.test_case_id) f
        WHERE c.id = f.test_case_id""",
 ]
 

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from events.archive import archive_run, restore_run
 from events.cache_redis import RedisContextCache
 from events.context import fold
 from events.postgres import PostgresEventStore
@@ -463,3 +464,37 @@ def test_the_interval_is_a_setting() -> None:
     assert Settings.from_env({"BATON_RETENTION_INTERVAL": "off"}).retention_interval is None
     archive = Settings.from_env({"BATON_ARCHIVE_DIR": "/srv/baton-archive"}).archive_dir
     assert archive == Path("/srv/baton-archive")
+
+
+async def test_an_apply_cut_short_after_the_events_left_is_finished_by_the_next(
+    fresh_store: PostgresEventStore, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """A crash between removing a run's events and its rows: the run is still due, its
+    events are found in the archive (not lost, not archived empty) and its rows go."""
+    archive = tmp_path / "archive"
+    run_id = await record_run(fresh_store, NOW - timedelta(days=100))
+    await project(fresh_store)
+    events_file = await archive_run(fresh_store, run_id, archive)  # the first half, then a crash
+    written = read_lines(events_file)
+
+    report = await apply_retention(fresh_store, archive, NOW)
+
+    assert report.counts == {("passed runs", "default"): 1}
+    assert events_file in report.files
+    assert read_lines(events_file) == written
+    assert await db.fetchval("SELECT count(*) FROM test_runs") == 0
+
+
+async def test_a_run_archived_before_the_project_level_is_still_restored(
+    fresh_store: PostgresEventStore, tmp_path: Path
+) -> None:
+    archive = tmp_path / "archive"
+    run_id = await record_run(fresh_store, NOW - timedelta(days=1))
+    original = await fresh_store.read_stream(run_stream(run_id))
+    path = await archive_run(fresh_store, run_id, archive)
+    old_layout = archive / "2026-09" / "events" / path.name
+    old_layout.parent.mkdir(parents=True)
+    path.rename(old_layout)
+
+    assert await restore_run(fresh_store, run_id, archive) == 8
+    assert await fresh_store.read_stream(run_stream(run_id)) == original
