@@ -98,15 +98,10 @@ def due(
     return Due(runs=gone, contexts=contexts, months=expired)
 
 
-def earliest_window(policies: Mapping[str, Policy]) -> timedelta:
-    """The shortest window of any policy: nothing that ended more recently is ever due, so
-    the facts read can stop there."""
+def earliest_window(policies: Mapping[str, Policy]) -> tuple[timedelta, timedelta]:
+    """The shortest context window and the shortest run window of any policy: nothing that
+    ended more recently is ever due, so the facts read can stop there."""
     every = [DEFAULT, *policies.values()]
-    return min(
-        min(
-            timedelta(days=p.passed_days),
-            timedelta(days=p.failed_days),
-            timedelta(hours=p.context_hours),
-        )
-        for p in every
-    )
+    context = min(timedelta(hours=p.context_hours) for p in every)
+    run = min(min(timedelta(days=p.passed_days), timedelta(days=p.failed_days)) for p in every)
+    return min(context, run), run

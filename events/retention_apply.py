@@ -103,6 +103,7 @@ async def load_policies(conn: asyncpg.Connection) -> dict[str, Policy]:
 
 async def find_due(conn: asyncpg.Connection, now: datetime) -> Due:
     policies = await load_policies(conn)
+    any_window, run_window = earliest_window(policies)
     runs = [
         RunFacts(
             run_id=row["id"],
@@ -114,7 +115,7 @@ async def find_due(conn: asyncpg.Connection, now: datetime) -> Due:
             ended_at=row["ended_at"],
             has_context=row["has_context"],
         )
-        for row in await conn.fetch(ENDED_RUNS, now - earliest_window(policies))
+        for row in await conn.fetch(ENDED_RUNS, now - any_window, now - run_window)
     ]
     months = [
         MonthFacts(

@@ -28,6 +28,8 @@ SELECT r.id, r.stream, r.organization_id, p.name AS project, r.status, r.started
     r.ended_at, EXISTS (SELECT FROM test_execution_context c WHERE c.run_id = r.id) AS has_context
 FROM test_runs r JOIN projects p ON p.id = r.project_id
 WHERE r.ended_at IS NOT NULL AND r.ended_at <= $1
+  -- past the context window only, a run matters only while it has a context
+  AND (r.ended_at <= $2 OR EXISTS (SELECT FROM test_execution_context c WHERE c.run_id = r.id))
 ORDER BY r.ended_at, r.id
 """
 MONTHS = """
