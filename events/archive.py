@@ -37,12 +37,12 @@ def project_dir(directory: Path, project: str) -> Path:
     return directory / name
 
 
-def write_lines(path: Path, lines: Iterable[bytes]) -> Path:
-    """Write gzip JSON lines to ``path`` whole, on disk, before it gets its name.
+def write_lines(path: Path, lines: Iterable[bytes], *, sync: bool = True) -> Path:
+    """Write gzip JSON lines to ``path`` whole before it gets its name.
 
-    A side file, fsynced, then renamed and the folder fsynced: what removes rows after
-    this returns can rely on the file surviving a crash, and a crash before leaves no half
-    archive under the real name.
+    A side file renamed, so a crash never leaves a half archive under the real name. With
+    ``sync`` the file and its folder are fsynced before this returns; without, the caller
+    calls ``durable`` on a batch of files before it removes what they hold.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
@@ -50,15 +50,36 @@ def write_lines(path: Path, lines: Iterable[bytes]) -> Path:
         with gzip.GzipFile(fileobj=raw, mode="wb") as out:
             for line in lines:
                 out.write(line + b"\n")
-        raw.flush()
-        os.fsync(raw.fileno())
+        if sync:
+            raw.flush()
+            os.fsync(raw.fileno())
     partial.replace(path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    if sync:
+        _fsync_folder(path.parent)
     return path
+
+
+def durable(paths: Iterable[Path]) -> None:
+    """Every file of ``paths`` and its folder on disk: what removes rows after this returns
+    can rely on the files surviving a crash. One sync() of the machine's filesystems where
+    the platform has it (measured: a fsync of each file and folder took half of an apply's
+    time), else a fsync of each."""
+    if hasattr(os, "sync"):
+        os.sync()
+        return
+    for path in paths:
+        with open(path, "rb") as written:
+            os.fsync(written.fileno())
+    for folder in {path.parent for path in paths}:
+        _fsync_folder(folder)
+
+
+def _fsync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def events_path(directory: Path, recorded: list[RecordedEvent]) -> Path:

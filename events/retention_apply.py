@@ -29,7 +29,14 @@ from pathlib import Path
 import asyncpg
 import msgspec
 
-from events.archive import archived, events_path, project_dir, restore_run, write_lines
+from events.archive import (
+    archived,
+    durable,
+    events_path,
+    project_dir,
+    restore_run,
+    write_lines,
+)
 from events.cache import ContextCache
 from events.errors import ArchiveError
 from events.postgres import PostgresEventStore, driver_errors
@@ -180,15 +187,26 @@ async def _apply(
 ) -> None:
     for start in range(0, len(found.runs), CHUNK):
         chunk = found.runs[start : start + CHUNK]
+        leaving, written = [], []
+        by_run = await _run_rows(conn, [run.run_id for run in chunk])
         for run in chunk:
-            report.files += await _archive_run(store, conn, run, directory)
+            files, in_log = await _archive_run(store, by_run.get(run.run_id, []), run, directory)
+            written += files
+            if in_log:
+                leaving.append(run.stream)
+        durable(written)
+        report.files += written
+        for stream in leaving:
+            await store.remove_stream(stream)
         report.months_taken += await _remove_runs(conn, [run.run_id for run in chunk])
     for start in range(0, len(found.contexts), CHUNK):
         chunk = found.contexts[start : start + CHUNK]
+        written = []
         for run in chunk:
             rows = [row[0].encode() for row in await conn.fetch(CONTEXT_ROW, run.run_id)]
-            path = _run_path(directory, run, "contexts")
-            report.files.append(write_lines(path, rows))
+            written.append(write_lines(_run_path(directory, run, "contexts"), rows, sync=False))
+        durable(written)
+        report.files += written
         async with conn.transaction():
             ids = [run.run_id for run in chunk]
             await conn.execute(MARK_CONTEXTS_EXPIRED, ids, now)
@@ -206,25 +224,34 @@ def _run_path(directory: Path, run: RunFacts, kind: str) -> Path:
     return project_dir(directory, run.project) / month / kind / f"{run_id}.jsonl.gz"
 
 
-async def _archive_run(
-    store: PostgresEventStore, conn: asyncpg.Connection, run: RunFacts, directory: Path
-) -> list[Path]:
-    """Write the run's read rows and events to the archive, then remove its events."""
-    lines = []
+async def _run_rows(
+    conn: asyncpg.Connection, run_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, list[bytes]]:
+    """The archive lines of these runs' read rows, by run."""
+    lines: dict[uuid.UUID, list[bytes]] = {}
     for table, query in RUN_ROWS.items():
-        for row in await conn.fetch(query, run.run_id):
-            lines.append(b'{"table":' + _encode(table) + b',"row":' + row[0].encode() + b"}")
-    files = [write_lines(_run_path(directory, run, "results"), lines)]
+        for run_id, row in await conn.fetch(query, run_ids):
+            line = b'{"table":' + _encode(table) + b',"row":' + row.encode() + b"}"
+            lines.setdefault(run_id, []).append(line)
+    return lines
+
+
+async def _archive_run(
+    store: PostgresEventStore, lines: list[bytes], run: RunFacts, directory: Path
+) -> tuple[list[Path], bool]:
+    """Write the run's read rows and events to the archive (not yet fsynced: ``durable``
+    does a chunk at once); return the files and whether the log still holds the events."""
+    files = [write_lines(_run_path(directory, run, "results"), lines, sync=False)]
     run_id = run.stream.removeprefix("run-")
     recorded = list(await store.read_stream(run_stream(run_id)))
     if recorded:
-        files.append(write_lines(events_path(directory, recorded), (_encode(e) for e in recorded)))
-        await store.remove_stream(run.stream)
+        encoded = (_encode(event) for event in recorded)
+        files.append(write_lines(events_path(directory, recorded), encoded, sync=False))
     else:
         # a crash after the events left: they are archived already (or never were)
         with contextlib.suppress(ArchiveError):
             files.append(archived(run_id, directory))
-    return files
+    return files, bool(recorded)
 
 
 async def _remove_runs(conn: asyncpg.Connection, run_ids: Sequence[uuid.UUID]) -> int:

@@ -38,24 +38,28 @@ FROM performance_metrics_monthly GROUP BY organization_id, project, month
 ORDER BY month, project, organization_id
 """
 
-# what a run's archive holds: every read row that derives from it, a table at a time
+# what a run's archive holds: every read row that derives from it, a table at a time, for
+# the runs of a chunk ($1) at once: (run id, the row as JSON)
 RUN_ROWS = {
-    "test_runs": "SELECT to_jsonb(t)::text FROM test_runs t WHERE id = $1",
+    "test_runs": "SELECT id, to_jsonb(t)::text FROM test_runs t WHERE id = ANY($1)",
     "test_execution_context": (
-        "SELECT to_jsonb(t)::text FROM test_execution_context t WHERE run_id = $1"
+        "SELECT run_id, to_jsonb(t)::text FROM test_execution_context t WHERE run_id = ANY($1)"
     ),
     "test_results": (
-        "SELECT to_jsonb(t)::text FROM test_results t WHERE run_id = $1 ORDER BY test_name"
+        "SELECT run_id, to_jsonb(t)::text FROM test_results t WHERE run_id = ANY($1)"
+        " ORDER BY test_name"
     ),
     "test_result_details": (
-        "SELECT to_jsonb(d)::text FROM test_result_details d JOIN test_results r"
-        " ON r.id = d.result_id WHERE r.run_id = $1 ORDER BY d.position"
+        "SELECT r.run_id, to_jsonb(d)::text FROM test_result_details d JOIN test_results r"
+        " ON r.id = d.result_id WHERE r.run_id = ANY($1) ORDER BY d.position"
     ),
     "failure_analysis": (
-        "SELECT to_jsonb(t)::text FROM failure_analysis t WHERE run_id = $1 ORDER BY result_id"
+        "SELECT run_id, to_jsonb(t)::text FROM failure_analysis t WHERE run_id = ANY($1)"
+        " ORDER BY result_id"
     ),
     "test_run_history": (
-        "SELECT to_jsonb(t)::text FROM test_run_history t WHERE run_id = $1 ORDER BY test_case_id"
+        "SELECT run_id, to_jsonb(t)::text FROM test_run_history t WHERE run_id = ANY($1)"
+        " ORDER BY test_case_id"
     ),
 }
 CONTEXT_ROW = "SELECT to_jsonb(t)::text FROM test_execution_context t WHERE run_id = $1"
