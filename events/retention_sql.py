@@ -124,10 +124,9 @@ REMOVE_RUNS = [
     "DELETE FROM test_runs WHERE id = ANY($1)",
 ]
 
-# The catalog of the touched projects ($1) as the remaining runs make it. The projector
-# keeps a row's first sighting (by log position) and its latest time; here the first is the
-# earliest start, the same run unless a process's clock stamped a run that committed later
-# with an earlier time (the log's positions are the store backend's to read, not this SQL's).
+# The catalog of the touched projects ($1) as the remaining runs make it, by the rules the
+# projector keeps (events.projections.catalog): the earliest start, the latest, and the
+# latest run's digest and source.
 TIDY_CATALOG = [
     """DELETE FROM test_cases c USING test_suites s
        WHERE c.suite_id = s.id AND s.project_id = ANY($1)

@@ -252,17 +252,24 @@ async def test_apply_archives_first_then_removes_and_a_second_apply_does_nothing
 async def test_a_rebuild_after_apply_gives_the_same_tables(
     fresh_store: PostgresEventStore, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
-    """The catalog too: the first runs of the suite are gone, so its first sighting, the
-    environment's and the test cases' move to the oldest remaining run, as a rebuild sees it."""
-    for days, status in [(300, "passed"), (120, "passed"), (100, "failed"), (95, "passed")]:
+    """The catalog too: the oldest runs of the suite are gone, so its first time, the
+    environment's and the test cases' move to the oldest remaining run, as a rebuild sees
+    it; recorded out of time order (an import, a worker's clock), the oldest is not the
+    first in the log."""
+    for days, status in [(120, "passed"), (1, "passed"), (300, "passed"), (95, "passed")]:
         await record_run(fresh_store, NOW - timedelta(days=days), status=status)
     await record_run(fresh_store, NOW - timedelta(days=3), project_name="other")
-    await record_run(fresh_store, NOW - timedelta(days=1))
+    await record_run(fresh_store, NOW - timedelta(days=100), status="failed")
 
     await apply_retention(fresh_store, tmp_path / "archive", NOW)
     after_apply = await snapshot(db)
     assert len(after_apply["test_runs"]) == 3
     assert len(after_apply["projects"]) == 2
+    first = await db.fetchval(
+        "SELECT s.created_at FROM test_suites s JOIN projects p ON p.id = s.project_id"
+        " WHERE p.name = 'default'"
+    )
+    assert first == NOW - timedelta(days=100, seconds=2)
 
     await rebuild(fresh_store)
 
