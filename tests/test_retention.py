@@ -361,6 +361,9 @@ def test_an_archived_run_is_restored_for_inspection(
     assert "[assertion] expected 200, got 500" in out
     code, out, err = baton("events", run_id)
     assert code == 0 and "RunCompleted" in out
+    code, out, err = baton("context", run_id)
+    assert code == 0, err
+    assert "failed" in out and "catalog" in out
     restored = asyncio.run(tables())
     # the read tables are back as they were, but for the monthly rows taken on the way out
     assert {k: v for k, v in restored.items() if k != "performance_metrics_monthly"} == {
