@@ -61,6 +61,9 @@ RUN_ROWS = {
         "SELECT run_id, to_jsonb(t)::text FROM test_run_history t WHERE run_id = ANY($1)"
         " ORDER BY test_case_id"
     ),
+    # the service's record of a run it started: left behind, the service would take the
+    # run for one started a moment ago and not projected yet
+    "service_runs": "SELECT id, to_jsonb(t)::text FROM service_runs t WHERE id = ANY($1)",
 }
 CONTEXT_ROW = "SELECT to_jsonb(t)::text FROM test_execution_context t WHERE run_id = $1"
 MONTH_ROWS = """
@@ -120,6 +123,7 @@ ON CONFLICT (test_case_id, environment_id, month) DO NOTHING
 
 REMOVE_RUNS = [
     "DELETE FROM test_run_history WHERE run_id = ANY($1)",
+    "DELETE FROM service_runs WHERE id = ANY($1)",
     # test_execution_context, test_results, their details and failure analysis cascade
     "DELETE FROM test_runs WHERE id = ANY($1)",
 ]

@@ -19,7 +19,7 @@ from events.archive import archive_run, restore_run
 from events.cache_redis import RedisContextCache
 from events.context import fold
 from events.postgres import PostgresEventStore
-from events.projections import READ_TABLES, project, rebuild
+from events.projections import DEFAULT_ORGANIZATION_ID, READ_TABLES, project, rebuild
 from events.retention import DEFAULT, MonthFacts, Policy, RunFacts, due
 from events.retention_apply import apply_retention
 from events.settings import Settings
@@ -203,6 +203,12 @@ async def test_apply_archives_first_then_removes_and_a_second_apply_does_nothing
     old_failed = await record_run(fresh_store, NOW - timedelta(days=100), status="failed")
     older_failed = await record_run(fresh_store, NOW - timedelta(days=200), status="failed")
     recent = await record_run(fresh_store, NOW - timedelta(hours=1))
+    for run_id in (old_passed, recent):  # as if the service had started them
+        await db.execute(
+            "INSERT INTO service_runs (id, organization_id, state) VALUES ($1, $2, 'finished')",
+            uuid.UUID(run_id),
+            DEFAULT_ORGANIZATION_ID,
+        )
     archive = tmp_path / "archive"
 
     report = await apply_retention(fresh_store, archive, NOW)
@@ -217,6 +223,9 @@ async def test_apply_archives_first_then_removes_and_a_second_apply_does_nothing
     tables = [line["table"] for line in rows]
     assert tables.count("test_runs") == 1 and tables.count("test_results") == 2
     assert {"test_result_details", "test_run_history", "test_execution_context"} <= set(tables)
+    assert tables.count("service_runs") == 1
+    service_runs = [str(row[0]) for row in await db.fetch("SELECT id FROM service_runs")]
+    assert service_runs == [recent]
     assert (archive / "default" / "2026-02" / "events" / f"{older_failed}.jsonl.gz").exists()
 
     remaining = {row["stream"] for row in await db.fetch("SELECT stream FROM test_runs")}
