@@ -16,7 +16,7 @@ from pathlib import Path
 
 import msgspec
 
-from events.errors import ArchiveError
+from events.errors import ArchiveError, ArchiveUnwritable
 from events.store import EventStore
 from events.types import RecordedEvent, RunCancelled, RunCompleted, RunStarted, run_stream
 
@@ -44,18 +44,24 @@ def write_lines(path: Path, lines: Iterable[bytes], *, sync: bool = True) -> Pat
     ``sync`` the file and its folder are fsynced before this returns; without, the caller
     calls ``durable`` on a batch of files before it removes what they hold.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as raw:
-        with gzip.GzipFile(fileobj=raw, mode="wb") as out:
-            for line in lines:
-                out.write(line + b"\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "wb") as raw:
+            with gzip.GzipFile(fileobj=raw, mode="wb") as out:
+                for line in lines:
+                    out.write(line + b"\n")
+            if sync:
+                raw.flush()
+                os.fsync(raw.fileno())
+        partial.replace(path)
         if sync:
-            raw.flush()
-            os.fsync(raw.fileno())
-    partial.replace(path)
-    if sync:
-        _fsync_folder(path.parent)
+            _fsync_folder(path.parent)
+    except OSError as exc:
+        raise ArchiveUnwritable(
+            f"cannot write the archive file {path}: {exc.strerror or exc}; make"
+            " BATON_ARCHIVE_DIR a writable folder with free space (nothing was removed)"
+        ) from None
     return path
 
 

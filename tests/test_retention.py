@@ -517,3 +517,33 @@ async def test_a_run_archived_before_the_project_level_is_still_restored(
 
     assert await restore_run(fresh_store, run_id, archive) == 8
     assert await fresh_store.read_stream(run_stream(run_id)) == original
+
+
+def test_an_archive_that_cannot_be_written_removes_nothing(
+    fresh_database_dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def record() -> str:
+        store = await PostgresEventStore.connect(fresh_database_dsn, max_size=4)
+        try:
+            return await record_run(store, NOW - timedelta(days=100))
+        finally:
+            await store.aclose()
+
+    run_id = asyncio.run(record())
+    not_a_folder = tmp_path / "archive"
+    not_a_folder.write_text("a file where the archive should be\n")
+    monkeypatch.setenv("BATON_DATABASE_URL", fresh_database_dsn)
+    monkeypatch.setenv("BATON_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("BATON_ARCHIVE_DIR", str(not_a_folder))
+
+    code, out, err = baton("retention", "apply", "--now", "2026-09-15T12:00:00Z")
+
+    assert code == 3
+    [line] = err.splitlines()
+    assert line.startswith(f"error: cannot write the archive file {not_a_folder}/default/")
+    assert line.endswith(
+        "make BATON_ARCHIVE_DIR a writable folder with free space (nothing was removed)"
+    )
+    code, out, _ = baton("show", run_id)
+    assert code == 0 and "status passed" in out
+    assert baton("events", run_id)[0] == 0
