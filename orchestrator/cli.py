@@ -863,7 +863,8 @@ def _archive_dir() -> Path:
     from events.archive import archive_dir
     from events.settings import Settings
 
-    return archive_dir(Settings.from_env().home, os.environ.get("BATON_ARCHIVE_DIR"))
+    settings = Settings.from_env()
+    return archive_dir(settings.home, settings.archive_dir)
 
 
 @archive.command("run")
@@ -880,10 +881,74 @@ def archive_run(run_id: str) -> None:
 @click.argument("run_id")
 def archive_restore(run_id: str) -> None:
     """Bring an archived run's events back, with their positions, for show and events."""
-    from events import archive as archival
+    from events.retention_apply import restore_for_inspection
 
-    count = _with_store(lambda store: archival.restore_run(store, run_id, _archive_dir()))
+    count = _with_store(lambda store: restore_for_inspection(store, run_id, _archive_dir()))
     click.echo(f"restored run {run_id}: {count} events")
+
+
+@cli.group()
+def retention() -> None:
+    """What is kept how long, archived then removed (docs/retention.md)."""
+
+
+@retention.command("apply")
+@click.option("--dry-run", is_flag=True, help="Say what is due; change nothing.")
+@click.option("--now", "now_text", metavar="ISO", help="Apply as of this time (default: now).")
+def retention_apply(dry_run: bool, now_text: str | None) -> None:
+    """Archive what the retention policy says is due, then remove it."""
+    from events.cache import open_cache
+    from events.retention_apply import apply_retention, parse_now
+    from events.settings import Settings
+
+    try:
+        now = parse_now(now_text) if now_text else datetime.now().astimezone()
+    except ValueError:
+        raise UsageError(
+            f"--now {now_text!r} is not an ISO 8601 time: give e.g. 2026-03-01T00:00:00Z"
+        ) from None
+
+    async def apply(store: Any) -> list[str]:
+        cache = open_cache(Settings.from_env())
+        try:
+            report = await apply_retention(store, _archive_dir(), now, dry_run=dry_run, cache=cache)
+        finally:
+            await cache.aclose()
+        return report.lines()
+
+    click.echo("\n".join(_with_store(apply)))
+
+
+@retention.command("set")
+@click.argument("project")
+@click.option("--passed-days", type=click.IntRange(min=1), help="Keep passed runs this long.")
+@click.option("--failed-days", type=click.IntRange(min=1), help="Keep other ended runs this long.")
+@click.option("--metrics-days", type=click.IntRange(min=1), help="Keep monthly metrics this long.")
+@click.option("--context-hours", type=click.IntRange(min=1), help="Keep run contexts this long.")
+@click.option("--reset", is_flag=True, help="Back to the defaults for this project.")
+def retention_set(
+    project: str,
+    passed_days: int | None,
+    failed_days: int | None,
+    metrics_days: int | None,
+    context_hours: int | None,
+    reset: bool,
+) -> None:
+    """Set a project's own retention windows (the others keep theirs or the default)."""
+    from events.retention_apply import policy_of, set_policy
+
+    windows = (passed_days, failed_days, metrics_days, context_hours)
+    if not reset and all(value is None for value in windows):
+        raise UsageError(
+            "baton retention set: give a window to change (--passed-days, --failed-days,"
+            " --metrics-days, --context-hours) or --reset"
+        )
+
+    async def change(store: Any) -> str:
+        await set_policy(store, project, *windows, reset=reset)
+        return await policy_of(store, project)
+
+    click.echo(_with_store(change))
 
 
 @cli.command()
