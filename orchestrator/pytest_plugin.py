@@ -96,7 +96,6 @@ class FlowFile(pytest.File):
             self.loaded = load_flow(_shown(self.path))
         except UsageError as exc:
             raise self.CollectError(str(exc)) from None
-        xdist = self.config.pluginmanager.hasplugin("xdist")
         lines = _test_lines(self.path)
         for name, test in self.loaded.flow.tests.items():
             item = FlowTest.from_parent(self, name=name, callobj=_flow_test)
@@ -106,12 +105,14 @@ class FlowFile(pytest.File):
                 # registered as they are met, so that --strict-markers accepts them
                 self.config.addinivalue_line("markers", f"{tag}: a Baton tag")
                 item.add_marker(tag)
-            if xdist:
-                # --dist loadgroup sends a file's tests to one worker: one run per file
-                item.add_marker(pytest.mark.xdist_group(self.loaded.label))
             yield item
 
     def run(self, variables: Mapping[str, Any], secrets: Mapping[str, Any]) -> _Outcome:
+        if self.outcome is None and _split_by_xdist(self.config):
+            self.outcome = _Outcome(
+                problem=f"{self.loaded.label}: pytest-xdist sends this file's tests to "
+                "several workers, and a flow file is one run (pass --dist loadfile)"
+            )
         if self.outcome is None:
             selected = [
                 item.name
@@ -192,6 +193,19 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     terminalreporter.write_sep("-", "baton runs (baton show RUN_ID)")
     for run in runs:
         terminalreporter.write_line(f"{run.run_id}  {run.status:<9} {run.file}")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """pytest-xdist: tell each worker how tests are dealt out (a worker's own ``dist`` is
+    always "no")."""
+    node.workerinput["baton_dist"] = node.config.getoption("dist")
+
+
+def _split_by_xdist(config: pytest.Config) -> bool:
+    """In a pytest-xdist worker whose tests are dealt out one by one, not file by file."""
+    workerinput = getattr(config, "workerinput", {})
+    return workerinput.get("baton_dist", "loadfile") != "loadfile"
 
 
 def _shown(path: Path) -> Path:
