@@ -204,8 +204,8 @@ def pytest_configure_node(node: Any) -> None:
 
 def _split_by_xdist(config: pytest.Config) -> bool:
     """In a pytest-xdist worker whose tests are dealt out one by one, not file by file."""
-    workerinput = getattr(config, "workerinput", {})
-    return workerinput.get("baton_dist", "loadfile") != "loadfile"
+    workerinput: dict[str, Any] = getattr(config, "workerinput", {})
+    return bool(workerinput.get("baton_dist", "loadfile") != "loadfile")
 
 
 def _shown(path: Path) -> Path:
