@@ -235,15 +235,23 @@ def _run_flow(
     from orchestrator.runner import RunInputs
 
     environ = dict(os.environ)
-    all_secrets = {**environ, **{name: str(value) for name, value in secrets.items()}}
+    given = {name: str(value) for name, value in secrets.items()}
+    all_secrets = {**environ, **given}
     merged = {**loaded.flow.variables, **variables}
     try:
         full = plan(loaded, Scope(merged, environ, all_secrets))
         needed = set(selected)
         for name in selected:
             needed |= nx.ancestors(full.graph, name)
-        inputs = RunInputs(variables=merged, env=environ, secrets=all_secrets)
-        results = asyncio.run(execute([Job(full.only(needed), [inputs])], Settings.from_env()))
+        # the fixture's secrets are known secrets even where the flow does not name them
+        inputs = RunInputs(
+            variables=merged, env=environ, secrets=all_secrets, hidden=tuple(given.values())
+        )
+        job = Job(full.only(needed), [inputs])
+        # a loop of its own, not made the thread's current one: asyncio.run would leave
+        # none behind for the async tests of the session that come after
+        with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+            results = runner.run(execute([job], Settings.from_env()))
     except UsageError as exc:
         return _Outcome(problem=str(exc))
     except (BatonError, EventsError) as exc:

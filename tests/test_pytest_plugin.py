@@ -46,7 +46,7 @@ tests:
       json: {"$.username": "{{ username }}"}
   teapot:
     depends_on: [health]
-    request: {url: "/echo?note={{ secrets.SHOP_PASSWORD }}"}
+    request: {url: "/echo?note={{ secrets.SHOP_PASSWORD }}&also=hush-hush-1234"}
     expect: {status: 418}
   after_teapot:
     depends_on: [teapot]
@@ -70,7 +70,7 @@ def baton_variables():
 
 @pytest.fixture
 def baton_secrets():
-    return {{"SHOP_PASSWORD": "{PASSWORD}"}}
+    return {{"SHOP_PASSWORD": "{PASSWORD}", "UNNAMED": "hush-hush-1234"}}
 """
 
 
@@ -87,14 +87,23 @@ class Project:
     root: Path
     env: dict[str, str]
 
-    def pytest(self, *args: str, env: dict[str, str] | None = None) -> Pytest:
+    def pytest(
+        self, *args: str, env: dict[str, str] | None = None, autoload: bool = False
+    ) -> Pytest:
+        """``pytest *args`` here. Without ``autoload`` only Baton's plugin is loaded (named
+        with -p): this environment's other plugins (hypothesis, schemathesis...) take 3 s
+        of CPU to import in every pytest process."""
         environ = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
         environ.pop("BATON_SECRET_KEY", None)
         environ.update(self.env)
         environ.update(env or {})
         environ["COLUMNS"] = "200"  # whole lines: pytest cuts them to the terminal's width
+        plugins = ["-p", "no:cacheprovider"]
+        if not autoload:
+            environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+            plugins += ["-p", "orchestrator.pytest_plugin"]
         done = subprocess.run(
-            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
+            [sys.executable, "-m", "pytest", *plugins, *args],
             cwd=self.root,
             env=environ,
             capture_output=True,
@@ -140,7 +149,8 @@ def project(
 
 @pytest.fixture(scope="module")
 def whole_run(project: Project) -> Iterator[Pytest]:
-    yield project.pytest("flows", "-v", "-rsx", "--junitxml=report.xml")
+    # as a user runs it: the plugin loaded through its entry point
+    yield project.pytest("flows", "-v", "-rsx", "--junitxml=report.xml", autoload=True)
 
 
 def run_id_of(report: Path) -> str:
@@ -195,9 +205,10 @@ def test_a_flow_file_is_one_run_in_the_store(
     assert "shop via pytest" in shown
     assert "depends on teapot, which failed" in shown
     assert run_id in project.baton(monkeypatch, "runs")
-    # baton_secrets are secrets: masked in the log like those of baton run --secrets
+    # baton_secrets are secrets: masked in the log, also one the flow does not name
     events = project.baton(monkeypatch, "events", run_id)
-    assert "note=***" in events and PASSWORD not in events
+    assert "note=***&also=***" in events
+    assert PASSWORD not in events and "hush-hush-1234" not in events
 
 
 def test_k_selects_a_test_and_what_it_needs_runs_unreported(
@@ -259,10 +270,12 @@ def test_flows_are_collected_only_directly_in_the_paths_given(project: Project) 
 
 
 def test_under_xdist_a_flow_file_goes_to_one_worker(project: Project) -> None:
-    dealt = project.pytest("flows", "-n", "2", "-k", "health or login")
+    dealt = project.pytest("flows", "-p", "xdist", "-n", "2", "-k", "health or login")
     assert dealt.code == 1, dealt.out
     assert "a flow file is one run (pass --dist loadfile)" in dealt.out
-    by_file = project.pytest("flows", "-n", "2", "--dist", "loadfile", "-k", "health or login")
+    by_file = project.pytest(
+        "flows", "-p", "xdist", "-n", "2", "--dist", "loadfile", "-k", "health or login"
+    )
     assert by_file.code == 0, by_file.out
     assert "2 passed" in by_file.out
 
