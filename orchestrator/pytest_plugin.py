@@ -29,6 +29,12 @@ if TYPE_CHECKING:
 
 FLOW_SUFFIXES = (".yaml", ".yml")
 _RUNS = pytest.StashKey[list["RunResult"]]()
+ACTING_MARKERS = frozenset(
+    {"skip", "skipif", "xfail", "parametrize", "usefixtures", "filterwarnings"}
+    | {"asyncio", "anyio", "timeout", "flaky", "xdist_group"}
+)
+"""Markers that pytest or a common plugin acts on: a tag with one of these names would
+skip its test or change how it runs, so it is a keyword (``-k``) and not a marker."""
 
 
 @pytest.fixture
@@ -102,6 +108,9 @@ class FlowFile(pytest.File):
             item.line = lines.get(name)
             item.extra_keyword_matches.add(self.loaded.flow.name)
             for tag in test.tags:
+                if tag in ACTING_MARKERS:
+                    item.extra_keyword_matches.add(tag)
+                    continue
                 # registered as they are met, so that --strict-markers accepts them
                 self.config.addinivalue_line("markers", f"{tag}: a Baton tag")
                 item.add_marker(tag)

@@ -25,7 +25,7 @@ variables:
   username: nobody            # the conftest's baton_variables says alice
 tests:
   health:
-    tags: [smoke]
+    tags: [smoke, skip]       # skip: a tag, not pytest's skip marker
     request: {url: /health}
     expect: {status: 200}
   login:
@@ -225,6 +225,13 @@ def test_k_selects_a_test_and_what_it_needs_runs_unreported(
 
 def test_m_selects_by_tag_under_strict_markers(project: Project) -> None:
     found = project.pytest("flows", "-m", "smoke", "--strict-markers", "-v")
+    assert found.code == 0, found.out
+    assert "flows/shop.yaml::health PASSED" in found.out
+    assert "1 passed, 5 deselected" in found.out
+
+
+def test_a_tag_named_like_a_pytest_marker_is_a_keyword(project: Project) -> None:
+    found = project.pytest("flows", "-k", "skip", "--strict-markers", "-v")
     assert found.code == 0, found.out
     assert "flows/shop.yaml::health PASSED" in found.out
     assert "1 passed, 5 deselected" in found.out
