@@ -309,3 +309,22 @@ def unused_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_each_test_reports_its_own_duration(project: Project) -> None:
+    """Not the run's: the file's first test waits for the whole run."""
+    timed = project.root / "timed"
+    timed.mkdir(exist_ok=True)
+    (timed / "flow.yaml").write_text(
+        'name: timed\nbase_url: "{{ shop }}"\ntests:\n'
+        "  quick:\n    request: {url: /health}\n"
+        "  slow:\n    request: {url: /slow?ms=800}\n"
+    )
+    found = project.pytest("timed", "--junitxml=timed.xml")
+    assert found.code == 0, found.out
+    times = {
+        case.get("name"): float(case.get("time") or 0)
+        for case in ET.parse(project.root / "timed.xml").iter("testcase")
+    }
+    assert times["slow"] >= 0.8
+    assert times["quick"] < times["slow"] / 2
