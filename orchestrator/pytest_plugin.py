@@ -14,7 +14,6 @@ installed: it imports only pytest and the standard library until a flow file is 
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -234,6 +233,8 @@ def _run_flow(
 ) -> _Outcome:
     """Plan and run the selected tests and what they need; a problem with the flow or its
     variables is the outcome of every test, a problem with the store ends the session."""
+    import asyncio
+
     import networkx as nx
 
     from events.errors import EventsError
