@@ -50,6 +50,17 @@ def baton_secrets() -> Mapping[str, str]:
     return {}
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("baton", "Baton flow files")
+    group.addoption(
+        "--baton-env",
+        dest="baton_env",
+        metavar="NAME",
+        help="Environment of every flow run: env/NAME.yaml beside the flow, or a file "
+        "(as baton run --env).",
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_RUNS] = []
 
@@ -216,6 +227,21 @@ def _split_by_xdist(config: pytest.Config) -> bool:
     return bool(workerinput.get("baton_dist", "loadfile") != "loadfile")
 
 
+def _environment_file(name: str, flow_dir: Path) -> Path:
+    """``baton run --env``'s file, its problem named after this plugin's option."""
+    from dataclasses import replace
+
+    from orchestrator.errors import UsageError
+    from orchestrator.inputs import environment_file
+
+    try:
+        return environment_file(name, flow_dir)
+    except UsageError as exc:
+        option = f"--baton-env {name}"
+        problems = [replace(problem, file=option) for problem in exc.problems]
+        raise UsageError(problems or str(exc).replace(f"--env {name}", option)) from None
+
+
 def _shown(path: Path) -> Path:
     """The path as the runs record it: relative to the working directory when under it."""
     try:
@@ -241,21 +267,35 @@ def _run_flow(
     from events.settings import Settings
     from orchestrator.errors import BatonError, UsageError
     from orchestrator.execution import Job, execute
+    from orchestrator.inputs import read_mapping
+    from orchestrator.loader import with_services
     from orchestrator.planner import Scope, plan
     from orchestrator.runner import RunInputs
 
     environ = dict(os.environ)
     given = {name: str(value) for name, value in secrets.items()}
     all_secrets = {**environ, **given}
-    merged = {**loaded.flow.variables, **variables}
+    environment: str = config.getoption("baton_env") or ""
     try:
+        env_vars: dict[str, Any] = {}
+        if environment:
+            env_file = _environment_file(environment, loaded.base_dir)
+            env_vars = read_mapping(env_file, "the environment file")
+            if "services" in env_vars:
+                loaded = with_services(loaded, env_vars.pop("services"), str(env_file))
+        # lowest precedence first, as baton run merges them; the fixture's come last
+        merged = {**loaded.flow.variables, **env_vars, **variables}
         full = plan(loaded, Scope(merged, environ, all_secrets))
         needed = set(selected)
         for name in selected:
             needed |= nx.ancestors(full.graph, name)
         # the fixture's secrets are known secrets even where the flow does not name them
         inputs = RunInputs(
-            variables=merged, env=environ, secrets=all_secrets, hidden=tuple(given.values())
+            variables=merged,
+            env=environ,
+            secrets=all_secrets,
+            environment=environment,
+            hidden=tuple(given.values()),
         )
         job = Job(full.only(needed), [inputs])
         # a loop of its own, not made the thread's current one: asyncio.run would leave

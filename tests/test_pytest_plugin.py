@@ -328,3 +328,25 @@ def test_each_test_reports_its_own_duration(project: Project) -> None:
     }
     assert times["slow"] >= 0.8
     assert times["quick"] < times["slow"] / 2
+
+
+def test_baton_env_reads_the_environment_file_beside_the_flow(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    envs = project.root / "envs"
+    (envs / "env").mkdir(parents=True, exist_ok=True)
+    (envs / "env" / "staging.yaml").write_text("greeting: hello\n")
+    (envs / "flow.yaml").write_text(
+        'name: greet\nbase_url: "{{ shop }}"\ntests:\n'
+        '  greet:\n    request: {url: "/echo?g={{ greeting }}"}\n'
+        '    expect: {json: {"$.query.g": hello}}\n'
+    )
+    found = project.pytest("envs", "--baton-env", "staging", "--junitxml=env.xml")
+    assert found.code == 0, found.out
+    assert "1 passed" in found.out  # env/ beside the flow is not collected
+    run_id = run_id_of(project.root / "env.xml")
+    assert run_id in project.baton(monkeypatch, "runs", "--env", "staging")
+    missing = project.pytest("envs", "--baton-env", "nowhere")
+    assert missing.code == 1, missing.out
+    assert "--baton-env nowhere: no such environment (create envs/env/nowhere.yaml" in missing.out
+    assert "Traceback" not in missing.out
