@@ -302,6 +302,13 @@ def test_an_unreachable_store_is_exit_3_in_one_line(project: Project, unused_por
     assert "Traceback" not in found.out
 
 
+def test_a_wrong_baton_setting_is_exit_2_in_one_line(project: Project) -> None:
+    found = project.pytest("flows", "-k", "health", env={"BATON_STORE_WAIT": "soon"})
+    assert found.code == 2, found.out
+    assert "baton: BATON_STORE_WAIT='soon'" in found.out
+    assert "Traceback" not in found.out
+
+
 @pytest.fixture
 def unused_port() -> int:
     import socket
