@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 FLOW_SUFFIXES = (".yaml", ".yml")
 _RUNS = pytest.StashKey[list["RunResult"]]()
+_TAGS = pytest.StashKey[set[str]]()
 ACTING_MARKERS = frozenset(
     {"skip", "skipif", "xfail", "parametrize", "usefixtures", "filterwarnings"}
     | {"asyncio", "anyio", "timeout", "flaky", "xdist_group"}
@@ -63,6 +64,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[_RUNS] = []
+    config.stash[_TAGS] = set()
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> FlowFile | None:
@@ -121,8 +123,11 @@ class FlowFile(pytest.File):
                 if tag in ACTING_MARKERS:
                     item.extra_keyword_matches.add(tag)
                     continue
-                # registered as they are met, so that --strict-markers accepts them
-                self.config.addinivalue_line("markers", f"{tag}: a Baton tag")
+                registered = self.config.stash[_TAGS]
+                if tag not in registered:
+                    # registered as they are met, so that --strict-markers accepts them
+                    self.config.addinivalue_line("markers", f"{tag}: a Baton tag")
+                    registered.add(tag)
                 item.add_marker(tag)
             yield item
 
