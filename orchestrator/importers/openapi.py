@@ -182,7 +182,9 @@ class _Importer:
             )
         self._links()
         tests = {name: self._test(draft) for name, draft in self.drafts.items()}
-        flow: dict[str, Any] = {"name": self._title(), "description": self._description()}
+        secret_schemes = self._secret_schemes(tests)
+        flow: dict[str, Any] = {"name": self._title()}
+        flow["description"] = self._description(secret_schemes)
         flow["base_url"] = base_url
         used = self._used_variables(tests)
         if used:
@@ -195,7 +197,7 @@ class _Importer:
                     f"needs a value: variables.{name} is a placeholder "
                     f"({self.variables[name]!r}); set it with --var {name}=VALUE",
                 )
-        for scheme in self._secret_schemes(tests):
+        for scheme in secret_schemes:
             credential = self.credentials[scheme]
             assert credential is not None
             self.report(
@@ -211,16 +213,20 @@ class _Importer:
         info = _mapping(self.data.get("info"))
         return str(info.get("title") or self.source)
 
-    def _description(self) -> str:
+    def _description(self, secret_schemes: list[str]) -> str:
         info = _mapping(self.data.get("info"))
         version = f" {info['version']}" if info.get("version") else ""
         text = f"Imported from {self.source} (OpenAPI {self.data['openapi']}, API{version})."
-        schemes = [c for c in self.credentials.values() if c is not None]
-        if schemes:
-            listed = ", ".join(
-                f"{c.scheme} as secrets.{c.secret} ({c.location} {c.key})" for c in schemes
-            )
-            text += f" Credentials: {listed}."
+        listed = [
+            f"{c.scheme} from secrets.{c.secret} ({c.location} {c.key})"
+            for c in map(self.credentials.__getitem__, secret_schemes)
+            if c is not None
+        ]
+        listed += [
+            f"{scheme} from the capture of test {test}" for scheme, (test, _) in self.tokens.items()
+        ]
+        if listed:
+            text += f" Credentials: {', '.join(listed)}."
         return text
 
     def _base_url(self) -> str:
@@ -435,7 +441,7 @@ class _Importer:
         where = f"components.securitySchemes.{scheme}"
         schemes = (self.data.get("components") or {}).get("securitySchemes") or {}
         spec = self.document.resolve(schemes.get(scheme), where) if scheme in schemes else None
-        secret = identifier(scheme).upper()
+        secret = identifier(re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", scheme)).upper()
         credential: _Credential | None = None
         kind = spec.get("type") if isinstance(spec, dict) else None
         if spec is None:
@@ -604,6 +610,16 @@ class _Importer:
     ) -> Any:
         """A link's value as a flow value: a constant, or templates of captures taken from
         the source's response (or of the source's own request values)."""
+        if isinstance(expression, dict):
+            # a body of values each of which may be an expression: common, if beyond the letter
+            # of the specification (which allows one expression or a constant)
+            fields = {k: self._expression(source, v, where, str(k)) for k, v in expression.items()}
+            if None in fields.values():
+                return None
+            return {literal(str(k)): v for k, v in fields.items()}
+        if isinstance(expression, list):
+            items = [self._expression(source, item, where, hint) for item in expression]
+            return None if None in items else items
         if not isinstance(expression, str):
             return literal(expression)
         if expression.startswith("$"):
