@@ -82,7 +82,8 @@ def _parse(text: str, source: str) -> tuple[dict[str, Any], str]:
 
 def identifier(name: str) -> str:
     """A name a template can read: ``pet-id`` -> ``pet_id``."""
-    text = re.sub(r"\W+", "_", name).strip("_") or "value"
+    text = re.sub(r"\W+", "_", name)
+    text = re.sub(r"__+", "_", text).strip("_") or "value"
     if text[0].isdigit():
         text = "_" + text
     return text + "_" if text in _JINJA_RESERVED else text
@@ -91,9 +92,11 @@ def identifier(name: str) -> str:
 def literal(value: Any) -> Any:
     """A value from the document, kept as written when the flow renders it as a template."""
     if isinstance(value, str):
-        if "{{" in value or "{%" in value or "{#" in value:
+        if "{{" not in value and "{%" not in value and "{#" not in value:
+            return value
+        if "endraw" not in value:
             return "{% raw %}" + value + "{% endraw %}"
-        return value
+        return "{{ '" + value.replace("\\", "\\\\").replace("'", "\\'") + "' }}"
     if isinstance(value, dict):
         return {literal(str(key)): literal(item) for key, item in value.items()}
     if isinstance(value, list):

@@ -1,0 +1,331 @@
+"""baton import openapi: real documents in (the Swagger Petstore 3.0, the shop's 3.1 document
+with links), flows out that baton validate accepts and baton run passes against the shop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.cli import baton
+
+DATA = Path(__file__).resolve().parent / "data" / "importers"
+PETSTORE = DATA / "petstore-openapi-3.0.yaml"
+SHOP = DATA / "shop-openapi-3.1.yaml"
+
+
+def imported(source: Path, tmp_path: Path) -> tuple[dict[str, Any], str, Path]:
+    """(the flow, what baton import said on stderr, the flow file)."""
+    out = tmp_path / f"{source.stem}.flow.yaml"
+    code, stdout, stderr = baton("import", "openapi", str(source), "-o", str(out))
+    assert code == 0, stderr
+    assert stdout == ""
+    return yaml.safe_load(out.read_text(encoding="utf-8")), stderr, out
+
+
+def not_translated(stderr: str, source: Path) -> list[str]:
+    prefix = f"not translated: {source}: "
+    return [line[len(prefix) :] for line in stderr.splitlines() if line.startswith(prefix)]
+
+
+def write_spec(tmp_path: Path, spec: dict[str, Any], name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    text = json.dumps(spec) if name.endswith(".json") else yaml.safe_dump(spec, sort_keys=False)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def petstore_secrets(tmp_path: Path) -> Path:
+    path = tmp_path / "secrets.yaml"
+    path.write_text("API_KEY: special-key\nPETSTORE_AUTH: a-token\n", encoding="utf-8")
+    return path
+
+
+def test_petstore_imports_one_test_per_operation_and_validates(
+    tmp_path: Path, petstore_secrets: Path
+) -> None:
+    flow, stderr, out = imported(PETSTORE, tmp_path)
+
+    assert f"imported 19 test(s) from {PETSTORE}" in stderr
+    assert list(flow["tests"])[:3] == ["updatePet", "addPet", "findPetsByStatus"]
+    assert flow["base_url"] == "{{ env.BASE_URL | default('https://petstore3.swagger.io/api/v3') }}"
+    add = flow["tests"]["addPet"]
+    assert add["request"]["method"] == "POST" and add["request"]["url"] == "/pet"
+    # the body from the schema's property examples
+    assert add["request"]["json"]["name"] == "doggie"
+    assert add["request"]["json"]["category"] == {"id": 1, "name": "Dogs"}
+    assert add["request"]["headers"]["Authorization"] == "Bearer {{ secrets.PETSTORE_AUTH }}"
+    assert add["expect"]["status"] == 200
+    by_id = flow["tests"]["getPetById"]["request"]
+    assert by_id["url"] == "/pet/{{ petId }}" and by_id["headers"]["api_key"] == (
+        "{{ secrets.API_KEY }}"
+    )
+    assert flow["tests"]["findPetsByStatus"]["request"]["params"] == {"status": "available"}
+    assert flow["variables"]["petId"] == 1
+
+    code, said, err = baton("validate", str(out), "--secrets", str(petstore_secrets))
+    assert code == 0, err
+    assert "ok (19 tests" in said + err
+
+
+def test_petstore_lists_what_it_did_not_translate_with_its_place(tmp_path: Path) -> None:
+    _, stderr, _ = imported(PETSTORE, tmp_path)
+    parts = not_translated(stderr, PETSTORE)
+
+    assert "paths./pet/{petId}/uploadImage.post.requestBody.content: no JSON or form body " in (
+        "\n".join(parts)
+    )
+    assert any(
+        p.startswith("paths./pet.post.requestBody.content: sent as application/json; ")
+        and "application/xml" in p
+        for p in parts
+    )
+    assert any(
+        p.startswith("paths./pet/{petId}.get.parameters.0: needs a value: variables.petId")
+        and "--var petId=" in p
+        for p in parts
+    )
+    assert any(
+        p.startswith("components.securitySchemes.api_key: needs a value: ")
+        and "secrets.API_KEY" in p
+        for p in parts
+    )
+    assert f"; {len(parts)} part(s) not translated" in stderr
+
+
+def test_petstore_response_schema_is_self_contained_and_checks_bodies(tmp_path: Path) -> None:
+    flow, _, _ = imported(PETSTORE, tmp_path)
+    schema = flow["tests"]["getPetById"]["expect"]["schema"]
+
+    assert set(schema["$defs"]) == {"Pet", "Category", "Tag"}
+    assert "components" not in json.dumps(schema)  # no reference into the document left
+    validator = jsonschema.Draft202012Validator(schema)
+    pet = {"id": 10, "name": "doggie", "photoUrls": [], "tags": [{"id": 1, "name": "t"}]}
+    assert validator.is_valid(pet)
+    assert not validator.is_valid({**pet, "tags": [{"id": "one"}]})
+    assert not validator.is_valid({"id": 10})  # name and photoUrls are required
+
+
+def test_links_become_captures_and_dependencies(tmp_path: Path) -> None:
+    flow, _, out = imported(SHOP, tmp_path)
+    tests = flow["tests"]
+
+    # login -> token: a secret capture every test under bearerAuth reads
+    assert tests["login"]["capture"] == {"auth.bearerAuth": {"json": "$.access_token"}}
+    assert tests["getMe"]["request"]["headers"]["Authorization"] == "Bearer {{ auth.bearerAuth }}"
+    assert "Authorization" not in tests["login"]["request"].get("headers", {})
+    assert tests["listCatalog"]["capture"] == {
+        "listCatalog.product_id": {"json": "$.products[0].id"}
+    }
+    assert tests["getProduct"]["request"]["url"] == "/products/{{ listCatalog.product_id }}"
+    assert tests["createCart"]["request"]["json"] == {
+        "product_id": "{{ getProduct.product_id }}",
+        "quantity": 1,
+    }
+    assert tests["getCart"]["request"]["url"] == "/cart/{{ createCart.cart_id }}"
+    assert "variables" not in flow  # every path parameter comes from a link
+
+    code, plan, err = baton("graph", str(out))
+    assert code == 0, err
+    assert "getMe  <- login (token)" in plan
+    assert "getProduct  <- listCatalog (data), login (token)" in plan
+    assert "getCart  <- createCart (data), login (token)" in plan
+
+
+def test_shop_31_untranslated_parts_are_named(tmp_path: Path) -> None:
+    _, stderr, _ = imported(SHOP, tmp_path)
+    parts = not_translated(stderr, SHOP)
+
+    assert [p.split(": ")[0] for p in parts] == [
+        "paths./me.get.parameters.0",
+        "paths./cart.post.callbacks.cartAbandoned",
+        "webhooks.orderShipped",
+    ]
+    assert "cookie parameter 'theme'" in parts[0]
+
+
+def test_imported_shop_flow_runs_against_the_shop(
+    tmp_path: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, _, out = imported(SHOP, tmp_path)
+    monkeypatch.setenv("BASE_URL", env["SHOP_URL"])
+
+    code, stdout, stderr = baton("run", str(out))
+
+    assert code == 0, stdout + stderr
+    assert "6 passed" in stdout + stderr
+
+
+def test_schema_check_fails_when_the_response_does_not_match(
+    tmp_path: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = yaml.safe_load(SHOP.read_text(encoding="utf-8"))
+    spec["components"]["schemas"]["Product"]["properties"]["price"] = {"type": "string"}
+    _, _, out = imported(write_spec(tmp_path, spec, "wrong-price.yaml"), tmp_path)
+    monkeypatch.setenv("BASE_URL", env["SHOP_URL"])
+
+    code, stdout, stderr = baton("run", str(out))
+
+    said = stdout + stderr
+    assert code == 1, said
+    assert "does not match the schema" in said
+    assert "getProduct" in said and "listCatalog" in said
+    assert "4 passed" not in said  # login, getMe, createCart... but not the two products
+
+
+def test_json_input_gives_the_same_flow_as_yaml(tmp_path: Path) -> None:
+    for source in (SHOP, PETSTORE):
+        spec = yaml.safe_load(source.read_text(encoding="utf-8"))
+        as_json = write_spec(tmp_path, spec, f"{source.stem}.json")
+        from_yaml, yaml_err, _ = imported(source, tmp_path)
+        from_json, json_err, _ = imported(as_json, tmp_path)
+        assert from_json["tests"] == from_yaml["tests"]
+        assert not_translated(json_err, as_json) == not_translated(yaml_err, source)
+
+
+def _spec_30(**paths: Any) -> dict[str, Any]:
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "nullable things", "version": "1"},
+        "servers": [{"url": "/v1"}],
+        "paths": paths,
+        "components": {
+            "schemas": {
+                "Node": {
+                    "type": "object",
+                    "required": ["name"],
+                    "properties": {
+                        "name": {"type": "string", "nullable": True},
+                        "size": {"type": "integer", "minimum": 0, "exclusiveMinimum": True},
+                        "next": {"$ref": "#/components/schemas/Node"},
+                        "kind": {"type": "string", "enum": ["a", "b"], "nullable": True},
+                    },
+                }
+            }
+        },
+    }
+
+
+def test_openapi_30_schemas_are_converted_for_json_schema(tmp_path: Path) -> None:
+    node = {"$ref": "#/components/schemas/Node"}
+    spec = _spec_30(
+        **{
+            "/nodes/{id}": {
+                "get": {
+                    "operationId": "get-node",
+                    "parameters": [
+                        {"name": "id", "in": "path", "required": True, "example": 7},
+                        {"name": "X-Trace", "in": "header", "required": True, "example": "t1"},
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "a node",
+                            "content": {"application/json": {"schema": node}},
+                        }
+                    },
+                }
+            }
+        }
+    )
+    flow, stderr, out = imported(write_spec(tmp_path, spec), tmp_path)
+    test = flow["tests"]["get_node"]
+    validator = jsonschema.Draft202012Validator(test["expect"]["schema"])
+
+    assert validator.is_valid({"name": None, "kind": None})  # nullable
+    assert not validator.is_valid({"name": 3})
+    assert not validator.is_valid({"name": "x", "size": 0})  # exclusiveMinimum: true
+    assert validator.is_valid({"name": "x", "size": 1, "next": {"name": "y"}})  # recursive
+    assert not validator.is_valid({"name": "x", "next": {"name": 5}})
+    assert test["request"]["url"] == "/nodes/{{ id }}" and flow["variables"] == {"id": 7}
+    assert test["request"]["headers"] == {"X-Trace": "t1"}
+    assert flow["base_url"] == "{{ env.BASE_URL | default('http://localhost/v1') }}"
+    assert "servers.0.url: a relative URL (/v1): set BASE_URL" in stderr
+    assert baton("validate", str(out))[0] == 0
+
+
+def test_document_text_that_looks_like_a_template_is_sent_as_written(
+    tmp_path: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = {"note": "{{ not_a_variable }}", "{% raw %}": "{# {% endraw %}"}
+    # the shop's /echo answers the body it got as text: the schema checks it came unchanged
+    sent = r'"note": ?"\{\{ not_a_variable \}\}", ?"\{% raw %\}": ?"\{# \{% endraw %\}"'
+    echoed = {"type": "object", "required": ["body"], "properties": {"body": {"pattern": sent}}}
+    spec = _spec_30(
+        **{
+            "/echo": {
+                "post": {
+                    "requestBody": {"content": {"application/json": {"example": body}}},
+                    "responses": {
+                        "200": {
+                            "description": "what the server got",
+                            "content": {"application/json": {"schema": echoed}},
+                        }
+                    },
+                }
+            }
+        }
+    )
+    flow, _, out = imported(write_spec(tmp_path, spec), tmp_path)
+    monkeypatch.setenv("BASE_URL", env["SHOP_URL"])
+
+    assert list(flow["tests"]) == ["post_echo"]
+    code, stdout, stderr = baton("run", str(out))
+    assert code == 0, stdout + stderr  # else: not_a_variable is not defined
+
+
+def test_references_outside_the_document_are_reported(tmp_path: Path) -> None:
+    spec = _spec_30(
+        **{
+            "/things": {
+                "get": {
+                    "operationId": "things",
+                    "responses": {
+                        "200": {
+                            "description": "things",
+                            "content": {
+                                "application/json": {"schema": {"$ref": "other.yaml#/Thing"}}
+                            },
+                        }
+                    },
+                }
+            }
+        }
+    )
+    _, stderr, out = imported(write_spec(tmp_path, spec), tmp_path)
+
+    assert (
+        "paths./things.get.responses.200.content.application/json.schema.$ref: "
+        "the reference other.yaml#/Thing is not in this document"
+    ) in stderr
+    assert baton("validate", str(out))[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "name", "says"),
+    [
+        ("openapi: 3.0.0\npaths: {\n", "broken.yaml", "not valid YAML"),
+        ('{"openapi": "3.1.0", "paths": ', "broken.json", "not valid JSON"),
+        ("swagger: '2.0'\npaths: {}\n", "old.yaml", "Swagger 2.0 is not imported"),
+        ("info: {title: x}\npaths: {}\n", "none.yaml", "openapi: missing: not an OpenAPI 3.0"),
+        ("openapi: 3.1.0\npaths: {}\n", "empty.yaml", "paths: no operation to import"),
+        ("- a\n- b\n", "list.yaml", "not an OpenAPI document"),
+    ],
+)
+def test_a_malformed_document_is_one_line_and_exit_2(
+    tmp_path: Path, text: str, name: str, says: str
+) -> None:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+
+    code, stdout, stderr = baton("import", "openapi", str(path))
+
+    assert code == 2
+    assert stdout == ""
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert str(path) in stderr and says in stderr
+    assert "Traceback" not in stderr
