@@ -329,3 +329,45 @@ def test_a_malformed_document_is_one_line_and_exit_2(
     assert len(stderr.strip().splitlines()) == 1, stderr
     assert str(path) in stderr and says in stderr
     assert "Traceback" not in stderr
+
+
+def test_the_oai_link_example_chains_its_operations(tmp_path: Path) -> None:
+    source = DATA / "oai-link-example-3.0.yaml"
+    flow, stderr, out = imported(source, tmp_path)
+    merge = flow["tests"]["mergePullRequest"]
+
+    assert merge["request"]["url"] == (
+        "/2.0/repositories/{{ getPullRequestsById.username }}/{{ getPullRequestsById.slug }}"
+        "/pullrequests/{{ getPullRequestsById.pid }}/merge"
+    )
+    assert flow["tests"]["getPullRequestsById"]["capture"] == {
+        "getPullRequestsById.username": {"json": "$.author.username"},
+        "getPullRequestsById.slug": {"json": "$.repository.slug"},
+        "getPullRequestsById.pid": {"json": "$.id"},
+    }
+    assert merge["expect"] == {"status": 204}
+    code, plan, err = baton("graph", str(out))
+    assert code == 0, err
+    assert "getRepository  <- getRepositoriesByOwner (data)" in plan
+    assert "mergePullRequest  <- getPullRequestsById (data)" in plan
+    # slug is made up only where no link gives it: in getPullRequestsById
+    needs = [p for p in not_translated(stderr, source) if "needs a value" in p]
+    assert [p.split(": ")[0] for p in needs] == [
+        "paths./2.0/users/{username}.get.parameters.0",
+        "paths./2.0/repositories/{username}/{slug}/pullrequests/{pid}.get.parameters.1",
+        "paths./2.0/repositories/{username}/{slug}/pullrequests/{pid}.get.parameters.2",
+    ]
+
+
+def test_the_oai_webhook_example_reports_its_webhook(tmp_path: Path) -> None:
+    source = DATA / "oai-webhook-example-3.1.yaml"
+    flow, stderr, out = imported(source, tmp_path)
+
+    assert list(flow["tests"]) == ["listPets"]
+    assert "limit" not in json.dumps(flow["tests"]["listPets"]["request"])  # optional, no value
+    assert not_translated(stderr, source) == [
+        "servers: no server given: set BASE_URL to the API's URL",
+        "webhooks.newPet: a webhook is a request the API sends, not one a flow sends: "
+        "not translated",
+    ]
+    assert baton("validate", str(out))[0] == 0

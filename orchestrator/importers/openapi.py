@@ -124,6 +124,7 @@ class _Draft:
     operation: dict[str, Any]
     declared: dict[str, str] = field(default_factory=dict)  # parameter name -> in
     path_values: dict[str, Any] = field(default_factory=dict)
+    variable_places: dict[str, tuple[str, str]] = field(default_factory=dict)  # -> (var, where)
     params: dict[str, Any] = field(default_factory=dict)
     headers: dict[str, Any] = field(default_factory=dict)
     body: tuple[str, Any] | None = None  # ("json" | "form", value)
@@ -156,7 +157,7 @@ class _Importer:
         self.by_id: dict[str, _Draft] = {}
         self.by_place: dict[tuple[str, str], _Draft] = {}
         self.variables: dict[str, Any] = {}
-        self.placeholders: dict[str, str] = {}  # variable -> the place it needs a value for
+        self.placeholders: set[str] = set()  # variables whose value is made up
         self.credentials: dict[str, _Credential | None] = {}
         self.tokens: dict[str, tuple[str, str]] = {}  # scheme -> (source test, template)
         self.capture_owner: dict[str, str] = {}  # capture name -> test
@@ -193,13 +194,7 @@ class _Importer:
         if used:
             flow["variables"] = {name: self.variables[name] for name in used}
         flow["tests"] = tests
-        for name in used:
-            if name in self.placeholders:
-                self.report(
-                    self.placeholders[name],
-                    f"needs a value: variables.{name} is a placeholder "
-                    f"({self.variables[name]!r}); set it with --var {name}=VALUE",
-                )
+        self._report_placeholders()
         for scheme in secret_schemes:
             credential = self.credentials[scheme]
             assert credential is not None
@@ -289,8 +284,10 @@ class _Importer:
             self._parameter(draft, parameter, place)
         for missing in _PATH_NAME.findall(path):
             if missing not in draft.path_values:
-                value = self._variable(missing, missing, False, where)
-                draft.path_values[missing] = "{{ " + value + " }}"
+                self.report(where, f"path parameter {missing!r} is not declared")
+                variable = self._variable(missing, missing, False, where)
+                draft.path_values[missing] = "{{ " + variable + " }}"
+                draft.variable_places[missing] = (variable, where)
         self._request_body(draft)
         self._security(draft)
         self._response(draft)
@@ -330,6 +327,7 @@ class _Importer:
         if location == "path":
             variable = self._variable(name, value, documented, where)
             draft.path_values[name] = "{{ " + variable + " }}"
+            draft.variable_places[name] = (variable, where)
             return
         if not documented and not parameter.get("required"):
             return  # an optional parameter with no value given: not sent
@@ -366,10 +364,25 @@ class _Importer:
         variable = identifier(name)
         if variable not in self.variables or (variable in self.placeholders and documented):
             self.variables[variable] = literal(value)
-            self.placeholders.pop(variable, None)
+            self.placeholders.discard(variable)
             if not documented:
-                self.placeholders[variable] = where
+                self.placeholders.add(variable)
         return variable
+
+    def _report_placeholders(self) -> None:
+        """Each made-up variable at the first parameter that still reads it (a link may have
+        given the others their values)."""
+        reported: set[str] = set()
+        for draft in self.drafts.values():
+            for name, (variable, where) in draft.variable_places.items():
+                still = draft.path_values.get(name) == "{{ " + variable + " }}"
+                if still and variable in self.placeholders and variable not in reported:
+                    reported.add(variable)
+                    self.report(
+                        where,
+                        f"needs a value: variables.{variable} is a placeholder "
+                        f"({self.variables[variable]!r}); set it with --var {variable}=VALUE",
+                    )
 
     def _request_body(self, draft: _Draft) -> None:
         if "requestBody" not in draft.operation:
