@@ -29,7 +29,7 @@ from orchestrator.importers.openapi_schemas import (
     json_path,
     pointer_parts,
 )
-from orchestrator.loader import decode_yaml
+from orchestrator.loader import MAX_DEPTH, decode_yaml
 
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 _PATH_NAME = re.compile(r"{([^{}/]+)}")
@@ -54,6 +54,12 @@ def _parse(text: str, source: str) -> tuple[dict[str, Any], str]:
             data = msgspec.json.decode(text)
         except msgspec.DecodeError as exc:
             raise UsageError(f"{source}: not valid JSON: {exc}") from None
+        except RecursionError:
+            data = None  # deeper than any limit: refused just below
+        # the bound YAML documents are held to (decode_yaml), so that walking the document
+        # and writing the flow cannot exhaust the stack
+        if data is None or _depth(data) > MAX_DEPTH:
+            raise UsageError(f"{source}: values are nested more than {MAX_DEPTH} levels deep")
     else:
         data = decode_yaml(text.encode("utf-8"), source)
     if not isinstance(data, dict):
@@ -78,6 +84,18 @@ def _parse(text: str, source: str) -> tuple[dict[str, Any], str]:
     if not any(isinstance(item, dict) and set(item) & set(METHODS) for item in paths.values()):
         raise UsageError(f"{source}: paths: no operation to import (add one under paths)")
     return data, version[:3]
+
+
+def _depth(data: Any) -> int:
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth <= MAX_DEPTH:
+            children = node.values() if isinstance(node, dict) else node
+            if isinstance(node, dict | list):
+                stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def identifier(name: str) -> str:
@@ -179,7 +197,7 @@ class _Importer:
             for method in METHODS:
                 if isinstance(item.get(method), dict):
                     self._add_draft(str(path), method, item, item[method])
-        for name in self.data.get("webhooks") or {}:
+        for name in _mapping(self.data.get("webhooks")):
             self.report(
                 f"webhooks.{name}",
                 "a webhook is a request the API sends, not one a flow sends: not translated",
@@ -291,7 +309,7 @@ class _Importer:
         self._request_body(draft)
         self._security(draft)
         self._response(draft)
-        for callback in operation.get("callbacks") or {}:
+        for callback in _mapping(operation.get("callbacks")):
             self.report(
                 f"{where}.callbacks.{callback}",
                 "a callback is a request the API sends, not one a flow sends: not translated",
@@ -304,7 +322,7 @@ class _Importer:
     ) -> list[tuple[dict[str, Any], str]]:
         found: dict[tuple[str, str], tuple[dict[str, Any], str]] = {}
         for owner, owner_where in ((item, f"paths.{path}"), (operation, where)):
-            for index, raw in enumerate(owner.get("parameters") or []):
+            for index, raw in enumerate(_sequence(owner.get("parameters"))):
                 place = f"{owner_where}.parameters.{index}"
                 parameter = self.document.resolve(raw, place)
                 if isinstance(parameter, dict):
@@ -455,7 +473,7 @@ class _Importer:
         if scheme in self.credentials:
             return self.credentials[scheme]
         where = f"components.securitySchemes.{scheme}"
-        schemes = (self.data.get("components") or {}).get("securitySchemes") or {}
+        schemes = _mapping(_mapping(self.data.get("components")).get("securitySchemes"))
         spec = self.document.resolve(schemes.get(scheme), where) if scheme in schemes else None
         secret = identifier(re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", scheme)).upper()
         credential: _Credential | None = None
@@ -532,7 +550,7 @@ class _Importer:
                         f"{where}.server", "a link's server is not used: tests use base_url"
                     )
                 carried = False
-                for key, expression in (link.get("parameters") or {}).items():
+                for key, expression in _mapping(link.get("parameters")).items():
                     place = f"{where}.parameters.{key}"
                     carried |= self._link_parameter(draft, target, str(key), expression, place)
                 if "requestBody" in link:
@@ -759,6 +777,10 @@ class _Importer:
 
 def _mapping(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
+
+
+def _sequence(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 def _text(value: Any) -> str:

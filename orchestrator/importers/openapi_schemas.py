@@ -52,7 +52,11 @@ _STRING_FORMATS = {
     "ipv6": "2001:db8::1",
     "byte": "c3RyaW5n",
 }
+# bounds on a made-up value, whatever the schema asks: it is a starting point to edit
 _MAX_SAMPLE_DEPTH = 8
+_MAX_SAMPLE_ITEMS = 3
+_MAX_SAMPLE_TEXT = 256
+_MAX_SAMPLE_NODES = 2000
 
 
 def pointer_parts(ref: str) -> list[str] | None:
@@ -241,8 +245,10 @@ class Sampler:
 
     def __init__(self, document: Document) -> None:
         self.document = document
+        self._budget = _MAX_SAMPLE_NODES
 
     def sample(self, schema: Any, request: bool = True) -> Any:
+        self._budget = _MAX_SAMPLE_NODES
         return self._sample(schema, request, (), 0)
 
     def documented(self, schema: Any) -> bool:
@@ -263,7 +269,8 @@ class Sampler:
 
     def _sample(self, schema: Any, request: bool, stack: tuple[str, ...], depth: int) -> Any:
         schema, stack = self._follow(schema, stack)
-        if not isinstance(schema, dict) or depth > _MAX_SAMPLE_DEPTH:
+        self._budget -= 1
+        if not isinstance(schema, dict) or depth > _MAX_SAMPLE_DEPTH or self._budget < 0:
             return None
         given = _given_value(schema)
         if given is not _NONE:
@@ -320,7 +327,8 @@ def _by_type(schema: dict[str, Any], request: bool, inner: Callable[[Any], Any])
         result: dict[str, Any] = {}
         listed = schema.get("required")
         required: list[Any] = listed if isinstance(listed, list) else []
-        for name, sub in (schema.get("properties") or {}).items():
+        properties = schema.get("properties")
+        for name, sub in (properties if isinstance(properties, dict) else {}).items():
             # the server sets readOnly properties; a client never sends writeOnly ones back
             skip = "readOnly" if request else "writeOnly"
             if isinstance(sub, dict) and sub.get(skip) is True and name not in required:
@@ -331,12 +339,14 @@ def _by_type(schema: dict[str, Any], request: bool, inner: Callable[[Any], Any])
         return result
     if kind == "array":
         item = inner(schema.get("items"))
-        return [] if item is None else [item] * max(1, int(schema.get("minItems", 1) or 1))
+        least = schema.get("minItems")
+        count = min(least, _MAX_SAMPLE_ITEMS) if isinstance(least, int) and least > 1 else 1
+        return [] if item is None else [item] * count
     if kind == "string":
         text = _STRING_FORMATS.get(str(schema.get("format")), "string")
         low, high = schema.get("minLength"), schema.get("maxLength")
         if isinstance(low, int) and len(text) < low:
-            text = text + "x" * (low - len(text))
+            text = text + "x" * (min(low, _MAX_SAMPLE_TEXT) - len(text))
         if isinstance(high, int) and len(text) > high:
             text = text[:high]
         return text
