@@ -314,6 +314,7 @@ def test_references_outside_the_document_are_reported(tmp_path: Path) -> None:
         ("info: {title: x}\npaths: {}\n", "none.yaml", "openapi: missing: not an OpenAPI 3.0"),
         ("openapi: 3.1.0\npaths: {}\n", "empty.yaml", "paths: no operation to import"),
         ("- a\n- b\n", "list.yaml", "not an OpenAPI document"),
+        ('{"openapi": "3.1.0", "paths": ' + "[" * 99 + "]" * 99 + "}", "deep.json", "64 levels"),
     ],
 )
 def test_a_malformed_document_is_one_line_and_exit_2(
@@ -371,3 +372,97 @@ def test_the_oai_webhook_example_reports_its_webhook(tmp_path: Path) -> None:
         "not translated",
     ]
     assert baton("validate", str(out))[0] == 0
+
+
+def test_links_may_pass_on_what_the_linking_test_sent(tmp_path: Path) -> None:
+    def operation(operation_id: str, **extra: Any) -> dict[str, Any]:
+        return {"operationId": operation_id, "responses": {"200": {"description": "ok"}}, **extra}
+
+    spec = _spec_30(
+        **{
+            "/users/{name}": {
+                "put": operation(
+                    "putUser",
+                    parameters=[{"name": "name", "in": "path", "required": True, "example": "al"}],
+                    requestBody={"content": {"application/json": {"example": {"a.b": {"c": 3}}}}},
+                    responses={
+                        "200": {
+                            "description": "stored",
+                            "links": {
+                                "read": {
+                                    "operationId": "getUser",
+                                    "parameters": {
+                                        "path.name": "$request.path.name",
+                                        "query.c": "$request.body#/a.b/c",
+                                        "header.X-Status": "$statusCode",
+                                        "query.url": "$url",
+                                    },
+                                },
+                                "loop": {"operationId": "putUser"},
+                                "nowhere": {"operationId": "noSuchOperation"},
+                            },
+                        }
+                    },
+                ),
+                "get": operation("getUser"),
+            },
+        }
+    )
+    flow, stderr, out = imported(write_spec(tmp_path, spec), tmp_path)
+    request = flow["tests"]["getUser"]["request"]
+
+    assert request["url"] == "/users/{{ name }}"  # the same value the put sent
+    assert request["params"] == {"c": 3}
+    assert request["headers"] == {"X-Status": "{{ putUser.X_Status }}"}
+    assert flow["tests"]["putUser"]["capture"] == {"putUser.X_Status": {"status": True}}
+    links = "paths./users/{name}.put.responses.200.links"
+    parts = not_translated(stderr, tmp_path / "spec.yaml")
+    assert (
+        f"{links}.read.parameters.query.url: the runtime expression '$url' is not translated"
+        in (parts)
+    )
+    assert any(p.startswith(f"{links}.loop: the link from putUser to putUser would") for p in parts)
+    assert f"{links}.nowhere.operationId: no operation 'noSuchOperation'" in parts
+    assert baton("validate", str(out))[0] == 0
+
+
+def test_made_up_documents_import_or_fail_in_one_line(tmp_path: Path) -> None:
+    """Parts of real documents replaced by values of the wrong shape: each gives a flow
+    or a UsageError, never another exception (the CLI would show a traceback)."""
+    import copy
+    import random
+
+    from orchestrator.errors import UsageError
+    from orchestrator.importers.openapi import convert
+
+    originals = [yaml.safe_load(p.read_text(encoding="utf-8")) for p in (PETSTORE, SHOP)]
+    wrong: list[Any] = [None, 7, "x", [], {}, [1], {"a": 1}, True, {"$ref": "#/nope"}, "$url"]
+    chooser = random.Random(13)
+    for _ in range(150):
+        spec = copy.deepcopy(chooser.choice(originals))
+        places = list(_places(spec))
+        for _ in range(chooser.randint(1, 3)):
+            *parents, last = chooser.choice(places)
+            node = spec
+            for key in parents:
+                node = node[key] if isinstance(node, dict | list) else node
+            if isinstance(node, dict | list):
+                node[last] = copy.deepcopy(chooser.choice(wrong))
+        try:
+            convert(json.dumps(spec, default=str), "made-up.json").yaml()
+        except UsageError as error:
+            assert "\n" not in str(error)
+
+
+def _places(node: Any, path: tuple[Any, ...] = ()) -> Any:
+    if path:
+        yield path
+    items = (
+        node.items()
+        if isinstance(node, dict)
+        else enumerate(node)
+        if isinstance(node, list)
+        else []
+    )
+    for key, child in items:
+        yield from _places(child, (*path, key))

@@ -693,16 +693,15 @@ class _Importer:
         )
 
     def _request_value(self, source: _Draft, what: str, where: str) -> Any:
+        if (what == "body" or what.startswith("body#")) and source.body is not None:
+            pointer = what[len("body#") :] if what.startswith("body#") else ""
+            found = Document({"body": source.body[1]}, self.version).lookup("#/body" + pointer)
+            if found is not None:
+                return found[0]
         location, _, name = what.partition(".")
         values = {"path": source.path_values, "query": source.params, "header": source.headers}
         if location in values and name in values[location]:
             return values[location][name]
-        if location.startswith("body") and source.body is not None:
-            found = Document({"body": source.body[1]}, self.version).lookup(
-                "#/body" + location[len("body#") :] if "#" in location else "#/body"
-            )
-            if found is not None:
-                return found[0]
         self.report(where, f"$request.{what}: the linking test sends no such value")
         return None
 
