@@ -180,6 +180,7 @@ class _Importer:
         self.tokens: dict[str, tuple[str, str]] = {}  # scheme -> (source test, template)
         self.capture_owner: dict[str, str] = {}  # capture name -> test
         self.capture_names: dict[tuple[str, str], str] = {}  # (test, encoded spec) -> name
+        self.graph: nx.DiGraph[str] = nx.DiGraph()  # test -> the tests that wait for it
 
     def report(self, where: str, reason: str) -> None:
         self.document.report(where, reason)
@@ -203,6 +204,7 @@ class _Importer:
                 "a webhook is a request the API sends, not one a flow sends: not translated",
             )
         self._links()
+        self._deletes_last()
         tests = {name: self._test(draft) for name, draft in self.drafts.items()}
         secret_schemes = self._secret_schemes(tests)
         flow: dict[str, Any] = {"name": self._title()}
@@ -528,7 +530,7 @@ class _Importer:
     # -- links
 
     def _links(self) -> None:
-        graph: nx.DiGraph[str] = nx.DiGraph()
+        graph = self.graph
         graph.add_nodes_from(self.drafts)
         for draft in list(self.drafts.values()):
             links = draft.response.get("links")
@@ -561,6 +563,21 @@ class _Importer:
                 graph.add_edge(draft.name, target.name)
                 if not carried and draft.name not in target.depends_on:
                     target.depends_on.append(draft.name)  # the order the link states
+
+    def _deletes_last(self) -> None:
+        """A DELETE waits for the other tests of its resource and the resources under it:
+        the planner runs independent tests at once, and a pet deleted before it is read
+        would fail the read against a real server."""
+        for delete in self.drafts.values():
+            if delete.method != "delete":
+                continue
+            for other in self.drafts.values():
+                under = other.path == delete.path or other.path.startswith(delete.path + "/")
+                if other.method == "delete" or not under:
+                    continue
+                if not nx.has_path(self.graph, delete.name, other.name):
+                    self.graph.add_edge(other.name, delete.name)
+                    delete.depends_on.append(other.name)
 
     def _link_target(self, link: dict[str, Any], where: str) -> _Draft | None:
         if isinstance(link.get("operationId"), str):
