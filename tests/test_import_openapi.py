@@ -470,3 +470,46 @@ def _places(node: Any, path: tuple[Any, ...] = ()) -> Any:
     )
     for key, child in items:
         yield from _places(child, (*path, key))
+
+
+def test_security_schemes_become_headers_or_params_from_secrets(tmp_path: Path) -> None:
+    schemes = {
+        "basicAuth": {"type": "http", "scheme": "basic"},
+        "queryKey": {"type": "apiKey", "in": "query", "name": "key"},
+        "cookieKey": {"type": "apiKey", "in": "cookie", "name": "sid"},
+        "digest": {"type": "http", "scheme": "digest"},
+    }
+    spec = _spec_30(
+        **{
+            "/a": {"get": {"operationId": "a", "security": [{"basicAuth": [], "queryKey": []}]}},
+            "/b": {"get": {"operationId": "b", "security": [{"cookieKey": []}, {"digest": []}]}},
+            "/c": {"get": {"operationId": "c", "security": [{"digest": []}, {}]}},
+        }
+    )
+    for operation in spec["paths"].values():
+        operation["get"]["responses"] = {"200": {"description": "ok"}}
+    spec["components"]["securitySchemes"] = schemes
+    flow, stderr, out = imported(write_spec(tmp_path, spec), tmp_path)
+    tests = flow["tests"]
+
+    assert tests["a"]["request"]["headers"] == {"Authorization": "Basic {{ secrets.BASIC_AUTH }}"}
+    assert tests["a"]["request"]["params"] == {"key": "{{ secrets.QUERY_KEY }}"}
+    assert "headers" not in tests["b"]["request"] and "headers" not in tests["c"]["request"]
+    parts = not_translated(stderr, tmp_path / "spec.yaml")
+    assert (
+        "components.securitySchemes.cookieKey: "
+        "a security scheme of type apiKey cookie is not translated" in parts
+    )
+    assert (
+        "components.securitySchemes.digest: a security scheme of type http digest is not translated"
+        in parts
+    )
+    assert (
+        "paths./b.get.security: no security requirement could be translated: no credentials sent"
+        in parts
+    )
+    assert not any(p.startswith("paths./c.get.security") for p in parts)  # {}: none needed
+    assert "secrets.BASIC_AUTH" in flow["description"] and "cookieKey" not in flow["description"]
+    secrets = tmp_path / "secrets.yaml"
+    secrets.write_text("BASIC_AUTH: dTpw\nQUERY_KEY: k\n", encoding="utf-8")
+    assert baton("validate", str(out), "--secrets", str(secrets))[0] == 0

@@ -491,7 +491,9 @@ class _Importer:
         elif kind == "apiKey" and spec.get("in") in ("header", "query") and spec.get("name"):
             credential = _Credential(scheme, str(spec["in"]), str(spec["name"]), "", secret)
         else:
-            self.report(where, f"a {kind} security scheme is not translated: no credentials sent")
+            detail = {"http": "scheme", "apiKey": "in"}.get(str(kind), "")
+            shown = f"{kind} {spec.get(detail)}" if detail else f"{kind}"
+            self.report(where, f"a security scheme of type {shown} is not translated")
         self.credentials[scheme] = credential
         return credential
 
