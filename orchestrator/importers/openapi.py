@@ -13,34 +13,36 @@ place in the document, never dropped silently.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
 import msgspec
-import networkx as nx
 
 from orchestrator.errors import UsageError
 from orchestrator.importers import Imported
+from orchestrator.importers.openapi_drafts import (
+    Credential,
+    Draft,
+    as_text,
+    identifier,
+    is_form,
+    is_json,
+    literal,
+    mapping,
+    sequence,
+)
+from orchestrator.importers.openapi_links import Links
 from orchestrator.importers.openapi_schemas import (
     Bundler,
     Document,
     Sampler,
-    json_path,
-    pointer_parts,
 )
 from orchestrator.loader import MAX_DEPTH, decode_yaml
 
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 _PATH_NAME = re.compile(r"{([^{}/]+)}")
-_EMBEDDED = re.compile(r"{(\$[^{}]+)}")
-_TEMPLATE_NAME = re.compile(r"^{{ ([A-Za-z_][\w.]*) }}$")
 # OpenAPI ignores header parameters of these names; the flow sets them itself
 _IGNORED_HEADERS = frozenset({"accept", "content-type", "authorization"})
-_JINJA_RESERVED = frozenset(
-    {"and", "or", "not", "in", "is", "if", "else", "true", "false", "none", "env", "secrets"}
-    | {"poll", "auth", "loop", "self", "True", "False", "None"}
-)
 
 
 def convert(text: str, source: str) -> Imported:
@@ -98,72 +100,6 @@ def _depth(data: Any) -> int:
     return deepest
 
 
-def identifier(name: str) -> str:
-    """A name a template can read: ``pet-id`` -> ``pet_id``."""
-    text = re.sub(r"\W+", "_", name)
-    text = re.sub(r"__+", "_", text).strip("_") or "value"
-    if text[0].isdigit():
-        text = "_" + text
-    return text + "_" if text in _JINJA_RESERVED else text
-
-
-def literal(value: Any) -> Any:
-    """A value from the document, kept as written when the flow renders it as a template."""
-    if isinstance(value, str):
-        if "{{" not in value and "{%" not in value and "{#" not in value:
-            return value
-        if "endraw" not in value:
-            return "{% raw %}" + value + "{% endraw %}"
-        return "{{ '" + value.replace("\\", "\\\\").replace("'", "\\'") + "' }}"
-    if isinstance(value, dict):
-        return {literal(str(key)): literal(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [literal(item) for item in value]
-    return value
-
-
-def _is_json(media_type: str) -> bool:
-    base = media_type.split(";")[0].strip().lower()
-    return base == "application/json" or base.endswith("+json") or base == "*/*"
-
-
-def _is_form(media_type: str) -> bool:
-    return media_type.split(";")[0].strip().lower() == "application/x-www-form-urlencoded"
-
-
-@dataclass
-class _Draft:
-    """One operation's test while links may still change where its values come from."""
-
-    name: str
-    method: str
-    path: str
-    where: str
-    operation: dict[str, Any]
-    declared: dict[str, str] = field(default_factory=dict)  # parameter name -> in
-    path_values: dict[str, Any] = field(default_factory=dict)
-    variable_places: dict[str, tuple[str, str]] = field(default_factory=dict)  # -> (var, where)
-    params: dict[str, Any] = field(default_factory=dict)
-    headers: dict[str, Any] = field(default_factory=dict)
-    body: tuple[str, Any] | None = None  # ("json" | "form", value)
-    schemes: list[str] = field(default_factory=list)
-    expect: dict[str, Any] = field(default_factory=dict)
-    capture: dict[str, dict[str, Any]] = field(default_factory=dict)
-    depends_on: list[str] = field(default_factory=list)
-    linked: dict[str, str] = field(default_factory=dict)  # "in.name" -> the link's place
-    response: dict[str, Any] = field(default_factory=dict)
-    response_where: str = ""
-
-
-@dataclass(frozen=True)
-class _Credential:
-    scheme: str
-    location: str  # header | query
-    key: str
-    prefix: str  # "Bearer " or ""
-    secret: str
-
-
 class _Importer:
     def __init__(self, data: dict[str, Any], version: str, source: str) -> None:
         self.data = data
@@ -171,16 +107,11 @@ class _Importer:
         self.source = source
         self.document = Document(data, version)
         self.sampler = Sampler(self.document)
-        self.drafts: dict[str, _Draft] = {}
-        self.by_id: dict[str, _Draft] = {}
-        self.by_place: dict[tuple[str, str], _Draft] = {}
+        self.drafts: dict[str, Draft] = {}
         self.variables: dict[str, Any] = {}
         self.placeholders: set[str] = set()  # variables whose value is made up
-        self.credentials: dict[str, _Credential | None] = {}
+        self.credentials: dict[str, Credential | None] = {}
         self.tokens: dict[str, tuple[str, str]] = {}  # scheme -> (source test, template)
-        self.capture_owner: dict[str, str] = {}  # capture name -> test
-        self.capture_names: dict[tuple[str, str], str] = {}  # (test, encoded spec) -> name
-        self.graph: nx.DiGraph[str] = nx.DiGraph()  # test -> the tests that wait for it
 
     def report(self, where: str, reason: str) -> None:
         self.document.report(where, reason)
@@ -198,13 +129,14 @@ class _Importer:
             for method in METHODS:
                 if isinstance(item.get(method), dict):
                     self._add_draft(str(path), method, item, item[method])
-        for name in _mapping(self.data.get("webhooks")):
+        for name in mapping(self.data.get("webhooks")):
             self.report(
                 f"webhooks.{name}",
                 "a webhook is a request the API sends, not one a flow sends: not translated",
             )
-        self._links()
-        self._deletes_last()
+        links = Links(self.document, self.drafts, self.credentials, self.variables)
+        links.apply()
+        self.tokens = links.tokens
         tests = {name: self._test(draft) for name, draft in self.drafts.items()}
         secret_schemes = self._secret_schemes(tests)
         flow: dict[str, Any] = {"name": self._title()}
@@ -228,11 +160,11 @@ class _Importer:
     # -- the flow's frame
 
     def _title(self) -> str:
-        info = _mapping(self.data.get("info"))
+        info = mapping(self.data.get("info"))
         return str(info.get("title") or self.source)
 
     def _description(self, secret_schemes: list[str]) -> str:
-        info = _mapping(self.data.get("info"))
+        info = mapping(self.data.get("info"))
         version = f" {info['version']}" if info.get("version") else ""
         text = f"Imported from {self.source} (OpenAPI {self.data['openapi']}, API{version})."
         listed = [
@@ -271,7 +203,7 @@ class _Importer:
 
     def _server_url(self, server: dict[str, Any]) -> str:
         url = str(server.get("url", "/"))
-        variables = _mapping(server.get("variables"))
+        variables = mapping(server.get("variables"))
 
         def expand(match: re.Match[str]) -> str:
             variable = variables.get(match.group(1))
@@ -295,11 +227,8 @@ class _Importer:
         name, number = base, 2
         while name in self.drafts:
             name, number = f"{base}_{number}", number + 1
-        draft = _Draft(name, method, path, where, operation)
+        draft = Draft(name, method, path, where, operation)
         self.drafts[name] = draft
-        if isinstance(operation_id, str):
-            self.by_id[operation_id] = draft
-        self.by_place[(path, method)] = draft
         for parameter, place in self._parameters(item, operation, where, path):
             self._parameter(draft, parameter, place)
         for missing in _PATH_NAME.findall(path):
@@ -311,7 +240,7 @@ class _Importer:
         self._request_body(draft)
         self._security(draft)
         self._response(draft)
-        for callback in _mapping(operation.get("callbacks")):
+        for callback in mapping(operation.get("callbacks")):
             self.report(
                 f"{where}.callbacks.{callback}",
                 "a callback is a request the API sends, not one a flow sends: not translated",
@@ -324,7 +253,7 @@ class _Importer:
     ) -> list[tuple[dict[str, Any], str]]:
         found: dict[tuple[str, str], tuple[dict[str, Any], str]] = {}
         for owner, owner_where in ((item, f"paths.{path}"), (operation, where)):
-            for index, raw in enumerate(_sequence(owner.get("parameters"))):
+            for index, raw in enumerate(sequence(owner.get("parameters"))):
                 place = f"{owner_where}.parameters.{index}"
                 parameter = self.document.resolve(raw, place)
                 if isinstance(parameter, dict):
@@ -332,7 +261,7 @@ class _Importer:
                     found[key] = (parameter, place)  # the operation's own wins
         return list(found.values())
 
-    def _parameter(self, draft: _Draft, parameter: dict[str, Any], where: str) -> None:
+    def _parameter(self, draft: Draft, parameter: dict[str, Any], where: str) -> None:
         name, location = parameter.get("name"), parameter.get("in")
         if not isinstance(name, str) or location not in ("path", "query", "header", "cookie"):
             self.report(where, "a parameter without a name or a valid 'in': not translated")
@@ -363,7 +292,7 @@ class _Importer:
         if location == "query":
             draft.params[name] = literal(value)
         else:
-            draft.headers[name] = literal(_text(value))
+            draft.headers[name] = literal(as_text(value))
 
     def _parameter_value(self, parameter: dict[str, Any], where: str) -> tuple[Any, bool]:
         if "example" in parameter:
@@ -404,7 +333,7 @@ class _Importer:
                         f"({self.variables[variable]!r}); set it with --var {variable}=VALUE",
                     )
 
-    def _request_body(self, draft: _Draft) -> None:
+    def _request_body(self, draft: Draft) -> None:
         if "requestBody" not in draft.operation:
             return
         where = f"{draft.where}.requestBody"
@@ -412,8 +341,8 @@ class _Importer:
         content = body.get("content") if isinstance(body, dict) else None
         if not isinstance(content, dict) or not content:
             return
-        chosen = next((t for t in content if _is_json(t)), None)
-        chosen = chosen or next((t for t in content if _is_form(t)), None)
+        chosen = next((t for t in content if is_json(t)), None)
+        chosen = chosen or next((t for t in content if is_form(t)), None)
         if chosen is None:
             self.report(
                 f"{where}.content", f"no JSON or form body ({', '.join(content)}): none is sent"
@@ -424,7 +353,7 @@ class _Importer:
             self.report(f"{where}.content", f"sent as {chosen}; {', '.join(others)} not translated")
         media = content[chosen] if isinstance(content[chosen], dict) else {}
         value = self._media_example(media, f"{where}.content.{chosen}")
-        if _is_json(chosen):
+        if is_json(chosen):
             draft.body = ("json", literal(value))
             return
         if not isinstance(value, dict):
@@ -437,7 +366,7 @@ class _Importer:
                     f"{where}.content.{chosen}.schema.properties.{key}",
                     "a form field that is not a scalar: sent as JSON text",
                 )
-            form[str(key)] = _text(item)
+            form[str(key)] = as_text(item)
         draft.body = ("form", literal(form))
 
     def _media_example(self, media: dict[str, Any], where: str) -> Any:
@@ -456,7 +385,7 @@ class _Importer:
                 )
         return self.sampler.sample(media.get("schema"))
 
-    def _security(self, draft: _Draft) -> None:
+    def _security(self, draft: Draft) -> None:
         own = "security" in draft.operation
         requirements = draft.operation["security"] if own else self.data.get("security")
         where = f"{draft.where}.security" if own else "security"
@@ -471,25 +400,25 @@ class _Importer:
                 return
         self.report(where, "no security requirement could be translated: no credentials sent")
 
-    def _credential(self, scheme: str) -> _Credential | None:
+    def _credential(self, scheme: str) -> Credential | None:
         if scheme in self.credentials:
             return self.credentials[scheme]
         where = f"components.securitySchemes.{scheme}"
-        schemes = _mapping(_mapping(self.data.get("components")).get("securitySchemes"))
+        schemes = mapping(mapping(self.data.get("components")).get("securitySchemes"))
         spec = self.document.resolve(schemes.get(scheme), where) if scheme in schemes else None
         secret = identifier(re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", scheme)).upper()
-        credential: _Credential | None = None
+        credential: Credential | None = None
         kind = spec.get("type") if isinstance(spec, dict) else None
         if spec is None:
             self.report(where, "the security scheme is not defined: no credentials sent")
         elif kind == "http" and str(spec.get("scheme", "")).lower() in ("bearer", "basic"):
             prefix = "Bearer " if str(spec["scheme"]).lower() == "bearer" else "Basic "
-            credential = _Credential(scheme, "header", "Authorization", prefix, secret)
+            credential = Credential(scheme, "header", "Authorization", prefix, secret)
         elif kind in ("oauth2", "openIdConnect"):
             # the flow cannot run an OAuth2 flow: it sends an access token obtained elsewhere
-            credential = _Credential(scheme, "header", "Authorization", "Bearer ", secret)
+            credential = Credential(scheme, "header", "Authorization", "Bearer ", secret)
         elif kind == "apiKey" and spec.get("in") in ("header", "query") and spec.get("name"):
-            credential = _Credential(scheme, str(spec["in"]), str(spec["name"]), "", secret)
+            credential = Credential(scheme, str(spec["in"]), str(spec["name"]), "", secret)
         else:
             detail = {"http": "scheme", "apiKey": "in"}.get(str(kind), "")
             shown = f"{kind} {spec.get(detail)}" if detail else f"{kind}"
@@ -497,7 +426,7 @@ class _Importer:
         self.credentials[scheme] = credential
         return credential
 
-    def _response(self, draft: _Draft) -> None:
+    def _response(self, draft: Draft) -> None:
         responses = draft.operation.get("responses")
         where = f"{draft.where}.responses"
         if not isinstance(responses, dict) or not responses:
@@ -515,7 +444,7 @@ class _Importer:
         content = draft.response.get("content")
         if not isinstance(content, dict) or not content:
             return
-        chosen = next((t for t in content if _is_json(t)), None)
+        chosen = next((t for t in content if is_json(t)), None)
         if chosen is None:
             self.report(
                 f"{draft.response_where}.content",
@@ -531,219 +460,12 @@ class _Importer:
 
     # -- links
 
-    def _links(self) -> None:
-        graph = self.graph
-        graph.add_nodes_from(self.drafts)
-        for draft in list(self.drafts.values()):
-            links = draft.response.get("links")
-            for link_name, raw in (links if isinstance(links, dict) else {}).items():
-                where = f"{draft.response_where}.links.{link_name}"
-                link = self.document.resolve(raw, where)
-                target = self._link_target(link, where) if isinstance(link, dict) else None
-                if target is None or not isinstance(link, dict):
-                    continue
-                if target is draft or nx.has_path(graph, target.name, draft.name):
-                    self.report(
-                        where,
-                        f"the link from {draft.name} to {target.name} would make a dependency "
-                        "cycle: not translated",
-                    )
-                    continue
-                if link.get("server"):
-                    self.report(
-                        f"{where}.server", "a link's server is not used: tests use base_url"
-                    )
-                carried = False
-                for key, expression in _mapping(link.get("parameters")).items():
-                    place = f"{where}.parameters.{key}"
-                    carried |= self._link_parameter(draft, target, str(key), expression, place)
-                if "requestBody" in link:
-                    value = self._expression(draft, link["requestBody"], f"{where}.requestBody")
-                    if value is not None:
-                        kind = target.body[0] if target.body else "json"
-                        target.body, carried = (kind, value), True
-                graph.add_edge(draft.name, target.name)
-                if not carried and draft.name not in target.depends_on:
-                    target.depends_on.append(draft.name)  # the order the link states
-
-    def _deletes_last(self) -> None:
-        """A DELETE waits for the other tests of its resource and the resources under it:
-        the planner runs independent tests at once, and a pet deleted before it is read
-        would fail the read against a real server."""
-        for delete in self.drafts.values():
-            if delete.method != "delete":
-                continue
-            for other in self.drafts.values():
-                under = other.path == delete.path or other.path.startswith(delete.path + "/")
-                if other.method == "delete" or not under:
-                    continue
-                if not nx.has_path(self.graph, delete.name, other.name):
-                    self.graph.add_edge(other.name, delete.name)
-                    delete.depends_on.append(other.name)
-
-    def _link_target(self, link: dict[str, Any], where: str) -> _Draft | None:
-        if isinstance(link.get("operationId"), str):
-            target = self.by_id.get(link["operationId"])
-            if target is None:
-                self.report(f"{where}.operationId", f"no operation {link['operationId']!r}")
-            return target
-        ref = link.get("operationRef")
-        parts = pointer_parts(ref) if isinstance(ref, str) else None
-        if parts is None or len(parts) != 3 or parts[0] != "paths":
-            self.report(where, "a link's operationRef outside this document: not translated")
-            return None
-        target = self.by_place.get((parts[1], parts[2]))
-        if target is None:
-            self.report(f"{where}.operationRef", f"no operation at {ref}")
-        return target
-
-    def _link_parameter(
-        self, source: _Draft, target: _Draft, key: str, expression: Any, where: str
-    ) -> bool:
-        location, _, name = key.partition(".") if "." in key else ("", "", key)
-        if location not in ("", "path", "query", "header", "cookie"):
-            location, name = "", key
-        location = location or target.declared.get(name, "")
-        credential = self._credential_at(target, location, name)
-        if credential is not None:
-            return self._link_token(source, credential, expression, where)
-        if location == "cookie":
-            self.report(where, f"cookie parameter {name!r} is not sent: not translated")
-            return False
-        if location not in ("path", "query", "header"):
-            self.report(where, f"names no parameter of {target.name}: not translated")
-            return False
-        slot = f"{location}.{name}"
-        if slot in target.linked:
-            self.report(where, f"{target.name}'s {slot} comes from {target.linked[slot]} already")
-            return False
-        value = self._expression(source, expression, where, name)
-        if value is None:
-            return False
-        target.linked[slot] = where
-        if location == "path":
-            target.path_values[name] = value
-        elif location == "query":
-            target.params[name] = value
-        else:
-            target.headers[name] = _text(value)
-        return True
-
-    def _credential_at(self, target: _Draft, location: str, name: str) -> _Credential | None:
-        for scheme in target.schemes:
-            credential = self.credentials.get(scheme)
-            if credential is None:
-                continue
-            same_name = credential.key.lower() == name.lower()
-            if same_name and location in ("", credential.location):
-                return credential
-        return None
-
-    def _link_token(
-        self, source: _Draft, credential: _Credential, expression: Any, where: str
-    ) -> bool:
-        if credential.scheme in self.tokens:
-            self.report(where, f"the {credential.scheme} credential comes from another link")
-            return False
-        if isinstance(expression, str) and credential.prefix:
-            # "Bearer {$response.body#/access_token}": the flow adds the prefix itself
-            prefix = credential.prefix.strip()
-            expression = re.sub(rf"^{prefix}\s+", "", expression, flags=re.I)
-        if isinstance(expression, str) and _EMBEDDED.fullmatch(expression):
-            expression = expression[1:-1]
-        name = "auth." + identifier(credential.scheme)
-        value = self._expression(source, expression, where, capture_as=name)
-        if value is None:
-            return False
-        self.tokens[credential.scheme] = (source.name, _text(value))
-        return True
-
-    def _expression(
-        self, source: _Draft, expression: Any, where: str, hint: str = "value", capture_as: str = ""
-    ) -> Any:
-        """A link's value as a flow value: a constant, or templates of captures taken from
-        the source's response (or of the source's own request values)."""
-        if isinstance(expression, dict):
-            # a body of values each of which may be an expression: common, if beyond the letter
-            # of the specification (which allows one expression or a constant)
-            fields = {k: self._expression(source, v, where, str(k)) for k, v in expression.items()}
-            if None in fields.values():
-                return None
-            return {literal(str(k)): v for k, v in fields.items()}
-        if isinstance(expression, list):
-            items = [self._expression(source, item, where, hint) for item in expression]
-            return None if None in items else items
-        if not isinstance(expression, str):
-            return literal(expression)
-        if expression.startswith("$"):
-            return self._runtime(source, expression, where, hint, capture_as)
-        parts: list[str] = []
-        position = 0
-        for match in _EMBEDDED.finditer(expression):
-            value = self._runtime(source, match.group(1), where, hint, capture_as)
-            if value is None:
-                return None
-            parts += [literal(expression[position : match.start()]), _text(value)]
-            position = match.end()
-        return "".join(parts) + literal(expression[position:]) if parts else literal(expression)
-
-    def _runtime(
-        self, source: _Draft, expression: str, where: str, hint: str, capture_as: str
-    ) -> Any:
-        spec: dict[str, Any] | None = None
-        if expression == "$statusCode":
-            spec = {"status": True}
-        elif expression.startswith("$response.body"):
-            pointer = expression[len("$response.body") :]
-            path = json_path(pointer[1:]) if pointer.startswith("#") else None
-            path = "$" if pointer == "" else path
-            spec = {"json": path} if path else None
-        elif expression.startswith("$response.header."):
-            spec = {"header": expression[len("$response.header.") :]}
-        elif expression.startswith("$request."):
-            return self._request_value(source, expression[len("$request.") :], where)
-        if spec is None:
-            self.report(where, f"the runtime expression {expression!r} is not translated")
-            return None
-        return (
-            "{{ "
-            + self._capture(source, spec, capture_as or f"{source.name}.{identifier(hint)}")
-            + " }}"
-        )
-
-    def _request_value(self, source: _Draft, what: str, where: str) -> Any:
-        if (what == "body" or what.startswith("body#")) and source.body is not None:
-            pointer = what[len("body#") :] if what.startswith("body#") else ""
-            found = Document({"body": source.body[1]}, self.version).lookup("#/body" + pointer)
-            if found is not None:
-                return found[0]
-        location, _, name = what.partition(".")
-        values = {"path": source.path_values, "query": source.params, "header": source.headers}
-        if location in values and name in values[location]:
-            return values[location][name]
-        self.report(where, f"$request.{what}: the linking test sends no such value")
-        return None
-
-    def _capture(self, source: _Draft, spec: dict[str, Any], wanted: str) -> str:
-        key = (source.name, msgspec.json.encode(spec).decode())
-        if key in self.capture_names:
-            return self.capture_names[key]
-        name, number = wanted, 2
-        while name in self.capture_owner or name in self.variables:
-            name, number = f"{wanted}_{number}", number + 1
-        self.capture_owner[name] = source.name
-        self.capture_names[key] = name
-        source.capture[name] = spec
-        return name
-
-    # -- assembling the tests
-
-    def _test(self, draft: _Draft) -> dict[str, Any]:
+    def _test(self, draft: Draft) -> dict[str, Any]:
         def fill(match: re.Match[str]) -> str:
             value = draft.path_values.get(match.group(1))
             if value is None:
                 return match.group(0)
-            text = _text(value)
+            text = as_text(value)
             return text if "{{" in text or "{%" in text else quote(text, safe="")
 
         request: dict[str, Any] = {"method": draft.method.upper()}
@@ -791,22 +513,6 @@ class _Importer:
             for scheme, credential in self.credentials.items()
             if credential is not None and "{{ secrets." + credential.secret + " }}" in text
         ]
-
-
-def _mapping(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _sequence(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if value is None or isinstance(value, bool | dict | list):
-        return msgspec.json.encode(value).decode()
-    return str(value)
 
 
 def _expected_code(codes: list[str]) -> str:
