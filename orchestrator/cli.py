@@ -1011,12 +1011,21 @@ if __name__ == "__main__":
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the flow to this file (default: standard output).",
 )
-def import_(kind: str, source: str, output: Path | None) -> None:
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    metavar="HOST",
+    help="har: keep only the requests to this host (repeatable).",
+)
+def import_(kind: str, source: str, output: Path | None, hosts: tuple[str, ...]) -> None:
     """Write a flow file from an OpenAPI document, a Postman collection, curl commands or a
     HAR file (SOURCE; - for standard input). What cannot be translated is listed on
     standard error, each with its place in SOURCE."""
-    from orchestrator.importers import converter
+    from orchestrator.importers import Imported, converter
 
+    if hosts and kind != "har":
+        raise UsageError(f"--host filters the requests of a HAR file, not of {kind}: remove it")
     if source == "-":
         text, name = sys.stdin.read(), "<stdin>"
     else:
@@ -1024,9 +1033,21 @@ def import_(kind: str, source: str, output: Path | None) -> None:
             text, name = Path(source).read_text(encoding="utf-8"), source
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"{source}: cannot read it ({exc.__class__.__name__})") from None
-    imported = converter(kind)(text, name)
+    imported: Imported
+    if hosts:
+        from orchestrator.importers import har
+
+        imported = har.convert(text, name, hosts=hosts)
+    else:
+        imported = converter(kind)(text, name)
     for part in imported.untranslated:
         click.echo(f"not translated: {name}: {part}", err=True)
+    for secret, where in imported.secrets.items():
+        click.echo(
+            f"secret to provide: {secret} (the value found at {name}: {where}); "
+            f"export {secret}=... or put it in the file given with --secrets",
+            err=True,
+        )
     if output is None:
         click.echo(imported.yaml(), nl=False)
     else:
