@@ -1035,9 +1035,9 @@ def import_(kind: str, source: str, output: Path | None, hosts: tuple[str, ...])
             raise UsageError(f"{source}: cannot read it ({exc.__class__.__name__})") from None
     imported: Imported
     if hosts:
-        from orchestrator.importers import har
+        from orchestrator.importers.har import convert as convert_har
 
-        imported = har.convert(text, name, hosts=hosts)
+        imported = convert_har(text, name, hosts=hosts)
     else:
         imported = converter(kind)(text, name)
     for part in imported.untranslated:
