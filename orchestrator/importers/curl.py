@@ -36,7 +36,7 @@ from orchestrator.importers.parts import (
 _HARMLESS = frozenset(
     {
         "-s", "--silent", "-S", "--show-error", "-v", "--verbose", "-i", "--include",
-        "--compressed", "-f", "--fail", "--fail-with-body", "-#", "--progress-bar",
+        "--compressed", "-#", "--progress-bar",
         "--http1.1", "--http2", "-N", "--no-buffer", "-g", "--globoff",
     }
 )  # fmt: skip
@@ -84,6 +84,8 @@ class _Command:
     follow: bool = False
     timeout: str | None = None
     basic_user: str | None = None
+    fail: bool = False
+    """``-f``: curl fails on an HTTP error, so the test expects no error status."""
 
 
 def convert(text: str, source: str) -> Imported:
@@ -176,6 +178,8 @@ def _parse(words: list[str], where: str, untranslated: list[Untranslated]) -> _C
             command.get = True
         elif option in ("-I", "--head"):
             command.head = True
+        elif option in ("-f", "--fail", "--fail-with-body"):
+            command.fail = True
         elif option in _NOT_IN_FLOWS:
             untranslated.append(Untranslated(f"{where} {option}", _NOT_IN_FLOWS[option]))
         elif option.startswith("-") and option != "-":
@@ -308,4 +312,7 @@ def _test(
         request["timeout"] = command.timeout
     if command.follow:
         request["follow_redirects"] = True
-    return {"request": request}
+    test: dict[str, Any] = {"request": request}
+    if command.fail:
+        test["expect"] = {"status": ["1xx", "2xx", "3xx"]}
+    return test

@@ -100,7 +100,8 @@ def convert(text: str, source: str) -> Imported:
                 f"variable {used} is not defined in the collection (an environment's?): "
                 f"give it under variables or with --var {used}=...",
             )
-    flow: dict[str, Any] = {"name": str(collection["info"].get("name") or "postman")}
+    info = collection.get("info") or {}
+    flow: dict[str, Any] = {"name": str(info.get("name") or collection.get("name") or source)}
     if base_variable is not None:
         flow["base_url"] = "{{ " + state.name(base_variable) + " }}"
     if variables:
@@ -120,13 +121,15 @@ def _collection_document(text: str, source: str) -> dict[str, Any]:
             f"{source}: {where}: not JSON ({exc.__class__.__name__}); "
             "export the collection from Postman as Collection v2.1"
         ) from None
-    if not isinstance(document, dict) or not isinstance(document.get("info"), dict):
+    if not isinstance(document, dict) or "item" not in document:
         raise UsageError(
-            f"{source}: info: not a Postman collection (no info object); "
+            f"{source}: item: not a Postman collection (no item list); "
             "export the collection from Postman as Collection v2.1"
         )
     if not isinstance(document.get("item"), list):
         raise UsageError(f"{source}: item: a collection's item must be a list of requests")
+    if "info" in document and not isinstance(document["info"], dict):
+        raise UsageError(f"{source}: info: must be an object with the collection's name")
     return document
 
 
@@ -161,6 +164,9 @@ def _walk(
             raise UsageError(f"{state.source}: {at}: an item must be an object")
         label = " / ".join([*folders, str(item.get("name", at))])
         inherited = item.get("auth", auth)
+        request = item.get("request")
+        if isinstance(request, dict) and "auth" in request:
+            inherited = request["auth"]
         if isinstance(item.get("item"), list):
             _scripts_outside_requests(item.get("event"), f"folder {label!r}", state)
             folder = [*folders, str(item.get("name", ""))]
@@ -173,6 +179,7 @@ def _walk(
 
 def _scripts_outside_requests(events: Any, where: str, state: _Collection) -> None:
     """Collection and folder scripts run around every request: nothing in a flow does."""
+    events = [events] if isinstance(events, dict) else events
     for event in events if isinstance(events, list) else []:
         script = event.get("script", {}) if isinstance(event, dict) else {}
         lines = script.get("exec", []) if isinstance(script, dict) else []
@@ -295,7 +302,8 @@ def _auth(
         user, password = values.get("username", ""), values.get("password", "")
         if "{{" in user + password:
             state.note(at, "basic auth built from variables: give the Authorization header")
-        secret = state.secrets.template(f"{user}:{password}", "basic_auth", f"{at} (base64)")
+        place = f"{at}: the base64 of {user}:PASSWORD"
+        secret = state.secrets.template(f"{user}:{password}", "basic_auth", place)
         headers["Authorization"] = "Basic " + secret
     elif kind == "apikey":
         key, value = values.get("key", "X-Api-Key"), values.get("value", "")

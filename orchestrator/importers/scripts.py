@@ -70,6 +70,7 @@ class ScriptReading:
 
 def read_test_script(events: Any, where: str) -> ScriptReading:
     reading = ScriptReading()
+    events = [events] if isinstance(events, dict) else events
     for event in events if isinstance(events, list) else []:
         if not isinstance(event, dict):
             continue
@@ -109,7 +110,7 @@ def _read(lines: list[tuple[int, str]], where: str, reading: ScriptReading) -> N
             skipping += line.count("{") + line.count("(") - line.count("}") - line.count(")")
             reading.untranslated.append(Untranslated(place, f"in a skipped pm.test: {line}"))
             continue
-        inline = _TEST_INLINE.match(line)
+        inline = _TEST_INLINE.match(line.rstrip(";").rstrip())
         statements = [inline.group("body")] if inline else [line]
         if inline is None and (_TEST_OPEN.match(line) or _CLOSING.match(line)):
             continue
