@@ -71,8 +71,18 @@ class _Source:
     name: str | None = None
 
 
+_TOKEN = re.compile(r"[\w-]+")
+
+
 @dataclass
 class _Recording:
+    """The flow being built, and what the responses so far gave.
+
+    Values are found again by their words (``[\\w-]+``): a value that is one word is
+    looked up directly, a longer one (a JWT, a path) by its first word and then compared
+    in place, so that a recording of thousands of entries stays linear in its size.
+    """
+
     source: str
     secrets: Secrets = field(default_factory=Secrets)
     untranslated: list[Untranslated] = field(default_factory=list)
@@ -80,24 +90,47 @@ class _Recording:
     known: dict[str, _Source] = field(default_factory=dict)
     """Value (as text) -> where it came from, the most recent response winning."""
     captured: set[str] = field(default_factory=set)
-    sent: list[str] = field(default_factory=list)
-    _pattern: re.Pattern[str] | None = None
+    _by_first_word: dict[str, set[tuple[str, int]]] = field(default_factory=dict)
+    """A first word -> the known values of several words that hold it, with the length
+    of what comes before it (the ``/`` of ``/cart/1``)."""
+    _sent_words: set[str] = field(default_factory=set)
+    _sent: list[str] = field(default_factory=list)
 
     def note(self, where: str, reason: str) -> None:
         self.untranslated.append(Untranslated(where, reason))
 
-    def learn(self, value: str, source: _Source) -> None:
-        if any(value in text for text in self.sent):
-            return  # the user sent it first: typed, not derived from a response
-        self.known[value] = source
-        self._pattern = None
+    def sent(self, text: str) -> None:
+        self._sent.append(text)
+        self._sent_words.update(_TOKEN.findall(text))
 
-    def pattern(self) -> re.Pattern[str] | None:
-        if self._pattern is None and self.known:
-            values = sorted(self.known, key=len, reverse=True)
-            alternatives = "|".join(re.escape(value) for value in values)
-            self._pattern = re.compile(rf"(?<![\w-])(?:{alternatives})(?![\w-])")
-        return self._pattern
+    def learn(self, value: str, source: _Source) -> None:
+        first = _TOKEN.search(value)
+        if first is None:
+            return
+        if first.group() in self._sent_words and (
+            first.group() == value or any(value in text for text in self._sent)
+        ):
+            return  # the user sent it first: typed, not derived from a response
+        if first.group() != value:
+            self._by_first_word.setdefault(first.group(), set()).add((value, first.start()))
+        self.known[value] = source
+
+    def _matches(self, text: str) -> list[tuple[int, int]]:
+        """Where known values are in ``text``: the longest at each place, none overlapping."""
+        found: list[tuple[int, int]] = []
+        for word in _TOKEN.finditer(text):
+            if word.group() in self.known:
+                found.append((word.start(), word.end()))
+            for value, lead in self._by_first_word.get(word.group(), ()):
+                begin = word.start() - lead
+                end = begin + len(value)
+                if begin >= 0 and text.startswith(value, begin) and _bounded(text, begin, end):
+                    found.append((begin, end))
+        chosen: list[tuple[int, int]] = []
+        for begin, end in sorted(found, key=lambda span: (span[0], span[0] - span[1])):
+            if not chosen or begin >= chosen[-1][1]:
+                chosen.append((begin, end))
+        return chosen
 
     def capture_name(self, source: _Source) -> str:
         if source.name is None:
@@ -110,14 +143,11 @@ class _Recording:
     def template(self, text: str) -> str:
         """``text`` with each value from an earlier response read from its capture; the
         rest kept as written."""
-        pattern = self.pattern()
-        if pattern is None:
-            return literal(text)
         pieces, last = [], 0
-        for match in pattern.finditer(text):
-            pieces.append(literal(text[last : match.start()]))
-            pieces.append("{{ " + self.capture_name(self.known[match.group()]) + " }}")
-            last = match.end()
+        for begin, end in self._matches(text):
+            pieces.append(literal(text[last:begin]))
+            pieces.append("{{ " + self.capture_name(self.known[text[begin:end]]) + " }}")
+            last = end
         pieces.append(literal(text[last:]))
         return "".join(pieces)
 
@@ -135,6 +165,13 @@ class _Recording:
         if isinstance(value, dict):
             return {self.template(str(key)): self.value(item) for key, item in value.items()}
         return value
+
+
+def _bounded(text: str, begin: int, end: int) -> bool:
+    """Whether text[begin:end] is not part of a longer word."""
+    before = text[begin - 1] if begin > 0 else " "
+    after = text[end] if end < len(text) else " "
+    return not (before.isalnum() or before in "_-") and not (after.isalnum() or after in "_-")
 
 
 def convert(text: str, source: str, hosts: Iterable[str] = ()) -> Imported:
@@ -255,7 +292,7 @@ def _add_test(
     else:
         recording.note(at, "the recording has no response (blocked or cancelled): no expect")
     recording.tests[name] = test
-    recording.sent.append(json.dumps(har_request))
+    recording.sent(json.dumps(har_request))
     _learn(response, name, recording)
 
 
