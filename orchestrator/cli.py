@@ -304,6 +304,7 @@ def run(
     shard = _shard(shard_text, batch_id)
     options = _options(concurrency=concurrency, **kwargs)
     jobs = execution.prepare(options)
+    _warn_insecure(jobs)
     if queue_url is not None:
         reports = {"junit": junit, "json_path": json_path, "html": html}
         _queued(queue_url, options, jobs, batch_id, quiet=quiet, serve=serve, **reports)
@@ -608,6 +609,27 @@ async def _answering(command: str, process: subprocess.Popen[bytes], jobs: list[
             raise InfrastructureError(f"--serve: the API did not answer within 30 s of {command!r}")
         await asyncio.sleep(pause)
         pause = min(pause * 2, 0.25)
+
+
+def _warn_insecure(jobs: list[Any]) -> None:
+    """One line on stderr per flow whose tests send with ``tls.verify: false``."""
+    from orchestrator.compiled import merged_tls
+
+    for job in jobs:
+        flow = job.plan.loaded.flow
+        insecure = [
+            name
+            for name in job.plan.order
+            if (tls := merged_tls(flow.defaults.tls, flow.tests[name].tls)) is not None
+            and tls.verify is False
+        ]
+        if insecure:
+            click.echo(
+                f"warning: {job.plan.loaded.label}: TLS certificates are not verified "
+                f"(tls.verify: false) for {', '.join(insecure)}; use tls.ca_bundle outside "
+                "a test server",
+                err=True,
+            )
 
 
 @cli.command()
