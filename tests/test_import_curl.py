@@ -27,6 +27,7 @@ curl -fsS {url}/feedback -H "Authorization: Bearer {token}" \\
   -d rating=5 --data-urlencode 'comment=Fast & friendly'
 curl -f -XPUT {url}/echo -H 'Content-Type: text/plain' --data-raw 'line one
 line two'
+curl -f -F note=hello -F 'upload=@upload.txt;type=text/plain' {url}/echo
 """
 
 
@@ -36,6 +37,7 @@ def test_curl_commands_run_against_the_demo_api(env: dict[str, str], tmp_path: P
     token = login.json()["access_token"]
     source = tmp_path / "session.sh"
     source.write_text(shop_commands(url, token))
+    (tmp_path / "upload.txt").write_text("uploaded text\n")
     flow_path = tmp_path / "flow.yaml"
 
     code, out, err = baton("import", "curl", str(source), "-o", str(flow_path))
@@ -47,7 +49,8 @@ def test_curl_commands_run_against_the_demo_api(env: dict[str, str], tmp_path: P
         in err
     )
     assert f"secret to provide: PASSWORD (the value found at {source}: line 2 body.password)" in err
-    assert err.splitlines()[-1] == f"imported 5 test(s) from {source}"
+    assert "line 12 -F: upload: the file upload.txt is read relative to the flow file" in err
+    assert err.splitlines()[-1] == f"imported 6 test(s) from {source}; 1 part(s) not translated"
 
     flow = yaml.safe_load(text)
     assert flow["variables"] == {"base_url": url}
@@ -58,6 +61,7 @@ def test_curl_commands_run_against_the_demo_api(env: dict[str, str], tmp_path: P
         "post_cart",
         "post_feedback",
         "put_echo",
+        "post_echo",
     ]
     assert tests["get_catalog"]["request"]["params"] == {"limit": "2", "category": "hardware"}
     assert tests["post_cart"]["request"]["json"] == {"product_id": 1, "quantity": 2}
@@ -67,12 +71,16 @@ def test_curl_commands_run_against_the_demo_api(env: dict[str, str], tmp_path: P
     }
     assert tests["put_echo"]["request"]["body"] == "line one\nline two"
     assert tests["put_echo"]["expect"] == {"status": ["1xx", "2xx", "3xx"]}  # -f
+    assert tests["post_echo"]["request"]["multipart"] == {
+        "note": "hello",
+        "upload": {"file": "upload.txt", "content_type": "text/plain"},
+    }
 
     secrets = tmp_path / "secrets.yaml"
     secrets.write_text(f"PASSWORD: secret-alice\nTOKEN: {token}\n")
     code, out, err = baton("run", str(flow_path), "--secrets", str(secrets))
     assert code == 0, out + err
-    assert out.splitlines()[-1].startswith("5 passed in "), out
+    assert out.splitlines()[-1].startswith("6 passed in "), out
     assert token not in out + err
 
 
@@ -87,8 +95,7 @@ def test_what_a_flow_cannot_carry_is_listed_with_its_line(tmp_path: Path) -> Non
     assert code == 0, err
     lines = err.splitlines()
     for expected in (
-        "line 1 -k: the flow format cannot skip TLS certificate checks",
-        "line 1 -F: multipart form data is not in the flow format yet",
+        "line 1 -F: file: the file photo.png is read relative to the flow file",
         "line 1 --weird-option: an unknown curl option",
         "line 2: not a curl command: 'ls' ...",
         "line 3 -d: the body is read from a file (@body.json)",
@@ -97,6 +104,9 @@ def test_what_a_flow_cannot_carry_is_listed_with_its_line(tmp_path: Path) -> Non
     assert "secret to provide: AUTHORIZATION_BASIC" in err
     assert "the base64 of bob:PASSWORD" in err
     flow = yaml.safe_load(out)
+    upload = flow["tests"]["post_upload"]
+    assert upload["tls"] == {"verify": False}  # -k
+    assert upload["request"]["multipart"] == {"file": {"file": "photo.png"}}
     me = flow["tests"]["get_me"]["request"]
     assert me["headers"]["Authorization"] == "Basic {{ secrets.AUTHORIZATION_BASIC }}"
     assert "Ym9iOnNlY3JldC1ib2I=" not in out  # base64 of bob:secret-bob
@@ -115,6 +125,7 @@ def test_commands_from_standard_input(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_an_imported_flow_validates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = tmp_path / "one.sh"
     source.write_text(shop_commands("http://127.0.0.1:9", "abcdef0123456789"))
+    (tmp_path / "upload.txt").write_text("x")
     flow_path = tmp_path / "flow.yaml"
     assert baton("import", "curl", str(source), "-o", str(flow_path))[0] == 0
     code, out, err = baton("validate", str(flow_path))

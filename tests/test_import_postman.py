@@ -28,13 +28,14 @@ def test_shop_collection_runs_against_the_demo_api(env: dict[str, str], tmp_path
     assert "secret to provide: PASSWORD (the value found at" in err
     secrets = tmp_path / "secrets.yaml"
     secrets.write_text("PASSWORD: secret-alice\n")
+    (tmp_path / "note.txt").write_text("a note\n")  # the formdata's file, beside the flow
     base = ("--var", f"baseUrl={env['SHOP_URL']}", "--secrets", str(secrets))
 
     code, out, err = baton("validate", str(path), *base)
     assert code == 0, out + err
     code, out, err = baton("run", str(path), *base)
     assert code == 0, out + err
-    assert out.splitlines()[-1].startswith("5 passed in "), out
+    assert out.splitlines()[-1].startswith("7 passed in "), out
     assert flow["tests"]["auth_login"]["tags"] == ["auth"]
 
 
@@ -58,7 +59,16 @@ def test_scripts_become_expect_and_captures_that_later_requests_depend_on(
     assert tests["shopping_get_cart"]["request"]["url"] == "/cart/{{ cartId }}"
     feedback = tests["shopping_feedback"]["request"]
     assert feedback["form"] == {"rating": "5", "comment": "Fast delivery"}  # disabled: left out
+    assert tests["extras_upload_note"]["request"]["multipart"] == {
+        "title": "Order {{ cartId }}",
+        "note": {"file": "note.txt", "content_type": "text/plain"},
+    }
+    assert tests["extras_graphql_echo"]["request"]["graphql"] == {
+        "query": "query Product($id: ID!) { product(id: $id) { name } }",
+        "variables": {"id": "{{ productId }}"},
+    }
     monkeypatch.setenv("PASSWORD", "secret-alice")
+    (tmp_path / "note.txt").write_text("a note\n")
     code, out, err = baton("graph", "--format", "mermaid", str(tmp_path / "flow.yaml"))
     assert code == 0, out + err
     nodes = dict(re.findall(r'(n\d+)\["(\w+)"\]', out))
@@ -82,7 +92,11 @@ def test_untranslated_script_lines_are_listed_with_their_place(tmp_path: Path) -
     assert any(
         "test script line 2: not translated: pm.expect(pm.response.json()" in line for line in lines
     )
-    assert lines[-1] == f"imported 5 test(s) from {source}; 3 part(s) not translated"
+    assert (
+        f"not translated: {source}: 'Extras / Upload note' (item[2].item[0]) body formdata[1] "
+        "note: the file note.txt is read relative to the flow file"
+    ) in lines
+    assert lines[-1] == f"imported 7 test(s) from {source}; 4 part(s) not translated"
 
 
 @pytest.mark.parametrize(

@@ -46,23 +46,15 @@ _WITH_VALUE = frozenset(
         "--data-binary", "--data-urlencode", "--json", "-u", "--user", "-F", "--form",
         "--form-string", "-b", "--cookie", "-A", "--user-agent", "-e", "--referer", "--url",
         "-m", "--max-time", "--connect-timeout", "-o", "--output", "-w", "--write-out",
-        "-x", "--proxy", "--retry", "-c", "--cookie-jar", "--cacert", "-E", "--cert",
+        "-x", "--proxy", "--retry", "-c", "--cookie-jar", "--cacert", "-E", "--cert", "--key",
         "--resolve", "--limit-rate", "-r", "--range", "-T", "--upload-file",
     }
 )  # fmt: skip
 _NOT_IN_FLOWS = {
-    "-k": "the flow format cannot skip TLS certificate checks; the run will verify them",
-    "--insecure": "the flow format cannot skip TLS certificate checks; the run will verify them",
-    "-F": "multipart form data is not in the flow format yet",
-    "--form": "multipart form data is not in the flow format yet",
-    "--form-string": "multipart form data is not in the flow format yet",
     "-x": "the flow format has no proxy setting",
     "--proxy": "the flow format has no proxy setting",
     "-T": "uploading a file is not in the flow format",
     "--upload-file": "uploading a file is not in the flow format",
-    "-E": "client certificates are not in the flow format",
-    "--cert": "client certificates are not in the flow format",
-    "--cacert": "a CA bundle is not in the flow format",
     "--resolve": "the flow format cannot pin a host's address",
     "-r": "ranges are not in the flow format: give a Range header",
     "--range": "ranges are not in the flow format: give a Range header",
@@ -84,6 +76,8 @@ class _Command:
     follow: bool = False
     timeout: str | None = None
     basic_user: str | None = None
+    multipart: dict[str, Any] = field(default_factory=dict)
+    tls: dict[str, Any] = field(default_factory=dict)
     fail: bool = False
     """``-f``: curl fails on an HTTP error, so the test expects no error status."""
 
@@ -178,6 +172,8 @@ def _parse(words: list[str], where: str, untranslated: list[Untranslated]) -> _C
             command.get = True
         elif option in ("-I", "--head"):
             command.head = True
+        elif option in ("-k", "--insecure"):
+            command.tls["verify"] = False
         elif option in ("-f", "--fail", "--fail-with-body"):
             command.fail = True
         elif option in _NOT_IN_FLOWS:
@@ -244,12 +240,53 @@ def _option(command: _Command, option: str, value: str, untranslated: list[Untra
         command.headers["Referer"] = value
     elif option == "--url":
         command.url = value
+    elif option in ("-F", "--form", "--form-string"):
+        _form_part(command, value, option == "--form-string", at, untranslated)
+    elif option == "--cacert":
+        command.tls["ca_bundle"] = value
+        untranslated.append(Untranslated(at, f"{value} is read relative to the flow file"))
+    elif option in ("-E", "--cert"):
+        if ":" in value:
+            untranslated.append(Untranslated(at, "a certificate's password is not translated"))
+        command.tls["client_cert"] = value.split(":", 1)[0]
+        untranslated.append(Untranslated(at, f"{value} is read relative to the flow file"))
+    elif option == "--key":
+        command.tls["client_key"] = value
+        untranslated.append(Untranslated(at, f"{value} is read relative to the flow file"))
     elif option in ("-m", "--max-time"):
         command.timeout = f"{value}s"
     elif option in _NOT_IN_FLOWS:
         untranslated.append(Untranslated(at, _NOT_IN_FLOWS[option]))
     elif option not in _OUTPUT_ONLY:
         untranslated.append(Untranslated(at, "not translated"))
+
+
+def _form_part(
+    command: _Command, value: str, text_only: bool, at: str, untranslated: list[Untranslated]
+) -> None:
+    """``-F name=value`` a text field, ``-F name=@path;type=...;filename=...`` a file."""
+    name, equals, content = value.partition("=")
+    if not equals:
+        untranslated.append(Untranslated(at, f"a form part without a name: {value!r}"))
+        return
+    if text_only or not content.startswith(("@", "<")):
+        command.multipart[name] = content
+        return
+    if content.startswith("<"):
+        untranslated.append(Untranslated(at, f"{name}: a text field read from a file"))
+        return
+    path, *options = content[1:].split(";")
+    part: dict[str, Any] = {"file": path}
+    for option in options:
+        key, _, setting = option.partition("=")
+        if key.strip() == "type":
+            part["content_type"] = setting.strip()
+        elif key.strip() == "filename":
+            part["filename"] = setting.strip().strip('"')
+    command.multipart[name] = part
+    untranslated.append(
+        Untranslated(at, f"{name}: the file {path} is read relative to the flow file")
+    )
 
 
 def _basic(user: str) -> str:
@@ -280,9 +317,8 @@ def _test(
         body = body_fields(content_type, "&".join(command.data))
     if "body" in body and not content_type and not command.json_data:
         command.headers["Content-Type"] = "application/x-www-form-urlencoded"
-    method = command.method or (
-        "HEAD" if command.head else "POST" if body and not command.get else "GET"
-    )
+    sends = (body and not command.get) or command.multipart
+    method = command.method or ("HEAD" if command.head else "POST" if sends else "GET")
     request: dict[str, Any] = {}
     if method != "GET":
         request["method"] = method
@@ -312,7 +348,18 @@ def _test(
         request["timeout"] = command.timeout
     if command.follow:
         request["follow_redirects"] = True
+    if command.multipart:
+        if body:
+            untranslated.append(Untranslated(where, "-F and -d together: the -d body is left out"))
+            for kind in body:
+                request.pop(kind, None)
+        request["multipart"] = {
+            key: literal(part) if isinstance(part, str) else part
+            for key, part in secret_fields(command.multipart, secrets, f"{where} -F").items()
+        }
     test: dict[str, Any] = {"request": request}
+    if command.tls:
+        test["tls"] = command.tls
     if command.fail:
         test["expect"] = {"status": ["1xx", "2xx", "3xx"]}
     return test

@@ -347,8 +347,7 @@ def _body(post: Any, at: str, recording: _Recording) -> dict[str, Any]:
     mime = str(post.get("mimeType", ""))
     where = f"{at} body"
     if mime.lower().startswith("multipart/"):
-        recording.note(where, "a multipart body is not in the flow format yet: left out")
-        return {}
+        return _multipart(post.get("params"), where, recording)
     text = post.get("text")
     if not isinstance(text, str):
         params = post.get("params")
@@ -371,6 +370,31 @@ def _body(post: Any, at: str, recording: _Recording) -> dict[str, Any]:
     if "form" in fields:
         return {"form": _secret_members(recording.value(fields["form"]), recording, where)}
     return {"body": recording.template(text)}
+
+
+def _multipart(params: Any, where: str, recording: _Recording) -> dict[str, Any]:
+    """A recorded multipart body, from its parts: a HAR keeps a file's name, not its bytes."""
+    parts: dict[str, Any] = {}
+    for index, param in enumerate(params if isinstance(params, list) else []):
+        if not isinstance(param, dict) or not param.get("name"):
+            continue
+        name = str(param["name"])
+        if param.get("fileName"):
+            part: dict[str, Any] = {"file": str(param["fileName"])}
+            if param.get("contentType"):
+                part["content_type"] = str(param["contentType"])
+            parts[name] = part
+            recording.note(
+                f"{where} params[{index}] {name}",
+                f"the recording holds no file: put {param['fileName']} beside the flow file",
+            )
+        else:
+            value = recording.value(str(param.get("value", "")))
+            parts[name] = _credential(name, value, recording, f"{where}.{name}")
+    if not parts:
+        recording.note(where, "a multipart body without its parts (params): left out")
+        return {}
+    return {"multipart": parts}
 
 
 def _secret_members(value: Any, recording: _Recording, where: str) -> Any:

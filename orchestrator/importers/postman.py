@@ -339,29 +339,40 @@ def _body(body: Any, headers: dict[str, str], where: str, state: _Collection) ->
                 return {"json": parsed}
         return {"body": state.template(raw, at)}
     if mode in ("urlencoded", "formdata"):
-        form: dict[str, str] = {}
+        fields: dict[str, Any] = {}
         for index, entry in enumerate(body.get(mode) or []):
             if not isinstance(entry, dict) or entry.get("disabled") or not entry.get("key"):
                 continue
-            key = str(entry["key"])
-            if entry.get("type") == "file":
-                state.note(f"{at} {mode}[{index}] {key}", "a file field is not translated")
+            key, place = str(entry["key"]), f"{at} {mode}[{index}] {entry['key']}"
+            if entry.get("type") == "file" and mode == "formdata":
+                source = entry.get("src")
+                source = source[0] if isinstance(source, list) and source else source
+                if not isinstance(source, str) or not source:
+                    state.note(place, "a file field without a file: left out")
+                    continue
+                fields[key] = {"file": source}
+                if entry.get("contentType"):
+                    fields[key]["content_type"] = str(entry["contentType"])
+                state.note(place, f"the file {source} is read relative to the flow file")
                 continue
             value = str(entry.get("value", ""))
             if is_credential_name(key) and value and "{{" not in value:
-                form[key] = state.secrets.template(value, key, f"{at} {mode}[{index}] {key}")
+                fields[key] = state.secrets.template(value, key, place)
             else:
-                form[key] = state.template(value, f"{at} {mode}[{index}]")
-        if mode == "formdata":
-            state.note(at, "multipart formdata is sent as a urlencoded form (no multipart yet)")
-        return {"form": form} if form else {}
+                fields[key] = state.template(value, place)
+        if not fields:
+            return {}
+        return {"multipart": fields} if mode == "formdata" else {"form": fields}
     if mode == "graphql":
         graphql = body.get("graphql") or {}
         payload: dict[str, Any] = {"query": state.template(str(graphql.get("query", "")), at)}
         if graphql.get("variables"):
             variables = _json_with_variables(str(graphql["variables"]), at, state)
-            payload["variables"] = variables if variables is not None else {}
-        return {"json": payload}
+            if isinstance(variables, dict):
+                payload["variables"] = variables
+            else:
+                state.note(at, "GraphQL variables that are not a JSON object: left out")
+        return {"graphql": payload}
     state.note(at, f"a {mode} body is not translated")
     return {}
 
