@@ -25,6 +25,7 @@ def _pairs(headers: httpx.Headers) -> list[dict[str, str]]:
 
 def _entry(response: httpx.Response, started: datetime, seconds: float) -> dict[str, Any]:
     request = response.request
+    request.read()  # a multipart body is a stream until read
     body = request.content.decode("utf-8")
     har_request: dict[str, Any] = {
         "method": request.method,
@@ -90,6 +91,8 @@ def record(base_url: str) -> dict[str, Any]:
         order = send("POST", "/checkout", json={"cart_id": cart_id}, headers=bearer)
         send("GET", f"/orders/{order.json()['order_id']}", headers=bearer)
         send("GET", "/session")
+        files = {"receipt": ("receipt.txt", b"order received\n", "text/plain")}
+        send("POST", "/echo", data={"order": "thanks"}, files=files, headers=bearer)
         send("GET", f"{other_host}/health")
     return {
         "log": {

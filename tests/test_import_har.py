@@ -37,7 +37,8 @@ def test_recorded_shop_session_runs_again(env: dict[str, str], tmp_path: Path) -
     assert "logo.png: a static asset (.png file): left out" in err
     assert "requests to other hosts than --host left out: localhost:" in err
     assert "secret to provide: PASSWORD (the value found at" in err
-    assert err.splitlines()[-1].startswith(f"imported 8 test(s) from {SHOP_HAR}")
+    assert "params[1] receipt: the recording holds no file: put receipt.txt beside the flow" in err
+    assert err.splitlines()[-1].startswith(f"imported 9 test(s) from {SHOP_HAR}")
 
     tests = yaml.safe_load(text)["tests"]
     assert tests["post_auth_login"]["capture"]["access_token"] == {"json": "$.access_token"}
@@ -51,13 +52,19 @@ def test_recorded_shop_session_runs_again(env: dict[str, str], tmp_path: Path) -
     assert tests["get_orders"]["request"]["url"] == "/orders/{{ order_id }}"
     assert tests["get_session"]["request"]["headers"]["cookie"] == "session={{ session_cookie }}"
     assert tests["post_cart"]["expect"] == {"status": 201}
+    assert tests["post_echo"]["request"]["multipart"] == {
+        "order": "thanks",
+        "receipt": {"file": "receipt.txt", "content_type": "text/plain"},
+    }
+    assert "content-type" not in tests["post_echo"]["request"]["headers"]  # its own boundary
 
     secrets = tmp_path / "secrets.yaml"
     secrets.write_text("PASSWORD: secret-alice\n")
+    (tmp_path / "receipt.txt").write_text("order received\n")
     options = ("--var", f"base_url={env['SHOP_URL']}", "--secrets", str(secrets))
     code, out, err = baton("run", str(flow_path), *options)
     assert code == 0, out + err
-    assert out.splitlines()[-1].startswith("8 passed in "), out
+    assert out.splitlines()[-1].startswith("9 passed in "), out
 
 
 def test_a_fresh_recording_imports_and_runs(env: dict[str, str], tmp_path: Path) -> None:
@@ -71,9 +78,10 @@ def test_a_fresh_recording_imports_and_runs(env: dict[str, str], tmp_path: Path)
     assert tests["get_health_2"]["request"]["url"].startswith("http://localhost:")
     secrets = tmp_path / "secrets.yaml"
     secrets.write_text("PASSWORD: secret-alice\n")
+    (tmp_path / "receipt.txt").write_text("order received\n")
     code, out, err = baton("run", str(flow_path), "--secrets", str(secrets))
     assert code == 0, out + err
-    assert out.splitlines()[-1].startswith("9 passed in "), out
+    assert out.splitlines()[-1].startswith("10 passed in "), out
 
 
 def test_a_public_browser_recording_keeps_the_page_and_lists_the_assets(tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from email.parser import BytesParser
+from email.policy import default
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
 from urllib.parse import urlsplit
@@ -277,10 +279,9 @@ def _add_test(
         }
     headers = _headers(har_request.get("headers"), at, recording, dropped)
     body = _body(har_request.get("postData"), at, recording)
-    if "json" in body:
-        headers = {
-            k: v for k, v in headers.items() if k.lower() != "content-type" or "json" not in v
-        }
+    if "json" in body or "multipart" in body:
+        # the client writes its own: a multipart boundary is chosen per request
+        headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
     if headers:
         request["headers"] = headers
     request.update(body)
@@ -347,7 +348,10 @@ def _body(post: Any, at: str, recording: _Recording) -> dict[str, Any]:
     mime = str(post.get("mimeType", ""))
     where = f"{at} body"
     if mime.lower().startswith("multipart/"):
-        return _multipart(post.get("params"), where, recording)
+        params = post.get("params")
+        if not params and isinstance(post.get("text"), str):
+            params = _multipart_params(mime, post["text"])
+        return _multipart(params, where, recording)
     text = post.get("text")
     if not isinstance(text, str):
         params = post.get("params")
@@ -370,6 +374,31 @@ def _body(post: Any, at: str, recording: _Recording) -> dict[str, Any]:
     if "form" in fields:
         return {"form": _secret_members(recording.value(fields["form"]), recording, where)}
     return {"body": recording.template(text)}
+
+
+def _multipart_params(mime: str, text: str) -> list[dict[str, str]]:
+    """The parts of a raw multipart body, as a HAR's ``params`` would list them (Chrome
+    writes the raw body instead)."""
+    message = BytesParser(policy=default).parsebytes(
+        f"Content-Type: {mime}\r\n\r\n".encode() + text.encode("utf-8", "surrogateescape")
+    )
+    if not message.is_multipart():
+        return []
+    params: list[dict[str, str]] = []
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str):
+            continue
+        filename = part.get_filename()
+        if filename:
+            params.append(
+                {"name": name, "fileName": filename, "contentType": part.get_content_type()}
+            )
+        else:
+            payload = part.get_payload(decode=True)
+            value = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
+            params.append({"name": name, "value": value})
+    return params
 
 
 def _multipart(params: Any, where: str, recording: _Recording) -> dict[str, Any]:
