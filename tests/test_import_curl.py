@@ -158,3 +158,21 @@ def test_malformed_commands_are_one_line_and_exit_2(
     assert out == ""
     assert err.startswith(f"error: {source}: {message}")
     assert len(err.splitlines()) == 1
+
+
+def test_values_shaped_like_credentials_become_secrets(tmp_path: Path) -> None:
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLW9mLXRoZS10b2tlbg"
+    source = tmp_path / "jwt.sh"
+    source.write_text(
+        f'curl https://api.example.com/renew --json \'{{"refresh": "{jwt}", "n": 1}}\' '
+        f"-H 'X-Session-Hint: {jwt}' 'https://api.example.com/renew?state=ok&api_key=k-123456'\n"
+    )
+    code, out, err = baton("import", "curl", str(source))
+    assert code == 0, err
+    assert jwt not in out and "k-123456" not in out
+    request = yaml.safe_load(out)["tests"]["post_renew"]["request"]
+    # one value, one secret, named after the first place it was found
+    assert request["headers"]["X-Session-Hint"] == "{{ secrets.X_SESSION_HINT }}"
+    assert request["json"] == {"refresh": "{{ secrets.X_SESSION_HINT }}", "n": 1}
+    assert request["params"] == {"state": "ok", "api_key": "{{ secrets.API_KEY }}"}
+    assert "secret to provide: X_SESSION_HINT" in err and "secret to provide: API_KEY" in err

@@ -28,6 +28,7 @@ from orchestrator.importers.parts import (
     relative_to,
     request_name,
     secret_fields,
+    secure_request,
     split_query,
     unique,
 )
@@ -357,6 +358,7 @@ def _test(
             key: literal(part) if isinstance(part, str) else part
             for key, part in secret_fields(command.multipart, secrets, f"{where} -F").items()
         }
+    secure_request(request, secrets, where)
     test: dict[str, Any] = {"request": request}
     if command.tls:
         test["tls"] = command.tls

@@ -34,6 +34,7 @@ from orchestrator.importers.parts import (
     origin,
     relative_to,
     request_name,
+    secure_request,
     split_query,
     unique,
 )
@@ -285,6 +286,7 @@ def _add_test(
     if headers:
         request["headers"] = headers
     request.update(body)
+    secure_request(request, recording.secrets, at)
     test: dict[str, Any] = {"request": request}
     response = entry.get("response") or {}
     status = response.get("status")

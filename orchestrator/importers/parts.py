@@ -153,6 +153,54 @@ def secret_fields(value: Any, secrets: Secrets, where: str) -> Any:
     return value
 
 
+def looks_secret(value: str) -> bool:
+    """A literal that Baton's redaction would mask by its shape (a JWT, ``Bearer ...``,
+    ``password=...``): written into a flow, it would be a credential in clear."""
+    return "{{" not in value and policy_for().scrub(value) != value
+
+
+def secure_request(request: dict[str, Any], secrets: Secrets, where: str) -> None:
+    """Every credential left in clear in a request (a header, parameter or body field
+    named like one, or a value shaped like one) made a secret, in place."""
+    for part in ("headers", "params", "form", "multipart"):
+        fields = request.get(part)
+        if isinstance(fields, dict):
+            for key, value in fields.items():
+                fields[key] = _secured(key, value, secrets, f"{where} {part}.{key}")
+    if "json" in request:
+        request["json"] = _secured_tree(request["json"], secrets, f"{where} json")
+    body = request.get("body")
+    if isinstance(body, str) and looks_secret(body):
+        request["body"] = secrets.template(body, "body", f"{where} body")
+
+
+def _secured(key: str, value: Any, secrets: Secrets, where: str) -> Any:
+    if isinstance(value, list):
+        return [_secured(key, item, secrets, where) for item in value]
+    if not isinstance(value, str) or not value or "{{" in value:
+        return value
+    if is_credential_name(key):
+        return header_value(key, value, secrets, where)
+    return secrets.template(value, key, where) if looks_secret(value) else value
+
+
+def _secured_tree(value: Any, secrets: Secrets, where: str) -> Any:
+    if isinstance(value, dict):
+        return {
+            key: (
+                _secured(key, item, secrets, f"{where}.{key}")
+                if isinstance(item, str)
+                else _secured_tree(item, secrets, f"{where}.{key}")
+            )
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_secured_tree(item, secrets, f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, str) and looks_secret(value):
+        return secrets.template(value, "value", where)
+    return value
+
+
 def body_fields(content_type: str, text: str) -> dict[str, Any]:
     """The request fields of a recorded body: ``json``, ``form`` or ``body`` (raw)."""
     kind = content_type.split(";")[0].strip().lower()

@@ -24,6 +24,7 @@ from orchestrator.importers.parts import (
     is_credential_name,
     origin,
     relative_to,
+    secure_request,
     slug,
     unique,
 )
@@ -273,6 +274,7 @@ def _test(
     if headers:
         request["headers"] = headers
     request.update(_body(request_spec.get("body"), headers, where, state))
+    secure_request(request, state.secrets, where)
     test: dict[str, Any] = {"request": request}
     if folders:
         test["tags"] = [slug(folder, "folder") for folder in folders]
