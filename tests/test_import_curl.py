@@ -164,7 +164,7 @@ def test_values_shaped_like_credentials_become_secrets(tmp_path: Path) -> None:
     jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLW9mLXRoZS10b2tlbg"
     source = tmp_path / "jwt.sh"
     source.write_text(
-        f'curl https://api.example.com/renew --json \'{{"refresh": "{jwt}", "n": 1}}\' '
+        f'curl --json \'{{"refresh": "{jwt}", "n": 1}}\' '
         f"-H 'X-Session-Hint: {jwt}' 'https://api.example.com/renew?state=ok&api_key=k-123456'\n"
     )
     code, out, err = baton("import", "curl", str(source))
