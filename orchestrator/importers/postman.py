@@ -422,9 +422,14 @@ def _apply_reading(
     where: str,
     state: _Collection,
 ) -> None:
+    expect: dict[str, Any] = {}
     if reading.statuses:
         statuses = list(dict.fromkeys(reading.statuses))
-        test["expect"] = {"status": statuses[0] if len(statuses) == 1 else statuses}
+        expect["status"] = statuses[0] if len(statuses) == 1 else statuses
+    if reading.json_checks:
+        expect["json"] = reading.json_checks
+    if expect:
+        test["expect"] = expect
     captures: dict[str, Any] = {}
     for variable, capture in reading.captures.items():
         baton_name = state.name(variable)

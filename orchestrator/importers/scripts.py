@@ -10,13 +10,14 @@ their line number: a script is code, and guessing at code would hide what it did
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.importers import Untranslated
 
-_QUOTED = r"""(['"`])(?P<{name}>(?:(?!\1).)*)\1"""
+_QUOTED = r"""(?P<q{name}>['"`])(?P<{name}>(?:(?!(?P=q{name})).)*)(?P=q{name})"""
 _TEST_OPEN = re.compile(
     r"^pm\.test\(\s*(['\"`]).*?\1\s*,\s*(?:function\s*\(\s*\)|\(\s*\)\s*=>)\s*\{$"
 )
@@ -57,6 +58,15 @@ _HEADER = re.compile(
     r"^pm\.response\.(?:headers\.get|header)\(\s*" + _QUOTED.format(name="h") + r"\s*\)$"
 )
 _COOKIE = re.compile(r"^pm\.cookies\.get\(\s*" + _QUOTED.format(name="c") + r"\s*\)$")
+_EXPECT_EQUAL = re.compile(
+    r"^pm\.expect\((?P<subject>.+?)\)\.to\.(?:deep\.)?(?:be\.)?(?:eql|equal|equals|eq)"
+    r"\((?P<expected>.+)\)$"
+)
+_HAS_PROPERTY = re.compile(
+    r"^pm\.expect\((?P<subject>.+?)\)\.to\.have\.property\(\s*"
+    + _QUOTED.format(name="p")
+    + r"\s*\)$"
+)
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -65,6 +75,8 @@ class ScriptReading:
     statuses: list[int | str] = field(default_factory=list)
     captures: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Postman variable name -> a capture (``{"json": "$.a.b"}``)."""
+    json_checks: dict[str, Any] = field(default_factory=dict)
+    """JSONPath -> a check on the body (a value it equals, or ``{exists: true}``)."""
     untranslated: list[Untranslated] = field(default_factory=list)
 
 
@@ -153,12 +165,47 @@ def _statement(statement: str, aliases: set[str], reading: ScriptReading) -> boo
             int(code) for code in match.group("codes").split(",") if code.strip()
         )
         return True
+    if match := _EXPECT_EQUAL.match(statement):
+        path = _body_path(match.group("subject").strip(), aliases)
+        expected = _literal(match.group("expected").strip())
+        if path is not None and path.endswith(".length") and isinstance(expected, int):
+            reading.json_checks[path.removesuffix(".length")] = {"length": expected}
+            return True
+        if path is not None and expected is not _NOT_LITERAL:
+            reading.json_checks[path] = expected
+            return True
+    if match := _HAS_PROPERTY.match(statement):
+        path = _body_path(match.group("subject").strip(), aliases)
+        if path is not None:
+            key = match.group("p")
+            step = f".{key}" if _IDENTIFIER.match(key) else "['" + key.replace("'", "\\'") + "']"
+            reading.json_checks[path + step] = {"exists": True}
+            return True
     if match := _SET.match(statement):
         capture = _capture(match.group("value").strip(), aliases)
         if capture is not None:
             reading.captures.setdefault(match.group("name"), capture)
             return True
     return False
+
+
+_NOT_LITERAL = object()
+
+
+def _literal(text: str) -> Any:
+    """A JavaScript literal as a JSON value: a number, a quoted string, true, false, null."""
+    if len(text) >= 2 and text[0] == text[-1] == "'" and '"' not in text:
+        text = '"' + text[1:-1] + '"'
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return _NOT_LITERAL
+    return value if not isinstance(value, dict | list) else _NOT_LITERAL
+
+
+def _body_path(expression: str, aliases: set[str]) -> str | None:
+    capture = _capture(expression, aliases)
+    return capture.get("json") if capture is not None else None
 
 
 def _capture(expression: str, aliases: set[str]) -> dict[str, Any] | None:
