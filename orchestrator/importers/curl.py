@@ -89,6 +89,9 @@ def convert(text: str, source: str) -> Imported:
         _parse(words, where, untranslated) for words, where in _commands(text, source, untranslated)
     ]
     commands = [command for command in commands if command.url]
+    for command in commands:
+        if "://" not in (command.url or ""):
+            command.url = f"http://{command.url}"  # curl's default scheme
     if not commands:
         raise UsageError(f"{source}: line 1: no curl command with a URL in it (write curl URL ...)")
     origins = Counter(origin(command.url or "") for command in commands)

@@ -180,7 +180,7 @@ def _bounded(text: str, begin: int, end: int) -> bool:
 def convert(text: str, source: str, hosts: Iterable[str] = ()) -> Imported:
     entries = _entries(text, source)
     recording = _Recording(source)
-    kept = list(_kept(entries, set(hosts), recording))
+    kept = list(_kept(entries, {host.lower() for host in hosts}, recording))
     if not kept:
         raise UsageError(
             f"{source}: log.entries: no request left to import"
@@ -236,7 +236,7 @@ def _kept(
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https"):
             recording.note(at, f"a {parts.scheme or 'relative'} URL is not an HTTP request")
-        elif hosts and parts.hostname not in hosts and parts.netloc not in hosts:
+        elif hosts and parts.hostname not in hosts and parts.netloc.lower() not in hosts:
             elsewhere[parts.netloc] += 1
         elif (kind := _static(entry)) is not None:
             recording.note(at, f"a static asset ({kind}): left out")
