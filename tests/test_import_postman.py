@@ -3,6 +3,7 @@ part of it that a flow cannot say is listed with its place."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -167,3 +168,75 @@ def test_a_malformed_collection_is_one_line_and_exit_2(
     assert out == ""
     assert err.startswith(f"error: {source}: {message}")
     assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_literal_credentials_dynamic_variables_and_skipped_tests(tmp_path: Path) -> None:
+    collection = {
+        "info": {"name": "edge cases"},
+        "item": [
+            {
+                "name": "Key in query",
+                "request": {
+                    "auth": {
+                        "type": "apikey",
+                        "apikey": [
+                            {"key": "key", "value": "api_key"},
+                            {"key": "value", "value": "k-live-123456"},
+                            {"key": "in", "value": "query"},
+                        ],
+                    },
+                    "url": "https://api.example.com/items?id={{$guid}}",
+                },
+                "event": [
+                    {
+                        "listen": "test",
+                        "script": {
+                            "exec": [
+                                "pm.test.skip('later', function () {",
+                                "    pm.response.to.have.status(404);",
+                                "});",
+                                'pm.environment.set("etag", pm.response.headers.get("ETag"));',
+                            ]
+                        },
+                    }
+                ],
+            },
+            {
+                "name": "Bearer literal",
+                "request": {
+                    "auth": {"type": "bearer", "bearer": [{"key": "token", "value": "tok-98765"}]},
+                    "header": [{"key": "If-None-Match", "value": "{{etag}}"}],
+                    "url": "https://api.example.com/items",
+                },
+                "event": [
+                    {
+                        "listen": "test",
+                        "script": {"exec": ['pm.environment.set("etag", pm.cookies.get("e"));']},
+                    }
+                ],
+            },
+        ],
+    }
+    source = tmp_path / "edge.postman_collection.json"
+    source.write_text(json.dumps(collection))
+    code, out, err = baton("import", "postman", str(source))
+    assert code == 0, err
+    assert "k-live-123456" not in out and "tok-98765" not in out
+    tests = yaml.safe_load(out)["tests"]
+    first, second = tests["key_in_query"], tests["bearer_literal"]
+    assert first["request"]["params"] == {"api_key": "{{ secrets.API_KEY }}"}
+    assert first["capture"] == {"etag": {"header": "ETag"}}
+    assert second["request"]["headers"] == {
+        "If-None-Match": "{{ etag }}",
+        "Authorization": "Bearer {{ secrets.TOKEN }}",
+    }
+    assert "capture" not in second
+    place = f"not translated: {source}: "
+    for expected in (
+        "'Key in query' (item[0]) url: dynamic variable {{$guid}} has no Baton equivalent",
+        "'Key in query' (item[0]) test script line 1: in a skipped pm.test:",
+        "'Key in query' (item[0]) test script line 3: in a skipped pm.test: });",
+        "'Bearer literal' (item[1]): etag is set again here; Baton captures a name in one test "
+        "only (it is captured by key_in_query)",
+    ):
+        assert any(line.startswith(place + expected) for line in err.splitlines()), expected
