@@ -187,10 +187,29 @@ def cli() -> None:
     """Run chains of dependent HTTP API tests, recording every step as events."""
 
 
+def _environment_names(
+    ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[click.shell_completion.CompletionItem]:
+    """``--env`` completes the environments of env/ in the working directory (where
+    ``baton init`` puts them; the flows named before it are not parsed yet when an
+    option's value is completed, so env/ beside them is out of reach)."""
+    names = {found.stem for pattern in ("*.yaml", "*.yml") for found in Path("env").glob(pattern)}
+    return [
+        click.shell_completion.CompletionItem(name)
+        for name in sorted(names)
+        if name.startswith(incomplete)
+    ]
+
+
 def flow_options(function: F) -> F:
     options = [
         click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path)),
-        click.option("--env", "environment", help="Environment: env/NAME.yaml or a file."),
+        click.option(
+            "--env",
+            "environment",
+            help="Environment: env/NAME.yaml or a file.",
+            shell_complete=_environment_names,
+        ),
         click.option("--var", "variables", multiple=True, help="Set a variable: name=value."),
         click.option(
             "--secrets",
@@ -220,6 +239,11 @@ def report_options(function: F) -> F:
             "--json", "json_path", type=click.Path(path_type=Path), help="Write a JSON report."
         ),
         click.option("--html", type=click.Path(path_type=Path), help="Write an HTML report."),
+        click.option(
+            "--ctrf",
+            type=click.Path(path_type=Path),
+            help="Write a CTRF JSON report (Common Test Report Format).",
+        ),
     ]
     for option in reversed(options):
         function = option(function)
@@ -281,6 +305,7 @@ def run(
     junit: Path | None,
     json_path: Path | None,
     html: Path | None,
+    ctrf: Path | None,
     quiet: bool,
     serve: str | None,
     shard_text: str | None,
@@ -306,7 +331,7 @@ def run(
     jobs = execution.prepare(options)
     _warn_insecure(jobs)
     if queue_url is not None:
-        reports = {"junit": junit, "json_path": json_path, "html": html}
+        reports = {"junit": junit, "json_path": json_path, "html": html, "ctrf": ctrf}
         _queued(queue_url, options, jobs, batch_id, quiet=quiet, serve=serve, **reports)
         return
     shard_run = None
@@ -341,7 +366,7 @@ def run(
         click.echo(tally.render(color=color))
         raise
     progress.close()
-    if not _reported(results, junit=junit, json_path=json_path, html=html, color=color):
+    if not _reported(results, junit=junit, json_path=json_path, html=html, ctrf=ctrf, color=color):
         sys.exit(1)
 
 
@@ -367,12 +392,25 @@ def _reported(
     junit: Path | None,
     json_path: Path | None,
     html: Path | None,
+    ctrf: Path | None = None,
     color: bool,
 ) -> bool:
     """Write the reports asked for and print the summary; True if every run passed."""
-    from orchestrator.reporters import render_summary, write_html, write_json, write_junit
+    from orchestrator.reporters import (
+        render_summary,
+        write_ctrf,
+        write_html,
+        write_json,
+        write_junit,
+    )
 
-    for path, write in ((junit, write_junit), (json_path, write_json), (html, write_html)):
+    writers = (
+        (junit, write_junit),
+        (json_path, write_json),
+        (html, write_html),
+        (ctrf, write_ctrf),
+    )
+    for path, write in writers:
         if path is not None:
             write(results, path)
     click.echo(render_summary(results, color=color))
@@ -394,13 +432,14 @@ def report(
     junit: Path | None,
     json_path: Path | None,
     html: Path | None,
+    ctrf: Path | None,
 ) -> None:
     """Reports from the event store. With --batch: merge the shards of a batch into one
     summary, the reports and the exit code of one run of the whole batch (a missing or
     unfinished shard fails it). `baton report issue RUN_ID TEST`: a failed test as a
     Markdown issue."""
     if ctx.invoked_subcommand is not None:
-        if batch_id is not None or junit or json_path or html:
+        if batch_id is not None or junit or json_path or html or ctrf:
             raise click.UsageError("--batch and the report files are not for a subcommand")
         return
     if batch_id is None:
@@ -409,7 +448,7 @@ def report(
 
     found = _with_store(lambda store: batch_report(store, batch_id))
     color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-    _batch_reported(found, junit=junit, json_path=json_path, html=html, color=color)
+    _batch_reported(found, junit=junit, json_path=json_path, html=html, ctrf=ctrf, color=color)
 
 
 @report.command("issue")
@@ -660,6 +699,63 @@ def graph(fmt: str, **kwargs: Any) -> None:
 
     for job in execution.prepare(_options(**kwargs)):
         click.echo(render_graph(job.plan, fmt))
+
+
+@cli.command("plan")
+@flow_options
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the plan as JSON: tests, dependencies and their kind, what each needs.",
+)
+def plan_command(as_json: bool, **kwargs: Any) -> None:
+    """Print the plan of flow files (checked as baton validate checks them); with --json
+    as data for tools and coding agents (docs/ci.md)."""
+    from orchestrator import execution
+    from orchestrator.graphs import render_graph
+    from orchestrator.plan_export import encode_plans
+
+    jobs = execution.prepare(_options(**kwargs))
+    if as_json:
+        click.echo(encode_plans((job.plan, len(job.runs)) for job in jobs).decode())
+        return
+    for job in jobs:
+        click.echo(render_graph(job.plan, "text"))
+
+
+@cli.command()
+@click.argument("directory", default=".", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", help="The flow's name (its file: flows/NAME.yaml).  [default: api]")
+@click.option(
+    "--base-url",
+    help="The API's address, for env/local.yaml; asked on a terminal.  "
+    "[default: http://127.0.0.1:8765]",
+)
+@click.option(
+    "--ci",
+    type=click.Choice(["github", "gitlab", "none"]),
+    default="github",
+    show_default=True,
+    help="The CI file: .github/workflows/baton.yml or .gitlab-ci.yml.",
+)
+@click.option("--force", is_flag=True, help="Overwrite files that exist.")
+def init(directory: Path, name: str | None, base_url: str | None, ci: str, force: bool) -> None:
+    """Scaffold a project in DIRECTORY: a login-then-use flow, env/local.yaml and a CI
+    file. On a terminal it asks for what the options do not give; elsewhere it asks
+    nothing. It refuses to overwrite a file unless --force."""
+    from orchestrator.scaffold import DEFAULT_BASE_URL, Scaffold
+
+    if base_url is None:
+        base_url = DEFAULT_BASE_URL
+        # a pipe, CI or a closed standard input (None) has nobody to answer
+        if sys.stdin is not None and sys.stdin.isatty():
+            base_url = click.prompt("Base URL of the API", default=DEFAULT_BASE_URL)
+    scaffold = Scaffold(directory, name or "api", base_url, ci)  # type: ignore[arg-type]
+    for path in scaffold.write(force=force):
+        click.echo(f"wrote {path}")
+    where = "" if directory == Path(".") else f"cd {directory} && "
+    click.echo(f"next: {where}baton validate flows/ && baton run flows/ --env local")
 
 
 @cli.group()
@@ -1017,13 +1113,6 @@ def _with_store(action: Callable[[Any], Awaitable[T]]) -> T:
     return _run(go())
 
 
-__all__ = ["UsageError", "cli", "main"]
-
-
-if __name__ == "__main__":
-    main()
-
-
 @cli.command("import")
 @click.argument("kind", type=click.Choice(["openapi", "postman", "curl", "har"]))
 @click.argument("source", metavar="SOURCE")
@@ -1077,3 +1166,10 @@ def import_(kind: str, source: str, output: Path | None, hosts: tuple[str, ...])
     tests = len(imported.flow.get("tests", {}))
     left = f"; {len(imported.untranslated)} part(s) not translated" if imported.untranslated else ""
     click.echo(f"imported {tests} test(s) from {name}{left}", err=True)
+
+
+__all__ = ["UsageError", "cli", "main"]
+
+
+if __name__ == "__main__":
+    main()
