@@ -1145,12 +1145,17 @@ def import_(kind: str, source: str, output: Path | None, hosts: tuple[str, ...])
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"{source}: cannot read it ({exc.__class__.__name__})") from None
     imported: Imported
-    if hosts:
-        from orchestrator.importers.har import convert as convert_har
+    try:
+        if hosts:
+            from orchestrator.importers.har import convert as convert_har
 
-        imported = convert_har(text, name, hosts=hosts)
-    else:
-        imported = converter(kind)(text, name)
+            imported = convert_har(text, name, hosts=hosts)
+        else:
+            imported = converter(kind)(text, name)
+        flow_text = imported.yaml()
+    except RecursionError:
+        # JSON nested thousands deep: no collection or recording is shaped so
+        raise UsageError(f"{name}: nested too deeply to import (split or flatten it)") from None
     for part in imported.untranslated:
         click.echo(f"not translated: {name}: {part}", err=True)
     for secret, where in imported.secrets.items():
@@ -1160,9 +1165,12 @@ def import_(kind: str, source: str, output: Path | None, hosts: tuple[str, ...])
             err=True,
         )
     if output is None:
-        click.echo(imported.yaml(), nl=False)
+        click.echo(flow_text, nl=False)
     else:
-        output.write_text(imported.yaml(), encoding="utf-8")
+        try:
+            output.write_text(flow_text, encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"{output}: cannot write the flow ({exc.strerror})") from None
     tests = len(imported.flow.get("tests", {}))
     left = f"; {len(imported.untranslated)} part(s) not translated" if imported.untranslated else ""
     click.echo(f"imported {tests} test(s) from {name}{left}", err=True)

@@ -176,3 +176,15 @@ def test_values_shaped_like_credentials_become_secrets(tmp_path: Path) -> None:
     assert request["json"] == {"refresh": "{{ secrets.X_SESSION_HINT }}", "n": 1}
     assert request["params"] == {"state": "ok", "api_key": "{{ secrets.API_KEY }}"}
     assert "secret to provide: X_SESSION_HINT" in err and "secret to provide: API_KEY" in err
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
+    source = tmp_path / "one.sh"
+    source.write_text("curl https://api.example.com/\n")
+    target = tmp_path / "missing" / "flow.yaml"
+    code, _, err = baton("import", "curl", str(source), "-o", str(target))
+    assert code == 2
+    assert (
+        err.splitlines()[-1]
+        == f"error: {target}: cannot write the flow (No such file or directory)"
+    )

@@ -135,3 +135,12 @@ def test_host_is_refused_for_other_kinds(tmp_path: Path) -> None:
     code, _, err = baton("import", "curl", str(source), "--host", "a.example")
     assert code == 2
     assert err == "error: --host filters the requests of a HAR file, not of curl: remove it\n"
+
+
+def test_json_nested_without_end_is_refused_in_one_line(tmp_path: Path) -> None:
+    source = tmp_path / "deep.har"
+    source.write_text('{"log": {"entries": ' + "[" * 100_000 + "]" * 100_000 + "}}")
+    code, out, err = baton("import", "har", str(source))
+    assert code == 2
+    assert out == ""
+    assert err == f"error: {source}: nested too deeply to import (split or flatten it)\n"
