@@ -1187,12 +1187,21 @@ def _with_store(action: Callable[[Any], Awaitable[T]]) -> T:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the flow to this file (default: standard output).",
 )
-def import_(kind: str, source: str, output: Path | None) -> None:
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    metavar="HOST",
+    help="har: keep only the requests to this host (repeatable).",
+)
+def import_(kind: str, source: str, output: Path | None, hosts: tuple[str, ...]) -> None:
     """Write a flow file from an OpenAPI document, a Postman collection, curl commands or a
     HAR file (SOURCE; - for standard input). What cannot be translated is listed on
     standard error, each with its place in SOURCE."""
-    from orchestrator.importers import converter
+    from orchestrator.importers import Imported, converter
 
+    if hosts and kind != "har":
+        raise UsageError(f"--host filters the requests of a HAR file, not of {kind}: remove it")
     if source == "-":
         text, name = sys.stdin.read(), "<stdin>"
     else:
@@ -1200,13 +1209,33 @@ def import_(kind: str, source: str, output: Path | None) -> None:
             text, name = Path(source).read_text(encoding="utf-8"), source
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"{source}: cannot read it ({exc.__class__.__name__})") from None
-    imported = converter(kind)(text, name)
+    imported: Imported
+    try:
+        if hosts:
+            from orchestrator.importers.har import convert as convert_har
+
+            imported = convert_har(text, name, hosts=hosts)
+        else:
+            imported = converter(kind)(text, name)
+        flow_text = imported.yaml()
+    except RecursionError:
+        # JSON nested thousands deep: no collection or recording is shaped so
+        raise UsageError(f"{name}: nested too deeply to import (split or flatten it)") from None
     for part in imported.untranslated:
         click.echo(f"not translated: {name}: {part}", err=True)
+    for secret, where in imported.secrets.items():
+        click.echo(
+            f"secret to provide: {secret} (the value found at {name}: {where}); "
+            f"export {secret}=... or put it in the file given with --secrets",
+            err=True,
+        )
     if output is None:
-        click.echo(imported.yaml(), nl=False)
+        click.echo(flow_text, nl=False)
     else:
-        output.write_text(imported.yaml(), encoding="utf-8")
+        try:
+            output.write_text(flow_text, encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"{output}: cannot write the flow ({exc.strerror})") from None
     tests = len(imported.flow.get("tests", {}))
     left = f"; {len(imported.untranslated)} part(s) not translated" if imported.untranslated else ""
     click.echo(f"imported {tests} test(s) from {name}{left}", err=True)
