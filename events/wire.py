@@ -18,6 +18,18 @@ from events.types import Event, encode, event_type
 WIRE_VERSION = 1
 
 
+class Frame(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What ``frame`` writes, for its JSON Schema (docs/events.schema.json)."""
+
+    type: str
+    """The event's type: its ``type`` tag."""
+    event: Event
+    run_id: str | msgspec.UnsetType = msgspec.UNSET
+    """The run whose stream holds it (ndjson lines)."""
+    position: int | msgspec.UnsetType = msgspec.UNSET
+    """Its position in the log (WebSocket messages, read back from the store)."""
+
+
 def event_data(event: Event) -> bytes:
     """The event as anyone but the runner sees it, as JSON."""
     return encode(masked_event(event))

@@ -1144,6 +1144,16 @@ def _with_store(action: Callable[[Any], Awaitable[T]]) -> T:
     return _run(go())
 
 
+@cli.command()
+@click.argument("kind", type=click.Choice(["flow", "events"]))
+def schema(kind: str) -> None:
+    """Print the JSON Schema of flow files or of the event stream (docs/agents.md); the
+    same as docs/flow.schema.json and docs/events.schema.json."""
+    from orchestrator.schemas import schema_text
+
+    click.echo(schema_text(kind), nl=False)
+
+
 @cli.command("import")
 @click.argument("kind", type=click.Choice(["openapi", "postman", "curl", "har"]))
 @click.argument("source", metavar="SOURCE")
