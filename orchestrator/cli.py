@@ -1145,6 +1145,15 @@ def _with_store(action: Callable[[Any], Awaitable[T]]) -> T:
 
 
 @cli.command()
+def mcp() -> None:
+    """Serve Baton's tools to a coding agent over MCP on standard input and output
+    (validate_flow, run_flow, run_failures, run_context; docs/agents.md)."""
+    from orchestrator.mcp_server import serve as serve_mcp
+
+    serve_mcp()
+
+
+@cli.command()
 @click.argument("kind", type=click.Choice(["flow", "events"]))
 def schema(kind: str) -> None:
     """Print the JSON Schema of flow files or of the event stream (docs/agents.md); the
