@@ -43,6 +43,6 @@ def frame(position: int | None, kind: str, data: bytes, *, run_id: str | None = 
     return b'%s%s"type":"%s","event":%s}' % (head, where, kind.encode(), data)
 
 
-def ndjson_line(run_id: str, event: Event) -> bytes:
+def ndjson_line(run_id: str, event: Event, position: int) -> bytes:
     """One line of ``baton run --events ndjson`` (newline included)."""
-    return frame(None, event_type(event), event_data(event), run_id=run_id) + b"\n"
+    return frame(position, event_type(event), event_data(event), run_id=run_id) + b"\n"

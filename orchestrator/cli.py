@@ -362,8 +362,6 @@ def run(
     stream_event = _ndjson_writer() if to_stderr else None
 
     def observe(run_id: str, event: Any) -> None:
-        if stream_event is not None:
-            stream_event(run_id, event)
         progress(run_id, event)
         tally(run_id, event)
 
@@ -375,6 +373,7 @@ def run(
                     Settings.from_env(),
                     concurrency=concurrency,
                     observer=observe,
+                    placed=stream_event,
                     shard=shard_run,
                     session_id=session_id or "",
                 )
@@ -389,12 +388,12 @@ def run(
         sys.exit(1)
 
 
-def _ndjson_writer() -> Callable[[str, Any], None]:
+def _ndjson_writer() -> Callable[[str, Any, int], None]:
     """Writes each stored event as its line, flushed at once: a consumer reads it live."""
     from events.wire import ndjson_line
 
-    def write(run_id: str, event: Any) -> None:
-        click.echo(ndjson_line(run_id, event).decode(), nl=False)
+    def write(run_id: str, event: Any, position: int) -> None:
+        click.echo(ndjson_line(run_id, event, position).decode(), nl=False)
         sys.stdout.flush()
 
     return write

@@ -71,8 +71,10 @@ def test_ndjson_of_the_shop_checkout_validates_and_keeps_stdout_pure(
 
 
 def test_a_line_is_the_run_streams_event(env: dict[str, str]) -> None:
-    """What an SSE ``data:`` of the service's run stream carries is a line's ``event``."""
+    """What an SSE ``data:`` of the service's run stream carries is a line's ``event``; the
+    position is the log's (what the stream resumes after)."""
     from context_service.feed import Entry
+    from context_service.realtime import _ws_of
     from events.store import EventStore
 
     code, out, _ = baton("run", str(EXAMPLES / "shop" / "checkout.yaml"), "--events", "ndjson")
@@ -91,6 +93,10 @@ def test_a_line_is_the_run_streams_event(env: dict[str, str]) -> None:
 
     records = asyncio.run(stored())
     assert [json.loads(Entry(r, None).data) for r in records] == [line["event"] for line in lines]
+    # a line is the WebSocket message of the run stream (position included), with the
+    # run's id (as data: the log's JSONB keeps no key order)
+    sockets = [json.loads(_ws_of(Entry(r, None), project=False)[0]) for r in records]
+    assert [{**m, "run_id": lines[0]["run_id"]} for m in sockets] == lines
 
 
 def test_an_invalid_event_line_is_refused_by_the_schema() -> None:
