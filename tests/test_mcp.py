@@ -79,6 +79,15 @@ async def test_validate_a_flow_and_a_broken_one(env: dict[str, str], tmp_path: P
         assert failed and "nowhere" in text and "[exit 2]" in text
         failed, _, text = await call(client, "run_flow", path=str(tmp_path / "missing.yaml"))
         assert failed and "missing.yaml: no such file or directory [exit 2]" in text
+        needs = tmp_path / "needs.yaml"
+        needs.write_text("name: needs\ntests:\n  a:\n    request: {url: 'http://{{ host }}/'}\n")
+        failed, _, text = await call(client, "validate_flow", path=str(needs))
+        assert failed and "host" in text and "[exit 2]" in text
+        failed, answer, text = await call(
+            client, "validate_flow", path=str(needs), vars={"host": "127.0.0.1"}
+        )
+        assert not failed, text
+        assert answer["valid"] is True
 
 
 async def test_run_then_read_its_context_with_secrets_masked(env: dict[str, str]) -> None:
