@@ -300,6 +300,13 @@ def _options(**kwargs: Any) -> Any:
     metavar="ID",
     help="Run in this test session (baton session create); refused while it is paused.",
 )
+@click.option(
+    "--events",
+    "events_format",
+    type=click.Choice(["ndjson"]),
+    help="Write every event to standard output as one JSON line (docs/agents.md); progress "
+    "and the summary go to standard error.",
+)
 def run(
     concurrency: int,
     junit: Path | None,
@@ -312,6 +319,7 @@ def run(
     batch_id: str | None,
     queue_url: str | None,
     session_id: str | None,
+    events_format: str | None,
     **kwargs: Any,
 ) -> None:
     """Run flow files (or directories of them). Interrupted (Ctrl-C, SIGTERM), the runs in
@@ -326,6 +334,11 @@ def run(
         )
     if queue_url is not None and session_id is not None:
         raise UsageError("--queue and --session: a queued batch does not join a session yet")
+    if queue_url is not None and events_format is not None:
+        raise UsageError(
+            "--queue and --events: the workers record the events; follow them with "
+            "baton watch, or run without --queue"
+        )
     shard = _shard(shard_text, batch_id)
     options = _options(concurrency=concurrency, **kwargs)
     jobs = execution.prepare(options)
@@ -334,16 +347,19 @@ def run(
         reports = {"junit": junit, "json_path": json_path, "html": html, "ctrf": ctrf}
         _queued(queue_url, options, jobs, batch_id, quiet=quiet, serve=serve, **reports)
         return
+    to_stderr = events_format is not None
     shard_run = None
     if shard is not None and batch_id:
         from orchestrator.shards import ShardRun
 
         shard_run = ShardRun.of(jobs, shard, batch_id)
         jobs = shard_run.jobs()
-        click.echo(shard_run.describe())
-    color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-    progress = ConsoleProgress(stream=sys.stdout, quiet=quiet, color=color)
+        click.echo(shard_run.describe(), err=to_stderr)
+    human = sys.stderr if to_stderr else sys.stdout
+    color = human.isatty() and "NO_COLOR" not in os.environ
+    progress = ConsoleProgress(stream=human, quiet=quiet, color=color)
     tally = RunTally()
+    stream_event = _ndjson_writer() if to_stderr else None
 
     def observe(run_id: str, event: Any) -> None:
         progress(run_id, event)
@@ -357,17 +373,30 @@ def run(
                     Settings.from_env(),
                     concurrency=concurrency,
                     observer=observe,
+                    placed=stream_event,
                     shard=shard_run,
                     session_id=session_id or "",
                 )
             )
     except KeyboardInterrupt:
         progress.close()
-        click.echo(tally.render(color=color))
+        click.echo(tally.render(color=color), err=to_stderr)
         raise
     progress.close()
-    if not _reported(results, junit=junit, json_path=json_path, html=html, ctrf=ctrf, color=color):
+    reports = {"junit": junit, "json_path": json_path, "html": html, "ctrf": ctrf}
+    if not _reported(results, color=color, err=to_stderr, **reports):
         sys.exit(1)
+
+
+def _ndjson_writer() -> Callable[[str, Any, int], None]:
+    """Writes each stored event as its line, flushed at once: a consumer reads it live."""
+    from events.wire import ndjson_line
+
+    def write(run_id: str, event: Any, position: int) -> None:
+        click.echo(ndjson_line(run_id, event, position).decode(), nl=False)
+        sys.stdout.flush()
+
+    return write
 
 
 def _shard(text: str | None, batch_id: str | None) -> Shard | None:
@@ -394,6 +423,7 @@ def _reported(
     html: Path | None,
     ctrf: Path | None = None,
     color: bool,
+    err: bool = False,
 ) -> bool:
     """Write the reports asked for and print the summary; True if every run passed."""
     from orchestrator.reporters import (
@@ -413,7 +443,7 @@ def _reported(
     for path, write in writers:
         if path is not None:
             write(results, path)
-    click.echo(render_summary(results, color=color))
+    click.echo(render_summary(results, color=color), err=err)
     return all(result.status == "passed" for result in results)
 
 
@@ -1176,6 +1206,25 @@ def _with_store(action: Callable[[Any], Awaitable[T]]) -> T:
             await store.aclose()
 
     return _run(go())
+
+
+@cli.command()
+def mcp() -> None:
+    """Serve Baton's tools to a coding agent over MCP on standard input and output
+    (validate_flow, run_flow, run_failures, run_context; docs/agents.md)."""
+    from orchestrator.mcp_server import serve as serve_mcp
+
+    serve_mcp()
+
+
+@cli.command()
+@click.argument("kind", type=click.Choice(["flow", "events"]))
+def schema(kind: str) -> None:
+    """Print the JSON Schema of flow files or of the event stream (docs/agents.md); the
+    same as docs/flow.schema.json and docs/events.schema.json."""
+    from orchestrator.schemas import schema_text
+
+    click.echo(schema_text(kind), nl=False)
 
 
 @cli.command("import")

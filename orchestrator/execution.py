@@ -106,6 +106,7 @@ async def execute(
     *,
     concurrency: int = 10,
     observer: Observer | None = None,
+    placed: PlacedObserver | None = None,
     shard: ShardRun | None = None,
     clock: Clock | None = None,
     session_id: str = "",
@@ -133,7 +134,9 @@ async def execute(
     except BaseException:
         await store.aclose()
         raise
-    writer = BatchingWriter(owner, max_wait=settings.store_wait, on_stored=_observe(observer))
+    writer = BatchingWriter(
+        owner, max_wait=settings.store_wait, on_stored=_observe(observer, placed)
+    )
     transport = make_transport(concurrency)
     runner = Runner(
         writer=writer, cipher=cipher, transport=transport, concurrency=concurrency, clock=clock
@@ -269,15 +272,26 @@ async def check_health(jobs: list[Job], runner: Runner) -> str:
     return "\n".join(refusals)
 
 
-def _observe(observer: Observer | None) -> Callable[[str, ev.Event], None] | None:
-    """The writer's on_stored for the observer: a run's events, by run id, once stored."""
-    if observer is None:
+PlacedObserver = Callable[[str, ev.Event, int], None]
+"""Called with (run id, event, its log position) once the event is stored."""
+
+
+def _observe(
+    observer: Observer | None, placed: PlacedObserver | None = None
+) -> Callable[[str, ev.Event, int], None] | None:
+    """The writer's on_stored for the observers: a run's events, by run id, once stored
+    (and with their log position for ``placed``)."""
+    if observer is None and placed is None:
         return None
     prefix = ev.run_stream("")
 
-    def stored(stream: str, event: ev.Event) -> None:
+    def stored(stream: str, event: ev.Event, position: int) -> None:
         if stream.startswith(prefix):
-            observer(stream[len(prefix) :], event)
+            run_id = stream[len(prefix) :]
+            if placed is not None:
+                placed(run_id, event, position)
+            if observer is not None:
+                observer(run_id, event)
 
     return stored
 
