@@ -12,7 +12,6 @@ the run's last event (``after_run``) before it reports the run done.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,12 +25,13 @@ from events.secrets import Cipher
 from events.store import StoreError
 from events.writer import DEFAULT_MAX_WAIT, Appender, BatchingWriter
 from orchestrator import templating
+from orchestrator.execution import health_checked
 from orchestrator.planner import Plan
-from orchestrator.runner import Resume, RunInputs, Runner
+from orchestrator.runner import RunInputs, Runner
+from orchestrator.service_runs import API_CANCELLED as CANCELLED_REASON
 from orchestrator.services import Limiters, SystemClock
 
 _log = logging.getLogger("baton.service.runs")
-CANCELLED_REASON = "cancelled through the API"
 
 
 @dataclass(frozen=True)
@@ -46,19 +46,6 @@ class RunSpec:
     @property
     def run_id(self) -> str:
         return self.inputs.run_id
-
-
-async def _checked(runner: Runner, spec: RunSpec) -> RunInputs:
-    """The run's inputs once its services' health is checked (docs/flow-format.md#services):
-    an unhealthy service's tests are skipped by the runner; with ``on_unhealthy: abort``,
-    every test is skipped with the reason and the run fails, as there is no exit code to
-    give it."""
-    from orchestrator.execution import Job, check_health
-
-    refusal = await check_health([Job(spec.plan, [spec.inputs])], runner)
-    if not refusal:
-        return spec.inputs
-    return dataclasses.replace(spec.inputs, resume=Resume(0, {}, {}, failure=refusal))
 
 
 class _RunWriter(BatchingWriter):
@@ -143,7 +130,7 @@ class RunLauncher:
             limiters=self._limiters,
         )
         try:
-            await runner.run(spec.plan, await _checked(runner, spec))
+            await runner.run(spec.plan, await health_checked(runner, spec.plan, spec.inputs))
         except asyncio.CancelledError:
             state = "cancelled"
         except Exception as exc:  # the task's end is its report: nothing may escape it

@@ -16,6 +16,7 @@ import msgspec
 
 from context_service.database import Database
 from context_service.launcher import RunLauncher
+from context_service.queued import QueuedRuns
 from events.cache import ContextCache, ContextReader, open_cache
 from events.owners import Owner
 from events.projections import Detector, Projector
@@ -23,6 +24,7 @@ from events.secrets import Cipher, load_key
 from events.settings import Settings, mask_dsn
 from events.store import EventStore
 from events.writer import GroupAppends
+from orchestrator.queue import JobQueue
 
 _log = logging.getLogger("baton.service")
 _PROBE_TIMEOUT = 3.0
@@ -60,11 +62,14 @@ class Services:
     projector: Projector
     detector: Detector
     owner: Owner
+    queued: QueuedRuns | None = None
+    """With BATON_QUEUE_URL: the runs it put on the worker queue instead of the launcher."""
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the service starts to shut down: live streams end at once (their clients
     resume elsewhere with Last-Event-ID) instead of holding the shut-down open."""
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _projector_task: asyncio.Task[None] | None = None
+    _following: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, settings: Settings, *, concurrency: int = 10) -> Services:
@@ -115,6 +120,24 @@ class Services:
             after_run=projected,
             owner=owner,
         )
+        queued: QueuedRuns | None = None
+        if settings.queue_url:
+            queue = JobQueue(settings.queue_url)
+            try:
+                await queue.ensure_group()  # a wrong BATON_QUEUE_URL fails the start-up, at once
+            except BaseException:
+                await queue.aclose()
+                await owner.aclose()
+                await store.aclose()
+                raise
+            queued = QueuedRuns(
+                queue,
+                store,
+                cipher,
+                allowed_targets=settings.allowed_targets,
+                concurrency=concurrency,
+                after_run=projected,
+            )
         services = cls(
             settings=settings,
             store=store,
@@ -126,7 +149,12 @@ class Services:
             projector=projector,
             detector=Detector(store),
             owner=owner,
+            queued=queued,
         )
+        if queued is not None:
+            services._following = asyncio.create_task(
+                queued.follow(services._stop), name="baton-queued-runs"
+            )
         services._projector_task = asyncio.create_task(
             services.projector.serve(stop=services._stop, then=services.detector.catch_up),
             name="baton-projector",
@@ -135,7 +163,12 @@ class Services:
 
     async def aclose(self) -> None:
         await self.launcher.aclose()
+        # runs on the queue are the workers': they go on while the service is away
         self._stop.set()
+        if self._following is not None:
+            await asyncio.gather(self._following, return_exceptions=True)
+        if self.queued is not None:
+            await self.queued.aclose()
         if self._projector_task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._projector_task, 10)

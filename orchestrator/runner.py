@@ -81,6 +81,9 @@ class RunInputs:
     """The test session the run was admitted to (events.sessions), if any."""
     today: date = field(default_factory=lambda: datetime.now(UTC).date())
     """The day known-failure marks are judged against (UTC)."""
+    cancel_reason: str = "interrupted"
+    """The reason its RunCancelled gives if the run is cancelled: who cancels a run says
+    why in its inputs (the service's runs on a worker: "cancelled through the API")."""
 
 
 def run_started(plan: Plan, inputs: RunInputs) -> ev.RunStarted:
@@ -204,7 +207,7 @@ class RunExecution:
             try:
                 await self._schedule()
             except asyncio.CancelledError:
-                self.emit(ev.RunCancelled(reason="interrupted"))
+                self.emit(ev.RunCancelled(reason=self.inputs.cancel_reason))
                 raise
         duration = (time.perf_counter() - start) * 1000
         tests = [self.results[name] for name in self.plan.order]
