@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from events import types as ev
 from events.secrets import Cipher
@@ -44,6 +44,8 @@ class _Queued:
     started: ev.RunStarted
     """What the run begins with: recorded here if it is cancelled before a worker begins it."""
     done: Done
+    recorded: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once ``done`` has recorded the run's end."""
 
 
 class QueuedRuns:
@@ -68,20 +70,29 @@ class QueuedRuns:
         self._concurrency = concurrency
         self._after_run = after_run
         self._open: dict[str, _Queued] = {}
+        self._fresh: set[str] = set()
+        """Runs queued since the last look at which have ended."""
 
     async def start(self, content: str, planned: Plan, inputs: RunInputs, done: Done) -> None:
         """Put the run on the queue; raises QueueUnavailable."""
         run = ServiceRun.of(content, planned, inputs, self._allowed_targets)
         job = QueuedJob.for_service(inputs.run_id, run.sealed(self._cipher), self._concurrency)
         self._open[inputs.run_id] = _Queued(run_started(planned, inputs), done)
+        self._fresh.add(inputs.run_id)
         try:
             await self.queue.submit([job])
         except BaseException:
             del self._open[inputs.run_id]
+            self._fresh.discard(inputs.run_id)
             raise
 
-    def holds(self, run_id: str) -> bool:
-        return run_id in self._open
+    async def wait(self, run_id: str) -> bool:
+        """Until the end of a run of this process is recorded; False if it is not one."""
+        queued = self._open.get(run_id)
+        if queued is None:
+            return False
+        await queued.recorded.wait()
+        return True
 
     async def cancel(self, run_id: str) -> None:
         """Cancel a queued run, wherever it is; raises QueueUnavailable."""
@@ -108,7 +119,14 @@ class QueuedRuns:
 
     async def _look(self, cursor: int | None) -> int:
         by_stream = {ev.run_stream(run_id): run_id for run_id in self._open}
+        # a run queued since the last look may have ended before that look's cursor: what
+        # the cursor passed over is read for it from its last event
+        fresh, self._fresh = self._fresh, set()
         ended, cursor = await ended_since(self._store, list(self._open), cursor)
+        last = await self._store.last_events([ev.run_stream(run_id) for run_id in fresh])
+        ended |= {
+            s for s, e in last.items() if isinstance(e.event, ev.RunCompleted | ev.RunCancelled)
+        }
         if not ended:
             return cursor
         last = await self._store.last_events(sorted(ended))
@@ -122,6 +140,8 @@ class QueuedRuns:
                 await queued.done(state, "")
             except Exception:
                 _log.exception("run %s: recording its end failed", by_stream[stream])
+            finally:
+                queued.recorded.set()
         return cursor
 
     async def aclose(self) -> None:

@@ -177,9 +177,13 @@ async def _cancel_queued(services: Services, principal: Principal, run_id: uuid.
         await services.queued.cancel(str(run_id))
     except QueueUnavailable:
         raise Unavailable("the worker queue is unreachable; try the cancel again later") from None
-    deadline = asyncio.get_running_loop().time() + _CANCEL_WAIT
-    while (run := await fetch_run(services, principal, run_id)).status in ("queued", "running"):
-        if asyncio.get_running_loop().time() >= deadline:
+    with contextlib.suppress(TimeoutError):
+        if await asyncio.wait_for(services.queued.wait(str(run_id)), _CANCEL_WAIT):
+            return await fetch_run(services, principal, run_id)
+    # queued by another instance (or before a restart): the read tables say when it ends
+    for _ in range(round(_CANCEL_WAIT / 0.1)):
+        run = await fetch_run(services, principal, run_id)
+        if run.status not in ("queued", "running"):
             break
         await asyncio.sleep(0.1)
     return run
