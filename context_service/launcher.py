@@ -3,8 +3,10 @@
 Each run is an asyncio task with its own event writer. What the runner does not know of
 the flow, the service hands it in the run's ``RunInputs``: the organization and project
 (in RunStarted), the captures a rerun reuses and the secrets to mask besides the flow's.
-The writer records why a run was cancelled: through the API, or because the service
-stops. The writers append through the process's Owner (events.owners), which claims each
+A run cancelled through the API has its task cancelled with the reason, which the
+runner's RunCancelled gives; one cancelled because the service stops is "interrupted";
+its writer takes nothing after the run's end (a test task the runner left behind). The
+writers append through the process's Owner (events.owners), which claims each
 run while it is open. When a run ends, its task waits for the process's projector to pass
 the run's last event (``after_run``) before it reports the run done.
 """
@@ -49,21 +51,16 @@ class RunSpec:
 
 
 class _RunWriter(BatchingWriter):
-    """The writer of one run: see the module's docstring."""
+    """The writer of one run: nothing after its RunCompleted or RunCancelled."""
 
     def __init__(self, store: Appender, *, max_wait: float) -> None:
         super().__init__(store, max_wait=max_wait)
-        self.cancel_requested = False
         self._ended = False
 
     def emit(self, stream: str, event: ev.Event, at: int | None = None) -> None:
         if self._ended:
             return  # a test task the runner left behind after a cancel: the run is over
-        if isinstance(event, ev.RunCancelled):
-            self._ended = True
-            if self.cancel_requested:
-                event = ev.RunCancelled(reason=CANCELLED_REASON)
-        elif isinstance(event, ev.RunCompleted):
+        if isinstance(event, ev.RunCancelled | ev.RunCompleted):
             self._ended = True
         super().emit(stream, event, at)
 
@@ -97,11 +94,9 @@ class RunLauncher:
         self._max_wait = max_wait
         self._after_run = after_run
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._writers: dict[str, _RunWriter] = {}
 
     def start(self, spec: RunSpec) -> None:
         writer = _RunWriter(self._store, max_wait=self._max_wait)
-        self._writers[spec.run_id] = writer
         task = asyncio.create_task(self._run(spec, writer), name=f"baton-run-{spec.run_id}")
         self._tasks[spec.run_id] = task
 
@@ -110,8 +105,7 @@ class RunLauncher:
         task = self._tasks.get(run_id)
         if task is None or task.done():
             return False
-        self._writers[run_id].cancel_requested = True
-        task.cancel()
+        task.cancel(CANCELLED_REASON)  # the runner's RunCancelled gives it
         return True
 
     async def wait(self, run_id: str) -> None:
@@ -155,7 +149,6 @@ class RunLauncher:
             _log.exception("run %s: recording its end failed", spec.run_id)
         finally:
             self._tasks.pop(spec.run_id, None)
-            self._writers.pop(spec.run_id, None)
 
     async def aclose(self) -> None:
         """Cancel every run in flight, wait for each to record its end, close the client."""

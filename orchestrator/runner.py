@@ -82,8 +82,9 @@ class RunInputs:
     today: date = field(default_factory=lambda: datetime.now(UTC).date())
     """The day known-failure marks are judged against (UTC)."""
     cancel_reason: str = "interrupted"
-    """The reason its RunCancelled gives if the run is cancelled: who cancels a run says
-    why in its inputs (the service's runs on a worker: "cancelled through the API")."""
+    """The reason its RunCancelled gives if the run's task is cancelled without one
+    (``task.cancel(reason)`` gives one): the service's runs on a worker are cancelled only
+    through the API, and say so."""
 
 
 def run_started(plan: Plan, inputs: RunInputs) -> ev.RunStarted:
@@ -206,8 +207,11 @@ class RunExecution:
                         self._skip(name, resume.failure)
             try:
                 await self._schedule()
-            except asyncio.CancelledError:
-                self.emit(ev.RunCancelled(reason=self.inputs.cancel_reason))
+            except asyncio.CancelledError as exc:
+                # who cancels the task may say why (``task.cancel(reason)``: the service's
+                # API); else the reason is the run's own input
+                said = str(exc.args[0]) if exc.args and exc.args[0] else ""
+                self.emit(ev.RunCancelled(reason=said or self.inputs.cancel_reason))
                 raise
         duration = (time.perf_counter() - start) * 1000
         tests = [self.results[name] for name in self.plan.order]

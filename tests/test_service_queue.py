@@ -184,10 +184,20 @@ async def test_a_run_started_through_the_api_runs_on_a_worker_with_its_secrets_s
         ("login", "passed"),
         ("profile", "passed"),
     ]
-    # the worker took it from the workers' stream and group, and acknowledged it
-    consumers = await queue.xinfo_consumers(STREAM, GROUP)
-    assert [c["pending"] for c in consumers if c["name"].decode() == worker.consumer] == [0]
-    assert await _state(queued_service.settings.database_url or "", run["id"]) == ("finished", "")
+
+    # the worker took it from the workers' stream and group, and acknowledged it (just
+    # after its end was stored: the read tables may show the end a moment before)
+    async def acknowledged() -> bool:
+        consumers = await queue.xinfo_consumers(STREAM, GROUP)
+        return [c["pending"] for c in consumers if c["name"].decode() == worker.consumer] == [0]
+
+    await _until(acknowledged)
+    dsn = queued_service.settings.database_url or ""
+
+    async def recorded() -> bool:
+        return await _state(dsn, run["id"]) == ("finished", "")
+
+    await _until(recorded)  # the service's own record of the run, as the launcher's on_done
     # nothing of the environment's secret, nor of the token the run captured, is in clear
     token = await _clear_token(queued_service, run["id"])
     jobs = await _jobs(queue)
