@@ -345,3 +345,32 @@ async def test_a_run_still_waiting_in_the_queue_is_cancelled_without_ever_starti
                 assert await _state(dsn, run["id"]) == ("cancelled", "")
             finally:
                 await org.http.aclose()
+
+
+async def test_a_worker_without_the_services_key_ends_the_run_saying_so(
+    shop_url: str, private_redis: RedisServer, tmp_path: Path
+) -> None:
+    async with private_database() as dsn:
+        with _service(dsn, private_redis.url, _key()) as service:
+            api_key = await create_key(
+                service.settings, organization="acme", scopes=["read", "run", "admin"], name="ci"
+            )
+            org = Org(service, api_key)
+            started = Worker(dsn, private_redis.url, _key(), tmp_path)  # another key
+            try:
+                ids = await _project(org, "other-key", shop_url)
+                suite = await _upload(org, ids["project"], SLOW_FLOW)
+                body = {"suite_id": suite, "environment_id": ids["environment"]}
+                run = await org.ok("POST", "/api/v1/runs", 202, json=body)
+                stored: list[str] = []
+
+                async def ended() -> bool:
+                    stored[:] = await _stored(dsn, run["id"])
+                    return bool(stored) and stored[-1].startswith("RunCancelled")
+
+                await _until(ended, within=30)
+                assert "cannot be read with this worker's secret key" in stored[-1]
+                assert not any(e.startswith("RequestSent") for e in stored)
+            finally:
+                started.stop()
+                await org.http.aclose()
