@@ -177,7 +177,10 @@ class Services:
         await self.store.aclose()
 
     async def health(self) -> Health:
-        checks = await asyncio.gather(self._postgres(), self._redis(), self._projector())
+        probes = [self._postgres(), self._redis(), self._projector()]
+        if self.queued is not None:
+            probes.append(self._queue(self.queued))
+        checks = await asyncio.gather(*probes)
         worst = "ok"
         for check in checks:
             if check.status == "down" or (check.status == "degraded" and worst == "ok"):
@@ -204,6 +207,15 @@ class Services:
                 "redis", "degraded", f"{type(exc).__name__}: contexts are read from the log"
             )
         return Dependency("redis", "ok", mask_dsn(self.settings.redis_url), _elapsed(start))
+
+    async def _queue(self, queued: QueuedRuns) -> Dependency:
+        start = time.perf_counter()
+        try:
+            await asyncio.wait_for(queued.queue.server(), _PROBE_TIMEOUT)
+        except Exception as exc:  # reads go on; only new runs cannot start
+            return Dependency("queue", "degraded", f"{type(exc).__name__}: runs cannot be started")
+        where = mask_dsn(self.settings.queue_url) if self.settings.queue_url else ""
+        return Dependency("queue", "ok", f"{where}: runs go to baton worker", _elapsed(start))
 
     async def _projector(self) -> Dependency:
         task = self._projector_task

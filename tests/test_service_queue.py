@@ -206,6 +206,9 @@ async def test_a_run_started_through_the_api_runs_on_a_worker_with_its_secrets_s
     assert stored and not any("secret-alice" in e or token in e for e in stored)
     context = await acme.ok("GET", f"/api/v1/runs/{run['id']}/context")
     assert context["auth"] == {"token": "***"}
+    health = await acme.ok("GET", "/health")
+    [queue_health] = [d for d in health["dependencies"] if d["name"] == "queue"]
+    assert queue_health["status"] == "ok" and "runs go to baton worker" in queue_health["detail"]
 
 
 async def test_a_rerun_runs_on_a_worker_with_the_captured_token_masked(
