@@ -377,3 +377,32 @@ async def test_a_worker_without_the_services_key_ends_the_run_saying_so(
             finally:
                 started.stop()
                 await org.http.aclose()
+
+
+async def test_with_the_queue_down_a_run_is_refused_with_503_and_health_says_so(
+    shop_url: str, private_redis: RedisServer
+) -> None:
+    async with private_database() as dsn:
+        with _service(dsn, private_redis.url, _key()) as service:
+            api_key = await create_key(
+                service.settings, organization="acme", scopes=["read", "run", "admin"], name="ci"
+            )
+            org = Org(service, api_key)
+            try:
+                ids = await _project(org, "queue-down", shop_url)
+                suite = await _upload(org, ids["project"], SLOW_FLOW)
+                private_redis.kill()
+                body = {"suite_id": suite, "environment_id": ids["environment"]}
+                response = await org.http.post("/api/v1/runs", json=body)
+                assert response.status_code == 503
+                assert "the worker queue is unreachable" in response.json()["detail"]
+                runs = await org.ok("GET", "/api/v1/runs")
+                assert [(r["status"], r["message"]) for r in runs["items"]] == [
+                    ("error", "the worker queue was unreachable: the run did not start")
+                ]
+                health = await org.ok("GET", "/health")
+                assert health["status"] == "degraded"
+                [queue] = [d for d in health["dependencies"] if d["name"] == "queue"]
+                assert queue["status"] == "degraded" and "cannot be started" in queue["detail"]
+            finally:
+                await org.http.aclose()
