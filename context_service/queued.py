@@ -41,8 +41,9 @@ Done = Callable[[str, str], Awaitable[object]]
 
 @dataclass(frozen=True)
 class _Queued:
-    started: ev.RunStarted
-    """What the run begins with: recorded here if it is cancelled before a worker begins it."""
+    started: ev.RunStarted | None
+    """What the run begins with: recorded here if it is cancelled before a worker begins
+    it; None for a run queued before this process started (``follow_again``)."""
     done: Done
     recorded: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once ``done`` has recorded the run's end."""
@@ -86,6 +87,12 @@ class QueuedRuns:
             self._fresh.discard(inputs.run_id)
             raise
 
+    def follow_again(self, run_id: str, done: Done) -> None:
+        """Follow a run queued before this process started (a restart), to record its end."""
+        if run_id not in self._open:
+            self._open[run_id] = _Queued(None, done)
+            self._fresh.add(run_id)
+
     async def wait(self, run_id: str) -> bool:
         """Until the end of a run of this process is recorded; False if it is not one."""
         queued = self._open.get(run_id)
@@ -98,7 +105,7 @@ class QueuedRuns:
         """Cancel a queued run, wherever it is; raises QueueUnavailable."""
         await self.queue.cancel(run_id)
         queued = self._open.get(run_id)
-        if queued is None:
+        if queued is None or queued.started is None:
             return  # queued by another instance, or before a restart: its worker ends it
         events = [NewEvent(queued.started), NewEvent(ev.RunCancelled(reason=API_CANCELLED))]
         # a conflict: a worker has begun it, reads the key within a second and cancels it

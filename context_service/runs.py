@@ -48,7 +48,6 @@ _RECORD = (
     "INSERT INTO service_runs (id, organization_id, suite_id, environment_id, rerun_of, tests,"
     " tags, variables, state) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued')"
 )
-_DONE = "UPDATE service_runs SET state = $2, error = $3, updated_at = now() WHERE id = $1"
 
 
 class StartRequest(msgspec.Struct, frozen=True):
@@ -158,8 +157,7 @@ async def start(
         )
 
     async def done(state: str, error: str) -> None:
-        async with services.db.tenant(org) as conn:
-            await conn.execute(_DONE, run_id, state, error)
+        await services.db.record_run_end(org, run_id, state, error)
 
     if services.queued is None:
         services.launcher.start(RunSpec(plan, inputs, on_done=done))

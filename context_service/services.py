@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -152,6 +153,7 @@ class Services:
             queued=queued,
         )
         if queued is not None:
+            await _follow_again(queued, db)
             services._following = asyncio.create_task(
                 queued.follow(services._stop), name="baton-queued-runs"
             )
@@ -231,6 +233,13 @@ class Services:
             return Dependency("projector", "down", type(exc).__name__)
         detail = f"at position {position}, {behind} event(s) behind; findings judged to {judged}"
         return Dependency("projector", "ok", detail)
+
+
+async def _follow_again(queued: QueuedRuns, db: Database) -> None:
+    """The runs queued before a restart (or by an instance gone since): their ends are
+    recorded as the log shows them."""
+    for organization, run_id in await db.queued_runs():
+        queued.follow_again(str(run_id), functools.partial(db.record_run_end, organization, run_id))
 
 
 def _elapsed(start: float) -> float:

@@ -406,3 +406,37 @@ async def test_with_the_queue_down_a_run_is_refused_with_503_and_health_says_so(
                 assert queue["status"] == "degraded" and "cannot be started" in queue["detail"]
             finally:
                 await org.http.aclose()
+
+
+async def test_a_restarted_service_records_the_end_of_runs_queued_before(
+    shop_url: str, private_redis: RedisServer, tmp_path: Path
+) -> None:
+    key = _key()
+    async with private_database() as dsn:
+        with _service(dsn, private_redis.url, key) as service:  # no worker yet
+            api_key = await create_key(
+                service.settings, organization="acme", scopes=["read", "run", "admin"], name="ci"
+            )
+            org = Org(service, api_key)
+            try:
+                ids = await _project(org, "restart", shop_url, EXPECTED_USER="alice")
+                suite = await _upload(org, ids["project"], RERUN_FLOW)
+                body = {"suite_id": suite, "environment_id": ids["environment"]}
+                run = await org.ok("POST", "/api/v1/runs", 202, json=body)
+            finally:
+                await org.http.aclose()
+        assert await _state(dsn, run["id"]) == ("queued", "")
+        with _service(dsn, private_redis.url, key) as service:
+            org = Org(service, api_key)
+            started = Worker(dsn, private_redis.url, key, tmp_path)
+            try:
+                ended = await org.finished(run["id"], within=30)
+                assert ended["status"] == "passed"
+
+                async def recorded() -> bool:
+                    return await _state(dsn, run["id"]) == ("finished", "")
+
+                await _until(recorded)
+            finally:
+                started.stop()
+                await org.http.aclose()
