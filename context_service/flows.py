@@ -17,6 +17,7 @@ from context_service.errors import FieldError, TooLarge, Unprocessable
 from orchestrator.errors import Problem, UsageError
 from orchestrator.loader import LoadedFlow
 from orchestrator.loader import load_text as load_flow_text
+from orchestrator.model import MultipartFile
 from orchestrator.planner import Plan, Scope, plan
 
 MAX_FLOW_BYTES = 256 * 1024
@@ -68,7 +69,7 @@ def load_text(content: str, filename: str) -> LoadedFlow:
         loaded = load_flow_text(content, name)
     except UsageError as exc:
         raise rejected(exc.problems or [Problem(name, "", str(exc))], name) from None
-    problems = list(_schema_files(loaded))
+    problems = [*_schema_files(loaded), *_disk_files(loaded)]
     if problems:
         raise rejected(problems, name)
     return loaded
@@ -84,6 +85,30 @@ def _schema_files(loaded: LoadedFlow) -> Iterator[Problem]:
                     "a schema file cannot be read by the service",
                     "put the JSON Schema inline in the flow file",
                 )
+
+
+def _disk_files(loaded: LoadedFlow) -> Iterator[Problem]:
+    """Multipart files and TLS certificates: the service reads no file a tenant names."""
+    flow = loaded.flow
+    tls = [("defaults.tls", flow.defaults.tls)]
+    for name, test in flow.tests.items():
+        tls.append((f"tests.{name}.tls", test.tls))
+        for field, part in (test.request.multipart or {}).items():
+            if isinstance(part, MultipartFile):
+                yield Problem(
+                    loaded.label,
+                    f"tests.{name}.request.multipart.{field}",
+                    "a file cannot be read by the service",
+                    "send the file from `baton run`, or its content as a text field",
+                )
+    for where, settings in tls:
+        if settings is not None and (settings.ca_bundle or settings.client_cert):
+            yield Problem(
+                loaded.label,
+                where,
+                "certificate files cannot be read by the service",
+                "run flows that need them with `baton run`",
+            )
 
 
 def check_upload(loaded: LoadedFlow, variables: Collection[str] = ()) -> Plan:

@@ -18,9 +18,11 @@ import msgspec
 from context_service.database import Database
 from context_service.launcher import RunLauncher
 from context_service.queued import QueuedRuns
+from events.archive import archive_dir
 from events.cache import ContextCache, ContextReader, open_cache
 from events.owners import Owner
 from events.projections import Detector, Projector
+from events.retention_apply import Clock, apply_periodically, wall_clock
 from events.secrets import Cipher, load_key
 from events.settings import Settings, mask_dsn
 from events.store import EventStore
@@ -71,10 +73,14 @@ class Services:
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _projector_task: asyncio.Task[None] | None = None
     _following: asyncio.Task[None] | None = None
+    _retention_task: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, settings: Settings, *, concurrency: int = 10) -> Services:
-        """Connect (schema applied), check the service's role, start the projector."""
+    async def open(
+        cls, settings: Settings, *, concurrency: int = 10, clock: Clock = wall_clock
+    ) -> Services:
+        """Connect (schema applied), check the service's role, start the projector and the
+        retention applies (every ``settings.retention_interval`` s, as of ``clock()``)."""
         from events import open_store
         from orchestrator.execution import make_transport
         from orchestrator.targets import TargetPolicy
@@ -161,6 +167,18 @@ class Services:
             services.projector.serve(stop=services._stop, then=services.detector.catch_up),
             name="baton-projector",
         )
+        if settings.retention_interval is not None:
+            services._retention_task = asyncio.create_task(
+                apply_periodically(
+                    store,
+                    archive_dir(settings.home, settings.archive_dir),
+                    interval=settings.retention_interval,
+                    stop=services._stop,
+                    clock=clock,
+                    cache=cache,
+                ),
+                name="baton-retention",
+            )
         return services
 
     async def aclose(self) -> None:
@@ -171,9 +189,10 @@ class Services:
             await asyncio.gather(self._following, return_exceptions=True)
         if self.queued is not None:
             await self.queued.aclose()
-        if self._projector_task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._projector_task, 10)
+        for task in (self._projector_task, self._retention_task):
+            if task is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(task, 10)
         await self.owner.aclose()
         await self.cache.aclose()
         await self.store.aclose()

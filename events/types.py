@@ -70,6 +70,8 @@ class RequestSent(_Event, tag="RequestSent", frozen=True):
     url: str
     headers: dict[str, str] = {}
     body_excerpt: str = ""
+    insecure: bool = False
+    """Sent with TLS verification off (``tls: {verify: false}``)."""
 
 
 class Timings(msgspec.Struct, frozen=True, omit_defaults=True):

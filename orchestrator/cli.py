@@ -187,10 +187,29 @@ def cli() -> None:
     """Run chains of dependent HTTP API tests, recording every step as events."""
 
 
+def _environment_names(
+    ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[click.shell_completion.CompletionItem]:
+    """``--env`` completes the environments of env/ in the working directory (where
+    ``baton init`` puts them; the flows named before it are not parsed yet when an
+    option's value is completed, so env/ beside them is out of reach)."""
+    names = {found.stem for pattern in ("*.yaml", "*.yml") for found in Path("env").glob(pattern)}
+    return [
+        click.shell_completion.CompletionItem(name)
+        for name in sorted(names)
+        if name.startswith(incomplete)
+    ]
+
+
 def flow_options(function: F) -> F:
     options = [
         click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path)),
-        click.option("--env", "environment", help="Environment: env/NAME.yaml or a file."),
+        click.option(
+            "--env",
+            "environment",
+            help="Environment: env/NAME.yaml or a file.",
+            shell_complete=_environment_names,
+        ),
         click.option("--var", "variables", multiple=True, help="Set a variable: name=value."),
         click.option(
             "--secrets",
@@ -220,6 +239,11 @@ def report_options(function: F) -> F:
             "--json", "json_path", type=click.Path(path_type=Path), help="Write a JSON report."
         ),
         click.option("--html", type=click.Path(path_type=Path), help="Write an HTML report."),
+        click.option(
+            "--ctrf",
+            type=click.Path(path_type=Path),
+            help="Write a CTRF JSON report (Common Test Report Format).",
+        ),
     ]
     for option in reversed(options):
         function = option(function)
@@ -281,6 +305,7 @@ def run(
     junit: Path | None,
     json_path: Path | None,
     html: Path | None,
+    ctrf: Path | None,
     quiet: bool,
     serve: str | None,
     shard_text: str | None,
@@ -304,8 +329,9 @@ def run(
     shard = _shard(shard_text, batch_id)
     options = _options(concurrency=concurrency, **kwargs)
     jobs = execution.prepare(options)
+    _warn_insecure(jobs)
     if queue_url is not None:
-        reports = {"junit": junit, "json_path": json_path, "html": html}
+        reports = {"junit": junit, "json_path": json_path, "html": html, "ctrf": ctrf}
         _queued(queue_url, options, jobs, batch_id, quiet=quiet, serve=serve, **reports)
         return
     shard_run = None
@@ -340,7 +366,7 @@ def run(
         click.echo(tally.render(color=color))
         raise
     progress.close()
-    if not _reported(results, junit=junit, json_path=json_path, html=html, color=color):
+    if not _reported(results, junit=junit, json_path=json_path, html=html, ctrf=ctrf, color=color):
         sys.exit(1)
 
 
@@ -366,12 +392,25 @@ def _reported(
     junit: Path | None,
     json_path: Path | None,
     html: Path | None,
+    ctrf: Path | None = None,
     color: bool,
 ) -> bool:
     """Write the reports asked for and print the summary; True if every run passed."""
-    from orchestrator.reporters import render_summary, write_html, write_json, write_junit
+    from orchestrator.reporters import (
+        render_summary,
+        write_ctrf,
+        write_html,
+        write_json,
+        write_junit,
+    )
 
-    for path, write in ((junit, write_junit), (json_path, write_json), (html, write_html)):
+    writers = (
+        (junit, write_junit),
+        (json_path, write_json),
+        (html, write_html),
+        (ctrf, write_ctrf),
+    )
+    for path, write in writers:
         if path is not None:
             write(results, path)
     click.echo(render_summary(results, color=color))
@@ -393,13 +432,14 @@ def report(
     junit: Path | None,
     json_path: Path | None,
     html: Path | None,
+    ctrf: Path | None,
 ) -> None:
     """Reports from the event store. With --batch: merge the shards of a batch into one
     summary, the reports and the exit code of one run of the whole batch (a missing or
     unfinished shard fails it). `baton report issue RUN_ID TEST`: a failed test as a
     Markdown issue."""
     if ctx.invoked_subcommand is not None:
-        if batch_id is not None or junit or json_path or html:
+        if batch_id is not None or junit or json_path or html or ctrf:
             raise click.UsageError("--batch and the report files are not for a subcommand")
         return
     if batch_id is None:
@@ -408,7 +448,7 @@ def report(
 
     found = _with_store(lambda store: batch_report(store, batch_id))
     color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-    _batch_reported(found, junit=junit, json_path=json_path, html=html, color=color)
+    _batch_reported(found, junit=junit, json_path=json_path, html=html, ctrf=ctrf, color=color)
 
 
 @report.command("issue")
@@ -613,6 +653,27 @@ async def _answering(command: str, process: subprocess.Popen[bytes], jobs: list[
         pause = min(pause * 2, 0.25)
 
 
+def _warn_insecure(jobs: list[Any]) -> None:
+    """One line on stderr per flow whose tests send with ``tls.verify: false``."""
+    from orchestrator.compiled import merged_tls
+
+    for job in jobs:
+        flow = job.plan.loaded.flow
+        insecure = [
+            name
+            for name in job.plan.order
+            if (tls := merged_tls(flow.defaults.tls, flow.tests[name].tls)) is not None
+            and tls.verify is False
+        ]
+        if insecure:
+            click.echo(
+                f"warning: {job.plan.loaded.label}: TLS certificates are not verified "
+                f"(tls.verify: false) for {', '.join(insecure)}; use tls.ca_bundle outside "
+                "a test server",
+                err=True,
+            )
+
+
 @cli.command()
 @flow_options
 def validate(**kwargs: Any) -> None:
@@ -641,6 +702,63 @@ def graph(fmt: str, **kwargs: Any) -> None:
 
     for job in execution.prepare(_options(**kwargs)):
         click.echo(render_graph(job.plan, fmt))
+
+
+@cli.command("plan")
+@flow_options
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the plan as JSON: tests, dependencies and their kind, what each needs.",
+)
+def plan_command(as_json: bool, **kwargs: Any) -> None:
+    """Print the plan of flow files (checked as baton validate checks them); with --json
+    as data for tools and coding agents (docs/ci.md)."""
+    from orchestrator import execution
+    from orchestrator.graphs import render_graph
+    from orchestrator.plan_export import encode_plans
+
+    jobs = execution.prepare(_options(**kwargs))
+    if as_json:
+        click.echo(encode_plans((job.plan, len(job.runs)) for job in jobs).decode())
+        return
+    for job in jobs:
+        click.echo(render_graph(job.plan, "text"))
+
+
+@cli.command()
+@click.argument("directory", default=".", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--name", help="The flow's name (its file: flows/NAME.yaml).  [default: api]")
+@click.option(
+    "--base-url",
+    help="The API's address, for env/local.yaml; asked on a terminal.  "
+    "[default: http://127.0.0.1:8765]",
+)
+@click.option(
+    "--ci",
+    type=click.Choice(["github", "gitlab", "none"]),
+    default="github",
+    show_default=True,
+    help="The CI file: .github/workflows/baton.yml or .gitlab-ci.yml.",
+)
+@click.option("--force", is_flag=True, help="Overwrite files that exist.")
+def init(directory: Path, name: str | None, base_url: str | None, ci: str, force: bool) -> None:
+    """Scaffold a project in DIRECTORY: a login-then-use flow, env/local.yaml and a CI
+    file. On a terminal it asks for what the options do not give; elsewhere it asks
+    nothing. It refuses to overwrite a file unless --force."""
+    from orchestrator.scaffold import DEFAULT_BASE_URL, Scaffold
+
+    if base_url is None:
+        base_url = DEFAULT_BASE_URL
+        # a pipe, CI or a closed standard input (None) has nobody to answer
+        if sys.stdin is not None and sys.stdin.isatty():
+            base_url = click.prompt("Base URL of the API", default=DEFAULT_BASE_URL)
+    scaffold = Scaffold(directory, name or "api", base_url, ci)  # type: ignore[arg-type]
+    for path in scaffold.write(force=force):
+        click.echo(f"wrote {path}")
+    where = "" if directory == Path(".") else f"cd {directory} && "
+    click.echo(f"next: {where}baton validate flows/ && baton run flows/ --env local")
 
 
 @cli.group()
@@ -748,7 +866,8 @@ def _archive_dir() -> Path:
     from events.archive import archive_dir
     from events.settings import Settings
 
-    return archive_dir(Settings.from_env().home, os.environ.get("BATON_ARCHIVE_DIR"))
+    settings = Settings.from_env()
+    return archive_dir(settings.home, settings.archive_dir)
 
 
 @archive.command("run")
@@ -765,10 +884,74 @@ def archive_run(run_id: str) -> None:
 @click.argument("run_id")
 def archive_restore(run_id: str) -> None:
     """Bring an archived run's events back, with their positions, for show and events."""
-    from events import archive as archival
+    from events.retention_apply import restore_for_inspection
 
-    count = _with_store(lambda store: archival.restore_run(store, run_id, _archive_dir()))
+    count = _with_store(lambda store: restore_for_inspection(store, run_id, _archive_dir()))
     click.echo(f"restored run {run_id}: {count} events")
+
+
+@cli.group()
+def retention() -> None:
+    """What is kept how long, archived then removed (docs/retention.md)."""
+
+
+@retention.command("apply")
+@click.option("--dry-run", is_flag=True, help="Say what is due; change nothing.")
+@click.option("--now", "now_text", metavar="ISO", help="Apply as of this time (default: now).")
+def retention_apply(dry_run: bool, now_text: str | None) -> None:
+    """Archive what the retention policy says is due, then remove it."""
+    from events.cache import open_cache
+    from events.retention_apply import apply_retention, parse_now
+    from events.settings import Settings
+
+    try:
+        now = parse_now(now_text) if now_text else datetime.now().astimezone()
+    except ValueError:
+        raise UsageError(
+            f"--now {now_text!r} is not an ISO 8601 time: give e.g. 2026-03-01T00:00:00Z"
+        ) from None
+
+    async def apply(store: Any) -> list[str]:
+        cache = open_cache(Settings.from_env())
+        try:
+            report = await apply_retention(store, _archive_dir(), now, dry_run=dry_run, cache=cache)
+        finally:
+            await cache.aclose()
+        return report.lines()
+
+    click.echo("\n".join(_with_store(apply)))
+
+
+@retention.command("set")
+@click.argument("project")
+@click.option("--passed-days", type=click.IntRange(min=1), help="Keep passed runs this long.")
+@click.option("--failed-days", type=click.IntRange(min=1), help="Keep other ended runs this long.")
+@click.option("--metrics-days", type=click.IntRange(min=1), help="Keep monthly metrics this long.")
+@click.option("--context-hours", type=click.IntRange(min=1), help="Keep run contexts this long.")
+@click.option("--reset", is_flag=True, help="Back to the defaults for this project.")
+def retention_set(
+    project: str,
+    passed_days: int | None,
+    failed_days: int | None,
+    metrics_days: int | None,
+    context_hours: int | None,
+    reset: bool,
+) -> None:
+    """Set a project's own retention windows (the others keep theirs or the default)."""
+    from events.retention_apply import policy_of, set_policy
+
+    windows = (passed_days, failed_days, metrics_days, context_hours)
+    if not reset and all(value is None for value in windows):
+        raise UsageError(
+            "baton retention set: give a window to change (--passed-days, --failed-days,"
+            " --metrics-days, --context-hours) or --reset"
+        )
+
+    async def change(store: Any) -> str:
+        await set_policy(store, project, *windows, reset=reset)
+        return await policy_of(store, project)
+
+    click.echo(_with_store(change))
 
 
 @cli.command()
@@ -998,13 +1181,6 @@ def _with_store(action: Callable[[Any], Awaitable[T]]) -> T:
     return _run(go())
 
 
-__all__ = ["UsageError", "cli", "main"]
-
-
-if __name__ == "__main__":
-    main()
-
-
 @cli.command("import")
 @click.argument("kind", type=click.Choice(["openapi", "postman", "curl", "har"]))
 @click.argument("source", metavar="SOURCE")
@@ -1014,12 +1190,21 @@ if __name__ == "__main__":
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the flow to this file (default: standard output).",
 )
-def import_(kind: str, source: str, output: Path | None) -> None:
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    metavar="HOST",
+    help="har: keep only the requests to this host (repeatable).",
+)
+def import_(kind: str, source: str, output: Path | None, hosts: tuple[str, ...]) -> None:
     """Write a flow file from an OpenAPI document, a Postman collection, curl commands or a
     HAR file (SOURCE; - for standard input). What cannot be translated is listed on
     standard error, each with its place in SOURCE."""
-    from orchestrator.importers import converter
+    from orchestrator.importers import Imported, converter
 
+    if hosts and kind != "har":
+        raise UsageError(f"--host filters the requests of a HAR file, not of {kind}: remove it")
     if source == "-":
         text, name = sys.stdin.read(), "<stdin>"
     else:
@@ -1027,13 +1212,40 @@ def import_(kind: str, source: str, output: Path | None) -> None:
             text, name = Path(source).read_text(encoding="utf-8"), source
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"{source}: cannot read it ({exc.__class__.__name__})") from None
-    imported = converter(kind)(text, name)
+    imported: Imported
+    try:
+        if hosts:
+            from orchestrator.importers.har import convert as convert_har
+
+            imported = convert_har(text, name, hosts=hosts)
+        else:
+            imported = converter(kind)(text, name)
+        flow_text = imported.yaml()
+    except RecursionError:
+        # JSON nested thousands deep: no collection or recording is shaped so
+        raise UsageError(f"{name}: nested too deeply to import (split or flatten it)") from None
     for part in imported.untranslated:
         click.echo(f"not translated: {name}: {part}", err=True)
+    for secret, where in imported.secrets.items():
+        click.echo(
+            f"secret to provide: {secret} (the value found at {name}: {where}); "
+            f"export {secret}=... or put it in the file given with --secrets",
+            err=True,
+        )
     if output is None:
-        click.echo(imported.yaml(), nl=False)
+        click.echo(flow_text, nl=False)
     else:
-        output.write_text(imported.yaml(), encoding="utf-8")
+        try:
+            output.write_text(flow_text, encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"{output}: cannot write the flow ({exc.strerror})") from None
     tests = len(imported.flow.get("tests", {}))
     left = f"; {len(imported.untranslated)} part(s) not translated" if imported.untranslated else ""
     click.echo(f"imported {tests} test(s) from {name}{left}", err=True)
+
+
+__all__ = ["UsageError", "cli", "main"]
+
+
+if __name__ == "__main__":
+    main()

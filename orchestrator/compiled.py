@@ -24,6 +24,7 @@ from orchestrator.model import (
     Request,
     Retry,
     Test,
+    Tls,
     Until,
     seconds,
 )
@@ -41,6 +42,10 @@ class RequestParts:
     body: templating.Renderer | None
     form: templating.Renderer | None
     params: templating.Renderer | None
+    multipart: templating.Renderer | None
+    """Renders to {field: text | {file, content_type?, filename?}}."""
+    graphql: templating.Renderer | None
+    """Renders to the JSON body {query, variables, operationName}."""
 
     @classmethod
     def of(cls, request: Request, default_headers: Mapping[str, str]) -> RequestParts:
@@ -54,6 +59,23 @@ class RequestParts:
             body=optional(request.body),
             form=optional(request.form),
             params=optional(request.params or None),
+            multipart=optional(
+                None
+                if request.multipart is None
+                else {
+                    field: value if isinstance(value, str) else msgspec.to_builtins(value)
+                    for field, value in request.multipart.items()
+                }
+            ),
+            graphql=optional(
+                None
+                if request.graphql is None
+                else {
+                    "query": request.graphql.query,
+                    "variables": request.graphql.variables,
+                    "operationName": request.graphql.operation_name,
+                }
+            ),
         )
 
 
@@ -121,6 +143,11 @@ class CompiledTest:
     captures: Mapping[str, Capture]
     redaction: Policy
     """The flow's ``defaults.redact`` with the test's own ``redact``."""
+    method: str = "GET"
+    tls: Tls | None = None
+    """The flow's ``defaults.tls`` with the test's own over it; None: the system's."""
+    graphql_errors_fail: bool = False
+    """A GraphQL test whose expect does not check ``$.errors``: errors fail it."""
 
 
 def compile_test(name: str, test: Test, defaults: Defaults) -> CompiledTest:
@@ -143,7 +170,26 @@ def compile_test(name: str, test: Test, defaults: Defaults) -> CompiledTest:
         poll_wait=seconds(test.until.wait()) if test.until is not None else 0.0,
         captures=test.capture,
         redaction=redaction_policy(defaults.redact, test.redact),
+        method=request.verb,
+        tls=merged_tls(defaults.tls, test.tls),
+        graphql_errors_fail=request.graphql is not None and not expects_errors(test.expect),
     )
+
+
+def merged_tls(defaults: Tls | None, test: Tls | None) -> Tls | None:
+    """The test's TLS settings over the flow's, field by field."""
+    if defaults is None or test is None:
+        return test or defaults
+    own = {k: v for k, v in msgspec.structs.asdict(test).items() if v is not None}
+    return msgspec.structs.replace(defaults, **own)
+
+
+def expects_errors(expect: Expect | None) -> bool:
+    """Whether the test checks the GraphQL ``errors`` array itself (``$.errors...``)."""
+    if expect is None:
+        return False
+    prefixes = ("$.errors", "$['errors']", '$["errors"]')
+    return any(path.replace(" ", "").startswith(prefixes) for path in expect.json)
 
 
 def redaction_policy(defaults: Redact, test: Redact | None = None) -> Policy:

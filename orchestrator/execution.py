@@ -347,19 +347,28 @@ def make_transport(
 ) -> httpx.AsyncBaseTransport:
     """aiohttp under httpx's API: the same client code, far less overhead per request
     (bench/README.md). Cookies live in each run's httpx client, never in the shared pool.
+    A test's ``tls:`` settings get a pool of their own (orchestrator.tls).
     ``targets``: the hosts requests may go to (the service's runs); None: any (the CLI)."""
+    import ssl
+
     import aiohttp
     from httpx_aiohttp import AiohttpTransport
 
-    def session() -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(
-            limit=max(concurrency, 10),
-            ttl_dns_cache=300,
-            resolver=targets.resolver() if targets is not None else None,
-        )
-        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+    from orchestrator.tls import TlsTransports
 
-    transport = AiohttpTransport(client=session)
+    def pool(context: ssl.SSLContext | None) -> httpx.AsyncBaseTransport:
+        def session() -> aiohttp.ClientSession:
+            connector = aiohttp.TCPConnector(
+                limit=max(concurrency, 10),
+                ttl_dns_cache=300,
+                resolver=targets.resolver() if targets is not None else None,
+                ssl=context if context is not None else True,
+            )
+            return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+
+        return AiohttpTransport(client=session)
+
+    transport = TlsTransports(pool)
     return targets.transport(transport) if targets is not None else transport
 
 

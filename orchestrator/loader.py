@@ -26,6 +26,7 @@ import yaml
 from orchestrator import templating
 from orchestrator.errors import Problem, UsageError
 from orchestrator.model import Capture, Expect, Flow, Predicate, Service, Test, seconds
+from orchestrator.requests_check import request_problems
 
 _STATUS = re.compile(r"^([1-5]xx|[1-5]\d\d)$", re.IGNORECASE)
 _MSGSPEC_PATH = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
@@ -116,7 +117,7 @@ def load_flow(path: Path) -> LoadedFlow:
         # every problem of the file
         problems += _check(_valid_part(raw), label)
         raise UsageError(problems) from None
-    problems = list(_check(flow, label))
+    problems = [*_check(flow, label), *request_problems(flow, label, path.parent)]
     if problems:
         raise UsageError(problems)
     return LoadedFlow(path, flow, hashlib.sha256(data).hexdigest())
@@ -558,6 +559,8 @@ def _templates(flow: Flow) -> Iterator[tuple[str, str]]:
         yield "base_url", text
     for text in templating.template_strings(flow.defaults.headers):
         yield "defaults.headers", text
+    for text in templating.template_strings(msgspec.to_builtins(flow.defaults.tls)):
+        yield "defaults.tls", text
     for name, service in flow.services.items():
         for text in templating.template_strings(service.base_url):
             yield f"services.{name}.base_url", text
@@ -577,3 +580,5 @@ def test_parts(test: Test) -> Iterator[tuple[str, Any]]:
         yield "expect", msgspec.to_builtins(test.expect)
     if test.until is not None:
         yield "until", msgspec.to_builtins(test.until)
+    if test.tls is not None:
+        yield "tls", msgspec.to_builtins(test.tls)

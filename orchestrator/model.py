@@ -63,16 +63,73 @@ class Expect(_Spec, frozen=True):
     duration_ms: Predicate | None = None
 
 
+class MultipartFile(_Spec, frozen=True):
+    """A file part of a multipart body, read from disk when the request is sent."""
+
+    file: str
+    """A path relative to the flow file; may be a template."""
+    content_type: str | None = None
+    """Default: guessed from the file name, else application/octet-stream."""
+    filename: str | None = None
+    """The name the server sees; default: the file's own name."""
+
+
+class GraphQL(_Spec, frozen=True):
+    """A GraphQL request: sent as a JSON POST of {query, variables, operationName}."""
+
+    query: str
+    variables: dict[str, Any] = {}
+    operation_name: str | None = None
+
+
+class Tls(_Spec, frozen=True):
+    """How HTTPS connections are made. Paths are relative to the flow file."""
+
+    ca_bundle: str | None = None
+    """PEM file of the certificate authorities to trust instead of the system's."""
+    client_cert: str | None = None
+    """PEM file of the client certificate (and its key, unless ``client_key`` is given)."""
+    client_key: str | None = None
+    verify: bool | None = None
+    """False: accept any server certificate (a warning says so on every run). None: true,
+    or what ``defaults.tls`` says."""
+
+
+BODY_KINDS = ("json", "body", "form", "multipart", "graphql")
+"""The ways to give a request's body: at most one per request."""
+
+
 class Request(_Spec, frozen=True):
     url: str
-    method: str = "GET"
+    method: str | None = None
+    """Default: POST with ``graphql``, GET otherwise."""
     params: dict[str, Scalar | list[Scalar]] = {}
     headers: dict[str, str] = {}
     json: Any = msgspec.UNSET
     form: dict[str, str] | None = None
     body: str | None = None
+    multipart: dict[str, str | MultipartFile] | None = None
+    """Fields of a multipart/form-data body: text, or a file."""
+    graphql: GraphQL | None = None
     timeout: Duration | None = None
     follow_redirects: bool | None = None
+
+    @property
+    def verb(self) -> str:
+        if self.method is not None:
+            return self.method
+        return "POST" if self.graphql is not None else "GET"
+
+    def bodies(self) -> list[str]:
+        """The body kinds the request gives (more than one is a mistake)."""
+        given = {
+            "json": self.json is not msgspec.UNSET,
+            "body": self.body is not None,
+            "form": self.form is not None,
+            "multipart": self.multipart is not None,
+            "graphql": self.graphql is not None,
+        }
+        return [kind for kind in BODY_KINDS if given[kind]]
 
 
 class Capture(_Spec, frozen=True):
@@ -160,6 +217,7 @@ class Defaults(_Spec, frozen=True):
     headers: dict[str, str] = {}
     follow_redirects: bool = False
     redact: Redact = Redact()
+    tls: Tls | None = None
 
 
 RateLimit = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
@@ -217,6 +275,8 @@ class Test(_Spec, frozen=True):
     until: Until | None = None
     redact: Redact | None = None
     """Added to ``defaults.redact``; a name this one lists wins over the defaults'."""
+    tls: Tls | None = None
+    """Replaces ``defaults.tls`` field by field: what it gives wins."""
 
 
 class Flow(_Spec, frozen=True):

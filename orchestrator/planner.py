@@ -168,6 +168,7 @@ def plan(loaded: LoadedFlow, scope: Scope, tags: Collection[str] = ()) -> Plan:
         [
             ("base_url", flow.base_url),
             ("defaults.headers", flow.defaults.headers),
+            ("defaults.tls", msgspec.to_builtins(flow.defaults.tls)),
             *((f"variables.{k}", v) for k, v in flow.variables.items()),
             *((f"services.{k}.base_url", v.base_url) for k, v in flow.services.items()),
         ]

@@ -153,6 +153,7 @@ class RunClient(httpx.AsyncClient):
         headers: dict[str, str],
         content: bytes | str | None = None,
         data: Any = None,
+        files: Any = None,
         params: Any = None,
         timeout: float,
     ) -> httpx.Request:
@@ -168,6 +169,7 @@ class RunClient(httpx.AsyncClient):
             headers=merged,
             content=content,
             data=data,
+            files=files,
             extensions={"timeout": _timeout(timeout)},
         )
         if "cookie" not in request.headers:

@@ -72,12 +72,20 @@ class Limits:
     pattern_seconds: float = 10.0
     """Time of one match of one of the flow's regular expressions (``matches``, a regex
     capture): a pattern that backtracks without end would hold the event loop as long."""
+    read_files: bool = True
+    """Whether a run may read the files a flow names (multipart parts, TLS certificates):
+    a tenant's flow must not upload the service's own files."""
 
 
 CLI_LIMITS = Limits(output=16 * 2**20, iterations=10_000_000, seconds=10.0)
 """``baton run``: a user's own flows, generous but finite."""
 SERVICE_LIMITS = Limits(
-    output=2**20, iterations=100_000, seconds=1.0, off_loop=True, pattern_seconds=0.25
+    output=2**20,
+    iterations=100_000,
+    seconds=1.0,
+    off_loop=True,
+    pattern_seconds=0.25,
+    read_files=False,
 )
 """Runs started through the service: a tenant's flow must not stall it."""
 LIMITS: contextvars.ContextVar[Limits] = contextvars.ContextVar("baton_template_limits")

@@ -7,11 +7,15 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import functools
+import hashlib
+import mimetypes
+import ssl
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import aiohttp
 import httpx
 import msgspec
 
@@ -27,6 +31,8 @@ from orchestrator.known_failures import judged
 from orchestrator.model import Capture, Expect
 from orchestrator.results import AssertionResult, Exchange, ResponseView, TestResult
 from orchestrator.run_client import text as response_text
+from orchestrator.tls import EXTENSION as tls_extension
+from orchestrator.tls import TlsConfig, TlsProblem
 
 if TYPE_CHECKING:
     from orchestrator.runner import RunExecution
@@ -231,22 +237,30 @@ class TestExecution:
 
     async def _send(self) -> ResponseView:
         run, compiled = self.run, self.compiled
-        method = compiled.spec.request.method
+        method = compiled.method
         parts = compiled.request
         url = str(await self._render(parts.url))
         if "://" not in url:
             url = f"{run.base_url}/{url.lstrip('/')}"
         headers = {str(k): str(v) for k, v in (await self._render(parts.headers)).items()}
         content: bytes | str | None = None
-        if parts.json is not None:
-            content = msgspec.json.encode(await self._render(parts.json))
+        if parts.json is not None or parts.graphql is not None:
+            if parts.graphql is not None:
+                content = msgspec.json.encode(_graphql_body(await self._render(parts.graphql)))
+            elif parts.json is not None:
+                content = msgspec.json.encode(await self._render(parts.json))
             if not any(name.lower() == "content-type" for name in headers):
                 headers["content-type"] = "application/json"
         elif parts.body is not None:
             content = str(await self._render(parts.body))
         form = await self._render(parts.form) if parts.form is not None else None
+        files = None
+        shown: Any = content or form
+        if parts.multipart is not None:
+            form, files, shown = await self._multipart(await self._render(parts.multipart))
         params = await self._render(parts.params) if parts.params is not None else None
         timeout = compiled.timeout
+        tls = await self._tls()
         try:
             prepared = run.client.prepare(
                 method,
@@ -254,13 +268,16 @@ class TestExecution:
                 headers=headers,
                 content=content,
                 data=form,
+                files=files,
                 params=params,
                 timeout=timeout,
             )
         except httpx.InvalidURL as exc:
-            self._note_exchange(method, url, headers, content or form)
+            self._note_exchange(method, url, headers, shown)
             message = f"cannot send to {url}: the URL is not valid ({exc})"
             raise _Failure("connection", message) from None
+        if tls is not None:
+            prepared.extensions[tls_extension] = tls
         # what is recorded is what is sent: the URL with the query of `params` merged in
         url = str(prepared.url)
         redactor = self.redactor
@@ -274,19 +291,28 @@ class TestExecution:
                 method=method,
                 url=redactor.redact(url),
                 headers=redactor.mask_headers(headers),
-                body_excerpt=redactor.excerpt(_text(content or form or ""), EXCERPT),
+                body_excerpt=redactor.excerpt(_text(shown or ""), EXCERPT),
+                insecure=tls is not None and not tls.verify,
             )
         )
         started = time.perf_counter()
         try:
             response = await run.client.send(prepared, follow_redirects=compiled.follow_redirects)
-        except httpx.TimeoutException:
-            self._note_exchange(method, url, headers, content or form)
-            raise _Failure("timeout", f"no response within {timeout:g} s from {url}") from None
+        except httpx.TimeoutException as exc:
+            self._note_exchange(method, url, headers, shown)
+            lost = _not_a_timeout(exc)
+            if lost is None:
+                raise _Failure("timeout", f"no response within {timeout:g} s from {url}") from None
+            # httpx-aiohttp maps every aiohttp connection error to ConnectTimeout, a refused
+            # certificate and a closed connection too: those are no timeouts
+            hint = _tls_hint(exc, url, client_cert=tls is not None and tls.client_cert is not None)
+            raise _Failure("connection", f"cannot reach {url}: {lost}{hint}") from None
         except httpx.TransportError as exc:
-            self._note_exchange(method, url, headers, content or form)
+            self._note_exchange(method, url, headers, shown)
             raise _Failure(
-                "connection", f"cannot reach {url}: {exc or type(exc).__name__}"
+                "connection",
+                f"cannot reach {url}: {exc or type(exc).__name__}"
+                + _tls_hint(exc, url, client_cert=tls is not None and tls.client_cert is not None),
             ) from None
         received_at = now_us()
         elapsed = (time.perf_counter() - started) * 1000
@@ -303,10 +329,70 @@ class TestExecution:
             else (),
             url=str(response.url),
         )
-        self._note_exchange(method, url, headers, content or form)
+        self._note_exchange(method, url, headers, shown)
         self.unreported = view
         self.unreported_at = received_at
         return view
+
+    async def _multipart(
+        self, fields: Mapping[str, Any]
+    ) -> tuple[dict[str, str], dict[str, tuple[str, bytes, str]], str]:
+        """The text fields, the files read from disk, and what events show of the body:
+        each field's text, each file's name, type, size and sha256, never its bytes."""
+        base_dir = self.run.plan.loaded.base_dir
+        texts: dict[str, str] = {}
+        files: dict[str, tuple[str, bytes, str]] = {}
+        summary = []
+        for name, value in fields.items():
+            if not isinstance(value, Mapping):
+                texts[str(name)] = str(value)
+                summary.append(f"{name}={value}")
+                continue
+            path = base_dir / str(value["file"])
+            if not self.run.runner.limits.read_files:
+                raise _Failure("template", f"multipart.{name}: this run may not read files")
+            try:
+                data = await asyncio.to_thread(path.read_bytes)
+            except OSError as exc:
+                raise _Failure(
+                    "template",
+                    f"multipart.{name}: cannot read {path}: {exc.strerror}",
+                ) from None
+            filename = str(value.get("filename") or path.name)
+            kind = str(
+                value.get("content_type")
+                or mimetypes.guess_type(filename)[0]
+                or "application/octet-stream"
+            )
+            files[str(name)] = (filename, data, kind)
+            digest = hashlib.sha256(data).hexdigest()
+            summary.append(f"{name}=@{filename} ({kind}, {len(data)} bytes, sha256 {digest})")
+        return texts, files, "multipart/form-data: " + "; ".join(summary)
+
+    async def _tls(self) -> TlsConfig | None:
+        spec = self.compiled.tls
+        if spec is None:
+            return None
+        if not self.run.runner.limits.read_files:
+            raise _Failure("connection", "tls: this run may not read certificate files")
+        paths = {}
+        for field in ("ca_bundle", "client_cert", "client_key"):
+            value = getattr(spec, field)
+            paths[field] = None if value is None else str(await self._render_text(value))
+        try:
+            config = TlsConfig.of(
+                self.run.plan.loaded.base_dir, verify=spec.verify is not False, **paths
+            )
+            # read here, not in the transport, so that a bad file fails with its setting named
+            config.context()
+        except TlsProblem as exc:
+            raise _Failure("connection", str(exc)) from None
+        return config
+
+    async def _render_text(self, text: str) -> Any:
+        if not templating.has_template(text):
+            return text
+        return await self._render(templating.compile_value(text))
 
     def _report_response(self) -> None:
         """Record the last response. Deferred until the test's secret captures are known, so
@@ -373,9 +459,13 @@ class TestExecution:
         )
 
     async def _check(self, response: ResponseView) -> None:
-        if self.compiled.expect is None:
+        checks = []
+        if self.compiled.expect is not None:
+            checks = await self._evaluate(await self._expect(self.compiled.expect), response)
+        if self.compiled.graphql_errors_fail:
+            checks.append(_graphql_errors(response))
+        if not checks:
             return
-        checks = await self._evaluate(await self._expect(self.compiled.expect), response)
         recorded = self._record(checks, response=response)
         self.assertions.extend(recorded)
         failed = [check for check in recorded if not check.passed]
@@ -452,6 +542,69 @@ class TestExecution:
             else:
                 self.captured[name] = value
                 run.emit(ev.VariableCaptured(test=self.name, name=name, value=value))
+
+
+def _graphql_body(rendered: Mapping[str, Any]) -> dict[str, Any]:
+    body = {"query": rendered["query"], "variables": rendered.get("variables") or {}}
+    if rendered.get("operationName") is not None:
+        body["operationName"] = rendered["operationName"]
+    return body
+
+
+def _graphql_errors(response: ResponseView) -> AssertionResult:
+    """A GraphQL response's ``errors``: none, or the test fails with their messages (a
+    GraphQL server answers 200 with errors, so the status alone says nothing)."""
+    try:
+        data = msgspec.json.decode(response.text)
+    except msgspec.DecodeError:
+        data = None
+    errors = data.get("errors") if isinstance(data, dict) else None
+    if not isinstance(errors, list) or not errors:
+        return AssertionResult("graphql errors", "empty", [], [], True)
+    messages = [
+        str(error.get("message", error)) if isinstance(error, dict) else str(error)
+        for error in errors
+    ]
+    return AssertionResult(
+        "graphql errors",
+        "empty",
+        [],
+        messages[:3],
+        False,
+        f"the response has {len(errors)} GraphQL error(s); to expect them, check $.errors "
+        "in expect.json",
+    )
+
+
+def _not_a_timeout(exc: BaseException) -> BaseException | None:
+    """The connection error behind a TimeoutException that is none: a TLS error, or the
+    server closing the connection. None for a real timeout."""
+    seen: BaseException | None = exc.__cause__
+    while seen is not None:
+        if isinstance(seen, TimeoutError):
+            return None
+        if isinstance(seen, ssl.SSLError | aiohttp.ClientConnectionError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _tls_hint(exc: BaseException, url: str, *, client_cert: bool) -> str:
+    """What to do about a TLS connection that failed."""
+    text = str(_not_a_timeout(exc) or exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return (
+            "; the server's certificate is not trusted: give its CA with tls.ca_bundle "
+            "(or tls.verify: false, for a test server only)"
+        )
+    asked = "CERTIFICATE_REQUIRED" in text or "HANDSHAKE_FAILURE" in text
+    closed = "disconnected" in text.lower() and url.startswith("https:")
+    if asked or (closed and not client_cert):
+        return (
+            "; if the server requires a client certificate (mutual TLS), give "
+            "tls.client_cert and tls.client_key"
+        )
+    return ""
 
 
 def _next(spec: Capture, response: ResponseView) -> Any:

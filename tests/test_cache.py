@@ -432,7 +432,8 @@ async def test_a_redis_that_never_answers_costs_one_timeout_not_one_per_read(
         elapsed = time.monotonic() - started
     assert answers == [truth] * 10
     # one 0.25 s socket timeout, not one per read (2.5 s) nor one per retry: it backs off
-    assert elapsed < 0.8
+    # (the margin is for a loaded CI machine; one timeout per read would take 2.5 s)
+    assert elapsed < 1.5
 
 
 async def test_redis_killed_mid_run_then_restarted(

@@ -191,7 +191,7 @@ async def test_baton_run_leaks_no_token_and_no_echoed_secret(
         "--secrets",
         str(tmp_path / "secrets.yaml"),
         *("--junit", str(reports / "j.xml"), "--json", str(reports / "r.json")),
-        *("--html", str(reports / "r.html")),
+        *("--html", str(reports / "r.html"), "--ctrf", str(reports / "ctrf.json")),
     )
     assert code == 1, out + err  # uses_echo fails on purpose
     run = json.loads((reports / "r.json").read_text())["runs"][0]
@@ -204,6 +204,7 @@ async def test_baton_run_leaks_no_token_and_no_echoed_secret(
         assert code == 0, shown + problem
         places[command[0]] = shown + problem
     places |= {path.name: path.read_text() for path in reports.iterdir()}
+    assert "ctrf.json" in places and "uses_echo" in places["ctrf.json"]
     assert "refresh_token" in places["events"]  # the canary's place is there, masked
     dsn = await start_embedded(fresh_baton_home)
     try:

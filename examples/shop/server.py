@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import secrets
 import signal
 import sys
@@ -17,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 if __package__ in (None, ""):  # run as a script: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from examples.shop import graphql
 from examples.shop.state import PRODUCTS, VERSION, ApiError, Session, ShopState, product_or_404
 
 __all__ = ["BROKEN_NAMES", "create_app", "main", "serve"]
@@ -115,6 +117,38 @@ async def echo(request: web.Request) -> web.Response:
             "body": (await request.read()).decode("utf-8", "replace"),
         }
     )
+
+
+async def upload(request: web.Request) -> web.Response:
+    """What a multipart/form-data body held: each file's name, type, size and sha256."""
+    if request.content_type != "multipart/form-data":
+        raise ApiError(415, "send the upload as multipart/form-data")
+    files, fields = [], {}
+    async for part in await request.multipart():
+        if not isinstance(part, BodyPartReader) or part.name is None:
+            continue
+        data = await part.read()
+        if part.filename is None:
+            fields[part.name] = data.decode("utf-8", "replace")
+            continue
+        files.append(
+            {
+                "field": part.name,
+                "filename": part.filename,
+                "content_type": part.headers.get("Content-Type", ""),
+                "size": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
+    return reply({"files": files, "fields": fields}, 201)
+
+
+async def graphql_endpoint(request: web.Request) -> web.Response:
+    try:
+        body = msgspec.json.decode(await request.read())
+    except msgspec.DecodeError:
+        body = None
+    return reply(graphql.execute(body))
 
 
 async def slow(request: web.Request) -> web.Response:
@@ -286,6 +320,8 @@ _ROUTES: list[tuple[str, str, Handler, str]] = [
     ("GET", "/about", about, "about"),
     ("*", "/echo", echo, "echo"),
     ("GET", "/slow", slow, "slow"),
+    ("POST", "/upload", upload, "upload"),
+    ("POST", "/graphql", graphql_endpoint, "graphql"),
     ("GET", "/legacy/catalog", legacy_catalog, "legacy"),
     ("GET", "/products", list_products, "products"),
     ("GET", "/stock", stock_levels, "stock"),

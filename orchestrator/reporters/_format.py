@@ -101,6 +101,19 @@ def known_failure_note(test: TestResult) -> str:
     return describe(test.known_failure, test.status)
 
 
+def headline(test: TestResult, limit: int) -> str:
+    """One line for a CI's list of failures: the known-failure mark, the runner's message,
+    else the first failed check."""
+    if note := known_failure_note(test):
+        return first_line(note, limit)
+    if test.message:
+        return first_line(printable(test.message), limit)
+    for check in failed_assertions(test):
+        expected, actual = show(check.expected, 100), show(check.actual, 100)
+        return f"{check.subject} {check.predicate}: expected {expected}, got {actual}"
+    return "failed"
+
+
 def run_problem(run: RunResult) -> str:
     """Why a run failed when none of its tests did (an error or a cancellation), else ""."""
     if run.status == "passed" or run.count("failed") > run.known_failures:

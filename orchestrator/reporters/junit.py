@@ -65,19 +65,6 @@ def _set(element: ET.Element, **attributes: str | int) -> None:
         element.set(name, _text(str(value)))
 
 
-def _headline(test: TestResult) -> str:
-    """One line for CI's test list: an expired known-failure mark, the runner's message,
-    else the first failed check."""
-    if test.known_failure is not None:
-        return fmt.first_line(fmt.known_failure_note(test), _MESSAGE_LIMIT)
-    if test.message:
-        return fmt.first_line(test.message, _MESSAGE_LIMIT)
-    for check in fmt.failed_assertions(test):
-        expected, actual = fmt.show(check.expected, 100), fmt.show(check.actual, 100)
-        return f"{check.subject} {check.predicate}: expected {expected}, got {actual}"
-    return "failed"
-
-
 def _testcase(parent: ET.Element, run: RunResult, test: TestResult) -> ET.Element:
     case = ET.SubElement(parent, "testcase")
     # classname carries the row too: Jenkins and GitLab key results on classname + name,
@@ -91,7 +78,7 @@ def _testcase(parent: ET.Element, run: RunResult, test: TestResult) -> ET.Elemen
         out_lines = fmt.failure_detail(test) + out_lines
     elif test.status == "failed":
         failure = ET.SubElement(case, "failure")
-        _set(failure, message=_headline(test), type=test.category or "")
+        _set(failure, message=fmt.headline(test, _MESSAGE_LIMIT), type=test.category or "")
         failure.text = _text("\n".join(fmt.failure_detail(test)))
     elif test.status == "skipped":
         skipped = ET.SubElement(case, "skipped")
