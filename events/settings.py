@@ -123,6 +123,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     allowed_targets: str | None = None
     """What runs started through the service may reach (orchestrator.targets); None:
     public addresses only."""
+    queue_url: str | None = None
+    """The worker queue (redis://HOST:PORT/DB) the service puts its runs on, for
+    ``baton worker`` to run (BATON_QUEUE_URL); None: the service runs them itself."""
     archive_dir: Path | None = None
     """BATON_ARCHIVE_DIR: where retention archives; None: ``archive`` under ``home``."""
     retention_interval: float | None = RETENTION_INTERVAL
@@ -154,6 +157,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             store_wait=store_wait,
             owner_timeout=owner_timeout,
             allowed_targets=_optional(environ, "BATON_ALLOWED_TARGETS"),
+            queue_url=_optional(environ, "BATON_QUEUE_URL"),
             archive_dir=Path(archive).expanduser() if archive else None,
             retention_interval=(
                 None
@@ -172,8 +176,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         database = mask_dsn(self.database_url) if self.database_url else None
         redis = mask_dsn(self.redis_url) if self.redis_url else None
         key = _MASK if self.secret_key else None
+        queue = mask_dsn(self.queue_url) if self.queue_url else None
         return (
             f"Settings(database_url={database!r}, redis_url={redis!r}, "
             f"home={str(self.home)!r}, secret_key={key!r}, store_wait={self.store_wait!r}, "
-            f"owner_timeout={self.owner_timeout!r})"
+            f"owner_timeout={self.owner_timeout!r}, queue_url={queue!r})"
         )

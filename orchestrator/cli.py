@@ -568,8 +568,10 @@ def _queued(
     "--queue",
     "queue_url",
     required=True,
+    envvar="BATON_QUEUE_URL",
     metavar="URL",
-    help="The queue baton run --queue submits to: redis://HOST:PORT/DB.",
+    help="The queue baton run --queue and the service (BATON_QUEUE_URL) submit to:"
+    " redis://HOST:PORT/DB.",
 )
 @click.option(
     "-c",
@@ -607,9 +609,10 @@ def worker(
     claim_after: float,
     max_deliveries: int,
 ) -> None:
-    """Run the jobs of baton run --queue, each run's events in the one event store
-    (BATON_DATABASE_URL). Start it in the root of the same checkout. SIGTERM or SIGINT:
-    no new jobs, those in flight finish (up to --drain-timeout), then it exits."""
+    """Run the jobs of baton run --queue and of the service's runs (BATON_QUEUE_URL), each
+    run's events in the one event store (BATON_DATABASE_URL). Start it in the root of the
+    same checkout. SIGTERM or SIGINT: no new jobs, those in flight finish (up to
+    --drain-timeout), then it exits."""
     import logging
 
     from events.settings import Settings

@@ -26,7 +26,7 @@ from orchestrator.inputs import environment_file, read_mapping, read_rows, read_
 from orchestrator.loader import find_flows, load_flow, with_services
 from orchestrator.planner import Plan, Scope, plan
 from orchestrator.results import RunResult
-from orchestrator.runner import Observer, RunInputs, Runner, initial_namespace
+from orchestrator.runner import Observer, Resume, RunInputs, Runner, initial_namespace
 from orchestrator.services import Clock, Health, ResolvedService, resolve
 from orchestrator.services import check as check_service
 from orchestrator.targets import TargetPolicy
@@ -224,6 +224,17 @@ def _services(job: Job) -> dict[str, ResolvedService]:
         return resolve(job.plan.loaded.flow, initial_namespace(job.runs[0]))
     except templating.TemplateError:
         return {}  # the run itself reports it, test by test
+
+
+async def health_checked(runner: Runner, plan: Plan, inputs: RunInputs) -> RunInputs:
+    """A run's inputs once its services' health is checked (docs/flow-format.md#services),
+    for a run with no exit code to give (the service's, on its process or a worker): an
+    unhealthy service's tests are skipped by the runner; with ``on_unhealthy: abort``,
+    every test is skipped with the reason and the run fails."""
+    refusal = await check_health([Job(plan, [inputs])], runner)
+    if not refusal:
+        return inputs
+    return replace(inputs, resume=Resume(0, {}, {}, failure=refusal))
 
 
 async def check_health(jobs: list[Job], runner: Runner) -> str:
