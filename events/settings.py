@@ -21,6 +21,8 @@ STORE_WAIT = 60.0
 """Default BATON_STORE_WAIT: a managed PostgreSQL's failover takes 10-60 s."""
 OWNER_TIMEOUT = 90.0
 """Default BATON_OWNER_TIMEOUT: longer than STORE_WAIT plus a few heartbeats."""
+EXCERPT_LIMIT = 2048
+"""Default BATON_EXCERPT_LIMIT: characters of a body an event keeps (redacted)."""
 _KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 
 
@@ -98,6 +100,15 @@ def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
     return seconds
 
 
+def _count(environ: Mapping[str, str], name: str, default: int) -> int:
+    value = _optional(environ, name)
+    if value is None:
+        return default
+    if not value.isdigit() or int(value) == 0:
+        raise SettingsError(f"{name}={value!r}: expected a whole number above 0, like 8192")
+    return int(value)
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Where Baton keeps its events and cache, and the key that encrypts its secrets.
 
@@ -121,6 +132,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     allowed_targets: str | None = None
     """What runs started through the service may reach (orchestrator.targets); None:
     public addresses only."""
+    excerpt_limit: int = EXCERPT_LIMIT
+    """Characters of each request and response body the events keep (BATON_EXCERPT_LIMIT):
+    what ``baton replay`` can check again."""
 
     @classmethod
     def from_env(
@@ -146,6 +160,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             store_wait=store_wait,
             owner_timeout=owner_timeout,
             allowed_targets=_optional(environ, "BATON_ALLOWED_TARGETS"),
+            excerpt_limit=_count(environ, "BATON_EXCERPT_LIMIT", EXCERPT_LIMIT),
         )
 
     @property

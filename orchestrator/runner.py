@@ -19,6 +19,7 @@ import httpx
 
 from events import types as ev
 from events.secrets import Cipher, Redactor
+from events.settings import EXCERPT_LIMIT
 from events.writer import BatchingWriter
 from orchestrator import templating
 from orchestrator.compiled import redaction_policy
@@ -79,6 +80,8 @@ class RunInputs:
     """Go on with a run whose stream already begins (see Resume), instead of starting it."""
     session_id: str = ""
     """The test session the run was admitted to (events.sessions), if any."""
+    continues: str = ""
+    """The run this one reruns (RunStarted.continues), or ""."""
     today: date = field(default_factory=lambda: datetime.now(UTC).date())
     """The day known-failure marks are judged against (UTC)."""
 
@@ -98,6 +101,7 @@ def run_started(plan: Plan, inputs: RunInputs) -> ev.RunStarted:
         tags=list(inputs.tags),
         source=plan.loaded.label,
         session_id=inputs.session_id,
+        continues=inputs.continues,
     )
 
 
@@ -124,6 +128,7 @@ class Runner:
         limits: templating.Limits = templating.CLI_LIMITS,
         clock: Clock | None = None,
         limiters: Limiters | None = None,
+        excerpt_limit: int = EXCERPT_LIMIT,
     ) -> None:
         """``limiters``: the process's rate limiters, when it makes a Runner per run (the
         service, a worker); by default the Runner's own, for every run it runs."""
@@ -133,6 +138,8 @@ class Runner:
         """By service key: what ``execute`` found before the runs (a service not checked
         has no entry, and its tests run)."""
         self.limits = limits
+        self.excerpt_limit = excerpt_limit
+        """Characters of each body the events keep (BATON_EXCERPT_LIMIT)."""
         self.cipher = cipher
         self.transport = transport
         self.slots = asyncio.Semaphore(concurrency)
@@ -238,6 +245,7 @@ class RunExecution:
             environment=self.inputs.environment,
             batch_id=self.inputs.batch_id,
             row=self.inputs.row,
+            continues=self.inputs.continues,
         )
 
     def _prepare(self) -> None:
