@@ -193,7 +193,7 @@ async def test_failed_rows_rerun_only_the_failed_rows_in_a_new_batch(
 
 
 def test_unknown_run_is_one_line_and_exit_2(here: Path) -> None:
-    code, out, err = rerun("0190a3c2-0000-7000-8000-000000000000", "--failed")
+    code, _, err = rerun("0190a3c2-0000-7000-8000-000000000000", "--failed")
     assert code == 2
     assert err.strip().splitlines() == [
         "error: no run '0190a3c2-0000-7000-8000-000000000000' in the event store (see `baton runs`)"
