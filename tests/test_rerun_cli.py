@@ -96,9 +96,7 @@ async def test_failed_reruns_the_failure_and_its_dependents_without_logging_in_a
     assert await sent(env["BATON_DATABASE_URL"], again["run_id"]) == ["profile", "greeting"]
     reused = await events_of(env["BATON_DATABASE_URL"], again["run_id"], "AuthTokenUpdated")
     assert [(event["test"], event["name"]) for event in reused] == [("login", "auth.token")]
-    properties = {
-        p.get("name"): p.get("value") for p in ElementTree.parse(junit).iter("property")
-    }
+    properties = {p.get("name"): p.get("value") for p in ElementTree.parse(junit).iter("property")}
     assert properties["continues"] == first["_run_id"]
     code, shown, _ = await asyncio.to_thread(baton, "show", again["run_id"])
     assert code == 0 and f"continues run {first['_run_id']}" in shown
