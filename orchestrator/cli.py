@@ -457,7 +457,7 @@ def rerun(
     cipher = Cipher(load_key(settings.secret_key, settings.home))
     now = datetime.now(UTC)
 
-    async def plan(store: Any) -> list[Any]:
+    async def plan(store: Any) -> continuation.Continuation:
         if failed_rows:
             return await continuation.failed_rows_jobs(
                 store, cipher, target, options, flow=flow, now=now
@@ -467,7 +467,10 @@ def rerun(
             store, cipher, target, selection, options, flow=flow, now=now
         )
 
-    jobs = _with_store(plan)
+    planned = _with_store(plan)
+    jobs = planned.jobs
+    for note in planned.notes:
+        click.echo(note)
     for job in jobs:
         if job.continues:
             click.echo(f"batch {job.batch_id} continues batch {job.continues}")

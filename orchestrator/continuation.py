@@ -7,7 +7,7 @@ now (a fixed assertion counts), and ``orchestrator.rerun`` decides what runs aga
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -22,6 +22,13 @@ from orchestrator.rerun import Prior, RerunPlan, Selection, reused_namespace, se
 from orchestrator.runner import RunInputs
 
 
+@dataclass(frozen=True)
+class Continuation:
+    jobs: list[Job]
+    notes: list[str] = field(default_factory=list)
+    """What the command says before the runs begin, besides what runs again."""
+
+
 async def rerun_jobs(
     store: EventStore,
     cipher: Cipher,
@@ -31,7 +38,7 @@ async def rerun_jobs(
     *,
     flow: Path | None,
     now: datetime,
-) -> list[Job]:
+) -> Continuation:
     """The job that reruns run ``target``. ``options``: what the command line gives
     (its environment, tags and data file stand in for the recorded ones)."""
     events = await store.read_stream(ev.run_stream(target))
@@ -50,7 +57,8 @@ async def rerun_jobs(
     chosen = _selected(job.plan, prior, selection, now, f"run {target}")
     if not chosen.tests:
         raise UsageError(f"every test of run {target} passed: there is nothing to rerun")
-    return [Job(job.plan.only(chosen.tests), [_continuing(inputs, chosen, cipher, target)])]
+    rerun = Job(job.plan.only(chosen.tests), [_continuing(inputs, chosen, cipher, target)])
+    return Continuation([rerun], _expired_notes(chosen, f"run {target}"))
 
 
 async def failed_rows_jobs(
@@ -61,7 +69,7 @@ async def failed_rows_jobs(
     *,
     flow: Path | None,
     now: datetime,
-) -> list[Job]:
+) -> Continuation:
     """One job, a new batch that continues batch ``target``: a run for each row whose run
     did not pass, each running again its failed tests and what they made skip."""
     recorded = await store.read_stream(ev.batch_stream(target))
@@ -76,6 +84,7 @@ async def failed_rows_jobs(
     path = flow_path(flow, began.source, f"batch {target}")
     runs: list[RunInputs] = []
     plans: list[Plan] = []
+    notes: list[str] = []
     job: Job | None = None
     for run_id in began.runs:
         events = await store.read_stream(ev.run_stream(run_id))
@@ -94,9 +103,10 @@ async def failed_rows_jobs(
         inputs = replace(inputs, batch_id=job.batch_id, row=started.row)
         runs.append(_continuing(inputs, chosen, cipher, run_id))
         plans.append(job.plan.only(chosen.tests))
+        notes += _expired_notes(chosen, f"run {run_id}")
     if job is None or not runs:
         raise UsageError(f"every row of batch {target} passed: there is nothing to rerun")
-    return [replace(job, runs=runs, continues=target, row_plans=tuple(plans))]
+    return Continuation([replace(job, runs=runs, continues=target, row_plans=tuple(plans))], notes)
 
 
 def _started(events: list[ev.RecordedEvent], run_id: str) -> ev.RunStarted:
@@ -176,6 +186,11 @@ def _selected(
         if spec.ttl is not None
     }
     return select(plan.order, plan.graph, prior, selection, ttls=ttls, now=now)
+
+
+def _expired_notes(chosen: RerunPlan, what: str) -> list[str]:
+    note = "runs again: a capture it made outlived its ttl"
+    return [f"{test} of {what} {note}" for test in chosen.expired]
 
 
 def _continuing(inputs: RunInputs, chosen: RerunPlan, cipher: Cipher, run_id: str) -> RunInputs:

@@ -82,9 +82,12 @@ async def test_failed_reruns_the_failure_and_its_dependents_without_logging_in_a
     assert first["profile"]["status"] == "failed" and first["greeting"]["status"] == "skipped"
     chain(here, "alice")  # the assertion is fixed
     report = here / "rerun.json"
-    junit = here / "rerun.xml"
+    junit, html = here / "rerun.xml", here / "rerun.html"
     code, out, err = await asyncio.to_thread(
-        rerun, first["_run_id"], "--failed", "--json", str(report), "--junit", str(junit)
+        rerun,
+        first["_run_id"],
+        "--failed",
+        *("--json", str(report), "--junit", str(junit), "--html", str(html)),
     )
     assert code == 0, out + err
     again = report_of(report)
@@ -98,6 +101,7 @@ async def test_failed_reruns_the_failure_and_its_dependents_without_logging_in_a
     assert [(event["test"], event["name"]) for event in reused] == [("login", "auth.token")]
     properties = {p.get("name"): p.get("value") for p in ElementTree.parse(junit).iter("property")}
     assert properties["continues"] == first["_run_id"]
+    assert f"continues {first['_run_id']}" in html.read_text()
     code, shown, _ = await asyncio.to_thread(baton, "show", again["run_id"])
     assert code == 0 and f"continues run {first['_run_id']}" in shown
 
@@ -131,6 +135,7 @@ async def test_an_expired_capture_makes_its_producer_run_again(
     )
     assert code == 0, out + err
     again = report_of(report)
+    assert f"login of run {first['_run_id']} runs again: a capture it made outlived its ttl" in out
     assert [test["name"] for test in again["tests"]] == ["login", "profile", "greeting"]
     assert await sent(env["BATON_DATABASE_URL"], again["run_id"]) == [
         "login",
