@@ -114,6 +114,7 @@ class Services:
             max_wait=settings.store_wait,
             after_run=projected,
             owner=owner,
+            excerpt_limit=settings.excerpt_limit,
         )
         services = cls(
             settings=settings,

@@ -30,7 +30,7 @@ from events import types as ev
 from events.context import decrypted_variables, fold, hidden_values
 from events.owners import Owner
 from events.secrets import Cipher
-from events.settings import Settings
+from events.settings import EXCERPT_LIMIT, Settings
 from events.store import (
     EventStore,
     StoreError,
@@ -102,7 +102,10 @@ class Worker:
         *,
         consumer: str,
         store_wait: float,
+        excerpt_limit: int = EXCERPT_LIMIT,
     ) -> None:
+        self.excerpt_limit = excerpt_limit
+        """BATON_EXCERPT_LIMIT: what each job's events keep of a body."""
         self.queue = queue
         self.store = store
         self.owner = owner
@@ -234,6 +237,7 @@ class Worker:
                 transport=self.transport,
                 concurrency=job.concurrency,
                 limiters=self.limiters,
+                excerpt_limit=self.excerpt_limit,
             )
             await self._watching(job.batch_id, runner.run(unit.plan, inputs))
             return True
@@ -388,6 +392,7 @@ async def work(
             options,
             consumer=consumer,
             store_wait=settings.store_wait,
+            excerpt_limit=settings.excerpt_limit,
         )
         _log.info("worker %s takes jobs from %s, group %s", consumer, queue.stream, queue.group)
         handed_back = await worker.serve(stop)
