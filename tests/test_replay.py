@@ -128,3 +128,23 @@ def test_a_bad_excerpt_limit_is_one_line_and_exit_2(
     assert err.strip() == (
         "error: BATON_EXCERPT_LIMIT='lots': expected a whole number above 0, like 8192"
     )
+
+
+async def test_a_failed_replay_check_never_shows_a_secret(
+    here: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secrets = here / "secrets.yaml"
+    secrets.write_text("API_KEY: k3y-0f-the-replay-7e5t\n")
+    tests = """
+    echo:
+      request: {url: /echo, headers: {X-Api-Key: "{{ secrets.API_KEY }}"}}
+      expect: {status: 200}
+    """
+    _, run_id = await recorded_with_own_shop(here, monkeypatch, tests, "--secrets", str(secrets))
+    # the stored echo shows the key masked: a check that wants it in clear fails, and says
+    # so without the key
+    write_flow(here, tests.replace("{status: 200}", '{json: {"$.path": "{{ secrets.API_KEY }}"}}'))
+    code, out, err = await asyncio.to_thread(replay, run_id, "--secrets", str(secrets))
+    assert code == 1, out + err
+    assert "✗ echo" in out and "***" in out
+    assert "k3y-0f-the-replay-7e5t" not in out + err
