@@ -57,7 +57,8 @@ async def rerun_jobs(
     chosen = _selected(job.plan, prior, selection, now, f"run {target}")
     if not chosen.tests:
         raise UsageError(f"every test of run {target} passed: there is nothing to rerun")
-    rerun = Job(job.plan.only(chosen.tests), [_continuing(inputs, chosen, cipher, target)])
+    inputs = _continuing(inputs, chosen, cipher, target, prior)
+    rerun = Job(job.plan.only(chosen.tests), [inputs])
     return Continuation([rerun], _expired_notes(chosen, f"run {target}"))
 
 
@@ -101,7 +102,7 @@ async def failed_rows_jobs(
             continue
         inputs = job.runs[_row_index(job, started, run_id)]
         inputs = replace(inputs, batch_id=job.batch_id, row=started.row)
-        runs.append(_continuing(inputs, chosen, cipher, run_id))
+        runs.append(_continuing(inputs, chosen, cipher, run_id, prior))
         plans.append(job.plan.only(chosen.tests))
         notes += _expired_notes(chosen, f"run {run_id}")
     if job is None or not runs:
@@ -193,10 +194,20 @@ def _expired_notes(chosen: RerunPlan, what: str) -> list[str]:
     return [f"{test} of {what} {note}" for test in chosen.expired]
 
 
-def _continuing(inputs: RunInputs, chosen: RerunPlan, cipher: Cipher, run_id: str) -> RunInputs:
+def _continuing(
+    inputs: RunInputs, chosen: RerunPlan, cipher: Cipher, run_id: str, prior: Prior
+) -> RunInputs:
     namespace, hidden = reused_namespace(chosen.reused, cipher)
+    made = {
+        (event.test, event.name): round(
+            prior.captured_at[(event.test, event.name)].timestamp() * 1e6
+        )
+        for event in chosen.reused
+        if (event.test, event.name) in prior.captured_at
+    }
     return replace(
         inputs,
+        reused_at=made,
         variables={**inputs.variables, **namespace},
         hidden=(*inputs.hidden, *hidden),
         reused=tuple(chosen.reused),

@@ -38,6 +38,9 @@ class Prior:
     context: Context
     captured_at: Mapping[tuple[str, str], datetime] = field(default_factory=dict)
     """By (test, capture name): the time of its event in the log."""
+    rerun_of: frozenset[str] | None = None
+    """For a rerun, the tests it ran: every other test had passed in the runs before it,
+    and still counts as passed. None for a run that is no rerun."""
 
     @classmethod
     def of(cls, events: Iterable[ev.RecordedEvent]) -> Prior:
@@ -47,7 +50,12 @@ class Prior:
             for r in recorded
             if isinstance(r.event, ev.VariableCaptured | ev.AuthTokenUpdated)
         }
-        return cls(fold(recorded), captured_at)
+        context = fold(recorded)
+        started = recorded[0].event if recorded else None
+        ran = None
+        if isinstance(started, ev.RunStarted) and started.continues:
+            ran = frozenset(test.name for test in started.plan)
+        return cls(context, captured_at, ran)
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,12 @@ def select(
     if selection.start is not None:
         chosen = {selection.start}
     else:
-        chosen = {name for name in order if context.statuses.get(name) != "passed"}
+        chosen = {
+            name
+            for name in order
+            if context.statuses.get(name) != "passed"
+            and (prior.rerun_of is None or name in prior.rerun_of)
+        }
     chosen = _with_descendants(graph, chosen)
     expired: list[str] = []
     if ttls and now is not None:

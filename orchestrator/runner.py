@@ -75,6 +75,10 @@ class RunInputs:
     reused: tuple[ev.VariableCaptured | ev.AuthTokenUpdated, ...] = ()
     """Captures of an earlier run (a rerun's), recorded right after RunStarted, under the
     tests that captured them: the run's context holds them as the earlier one did."""
+    reused_at: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    """By (test, capture name): when a reused capture was made (microseconds since the
+    Unix epoch), the time its event is recorded with here too, so that a ``ttl`` counts
+    from the capture, not from the rerun that took it over."""
     run_id: str = field(default_factory=lambda: str(ev.new_id()))
     resume: Resume | None = None
     """Go on with a run whose stream already begins (see Resume), instead of starting it."""
@@ -190,8 +194,9 @@ class RunExecution:
         resume = self.inputs.resume
         if resume is None or not resume.version:
             self.emit(run_started(self.plan, self.inputs))
+            made = self.inputs.reused_at
             for reused in self.inputs.reused:
-                self.emit(reused)
+                self.emit(reused, made.get((reused.test, reused.name)))
         if resume is not None:
             self.runner.writer.resume(self.stream, resume.version)
             self.results.update(resume.finished)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
@@ -138,6 +139,31 @@ async def test_an_expired_capture_makes_its_producer_run_again(
     assert f"login of run {first['_run_id']} runs again: a capture it made outlived its ttl" in out
     assert [test["name"] for test in again["tests"]] == ["login", "profile", "greeting"]
     assert await sent(env["BATON_DATABASE_URL"], again["run_id"]) == [
+        "login",
+        "profile",
+        "greeting",
+    ]
+
+
+async def test_a_rerun_of_a_rerun_counts_the_ttl_from_the_capture(
+    here: Path, env: dict[str, str]
+) -> None:
+    flow = chain(here, "bob", ttl="3s")
+    code, _, _, first = await run_flow(flow)
+    made_before = time.monotonic()  # the capture is at least this old from here on
+    assert code == 1
+    report = here / "again.json"
+    code, out, _ = await asyncio.to_thread(
+        rerun, first["_run_id"], "--failed", "--json", str(report)
+    )
+    assert code == 1  # still bob: the token was reused, fresh
+    second = report_of(report)["run_id"]
+    await asyncio.sleep(max(0.0, 3.3 - (time.monotonic() - made_before)))
+    chain(here, "alice", ttl="3s")
+    code, out, err = await asyncio.to_thread(rerun, second, "--failed", "--json", str(report))
+    assert code == 0, out + err
+    assert f"login of run {second} runs again" in out
+    assert await sent(env["BATON_DATABASE_URL"], report_of(report)["run_id"]) == [
         "login",
         "profile",
         "greeting",
