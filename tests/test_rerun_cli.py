@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
+import asyncpg
 import networkx as nx
 import pytest
 
@@ -63,6 +64,17 @@ def report_of(path: Path) -> dict[str, Any]:
     return run
 
 
+async def token_time(dsn: str, run_id: str) -> Any:
+    connection = await asyncpg.connect(dsn)
+    try:
+        return await connection.fetchval(
+            "SELECT recorded_at FROM events WHERE stream = $1 AND type = 'AuthTokenUpdated'",
+            f"run-{run_id}",
+        )
+    finally:
+        await connection.close()
+
+
 async def sent(dsn: str, run_id: str) -> list[str]:
     """The tests that sent a request in the run."""
     return [event["test"] for event in await events_of(dsn, run_id, "RequestSent")]
@@ -100,6 +112,9 @@ async def test_failed_reruns_the_failure_and_its_dependents_without_logging_in_a
     assert await sent(env["BATON_DATABASE_URL"], again["run_id"]) == ["profile", "greeting"]
     reused = await events_of(env["BATON_DATABASE_URL"], again["run_id"], "AuthTokenUpdated")
     assert [(event["test"], event["name"]) for event in reused] == [("login", "auth.token")]
+    # recorded with the time it was captured: a ttl counts from the capture, not the rerun
+    dsn = env["BATON_DATABASE_URL"]
+    assert await token_time(dsn, again["run_id"]) == await token_time(dsn, first["_run_id"])
     properties = {p.get("name"): p.get("value") for p in ElementTree.parse(junit).iter("property")}
     assert properties["continues"] == first["_run_id"]
     assert f"continues {first['_run_id']}" in html.read_text()
