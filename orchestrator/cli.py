@@ -404,6 +404,12 @@ def _rerun_inputs(function: F) -> F:
             type=click.Path(path_type=Path),
             help="YAML file of secrets (read as secrets.NAME).",
         ),
+        click.option(
+            "--data",
+            "data_file",
+            type=click.Path(path_type=Path),
+            help="A batch's data file (default: the one it recorded).",
+        ),
     ]
     for option in reversed(options):
         function = option(function)
@@ -418,12 +424,6 @@ def _rerun_inputs(function: F) -> F:
     "--failed-rows", is_flag=True, help="ID is a batch: rerun its failed rows in a new batch."
 )
 @_rerun_inputs
-@click.option(
-    "--data",
-    "data_file",
-    type=click.Path(path_type=Path),
-    help="The batch's data file (default: the one it recorded).",
-)
 @click.option("--tag", "tags", multiple=True, help="Tag selection (default: the run's).")
 @click.option("-c", "--concurrency", default=10, show_default=True, type=click.IntRange(1, 1000))
 @report_options

@@ -48,18 +48,26 @@ async def rerun_jobs(
         raise UsageError(f"no run {target!r} in the event store (see `baton runs`)")
     started = _started(events, target)
     prior = _ended(events, target)
-    data = options.data_file
-    if data is None and started.batch_id:
-        data = await _data_of(store, started.batch_id)
-    job = prepared(options, flow_path(flow, started.source, f"run {target}"), started, data)
-    inputs = job.runs[_row_index(job, started, target)] if data is not None else job.runs[0]
-    inputs = replace(inputs, batch_id="", row=-1)
+    job, inputs = await run_again(store, options, flow, started)
     chosen = _selected(job.plan, prior, selection, now, f"run {target}")
     if not chosen.tests:
         raise UsageError(f"every test of run {target} passed: there is nothing to rerun")
     inputs = _continuing(inputs, chosen, cipher, target, prior)
     rerun = Job(job.plan.only(chosen.tests), [inputs])
     return Continuation([rerun], _expired_notes(chosen, f"run {target}"))
+
+
+async def run_again(
+    store: EventStore, options: Options, flow: Path | None, started: ev.RunStarted
+) -> tuple[Job, RunInputs]:
+    """The flow of a recorded run as it is now, and the inputs of one run like it: a
+    batch row's read from its row of the data file."""
+    data = options.data_file
+    if data is None and started.batch_id:
+        data = await _data_of(store, started.batch_id)
+    job = prepared(options, flow_path(flow, started.source, f"run {started.run_id}"), started, data)
+    inputs = job.runs[_row_index(job, started, started.run_id)] if data is not None else job.runs[0]
+    return job, replace(inputs, batch_id="", row=-1)
 
 
 async def failed_rows_jobs(

@@ -23,7 +23,7 @@ from orchestrator import templating
 from orchestrator.assertions import evaluate
 from orchestrator.captures import CaptureError, capture
 from orchestrator.compiled import CompiledTest, redaction_policy
-from orchestrator.continuation import flow_path, prepared
+from orchestrator.continuation import run_again
 from orchestrator.errors import UsageError
 from orchestrator.execution import Options
 from orchestrator.results import AssertionResult, ResponseView, RunResult, TestResult
@@ -45,11 +45,10 @@ async def replay(
     if not events or not isinstance(events[0].event, ev.RunStarted):
         raise UsageError(f"no run {run_id!r} in the event store (see `baton runs`)")
     started = events[0].event
-    job = prepared(options, flow_path(flow, started.source, f"run {run_id}"), started, None)
+    job, inputs = await run_again(store, options, flow, started)
     context = fold(events)
-    namespace: dict[str, Any] = initial_namespace(job.runs[0])
+    namespace: dict[str, Any] = initial_namespace(inputs)
     namespace.update(decrypted_variables(context, cipher))
-    inputs = job.runs[0]
     known = [inputs.secrets[n] for n in job.plan.secret_names if n in inputs.secrets]
     flow_spec = job.plan.loaded.flow
     redactor = Redactor(

@@ -4,6 +4,7 @@ demo shop stopped: no request can be sent."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import asyncpg
@@ -148,3 +149,38 @@ async def test_a_failed_replay_check_never_shows_a_secret(
     assert code == 1, out + err
     assert "✗ echo" in out and "***" in out
     assert "k3y-0f-the-replay-7e5t" not in out + err
+
+
+async def test_a_batch_row_replays_with_its_own_row(
+    here: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = here / "users.csv"
+    rows.write_text("username,password\nuser001,pw-user001\nuser002,pw-user002\n")
+    tests = """
+    login:
+      request:
+        method: POST
+        url: /auth/login
+        json: {username: "{{ username }}", password: "{{ password }}"}
+      capture: {auth.token: {json: "$.access_token"}}
+    profile:
+      request: {url: /me, headers: {Authorization: "Bearer {{ auth.token }}"}}
+      expect: {json: {"$.username": "{{ username }}"}}
+    """
+    head = "variables: {username: nobody, password: none}\n"
+    process, url = start_shop()
+    monkeypatch.setenv("SHOP_URL", url)
+    report = here / "rows.json"
+    try:
+        flow = write_flow(here, tests, head=head)
+        code, out, err = await asyncio.to_thread(
+            baton, "run", str(flow), "--data", str(rows), "--json", str(report)
+        )
+    finally:
+        stop(process)
+    assert code == 0, out + err
+    second = json.loads(report.read_text())["runs"][1]
+    assert second["row"] == 2
+    code, out, err = await asyncio.to_thread(replay, second["run_id"])
+    assert code == 0, out + err
+    assert "✓ profile" in out
