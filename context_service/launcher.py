@@ -24,6 +24,7 @@ import httpx
 from events import types as ev
 from events.owners import Owner
 from events.secrets import Cipher
+from events.settings import EXCERPT_LIMIT
 from events.store import StoreError
 from events.writer import DEFAULT_MAX_WAIT, Appender, BatchingWriter
 from orchestrator import templating
@@ -78,6 +79,7 @@ class RunLauncher:
         max_wait: float = DEFAULT_MAX_WAIT,
         after_run: Callable[[int], Awaitable[object]] | None = None,
         owner: Owner | None = None,
+        excerpt_limit: int = EXCERPT_LIMIT,
     ) -> None:
         """``store``: what the runs' writers append through. ``max_wait``: seconds a run
         stays paused while the store is unreachable. ``after_run``: awaited with the log
@@ -93,6 +95,7 @@ class RunLauncher:
         self._concurrency = concurrency
         self._max_wait = max_wait
         self._after_run = after_run
+        self._excerpt_limit = excerpt_limit
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     def start(self, spec: RunSpec) -> None:
@@ -122,6 +125,7 @@ class RunLauncher:
             concurrency=self._concurrency,
             limits=templating.SERVICE_LIMITS,  # a tenant's templates: bounded, off the loop
             limiters=self._limiters,
+            excerpt_limit=self._excerpt_limit,
         )
         try:
             await runner.run(spec.plan, await health_checked(runner, spec.plan, spec.inputs))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -30,9 +30,10 @@ from context_service.services import Services
 from events import types as ev
 from events.cache import UnknownRun
 from events.context import Context, decrypted_variables, hidden_values
-from events.secrets import SecretError, is_auth_name
+from events.secrets import SecretError
 from events.store import EventStore
 from orchestrator.queue import QueueUnavailable
+from orchestrator.rerun import Prior, Selection, graph_of, reused_captures, select
 from orchestrator.runner import RunInputs
 
 _ORIGIN = """
@@ -136,6 +137,7 @@ async def start(
         organization=str(org),
         project=project,
         reused=tuple(reused),
+        continues=str(rerun_of) if rerun_of is not None else "",
     )
     if request.session_id is not None:
         from context_service.api.sessions import admit
@@ -170,26 +172,6 @@ async def start(
     return run_id
 
 
-def reused_captures(
-    context: Context, rerun: Collection[str]
-) -> list[ev.VariableCaptured | ev.AuthTokenUpdated]:
-    """The captures of ``context`` by tests that are not run again, as events for the
-    rerun to record (ciphertext stays ciphertext)."""
-    secret = set(context.secret_names)
-    events: list[ev.VariableCaptured | ev.AuthTokenUpdated] = []
-    for test, values in context.captured.items():
-        if test in rerun:
-            continue
-        for name, value in values.items():
-            if is_auth_name(name):
-                events.append(ev.AuthTokenUpdated(test=test, name=name, value=str(value)))
-            else:
-                events.append(
-                    ev.VariableCaptured(test=test, name=name, value=value, secret=name in secret)
-                )
-    return events
-
-
 async def rerun(services: Services, principal: Principal, run_id: uuid.UUID) -> uuid.UUID:
     """Start a rerun of the tests of ``run_id`` that did not pass; return its id."""
     async with services.db.tenant(principal.organization_id) as conn:
@@ -214,7 +196,7 @@ async def rerun(services: Services, principal: Principal, run_id: uuid.UUID) -> 
     if started is None:
         raise Conflict("the run's log does not begin with RunStarted")
     planned = [test.name for test in started.plan]
-    todo = [name for name in planned if context.statuses.get(name) != "passed"]
+    todo = select(planned, graph_of(started.plan), Prior(context), Selection(failed=True)).tests
     if not todo:
         raise Conflict("every test of the run passed: there is nothing to rerun")
     request = StartRequest(

@@ -126,6 +126,7 @@ class Services:
             max_wait=settings.store_wait,
             after_run=projected,
             owner=owner,
+            excerpt_limit=settings.excerpt_limit,
         )
         queued: QueuedRuns | None = None
         if settings.queue_url:

@@ -23,6 +23,8 @@ OWNER_TIMEOUT = 90.0
 """Default BATON_OWNER_TIMEOUT: longer than STORE_WAIT plus a few heartbeats."""
 RETENTION_INTERVAL = 24 * 3600.0
 """Default BATON_RETENTION_INTERVAL: `baton serve` applies retention once a day."""
+EXCERPT_LIMIT = 2048
+"""Default BATON_EXCERPT_LIMIT: characters of a body an event keeps (redacted)."""
 _KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 
 
@@ -100,6 +102,15 @@ def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
     return seconds
 
 
+def _count(environ: Mapping[str, str], name: str, default: int) -> int:
+    value = _optional(environ, name)
+    if value is None:
+        return default
+    if not value.isdigit() or int(value) == 0:
+        raise SettingsError(f"{name}={value!r}: expected a whole number above 0, like 8192")
+    return int(value)
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Where Baton keeps its events and cache, and the key that encrypts its secrets.
 
@@ -131,6 +142,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     retention_interval: float | None = RETENTION_INTERVAL
     """Seconds between two retention applies of ``baton serve`` (BATON_RETENTION_INTERVAL);
     None ("off"): the service applies none."""
+    excerpt_limit: int = EXCERPT_LIMIT
+    """Characters of each request and response body the events keep (BATON_EXCERPT_LIMIT):
+    what ``baton replay`` can check again."""
 
     @classmethod
     def from_env(
@@ -164,6 +178,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 if _optional(environ, "BATON_RETENTION_INTERVAL") == "off"
                 else _seconds(environ, "BATON_RETENTION_INTERVAL", RETENTION_INTERVAL)
             ),
+            excerpt_limit=_count(environ, "BATON_EXCERPT_LIMIT", EXCERPT_LIMIT),
         )
 
     @property

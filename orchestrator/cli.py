@@ -324,9 +324,7 @@ def run(
 ) -> None:
     """Run flow files (or directories of them). Interrupted (Ctrl-C, SIGTERM), the runs in
     flight end as cancelled and what passed, failed and was cancelled is printed."""
-    from events.settings import Settings
     from orchestrator import execution
-    from orchestrator.reporters import ConsoleProgress, RunTally
 
     if queue_url is not None and shard_text is not None:
         raise UsageError(
@@ -343,23 +341,53 @@ def run(
     options = _options(concurrency=concurrency, **kwargs)
     jobs = execution.prepare(options)
     _warn_insecure(jobs)
+    reports = {"junit": junit, "json_path": json_path, "html": html, "ctrf": ctrf}
     if queue_url is not None:
-        reports = {"junit": junit, "json_path": json_path, "html": html, "ctrf": ctrf}
         _queued(queue_url, options, jobs, batch_id, quiet=quiet, serve=serve, **reports)
         return
-    to_stderr = events_format is not None
+    ndjson = events_format is not None
     shard_run = None
     if shard is not None and batch_id:
         from orchestrator.shards import ShardRun
 
         shard_run = ShardRun.of(jobs, shard, batch_id)
         jobs = shard_run.jobs()
-        click.echo(shard_run.describe(), err=to_stderr)
-    human = sys.stderr if to_stderr else sys.stdout
+        click.echo(shard_run.describe(), err=ndjson)
+    _execute(
+        jobs,
+        concurrency,
+        quiet,
+        reports,
+        serve=serve,
+        shard=shard_run,
+        session_id=session_id,
+        ndjson=ndjson,
+    )
+
+
+def _execute(
+    jobs: list[Any],
+    concurrency: int,
+    quiet: bool,
+    reports: dict[str, Path | None],
+    *,
+    serve: str | None = None,
+    shard: Any = None,
+    session_id: str | None = None,
+    ndjson: bool = False,
+) -> None:
+    """Run the jobs with live progress, write the reports, print the summary; exit 1 if a
+    run did not pass. With ``ndjson``, standard output carries only the events, one JSON
+    line each, and what a person reads goes to standard error."""
+    from events.settings import Settings
+    from orchestrator import execution
+    from orchestrator.reporters import ConsoleProgress, RunTally
+
+    human = sys.stderr if ndjson else sys.stdout
     color = human.isatty() and "NO_COLOR" not in os.environ
     progress = ConsoleProgress(stream=human, quiet=quiet, color=color)
     tally = RunTally()
-    stream_event = _ndjson_writer() if to_stderr else None
+    stream_event = _ndjson_writer() if ndjson else None
 
     def observe(run_id: str, event: Any) -> None:
         progress(run_id, event)
@@ -374,17 +402,140 @@ def run(
                     concurrency=concurrency,
                     observer=observe,
                     placed=stream_event,
-                    shard=shard_run,
+                    shard=shard,
                     session_id=session_id or "",
                 )
             )
     except KeyboardInterrupt:
         progress.close()
-        click.echo(tally.render(color=color), err=to_stderr)
+        click.echo(tally.render(color=color), err=ndjson)
         raise
     progress.close()
-    reports = {"junit": junit, "json_path": json_path, "html": html, "ctrf": ctrf}
-    if not _reported(results, color=color, err=to_stderr, **reports):
+    if not _reported(results, color=color, err=ndjson, **reports):
+        sys.exit(1)
+
+
+def _rerun_inputs(function: F) -> F:
+    """What a rerun or a replay may give again instead of what the run recorded."""
+    options = [
+        click.option(
+            "--flow",
+            type=click.Path(path_type=Path),
+            help="The flow file (default: the one the run recorded, as given then).",
+        ),
+        click.option("--env", "environment", help="Environment (default: the run's)."),
+        click.option("--var", "variables", multiple=True, help="Set a variable: name=value."),
+        click.option(
+            "--secrets",
+            "secrets_file",
+            type=click.Path(path_type=Path),
+            help="YAML file of secrets (read as secrets.NAME).",
+        ),
+        click.option(
+            "--data",
+            "data_file",
+            type=click.Path(path_type=Path),
+            help="A batch's data file (default: the one it recorded).",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@cli.command()
+@click.argument("target", metavar="ID")
+@click.option("--failed", is_flag=True, help="Rerun the tests that failed and those they skipped.")
+@click.option("--from", "start", metavar="TEST", help="Rerun TEST and every test that needs it.")
+@click.option(
+    "--failed-rows", is_flag=True, help="ID is a batch: rerun its failed rows in a new batch."
+)
+@_rerun_inputs
+@click.option("--tag", "tags", multiple=True, help="Tag selection (default: the run's).")
+@click.option("-c", "--concurrency", default=10, show_default=True, type=click.IntRange(1, 1000))
+@report_options
+@click.option("-q", "--quiet", is_flag=True, help="Only failures and the summary.")
+def rerun(
+    target: str,
+    failed: bool,
+    start: str | None,
+    failed_rows: bool,
+    flow: Path | None,
+    concurrency: int,
+    quiet: bool,
+    **kwargs: Any,
+) -> None:
+    """Run a recorded run again, aware of the graph: --failed (the failed tests and the
+    dependents they made skip), --from TEST (that test onwards), or for a batch
+    --failed-rows. The other tests' captures come from the log (login is not sent again),
+    unless a capture's ttl has passed. The new run records which run it continues."""
+    from datetime import UTC, datetime
+
+    from events.secrets import Cipher, load_key
+    from events.settings import Settings
+    from orchestrator import continuation
+    from orchestrator.rerun import Selection
+
+    if sum((failed, start is not None, failed_rows)) != 1:
+        raise UsageError("baton rerun: give one of --failed, --from TEST or --failed-rows")
+    reports = {name: kwargs.pop(name) for name in ("junit", "json_path", "html", "ctrf")}
+    options = _options(paths=[], concurrency=concurrency, **kwargs)
+    settings = Settings.from_env()
+    cipher = Cipher(load_key(settings.secret_key, settings.home))
+    now = datetime.now(UTC)
+
+    async def plan(store: Any) -> continuation.Continuation:
+        if failed_rows:
+            return await continuation.failed_rows_jobs(
+                store, cipher, target, options, flow=flow, now=now
+            )
+        selection = Selection(failed=failed, start=start)
+        return await continuation.rerun_jobs(
+            store, cipher, target, selection, options, flow=flow, now=now
+        )
+
+    planned = _with_store(plan)
+    jobs = planned.jobs
+    for note in planned.notes:
+        click.echo(note)
+    for job in jobs:
+        if job.continues:
+            click.echo(f"batch {job.batch_id} continues batch {job.continues}")
+        for index, inputs in enumerate(job.runs):
+            again = ", ".join(job.plan_of(index).order)
+            click.echo(f"run {inputs.run_id} continues run {inputs.continues}: again {again}")
+    _execute(jobs, concurrency, quiet, reports)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.argument("flow_file", metavar="[FLOW]", required=False, type=click.Path(path_type=Path))
+@_rerun_inputs
+def replay(run_id: str, flow_file: Path | None, flow: Path | None, **kwargs: Any) -> None:
+    """Check the flow's current expect and capture sections against the responses stored
+    in run RUN_ID, as a run would report them. No request is sent, nothing is recorded."""
+    from events.secrets import Cipher, load_key
+    from events.settings import Settings
+    from orchestrator.replay import replay as replayed
+    from orchestrator.reporters import render_summary
+    from orchestrator.reporters.console import test_lines
+
+    settings = Settings.from_env()
+    cipher = Cipher(load_key(settings.secret_key, settings.home))
+    options = _options(paths=[], **kwargs)
+    limit = settings.excerpt_limit
+
+    async def go(store: Any) -> Any:
+        return await replayed(
+            store, cipher, run_id, options, flow=flow_file or flow, excerpt_limit=limit
+        )
+
+    result = _with_store(go)
+    color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    click.echo(f"replay of run {run_id} with {result.file}: no request sent, nothing recorded")
+    click.echo(test_lines(result, color=color))
+    click.echo(render_summary([result], color=color))
+    if result.status != "passed":
         sys.exit(1)
 
 

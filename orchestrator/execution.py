@@ -57,6 +57,16 @@ class Job:
     plan: Plan
     runs: list[RunInputs]
     batch_id: str = ""
+    data: str = ""
+    """The data file of a batch, as given (BatchStarted.data)."""
+    continues: str = ""
+    """The batch whose failed rows this one reruns (BatchStarted.continues)."""
+    row_plans: tuple[Plan, ...] = ()
+    """Each run's own plan (a rerun's rows each run again what failed in them); empty:
+    every run runs ``plan``."""
+
+    def plan_of(self, index: int) -> Plan:
+        return self.row_plans[index] if self.row_plans else self.plan
 
 
 def prepare(options: Options, environ: Mapping[str, str] = os.environ) -> list[Job]:
@@ -94,7 +104,8 @@ def prepare(options: Options, environ: Mapping[str, str] = os.environ) -> list[J
             )
             for index, row in enumerate(rows)
         ]
-        jobs.append(Job(flow_plan, runs, batch_id))
+        data = str(options.data_file) if batch_id else ""
+        jobs.append(Job(flow_plan, runs, batch_id, data))
     if problems:
         raise UsageError(problems)
     return jobs
@@ -139,7 +150,12 @@ async def execute(
     )
     transport = make_transport(concurrency)
     runner = Runner(
-        writer=writer, cipher=cipher, transport=transport, concurrency=concurrency, clock=clock
+        writer=writer,
+        cipher=cipher,
+        transport=transport,
+        concurrency=concurrency,
+        clock=clock,
+        excerpt_limit=settings.excerpt_limit,
     )
     # The read tables follow the run live (realtime subscribers watch them), projected in
     # this process as appends commit; when the run ends only the tail is left to project.
@@ -212,8 +228,7 @@ async def _admitted(store: EventStore, session_id: str, jobs: list[Job]) -> list
 
     await sessions.admit(store, session_id, [run.run_id for job in jobs for run in job.runs])
     return [
-        Job(job.plan, [replace(run, session_id=session_id) for run in job.runs], job.batch_id)
-        for job in jobs
+        replace(job, runs=[replace(run, session_id=session_id) for run in job.runs]) for job in jobs
     ]
 
 
@@ -319,7 +334,7 @@ async def _run_all(
     async def lane() -> None:
         for index, inputs in rows:
             async with live:
-                results[index] = await runner.run(job.plan, inputs)
+                results[index] = await runner.run(job.plan_of(index), inputs)
 
     await asyncio.gather(*(lane() for _ in range(min(lanes, len(job.runs)))))
     return [results[index] for index in range(len(job.runs))]
@@ -339,6 +354,8 @@ async def _run_job(
             suite=job.plan.loaded.flow.name,
             source=source,
             runs=[run.run_id for run in job.runs],
+            continues=job.continues,
+            data=job.data,
         ),
     )
     start = time.perf_counter()

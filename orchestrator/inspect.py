@@ -115,8 +115,12 @@ async def show(store: PostgresEventStore, run_id: str) -> str:
         f"run {run.run_id}: {run.suite}" + (f" [row {run.batch_row}]" if run.batch_row else ""),
         f"  status {status}, {tally} of {run.total}, {_took(run)}",
         f"  environment {run.environment}, started {run.started_at:%Y-%m-%d %H:%M:%S %Z}",
-        "",
     ]
+    stream = ev.run_stream(run.run_id)
+    first = (await store.first_events([stream])).get(stream)
+    if first is not None and isinstance(first.event, ev.RunStarted) and first.event.continues:
+        lines.append(f"  continues run {first.event.continues}")
+    lines.append("")
     for result in results:
         timing = f"{result.duration_ms:.0f} ms" if result.duration_ms is not None else ""
         shown = "cancelled" if ended and result.status in ("pending", "running") else result.status

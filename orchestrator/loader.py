@@ -548,6 +548,9 @@ def _durations(flow: Flow) -> Iterator[tuple[str, Any]]:
         if test.until is not None and test.until.interval is not None:
             yield f"tests.{name}.until.interval", test.until.interval
         retry_specs.append((f"tests.{name}.retries", test.retries))
+        for capture_name, spec in test.capture.items():
+            if spec.ttl is not None:
+                yield f"tests.{name}.capture.{capture_name}.ttl", spec.ttl
     for where, retry in retry_specs:
         if retry is not None and not isinstance(retry, int):
             yield f"{where}.delay", retry.delay

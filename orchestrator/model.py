@@ -147,6 +147,9 @@ class Capture(_Spec, frozen=True):
     collect: bool = False
     """Keep a list of what every response of the test's polling gives (every JSONPath node,
     page after page) instead of the value in the last response."""
+    ttl: Duration | None = None
+    """How long the captured value stays good (a token's lifetime): ``baton rerun`` runs
+    the capturing test again rather than reuse a value older than this."""
 
     def source(self) -> tuple[str, str]:
         given = [

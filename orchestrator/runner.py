@@ -19,6 +19,7 @@ import httpx
 
 from events import types as ev
 from events.secrets import Cipher, Redactor
+from events.settings import EXCERPT_LIMIT
 from events.writer import BatchingWriter
 from orchestrator import templating
 from orchestrator.compiled import redaction_policy
@@ -74,11 +75,17 @@ class RunInputs:
     reused: tuple[ev.VariableCaptured | ev.AuthTokenUpdated, ...] = ()
     """Captures of an earlier run (a rerun's), recorded right after RunStarted, under the
     tests that captured them: the run's context holds them as the earlier one did."""
+    reused_at: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    """By (test, capture name): when a reused capture was made (microseconds since the
+    Unix epoch), the time its event is recorded with here too, so that a ``ttl`` counts
+    from the capture, not from the rerun that took it over."""
     run_id: str = field(default_factory=lambda: str(ev.new_id()))
     resume: Resume | None = None
     """Go on with a run whose stream already begins (see Resume), instead of starting it."""
     session_id: str = ""
     """The test session the run was admitted to (events.sessions), if any."""
+    continues: str = ""
+    """The run this one reruns (RunStarted.continues), or ""."""
     today: date = field(default_factory=lambda: datetime.now(UTC).date())
     """The day known-failure marks are judged against (UTC)."""
     cancel_reason: str = "interrupted"
@@ -102,6 +109,7 @@ def run_started(plan: Plan, inputs: RunInputs) -> ev.RunStarted:
         tags=list(inputs.tags),
         source=plan.loaded.label,
         session_id=inputs.session_id,
+        continues=inputs.continues,
     )
 
 
@@ -128,6 +136,7 @@ class Runner:
         limits: templating.Limits = templating.CLI_LIMITS,
         clock: Clock | None = None,
         limiters: Limiters | None = None,
+        excerpt_limit: int = EXCERPT_LIMIT,
     ) -> None:
         """``limiters``: the process's rate limiters, when it makes a Runner per run (the
         service, a worker); by default the Runner's own, for every run it runs."""
@@ -137,6 +146,8 @@ class Runner:
         """By service key: what ``execute`` found before the runs (a service not checked
         has no entry, and its tests run)."""
         self.limits = limits
+        self.excerpt_limit = excerpt_limit
+        """Characters of each body the events keep (BATON_EXCERPT_LIMIT)."""
         self.cipher = cipher
         self.transport = transport
         self.slots = asyncio.Semaphore(concurrency)
@@ -187,8 +198,9 @@ class RunExecution:
         resume = self.inputs.resume
         if resume is None or not resume.version:
             self.emit(run_started(self.plan, self.inputs))
+            made = self.inputs.reused_at
             for reused in self.inputs.reused:
-                self.emit(reused)
+                self.emit(reused, made.get((reused.test, reused.name)))
         if resume is not None:
             self.runner.writer.resume(self.stream, resume.version)
             self.results.update(resume.finished)
@@ -245,6 +257,7 @@ class RunExecution:
             environment=self.inputs.environment,
             batch_id=self.inputs.batch_id,
             row=self.inputs.row,
+            continues=self.inputs.continues,
         )
 
     def _prepare(self) -> None:

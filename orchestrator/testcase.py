@@ -38,8 +38,6 @@ if TYPE_CHECKING:
     from orchestrator.runner import RunExecution
     from orchestrator.services import RateLimiter
 
-EXCERPT = 2048
-"""How much of a body an event or a report keeps."""
 _E = TypeVar("_E", bound=Expect)
 
 
@@ -291,7 +289,7 @@ class TestExecution:
                 method=method,
                 url=redactor.redact(url),
                 headers=redactor.mask_headers(headers),
-                body_excerpt=redactor.excerpt(_text(shown or ""), EXCERPT),
+                body_excerpt=redactor.excerpt(_text(shown or ""), run.runner.excerpt_limit),
                 insecure=tls is not None and not tls.verify,
             )
         )
@@ -400,7 +398,7 @@ class TestExecution:
         view, self.unreported = self.unreported, None
         if view is None or self.exchange is None:
             return
-        excerpt = self.redactor.excerpt(view.text, EXCERPT)
+        excerpt = self.redactor.excerpt(view.text, self.run.runner.excerpt_limit)
         masked = self.redactor.mask_headers(view.headers)
         self.run.emit(
             ev.ResponseReceived(
@@ -455,7 +453,7 @@ class TestExecution:
             method=method,
             url=redactor.redact(url),
             request_headers=redactor.mask_headers(headers),
-            request_body=redactor.excerpt(_text(body or ""), EXCERPT),
+            request_body=redactor.excerpt(_text(body or ""), self.run.runner.excerpt_limit),
         )
 
     async def _check(self, response: ResponseView) -> None:

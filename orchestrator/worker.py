@@ -31,7 +31,7 @@ from events import types as ev
 from events.context import decrypted_variables, fold, hidden_values
 from events.owners import Owner
 from events.secrets import Cipher, SecretError
-from events.settings import Settings
+from events.settings import EXCERPT_LIMIT, Settings
 from events.store import (
     EventStore,
     StoreError,
@@ -121,7 +121,10 @@ class Worker:
         *,
         consumer: str,
         store_wait: float,
+        excerpt_limit: int = EXCERPT_LIMIT,
     ) -> None:
+        self.excerpt_limit = excerpt_limit
+        """BATON_EXCERPT_LIMIT: what each job's events keep of a body."""
         self.queue = queue
         self.store = store
         self.owner = owner
@@ -254,6 +257,7 @@ class Worker:
                 concurrency=job.concurrency,
                 limits=built.limits,
                 limiters=self.limiters,
+                excerpt_limit=self.excerpt_limit,
             )
             if built.targets is not None and inputs.resume is None:
                 # as the service's own runs do (context_service.launcher)
@@ -450,6 +454,7 @@ async def work(
             options,
             consumer=consumer,
             store_wait=settings.store_wait,
+            excerpt_limit=settings.excerpt_limit,
         )
         _log.info("worker %s takes jobs from %s, group %s", consumer, queue.stream, queue.group)
         try:
