@@ -400,6 +400,10 @@ class TestExecution:
         if self.compiled.auth is None:
             return None
         rendered = await self._render(self.compiled.auth)
+        oauth2 = rendered.get("oauth2")
+        if isinstance(oauth2, dict) and "://" not in str(oauth2.get("token_url", "")):
+            token_url = str(oauth2.get("token_url", "")).lstrip("/")
+            rendered = {"oauth2": {**oauth2, "token_url": f"{self.run.base_url}/{token_url}"}}
         for value in credentials(rendered):
             self.redactor.add(value)  # secrets by kind: masked whatever they are named
         try:

@@ -264,16 +264,14 @@ async def test_digest_auth_answers_the_challenge(
     _assert_absent(written, PASSWORD)
 
 
-OAUTH = (
-    "defaults:\n  auth:\n    oauth2:\n      token_url: /token\n"
-    "      client_id: baton\n"
-    '      client_secret: "{{ secrets.CLIENT_SECRET }}"\n'
-    "      scope: read{extra}\n"
-)
-
-
 def _oauth(extra: str = "") -> str:
-    return OAUTH.replace("/token", "{{ base }}/token").replace("{extra}", extra)
+    # a relative token_url is under base_url, like a request's url
+    return (
+        "defaults:\n  auth:\n    oauth2:\n      token_url: /token\n"
+        "      client_id: baton\n"
+        '      client_secret: "{{ secrets.CLIENT_SECRET }}"\n'
+        f"      scope: read{extra}\n"
+    )
 
 
 def _api_tests(count: int, *, chained: bool = False) -> str:
@@ -288,8 +286,7 @@ def _api_tests(count: int, *, chained: bool = False) -> str:
 
 
 def _oauth_flow(directory: Path, server: Server, tests: str, extra: str = "") -> Path:
-    defaults = _oauth(extra).replace("{{ base }}", server.url)
-    return _flow(directory, server, tests, defaults)
+    return _flow(directory, server, tests, _oauth(extra))
 
 
 async def test_oauth2_fetches_one_token_for_every_test(
@@ -442,6 +439,14 @@ def test_validate_names_an_auth_block_with_two_kinds_or_a_missing_field(
     assert code == 2
     assert "Traceback" not in err
     assert "defaults.auth.oauth2" in err and "client_secret" in err
+    flow.write_text(
+        "name: bad\nbase_url: http://127.0.0.1:1\ndefaults:\n"
+        '  auth: {basic: {username: a, password: "{{ secrets.UNSET_PASSWORD }}"}}\n'
+        "tests:\n  t:\n    request: {url: /x}\n"
+    )
+    code, _, err = baton("validate", str(flow))
+    assert code == 2
+    assert "defaults.auth" in err and "UNSET_PASSWORD" in err
 
 
 def test_without_botocore_sigv4_is_a_usage_error_naming_the_extra(tmp_path: Path) -> None:
