@@ -44,6 +44,7 @@ class Server:
     """Every token issued, in order."""
     valid: set[str] = field(default_factory=set)
     revoke_after_use: bool = False
+    refuse_every_token: bool = False
     digest_requests: int = 0
     seen_tokens: list[str] = field(default_factory=list)
 
@@ -121,7 +122,7 @@ async def _api_endpoint(request: web.Request) -> web.Response:
     server: Server = request.app[STATE]
     token = request.headers.get("Authorization", "").removeprefix("Bearer ")
     server.seen_tokens.append(token)
-    if token not in server.valid:
+    if token not in server.valid or server.refuse_every_token:
         return web.json_response({"error": "invalid_token"}, status=401)
     if server.revoke_after_use:
         server.valid.discard(token)
@@ -342,6 +343,18 @@ async def test_oauth2_fetches_a_new_token_once_after_a_401(
     # t1 and t2 each sent the revoked token, had a 401, and passed with a new one
     first, second, third = server.tokens
     assert server.seen_tokens == [first, first, second, second, third]
+
+
+async def test_oauth2_fetches_again_only_once_when_the_api_keeps_answering_401(
+    env: dict[str, str], tmp_path: Path, server: Server
+) -> None:
+    server.refuse_every_token = True
+    flow = _oauth_flow(tmp_path, server, _api_tests(1))
+    code, out, err, tests = await _run(flow)
+    assert code == 1, out + err
+    assert "expected 200, got 401" in tests["t0"]["message"]
+    assert len(server.tokens) == 2
+    assert server.seen_tokens == server.tokens
 
 
 async def test_oauth2_a_refused_client_fails_the_test_naming_the_token_endpoint(
