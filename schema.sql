@@ -1025,3 +1025,70 @@ ON CONFLICT DO NOTHING;
 
 INSERT INTO baton_schema_version (step, name)
 VALUES (12, 'daily rollups of runs and failures') ON CONFLICT (step) DO NOTHING;
+
+-- step 13: retention policies and monthly metrics
+--
+-- What `baton retention apply` reads and keeps (events.retention, docs/retention.md).
+-- retention_policies: a project's own windows; a NULL column takes the default (passed
+-- runs 90 days, failed 180, monthly metrics 730, contexts 24 hours after the run ends).
+-- Keyed by project name: the same name in two organizations shares its policy.
+CREATE TABLE IF NOT EXISTS retention_policies (
+    project        text PRIMARY KEY CHECK (project <> ''),
+    passed_days    int CHECK (passed_days > 0),
+    failed_days    int CHECK (failed_days > 0),
+    metrics_days   int CHECK (metrics_days > 0),
+    context_hours  int CHECK (context_hours > 0),
+    updated_at     timestamptz NOT NULL DEFAULT now()
+);
+
+-- Runs whose context row retention removed: the projector does not write them again, so a
+-- rebuild gives back what apply left (the log still holds those runs' events).
+CREATE TABLE IF NOT EXISTS baton_expired_contexts (
+    run_id      uuid PRIMARY KEY,
+    expired_at  timestamptz NOT NULL
+);
+
+-- One row per test case, environment and UTC month, taken from test_results before the
+-- first of that month's runs leaves for the archive. Not a projection: no event derives it,
+-- a rebuild leaves it, and it names its test, suite and project in clear because it
+-- outlives their catalog rows (no foreign keys for the same reason).
+CREATE TABLE IF NOT EXISTS performance_metrics_monthly (
+    organization_id       uuid NOT NULL,
+    project_id            uuid NOT NULL,
+    project               text NOT NULL,
+    suite                 text NOT NULL,
+    test_name             text NOT NULL,
+    test_case_id          uuid NOT NULL,
+    environment_id        uuid NOT NULL,
+    environment           text NOT NULL,
+    month                 date NOT NULL CHECK (extract(day FROM month) = 1),
+    total_runs            int NOT NULL CHECK (total_runs > 0),
+    successful_runs       int NOT NULL CHECK (successful_runs BETWEEN 0 AND total_runs),
+    avg_response_time_ms  double precision,
+    p50_response_time_ms  double precision,
+    p95_response_time_ms  double precision,
+    p99_response_time_ms  double precision,
+    success_rate          numeric(5, 2) NOT NULL,
+    PRIMARY KEY (test_case_id, environment_id, month)
+);
+CREATE INDEX IF NOT EXISTS performance_metrics_monthly_by_project
+    ON performance_metrics_monthly (project_id, month);
+
+DO $$
+BEGIN
+    ALTER TABLE performance_metrics_monthly ENABLE ROW LEVEL SECURITY;
+    IF NOT EXISTS (SELECT FROM pg_policies WHERE schemaname = current_schema()
+                   AND tablename = 'performance_metrics_monthly'
+                   AND policyname = 'baton_organization') THEN
+        CREATE POLICY baton_organization ON performance_metrics_monthly
+            USING (organization_id = baton_current_organization())
+            WITH CHECK (organization_id = baton_current_organization());
+    END IF;
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'baton_service') THEN
+        GRANT SELECT ON performance_metrics_monthly TO baton_service;
+    END IF;
+END
+$$;
+
+INSERT INTO baton_schema_version (step, name)
+VALUES (13, 'retention policies and monthly metrics') ON CONFLICT (step) DO NOTHING;

@@ -22,7 +22,7 @@ import msgspec
 
 from context_service.api.suites import fetch_suite
 from context_service.database import stream_of
-from context_service.errors import Conflict, NotFound, Unprocessable
+from context_service.errors import Conflict, NotFound, Unavailable, Unprocessable
 from context_service.flows import check_run, load_text
 from context_service.keys import Principal
 from context_service.launcher import RunSpec
@@ -32,6 +32,7 @@ from events.cache import UnknownRun
 from events.context import Context, decrypted_variables, hidden_values
 from events.secrets import SecretError, is_auth_name
 from events.store import EventStore
+from orchestrator.queue import QueueUnavailable
 from orchestrator.runner import RunInputs
 
 _ORIGIN = """
@@ -47,7 +48,6 @@ _RECORD = (
     "INSERT INTO service_runs (id, organization_id, suite_id, environment_id, rerun_of, tests,"
     " tags, variables, state) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued')"
 )
-_DONE = "UPDATE service_runs SET state = $2, error = $3, updated_at = now() WHERE id = $1"
 
 
 class StartRequest(msgspec.Struct, frozen=True):
@@ -157,10 +157,16 @@ async def start(
         )
 
     async def done(state: str, error: str) -> None:
-        async with services.db.tenant(org) as conn:
-            await conn.execute(_DONE, run_id, state, error)
+        await services.db.record_run_end(org, run_id, state, error)
 
-    services.launcher.start(RunSpec(plan, inputs, on_done=done))
+    if services.queued is None:
+        services.launcher.start(RunSpec(plan, inputs, on_done=done))
+        return run_id
+    try:
+        await services.queued.start(suite.content, plan, inputs, done)
+    except QueueUnavailable:
+        await done("error", "the worker queue was unreachable: the run did not start")
+        raise Unavailable("the worker queue is unreachable; try again later") from None
     return run_id
 
 

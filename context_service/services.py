@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -16,13 +17,17 @@ import msgspec
 
 from context_service.database import Database
 from context_service.launcher import RunLauncher
+from context_service.queued import QueuedRuns
+from events.archive import archive_dir
 from events.cache import ContextCache, ContextReader, open_cache
 from events.owners import Owner
 from events.projections import Detector, Projector
+from events.retention_apply import Clock, apply_periodically, wall_clock
 from events.secrets import Cipher, load_key
 from events.settings import Settings, mask_dsn
 from events.store import EventStore
 from events.writer import GroupAppends
+from orchestrator.queue import JobQueue
 
 _log = logging.getLogger("baton.service")
 _PROBE_TIMEOUT = 3.0
@@ -60,15 +65,22 @@ class Services:
     projector: Projector
     detector: Detector
     owner: Owner
+    queued: QueuedRuns | None = None
+    """With BATON_QUEUE_URL: the runs it put on the worker queue instead of the launcher."""
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the service starts to shut down: live streams end at once (their clients
     resume elsewhere with Last-Event-ID) instead of holding the shut-down open."""
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _projector_task: asyncio.Task[None] | None = None
+    _following: asyncio.Task[None] | None = None
+    _retention_task: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, settings: Settings, *, concurrency: int = 10) -> Services:
-        """Connect (schema applied), check the service's role, start the projector."""
+    async def open(
+        cls, settings: Settings, *, concurrency: int = 10, clock: Clock = wall_clock
+    ) -> Services:
+        """Connect (schema applied), check the service's role, start the projector and the
+        retention applies (every ``settings.retention_interval`` s, as of ``clock()``)."""
         from events import open_store
         from orchestrator.execution import make_transport
         from orchestrator.targets import TargetPolicy
@@ -115,6 +127,24 @@ class Services:
             after_run=projected,
             owner=owner,
         )
+        queued: QueuedRuns | None = None
+        if settings.queue_url:
+            queue = JobQueue(settings.queue_url)
+            try:
+                await queue.ensure_group()  # a wrong BATON_QUEUE_URL fails the start-up, at once
+            except BaseException:
+                await queue.aclose()
+                await owner.aclose()
+                await store.aclose()
+                raise
+            queued = QueuedRuns(
+                queue,
+                store,
+                cipher,
+                allowed_targets=settings.allowed_targets,
+                concurrency=concurrency,
+                after_run=projected,
+            )
         services = cls(
             settings=settings,
             store=store,
@@ -126,25 +156,52 @@ class Services:
             projector=projector,
             detector=Detector(store),
             owner=owner,
+            queued=queued,
         )
+        if queued is not None:
+            await _follow_again(queued, db)
+            services._following = asyncio.create_task(
+                queued.follow(services._stop), name="baton-queued-runs"
+            )
         services._projector_task = asyncio.create_task(
             services.projector.serve(stop=services._stop, then=services.detector.catch_up),
             name="baton-projector",
         )
+        if settings.retention_interval is not None:
+            services._retention_task = asyncio.create_task(
+                apply_periodically(
+                    store,
+                    archive_dir(settings.home, settings.archive_dir),
+                    interval=settings.retention_interval,
+                    stop=services._stop,
+                    clock=clock,
+                    cache=cache,
+                ),
+                name="baton-retention",
+            )
         return services
 
     async def aclose(self) -> None:
         await self.launcher.aclose()
+        # runs on the queue are the workers': they go on while the service is away
         self._stop.set()
-        if self._projector_task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._projector_task, 10)
+        if self._following is not None:
+            await asyncio.gather(self._following, return_exceptions=True)
+        if self.queued is not None:
+            await self.queued.aclose()
+        for task in (self._projector_task, self._retention_task):
+            if task is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(task, 10)
         await self.owner.aclose()
         await self.cache.aclose()
         await self.store.aclose()
 
     async def health(self) -> Health:
-        checks = await asyncio.gather(self._postgres(), self._redis(), self._projector())
+        probes = [self._postgres(), self._redis(), self._projector()]
+        if self.queued is not None:
+            probes.append(self._queue(self.queued))
+        checks = await asyncio.gather(*probes)
         worst = "ok"
         for check in checks:
             if check.status == "down" or (check.status == "degraded" and worst == "ok"):
@@ -172,6 +229,15 @@ class Services:
             )
         return Dependency("redis", "ok", mask_dsn(self.settings.redis_url), _elapsed(start))
 
+    async def _queue(self, queued: QueuedRuns) -> Dependency:
+        start = time.perf_counter()
+        try:
+            await asyncio.wait_for(queued.queue.server(), _PROBE_TIMEOUT)
+        except Exception as exc:  # reads go on; only new runs cannot start
+            return Dependency("queue", "degraded", f"{type(exc).__name__}: runs cannot be started")
+        where = mask_dsn(self.settings.queue_url) if self.settings.queue_url else ""
+        return Dependency("queue", "ok", f"{where}: runs go to baton worker", _elapsed(start))
+
     async def _projector(self) -> Dependency:
         task = self._projector_task
         if task is None or task.done():
@@ -186,6 +252,13 @@ class Services:
             return Dependency("projector", "down", type(exc).__name__)
         detail = f"at position {position}, {behind} event(s) behind; findings judged to {judged}"
         return Dependency("projector", "ok", detail)
+
+
+async def _follow_again(queued: QueuedRuns, db: Database) -> None:
+    """The runs queued before a restart (or by an instance gone since): their ends are
+    recorded as the log shows them."""
+    for organization, run_id in await db.queued_runs():
+        queued.follow_again(str(run_id), functools.partial(db.record_run_end, organization, run_id))
 
 
 def _elapsed(start: float) -> float:

@@ -98,6 +98,11 @@ class ArchiveError(EventsError):
     not in the archive, in the log already): the user's to fix."""
 
 
+class ArchiveUnwritable(EventsError):
+    """The archive directory cannot take a file (not a folder, no permission, disk full):
+    nothing it would hold was removed."""
+
+
 class SecretError(EventsError):
     """A key that cannot be used, or a token that cannot be decrypted."""
 

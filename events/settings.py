@@ -21,6 +21,8 @@ STORE_WAIT = 60.0
 """Default BATON_STORE_WAIT: a managed PostgreSQL's failover takes 10-60 s."""
 OWNER_TIMEOUT = 90.0
 """Default BATON_OWNER_TIMEOUT: longer than STORE_WAIT plus a few heartbeats."""
+RETENTION_INTERVAL = 24 * 3600.0
+"""Default BATON_RETENTION_INTERVAL: `baton serve` applies retention once a day."""
 _KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 
 
@@ -121,6 +123,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     allowed_targets: str | None = None
     """What runs started through the service may reach (orchestrator.targets); None:
     public addresses only."""
+    queue_url: str | None = None
+    """The worker queue (redis://HOST:PORT/DB) the service puts its runs on, for
+    ``baton worker`` to run (BATON_QUEUE_URL); None: the service runs them itself."""
+    archive_dir: Path | None = None
+    """BATON_ARCHIVE_DIR: where retention archives; None: ``archive`` under ``home``."""
+    retention_interval: float | None = RETENTION_INTERVAL
+    """Seconds between two retention applies of ``baton serve`` (BATON_RETENTION_INTERVAL);
+    None ("off"): the service applies none."""
 
     @classmethod
     def from_env(
@@ -132,6 +142,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         home = Path(home_value).expanduser() if home_value else Path(".baton")
         store_wait = _seconds(environ, "BATON_STORE_WAIT", STORE_WAIT)
         owner_timeout = _seconds(environ, "BATON_OWNER_TIMEOUT", OWNER_TIMEOUT)
+        archive = _optional(environ, "BATON_ARCHIVE_DIR")
         if owner_timeout <= store_wait:
             # a process paused through an outage would count as gone, its runs ended under it
             raise SettingsError(
@@ -146,6 +157,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             store_wait=store_wait,
             owner_timeout=owner_timeout,
             allowed_targets=_optional(environ, "BATON_ALLOWED_TARGETS"),
+            queue_url=_optional(environ, "BATON_QUEUE_URL"),
+            archive_dir=Path(archive).expanduser() if archive else None,
+            retention_interval=(
+                None
+                if _optional(environ, "BATON_RETENTION_INTERVAL") == "off"
+                else _seconds(environ, "BATON_RETENTION_INTERVAL", RETENTION_INTERVAL)
+            ),
         )
 
     @property
@@ -158,8 +176,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         database = mask_dsn(self.database_url) if self.database_url else None
         redis = mask_dsn(self.redis_url) if self.redis_url else None
         key = _MASK if self.secret_key else None
+        queue = mask_dsn(self.queue_url) if self.queue_url else None
         return (
             f"Settings(database_url={database!r}, redis_url={redis!r}, "
             f"home={str(self.home)!r}, secret_key={key!r}, store_wait={self.store_wait!r}, "
-            f"owner_timeout={self.owner_timeout!r})"
+            f"owner_timeout={self.owner_timeout!r}, queue_url={queue!r})"
         )

@@ -300,6 +300,13 @@ def _options(**kwargs: Any) -> Any:
     metavar="ID",
     help="Run in this test session (baton session create); refused while it is paused.",
 )
+@click.option(
+    "--events",
+    "events_format",
+    type=click.Choice(["ndjson"]),
+    help="Write every event to standard output as one JSON line (docs/agents.md); progress "
+    "and the summary go to standard error.",
+)
 def run(
     concurrency: int,
     junit: Path | None,
@@ -312,6 +319,7 @@ def run(
     batch_id: str | None,
     queue_url: str | None,
     session_id: str | None,
+    events_format: str | None,
     **kwargs: Any,
 ) -> None:
     """Run flow files (or directories of them). Interrupted (Ctrl-C, SIGTERM), the runs in
@@ -326,6 +334,11 @@ def run(
         )
     if queue_url is not None and session_id is not None:
         raise UsageError("--queue and --session: a queued batch does not join a session yet")
+    if queue_url is not None and events_format is not None:
+        raise UsageError(
+            "--queue and --events: the workers record the events; follow them with "
+            "baton watch, or run without --queue"
+        )
     shard = _shard(shard_text, batch_id)
     options = _options(concurrency=concurrency, **kwargs)
     jobs = execution.prepare(options)
@@ -334,16 +347,19 @@ def run(
         reports = {"junit": junit, "json_path": json_path, "html": html, "ctrf": ctrf}
         _queued(queue_url, options, jobs, batch_id, quiet=quiet, serve=serve, **reports)
         return
+    to_stderr = events_format is not None
     shard_run = None
     if shard is not None and batch_id:
         from orchestrator.shards import ShardRun
 
         shard_run = ShardRun.of(jobs, shard, batch_id)
         jobs = shard_run.jobs()
-        click.echo(shard_run.describe())
-    color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-    progress = ConsoleProgress(stream=sys.stdout, quiet=quiet, color=color)
+        click.echo(shard_run.describe(), err=to_stderr)
+    human = sys.stderr if to_stderr else sys.stdout
+    color = human.isatty() and "NO_COLOR" not in os.environ
+    progress = ConsoleProgress(stream=human, quiet=quiet, color=color)
     tally = RunTally()
+    stream_event = _ndjson_writer() if to_stderr else None
 
     def observe(run_id: str, event: Any) -> None:
         progress(run_id, event)
@@ -357,17 +373,30 @@ def run(
                     Settings.from_env(),
                     concurrency=concurrency,
                     observer=observe,
+                    placed=stream_event,
                     shard=shard_run,
                     session_id=session_id or "",
                 )
             )
     except KeyboardInterrupt:
         progress.close()
-        click.echo(tally.render(color=color))
+        click.echo(tally.render(color=color), err=to_stderr)
         raise
     progress.close()
-    if not _reported(results, junit=junit, json_path=json_path, html=html, ctrf=ctrf, color=color):
+    reports = {"junit": junit, "json_path": json_path, "html": html, "ctrf": ctrf}
+    if not _reported(results, color=color, err=to_stderr, **reports):
         sys.exit(1)
+
+
+def _ndjson_writer() -> Callable[[str, Any, int], None]:
+    """Writes each stored event as its line, flushed at once: a consumer reads it live."""
+    from events.wire import ndjson_line
+
+    def write(run_id: str, event: Any, position: int) -> None:
+        click.echo(ndjson_line(run_id, event, position).decode(), nl=False)
+        sys.stdout.flush()
+
+    return write
 
 
 def _shard(text: str | None, batch_id: str | None) -> Shard | None:
@@ -394,6 +423,7 @@ def _reported(
     html: Path | None,
     ctrf: Path | None = None,
     color: bool,
+    err: bool = False,
 ) -> bool:
     """Write the reports asked for and print the summary; True if every run passed."""
     from orchestrator.reporters import (
@@ -413,7 +443,7 @@ def _reported(
     for path, write in writers:
         if path is not None:
             write(results, path)
-    click.echo(render_summary(results, color=color))
+    click.echo(render_summary(results, color=color), err=err)
     return all(result.status == "passed" for result in results)
 
 
@@ -538,8 +568,10 @@ def _queued(
     "--queue",
     "queue_url",
     required=True,
+    envvar="BATON_QUEUE_URL",
     metavar="URL",
-    help="The queue baton run --queue submits to: redis://HOST:PORT/DB.",
+    help="The queue baton run --queue and the service (BATON_QUEUE_URL) submit to:"
+    " redis://HOST:PORT/DB.",
 )
 @click.option(
     "-c",
@@ -577,9 +609,10 @@ def worker(
     claim_after: float,
     max_deliveries: int,
 ) -> None:
-    """Run the jobs of baton run --queue, each run's events in the one event store
-    (BATON_DATABASE_URL). Start it in the root of the same checkout. SIGTERM or SIGINT:
-    no new jobs, those in flight finish (up to --drain-timeout), then it exits."""
+    """Run the jobs of baton run --queue and of the service's runs (BATON_QUEUE_URL), each
+    run's events in the one event store (BATON_DATABASE_URL). Start it in the root of the
+    same checkout. SIGTERM or SIGINT: no new jobs, those in flight finish (up to
+    --drain-timeout), then it exits."""
     import logging
 
     from events.settings import Settings
@@ -863,7 +896,8 @@ def _archive_dir() -> Path:
     from events.archive import archive_dir
     from events.settings import Settings
 
-    return archive_dir(Settings.from_env().home, os.environ.get("BATON_ARCHIVE_DIR"))
+    settings = Settings.from_env()
+    return archive_dir(settings.home, settings.archive_dir)
 
 
 @archive.command("run")
@@ -880,10 +914,74 @@ def archive_run(run_id: str) -> None:
 @click.argument("run_id")
 def archive_restore(run_id: str) -> None:
     """Bring an archived run's events back, with their positions, for show and events."""
-    from events import archive as archival
+    from events.retention_apply import restore_for_inspection
 
-    count = _with_store(lambda store: archival.restore_run(store, run_id, _archive_dir()))
+    count = _with_store(lambda store: restore_for_inspection(store, run_id, _archive_dir()))
     click.echo(f"restored run {run_id}: {count} events")
+
+
+@cli.group()
+def retention() -> None:
+    """What is kept how long, archived then removed (docs/retention.md)."""
+
+
+@retention.command("apply")
+@click.option("--dry-run", is_flag=True, help="Say what is due; change nothing.")
+@click.option("--now", "now_text", metavar="ISO", help="Apply as of this time (default: now).")
+def retention_apply(dry_run: bool, now_text: str | None) -> None:
+    """Archive what the retention policy says is due, then remove it."""
+    from events.cache import open_cache
+    from events.retention_apply import apply_retention, parse_now
+    from events.settings import Settings
+
+    try:
+        now = parse_now(now_text) if now_text else datetime.now().astimezone()
+    except ValueError:
+        raise UsageError(
+            f"--now {now_text!r} is not an ISO 8601 time: give e.g. 2026-03-01T00:00:00Z"
+        ) from None
+
+    async def apply(store: Any) -> list[str]:
+        cache = open_cache(Settings.from_env())
+        try:
+            report = await apply_retention(store, _archive_dir(), now, dry_run=dry_run, cache=cache)
+        finally:
+            await cache.aclose()
+        return report.lines()
+
+    click.echo("\n".join(_with_store(apply)))
+
+
+@retention.command("set")
+@click.argument("project")
+@click.option("--passed-days", type=click.IntRange(min=1), help="Keep passed runs this long.")
+@click.option("--failed-days", type=click.IntRange(min=1), help="Keep other ended runs this long.")
+@click.option("--metrics-days", type=click.IntRange(min=1), help="Keep monthly metrics this long.")
+@click.option("--context-hours", type=click.IntRange(min=1), help="Keep run contexts this long.")
+@click.option("--reset", is_flag=True, help="Back to the defaults for this project.")
+def retention_set(
+    project: str,
+    passed_days: int | None,
+    failed_days: int | None,
+    metrics_days: int | None,
+    context_hours: int | None,
+    reset: bool,
+) -> None:
+    """Set a project's own retention windows (the others keep theirs or the default)."""
+    from events.retention_apply import policy_of, set_policy
+
+    windows = (passed_days, failed_days, metrics_days, context_hours)
+    if not reset and all(value is None for value in windows):
+        raise UsageError(
+            "baton retention set: give a window to change (--passed-days, --failed-days,"
+            " --metrics-days, --context-hours) or --reset"
+        )
+
+    async def change(store: Any) -> str:
+        await set_policy(store, project, *windows, reset=reset)
+        return await policy_of(store, project)
+
+    click.echo(_with_store(change))
 
 
 @cli.command()
@@ -1113,6 +1211,25 @@ def _with_store(action: Callable[[Any], Awaitable[T]]) -> T:
     return _run(go())
 
 
+@cli.command()
+def mcp() -> None:
+    """Serve Baton's tools to a coding agent over MCP on standard input and output
+    (validate_flow, run_flow, run_failures, run_context; docs/agents.md)."""
+    from orchestrator.mcp_server import serve as serve_mcp
+
+    serve_mcp()
+
+
+@cli.command()
+@click.argument("kind", type=click.Choice(["flow", "events"]))
+def schema(kind: str) -> None:
+    """Print the JSON Schema of flow files or of the event stream (docs/agents.md); the
+    same as docs/flow.schema.json and docs/events.schema.json."""
+    from orchestrator.schemas import schema_text
+
+    click.echo(schema_text(kind), nl=False)
+
+
 @cli.command("import")
 @click.argument("kind", type=click.Choice(["openapi", "postman", "curl", "har"]))
 @click.argument("source", metavar="SOURCE")
@@ -1122,12 +1239,21 @@ def _with_store(action: Callable[[Any], Awaitable[T]]) -> T:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the flow to this file (default: standard output).",
 )
-def import_(kind: str, source: str, output: Path | None) -> None:
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    metavar="HOST",
+    help="har: keep only the requests to this host (repeatable).",
+)
+def import_(kind: str, source: str, output: Path | None, hosts: tuple[str, ...]) -> None:
     """Write a flow file from an OpenAPI document, a Postman collection, curl commands or a
     HAR file (SOURCE; - for standard input). What cannot be translated is listed on
     standard error, each with its place in SOURCE."""
-    from orchestrator.importers import converter
+    from orchestrator.importers import Imported, converter
 
+    if hosts and kind != "har":
+        raise UsageError(f"--host filters the requests of a HAR file, not of {kind}: remove it")
     if source == "-":
         text, name = sys.stdin.read(), "<stdin>"
     else:
@@ -1135,13 +1261,33 @@ def import_(kind: str, source: str, output: Path | None) -> None:
             text, name = Path(source).read_text(encoding="utf-8"), source
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"{source}: cannot read it ({exc.__class__.__name__})") from None
-    imported = converter(kind)(text, name)
+    imported: Imported
+    try:
+        if hosts:
+            from orchestrator.importers.har import convert as convert_har
+
+            imported = convert_har(text, name, hosts=hosts)
+        else:
+            imported = converter(kind)(text, name)
+        flow_text = imported.yaml()
+    except RecursionError:
+        # JSON nested thousands deep: no collection or recording is shaped so
+        raise UsageError(f"{name}: nested too deeply to import (split or flatten it)") from None
     for part in imported.untranslated:
         click.echo(f"not translated: {name}: {part}", err=True)
+    for secret, where in imported.secrets.items():
+        click.echo(
+            f"secret to provide: {secret} (the value found at {name}: {where}); "
+            f"export {secret}=... or put it in the file given with --secrets",
+            err=True,
+        )
     if output is None:
-        click.echo(imported.yaml(), nl=False)
+        click.echo(flow_text, nl=False)
     else:
-        output.write_text(imported.yaml(), encoding="utf-8")
+        try:
+            output.write_text(flow_text, encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"{output}: cannot write the flow ({exc.strerror})") from None
     tests = len(imported.flow.get("tests", {}))
     left = f"; {len(imported.untranslated)} part(s) not translated" if imported.untranslated else ""
     click.echo(f"imported {tests} test(s) from {name}{left}", err=True)

@@ -26,7 +26,7 @@ from orchestrator.inputs import environment_file, read_mapping, read_rows, read_
 from orchestrator.loader import find_flows, load_flow, with_services
 from orchestrator.planner import Plan, Scope, plan
 from orchestrator.results import RunResult
-from orchestrator.runner import Observer, RunInputs, Runner, initial_namespace
+from orchestrator.runner import Observer, Resume, RunInputs, Runner, initial_namespace
 from orchestrator.services import Clock, Health, ResolvedService, resolve
 from orchestrator.services import check as check_service
 from orchestrator.targets import TargetPolicy
@@ -106,6 +106,7 @@ async def execute(
     *,
     concurrency: int = 10,
     observer: Observer | None = None,
+    placed: PlacedObserver | None = None,
     shard: ShardRun | None = None,
     clock: Clock | None = None,
     session_id: str = "",
@@ -133,7 +134,9 @@ async def execute(
     except BaseException:
         await store.aclose()
         raise
-    writer = BatchingWriter(owner, max_wait=settings.store_wait, on_stored=_observe(observer))
+    writer = BatchingWriter(
+        owner, max_wait=settings.store_wait, on_stored=_observe(observer, placed)
+    )
     transport = make_transport(concurrency)
     runner = Runner(
         writer=writer, cipher=cipher, transport=transport, concurrency=concurrency, clock=clock
@@ -223,6 +226,17 @@ def _services(job: Job) -> dict[str, ResolvedService]:
         return {}  # the run itself reports it, test by test
 
 
+async def health_checked(runner: Runner, plan: Plan, inputs: RunInputs) -> RunInputs:
+    """A run's inputs once its services' health is checked (docs/flow-format.md#services),
+    for a run with no exit code to give (the service's, on its process or a worker): an
+    unhealthy service's tests are skipped by the runner; with ``on_unhealthy: abort``,
+    every test is skipped with the reason and the run fails."""
+    refusal = await check_health([Job(plan, [inputs])], runner)
+    if not refusal:
+        return inputs
+    return replace(inputs, resume=Resume(0, {}, {}, failure=refusal))
+
+
 async def check_health(jobs: list[Job], runner: Runner) -> str:
     """Check every service with a health path once, record each check as a
     ServiceHealthChecked and keep it in ``runner.health``. Returns why the runs must not
@@ -269,15 +283,26 @@ async def check_health(jobs: list[Job], runner: Runner) -> str:
     return "\n".join(refusals)
 
 
-def _observe(observer: Observer | None) -> Callable[[str, ev.Event], None] | None:
-    """The writer's on_stored for the observer: a run's events, by run id, once stored."""
-    if observer is None:
+PlacedObserver = Callable[[str, ev.Event, int], None]
+"""Called with (run id, event, its log position) once the event is stored."""
+
+
+def _observe(
+    observer: Observer | None, placed: PlacedObserver | None = None
+) -> Callable[[str, ev.Event, int], None] | None:
+    """The writer's on_stored for the observers: a run's events, by run id, once stored
+    (and with their log position for ``placed``)."""
+    if observer is None and placed is None:
         return None
     prefix = ev.run_stream("")
 
-    def stored(stream: str, event: ev.Event) -> None:
+    def stored(stream: str, event: ev.Event, position: int) -> None:
         if stream.startswith(prefix):
-            observer(stream[len(prefix) :], event)
+            run_id = stream[len(prefix) :]
+            if placed is not None:
+                placed(run_id, event, position)
+            if observer is not None:
+                observer(run_id, event)
 
     return stored
 

@@ -24,10 +24,17 @@ from orchestrator.errors import UsageError
 async def context(
     store: PostgresEventStore, settings: Settings, run_id: str, position: int | None
 ) -> str:
+    return _pretty(await context_data(store, settings, run_id, position))
+
+
+async def context_data(
+    store: PostgresEventStore, settings: Settings, run_id: str, position: int | None = None
+) -> Any:
+    """A run's context as plain data, secrets masked (``baton context``, the MCP server)."""
     from events.cache import CacheError, ContextReader, UnknownRun, open_cache
 
     if position is not None:
-        return _pretty(msgspec.to_builtins(redacted(await _context_at(store, run_id, position))))
+        return msgspec.to_builtins(redacted(await _context_at(store, run_id, position)))
     try:
         cache = open_cache(settings)
     except CacheError as exc:
@@ -38,7 +45,7 @@ async def context(
         raise _unknown(run_id) from None
     finally:
         await cache.aclose()
-    return _pretty(msgspec.to_builtins(redacted(state)))
+    return msgspec.to_builtins(redacted(state))
 
 
 async def _context_at(store: PostgresEventStore, run_id: str, position: int) -> Context:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
+import tempfile
 import types
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Union, get_args, get_origin
@@ -120,6 +121,18 @@ def load_flow(path: Path) -> LoadedFlow:
     if problems:
         raise UsageError(problems)
     return LoadedFlow(path, flow, hashlib.sha256(data).hexdigest())
+
+
+def load_text(content: str, name: str) -> LoadedFlow:
+    """A flow file's text, checked as ``load_flow`` checks a file, labelled ``name`` (a bare
+    file name): a flow uploaded to the service, loaded by the service and by the worker
+    that runs it. Raises UsageError."""
+    with tempfile.TemporaryDirectory(prefix="baton-flow-") as folder:
+        path = Path(folder) / name
+        path.write_bytes(content.encode("utf-8", "surrogatepass"))
+        loaded = load_flow(path)
+    # the label runs record as their source, and no folder to read schema files from
+    return replace(loaded, path=Path(name))
 
 
 def with_services(loaded: LoadedFlow, declared: Any, label: str) -> LoadedFlow:

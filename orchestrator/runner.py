@@ -82,6 +82,10 @@ class RunInputs:
     """The test session the run was admitted to (events.sessions), if any."""
     today: date = field(default_factory=lambda: datetime.now(UTC).date())
     """The day known-failure marks are judged against (UTC)."""
+    cancel_reason: str = "interrupted"
+    """The reason its RunCancelled gives if the run's task is cancelled without one
+    (``task.cancel(reason)`` gives one): the service's runs on a worker are cancelled only
+    through the API, and say so."""
 
 
 def run_started(plan: Plan, inputs: RunInputs) -> ev.RunStarted:
@@ -206,8 +210,11 @@ class RunExecution:
                         self._skip(name, resume.failure)
             try:
                 await self._schedule()
-            except asyncio.CancelledError:
-                self.emit(ev.RunCancelled(reason="interrupted"))
+            except asyncio.CancelledError as exc:
+                # who cancels the task may say why (``task.cancel(reason)``: the service's
+                # API); else the reason is the run's own input
+                said = str(exc.args[0]) if exc.args and exc.args[0] else ""
+                self.emit(ev.RunCancelled(reason=said or self.inputs.cancel_reason))
                 raise
         duration = (time.perf_counter() - start) * 1000
         tests = [self.results[name] for name in self.plan.order]

@@ -91,6 +91,8 @@ STORE_HELPER_NAMES_POSTGRES = {
     " the store's pool (the read tables are in its database)",
     "events/projections/detect.py": "appends its findings in its checkpoint's transaction",
     "events/projections/queries.py": "queries the read tables on the store's pool",
+    "events/retention_apply.py": "removes a run's read rows and takes its months in"
+    " transactions on the store's pool, and projects a restored run",
 }
 _LOG_SQL = re.compile(
     r"\b(?:baton_streams|baton_events)\b|\b(?:FROM|JOIN|INTO|UPDATE|TABLE)\s+events\b",

@@ -29,7 +29,8 @@ async def test_an_archived_run_leaves_the_log_and_comes_back_with_its_positions(
 
     path = await archive_run(store, "r1", tmp_path)
 
-    assert path == tmp_path / original[0].recorded_at.strftime("%Y-%m") / "events" / "r1.jsonl.gz"
+    month = original[0].recorded_at.strftime("%Y-%m")
+    assert path == tmp_path / "default" / month / "events" / "r1.jsonl.gz"
     with gzip.open(path, "rt") as lines:
         assert len(lines.readlines()) == 2
     assert await store.read_stream(stream) == []
@@ -63,7 +64,7 @@ def test_a_recorded_run_is_archived_and_restored_through_the_cli(
         assert code == 0, err
         code, out, err = baton("archive", "run", run_id)
         assert code == 0, err
-        [archived] = (tmp_path / "archive").glob(f"*/events/{run_id}.jsonl.gz")
+        [archived] = (tmp_path / "archive").glob(f"default/*/events/{run_id}.jsonl.gz")
         assert f"archived run {run_id} to {archived}" in out
         assert baton("events", run_id)[0] == 2  # gone from the log
         code, out, err = baton("archive", "restore", run_id)

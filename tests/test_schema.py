@@ -32,6 +32,7 @@ RELEASED = {
     10: "0035db928a94fb4ed5221539ddc5432267c33f406aeca3a610277a0b0d0c7d52",
     11: "9eda7a4bfe7a9585d5f4719d9dfc4e865dc60d98fcfcdc1798ce0021463fdf65",
     12: "3d6c1db79e820b921e26860550350c66264a15b4217da6a91cfe8b17aa23cb3c",
+    13: "1e74beb41066f2528c69a96cbdf7c8db5c03f1d765df617b6742079fd8761451",
 }
 STEP_NAMES = [
     "event store",
@@ -46,6 +47,7 @@ STEP_NAMES = [
     "run owners and their heartbeats",
     "service health checks and test sessions",
     "daily rollups of runs and failures",
+    "retention policies and monthly metrics",
 ]
 
 

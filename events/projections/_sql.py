@@ -33,6 +33,11 @@ def excluded(*columns: str) -> list[str]:
     return [f"{column} = excluded.{column}" for column in columns]
 
 
+def earliest(table: str, column: str) -> str:
+    """``SET column`` to the earlier of the stored and the incoming time."""
+    return f"{column} = LEAST({table}.{column}, excluded.{column})"
+
+
 def latest(table: str, column: str) -> str:
     """``SET column`` to the later of the stored and the incoming time."""
     return f"{column} = GREATEST({table}.{column}, excluded.{column})"

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import asyncpg
 import msgspec
 
-from events.projections._sql import Column, excluded, latest, upsert
+from events.projections._sql import Column, earliest, latest, upsert
 from events.types import RunStarted
 
 NAMESPACE = uuid.UUID("cf1a8a39-85ad-508b-b782-28c39f0bbb4e")
@@ -111,11 +111,13 @@ _DEPENDENCIES = _columns(DependencyRow, {})
 class Catalog:
     """The catalog rows that one page of events mentions, each once, ready to upsert.
 
-    Within a page, as the upserts do across pages, the first sighting (by position) keeps
-    its ``created_at``, the last one sets a suite's digest and source, and ``last_run_at``
-    is the latest time seen (recorded_at is when an event happened, stamped by the process
-    that wrote it, so it need not grow with positions): the result does not depend on where
-    pages begin.
+    Within a page, as the upserts do across pages, ``created_at`` is the earliest time seen,
+    ``last_run_at`` the latest, and the latest run (by time; a tie: the later position) sets
+    a suite's digest and source. recorded_at is when an event happened, stamped by the
+    process that wrote it, so it need not grow with positions: by times, the result depends
+    neither on where pages begin nor on the order runs were recorded in, and retention,
+    which removes a suite's oldest runs, can say from the remaining runs alone what a
+    rebuild would (events.retention_sql).
     """
 
     def __init__(self) -> None:
@@ -133,22 +135,28 @@ class Catalog:
         suite = derive("suite", project, started.suite)
         known = self._projects.get(project)
         self._projects[project] = (
-            known._replace(last_run_at=max(known.last_run_at, at))
+            known._replace(
+                created_at=min(known.created_at, at), last_run_at=max(known.last_run_at, at)
+            )
             if known
             else ProjectRow(project, org, started.project, at, at)
         )
-        self._environments.setdefault(
-            environment, EnvironmentRow(environment, org, project, environment_name, at)
+        known_environment = self._environments.get(environment)
+        self._environments[environment] = (
+            known_environment._replace(created_at=min(known_environment.created_at, at))
+            if known_environment
+            else EnvironmentRow(environment, org, project, environment_name, at)
         )
         known_suite = self._suites.get(suite)
+        latest_suite = known_suite is None or at >= known_suite.last_run_at
         self._suites[suite] = SuiteRow(
             suite,
             org,
             project,
             started.suite,
-            started.suite_digest,
-            started.source,
-            known_suite.created_at if known_suite else at,
+            started.suite_digest if latest_suite or not known_suite else known_suite.digest,
+            started.source if latest_suite or not known_suite else known_suite.source,
+            min(known_suite.created_at, at) if known_suite else at,
             max(known_suite.last_run_at, at) if known_suite else at,
         )
         cases: dict[str, uuid.UUID] = {}
@@ -157,7 +165,10 @@ class Catalog:
             cases[planned.name] = case
             known_case = self._cases.get(case)
             self._cases[case] = (
-                known_case._replace(last_run_at=max(known_case.last_run_at, at))
+                known_case._replace(
+                    created_at=min(known_case.created_at, at),
+                    last_run_at=max(known_case.last_run_at, at),
+                )
                 if known_case
                 else CaseRow(case, org, suite, planned.name, planned.definition_hash, at, at)
             )
@@ -175,18 +186,30 @@ class Catalog:
             _PROJECTS,
             list(self._projects.values()),
             key=["id"],
-            update=[latest("projects", "last_run_at")],
+            update=[earliest("projects", "created_at"), latest("projects", "last_run_at")],
         )
         await upsert(
-            conn, "environments", _ENVIRONMENTS, list(self._environments.values()), key=["id"]
+            conn,
+            "environments",
+            _ENVIRONMENTS,
+            list(self._environments.values()),
+            key=["id"],
+            update=[earliest("environments", "created_at")],
         )
+        # SET reads the stored row as it was: the digest goes with the later last_run_at
+        newer = "excluded.last_run_at >= test_suites.last_run_at"
         await upsert(
             conn,
             "test_suites",
             _SUITES,
             list(self._suites.values()),
             key=["id"],
-            update=[*excluded("digest", "source"), latest("test_suites", "last_run_at")],
+            update=[
+                f"digest = CASE WHEN {newer} THEN excluded.digest ELSE test_suites.digest END",
+                f"source = CASE WHEN {newer} THEN excluded.source ELSE test_suites.source END",
+                earliest("test_suites", "created_at"),
+                latest("test_suites", "last_run_at"),
+            ],
         )
         await upsert(
             conn,
@@ -194,7 +217,7 @@ class Catalog:
             _CASES,
             list(self._cases.values()),
             key=["id"],
-            update=[latest("test_cases", "last_run_at")],
+            update=[earliest("test_cases", "created_at"), latest("test_cases", "last_run_at")],
         )
         await upsert(
             conn,

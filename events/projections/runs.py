@@ -143,11 +143,15 @@ _CONTEXT_READ = (
     " test_order, statuses, attempts, version, position"
     " FROM test_execution_context WHERE run_id = ANY($1)"
 )
+# A context that retention removed (baton_expired_contexts) stays removed: a rebuild must
+# give back what `baton retention apply` left, though the log still holds the run.
 _CONTEXT_WRITE = """
 INSERT INTO test_execution_context (run_id, organization_id, status, shared_auth_tokens,
     shared_variables, secret_names, captured_data, test_order, statuses, attempts, version,
     position, updated_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+SELECT $1::uuid, $2::uuid, $3::text, $4::jsonb, $5::jsonb, $6::jsonb, $7::jsonb, $8::text[],
+    $9::jsonb, $10::jsonb, $11::int, $12::bigint, $13::timestamptz
+WHERE NOT EXISTS (SELECT FROM baton_expired_contexts WHERE run_id = $1)
 ON CONFLICT (run_id) DO UPDATE SET status = excluded.status,
     shared_auth_tokens = excluded.shared_auth_tokens,
     shared_variables = excluded.shared_variables, secret_names = excluded.secret_names,

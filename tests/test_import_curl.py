@@ -1,0 +1,190 @@
+"""``baton import curl``: commands as typed in a terminal become a flow that runs, with the
+credentials on their command lines as secrets and every option it cannot carry listed."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.cli import baton
+
+
+def shop_commands(url: str, token: str) -> str:
+    return f"""\
+# a session against the shop, as copied from a terminal
+curl -sf -X POST {url}/auth/login \\
+  -H 'Content-Type: application/json' \\
+  -d '{{"username": "alice", "password": "secret-alice"}}'
+
+$ curl -f --compressed -H "Authorization: Bearer {token}" '{url}/catalog?limit=2&category=hardware'
+curl -f --json '{{"product_id": 1, "quantity": 2}}' -H "Authorization: Bearer {token}" {url}/cart
+curl -fsS {url}/feedback -H "Authorization: Bearer {token}" \\
+  -d rating=5 --data-urlencode 'comment=Fast & friendly'
+curl -f -XPUT {url}/echo -H 'Content-Type: text/plain' --data-raw 'line one
+line two'
+curl -f -F note=hello -F 'upload=@upload.txt;type=text/plain' {url}/echo
+"""
+
+
+def test_curl_commands_run_against_the_demo_api(env: dict[str, str], tmp_path: Path) -> None:
+    url = env["SHOP_URL"]
+    login = httpx.post(f"{url}/auth/login", json={"username": "alice", "password": "secret-alice"})
+    token = login.json()["access_token"]
+    source = tmp_path / "session.sh"
+    source.write_text(shop_commands(url, token))
+    (tmp_path / "upload.txt").write_text("uploaded text\n")
+    flow_path = tmp_path / "flow.yaml"
+
+    code, out, err = baton("import", "curl", str(source), "-o", str(flow_path))
+    assert code == 0, out + err
+    text = flow_path.read_text()
+    assert token not in text and "secret-alice" not in text
+    assert (
+        f"secret to provide: TOKEN (the value found at {source}: line 6 header Authorization)"
+        in err
+    )
+    assert f"secret to provide: PASSWORD (the value found at {source}: line 2 body.password)" in err
+    assert "line 12 -F: upload: the file upload.txt is read relative to the flow file" in err
+    assert err.splitlines()[-1] == f"imported 6 test(s) from {source}; 1 part(s) not translated"
+
+    flow = yaml.safe_load(text)
+    assert flow["variables"] == {"base_url": url}
+    tests = flow["tests"]
+    assert list(tests) == [
+        "post_auth_login",
+        "get_catalog",
+        "post_cart",
+        "post_feedback",
+        "put_echo",
+        "post_echo",
+    ]
+    assert tests["get_catalog"]["request"]["params"] == {"limit": "2", "category": "hardware"}
+    assert tests["post_cart"]["request"]["json"] == {"product_id": 1, "quantity": 2}
+    assert tests["post_feedback"]["request"]["form"] == {
+        "rating": "5",
+        "comment": "Fast & friendly",
+    }
+    assert tests["put_echo"]["request"]["body"] == "line one\nline two"
+    assert tests["put_echo"]["expect"] == {"status": ["1xx", "2xx", "3xx"]}  # -f
+    assert tests["post_echo"]["request"]["multipart"] == {
+        "note": "hello",
+        "upload": {"file": "upload.txt", "content_type": "text/plain"},
+    }
+
+    secrets = tmp_path / "secrets.yaml"
+    secrets.write_text(f"PASSWORD: secret-alice\nTOKEN: {token}\n")
+    code, out, err = baton("run", str(flow_path), "--secrets", str(secrets))
+    assert code == 0, out + err
+    assert out.splitlines()[-1].startswith("6 passed in "), out
+    assert token not in out + err
+
+
+def test_what_a_flow_cannot_carry_is_listed_with_its_line(tmp_path: Path) -> None:
+    source = tmp_path / "more.sh"
+    source.write_text(
+        "curl -k https://api.example.com/upload -F file=@photo.png --weird-option\n"
+        "ls -l\n"
+        "curl -u bob:secret-bob https://api.example.com/me -d @body.json\n"
+    )
+    code, out, err = baton("import", "curl", str(source))
+    assert code == 0, err
+    lines = err.splitlines()
+    for expected in (
+        "line 1 -F: file: the file photo.png is read relative to the flow file",
+        "line 1 --weird-option: an unknown curl option",
+        "line 2: not a curl command: 'ls' ...",
+        "line 3 -d: the body is read from a file (@body.json)",
+    ):
+        assert any(line.startswith(f"not translated: {source}: {expected}") for line in lines), err
+    assert "secret to provide: AUTHORIZATION_BASIC" in err
+    assert "the base64 of bob:PASSWORD" in err
+    flow = yaml.safe_load(out)
+    upload = flow["tests"]["post_upload"]
+    assert upload["tls"] == {"verify": False}  # -k
+    assert upload["request"]["multipart"] == {"file": {"file": "photo.png"}}
+    me = flow["tests"]["get_me"]["request"]
+    assert me["headers"]["Authorization"] == "Basic {{ secrets.AUTHORIZATION_BASIC }}"
+    assert "Ym9iOnNlY3JldC1ib2I=" not in out  # base64 of bob:secret-bob
+    assert "secret-bob" not in out
+
+
+def test_commands_from_standard_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("curl -L 'https://api.example.com/a?x=1'\n"))
+    code, out, err = baton("import", "curl", "-")
+    assert code == 0, err
+    test = yaml.safe_load(out)["tests"]["get_a"]
+    assert test["request"] == {"url": "/a", "params": {"x": "1"}, "follow_redirects": True}
+    assert err.splitlines()[-1] == "imported 1 test(s) from <stdin>"
+
+
+def test_an_imported_flow_validates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "one.sh"
+    source.write_text(shop_commands("http://127.0.0.1:9", "abcdef0123456789"))
+    (tmp_path / "upload.txt").write_text("x")
+    flow_path = tmp_path / "flow.yaml"
+    assert baton("import", "curl", str(source), "-o", str(flow_path))[0] == 0
+    code, out, err = baton("validate", str(flow_path))
+    assert code == 2
+    assert "secret PASSWORD is not set" in err
+    monkeypatch.setenv("PASSWORD", "x")
+    monkeypatch.setenv("TOKEN", "y")
+    code, out, err = baton("validate", str(flow_path))
+    assert code == 0, out + err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            'curl https://a.example/x\ncurl -d \'{"a": 1}\n  https://a.example/y\n',
+            "line 2: a quote",
+        ),
+        ("# nothing here\n\n", "line 1: no curl command with a URL in it"),
+        ("curl -s\n", "line 1: no curl command with a URL in it"),
+    ],
+)
+def test_malformed_commands_are_one_line_and_exit_2(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    source = tmp_path / "bad.sh"
+    source.write_text(text)
+    code, out, err = baton("import", "curl", str(source))
+    assert code == 2
+    assert out == ""
+    assert err.startswith(f"error: {source}: {message}")
+    assert len(err.splitlines()) == 1
+
+
+def test_values_shaped_like_credentials_become_secrets(tmp_path: Path) -> None:
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLW9mLXRoZS10b2tlbg"
+    source = tmp_path / "jwt.sh"
+    source.write_text(
+        f'curl --json \'{{"refresh": "{jwt}", "n": 1}}\' '
+        f"-H 'X-Session-Hint: {jwt}' 'https://api.example.com/renew?state=ok&api_key=k-123456'\n"
+    )
+    code, out, err = baton("import", "curl", str(source))
+    assert code == 0, err
+    assert jwt not in out and "k-123456" not in out
+    request = yaml.safe_load(out)["tests"]["post_renew"]["request"]
+    # one value, one secret, named after the first place it was found
+    assert request["headers"]["X-Session-Hint"] == "{{ secrets.X_SESSION_HINT }}"
+    assert request["json"] == {"refresh": "{{ secrets.X_SESSION_HINT }}", "n": 1}
+    assert request["params"] == {"state": "ok", "api_key": "{{ secrets.API_KEY }}"}
+    assert "secret to provide: X_SESSION_HINT" in err and "secret to provide: API_KEY" in err
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
+    source = tmp_path / "one.sh"
+    source.write_text("curl https://api.example.com/\n")
+    target = tmp_path / "missing" / "flow.yaml"
+    code, _, err = baton("import", "curl", str(source), "-o", str(target))
+    assert code == 2
+    assert (
+        err.splitlines()[-1]
+        == f"error: {target}: cannot write the flow (No such file or directory)"
+    )
