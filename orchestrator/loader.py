@@ -542,6 +542,15 @@ def _durations(flow: Flow) -> Iterator[tuple[str, Any]]:
         yield f"services.{name}.timeout", service.timeout
         yield f"services.{name}.degraded_after", service.degraded_after
     retry_specs: list[tuple[str, Any]] = [("defaults.retries", flow.defaults.retries)]
+    auths = [("defaults.auth", flow.defaults.auth)]
+    auths += [
+        (f"tests.{name}.request.auth", test.request.auth) for name, test in flow.tests.items()
+    ]
+    for where, auth in auths:
+        if auth is not None and auth.oauth2 is not None:
+            refresh = auth.oauth2.refresh_before
+            if not (isinstance(refresh, str) and templating.has_template(refresh)):
+                yield f"{where}.oauth2.refresh_before", refresh
     for name, test in flow.tests.items():
         if test.request.timeout is not None:
             yield f"tests.{name}.request.timeout", test.request.timeout
@@ -564,6 +573,8 @@ def _templates(flow: Flow) -> Iterator[tuple[str, str]]:
         yield "defaults.headers", text
     for text in templating.template_strings(msgspec.to_builtins(flow.defaults.tls)):
         yield "defaults.tls", text
+    for text in templating.template_strings(msgspec.to_builtins(flow.defaults.auth)):
+        yield "defaults.auth", text
     for name, service in flow.services.items():
         for text in templating.template_strings(service.base_url):
             yield f"services.{name}.base_url", text

@@ -22,6 +22,7 @@ from events.secrets import Cipher, Redactor
 from events.settings import EXCERPT_LIMIT
 from events.writer import BatchingWriter
 from orchestrator import templating
+from orchestrator.auth import TokenCache
 from orchestrator.compiled import redaction_policy
 from orchestrator.planner import Plan
 from orchestrator.results import RunResult, TestResult
@@ -151,6 +152,8 @@ class Runner:
         self.cipher = cipher
         self.transport = transport
         self.slots = asyncio.Semaphore(concurrency)
+        self.tokens = TokenCache()
+        """OAuth2 tokens, shared by the Runner's runs."""
 
     async def run(self, plan: Plan, inputs: RunInputs) -> RunResult:
         return await RunExecution(self, plan, inputs).execute()
