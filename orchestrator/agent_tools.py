@@ -1,7 +1,7 @@
 """What a coding agent asks of Baton, as plain data: validate a flow, run it, read a run's
-failures and its context. The MCP server (``orchestrator.mcp_server``) exposes these as
-tools; they raise Baton's own errors, which it turns into tool errors with the CLI's
-one-line messages.
+failures and its context, replay its assertions on the stored responses. The MCP server
+(``orchestrator.mcp_server``) exposes these as tools; they raise Baton's own errors, which
+it turns into tool errors with the CLI's one-line messages.
 
 Every string returned has passed the run's redactor when it was recorded (the log holds
 no secret in clear) and secret captures are masked, as ``baton context`` shows them.
@@ -125,6 +125,56 @@ async def run_context(run_id: str, position: int | None = None) -> dict[str, Any
     finally:
         await store.aclose()
     return {"run_id": run_id, "context": data}
+
+
+async def replay(run_id: str, path: str | None = None) -> dict[str, Any]:
+    """The flow's current expect and capture sections against the responses stored in the
+    run, as ``baton replay`` checks them: no request sent, nothing recorded. ``path``: the
+    flow file (default: the one the run recorded)."""
+    from events.secrets import Cipher, load_key
+    from orchestrator.execution import Options
+    from orchestrator.replay import replay as replayed
+    from orchestrator.reporters import render_summary
+
+    settings = Settings.from_env()
+    cipher = Cipher(load_key(settings.secret_key, settings.home))
+    store = await _open(settings)
+    try:
+        result = await replayed(
+            store,
+            cipher,
+            run_id,
+            Options(paths=[]),
+            flow=Path(path) if path else None,
+            excerpt_limit=settings.excerpt_limit,
+        )
+    finally:
+        await store.aclose()
+    return {
+        "run_id": run_id,
+        "file": result.file,
+        "status": result.status,
+        "tests": [
+            {
+                "test": test.name,
+                "status": test.status,
+                "message": test.message,
+                "failed_checks": [
+                    {
+                        "subject": check.subject,
+                        "predicate": check.predicate,
+                        "expected": check.expected,
+                        "actual": check.actual,
+                        "message": check.message,
+                    }
+                    for check in test.assertions
+                    if not check.passed
+                ],
+            }
+            for test in result.tests
+        ],
+        "summary": render_summary([result], color=False),
+    }
 
 
 async def _run_events(run_id: str) -> list[ev.RecordedEvent]:

@@ -91,6 +91,14 @@ def make_server() -> Any:
         order, statuses; secret values are ***. position: as it was at that log position."""
         return await agent_tools.run_context(run_id, position)
 
+    @server.tool()
+    @_baton_errors
+    async def replay(run_id: str, path: str | None = None) -> dict[str, Any]:
+        """Check a flow's current expect and capture sections against the responses stored
+        in a run, as `baton replay` does: no request is sent, nothing is recorded. Edit an
+        assertion, replay, see it pass or fail. path: the flow file (default: the run's)."""
+        return await agent_tools.replay(run_id, path)
+
     return server
 
 

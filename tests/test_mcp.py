@@ -59,7 +59,7 @@ async def test_the_tools_an_agent_sees(env: dict[str, str]) -> None:
     async with agent(env) as client:
         listed = await client.list_tools()
     tools = {tool.name: tool for tool in listed.tools}
-    assert set(tools) == {"validate_flow", "run_flow", "run_failures", "run_context"}
+    assert set(tools) == {"validate_flow", "run_flow", "run_failures", "run_context", "replay"}
     assert set(tools["run_flow"].input_schema["properties"]) == {"path", "env", "vars"}
     assert all(tool.description for tool in tools.values())
 
@@ -126,6 +126,19 @@ async def test_a_failing_run_and_its_failures(env: dict[str, str], tmp_path: Pat
         (run,) = ran["runs"]
         assert run["failed_tests"] == ["health"]
         failed, found, text = await call(client, "run_failures", run_id=run["run_id"])
+        # the agent fixes the assertion and replays it on the stored response
+        fixed = tmp_path / "fixed.yaml"
+        fixed.write_text(FAILING.replace("201", "200").replace("down", "ok"), encoding="utf-8")
+        replay_failed, replayed, replay_text = await call(
+            client, "replay", run_id=run["run_id"], path=str(fixed)
+        )
+        _, unchanged, _ = await call(client, "replay", run_id=run["run_id"], path=str(flow))
+    assert not replay_failed, replay_text
+    assert replayed["status"] == "passed"
+    assert {t["test"]: t["status"] for t in replayed["tests"]}["health"] == "passed"
+    assert unchanged["status"] == "failed"
+    (still,) = [t for t in unchanged["tests"] if t["test"] == "health"]
+    assert {c["subject"] for c in still["failed_checks"]} == {"status", "json $.status"}
     assert not failed, text
     assert found["status"] == "failed"
     (failure,) = found["failed"]
@@ -140,7 +153,7 @@ async def test_a_failing_run_and_its_failures(env: dict[str, str], tmp_path: Pat
 
 async def test_an_unknown_run_is_baton_s_error(env: dict[str, str]) -> None:
     async with agent(env) as client:
-        for tool in ("run_failures", "run_context"):
+        for tool in ("run_failures", "run_context", "replay"):
             failed, _, text = await call(client, tool, run_id="no-such-run")
             assert failed
             assert "no run 'no-such-run' in the event store" in text
