@@ -55,7 +55,7 @@ def _durations(test: TestDifference) -> str:
     b = None if test.duration_b_ms is None else duration(test.duration_b_ms)
     text = a or "-" if a == b else f"{a or '-'}{_ARROW}{b or '-'}"
     if test.duration_flag:
-        ratio = f"{test.duration_ratio:g}x, " if test.duration_ratio is not None else ""
+        ratio = f"{test.duration_ratio:.1f}x " if test.duration_ratio is not None else ""
         text += f"  !! {ratio}{test.duration_flag}"
     return text
 
