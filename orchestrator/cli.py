@@ -1044,20 +1044,22 @@ def diff(run_a: str, run_b: str, as_json: bool, exit_code: bool) -> None:
     import msgspec
 
     from events import types as ev
-    from events.secrets import Cipher, load_key
+    from events.secrets import KEY_FILE, Cipher, load_key
     from events.settings import Settings
     from orchestrator.reporters.diff_text import diff_text
     from orchestrator.run_diff import RunDiff
     from orchestrator.run_diff import diff as run_diff
 
     settings = Settings.from_env()
+    cipher = None
+    # a read: no key is made where there is none (then no run here has secrets to open)
+    if settings.secret_key or (settings.home / KEY_FILE).exists():
+        cipher = Cipher(load_key(settings.secret_key, settings.home))
 
     async def read(store: Any) -> RunDiff:
         events_a = await store.read_stream(ev.run_stream(run_a))
         events_b = await store.read_stream(ev.run_stream(run_b))
-        return run_diff(
-            events_a, events_b, run_a, run_b, Cipher(load_key(settings.secret_key, settings.home))
-        )
+        return run_diff(events_a, events_b, run_a, run_b, cipher)
 
     found = _with_store(read)
     if as_json:

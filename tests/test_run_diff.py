@@ -206,3 +206,38 @@ async def test_the_service_and_the_dashboard_compare_the_organizations_runs_only
     finally:
         await org.http.aclose()
         await stranger.http.aclose()
+
+
+def _recorded(run_id: str, body: str) -> list[Any]:
+    import uuid
+    from datetime import UTC, datetime
+
+    from events import types as ev
+
+    stream = ev.run_stream(run_id)
+    events: list[ev.Event] = [
+        ev.RunStarted(run_id, "shapes", "d", [ev.PlannedTest("list")]),
+        ev.TestStarted("list"),
+        ev.ResponseReceived("list", 1, 200, {}, body, ev.Timings(total_ms=3)),
+        ev.TestPassed("list", 1, 3.0),
+    ]
+    at = datetime.now(UTC)
+    return [
+        ev.RecordedEvent(uuid.uuid4(), stream, version, version, at, event)
+        for version, event in enumerate(events, 1)
+    ]
+
+
+def test_array_items_are_one_path_whose_types_merge() -> None:
+    from orchestrator.run_diff import diff
+
+    a = _recorded("a", '{"items": [{"id": 1}, {"id": 2}], "next": null}')
+    b = _recorded("b", '{"items": [{"id": 1}, {"id": "2", "tags": ["x"]}], "next": "/p/2"}')
+    (test,) = diff(a, b, "a", "b").tests
+    shown = [(s.path, s.change, s.type_a, s.type_b) for s in test.shape]
+    assert shown == [
+        ("$.next", "type changed", "null", "string"),
+        ("$.items[*].id", "type changed", "number", "number|string"),
+        ("$.items[*].tags", "added", None, "array"),  # its items ([*]) not listed again
+    ]
+    assert test.changed and test.shape_notes == [] and test.duration_flag == ""
