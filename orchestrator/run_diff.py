@@ -22,7 +22,6 @@ from events.context import fold
 from events.errors import SecretError
 from events.secrets import AUTH_PREFIX, Cipher
 from orchestrator.errors import UsageError
-from orchestrator.testcase import EXCERPT
 
 LARGE_RATIO = 1.5
 """A duration is flagged when one side is at least this many times the other..."""
@@ -175,7 +174,7 @@ def _test(name: str, a: _Run, b: _Run, cipher: Cipher | None) -> TestDifference:
     shape: list[ShapeDifference] = []
     notes: list[str] = []
     if presence == "both" and ta.response is not None and tb.response is not None:
-        shape, notes = _shape(ta.response.body_excerpt, tb.response.body_excerpt)
+        shape, notes = _shape(ta.response, tb.response)
     return TestDifference(
         name=name,
         presence=presence,
@@ -255,32 +254,36 @@ def _opened(value: Any, encrypted: bool, cipher: Cipher | None) -> str | None:
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
-def _shape(excerpt_a: str, excerpt_b: str) -> tuple[list[ShapeDifference], list[str]]:
+def _shape(
+    response_a: ev.ResponseReceived, response_b: ev.ResponseReceived
+) -> tuple[list[ShapeDifference], list[str]]:
     notes = []
     parsed = []
-    for side, excerpt in (("A", excerpt_a), ("B", excerpt_b)):
-        paths = _paths_of(excerpt)
+    for side, response in (("A", response_a), ("B", response_b)):
+        paths = _paths_of(response)
         if isinstance(paths, str):
             notes.append(f"{side}: {paths}")
         parsed.append(paths)
     paths_a, paths_b = parsed
     if isinstance(paths_a, str) or isinstance(paths_b, str):
-        if not excerpt_a.strip() and not excerpt_b.strip():
-            return [], []
-        both_plain = all(note.endswith("not JSON") for note in notes) and len(notes) == 2
-        return [], [] if both_plain else notes
+        # neither is JSON (an HTML page, no body): there is no shape to compare
+        neither = all(note.endswith(("not JSON", "no body")) for note in notes) and len(notes) == 2
+        return [], [] if neither else notes
     return _compared(paths_a, paths_b), []
 
 
-def _paths_of(excerpt: str) -> dict[str, str] | str:
+def _paths_of(response: ev.ResponseReceived) -> dict[str, str] | str:
     """Each JSON path of the body and its type, or why there are none."""
+    excerpt = response.body_excerpt
     if not excerpt.strip():
         return "no body"
     try:
         body = msgspec.json.decode(excerpt)
     except msgspec.DecodeError:
-        if len(excerpt) >= EXCERPT:
-            return f"the recorded body is cut at {EXCERPT} characters and does not parse"
+        kind = next((v for k, v in response.headers.items() if k.lower() == "content-type"), "")
+        if "json" in kind.lower():
+            # what replay says too: the excerpt kept (BATON_EXCERPT_LIMIT) ends mid-body
+            return "the recorded body is cut short (BATON_EXCERPT_LIMIT) and does not parse"
         return "not JSON"
     types: dict[str, set[str]] = {}
     for path, kind in _walk(body, "$"):

@@ -137,7 +137,9 @@ def test_a_test_in_one_run_only_and_a_key_that_cannot_open_the_secrets(
     assert code == 0, out + err
     run_a = _latest_run()
     (shell / "diff.yaml").write_text(FLOW.replace("  sized:", "  resized:"))
-    code, out, err = baton("run", "diff.yaml", "--var", "query=a=" + "x" * 3000)
+    monkeypatch.setenv("BATON_EXCERPT_LIMIT", "512")  # B keeps 512 characters of a body
+    code, out, err = baton("run", "diff.yaml", "--var", "query=a=" + "x" * 600)
+    monkeypatch.delenv("BATON_EXCERPT_LIMIT")
     assert code == 0, out + err
     run_b = _latest_run()
     code, out, err = baton("diff", run_a, run_b)
@@ -145,7 +147,10 @@ def test_a_test_in_one_run_only_and_a_key_that_cannot_open_the_secrets(
     assert re.search(r"^sized +only in A \(passed\)$", out, re.M), out
     assert re.search(r"^resized +only in B \(passed\)$", out, re.M), out
     # a body longer than Baton records is cut: its shape is not guessed
-    assert "    shape: B: the recorded body is cut at 2048 characters and does not parse" in out
+    assert (
+        "    shape: B: the recorded body is cut short (BATON_EXCERPT_LIMIT) and does not parse"
+        in out
+    )
 
     # another key than the one the runs were recorded with: secrets cannot be compared
     monkeypatch.setenv("BATON_SECRET_KEY", "A" * 43 + "=")
@@ -218,7 +223,9 @@ def _recorded(run_id: str, body: str) -> list[Any]:
     events: list[ev.Event] = [
         ev.RunStarted(run_id, "shapes", "d", [ev.PlannedTest("list")]),
         ev.TestStarted("list"),
-        ev.ResponseReceived("list", 1, 200, {}, body, ev.Timings(total_ms=3)),
+        ev.ResponseReceived(
+            "list", 1, 200, {"content-type": "application/json"}, body, ev.Timings(total_ms=3)
+        ),
         ev.TestPassed("list", 1, 3.0),
     ]
     at = datetime.now(UTC)
