@@ -63,6 +63,7 @@ def _routers() -> list[ControllerRouterHandler]:
     from context_service.api.suites import SuiteController
     from context_service.api.tests import TestCaseController
     from context_service.dashboard import router as dashboard
+    from context_service.diff_page import router as diff_page
     from context_service.realtime import RealtimeController
 
     return [
@@ -77,6 +78,7 @@ def _routers() -> list[ControllerRouterHandler]:
         KeyController,
         dashboard,
         analytics_page,
+        diff_page,
         RealtimeController,
     ]
 

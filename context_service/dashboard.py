@@ -63,6 +63,11 @@ _CHOICES = (
     "SELECT coalesce(array_agg(DISTINCT r.suite), '{}'),"
     f" coalesce(array_agg(DISTINCT r.environment), '{{}}') FROM ({RUNS.base}) AS r"
 )
+# the run a run page offers to compare with: the same suite's run started just before it
+_PREVIOUS = (
+    f"{RUNS.base} WHERE runs.suite = $1 AND runs.project_id IS NOT DISTINCT FROM $2"
+    " AND runs.started_at < $3 AND runs.id <> $4 ORDER BY runs.started_at DESC LIMIT 1"
+)
 # one statement: the context, the results and the failures of one snapshot
 _SNAPSHOT = """
 SELECT
@@ -303,6 +308,9 @@ async def run_page(
     """One run: its timeline, context, failures and event log, followed live."""
     view = await run_view(services, principal, run_id)
     captured_by = {name: test for test, values in view.context.captured.items() for name in values}
+    run = view.run
+    async with services.db.tenant(principal.organization_id) as conn:
+        previous = await conn.fetchval(_PREVIOUS, run.suite, run.project_id, run.started_at, run.id)
     return page(
         "run.html",
         view=view,
@@ -310,6 +318,7 @@ async def run_page(
         waterfall=view.waterfall(),
         failed=[t for t in view.tests if t.status == "failed" or t.name in view.failures],
         captured_by=captured_by,
+        previous=previous,
     )
 
 

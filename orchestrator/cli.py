@@ -1030,6 +1030,47 @@ def context(run_id: str, position: int | None) -> None:
 
 
 @cli.command()
+@click.argument("run_a")
+@click.argument("run_b")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@click.option(
+    "--exit-code",
+    is_flag=True,
+    help="Exit 1 when a test that passed in RUN_A does not pass in RUN_B.",
+)
+def diff(run_a: str, run_b: str, as_json: bool, exit_code: bool) -> None:
+    """Compare two runs test by test: status, response status and body shape, captures
+    (secrets only as changed or unchanged) and duration, flagging large changes."""
+    import msgspec
+
+    from events import types as ev
+    from events.secrets import KEY_FILE, Cipher, load_key
+    from events.settings import Settings
+    from orchestrator.reporters.diff_text import diff_text
+    from orchestrator.run_diff import RunDiff
+    from orchestrator.run_diff import diff as run_diff
+
+    settings = Settings.from_env()
+    cipher = None
+    # a read: no key is made where there is none (then no run here has secrets to open)
+    if settings.secret_key or (settings.home / KEY_FILE).exists():
+        cipher = Cipher(load_key(settings.secret_key, settings.home))
+
+    async def read(store: Any) -> RunDiff:
+        events_a = await store.read_stream(ev.run_stream(run_a))
+        events_b = await store.read_stream(ev.run_stream(run_b))
+        return run_diff(events_a, events_b, run_a, run_b, cipher)
+
+    found = _with_store(read)
+    if as_json:
+        click.echo(msgspec.json.format(msgspec.json.encode(found)).decode())
+    else:
+        click.echo(diff_text(found))
+    if exit_code and found.regressions:
+        sys.exit(1)
+
+
+@cli.command()
 @click.argument("run_id")
 def events(run_id: str) -> None:
     """Show a run's event log."""

@@ -94,7 +94,9 @@ def test_a_failed_test_exits_1(tmp_path: Path, shop_url: str, pg_server_dsn: str
     assert "1 failed" in out.splitlines()[-1] and err == ""
 
 
-@pytest.mark.parametrize("command", [("run", "flow.yaml"), ("runs",), ("db", "status")])
+@pytest.mark.parametrize(
+    "command", [("run", "flow.yaml"), ("runs",), ("db", "status"), ("diff", "a", "b")]
+)
 def test_an_unreachable_database_is_named_without_its_password(
     tmp_path: Path, flow: Path, shop_url: str, command: tuple[str, ...]
 ) -> None:

@@ -32,6 +32,7 @@ from events import types as ev
 from events.context import Context, redacted
 from events.secrets import masked_event
 from orchestrator.queue import QueueUnavailable
+from orchestrator.run_diff import RunDiff, UnknownRun, diff
 
 VariableName = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Value = Annotated[str, msgspec.Meta(max_length=64 * 1024)]
@@ -187,6 +188,18 @@ async def _cancel_queued(services: Services, principal: Principal, run_id: uuid.
             break
         await asyncio.sleep(0.1)
     return run
+
+
+async def run_diff(
+    services: Services, principal: Principal, run_a: uuid.UUID, run_b: uuid.UUID
+) -> RunDiff:
+    """Two of the organization's runs compared; NotFound for a run it does not have."""
+    streams = [await services.db.run_stream(principal.organization_id, r) for r in (run_a, run_b)]
+    events_a, events_b = [await services.store.read_stream(stream) for stream in streams]
+    try:
+        return diff(events_a, events_b, str(run_a), str(run_b), services.cipher)
+    except UnknownRun as exc:  # queued, not started yet: nothing to compare
+        raise NotFound(str(exc)) from None
 
 
 def _shown(event: ev.Event) -> dict[str, Any]:
@@ -345,6 +358,18 @@ class RunController(Controller):
             return issue_markdown(recorded, test, str(run_id))
         except NotReportable as exc:
             raise (NotFound if exc.missing else Conflict)(str(exc)) from None
+
+    @get("/{run_id:uuid}/diff/{other:uuid}")
+    async def diff(
+        self,
+        services: ServicesDep,
+        principal: PrincipalDep,
+        run_id: FromPath[uuid.UUID],
+        other: FromPath[uuid.UUID],
+    ) -> RunDiff:
+        """The run (A) compared with ``other`` (B) test by test, as ``baton diff A B
+        --json``: 404 unless both are the caller's organization's."""
+        return await run_diff(services, principal, run_id, other)
 
 
 def _accepted(run: Run) -> Response[Run]:
