@@ -56,6 +56,8 @@ class RunStarted(_Event, tag="RunStarted", frozen=True):
     """The flow file, as given on the command line."""
     session_id: str = ""
     """The test session the run belongs to (``baton run --session ID``), if any."""
+    setup_runs: list[str] = []
+    """The runs of the shared setups (``use:``) whose captures this run started with."""
 
 
 class TestStarted(_Event, tag="TestStarted", frozen=True):
