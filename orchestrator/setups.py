@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import os
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -81,7 +82,9 @@ class SetupResolver:
         try:
             for index, use in enumerate(loaded.flow.use):
                 where = f"use[{index}]"
-                target = (loaded.base_dir / use.flow).resolve()
+                # shown as the user would write it from here; known by its real path
+                shown = Path(os.path.normpath(loaded.base_dir / use.flow))
+                target = shown.resolve()
                 if target == here:
                     problems.append(
                         Problem(
@@ -111,7 +114,7 @@ class SetupResolver:
                         )
                     )
                 else:
-                    setup = self._setup(target, use.test, label, where, problems)
+                    setup = self._setup(shown, use.test, label, where, problems)
                     if setup is not None:
                         found.append(setup)
         finally:
@@ -124,7 +127,7 @@ class SetupResolver:
     def _setup(
         self, path: Path, test: str, label: str, where: str, problems: list[Problem]
     ) -> Setup | None:
-        known = self._setups.get((path, test))
+        known = self._setups.get((path.resolve(), test))
         if known is not None:
             return known
         loaded, full, inputs, uses = self._flow(path)
@@ -153,17 +156,17 @@ class SetupResolver:
                 )
             )
             return None
-        self._setups[(path, test)] = setup
+        self._setups[(path.resolve(), test)] = setup
         return setup
 
     def _flow(self, path: Path) -> tuple[LoadedFlow, Plan, RunInputs, tuple[Setup, ...]]:
-        known = self._flows.get(path)
+        known = self._flows.get(path.resolve())
         if known is None:
             loaded, env_vars = self._load(path)
             uses = self.uses(loaded)
             full = self._plan(loaded, env_vars, shared_names(uses))
             known = (loaded, full, self._inputs_of(loaded, env_vars), uses)
-            self._flows[path] = known
+            self._flows[path.resolve()] = known
         return known
 
     def _row_reads(self, setup: Setup) -> set[str]:
