@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,9 +82,12 @@ def prepare(options: Options, environ: Mapping[str, str] = os.environ) -> list[J
         return loaded, env_vars
 
     def plan_flow(
-        loaded: LoadedFlow, env_vars: dict[str, Any], shared: dict[str, str], row: Any = None
+        loaded: LoadedFlow,
+        env_vars: dict[str, Any],
+        shared: dict[str, str],
+        columns: Collection[str],
     ) -> Plan:
-        names = {*loaded.flow.variables, *env_vars, *(row or {}), *options.variables}
+        names = {*loaded.flow.variables, *env_vars, *columns, *options.variables}
         return plan(loaded, Scope(names, environ, secrets, shared), options.tags)
 
     def inputs_of(loaded: LoadedFlow, env_vars: dict[str, Any]) -> RunInputs:

@@ -53,8 +53,9 @@ def shared_names(setups: Collection[Setup]) -> dict[str, str]:
 
 LoadFlow = Callable[[Path], tuple[LoadedFlow, dict[str, Any]]]
 """A flow file -> the flow (with its environment's services) and its environment's values."""
-PlanFlow = Callable[[LoadedFlow, dict[str, Any], dict[str, str]], Plan]
-"""The plan of a flow, given its environment's values and what its setups capture."""
+PlanFlow = Callable[[LoadedFlow, dict[str, Any], dict[str, str], Collection[str]], Plan]
+"""The plan of a flow, given its environment's values, what its setups capture and the
+data rows' columns."""
 InputsOf = Callable[[LoadedFlow, dict[str, Any]], RunInputs]
 
 
@@ -164,7 +165,8 @@ class SetupResolver:
         if known is None:
             loaded, env_vars = self._load(path)
             uses = self.uses(loaded)
-            full = self._plan(loaded, env_vars, shared_names(uses))
+            # planned knowing the rows' columns: reading one is refused by name below
+            full = self._plan(loaded, env_vars, shared_names(uses), self._row_names)
             known = (loaded, full, self._inputs_of(loaded, env_vars), uses)
             self._flows[path.resolve()] = known
         return known
