@@ -122,9 +122,7 @@ async def test_a_failing_setup_skips_what_reads_it_in_every_flow(
     assert "wrong" not in shown.replace("went wrong", "")
 
 
-async def test_a_single_flow_alone_runs_its_setup_first(
-    project: Path, shop: web.AppRunner
-) -> None:
+async def test_a_single_flow_alone_runs_its_setup_first(project: Path, shop: web.AppRunner) -> None:
     code, shown = await run("run", str(project / "flows" / "cart.yaml"))
     assert code == 0, shown
     assert len(logins(shop)) == 1
