@@ -76,6 +76,15 @@ def load_text(content: str, filename: str) -> LoadedFlow:
     # the label runs record as their source, and no folder to read schema files from
     loaded = dataclasses.replace(loaded, path=Path(name))
     problems = [*_schema_files(loaded), *_disk_files(loaded)]
+    if loaded.flow.use:
+        problems.append(
+            Problem(
+                name,
+                "use",
+                "an uploaded suite cannot use a test of another file as a shared setup",
+                "put the setup's tests in this suite, or run the flows with baton run",
+            )
+        )
     if problems:
         raise rejected(problems, name)
     return loaded

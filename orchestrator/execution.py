@@ -86,9 +86,10 @@ def prepare(options: Options, environ: Mapping[str, str] = os.environ) -> list[J
         env_vars: dict[str, Any],
         shared: dict[str, str],
         columns: Collection[str],
+        tags: Collection[str] = (),
     ) -> Plan:
         names = {*loaded.flow.variables, *env_vars, *columns, *options.variables}
-        return plan(loaded, Scope(names, environ, secrets, shared), options.tags)
+        return plan(loaded, Scope(names, environ, secrets, shared), tags)
 
     def inputs_of(loaded: LoadedFlow, env_vars: dict[str, Any]) -> RunInputs:
         return RunInputs(
@@ -99,6 +100,7 @@ def prepare(options: Options, environ: Mapping[str, str] = os.environ) -> list[J
             tags=tuple(options.tags),
         )
 
+    # a setup runs whole, whatever --tag selects of the flows using it
     resolver = SetupResolver(load, plan_flow, inputs_of, rows[0])
     jobs: list[Job] = []
     problems: list[Problem] = []
@@ -106,7 +108,7 @@ def prepare(options: Options, environ: Mapping[str, str] = os.environ) -> list[J
         try:
             loaded, env_vars = load(path)
             setups = resolver.uses(loaded)
-            flow_plan = plan_flow(loaded, env_vars, shared_names(setups), rows[0])
+            flow_plan = plan_flow(loaded, env_vars, shared_names(setups), rows[0], options.tags)
         except UsageError as exc:
             problems.extend(exc.problems or [Problem(str(path), "", str(exc))])
             continue

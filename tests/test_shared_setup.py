@@ -207,3 +207,11 @@ def test_a_capture_named_like_the_setups_is_a_usage_error(project: Path) -> None
         f"{flow}: tests.orders.capture.user_id: 'user_id' is already captured by the shared "
         "setup login.yaml::login" in err
     )
+
+
+async def test_a_tag_selection_runs_the_whole_setup(project: Path, shop: web.AppRunner) -> None:
+    flow = project / "flows" / "orders.yaml"
+    flow.write_text(flow.read_text() + "    tags: [smoke]\n")
+    code, shown = await run("run", str(flow), "--tag", "smoke")
+    assert code == 0, shown
+    assert len(logins(shop)) == 1
