@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -215,3 +216,40 @@ async def test_a_tag_selection_runs_the_whole_setup(project: Path, shop: web.App
     code, shown = await run("run", str(flow), "--tag", "smoke")
     assert code == 0, shown
     assert len(logins(shop)) == 1
+
+
+def test_plan_json_names_the_setup_each_test_reads(project: Path) -> None:
+    code, out, err = baton("plan", "--json", str(project / "flows" / "cart.yaml"))
+    assert code == 0, err
+    [flow] = json.loads(out)["flows"]
+    assert {t["name"]: t.get("setups") for t in flow["tests"]} == {
+        "add": ["login.yaml::login"],
+        "products": None,
+    }
+
+
+async def test_shard_and_queue_refuse_flows_with_a_setup(project: Path) -> None:
+    flows = str(project / "flows")
+    code, shown = await run("run", flows, "--shard", "1/2", "--batch", "b1")
+    assert code == 2
+    assert shown.strip().endswith(
+        "use: a shared setup runs in one baton run; --queue and --shard split the flows "
+        "among processes (run it without them)"
+    )
+
+
+async def test_an_unreachable_setup_host_is_exit_3(project: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        unused_port = probe.getsockname()[1]
+    login = project / "auth" / "login.yaml"
+    login.write_text(
+        login.read_text().replace(
+            "{{ env.SHOP_URL | default('http://127.0.0.1:8765') }}",
+            f"http://127.0.0.1:{unused_port}",
+        )
+    )
+    code, shown = await run("run", str(project / "flows"))
+    assert code == 3, shown
+    assert f"cannot reach http://127.0.0.1:{unused_port}" in shown
+    assert "Traceback" not in shown
