@@ -36,6 +36,11 @@ KEY_TTL = 5.0
 """Seconds a key's principal is reused without asking the database again: a key revoked
 through another service process stops working within this time (through this one, at once)."""
 _KNOWN_KEYS = 10_000
+_DONE = "UPDATE service_runs SET state = $2, error = $3, updated_at = now() WHERE id = $1"
+_QUEUED = (
+    "SELECT organization_id, id FROM service_runs"
+    " WHERE state = 'queued' AND created_at > now() - interval '7 days'"
+)
 _ENTER = "SELECT set_config('role', $1, true), set_config('baton.organization_id', $2, true)"
 _ROLE_USABLE = (
     "SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = $1)"
@@ -123,6 +128,21 @@ class Database:
         for key, (principal, _) in list(self._principals.items()):
             if principal.key_id == key_id:
                 del self._principals[key]
+
+    async def record_run_end(
+        self, organization: uuid.UUID, run_id: uuid.UUID, state: str, error: str
+    ) -> None:
+        """A service run's state once it has ended: 'finished', 'cancelled' or 'error'."""
+        async with self.tenant(organization) as conn:
+            await conn.execute(_DONE, run_id, state, error)
+
+    async def queued_runs(self) -> list[tuple[uuid.UUID, uuid.UUID]]:
+        """(organization, run) of every organization's service run of the last week whose
+        end is not recorded: a restarted service follows them again. The service's own
+        table, read as its owner (no tenant): the follower records ends for every tenant."""
+        with translated(self._dsn):
+            rows = await self._pool.fetch(_QUEUED)
+        return [(row[0], row[1]) for row in rows]
 
     async def run_stream(self, organization: uuid.UUID, run_id: uuid.UUID) -> str:
         """The run's stream if ``organization`` has the run, else NotFound. A run never

@@ -32,6 +32,7 @@ from events import types as ev
 from events.projections import DEFAULT_ORGANIZATION_ID, derive
 from events.secrets import masked_event
 from events.store import EventStore, StoreError, next_page
+from events.wire import event_data
 
 RUN_LEVEL = frozenset({"RunStarted", "TestPassed", "TestFailed", "RunCompleted", "RunCancelled"})
 """What a project's stream carries of its runs' events."""
@@ -52,7 +53,7 @@ class Entry:
         self.stream = recorded.stream
         self.type = recorded.type
         self.event = masked_event(recorded.event)
-        self.data = ev.encode(self.event)
+        self.data = event_data(recorded.event)
         self.project = project
         """The project whose stream carries it: a run-level event's run's, a finding's
         (None for the others)."""

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import tempfile
 from collections.abc import Collection, Iterator, Mapping
-from pathlib import Path
 
 from context_service.errors import FieldError, TooLarge, Unprocessable
 from orchestrator.errors import Problem, UsageError
-from orchestrator.loader import LoadedFlow, load_flow
+from orchestrator.loader import LoadedFlow
+from orchestrator.loader import load_text as load_flow_text
 from orchestrator.model import MultipartFile
 from orchestrator.planner import Plan, Scope, plan
 
@@ -66,15 +65,10 @@ def load_text(content: str, filename: str) -> LoadedFlow:
     if len(data) > MAX_FLOW_BYTES:
         raise TooLarge(f"the flow file is {len(data)} bytes; the limit is {MAX_FLOW_BYTES} bytes")
     name = safe_filename(filename)
-    with tempfile.TemporaryDirectory(prefix="baton-flow-") as folder:
-        path = Path(folder) / name
-        path.write_bytes(data)
-        try:
-            loaded = load_flow(path)
-        except UsageError as exc:
-            raise rejected(exc.problems or [Problem(name, "", str(exc))], name) from None
-    # the label runs record as their source, and no folder to read schema files from
-    loaded = dataclasses.replace(loaded, path=Path(name))
+    try:
+        loaded = load_flow_text(content, name)
+    except UsageError as exc:
+        raise rejected(exc.problems or [Problem(name, "", str(exc))], name) from None
     problems = [*_schema_files(loaded), *_disk_files(loaded)]
     if loaded.flow.use:
         problems.append(

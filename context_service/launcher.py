@@ -3,8 +3,10 @@
 Each run is an asyncio task with its own event writer. What the runner does not know of
 the flow, the service hands it in the run's ``RunInputs``: the organization and project
 (in RunStarted), the captures a rerun reuses and the secrets to mask besides the flow's.
-The writer records why a run was cancelled: through the API, or because the service
-stops. The writers append through the process's Owner (events.owners), which claims each
+A run cancelled through the API has its task cancelled with the reason, which the
+runner's RunCancelled gives; one cancelled because the service stops is "interrupted";
+its writer takes nothing after the run's end (a test task the runner left behind). The
+writers append through the process's Owner (events.owners), which claims each
 run while it is open. When a run ends, its task waits for the process's projector to pass
 the run's last event (``after_run``) before it reports the run done.
 """
@@ -12,7 +14,6 @@ the run's last event (``after_run``) before it reports the run done.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -23,15 +24,17 @@ import httpx
 from events import types as ev
 from events.owners import Owner
 from events.secrets import Cipher
+from events.settings import EXCERPT_LIMIT
 from events.store import StoreError
 from events.writer import DEFAULT_MAX_WAIT, Appender, BatchingWriter
 from orchestrator import templating
+from orchestrator.execution import health_checked
 from orchestrator.planner import Plan
-from orchestrator.runner import Resume, RunInputs, Runner
+from orchestrator.runner import RunInputs, Runner
+from orchestrator.service_runs import API_CANCELLED as CANCELLED_REASON
 from orchestrator.services import Limiters, SystemClock
 
 _log = logging.getLogger("baton.service.runs")
-CANCELLED_REASON = "cancelled through the API"
 
 
 @dataclass(frozen=True)
@@ -48,35 +51,17 @@ class RunSpec:
         return self.inputs.run_id
 
 
-async def _checked(runner: Runner, spec: RunSpec) -> RunInputs:
-    """The run's inputs once its services' health is checked (docs/flow-format.md#services):
-    an unhealthy service's tests are skipped by the runner; with ``on_unhealthy: abort``,
-    every test is skipped with the reason and the run fails, as there is no exit code to
-    give it."""
-    from orchestrator.execution import Job, check_health
-
-    refusal = await check_health([Job(spec.plan, [spec.inputs])], runner)
-    if not refusal:
-        return spec.inputs
-    return dataclasses.replace(spec.inputs, resume=Resume(0, {}, {}, failure=refusal))
-
-
 class _RunWriter(BatchingWriter):
-    """The writer of one run: see the module's docstring."""
+    """The writer of one run: nothing after its RunCompleted or RunCancelled."""
 
     def __init__(self, store: Appender, *, max_wait: float) -> None:
         super().__init__(store, max_wait=max_wait)
-        self.cancel_requested = False
         self._ended = False
 
     def emit(self, stream: str, event: ev.Event, at: int | None = None) -> None:
         if self._ended:
             return  # a test task the runner left behind after a cancel: the run is over
-        if isinstance(event, ev.RunCancelled):
-            self._ended = True
-            if self.cancel_requested:
-                event = ev.RunCancelled(reason=CANCELLED_REASON)
-        elif isinstance(event, ev.RunCompleted):
+        if isinstance(event, ev.RunCancelled | ev.RunCompleted):
             self._ended = True
         super().emit(stream, event, at)
 
@@ -94,6 +79,7 @@ class RunLauncher:
         max_wait: float = DEFAULT_MAX_WAIT,
         after_run: Callable[[int], Awaitable[object]] | None = None,
         owner: Owner | None = None,
+        excerpt_limit: int = EXCERPT_LIMIT,
     ) -> None:
         """``store``: what the runs' writers append through. ``max_wait``: seconds a run
         stays paused while the store is unreachable. ``after_run``: awaited with the log
@@ -109,12 +95,11 @@ class RunLauncher:
         self._concurrency = concurrency
         self._max_wait = max_wait
         self._after_run = after_run
+        self._excerpt_limit = excerpt_limit
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._writers: dict[str, _RunWriter] = {}
 
     def start(self, spec: RunSpec) -> None:
         writer = _RunWriter(self._store, max_wait=self._max_wait)
-        self._writers[spec.run_id] = writer
         task = asyncio.create_task(self._run(spec, writer), name=f"baton-run-{spec.run_id}")
         self._tasks[spec.run_id] = task
 
@@ -123,8 +108,7 @@ class RunLauncher:
         task = self._tasks.get(run_id)
         if task is None or task.done():
             return False
-        self._writers[run_id].cancel_requested = True
-        task.cancel()
+        task.cancel(CANCELLED_REASON)  # the runner's RunCancelled gives it
         return True
 
     async def wait(self, run_id: str) -> None:
@@ -141,9 +125,10 @@ class RunLauncher:
             concurrency=self._concurrency,
             limits=templating.SERVICE_LIMITS,  # a tenant's templates: bounded, off the loop
             limiters=self._limiters,
+            excerpt_limit=self._excerpt_limit,
         )
         try:
-            await runner.run(spec.plan, await _checked(runner, spec))
+            await runner.run(spec.plan, await health_checked(runner, spec.plan, spec.inputs))
         except asyncio.CancelledError:
             state = "cancelled"
         except Exception as exc:  # the task's end is its report: nothing may escape it
@@ -168,7 +153,6 @@ class RunLauncher:
             _log.exception("run %s: recording its end failed", spec.run_id)
         finally:
             self._tasks.pop(spec.run_id, None)
-            self._writers.pop(spec.run_id, None)
 
     async def aclose(self) -> None:
         """Cancel every run in flight, wait for each to record its end, close the client."""

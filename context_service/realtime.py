@@ -59,6 +59,7 @@ from context_service.keys import Principal
 from context_service.services import Services
 from events.store import StoreError
 from events.types import TestPassed
+from events.wire import frame
 
 FLAKY = "flaky_test_detected"
 DEGRADED = "performance_degradation"
@@ -154,10 +155,7 @@ def _sse_of(entry: Entry, project: bool) -> bytes:
 
 def _ws_of(entry: Entry, project: bool) -> list[bytes]:
     if not project:
-        return [
-            b'{"position":%d,"type":"%s","event":%s}'
-            % (entry.position, entry.type.encode(), entry.data)
-        ]
+        return [frame(entry.position, entry.type, entry.data)]
     return [
         msgspec.json.encode({"position": entry.position, "type": kind, "event": data})
         for kind, data in _derived(entry)

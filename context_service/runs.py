@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -22,7 +22,7 @@ import msgspec
 
 from context_service.api.suites import fetch_suite
 from context_service.database import stream_of
-from context_service.errors import Conflict, NotFound, Unprocessable
+from context_service.errors import Conflict, NotFound, Unavailable, Unprocessable
 from context_service.flows import check_run, load_text
 from context_service.keys import Principal
 from context_service.launcher import RunSpec
@@ -30,8 +30,10 @@ from context_service.services import Services
 from events import types as ev
 from events.cache import UnknownRun
 from events.context import Context, decrypted_variables, hidden_values
-from events.secrets import SecretError, is_auth_name
+from events.secrets import SecretError
 from events.store import EventStore
+from orchestrator.queue import QueueUnavailable
+from orchestrator.rerun import Prior, Selection, graph_of, reused_captures, select
 from orchestrator.runner import RunInputs
 
 _ORIGIN = """
@@ -47,7 +49,6 @@ _RECORD = (
     "INSERT INTO service_runs (id, organization_id, suite_id, environment_id, rerun_of, tests,"
     " tags, variables, state) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued')"
 )
-_DONE = "UPDATE service_runs SET state = $2, error = $3, updated_at = now() WHERE id = $1"
 
 
 class StartRequest(msgspec.Struct, frozen=True):
@@ -136,6 +137,7 @@ async def start(
         organization=str(org),
         project=project,
         reused=tuple(reused),
+        continues=str(rerun_of) if rerun_of is not None else "",
     )
     if request.session_id is not None:
         from context_service.api.sessions import admit
@@ -157,31 +159,17 @@ async def start(
         )
 
     async def done(state: str, error: str) -> None:
-        async with services.db.tenant(org) as conn:
-            await conn.execute(_DONE, run_id, state, error)
+        await services.db.record_run_end(org, run_id, state, error)
 
-    services.launcher.start(RunSpec(plan, inputs, on_done=done))
+    if services.queued is None:
+        services.launcher.start(RunSpec(plan, inputs, on_done=done))
+        return run_id
+    try:
+        await services.queued.start(suite.content, plan, inputs, done)
+    except QueueUnavailable:
+        await done("error", "the worker queue was unreachable: the run did not start")
+        raise Unavailable("the worker queue is unreachable; try again later") from None
     return run_id
-
-
-def reused_captures(
-    context: Context, rerun: Collection[str]
-) -> list[ev.VariableCaptured | ev.AuthTokenUpdated]:
-    """The captures of ``context`` by tests that are not run again, as events for the
-    rerun to record (ciphertext stays ciphertext)."""
-    secret = set(context.secret_names)
-    events: list[ev.VariableCaptured | ev.AuthTokenUpdated] = []
-    for test, values in context.captured.items():
-        if test in rerun:
-            continue
-        for name, value in values.items():
-            if is_auth_name(name):
-                events.append(ev.AuthTokenUpdated(test=test, name=name, value=str(value)))
-            else:
-                events.append(
-                    ev.VariableCaptured(test=test, name=name, value=value, secret=name in secret)
-                )
-    return events
 
 
 async def rerun(services: Services, principal: Principal, run_id: uuid.UUID) -> uuid.UUID:
@@ -208,7 +196,7 @@ async def rerun(services: Services, principal: Principal, run_id: uuid.UUID) -> 
     if started is None:
         raise Conflict("the run's log does not begin with RunStarted")
     planned = [test.name for test in started.plan]
-    todo = [name for name in planned if context.statuses.get(name) != "passed"]
+    todo = select(planned, graph_of(started.plan), Prior(context), Selection(failed=True)).tests
     if not todo:
         raise Conflict("every test of the run passed: there is nothing to rerun")
     request = StartRequest(

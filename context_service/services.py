@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import msgspec
 
 from context_service.database import Database
 from context_service.launcher import RunLauncher
+from context_service.queued import QueuedRuns
 from events.archive import archive_dir
 from events.cache import ContextCache, ContextReader, open_cache
 from events.owners import Owner
@@ -25,6 +27,7 @@ from events.secrets import Cipher, load_key
 from events.settings import Settings, mask_dsn
 from events.store import EventStore
 from events.writer import GroupAppends
+from orchestrator.queue import JobQueue
 
 _log = logging.getLogger("baton.service")
 _PROBE_TIMEOUT = 3.0
@@ -62,11 +65,14 @@ class Services:
     projector: Projector
     detector: Detector
     owner: Owner
+    queued: QueuedRuns | None = None
+    """With BATON_QUEUE_URL: the runs it put on the worker queue instead of the launcher."""
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the service starts to shut down: live streams end at once (their clients
     resume elsewhere with Last-Event-ID) instead of holding the shut-down open."""
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _projector_task: asyncio.Task[None] | None = None
+    _following: asyncio.Task[None] | None = None
     _retention_task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -120,7 +126,26 @@ class Services:
             max_wait=settings.store_wait,
             after_run=projected,
             owner=owner,
+            excerpt_limit=settings.excerpt_limit,
         )
+        queued: QueuedRuns | None = None
+        if settings.queue_url:
+            queue = JobQueue(settings.queue_url)
+            try:
+                await queue.ensure_group()  # a wrong BATON_QUEUE_URL fails the start-up, at once
+            except BaseException:
+                await queue.aclose()
+                await owner.aclose()
+                await store.aclose()
+                raise
+            queued = QueuedRuns(
+                queue,
+                store,
+                cipher,
+                allowed_targets=settings.allowed_targets,
+                concurrency=concurrency,
+                after_run=projected,
+            )
         services = cls(
             settings=settings,
             store=store,
@@ -132,7 +157,13 @@ class Services:
             projector=projector,
             detector=Detector(store),
             owner=owner,
+            queued=queued,
         )
+        if queued is not None:
+            await _follow_again(queued, db)
+            services._following = asyncio.create_task(
+                queued.follow(services._stop), name="baton-queued-runs"
+            )
         services._projector_task = asyncio.create_task(
             services.projector.serve(stop=services._stop, then=services.detector.catch_up),
             name="baton-projector",
@@ -153,7 +184,12 @@ class Services:
 
     async def aclose(self) -> None:
         await self.launcher.aclose()
+        # runs on the queue are the workers': they go on while the service is away
         self._stop.set()
+        if self._following is not None:
+            await asyncio.gather(self._following, return_exceptions=True)
+        if self.queued is not None:
+            await self.queued.aclose()
         for task in (self._projector_task, self._retention_task):
             if task is not None:
                 with contextlib.suppress(Exception):
@@ -163,7 +199,10 @@ class Services:
         await self.store.aclose()
 
     async def health(self) -> Health:
-        checks = await asyncio.gather(self._postgres(), self._redis(), self._projector())
+        probes = [self._postgres(), self._redis(), self._projector()]
+        if self.queued is not None:
+            probes.append(self._queue(self.queued))
+        checks = await asyncio.gather(*probes)
         worst = "ok"
         for check in checks:
             if check.status == "down" or (check.status == "degraded" and worst == "ok"):
@@ -191,6 +230,15 @@ class Services:
             )
         return Dependency("redis", "ok", mask_dsn(self.settings.redis_url), _elapsed(start))
 
+    async def _queue(self, queued: QueuedRuns) -> Dependency:
+        start = time.perf_counter()
+        try:
+            await asyncio.wait_for(queued.queue.server(), _PROBE_TIMEOUT)
+        except Exception as exc:  # reads go on; only new runs cannot start
+            return Dependency("queue", "degraded", f"{type(exc).__name__}: runs cannot be started")
+        where = mask_dsn(self.settings.queue_url) if self.settings.queue_url else ""
+        return Dependency("queue", "ok", f"{where}: runs go to baton worker", _elapsed(start))
+
     async def _projector(self) -> Dependency:
         task = self._projector_task
         if task is None or task.done():
@@ -205,6 +253,13 @@ class Services:
             return Dependency("projector", "down", type(exc).__name__)
         detail = f"at position {position}, {behind} event(s) behind; findings judged to {judged}"
         return Dependency("projector", "ok", detail)
+
+
+async def _follow_again(queued: QueuedRuns, db: Database) -> None:
+    """The runs queued before a restart (or by an instance gone since): their ends are
+    recorded as the log shows them."""
+    for organization, run_id in await db.queued_runs():
+        queued.follow_again(str(run_id), functools.partial(db.record_run_end, organization, run_id))
 
 
 def _elapsed(start: float) -> float:

@@ -23,6 +23,8 @@ OWNER_TIMEOUT = 90.0
 """Default BATON_OWNER_TIMEOUT: longer than STORE_WAIT plus a few heartbeats."""
 RETENTION_INTERVAL = 24 * 3600.0
 """Default BATON_RETENTION_INTERVAL: `baton serve` applies retention once a day."""
+EXCERPT_LIMIT = 2048
+"""Default BATON_EXCERPT_LIMIT: characters of a body an event keeps (redacted)."""
 _KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 
 
@@ -100,6 +102,15 @@ def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
     return seconds
 
 
+def _count(environ: Mapping[str, str], name: str, default: int) -> int:
+    value = _optional(environ, name)
+    if value is None:
+        return default
+    if not value.isdigit() or int(value) == 0:
+        raise SettingsError(f"{name}={value!r}: expected a whole number above 0, like 8192")
+    return int(value)
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Where Baton keeps its events and cache, and the key that encrypts its secrets.
 
@@ -123,11 +134,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     allowed_targets: str | None = None
     """What runs started through the service may reach (orchestrator.targets); None:
     public addresses only."""
+    queue_url: str | None = None
+    """The worker queue (redis://HOST:PORT/DB) the service puts its runs on, for
+    ``baton worker`` to run (BATON_QUEUE_URL); None: the service runs them itself."""
     archive_dir: Path | None = None
     """BATON_ARCHIVE_DIR: where retention archives; None: ``archive`` under ``home``."""
     retention_interval: float | None = RETENTION_INTERVAL
     """Seconds between two retention applies of ``baton serve`` (BATON_RETENTION_INTERVAL);
     None ("off"): the service applies none."""
+    excerpt_limit: int = EXCERPT_LIMIT
+    """Characters of each request and response body the events keep (BATON_EXCERPT_LIMIT):
+    what ``baton replay`` can check again."""
 
     @classmethod
     def from_env(
@@ -154,12 +171,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             store_wait=store_wait,
             owner_timeout=owner_timeout,
             allowed_targets=_optional(environ, "BATON_ALLOWED_TARGETS"),
+            queue_url=_optional(environ, "BATON_QUEUE_URL"),
             archive_dir=Path(archive).expanduser() if archive else None,
             retention_interval=(
                 None
                 if _optional(environ, "BATON_RETENTION_INTERVAL") == "off"
                 else _seconds(environ, "BATON_RETENTION_INTERVAL", RETENTION_INTERVAL)
             ),
+            excerpt_limit=_count(environ, "BATON_EXCERPT_LIMIT", EXCERPT_LIMIT),
         )
 
     @property
@@ -172,8 +191,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         database = mask_dsn(self.database_url) if self.database_url else None
         redis = mask_dsn(self.redis_url) if self.redis_url else None
         key = _MASK if self.secret_key else None
+        queue = mask_dsn(self.queue_url) if self.queue_url else None
         return (
             f"Settings(database_url={database!r}, redis_url={redis!r}, "
             f"home={str(self.home)!r}, secret_key={key!r}, store_wait={self.store_wait!r}, "
-            f"owner_timeout={self.owner_timeout!r})"
+            f"owner_timeout={self.owner_timeout!r}, queue_url={queue!r})"
         )

@@ -56,6 +56,8 @@ class RunStarted(_Event, tag="RunStarted", frozen=True):
     """The flow file, as given on the command line."""
     session_id: str = ""
     """The test session the run belongs to (``baton run --session ID``), if any."""
+    continues: str = ""
+    """The run this one reruns (``baton rerun``, the service's rerun): its id, or ""."""
     setup_runs: list[str] = []
     """The runs of the shared setups (``use:``) whose captures this run started with."""
 
@@ -169,6 +171,10 @@ class BatchStarted(_Event, tag="BatchStarted", frozen=True):
     suite: str
     source: str
     runs: list[str]
+    continues: str = ""
+    """The batch whose failed rows this one reruns (``baton rerun --failed-rows``), or ""."""
+    data: str = ""
+    """The data file the rows were read from, as given on the command line."""
 
 
 class BatchCompleted(_Event, tag="BatchCompleted", frozen=True):

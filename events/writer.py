@@ -36,8 +36,9 @@ class Appender(Protocol):
     async def append(self, appends: Sequence[StreamAppend]) -> list[list[int]]: ...
 
 
-Stored = Callable[[str, Event], None]
-"""Called with (stream, event) for every event once it is stored, in the order emitted."""
+Stored = Callable[[str, Event, int], None]
+"""Called with (stream, event, its log position) for every event once it is stored, in the
+order emitted."""
 
 
 class BatchingWriter:
@@ -143,8 +144,12 @@ class BatchingWriter:
             self._versions[append.stream] = append.expected_version + len(append.events)
         self.position = max([self.position, *(p for group in positions for p in group)])
         if self._on_stored is not None:
+            # the store answers each append's positions in the order of its events
+            placed = {
+                append.stream: iter(at) for append, at in zip(appends, positions, strict=True)
+            }
             for stream, new in batch:
-                self._on_stored(stream, new.event)
+                self._on_stored(stream, new.event, next(placed[stream]))
 
     async def _append_until_stored(self, appends: list[StreamAppend]) -> list[list[int]]:
         loop = asyncio.get_running_loop()

@@ -300,6 +300,13 @@ def _options(**kwargs: Any) -> Any:
     metavar="ID",
     help="Run in this test session (baton session create); refused while it is paused.",
 )
+@click.option(
+    "--events",
+    "events_format",
+    type=click.Choice(["ndjson"]),
+    help="Write every event to standard output as one JSON line (docs/agents.md); progress "
+    "and the summary go to standard error.",
+)
 def run(
     concurrency: int,
     junit: Path | None,
@@ -312,13 +319,12 @@ def run(
     batch_id: str | None,
     queue_url: str | None,
     session_id: str | None,
+    events_format: str | None,
     **kwargs: Any,
 ) -> None:
     """Run flow files (or directories of them). Interrupted (Ctrl-C, SIGTERM), the runs in
     flight end as cancelled and what passed, failed and was cancelled is printed."""
-    from events.settings import Settings
     from orchestrator import execution
-    from orchestrator.reporters import ConsoleProgress, RunTally
 
     if queue_url is not None and shard_text is not None:
         raise UsageError(
@@ -326,6 +332,11 @@ def run(
         )
     if queue_url is not None and session_id is not None:
         raise UsageError("--queue and --session: a queued batch does not join a session yet")
+    if queue_url is not None and events_format is not None:
+        raise UsageError(
+            "--queue and --events: the workers record the events; follow them with "
+            "baton watch, or run without --queue"
+        )
     shard = _shard(shard_text, batch_id)
     options = _options(concurrency=concurrency, **kwargs)
     jobs = execution.prepare(options)
@@ -336,20 +347,53 @@ def run(
             f"{used.plan.loaded.label}: use: a shared setup runs in one baton run; "
             "--queue and --shard split the flows among processes (run it without them)"
         )
+    reports = {"junit": junit, "json_path": json_path, "html": html, "ctrf": ctrf}
     if queue_url is not None:
-        reports = {"junit": junit, "json_path": json_path, "html": html, "ctrf": ctrf}
         _queued(queue_url, options, jobs, batch_id, quiet=quiet, serve=serve, **reports)
         return
+    ndjson = events_format is not None
     shard_run = None
     if shard is not None and batch_id:
         from orchestrator.shards import ShardRun
 
         shard_run = ShardRun.of(jobs, shard, batch_id)
         jobs = shard_run.jobs()
-        click.echo(shard_run.describe())
-    color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-    progress = ConsoleProgress(stream=sys.stdout, quiet=quiet, color=color)
+        click.echo(shard_run.describe(), err=ndjson)
+    _execute(
+        jobs,
+        concurrency,
+        quiet,
+        reports,
+        serve=serve,
+        shard=shard_run,
+        session_id=session_id,
+        ndjson=ndjson,
+    )
+
+
+def _execute(
+    jobs: list[Any],
+    concurrency: int,
+    quiet: bool,
+    reports: dict[str, Path | None],
+    *,
+    serve: str | None = None,
+    shard: Any = None,
+    session_id: str | None = None,
+    ndjson: bool = False,
+) -> None:
+    """Run the jobs with live progress, write the reports, print the summary; exit 1 if a
+    run did not pass. With ``ndjson``, standard output carries only the events, one JSON
+    line each, and what a person reads goes to standard error."""
+    from events.settings import Settings
+    from orchestrator import execution
+    from orchestrator.reporters import ConsoleProgress, RunTally
+
+    human = sys.stderr if ndjson else sys.stdout
+    color = human.isatty() and "NO_COLOR" not in os.environ
+    progress = ConsoleProgress(stream=human, quiet=quiet, color=color)
     tally = RunTally()
+    stream_event = _ndjson_writer() if ndjson else None
 
     def observe(run_id: str, event: Any) -> None:
         progress(run_id, event)
@@ -363,17 +407,153 @@ def run(
                     Settings.from_env(),
                     concurrency=concurrency,
                     observer=observe,
-                    shard=shard_run,
+                    placed=stream_event,
+                    shard=shard,
                     session_id=session_id or "",
                 )
             )
     except KeyboardInterrupt:
         progress.close()
-        click.echo(tally.render(color=color))
+        click.echo(tally.render(color=color), err=ndjson)
         raise
     progress.close()
-    if not _reported(results, junit=junit, json_path=json_path, html=html, ctrf=ctrf, color=color):
+    if not _reported(results, color=color, err=ndjson, **reports):
         sys.exit(1)
+
+
+def _rerun_inputs(function: F) -> F:
+    """What a rerun or a replay may give again instead of what the run recorded."""
+    options = [
+        click.option(
+            "--flow",
+            type=click.Path(path_type=Path),
+            help="The flow file (default: the one the run recorded, as given then).",
+        ),
+        click.option("--env", "environment", help="Environment (default: the run's)."),
+        click.option("--var", "variables", multiple=True, help="Set a variable: name=value."),
+        click.option(
+            "--secrets",
+            "secrets_file",
+            type=click.Path(path_type=Path),
+            help="YAML file of secrets (read as secrets.NAME).",
+        ),
+        click.option(
+            "--data",
+            "data_file",
+            type=click.Path(path_type=Path),
+            help="A batch's data file (default: the one it recorded).",
+        ),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+@cli.command()
+@click.argument("target", metavar="ID")
+@click.option("--failed", is_flag=True, help="Rerun the tests that failed and those they skipped.")
+@click.option("--from", "start", metavar="TEST", help="Rerun TEST and every test that needs it.")
+@click.option(
+    "--failed-rows", is_flag=True, help="ID is a batch: rerun its failed rows in a new batch."
+)
+@_rerun_inputs
+@click.option("--tag", "tags", multiple=True, help="Tag selection (default: the run's).")
+@click.option("-c", "--concurrency", default=10, show_default=True, type=click.IntRange(1, 1000))
+@report_options
+@click.option("-q", "--quiet", is_flag=True, help="Only failures and the summary.")
+def rerun(
+    target: str,
+    failed: bool,
+    start: str | None,
+    failed_rows: bool,
+    flow: Path | None,
+    concurrency: int,
+    quiet: bool,
+    **kwargs: Any,
+) -> None:
+    """Run a recorded run again, aware of the graph: --failed (the failed tests and the
+    dependents they made skip), --from TEST (that test onwards), or for a batch
+    --failed-rows. The other tests' captures come from the log (login is not sent again),
+    unless a capture's ttl has passed. The new run records which run it continues."""
+    from datetime import UTC, datetime
+
+    from events.secrets import Cipher, load_key
+    from events.settings import Settings
+    from orchestrator import continuation
+    from orchestrator.rerun import Selection
+
+    if sum((failed, start is not None, failed_rows)) != 1:
+        raise UsageError("baton rerun: give one of --failed, --from TEST or --failed-rows")
+    reports = {name: kwargs.pop(name) for name in ("junit", "json_path", "html", "ctrf")}
+    options = _options(paths=[], concurrency=concurrency, **kwargs)
+    settings = Settings.from_env()
+    cipher = Cipher(load_key(settings.secret_key, settings.home))
+    now = datetime.now(UTC)
+
+    async def plan(store: Any) -> continuation.Continuation:
+        if failed_rows:
+            return await continuation.failed_rows_jobs(
+                store, cipher, target, options, flow=flow, now=now
+            )
+        selection = Selection(failed=failed, start=start)
+        return await continuation.rerun_jobs(
+            store, cipher, target, selection, options, flow=flow, now=now
+        )
+
+    planned = _with_store(plan)
+    jobs = planned.jobs
+    for note in planned.notes:
+        click.echo(note)
+    for job in jobs:
+        if job.continues:
+            click.echo(f"batch {job.batch_id} continues batch {job.continues}")
+        for index, inputs in enumerate(job.runs):
+            again = ", ".join(job.plan_of(index).order)
+            click.echo(f"run {inputs.run_id} continues run {inputs.continues}: again {again}")
+    _execute(jobs, concurrency, quiet, reports)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.argument("flow_file", metavar="[FLOW]", required=False, type=click.Path(path_type=Path))
+@_rerun_inputs
+def replay(run_id: str, flow_file: Path | None, flow: Path | None, **kwargs: Any) -> None:
+    """Check the flow's current expect and capture sections against the responses stored
+    in run RUN_ID, as a run would report them. No request is sent, nothing is recorded."""
+    from events.secrets import Cipher, load_key
+    from events.settings import Settings
+    from orchestrator.replay import replay as replayed
+    from orchestrator.reporters import render_summary
+    from orchestrator.reporters.console import test_lines
+
+    settings = Settings.from_env()
+    cipher = Cipher(load_key(settings.secret_key, settings.home))
+    options = _options(paths=[], **kwargs)
+    limit = settings.excerpt_limit
+
+    async def go(store: Any) -> Any:
+        return await replayed(
+            store, cipher, run_id, options, flow=flow_file or flow, excerpt_limit=limit
+        )
+
+    result = _with_store(go)
+    color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    click.echo(f"replay of run {run_id} with {result.file}: no request sent, nothing recorded")
+    click.echo(test_lines(result, color=color))
+    click.echo(render_summary([result], color=color))
+    if result.status != "passed":
+        sys.exit(1)
+
+
+def _ndjson_writer() -> Callable[[str, Any, int], None]:
+    """Writes each stored event as its line, flushed at once: a consumer reads it live."""
+    from events.wire import ndjson_line
+
+    def write(run_id: str, event: Any, position: int) -> None:
+        click.echo(ndjson_line(run_id, event, position).decode(), nl=False)
+        sys.stdout.flush()
+
+    return write
 
 
 def _shard(text: str | None, batch_id: str | None) -> Shard | None:
@@ -400,6 +580,7 @@ def _reported(
     html: Path | None,
     ctrf: Path | None = None,
     color: bool,
+    err: bool = False,
 ) -> bool:
     """Write the reports asked for and print the summary; True if every run passed."""
     from orchestrator.reporters import (
@@ -419,7 +600,7 @@ def _reported(
     for path, write in writers:
         if path is not None:
             write(results, path)
-    click.echo(render_summary(results, color=color))
+    click.echo(render_summary(results, color=color), err=err)
     return all(result.status == "passed" for result in results)
 
 
@@ -544,8 +725,10 @@ def _queued(
     "--queue",
     "queue_url",
     required=True,
+    envvar="BATON_QUEUE_URL",
     metavar="URL",
-    help="The queue baton run --queue submits to: redis://HOST:PORT/DB.",
+    help="The queue baton run --queue and the service (BATON_QUEUE_URL) submit to:"
+    " redis://HOST:PORT/DB.",
 )
 @click.option(
     "-c",
@@ -583,9 +766,10 @@ def worker(
     claim_after: float,
     max_deliveries: int,
 ) -> None:
-    """Run the jobs of baton run --queue, each run's events in the one event store
-    (BATON_DATABASE_URL). Start it in the root of the same checkout. SIGTERM or SIGINT:
-    no new jobs, those in flight finish (up to --drain-timeout), then it exits."""
+    """Run the jobs of baton run --queue and of the service's runs (BATON_QUEUE_URL), each
+    run's events in the one event store (BATON_DATABASE_URL). Start it in the root of the
+    same checkout. SIGTERM or SIGINT: no new jobs, those in flight finish (up to
+    --drain-timeout), then it exits."""
     import logging
 
     from events.settings import Settings
@@ -1183,6 +1367,25 @@ def _with_store(action: Callable[[Any], Awaitable[T]]) -> T:
             await store.aclose()
 
     return _run(go())
+
+
+@cli.command()
+def mcp() -> None:
+    """Serve Baton's tools to a coding agent over MCP on standard input and output
+    (validate_flow, run_flow, run_failures, run_context; docs/agents.md)."""
+    from orchestrator.mcp_server import serve as serve_mcp
+
+    serve_mcp()
+
+
+@cli.command()
+@click.argument("kind", type=click.Choice(["flow", "events"]))
+def schema(kind: str) -> None:
+    """Print the JSON Schema of flow files or of the event stream (docs/agents.md); the
+    same as docs/flow.schema.json and docs/events.schema.json."""
+    from orchestrator.schemas import schema_text
+
+    click.echo(schema_text(kind), nl=False)
 
 
 @cli.command("import")

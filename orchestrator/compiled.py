@@ -17,6 +17,7 @@ from events import types as ev
 from events.secrets import Policy, policy_for
 from orchestrator import templating
 from orchestrator.model import (
+    Auth,
     Capture,
     Defaults,
     Expect,
@@ -148,6 +149,8 @@ class CompiledTest:
     """The flow's ``defaults.tls`` with the test's own over it; None: the system's."""
     graphql_errors_fail: bool = False
     """A GraphQL test whose expect does not check ``$.errors``: errors fail it."""
+    auth: templating.Renderer | None = None
+    """Renders to {kind: settings}: the request's ``auth``, or else ``defaults.auth``."""
 
 
 def compile_test(name: str, test: Test, defaults: Defaults) -> CompiledTest:
@@ -173,7 +176,14 @@ def compile_test(name: str, test: Test, defaults: Defaults) -> CompiledTest:
         method=request.verb,
         tls=merged_tls(defaults.tls, test.tls),
         graphql_errors_fail=request.graphql is not None and not expects_errors(test.expect),
+        auth=_auth(request.auth or defaults.auth),
     )
+
+
+def _auth(auth: Auth | None) -> templating.Renderer | None:
+    if auth is None:
+        return None
+    return templating.compile_value(msgspec.to_builtins(auth))
 
 
 def merged_tls(defaults: Tls | None, test: Tls | None) -> Tls | None:

@@ -26,7 +26,7 @@ from orchestrator.inputs import environment_file, read_mapping, read_rows, read_
 from orchestrator.loader import LoadedFlow, find_flows, load_flow, with_services
 from orchestrator.planner import Plan, Scope, plan
 from orchestrator.results import RunResult
-from orchestrator.runner import Observer, RunInputs, Runner, initial_namespace
+from orchestrator.runner import Observer, Resume, RunInputs, Runner, initial_namespace
 from orchestrator.services import Clock, Health, ResolvedService, resolve
 from orchestrator.services import check as check_service
 from orchestrator.targets import TargetPolicy
@@ -58,8 +58,19 @@ class Job:
     plan: Plan
     runs: list[RunInputs]
     batch_id: str = ""
+    data: str = ""
+    """The data file of a batch, as given (BatchStarted.data)."""
+    continues: str = ""
+    """The batch whose failed rows this one reruns (BatchStarted.continues)."""
+    row_plans: tuple[Plan, ...] = ()
+    """Each run's own plan (a rerun's rows each run again what failed in them); empty:
+    every run runs ``plan``."""
+
     setups: tuple[Setup, ...] = ()
     """The shared setups (``use:``) its flow uses: run once, before its runs."""
+
+    def plan_of(self, index: int) -> Plan:
+        return self.row_plans[index] if self.row_plans else self.plan
 
 
 def prepare(options: Options, environ: Mapping[str, str] = os.environ) -> list[Job]:
@@ -125,7 +136,8 @@ def prepare(options: Options, environ: Mapping[str, str] = os.environ) -> list[J
             )
             for index, row in enumerate(rows)
         ]
-        jobs.append(Job(flow_plan, runs, batch_id, setups))
+        data = str(options.data_file) if batch_id else ""
+        jobs.append(Job(flow_plan, runs, batch_id, data, setups=setups))
     if problems:
         raise UsageError(_unique(problems))
     return jobs
@@ -142,6 +154,7 @@ async def execute(
     *,
     concurrency: int = 10,
     observer: Observer | None = None,
+    placed: PlacedObserver | None = None,
     shard: ShardRun | None = None,
     clock: Clock | None = None,
     session_id: str = "",
@@ -170,10 +183,17 @@ async def execute(
     except BaseException:
         await store.aclose()
         raise
-    writer = BatchingWriter(owner, max_wait=settings.store_wait, on_stored=_observe(observer))
+    writer = BatchingWriter(
+        owner, max_wait=settings.store_wait, on_stored=_observe(observer, placed)
+    )
     transport = make_transport(concurrency)
     runner = Runner(
-        writer=writer, cipher=cipher, transport=transport, concurrency=concurrency, clock=clock
+        writer=writer,
+        cipher=cipher,
+        transport=transport,
+        concurrency=concurrency,
+        clock=clock,
+        excerpt_limit=settings.excerpt_limit,
     )
     # The read tables follow the run live (realtime subscribers watch them), projected in
     # this process as appends commit; when the run ends only the tail is left to project.
@@ -247,8 +267,7 @@ async def _admitted(store: EventStore, session_id: str, jobs: list[Job]) -> list
 
     await sessions.admit(store, session_id, [run.run_id for job in jobs for run in job.runs])
     return [
-        Job(job.plan, [replace(run, session_id=session_id) for run in job.runs], job.batch_id)
-        for job in jobs
+        replace(job, runs=[replace(run, session_id=session_id) for run in job.runs]) for job in jobs
     ]
 
 
@@ -259,6 +278,17 @@ def _services(job: Job) -> dict[str, ResolvedService]:
         return resolve(job.plan.loaded.flow, initial_namespace(job.runs[0]))
     except templating.TemplateError:
         return {}  # the run itself reports it, test by test
+
+
+async def health_checked(runner: Runner, plan: Plan, inputs: RunInputs) -> RunInputs:
+    """A run's inputs once its services' health is checked (docs/flow-format.md#services),
+    for a run with no exit code to give (the service's, on its process or a worker): an
+    unhealthy service's tests are skipped by the runner; with ``on_unhealthy: abort``,
+    every test is skipped with the reason and the run fails."""
+    refusal = await check_health([Job(plan, [inputs])], runner)
+    if not refusal:
+        return inputs
+    return replace(inputs, resume=Resume(0, {}, {}, failure=refusal))
 
 
 async def check_health(jobs: list[Job], runner: Runner) -> str:
@@ -307,15 +337,26 @@ async def check_health(jobs: list[Job], runner: Runner) -> str:
     return "\n".join(refusals)
 
 
-def _observe(observer: Observer | None) -> Callable[[str, ev.Event], None] | None:
-    """The writer's on_stored for the observer: a run's events, by run id, once stored."""
-    if observer is None:
+PlacedObserver = Callable[[str, ev.Event, int], None]
+"""Called with (run id, event, its log position) once the event is stored."""
+
+
+def _observe(
+    observer: Observer | None, placed: PlacedObserver | None = None
+) -> Callable[[str, ev.Event, int], None] | None:
+    """The writer's on_stored for the observers: a run's events, by run id, once stored
+    (and with their log position for ``placed``)."""
+    if observer is None and placed is None:
         return None
     prefix = ev.run_stream("")
 
-    def stored(stream: str, event: ev.Event) -> None:
+    def stored(stream: str, event: ev.Event, position: int) -> None:
         if stream.startswith(prefix):
-            observer(stream[len(prefix) :], event)
+            run_id = stream[len(prefix) :]
+            if placed is not None:
+                placed(run_id, event, position)
+            if observer is not None:
+                observer(run_id, event)
 
     return stored
 
@@ -328,7 +369,7 @@ def setup_jobs(jobs: list[Job]) -> list[Job]:
     while pending:
         setup = pending.pop()
         if id(setup) not in seen:
-            seen[id(setup)] = Job(setup.plan, [setup.inputs], "", setup.uses)
+            seen[id(setup)] = Job(setup.plan, [setup.inputs], setups=setup.uses)
             pending.extend(setup.uses)
     return list(seen.values())
 
@@ -346,7 +387,7 @@ async def _run_all(
         for index, inputs in rows:
             inputs = await setups.inputs(inputs, job.setups)
             async with live:
-                results[index] = await runner.run(job.plan, inputs)
+                results[index] = await runner.run(job.plan_of(index), inputs)
 
     await asyncio.gather(*(lane() for _ in range(min(lanes, len(job.runs)))))
     return [results[index] for index in range(len(job.runs))]
@@ -371,6 +412,8 @@ async def _run_job(
             suite=job.plan.loaded.flow.name,
             source=source,
             runs=[run.run_id for run in job.runs],
+            continues=job.continues,
+            data=job.data,
         ),
     )
     start = time.perf_counter()

@@ -24,10 +24,17 @@ from orchestrator.errors import UsageError
 async def context(
     store: PostgresEventStore, settings: Settings, run_id: str, position: int | None
 ) -> str:
+    return _pretty(await context_data(store, settings, run_id, position))
+
+
+async def context_data(
+    store: PostgresEventStore, settings: Settings, run_id: str, position: int | None = None
+) -> Any:
+    """A run's context as plain data, secrets masked (``baton context``, the MCP server)."""
     from events.cache import CacheError, ContextReader, UnknownRun, open_cache
 
     if position is not None:
-        return _pretty(msgspec.to_builtins(redacted(await _context_at(store, run_id, position))))
+        return msgspec.to_builtins(redacted(await _context_at(store, run_id, position)))
     try:
         cache = open_cache(settings)
     except CacheError as exc:
@@ -38,7 +45,7 @@ async def context(
         raise _unknown(run_id) from None
     finally:
         await cache.aclose()
-    return _pretty(msgspec.to_builtins(redacted(state)))
+    return msgspec.to_builtins(redacted(state))
 
 
 async def _context_at(store: PostgresEventStore, run_id: str, position: int) -> Context:
@@ -108,8 +115,12 @@ async def show(store: PostgresEventStore, run_id: str) -> str:
         f"run {run.run_id}: {run.suite}" + (f" [row {run.batch_row}]" if run.batch_row else ""),
         f"  status {status}, {tally} of {run.total}, {_took(run)}",
         f"  environment {run.environment}, started {run.started_at:%Y-%m-%d %H:%M:%S %Z}",
-        "",
     ]
+    stream = ev.run_stream(run.run_id)
+    first = (await store.first_events([stream])).get(stream)
+    if first is not None and isinstance(first.event, ev.RunStarted) and first.event.continues:
+        lines.append(f"  continues run {first.event.continues}")
+    lines.append("")
     for result in results:
         timing = f"{result.duration_ms:.0f} ms" if result.duration_ms is not None else ""
         shown = "cancelled" if ended and result.status in ("pending", "running") else result.status

@@ -10,9 +10,10 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
+import tempfile
 import types
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Union, get_args, get_origin
@@ -120,6 +121,18 @@ def load_flow(path: Path) -> LoadedFlow:
     if problems:
         raise UsageError(problems)
     return LoadedFlow(path, flow, hashlib.sha256(data).hexdigest())
+
+
+def load_text(content: str, name: str) -> LoadedFlow:
+    """A flow file's text, checked as ``load_flow`` checks a file, labelled ``name`` (a bare
+    file name): a flow uploaded to the service, loaded by the service and by the worker
+    that runs it. Raises UsageError."""
+    with tempfile.TemporaryDirectory(prefix="baton-flow-") as folder:
+        path = Path(folder) / name
+        path.write_bytes(content.encode("utf-8", "surrogatepass"))
+        loaded = load_flow(path)
+    # the label runs record as their source, and no folder to read schema files from
+    return replace(loaded, path=Path(name))
 
 
 def with_services(loaded: LoadedFlow, declared: Any, label: str) -> LoadedFlow:
@@ -529,12 +542,24 @@ def _durations(flow: Flow) -> Iterator[tuple[str, Any]]:
         yield f"services.{name}.timeout", service.timeout
         yield f"services.{name}.degraded_after", service.degraded_after
     retry_specs: list[tuple[str, Any]] = [("defaults.retries", flow.defaults.retries)]
+    auths = [("defaults.auth", flow.defaults.auth)]
+    auths += [
+        (f"tests.{name}.request.auth", test.request.auth) for name, test in flow.tests.items()
+    ]
+    for where, auth in auths:
+        if auth is not None and auth.oauth2 is not None:
+            refresh = auth.oauth2.refresh_before
+            if not (isinstance(refresh, str) and templating.has_template(refresh)):
+                yield f"{where}.oauth2.refresh_before", refresh
     for name, test in flow.tests.items():
         if test.request.timeout is not None:
             yield f"tests.{name}.request.timeout", test.request.timeout
         if test.until is not None and test.until.interval is not None:
             yield f"tests.{name}.until.interval", test.until.interval
         retry_specs.append((f"tests.{name}.retries", test.retries))
+        for capture_name, spec in test.capture.items():
+            if spec.ttl is not None:
+                yield f"tests.{name}.capture.{capture_name}.ttl", spec.ttl
     for where, retry in retry_specs:
         if retry is not None and not isinstance(retry, int):
             yield f"{where}.delay", retry.delay
@@ -548,6 +573,8 @@ def _templates(flow: Flow) -> Iterator[tuple[str, str]]:
         yield "defaults.headers", text
     for text in templating.template_strings(msgspec.to_builtins(flow.defaults.tls)):
         yield "defaults.tls", text
+    for text in templating.template_strings(msgspec.to_builtins(flow.defaults.auth)):
+        yield "defaults.auth", text
     for name, service in flow.services.items():
         for text in templating.template_strings(service.base_url):
             yield f"services.{name}.base_url", text

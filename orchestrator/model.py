@@ -95,6 +95,53 @@ class Tls(_Spec, frozen=True):
     or what ``defaults.tls`` says."""
 
 
+class BasicAuth(_Spec, frozen=True):
+    username: str
+    password: str
+
+
+class OAuth2(_Spec, frozen=True):
+    """OAuth2 client credentials (RFC 6749 section 4.4): a token fetched from ``token_url``,
+    shared by every request with the same token_url, client_id, scope and audience, and
+    fetched again before it expires and once after a 401."""
+
+    token_url: str
+    client_id: str
+    client_secret: str
+    scope: str | None = None
+    audience: str | None = None
+    refresh_before: Duration = "30s"
+    """Fetch a new token when the one held expires within this."""
+    client_auth: Literal["basic", "body"] = "basic"
+    """How the client authenticates to token_url: HTTP Basic, or client_id and
+    client_secret in the form body."""
+
+
+class AwsSigV4(_Spec, frozen=True):
+    access_key_id: str
+    secret_access_key: str
+    region: str
+    service: str
+    session_token: str | None = None
+
+
+class Auth(_Spec, frozen=True):
+    """Exactly one kind. Values may be templates, usually ``{{ secrets.NAME }}``."""
+
+    basic: BasicAuth | None = None
+    digest: BasicAuth | None = None
+    oauth2: OAuth2 | None = None
+    aws_sigv4: AwsSigV4 | None = None
+
+    def kinds(self) -> list[str]:
+        return [kind for kind in AUTH_KINDS if getattr(self, kind) is not None]
+
+
+AUTH_KINDS = ("basic", "digest", "oauth2", "aws_sigv4")
+CREDENTIAL_FIELDS = frozenset({"password", "client_secret", "secret_access_key", "session_token"})
+"""The fields of an auth block that are secrets by kind: masked whatever they are named."""
+
+
 BODY_KINDS = ("json", "body", "form", "multipart", "graphql")
 """The ways to give a request's body: at most one per request."""
 
@@ -113,6 +160,8 @@ class Request(_Spec, frozen=True):
     graphql: GraphQL | None = None
     timeout: Duration | None = None
     follow_redirects: bool | None = None
+    auth: Auth | None = None
+    """Replaces ``defaults.auth`` as a whole."""
 
     @property
     def verb(self) -> str:
@@ -147,6 +196,9 @@ class Capture(_Spec, frozen=True):
     collect: bool = False
     """Keep a list of what every response of the test's polling gives (every JSONPath node,
     page after page) instead of the value in the last response."""
+    ttl: Duration | None = None
+    """How long the captured value stays good (a token's lifetime): ``baton rerun`` runs
+    the capturing test again rather than reuse a value older than this."""
 
     def source(self) -> tuple[str, str]:
         given = [
@@ -218,6 +270,7 @@ class Defaults(_Spec, frozen=True):
     follow_redirects: bool = False
     redact: Redact = Redact()
     tls: Tls | None = None
+    auth: Auth | None = None
 
 
 RateLimit = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]

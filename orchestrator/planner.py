@@ -72,6 +72,7 @@ class Plan:
         flow = self.loaded.flow
         parts = [part for test in flow.tests.values() for part in test_parts(test)]
         parts.append(("variables", flow.variables))
+        parts.append(("defaults.auth", msgspec.to_builtins(flow.defaults.auth)))
         return frozenset(
             name
             for _, value in parts
@@ -191,6 +192,7 @@ def plan(loaded: LoadedFlow, scope: Scope, tags: Collection[str] = ()) -> Plan:
             ("base_url", flow.base_url),
             ("defaults.headers", flow.defaults.headers),
             ("defaults.tls", msgspec.to_builtins(flow.defaults.tls)),
+            ("defaults.auth", msgspec.to_builtins(flow.defaults.auth)),
             *((f"variables.{k}", v) for k, v in flow.variables.items()),
             *((f"services.{k}.base_url", v.base_url) for k, v in flow.services.items()),
         ]

@@ -8,7 +8,8 @@ events are stored, and a job whose worker stopped acknowledging it (killed) is c
 another with XAUTOCLAIM after the visibility timeout. A worker keeps the jobs it still
 works on from looking idle by claiming them for itself (XCLAIM JUSTID, which leaves the
 delivery count alone). A batch is cancelled with a key every worker reads before and
-while it runs one of the batch's jobs.
+while it runs one of the batch's jobs; a run the service queued is a batch of one, its
+batch id its run id.
 
 This module is the one boundary where redis errors become QueueUnavailable.
 """
@@ -62,6 +63,20 @@ class QueuedJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tags: list[str] = []
     concurrency: int = 10
     """Requests in flight at once in the run."""
+    service: str = ""
+    """A run the service started (orchestrator.service_runs.ServiceRun, sealed): its
+    ``batch_id`` is its run id (its cancellation key), it has no paths and no unit."""
+
+    @classmethod
+    def for_service(cls, run_id: str, sealed: str, concurrency: int) -> QueuedJob:
+        return cls(
+            batch_id=run_id,
+            run_id=run_id,
+            unit="",
+            paths=[],
+            concurrency=concurrency,
+            service=sealed,
+        )
 
     @classmethod
     def of(cls, options: Options, batch_id: str, run_id: str, unit: str) -> QueuedJob:

@@ -1,5 +1,6 @@
-"""Checks of request bodies and TLS settings that need the flow's directory: one body kind
-per request, and the files that multipart parts and ``tls:`` name exist."""
+"""Checks of request bodies, auth and TLS settings: one body kind per request, one auth
+kind per ``auth:`` (and botocore for SigV4), and the files that multipart parts and
+``tls:`` name exist."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from orchestrator import templating
+from orchestrator.auth import AWS_HINT
 from orchestrator.errors import Problem
-from orchestrator.model import Flow, MultipartFile, Tls
+from orchestrator.model import AUTH_KINDS, Auth, Flow, MultipartFile, Tls
 
 
 def request_problems(flow: Flow, label: str, base_dir: Path) -> Iterator[Problem]:
+    if flow.defaults.auth is not None:
+        yield from _auth_problems(flow.defaults.auth, label, "defaults.auth")
     if flow.defaults.tls is not None:
         yield from _tls_problems(flow.defaults.tls, label, "defaults.tls", base_dir)
     for name, test in flow.tests.items():
@@ -31,6 +35,30 @@ def request_problems(flow: Flow, label: str, base_dir: Path) -> Iterator[Problem
                 yield from _missing(part.file, label, where, base_dir)
         if test.tls is not None:
             yield from _tls_problems(test.tls, label, f"{at}.tls", base_dir)
+        if request.auth is not None:
+            yield from _auth_problems(request.auth, label, f"{at}.request.auth")
+
+
+def _auth_problems(auth: Auth, label: str, where: str) -> Iterator[Problem]:
+    kinds = auth.kinds()
+    if len(kinds) != 1:
+        given = f"gives {' and '.join(kinds)}" if kinds else "gives none"
+        yield Problem(
+            label,
+            where,
+            f"auth takes exactly one of {', '.join(AUTH_KINDS)}; this one {given}",
+            "keep one of them",
+        )
+    if auth.aws_sigv4 is not None and not _has_botocore():
+        yield Problem(label, f"{where}.aws_sigv4", "AWS SigV4 signing needs botocore", AWS_HINT)
+
+
+def _has_botocore() -> bool:
+    try:
+        import botocore.auth  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _tls_problems(tls: Tls, label: str, where: str, base_dir: Path) -> Iterator[Problem]:

@@ -80,6 +80,8 @@ class RunResult(msgspec.Struct, omit_defaults=True):
     environment: str = ""
     batch_id: str = ""
     row: int = -1
+    continues: str = ""
+    """The run this one reruns (``baton rerun``), or ""."""
 
     @property
     def known_failures(self) -> int:

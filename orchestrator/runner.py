@@ -20,8 +20,10 @@ import httpx
 from events import types as ev
 from events.context import assign_dotted
 from events.secrets import Cipher, Redactor
+from events.settings import EXCERPT_LIMIT
 from events.writer import BatchingWriter
 from orchestrator import templating
+from orchestrator.auth import TokenCache
 from orchestrator.compiled import redaction_policy
 from orchestrator.planner import Plan
 from orchestrator.results import RunResult, TestResult
@@ -75,13 +77,23 @@ class RunInputs:
     reused: tuple[ev.VariableCaptured | ev.AuthTokenUpdated, ...] = ()
     """Captures of an earlier run (a rerun's), recorded right after RunStarted, under the
     tests that captured them: the run's context holds them as the earlier one did."""
+    reused_at: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    """By (test, capture name): when a reused capture was made (microseconds since the
+    Unix epoch), the time its event is recorded with here too, so that a ``ttl`` counts
+    from the capture, not from the rerun that took it over."""
     run_id: str = field(default_factory=lambda: str(ev.new_id()))
     resume: Resume | None = None
     """Go on with a run whose stream already begins (see Resume), instead of starting it."""
     session_id: str = ""
     """The test session the run was admitted to (events.sessions), if any."""
+    continues: str = ""
+    """The run this one reruns (RunStarted.continues), or ""."""
     today: date = field(default_factory=lambda: datetime.now(UTC).date())
     """The day known-failure marks are judged against (UTC)."""
+    cancel_reason: str = "interrupted"
+    """The reason its RunCancelled gives if the run's task is cancelled without one
+    (``task.cancel(reason)`` gives one): the service's runs on a worker are cancelled only
+    through the API, and say so."""
     shared: Mapping[str, Any] = field(default_factory=dict)
     """What the shared setups (``use:``) captured, by dotted name, in clear: in the
     namespace before the variables, as ``reused`` records them."""
@@ -107,6 +119,7 @@ def run_started(plan: Plan, inputs: RunInputs) -> ev.RunStarted:
         tags=list(inputs.tags),
         source=plan.loaded.label,
         session_id=inputs.session_id,
+        continues=inputs.continues,
         setup_runs=list(inputs.setup_runs),
     )
 
@@ -136,6 +149,7 @@ class Runner:
         limits: templating.Limits = templating.CLI_LIMITS,
         clock: Clock | None = None,
         limiters: Limiters | None = None,
+        excerpt_limit: int = EXCERPT_LIMIT,
     ) -> None:
         """``limiters``: the process's rate limiters, when it makes a Runner per run (the
         service, a worker); by default the Runner's own, for every run it runs."""
@@ -145,9 +159,13 @@ class Runner:
         """By service key: what ``execute`` found before the runs (a service not checked
         has no entry, and its tests run)."""
         self.limits = limits
+        self.excerpt_limit = excerpt_limit
+        """Characters of each body the events keep (BATON_EXCERPT_LIMIT)."""
         self.cipher = cipher
         self.transport = transport
         self.slots = asyncio.Semaphore(concurrency)
+        self.tokens = TokenCache()
+        """OAuth2 tokens, shared by the Runner's runs."""
 
     async def run(self, plan: Plan, inputs: RunInputs) -> RunResult:
         return await RunExecution(self, plan, inputs).execute()
@@ -195,8 +213,9 @@ class RunExecution:
         resume = self.inputs.resume
         if resume is None or not resume.version:
             self.emit(run_started(self.plan, self.inputs))
+            made = self.inputs.reused_at
             for reused in self.inputs.reused:
-                self.emit(reused)
+                self.emit(reused, made.get((reused.test, reused.name)))
         if resume is not None:
             self.runner.writer.resume(self.stream, resume.version)
             self.results.update(resume.finished)
@@ -220,8 +239,11 @@ class RunExecution:
                         self._skip(name, resume.failure)
             try:
                 await self._schedule()
-            except asyncio.CancelledError:
-                self.emit(ev.RunCancelled(reason="interrupted"))
+            except asyncio.CancelledError as exc:
+                # who cancels the task may say why (``task.cancel(reason)``: the service's
+                # API); else the reason is the run's own input
+                said = str(exc.args[0]) if exc.args and exc.args[0] else ""
+                self.emit(ev.RunCancelled(reason=said or self.inputs.cancel_reason))
                 raise
         duration = (time.perf_counter() - start) * 1000
         tests = [self.results[name] for name in self.plan.order]
@@ -257,6 +279,7 @@ class RunExecution:
             environment=self.inputs.environment,
             batch_id=self.inputs.batch_id,
             row=self.inputs.row,
+            continues=self.inputs.continues,
         )
 
     def _prepare(self) -> None:

@@ -165,7 +165,7 @@ async def _follow(
     cursor: int | None = None
     while open_runs:
         try:
-            ended, cursor = await _ended(store, open_runs, cursor)
+            ended, cursor = await ended_since(store, open_runs, cursor)
         except StoreUnavailable:
             # the workers pause through an outage of the store (BATON_STORE_WAIT): so does this
             down_since = down_since or time.monotonic()
@@ -189,7 +189,7 @@ async def _follow(
 _ENDINGS = ("RunCompleted", "RunCancelled")
 
 
-async def _ended(
+async def ended_since(
     store: EventStore, open_runs: list[str], cursor: int | None
 ) -> tuple[set[str], int]:
     """The streams of ``open_runs`` whose end was committed after log position ``cursor``

@@ -25,6 +25,7 @@ from events.secrets import MASK, is_auth_name, is_secret_capture
 from events.store import now_us
 from orchestrator import templating
 from orchestrator.assertions import evaluate
+from orchestrator.auth import OAUTH2_TOKEN_NAME, AuthFailure, auth_of, credentials
 from orchestrator.captures import MISSING, CaptureError, capture, capture_all
 from orchestrator.compiled import CompiledTest, Expectation
 from orchestrator.known_failures import judged
@@ -38,8 +39,6 @@ if TYPE_CHECKING:
     from orchestrator.runner import RunExecution
     from orchestrator.services import RateLimiter
 
-EXCERPT = 2048
-"""How much of a body an event or a report keeps."""
 _E = TypeVar("_E", bound=Expect)
 
 
@@ -261,6 +260,7 @@ class TestExecution:
         params = await self._render(parts.params) if parts.params is not None else None
         timeout = compiled.timeout
         tls = await self._tls()
+        auth = await self._auth()
         try:
             prepared = run.client.prepare(
                 method,
@@ -291,13 +291,18 @@ class TestExecution:
                 method=method,
                 url=redactor.redact(url),
                 headers=redactor.mask_headers(headers),
-                body_excerpt=redactor.excerpt(_text(shown or ""), EXCERPT),
+                body_excerpt=redactor.excerpt(_text(shown or ""), run.runner.excerpt_limit),
                 insecure=tls is not None and not tls.verify,
             )
         )
         started = time.perf_counter()
         try:
-            response = await run.client.send(prepared, follow_redirects=compiled.follow_redirects)
+            response = await run.client.send(
+                prepared, follow_redirects=compiled.follow_redirects, auth=auth
+            )
+        except AuthFailure as exc:
+            self._note_exchange(method, url, headers, shown)
+            raise _Failure("connection", str(exc)) from None
         except httpx.TimeoutException as exc:
             self._note_exchange(method, url, headers, shown)
             lost = _not_a_timeout(exc)
@@ -389,6 +394,30 @@ class TestExecution:
             raise _Failure("connection", str(exc)) from None
         return config
 
+    async def _auth(self) -> httpx.Auth | None:
+        if self.compiled.auth is None:
+            return None
+        rendered = await self._render(self.compiled.auth)
+        oauth2 = rendered.get("oauth2")
+        if isinstance(oauth2, dict) and "://" not in str(oauth2.get("token_url", "")):
+            token_url = str(oauth2.get("token_url", "")).lstrip("/")
+            rendered = {"oauth2": {**oauth2, "token_url": f"{self.run.base_url}/{token_url}"}}
+        for value in credentials(rendered):
+            self.redactor.add(value)  # secrets by kind: masked whatever they are named
+        try:
+            return auth_of(
+                rendered, tokens=self.run.runner.tokens, client=self.run.client, learn=self._token
+            )
+        except (AuthFailure, ValueError) as exc:
+            raise _Failure("template", f"auth: {exc}") from None
+
+    def _token(self, token: str, fetched: bool) -> None:
+        """An OAuth2 token this test sends: a secret; its fetch is recorded, sealed."""
+        self.redactor.add(token)  # once: a known value is not added again
+        if fetched:
+            sealed = self.run.runner.cipher.encrypt(token)
+            self.run.emit(ev.AuthTokenUpdated(test=self.name, name=OAUTH2_TOKEN_NAME, value=sealed))
+
     async def _render_text(self, text: str) -> Any:
         if not templating.has_template(text):
             return text
@@ -400,7 +429,7 @@ class TestExecution:
         view, self.unreported = self.unreported, None
         if view is None or self.exchange is None:
             return
-        excerpt = self.redactor.excerpt(view.text, EXCERPT)
+        excerpt = self.redactor.excerpt(view.text, self.run.runner.excerpt_limit)
         masked = self.redactor.mask_headers(view.headers)
         self.run.emit(
             ev.ResponseReceived(
@@ -455,7 +484,7 @@ class TestExecution:
             method=method,
             url=redactor.redact(url),
             request_headers=redactor.mask_headers(headers),
-            request_body=redactor.excerpt(_text(body or ""), EXCERPT),
+            request_body=redactor.excerpt(_text(body or ""), self.run.runner.excerpt_limit),
         )
 
     async def _check(self, response: ResponseView) -> None:

@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
+import msgspec
 
 from events import types as ev
 from events.context import decrypted_variables, fold, hidden_values
 from events.owners import Owner
-from events.secrets import Cipher
-from events.settings import Settings
+from events.secrets import Cipher, SecretError
+from events.settings import EXCERPT_LIMIT, Settings
 from events.store import (
     EventStore,
     StoreError,
@@ -39,8 +40,9 @@ from events.store import (
     WrongExpectedVersion,
 )
 from events.writer import Appender, BatchingWriter, GroupAppends
-from orchestrator import execution
+from orchestrator import execution, templating
 from orchestrator.errors import UsageError
+from orchestrator.planner import Plan
 from orchestrator.queue import (
     BATCH_CANCELLED,
     Delivery,
@@ -51,8 +53,10 @@ from orchestrator.queue import (
 )
 from orchestrator.recorded import finished_tests
 from orchestrator.runner import Resume, RunInputs, Runner, run_started
+from orchestrator.service_runs import API_CANCELLED, ServiceRun
 from orchestrator.services import Limiters, SystemClock
 from orchestrator.shards import Unit, units
+from orchestrator.targets import TargetPolicy
 
 _CANCEL_CHECK = 0.5
 """Seconds between looks at whether a running job's batch was cancelled."""
@@ -70,6 +74,21 @@ class WorkerOptions:
     drain_timeout: float = 30.0
     claim_after: float = 30.0
     max_deliveries: int = 3
+
+
+@dataclass(frozen=True)
+class _Built:
+    """What a job runs, rebuilt on this worker."""
+
+    plan: Plan
+    inputs: RunInputs
+    key: str
+    """What the job runs, for messages: the unit's key, or the service run's flow."""
+    cancelled: str
+    """The reason of its RunCancelled if it is cancelled before it begins."""
+    targets: TargetPolicy | None = None
+    """None: any target (a batch's, as ``baton run``); else the service's policy."""
+    limits: templating.Limits = templating.CLI_LIMITS
 
 
 class _HandedBack(StoreError):
@@ -102,7 +121,10 @@ class Worker:
         *,
         consumer: str,
         store_wait: float,
+        excerpt_limit: int = EXCERPT_LIMIT,
     ) -> None:
+        self.excerpt_limit = excerpt_limit
+        """BATON_EXCERPT_LIMIT: what each job's events keep of a body."""
         self.queue = queue
         self.store = store
         self.owner = owner
@@ -116,6 +138,7 @@ class Worker:
         self._appends = GroupAppends(owner)
         self._jobs: dict[asyncio.Task[None], tuple[Delivery, _JobAppends]] = {}
         self._units: dict[str, dict[str, Unit]] = {}
+        self._guarded: dict[TargetPolicy, httpx.AsyncBaseTransport] = {}
 
     async def serve(self, stop: asyncio.Event) -> bool:
         """Work until ``stop`` is set, then drain. True if jobs were handed back unfinished
@@ -216,33 +239,75 @@ class Worker:
         writer = BatchingWriter(appends, max_wait=self.store_wait)
         try:
             try:
-                unit = self._unit(job)
+                built = self._built(job)
             except UsageError as exc:
                 _unbuildable(writer, job, len(recorded), str(exc))
                 return True
-            inputs = dataclasses.replace(unit.in_batch(job.batch_id), run_id=job.run_id)
             if await self._cancelled(job.batch_id):
                 writer.resume(stream, len(recorded))
                 if not recorded:
-                    writer.emit(stream, run_started(unit.plan, inputs))
-                writer.emit(stream, ev.RunCancelled(reason=BATCH_CANCELLED))
+                    writer.emit(stream, run_started(built.plan, built.inputs))
+                writer.emit(stream, ev.RunCancelled(reason=built.cancelled))
                 return True
-            inputs = self._resumed(inputs, unit, recorded, deliveries)
+            inputs = self._resumed(built, recorded, deliveries)
             runner = Runner(
                 writer=writer,
                 cipher=self.cipher,
-                transport=self.transport,
+                transport=self._transport(built.targets),
                 concurrency=job.concurrency,
+                limits=built.limits,
                 limiters=self.limiters,
+                excerpt_limit=self.excerpt_limit,
             )
-            await self._watching(job.batch_id, runner.run(unit.plan, inputs))
+            if built.targets is not None and inputs.resume is None:
+                # as the service's own runs do (context_service.launcher)
+                inputs = await execution.health_checked(runner, built.plan, inputs)
+            await self._watching(job.batch_id, runner.run(built.plan, inputs))
             return True
         finally:
             await writer.aclose()
 
+    def _built(self, job: QueuedJob) -> _Built:
+        """The job's plan and inputs: its batch unit, or the service's run it carries."""
+        if not job.service:
+            unit = self._unit(job)
+            inputs = dataclasses.replace(unit.in_batch(job.batch_id), run_id=job.run_id)
+            return _Built(unit.plan, inputs, unit.key, BATCH_CANCELLED)
+        try:
+            run = ServiceRun.unsealed(job.service, self.cipher)
+        except (SecretError, msgspec.DecodeError):
+            raise UsageError(
+                "the service's job cannot be read with this worker's secret key: start the "
+                "worker with the service's BATON_SECRET_KEY (or its BATON_HOME)"
+            ) from None
+        try:
+            targets = TargetPolicy.parse(run.allowed_targets)
+        except ValueError as exc:
+            raise UsageError(f"the service's job: {exc}") from None
+        planned, inputs = run.rebuilt()
+        return _Built(
+            planned, inputs, run.filename, API_CANCELLED, targets, templating.SERVICE_LIMITS
+        )
+
+    def _transport(self, targets: TargetPolicy | None) -> httpx.AsyncBaseTransport:
+        """The CLI's (any target) for a batch's job; for the service's, one guarded by its
+        policy, shared by the jobs with the same policy."""
+        if targets is None:
+            return self.transport
+        transport = self._guarded.get(targets)
+        if transport is None:
+            transport = execution.make_transport(self.options.concurrency * 10, targets)
+            self._guarded[targets] = transport
+        return transport
+
+    async def aclose(self) -> None:
+        for transport in self._guarded.values():
+            await transport.aclose()
+
     def _resumed(
-        self, inputs: RunInputs, unit: Unit, recorded: list[ev.RecordedEvent], deliveries: int
+        self, built: _Built, recorded: list[ev.RecordedEvent], deliveries: int
     ) -> RunInputs:
+        inputs = built.inputs
         failure = ""
         if deliveries > self.options.max_deliveries:
             failure = (
@@ -257,9 +322,9 @@ class Worker:
                 else inputs
             )
         started = recorded[0].event
-        if isinstance(started, ev.RunStarted) and started.suite_digest != unit.plan.loaded.digest:
+        if isinstance(started, ev.RunStarted) and started.suite_digest != built.plan.loaded.digest:
             failure = failure or (
-                f"{unit.key} on this worker is not the flow the run began with: the worker's "
+                f"{built.key} on this worker is not the flow the run began with: the worker's "
                 "checkout differs from the submitter's"
             )
         context = fold(recorded)
@@ -333,8 +398,9 @@ def _unbuildable(writer: BatchingWriter, job: QueuedJob, version: int, reason: s
     stream = ev.run_stream(job.run_id)
     writer.resume(stream, version)
     if not version:
+        what = job.unit or "a run of the service"
         started = ev.RunStarted(
-            run_id=job.run_id, suite=job.unit, suite_digest="", plan=[], source=job.unit
+            run_id=job.run_id, suite=what, suite_digest="", plan=[], source=what
         )
         writer.emit(stream, started)
     writer.emit(stream, ev.RunCancelled(reason=reason))
@@ -388,9 +454,13 @@ async def work(
             options,
             consumer=consumer,
             store_wait=settings.store_wait,
+            excerpt_limit=settings.excerpt_limit,
         )
         _log.info("worker %s takes jobs from %s, group %s", consumer, queue.stream, queue.group)
-        handed_back = await worker.serve(stop)
+        try:
+            handed_back = await worker.serve(stop)
+        finally:
+            await worker.aclose()
     finally:
         projected.set()
         if following is not None:

@@ -30,6 +30,14 @@ from events.postgres import PostgresEventStore
 SHOP = Path(__file__).resolve().parent.parent / "examples" / "shop"
 
 
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 def start_shop(*args: str) -> tuple[subprocess.Popen[str], str]:
     """The demo shop API in a process of its own on a free port: the process and its URL."""
     process = subprocess.Popen(

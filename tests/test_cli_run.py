@@ -4,7 +4,6 @@ and ``show`` too), options in ``--help``, and ``--serve`` waiting without spinni
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import psutil
 import pytest
 
 from tests.cli import baton
-from tests.conftest import SHOP
+from tests.conftest import SHOP, free_port
 
 FLOW = """
 name: {name}
@@ -68,13 +67,6 @@ def test_show_is_a_command_of_its_own() -> None:
     assert " show " in commands and " run " in commands
     code, _, err = baton("show")
     assert code == 2 and "RUN_ID" in err
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def test_serve_waits_for_the_api_without_spinning(env: Path) -> None:

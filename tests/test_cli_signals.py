@@ -13,7 +13,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import _private_home
+from tests.conftest import _private_home, free_port
 
 SIGNALS = [signal.SIGINT, signal.SIGTERM]
 EXIT_BOUND_S = 5.0
@@ -246,13 +245,6 @@ def test_baton_run_stops_cleanly(
     )
     assert "running" not in shown
     assert_embedded_stopped(home)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")

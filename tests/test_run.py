@@ -16,7 +16,7 @@ import pytest
 
 from events.embedded import stop_embedded
 from tests.cli import baton
-from tests.conftest import SHOP, start_shop, stop
+from tests.conftest import SHOP, free_port, start_shop, stop
 from tests.test_reporters import assert_valid_junit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -371,16 +371,17 @@ def test_environment_file_and_var_override(env: dict[str, str], tmp_path: Path) 
 def test_serve_starts_and_stops_the_api(
     env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("SHOP_URL", "http://127.0.0.1:8799")
+    port = free_port()
+    monkeypatch.setenv("SHOP_URL", f"http://127.0.0.1:{port}")
     code, out, err = baton(
         "run",
         str(SHOP / "checkout.yaml"),
         "--serve",
-        f"{sys.executable} {SHOP / 'server.py'} --port 8799",
+        f"{sys.executable} {SHOP / 'server.py'} --port {port}",
     )
     assert code == 0, out + err
     code, _, err = baton("run", str(SHOP / "checkout.yaml"))
-    assert code == 3 and "cannot reach http://127.0.0.1:8799" in err
+    assert code == 3 and f"cannot reach http://127.0.0.1:{port}" in err
 
 
 def test_each_run_of_a_batch_has_a_cookie_jar_of_its_own(

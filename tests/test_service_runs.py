@@ -234,6 +234,8 @@ async def test_rerun_runs_only_what_did_not_pass_with_the_captured_token(
     again = await acme.finished(again["id"], within=30)
     assert (again["status"], again["total_tests"], again["passed_tests"]) == ("passed", 2, 2)
     events = await _all_events(acme, again["id"])
+    # the rerun's log says which run it continues, as baton rerun's does
+    assert events[0]["type"] == "RunStarted" and events[0]["data"]["continues"] == first["id"]
     urls = [e["data"]["url"] for e in events if e["type"] == "RequestSent"]
     assert urls and not any(url.endswith("/auth/login") for url in urls)
     context = await acme.ok("GET", f"/api/v1/runs/{again['id']}/context")

@@ -24,13 +24,14 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from context_service import runs
 from context_service.api.common import PageDep, PrincipalDep, ServicesDep
 from context_service.database import stream_of
-from context_service.errors import Conflict, Forbidden, NotFound
+from context_service.errors import Conflict, Forbidden, NotFound, Unavailable
 from context_service.keys import Principal
 from context_service.listing import Listing, Page, page_of
 from context_service.services import Services
 from events import types as ev
 from events.context import Context, redacted
 from events.secrets import masked_event
+from orchestrator.queue import QueueUnavailable
 
 VariableName = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Value = Annotated[str, msgspec.Meta(max_length=64 * 1024)]
@@ -168,6 +169,26 @@ async def fetch_run(services: Services, principal: Principal, run_id: uuid.UUID)
     return Run(*row)
 
 
+async def _cancel_queued(services: Services, principal: Principal, run_id: uuid.UUID) -> Run:
+    """Cancel a run of the worker queue (context_service.queued); the answer shows it ended
+    unless its worker takes long to stop it."""
+    assert services.queued is not None
+    try:
+        await services.queued.cancel(str(run_id))
+    except QueueUnavailable:
+        raise Unavailable("the worker queue is unreachable; try the cancel again later") from None
+    with contextlib.suppress(TimeoutError):
+        if await asyncio.wait_for(services.queued.wait(str(run_id)), _CANCEL_WAIT):
+            return await fetch_run(services, principal, run_id)
+    # queued by another instance (or before a restart): the read tables say when it ends
+    for _ in range(round(_CANCEL_WAIT / 0.1)):
+        run = await fetch_run(services, principal, run_id)
+        if run.status not in ("queued", "running"):
+            break
+        await asyncio.sleep(0.1)
+    return run
+
+
 def _shown(event: ev.Event) -> dict[str, Any]:
     """An event for an answer, masked as every reader of the service sees it."""
     data: dict[str, Any] = msgspec.to_builtins(masked_event(event))
@@ -233,8 +254,11 @@ class RunController(Controller):
     async def cancel_run(
         self, services: ServicesDep, principal: PrincipalDep, run_id: FromPath[uuid.UUID]
     ) -> Run:
-        """Cancel a run this service is running; answers once it is cancelled."""
+        """Cancel a run this service is running, or put on the worker queue; answers once
+        it is cancelled."""
         run = await fetch_run(services, principal, run_id)
+        if services.queued is not None and run.status in ("queued", "running"):
+            return await _cancel_queued(services, principal, run_id)
         if not services.launcher.cancel(str(run_id)):
             if run.status in ("queued", "running"):
                 raise Conflict("the run is not running in this service (started elsewhere)")

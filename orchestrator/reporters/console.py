@@ -331,6 +331,11 @@ def render_summary(results: list[RunResult], *, color: bool, max_failures: int =
     if hidden:
         lines += ["", f"… and {hidden} more failed tests (see the JUnit, JSON or HTML report)"]
     lines += _known_failures(results, paint)
+    continued = [
+        f"run {run.run_id} continues run {run.continues}" for run in results if run.continues
+    ]
+    if continued:
+        lines += ["", *continued]
     summary = summarize(results)
     totals = fmt.counts(summary.passed, summary.failed, summary.skipped, summary.known_failures)
     if summary.runs > 1:
@@ -357,6 +362,18 @@ def _run_failures(run: RunResult, paint: fmt.Paint, budget: int) -> list[str]:
     if lines:
         lines += _skipped_lines(run, paint)
     return lines
+
+
+def test_lines(run: RunResult, *, color: bool) -> str:
+    """One line per test of ``run``: its mark, its name, why it did not pass."""
+    paint = painter(color)
+    lines = []
+    for test in run.tests:
+        line = f"{paint(test.status, _MARKS[test.status])} {test.name}"
+        if test.status != "passed":
+            line += f"  {fmt.first_line(test.message)}"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def _known_failures(results: list[RunResult], paint: fmt.Paint) -> list[str]:

@@ -113,7 +113,11 @@ def _status(test: TestResult) -> Status:
 
 def _extra(run: RunResult, test: TestResult | None) -> dict[str, Any]:
     extra: dict[str, Any] = {"run_id": run.run_id, "run_status": run.status}
-    for name, value in (("environment", run.environment), ("batch_id", run.batch_id)):
+    for name, value in (
+        ("environment", run.environment),
+        ("batch_id", run.batch_id),
+        ("continues", run.continues),
+    ):
         if value:
             extra[name] = value
     if fmt.is_batch_row(run):

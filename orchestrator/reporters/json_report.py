@@ -22,7 +22,8 @@ default-valued fields left out: ``run_id``, ``suite``, ``file``, ``status``, ``s
 ``attempts``, ``category``, ``message``, ``known_failure`` with ``reason``, ``until`` and
 ``expired`` for a test the flow marks known-failing, ``assertions`` with ``subject``, ``predicate``,
 ``expected``, ``actual``, ``passed``, ``message``; ``captures``; ``exchange`` with the
-request and the response excerpt), and for batch rows ``batch_id`` and ``row``.
+request and the response excerpt), for batch rows ``batch_id`` and ``row``, and for a
+rerun ``continues`` (the run it reruns).
 Secrets are redacted before results reach a reporter; this file holds only what they hold.
 """
 

@@ -10,7 +10,7 @@ of ``testsuites`` are tests, failures, errors and time.
     <testsuites name="baton" tests= failures= errors= time=>
       <testsuite name="shop checkout [row 2]" id= tests= failures= errors= skipped=
                  time= timestamp= hostname= file=>
-        <properties> run_id, status, environment, batch_id, row </properties>
+        <properties> run_id, status, environment, batch_id, row, continues </properties>
         <testcase classname="shop checkout [row 2]" name="checkout" time="0.042">
           <failure message="first line" type="assertion">expected/actual, exchange</failure>
         </testcase>
@@ -101,6 +101,7 @@ def _testsuite(parent: ET.Element, index: int, run: RunResult) -> tuple[int, int
         ("environment", run.environment),
         ("batch_id", run.batch_id),
         ("row", str(run.row) if run.row >= 0 else ""),
+        ("continues", run.continues),
     ):
         if value:
             _set(ET.SubElement(properties, "property"), name=name, value=value)
