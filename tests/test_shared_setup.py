@@ -253,3 +253,21 @@ async def test_an_unreachable_setup_host_is_exit_3(project: Path) -> None:
     assert code == 3, shown
     assert f"cannot reach http://127.0.0.1:{unused_port}" in shown
     assert "Traceback" not in shown
+
+
+async def test_rerun_reuses_a_passed_setup_and_runs_a_failed_one_again(
+    project: Path, shop: web.AppRunner
+) -> None:
+    flow, report_file = str(project / "flows" / "cart.yaml"), project / "r.json"
+    code, shown = await run("run", flow, "--json", str(report_file))
+    assert code == 0, shown
+    code, shown = await run("rerun", "--from", "add", report(report_file)["cart.yaml"]["run_id"])
+    assert code == 0, shown
+    assert len(logins(shop)) == 1  # the token came from the log
+    (project / "secrets.yaml").write_text("SHOP_PASSWORD: wrong\n")
+    secrets = ("--secrets", str(project / "secrets.yaml"))
+    code, shown = await run("run", flow, *secrets, "--json", str(report_file))
+    assert code == 1, shown
+    code, shown = await run("rerun", "--failed", report(report_file)["cart.yaml"]["run_id"])
+    assert code == 0, shown  # the right password again: the setup ran first
+    assert len(logins(shop)) == 2
