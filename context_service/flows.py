@@ -70,6 +70,15 @@ def load_text(content: str, filename: str) -> LoadedFlow:
     except UsageError as exc:
         raise rejected(exc.problems or [Problem(name, "", str(exc))], name) from None
     problems = [*_schema_files(loaded), *_disk_files(loaded)]
+    if loaded.flow.use:
+        problems.append(
+            Problem(
+                name,
+                "use",
+                "an uploaded suite cannot use a test of another file as a shared setup",
+                "put the setup's tests in this suite, or run the flows with baton run",
+            )
+        )
     if problems:
         raise rejected(problems, name)
     return loaded

@@ -58,6 +58,8 @@ class RunStarted(_Event, tag="RunStarted", frozen=True):
     """The test session the run belongs to (``baton run --session ID``), if any."""
     continues: str = ""
     """The run this one reruns (``baton rerun``, the service's rerun): its id, or ""."""
+    setup_runs: list[str] = []
+    """The runs of the shared setups (``use:``) whose captures this run started with."""
 
 
 class TestStarted(_Event, tag="TestStarted", frozen=True):

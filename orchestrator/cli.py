@@ -341,6 +341,12 @@ def run(
     options = _options(concurrency=concurrency, **kwargs)
     jobs = execution.prepare(options)
     _warn_insecure(jobs)
+    used = next((job for job in jobs if job.setups), None)
+    if used is not None and (queue_url is not None or shard is not None):
+        raise UsageError(
+            f"{used.plan.loaded.label}: use: a shared setup runs in one baton run; "
+            "--queue and --shard split the flows among processes (run it without them)"
+        )
     reports = {"junit": junit, "json_path": json_path, "html": html, "ctrf": ctrf}
     if queue_url is not None:
         _queued(queue_url, options, jobs, batch_id, quiet=quiet, serve=serve, **reports)
@@ -864,7 +870,8 @@ def validate(**kwargs: Any) -> None:
     jobs = execution.prepare(_options(**kwargs))
     for job in jobs:
         tests = len(job.plan.order)
-        click.echo(f"{job.plan.loaded.label}: ok ({tests} tests, {len(job.runs)} run(s))")
+        setups = "".join(f", setup {setup.label}" for setup in job.setups)
+        click.echo(f"{job.plan.loaded.label}: ok ({tests} tests, {len(job.runs)} run(s){setups})")
 
 
 @cli.command()
@@ -882,7 +889,7 @@ def graph(fmt: str, **kwargs: Any) -> None:
     from orchestrator.graphs import render_graph
 
     for job in execution.prepare(_options(**kwargs)):
-        click.echo(render_graph(job.plan, fmt))
+        click.echo(render_graph(job.plan, fmt, [setup.label for setup in job.setups]))
 
 
 @cli.command("plan")
@@ -905,7 +912,7 @@ def plan_command(as_json: bool, **kwargs: Any) -> None:
         click.echo(encode_plans((job.plan, len(job.runs)) for job in jobs).decode())
         return
     for job in jobs:
-        click.echo(render_graph(job.plan, "text"))
+        click.echo(render_graph(job.plan, "text", [setup.label for setup in job.setups]))
 
 
 @cli.command()

@@ -53,7 +53,14 @@ async def rerun_jobs(
     if not chosen.tests:
         raise UsageError(f"every test of run {target} passed: there is nothing to rerun")
     inputs = _continuing(inputs, chosen, cipher, target, prior)
-    rerun = Job(job.plan.only(chosen.tests), [inputs])
+    # a shared setup whose captures the log holds is reused like any test's; one that
+    # failed (nothing captured) runs again first
+    again = tuple(
+        setup
+        for setup in job.setups
+        if not any(event.test == setup.label for event in inputs.reused)
+    )
+    rerun = Job(job.plan.only(chosen.tests), [inputs], setups=again)
     return Continuation([rerun], _expired_notes(chosen, f"run {target}"))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +23,7 @@ from events.settings import Settings
 from orchestrator import templating
 from orchestrator.errors import InfrastructureError, Problem, UsageError
 from orchestrator.inputs import environment_file, read_mapping, read_rows, read_secrets
-from orchestrator.loader import find_flows, load_flow, with_services
+from orchestrator.loader import LoadedFlow, find_flows, load_flow, with_services
 from orchestrator.planner import Plan, Scope, plan
 from orchestrator.results import RunResult
 from orchestrator.runner import Observer, Resume, RunInputs, Runner, initial_namespace
@@ -33,6 +33,7 @@ from orchestrator.targets import TargetPolicy
 
 if TYPE_CHECKING:
     from events.store import EventStore
+    from orchestrator.setups import Setup, SetupRuns
     from orchestrator.shards import ShardRun
 
 LIVE_RUNS = 500
@@ -65,29 +66,60 @@ class Job:
     """Each run's own plan (a rerun's rows each run again what failed in them); empty:
     every run runs ``plan``."""
 
+    setups: tuple[Setup, ...] = ()
+    """The shared setups (``use:``) its flow uses: run once, before its runs."""
+
     def plan_of(self, index: int) -> Plan:
         return self.row_plans[index] if self.row_plans else self.plan
 
 
 def prepare(options: Options, environ: Mapping[str, str] = os.environ) -> list[Job]:
     """Every static check of every flow; raises UsageError listing all problems."""
+    from orchestrator.setups import SetupResolver, shared_names
+
     secrets = read_secrets(options.secrets_file, environ)
     rows: list[dict[str, Any]] = (
         read_rows(options.data_file) if options.data_file is not None else [{}]
     )
+
+    def load(path: Path) -> tuple[LoadedFlow, dict[str, Any]]:
+        loaded = load_flow(path)
+        env_vars: dict[str, Any] = {}
+        if options.environment:
+            env_file = environment_file(options.environment, loaded.base_dir)
+            env_vars = read_mapping(env_file, "the environment file")
+            if "services" in env_vars:
+                loaded = with_services(loaded, env_vars.pop("services"), str(env_file))
+        return loaded, env_vars
+
+    def plan_flow(
+        loaded: LoadedFlow,
+        env_vars: dict[str, Any],
+        shared: dict[str, str],
+        columns: Collection[str],
+        tags: Collection[str] = (),
+    ) -> Plan:
+        names = {*loaded.flow.variables, *env_vars, *columns, *options.variables}
+        return plan(loaded, Scope(names, environ, secrets, shared), tags)
+
+    def inputs_of(loaded: LoadedFlow, env_vars: dict[str, Any]) -> RunInputs:
+        return RunInputs(
+            variables={**loaded.flow.variables, **env_vars, **options.variables},
+            env=environ,
+            secrets=secrets,
+            environment=options.environment or "",
+            tags=tuple(options.tags),
+        )
+
+    # a setup runs whole, whatever --tag selects of the flows using it
+    resolver = SetupResolver(load, plan_flow, inputs_of, rows[0])
     jobs: list[Job] = []
     problems: list[Problem] = []
     for path in find_flows(list(options.paths)):
         try:
-            loaded = load_flow(path)
-            env_vars: dict[str, Any] = {}
-            if options.environment:
-                env_file = environment_file(options.environment, loaded.base_dir)
-                env_vars = read_mapping(env_file, "the environment file")
-                if "services" in env_vars:
-                    loaded = with_services(loaded, env_vars.pop("services"), str(env_file))
-            names = {*loaded.flow.variables, *env_vars, *rows[0], *options.variables}
-            flow_plan = plan(loaded, Scope(names, environ, secrets), options.tags)
+            loaded, env_vars = load(path)
+            setups = resolver.uses(loaded)
+            flow_plan = plan_flow(loaded, env_vars, shared_names(setups), rows[0], options.tags)
         except UsageError as exc:
             problems.extend(exc.problems or [Problem(str(path), "", str(exc))])
             continue
@@ -105,10 +137,15 @@ def prepare(options: Options, environ: Mapping[str, str] = os.environ) -> list[J
             for index, row in enumerate(rows)
         ]
         data = str(options.data_file) if batch_id else ""
-        jobs.append(Job(flow_plan, runs, batch_id, data))
+        jobs.append(Job(flow_plan, runs, batch_id, data, setups=setups))
     if problems:
-        raise UsageError(problems)
+        raise UsageError(_unique(problems))
     return jobs
+
+
+def _unique(problems: list[Problem]) -> list[Problem]:
+    """A setup's file used by several flows reports its problems once."""
+    return list(dict.fromkeys(problems))
 
 
 async def execute(
@@ -133,8 +170,9 @@ async def execute(
     from events.secrets import Cipher, load_key
     from events.store import StoreError
     from events.writer import BatchingWriter
+    from orchestrator.setups import SetupRuns
 
-    await _check_reachable(jobs)
+    await _check_reachable([*jobs, *setup_jobs(jobs)])
     cipher = Cipher(load_key(settings.secret_key, settings.home))
     store = await open_store(settings)
     # this process owns the runs it writes: it beats, and ends the runs of owners that
@@ -168,7 +206,7 @@ async def execute(
     try:
         if session_id:
             jobs = await _admitted(store, session_id, jobs)
-        refusal = await check_health(jobs, runner)
+        refusal = await check_health([*jobs, *setup_jobs(jobs)], runner)
         if refusal:
             await writer.aclose()
             await projector.catch_up()
@@ -184,7 +222,8 @@ async def execute(
         # for all 500 at once (bench/README.md).
         lanes = max(LIVE_RUNS, 2 * concurrency)
         live = asyncio.Semaphore(lanes)
-        batches = [_run_job(runner, writer, job, live, lanes) for job in jobs]
+        setups = SetupRuns(runner)
+        batches = [_run_job(runner, writer, job, live, lanes, setups) for job in jobs]
         try:
             results = [result for group in await asyncio.gather(*batches) for result in group]
         finally:
@@ -322,8 +361,21 @@ def _observe(
     return stored
 
 
+def setup_jobs(jobs: list[Job]) -> list[Job]:
+    """The setups the jobs use, each once (theirs too), as jobs of one run: what is
+    checked before any run (reachable, healthy) as the jobs are."""
+    seen: dict[int, Job] = {}
+    pending = [setup for job in jobs for setup in job.setups]
+    while pending:
+        setup = pending.pop()
+        if id(setup) not in seen:
+            seen[id(setup)] = Job(setup.plan, [setup.inputs], setups=setup.uses)
+            pending.extend(setup.uses)
+    return list(seen.values())
+
+
 async def _run_all(
-    runner: Runner, job: Job, live: asyncio.Semaphore, lanes: int
+    runner: Runner, job: Job, live: asyncio.Semaphore, lanes: int, setups: SetupRuns
 ) -> list[RunResult]:
     """The job's runs in row order, each lane taking the next row as its run ends: a task
     per lane, not per row (5,000 rows waiting held 5,000 tasks). ``live`` bounds the runs
@@ -333,6 +385,7 @@ async def _run_all(
 
     async def lane() -> None:
         for index, inputs in rows:
+            inputs = await setups.inputs(inputs, job.setups)
             async with live:
                 results[index] = await runner.run(job.plan_of(index), inputs)
 
@@ -341,10 +394,15 @@ async def _run_all(
 
 
 async def _run_job(
-    runner: Runner, writer: Any, job: Job, live: asyncio.Semaphore, lanes: int
+    runner: Runner,
+    writer: Any,
+    job: Job,
+    live: asyncio.Semaphore,
+    lanes: int,
+    setups: SetupRuns,
 ) -> list[RunResult]:
     if not job.batch_id:
-        return await _run_all(runner, job, live, lanes)
+        return await _run_all(runner, job, live, lanes, setups)
     stream = ev.batch_stream(job.batch_id)
     source = str(job.plan.loaded.path)
     writer.emit(
@@ -359,7 +417,7 @@ async def _run_job(
         ),
     )
     start = time.perf_counter()
-    results = await _run_all(runner, job, live, lanes)
+    results = await _run_all(runner, job, live, lanes, setups)
     passed = sum(1 for result in results if result.status == "passed")
     writer.emit(
         stream,

@@ -332,9 +332,20 @@ class Test(_Spec, frozen=True):
     """Replaces ``defaults.tls`` field by field: what it gives wins."""
 
 
+class Use(_Spec, frozen=True):
+    """A test of another flow file run first, once per ``baton run``, as a shared setup:
+    its captures (and those of the tests it depends on there) are the using flow's too."""
+
+    flow: str
+    """The flow file, relative to this one."""
+    test: str
+
+
 class Flow(_Spec, frozen=True):
     name: str
     tests: dict[str, Test]
+    use: list[Use] = []
+    """Shared setups (see Use)."""
     project: str = "default"
     """Groups suites for history and analytics: a test is (project, suite, test, env)."""
     base_url: str = ""

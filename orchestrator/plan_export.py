@@ -17,7 +17,8 @@ added, so readers should ignore what they do not know)::
               "depends_on": [{"test": "login", "kind": "token"}],  # token | data | order
               "needs": ["auth.token", "user_id", "username"],
               "captures": ["auth.token"],
-              "tags": ["auth"]
+              "tags": ["auth"],
+              "setups": ["login.yaml::login"]   # shared setups (use:) it reads; only if any
             }
           ]
         }
@@ -48,12 +49,14 @@ class Dependency(msgspec.Struct):
     kind: DependencyKind
 
 
-class PlannedTestView(msgspec.Struct):
+class PlannedTestView(msgspec.Struct, omit_defaults=True):
     name: str
     depends_on: list[Dependency]
     needs: list[str]
     captures: list[str]
     tags: list[str]
+    setups: list[str] = []
+    """The shared setups (``use:``) whose captures it reads, by label; left out if none."""
 
 
 class FlowPlan(msgspec.Struct):
@@ -93,6 +96,7 @@ def flow_plan(plan: Plan, runs: int = 1) -> FlowPlan:
                 needs=_needs(plan, name),
                 captures=list(definition.capture),
                 tags=list(definition.tags),
+                setups=sorted(plan.setup_needs.get(name, ())),
             )
         )
     return FlowPlan(

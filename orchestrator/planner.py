@@ -12,7 +12,7 @@ import functools
 import hashlib
 import re
 from collections.abc import Collection, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 import networkx as nx
@@ -33,6 +33,8 @@ class Scope:
     variables: Collection[str]
     env: Mapping[str, str]
     secrets: Mapping[str, str]
+    shared: Mapping[str, str] = field(default_factory=dict)
+    """What the flow's shared setups (``use:``) capture: name -> the setup's label."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class Plan:
     """Edges run from the test that provides to the test that needs; attribute ``kind``."""
     order: list[str]
     """A topological order, stable by position in the file."""
+    setup_needs: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    """By test: the labels of the shared setups whose captures it reads."""
 
     def dependencies(self, test: str) -> dict[str, DependencyKind]:
         return {dep: self.graph.edges[dep, test]["kind"] for dep in self.graph.predecessors(test)}
@@ -52,7 +56,8 @@ class Plan:
         selection with what it depends on)."""
         chosen = set(tests)
         order = [name for name in self.order if name in chosen]
-        return Plan(self.loaded, self.graph.subgraph(order).copy(), order)
+        needs = {name: self.setup_needs[name] for name in order if name in self.setup_needs}
+        return Plan(self.loaded, self.graph.subgraph(order).copy(), order, needs)
 
     @functools.cached_property
     def compiled(self) -> dict[str, CompiledTest]:
@@ -110,6 +115,19 @@ def plan(loaded: LoadedFlow, scope: Scope, tags: Collection[str] = ()) -> Plan:
 
     below = _below(providers)
     problems.extend(_reserved(label, flow.tests, scope))
+    shared_below = _below(scope.shared)
+    setup_needs: dict[str, set[str]] = {}
+    for captured, name in providers.items():
+        if captured in scope.shared:
+            problems.append(
+                Problem(
+                    label,
+                    f"tests.{name}.capture.{captured}",
+                    f"{captured!r} is already captured by the shared setup "
+                    f"{scope.shared[captured]}",
+                    "give one of them another name",
+                )
+            )
 
     graph: nx.DiGraph = nx.DiGraph()
     graph.add_nodes_from(flow.tests)
@@ -150,6 +168,10 @@ def plan(loaded: LoadedFlow, scope: Scope, tags: Collection[str] = ()) -> Plan:
                     if graph.get_edge_data(provider, name, {}).get("kind") != "token":
                         graph.add_edge(provider, name, kind=kind)
                 continue
+            setups = _providers(reference, scope.shared, shared_below)
+            if setups:
+                setup_needs.setdefault(name, set()).update(setups)
+                continue
             problem = _undefined(reference, scope, providers, in_test=True)
             if problem:
                 problems.append(Problem(label, f"tests.{name}.{where}", *problem))
@@ -175,6 +197,12 @@ def plan(loaded: LoadedFlow, scope: Scope, tags: Collection[str] = ()) -> Plan:
             *((f"services.{k}.base_url", v.base_url) for k, v in flow.services.items()),
         ]
     ):
+        setups = _providers(reference, scope.shared, shared_below)
+        if setups:
+            # read by every test: a header of defaults, the base URL, a variable
+            for name in flow.tests:
+                setup_needs.setdefault(name, set()).update(setups)
+            continue
         problem = _undefined(reference, scope, {})
         if problem:
             problems.append(Problem(label, where, *problem))
@@ -194,7 +222,7 @@ def plan(loaded: LoadedFlow, scope: Scope, tags: Collection[str] = ()) -> Plan:
 
     position = {name: index for index, name in enumerate(flow.tests)}
     order = list(nx.lexicographical_topological_sort(graph, key=position.__getitem__))
-    full = Plan(loaded, graph, order)
+    full = Plan(loaded, graph, order, {k: frozenset(v) for k, v in setup_needs.items()})
     if not tags:
         return full
     wanted = {name for name, test in flow.tests.items() if set(test.tags) & set(tags)}
@@ -300,7 +328,7 @@ def _undefined(
         return None
     if root in scope.variables:
         return None
-    names = [*scope.variables, *providers, *(POLL_NAMES if in_test else ())]
+    names = [*scope.variables, *providers, *scope.shared, *(POLL_NAMES if in_test else ())]
     hint = _did_you_mean(reference, names) or (
         "capture it in a test, or define it in variables, --var, --env or --data"
     )

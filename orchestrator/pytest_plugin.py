@@ -114,6 +114,11 @@ class FlowFile(pytest.File):
             self.loaded = load_flow(_shown(self.path))
         except UsageError as exc:
             raise self.CollectError(str(exc)) from None
+        if self.loaded.flow.use:
+            raise self.CollectError(
+                f"{self.loaded.label}: use: shared setups run with baton run only (the "
+                "pytest plugin runs each file alone); put the setup's tests in this file"
+            )
         lines = _test_lines(self.path)
         for name, test in self.loaded.flow.tests.items():
             item = FlowTest.from_parent(self, name=name, callobj=_flow_test)

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import httpx
 
 from events import types as ev
+from events.context import assign_dotted
 from events.secrets import Cipher, Redactor
 from events.settings import EXCERPT_LIMIT
 from events.writer import BatchingWriter
@@ -93,6 +94,14 @@ class RunInputs:
     """The reason its RunCancelled gives if the run's task is cancelled without one
     (``task.cancel(reason)`` gives one): the service's runs on a worker are cancelled only
     through the API, and say so."""
+    shared: Mapping[str, Any] = field(default_factory=dict)
+    """What the shared setups (``use:``) captured, by dotted name, in clear: in the
+    namespace before the variables, as ``reused`` records them."""
+    failed_setups: frozenset[str] = frozenset()
+    """The labels of the shared setups that did not pass: the tests reading their captures
+    are skipped."""
+    setup_runs: tuple[str, ...] = ()
+    """The runs of the shared setups the run starts with (RunStarted records them)."""
 
 
 def run_started(plan: Plan, inputs: RunInputs) -> ev.RunStarted:
@@ -111,6 +120,7 @@ def run_started(plan: Plan, inputs: RunInputs) -> ev.RunStarted:
         source=plan.loaded.label,
         session_id=inputs.session_id,
         continues=inputs.continues,
+        setup_runs=list(inputs.setup_runs),
     )
 
 
@@ -118,6 +128,8 @@ def initial_namespace(inputs: RunInputs) -> dict[str, Any]:
     """What templates can read before any capture. Variables render in order: each may read
     env, secrets and the variables before it. Raises TemplateError."""
     namespace: dict[str, Any] = {"env": dict(inputs.env), "secrets": dict(inputs.secrets)}
+    for name, value in inputs.shared.items():
+        assign_dotted(namespace, name, value)
     for name, value in inputs.variables.items():
         namespace[name] = templating.render(value, namespace)
     return namespace
@@ -213,8 +225,13 @@ class RunExecution:
             else:
                 self._prepare()
         except templating.TemplateError as exc:
-            for name in self.plan.order:
-                self._skip(name, f"the flow's variables do not render: {exc}", "template")
+            if self.inputs.failed_setups:
+                # what the flow reads of a failed setup is missing: that is the reason
+                for name in self.plan.order:
+                    self._skip(name, _setup_failed(self.inputs.failed_setups), "dependency_skipped")
+            else:
+                for name in self.plan.order:
+                    self._skip(name, f"the flow's variables do not render: {exc}", "template")
         else:
             if resume is not None and resume.failure:
                 for name in self.plan.order:
@@ -237,6 +254,8 @@ class RunExecution:
             if any(t.status == "failed" and not t.excused for t in tests)
             or any(t.category == "template" for t in tests)
             or (resume is not None and resume.failure)
+            # its setup's failure is the run's: what it was to test was not tested
+            or bool(self.inputs.failed_setups)
             else "passed"
         )
         self.emit(
@@ -287,6 +306,11 @@ class RunExecution:
                     del waiting[name]
                     running[asyncio.create_task(self._test(name))] = name
 
+        for name in self.plan.order:
+            failed = self.plan.setup_needs.get(name, frozenset()) & self.inputs.failed_setups
+            if failed and name in waiting:
+                del waiting[name]
+                self._skip_tree(name, _setup_failed(failed))
         try:
             start_ready()
             await self._drain(running, waiting, start_ready)
@@ -368,6 +392,10 @@ class RunExecution:
             if "://" not in url:
                 url = f"{self.base_url}/{url.lstrip('/')}"
         return _service_of(compiled.spec, url, self.services)
+
+
+def _setup_failed(labels: frozenset[str]) -> str:
+    return "; ".join(f"setup {label} failed" for label in sorted(labels))
 
 
 def _merge(namespace: dict[str, Any], captures: Mapping[str, Any]) -> None:

@@ -357,3 +357,17 @@ def test_baton_env_reads_the_environment_file_beside_the_flow(
     assert missing.code == 1, missing.out
     assert "--baton-env nowhere: no such environment (create envs/env/nowhere.yaml" in missing.out
     assert "Traceback" not in missing.out
+
+
+def test_a_flow_with_a_shared_setup_is_a_collection_error_saying_why(project: Project) -> None:
+    using = project.root / "using"
+    using.mkdir(exist_ok=True)
+    (using / "login.yaml").write_text(SHOP_FLOW)
+    (using / "cart.yaml").write_text(
+        "name: cart\nuse: [{flow: login.yaml, test: login}]\n"
+        "tests:\n  one:\n    request: {url: 'http://127.0.0.1:1/'}\n"
+    )
+    found = project.pytest("using/cart.yaml")
+    assert found.code == 2, found.out
+    assert "using/cart.yaml: use: shared setups run with baton run only" in found.out
+    assert "Traceback" not in found.out

@@ -415,3 +415,13 @@ async def test_oversized_bodies_and_flow_files_are_refused_with_413(
         headers={"Content-Type": "application/json"},
     )
     assert f"limit of {MAX_BODY_BYTES} bytes" in _problem(response, 413)["detail"]
+
+
+async def test_a_suite_with_a_shared_setup_is_refused_with_a_422_saying_why(
+    admin: httpx.AsyncClient,
+) -> None:
+    project = await _json(await admin.post("/api/v1/projects", json={"name": "uses"}), 201)
+    content = FLOW.format(name="uses") + "use: [{flow: login.yaml, test: login}]\n"
+    body = {"project_id": project["id"], "content": content, "filename": "uses.yaml"}
+    problem = _problem(await admin.post("/api/v1/suites", json=body), 422)
+    assert "use: an uploaded suite cannot use a test of another file" in problem["detail"]
