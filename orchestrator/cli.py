@@ -201,6 +201,19 @@ def _environment_names(
     ]
 
 
+def _variable_options() -> list[Callable[[F], F]]:
+    """--var and --secrets: what a run reads besides its files."""
+    return [
+        click.option("--var", "variables", multiple=True, help="Set a variable: name=value."),
+        click.option(
+            "--secrets",
+            "secrets_file",
+            type=click.Path(path_type=Path),
+            help="YAML file of secrets (read as secrets.NAME).",
+        ),
+    ]
+
+
 def flow_options(function: F) -> F:
     options = [
         click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path)),
@@ -210,13 +223,7 @@ def flow_options(function: F) -> F:
             help="Environment: env/NAME.yaml or a file.",
             shell_complete=_environment_names,
         ),
-        click.option("--var", "variables", multiple=True, help="Set a variable: name=value."),
-        click.option(
-            "--secrets",
-            "secrets_file",
-            type=click.Path(path_type=Path),
-            help="YAML file of secrets (read as secrets.NAME).",
-        ),
+        *_variable_options(),
         click.option(
             "--data",
             "data_file",
@@ -430,13 +437,7 @@ def _rerun_inputs(function: F) -> F:
             help="The flow file (default: the one the run recorded, as given then).",
         ),
         click.option("--env", "environment", help="Environment (default: the run's)."),
-        click.option("--var", "variables", multiple=True, help="Set a variable: name=value."),
-        click.option(
-            "--secrets",
-            "secrets_file",
-            type=click.Path(path_type=Path),
-            help="YAML file of secrets (read as secrets.NAME).",
-        ),
+        *_variable_options(),
         click.option(
             "--data",
             "data_file",
