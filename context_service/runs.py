@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -33,7 +34,7 @@ from events.context import Context, decrypted_variables, hidden_values
 from events.secrets import SecretError
 from events.store import EventStore
 from orchestrator.queue import QueueUnavailable
-from orchestrator.rerun import Prior, Selection, graph_of, reused_captures, select
+from orchestrator.rerun import Prior, Selection, capture_ttls, first_made, select
 from orchestrator.runner import RunInputs
 
 _ORIGIN = """
@@ -96,11 +97,12 @@ async def start(
     request: StartRequest,
     *,
     rerun_of: uuid.UUID | None = None,
-    only: Sequence[str] | None = None,
-    context: Context | None = None,
+    prior: Prior | None = None,
 ) -> uuid.UUID:
-    """Check everything, record the run, start its task; return its id. ``only`` and
-    ``context``: a rerun's tests and the context it reuses."""
+    """Check everything, record the run, start its task; return its id. ``prior``: for a
+    rerun of ``rerun_of``, that run's log: its tests that did not pass, the dependents
+    they made skip and the producers of expired captures run again (orchestrator.rerun),
+    the others' captures are reused."""
     org = principal.organization_id
     async with services.db.tenant(org) as conn:
         suite = await fetch_suite(conn, request.suite_id)
@@ -113,16 +115,22 @@ async def start(
     plan = check_run(loaded, names, environment.plain, environment.secrets, request.tags)
     captured: dict[str, Any] = {}
     reused: list[ev.VariableCaptured | ev.AuthTokenUpdated] = []
+    reused_at: dict[tuple[str, str], int] = {}
     hidden: list[str] = []
-    if only is not None and context is not None:
+    if prior is not None:
+        ttls = capture_ttls(loaded.flow, plan.order)
+        now = datetime.now(UTC)
+        chosen = select(plan.order, plan.graph, prior, Selection(failed=True), ttls=ttls, now=now)
+        if not chosen.tests:
+            raise Conflict("every test of the run passed: there is nothing to rerun")
         # what the tests need of the others is in the context: the plan of these alone
-        plan = plan.only(only)
+        plan = plan.only(chosen.tests)
         try:
-            captured = decrypted_variables(context, services.cipher)
-            hidden = hidden_values(context, services.cipher)
+            captured = decrypted_variables(prior.context, services.cipher)
+            hidden = hidden_values(prior.context, services.cipher)
         except SecretError as exc:
             raise Conflict(f"the run's captured secrets cannot be read: {exc}") from None
-        reused = reused_captures(context, plan.order)
+        reused, reused_at = chosen.reused, first_made(chosen, prior)
     if not plan.order:
         raise Unprocessable("no test of the suite is selected by these tags")
     inputs = RunInputs(
@@ -137,6 +145,7 @@ async def start(
         organization=str(org),
         project=project,
         reused=tuple(reused),
+        reused_at=reused_at,
         continues=str(rerun_of) if rerun_of is not None else "",
     )
     if request.session_id is not None:
@@ -192,20 +201,16 @@ async def rerun(services: Services, principal: Principal, run_id: uuid.UUID) -> 
     context = await _context(services, run_id)
     if context.status == "running":
         raise Conflict("the run has not ended: wait for it to end, or cancel it")
-    started = await run_started(services.store, stream)
-    if started is None:
+    recorded = await services.store.read_stream(stream)
+    if not recorded or not isinstance(recorded[0].event, ev.RunStarted):
         raise Conflict("the run's log does not begin with RunStarted")
-    planned = [test.name for test in started.plan]
-    todo = select(planned, graph_of(started.plan), Prior(context), Selection(failed=True)).tests
-    if not todo:
-        raise Conflict("every test of the run passed: there is nothing to rerun")
     request = StartRequest(
         suite_id=origin[0],
         environment_id=origin[1] if environment_known else None,
         variables=msgspec.json.decode(origin[2]),
         tags=list(origin[3]),
     )
-    return await start(services, principal, request, rerun_of=run_id, only=todo, context=context)
+    return await start(services, principal, request, rerun_of=run_id, prior=Prior.of(recorded))
 
 
 async def _context(services: Services, run_id: uuid.UUID, at: int | None = None) -> Context:

@@ -16,9 +16,16 @@ from events.secrets import Cipher
 from events.store import EventStore
 from orchestrator.errors import UsageError
 from orchestrator.execution import Job, Options, prepare
-from orchestrator.model import seconds
 from orchestrator.planner import Plan
-from orchestrator.rerun import Prior, RerunPlan, Selection, reused_namespace, select
+from orchestrator.rerun import (
+    Prior,
+    RerunPlan,
+    Selection,
+    capture_ttls,
+    first_made,
+    reused_namespace,
+    select,
+)
 from orchestrator.runner import RunInputs
 
 
@@ -194,13 +201,7 @@ def _selected(
             f"--from {selection.start}: {plan.loaded.label} has no test of that name "
             f"(selected for {what}: {tests})"
         )
-    flow = plan.loaded.flow
-    ttls = {
-        (test, name): seconds(spec.ttl)
-        for test in plan.order
-        for name, spec in flow.tests[test].capture.items()
-        if spec.ttl is not None
-    }
+    ttls = capture_ttls(plan.loaded.flow, plan.order)
     return select(plan.order, plan.graph, prior, selection, ttls=ttls, now=now)
 
 
@@ -213,16 +214,9 @@ def _continuing(
     inputs: RunInputs, chosen: RerunPlan, cipher: Cipher, run_id: str, prior: Prior
 ) -> RunInputs:
     namespace, hidden = reused_namespace(chosen.reused, cipher)
-    made = {
-        (event.test, event.name): round(
-            prior.captured_at[(event.test, event.name)].timestamp() * 1e6
-        )
-        for event in chosen.reused
-        if (event.test, event.name) in prior.captured_at
-    }
     return replace(
         inputs,
-        reused_at=made,
+        reused_at=first_made(chosen, prior),
         variables={**inputs.variables, **namespace},
         hidden=(*inputs.hidden, *hidden),
         reused=tuple(chosen.reused),

@@ -19,6 +19,7 @@ import networkx as nx
 from events import types as ev
 from events.context import Context, assign_dotted, fold
 from events.secrets import Cipher, is_auth_name
+from orchestrator.model import Flow, seconds
 
 Reused = ev.VariableCaptured | ev.AuthTokenUpdated
 
@@ -121,6 +122,27 @@ def select(
             chosen |= needed
     tests = [name for name in order if name in chosen]
     return RerunPlan(tests, reused_captures(context, chosen), [n for n in order if n in expired])
+
+
+def capture_ttls(flow: Flow, order: Iterable[str]) -> dict[tuple[str, str], float]:
+    """Seconds by (test, capture name) of the captures of ``order`` that declare a ttl."""
+    return {
+        (test, name): seconds(spec.ttl)
+        for test in order
+        for name, spec in flow.tests[test].capture.items()
+        if spec.ttl is not None
+    }
+
+
+def first_made(chosen: RerunPlan, prior: Prior) -> dict[tuple[str, str], int]:
+    """When each reused capture was first made (microseconds since the epoch): the new run
+    records it with that time, so that a rerun of the rerun still counts its ttl from then."""
+    made = prior.captured_at
+    return {
+        (event.test, event.name): round(made[(event.test, event.name)].timestamp() * 1e6)
+        for event in chosen.reused
+        if (event.test, event.name) in made
+    }
 
 
 def _with_descendants(graph: nx.DiGraph, tests: Collection[str]) -> set[str]:

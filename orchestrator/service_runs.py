@@ -48,6 +48,9 @@ class ServiceRun(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     session_id: str
     allowed_targets: str | None
     """The service's BATON_ALLOWED_TARGETS (None: public addresses only)."""
+    reused_at: list[tuple[str, str, int]] = []
+    """(test, capture, microseconds since the epoch): when each reused capture was first
+    made (RunInputs.reused_at), so that its ttl counts from then."""
 
     @classmethod
     def of(
@@ -69,6 +72,7 @@ class ServiceRun(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             reused=list(inputs.reused),
             session_id=inputs.session_id,
             allowed_targets=allowed_targets,
+            reused_at=[(test, name, at) for (test, name), at in inputs.reused_at.items()],
         )
 
     def sealed(self, cipher: Cipher) -> str:
@@ -95,6 +99,7 @@ class ServiceRun(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             organization=self.organization,
             project=self.project,
             reused=tuple(self.reused),
+            reused_at={(test, name): at for test, name, at in self.reused_at},
             run_id=self.run_id,
             session_id=self.session_id,
             cancel_reason=API_CANCELLED,

@@ -265,6 +265,36 @@ async def test_rerun_runs_only_what_did_not_pass_with_the_captured_token(
     assert "nothing to rerun" in response.json()["detail"]
 
 
+async def test_a_rerun_logs_in_again_once_the_token_capture_outlived_its_ttl(
+    acme: Org, shop_url: str
+) -> None:
+    """The service's rerun is baton rerun's (orchestrator.rerun): a reused capture whose
+    ttl has passed makes its producer run again."""
+    ids = await _project(acme, "ttl", shop_url, EXPECTED_USER="bob")
+    flow = RERUN_FLOW.replace(
+        'auth.token: {json: "$.access_token"}', 'auth.token: {json: "$.access_token", ttl: 1s}'
+    )
+    suite = await _suite(acme, ids["project"], flow)
+    first = await acme.ok(
+        "POST", "/api/v1/runs", 202, json={"suite_id": suite, "environment_id": ids["environment"]}
+    )
+    first = await acme.finished(first["id"], within=30)
+    assert first["status"] == "failed"
+    await acme.ok(
+        "PATCH",
+        f"/api/v1/environments/{ids['environment']}",
+        json={"variables": [{"name": "EXPECTED_USER", "value": "alice"}]},
+    )
+    await asyncio.sleep(1.2)  # the token's ttl passes
+    again = await acme.ok("POST", f"/api/v1/runs/{first['id']}/rerun", 202)
+    again = await acme.finished(again["id"], within=30)
+    assert (again["status"], again["total_tests"], again["passed_tests"]) == ("passed", 3, 3)
+    urls = [
+        e["data"]["url"] for e in await _all_events(acme, again["id"]) if e["type"] == "RequestSent"
+    ]
+    assert sum(url.endswith("/auth/login") for url in urls) == 1
+
+
 async def test_a_running_run_is_cancelled_through_the_api(acme: Org, shop_url: str) -> None:
     ids = await _project(acme, "slow", shop_url)
     suite = await _suite(acme, ids["project"], SLOW_FLOW)
