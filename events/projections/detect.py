@@ -119,10 +119,10 @@ MIN_BASELINE_DAYS = 3
 """Distinct UTC days with passed executions in the baseline: a test's first days, or one
 busy day, are no baseline."""
 MIN_BASELINE_SPAN = 7
-"""UTC days the baseline spans (its oldest execution's to its newest's, both counted): the batch-to-batch spread
-the rule asks a slowdown to clear is measured on the baseline's batches, and a few days'
-batches (4 to 6) understate it as often as not, so a noisy test's third day read 1.2x;
-a week also holds each weekday once, whatever load follows the week."""
+"""UTC days the baseline spans (its oldest execution's to its newest's, both counted): the
+batch-to-batch spread a slowdown must clear is measured on the baseline's batches, and a
+few days' batches (4 to 6) understate it as often as not (a noisy test read 1.2x slower
+on its third day); a week also holds each weekday once, whatever load follows the week."""
 SLOWDOWN_ABOVE = Fraction(6, 5)
 """The recent median must exceed the baseline median times this (20% slower)..."""
 SLOWER_BY_AT_LEAST_MS = 10.0
@@ -349,11 +349,11 @@ def slowdown(history: Sequence[Passed]) -> Slowdown | None:
     under way), within 7 days, at least 5 runs; its level is their median.
     Baseline: the 30 days before the recent window, ending an hour before its oldest
     execution and leaving out every batch the recent window holds, with at least 10 runs on
-    at least 3 distinct days spanning at least 7; its level is the median of the daily medians, so a busy day
-    weighs no more than a quiet one. The recent level must be 20% and 10 ms over the
-    baseline's, and so must the median of each of the recent window's batches of at least
-    3 runs, of which there must be 2: the runs of a batch share the machine's and the
-    API's moment, so one slow batch is one sample, not a slowdown.
+    at least 3 distinct days spanning at least 7; its level is the median of the daily
+    medians, so a busy day weighs no more than a quiet one. The recent level must be 20%
+    and 10 ms over the baseline's, and so must the median of each of the recent window's
+    batches of at least 3 runs, of which there must be 2: the runs of a batch share the
+    machine's and the API's moment, so one slow batch is one sample, not a slowdown.
     """
     if not history:
         return None
