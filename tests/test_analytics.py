@@ -402,19 +402,20 @@ async def test_the_project_stream_carries_findings_live_and_replays_them_once(
         project = (await http.post("/api/v1/projects", json={"name": "shop"})).json()["id"]
         url = f"/api/v1/projects/{project}/stream"
         # checkout fails 1 run in 3 (both flaky rules cross at run 30: 30 executions over
-        # 5 days); login takes 50 ms for 5 days, 6 runs a day in 2 hours of 3 runs, then
-        # 100 ms on day 6 (slower at run 36, once 2 hours of it are slow)
+        # 5 days); login takes 50 ms for 7 days (the least a baseline spans), 6 runs a day
+        # in 2 hours of 3 runs, then 100 ms on day 8 (slower at run 48, once 2 hours of it
+        # are slow)
         outcomes: list[dict[str, Any]] = [
             {
                 "checkout": "failed" if n % 3 == 2 else "passed",
-                "login_ms": 50.0 if n < 30 else 100.0,
+                "login_ms": 50.0 if n < 42 else 100.0,
             }
-            for n in range(36)
+            for n in range(48)
         ]
         started = [
-            T0 + (n // 6 + (n >= 30)) * DAY + (n % 6 // 3) * 6 * timedelta(hours=1)
+            T0 + (n // 6 + (n >= 42)) * DAY + (n % 6 // 3) * 6 * timedelta(hours=1)
             + (n % 3) * timedelta(minutes=5)
-            for n in range(36)
+            for n in range(48)
         ]  # fmt: skip
         runs: list[str] = []
         async with http.stream("GET", url) as response:
@@ -433,7 +434,7 @@ async def test_the_project_stream_carries_findings_live_and_replays_them_once(
             )
             await writer
         kinds = [m.event for m in got]
-        assert kinds.count("RunCompleted") == 36
+        assert kinds.count("RunCompleted") == 48
         assert kinds.count("flaky_test_detected") == 2
         flaky = json.loads(next(m.data for m in got if m.event == "flaky_test_detected"))
         assert (flaky["run_id"], flaky["test"], flaky["rule"]) == (
@@ -444,7 +445,7 @@ async def test_the_project_stream_carries_findings_live_and_replays_them_once(
         assert (flaky["samples"], flaky["failures"]) == (30, 10)
         assert "type" not in flaky
         slower = json.loads(got[-1].data)
-        assert (slower["run_id"], slower["test"], slower["ratio"]) == (runs[35], "login", 2.0)
+        assert (slower["run_id"], slower["test"], slower["ratio"]) == (runs[47], "login", 2.0)
         # each after the RunCompleted of its run
         completed = [int(m.id or 0) for m in got if m.event == "RunCompleted"]
         positions: dict[str, int] = {}
@@ -452,7 +453,7 @@ async def test_the_project_stream_carries_findings_live_and_replays_them_once(
             if m.event in FINDING_MESSAGES:
                 positions.setdefault(m.event, int(m.id or 0))
         assert completed[29] < positions["flaky_test_detected"]
-        assert completed[35] < positions["performance_degradation"]
+        assert completed[47] < positions["performance_degradation"]
 
         # reconnect after run 9 started: replayed from the log once, then on to the end
         headers = {"Last-Event-ID": str(completed[7])}
