@@ -170,6 +170,51 @@ async def test_a_flaky_test_is_reported_once_per_rule_and_the_same_after_a_rebui
     assert await findings(store) == recorded
 
 
+def phases(*spans: tuple[int, int]) -> Callable[[int], dict[str, Any]]:
+    """Outcomes by phase: (days, k) is ``days`` days of 10 runs in which checkout fails
+    every k-th run (k = 0: never)."""
+    plan = [every for days, every in spans for _ in range(10 * days)]
+
+    def outcome(n: int) -> dict[str, Any]:
+        every = plan[n]
+        return {"checkout": "failed"} if every and n % every == every - 1 else {}
+
+    return outcome
+
+
+async def test_a_flaky_rate_that_dips_under_its_line_and_comes_back_is_reported_once(
+    store: PostgresEventStore,
+) -> None:
+    # 20% failing, then 10% for 8 days (under the line, never shown clear of it), then
+    # 20% again: a week without the rule holding is no recovery, so no second finding
+    spans = [(6, 5), (8, 10), (7, 5)]
+    runs = await append_runs(store, days_of_runs(21, phases(*spans)))
+    await rebuild(store)
+    assert summary(await findings(store), runs) == [
+        ("checkout", 30, "failure_rate"),
+        ("checkout", 30, "flip_rate"),
+    ]
+
+
+async def test_a_flaky_test_that_recovered_for_a_week_is_reported_again(
+    store: PostgresEventStore,
+) -> None:
+    # 20% failing, 8 days of passes (a week shown clear after the last day it held),
+    # then 20% failing again: two findings per rule, and the same judged run by run
+    spans = [(6, 5), (8, 0), (6, 5)]
+    runs = await append_runs(store, days_of_runs(20, phases(*spans)))
+    await rebuild(store)
+    recorded = await findings(store)
+    assert summary(recorded, runs) == [
+        ("checkout", 30, "failure_rate"),
+        ("checkout", 30, "flip_rate"),
+        ("checkout", 190, "flip_rate"),
+        ("checkout", 195, "failure_rate"),
+    ]
+    await rebuild(store, page_size=7)
+    assert await findings(store) == recorded
+
+
 async def test_the_detector_judges_only_what_the_projector_has_written(
     store: PostgresEventStore,
 ) -> None:
@@ -285,14 +330,14 @@ async def test_a_slowdown_is_reported_again_only_after_it_recovered(
     store: PostgresEventStore,
 ) -> None:
     rng = random.Random(4)
-    days = [100.0] * 6 + [150.0] * 2 + [100.0] * 8 + [150.0] * 2
+    days = [100.0] * 8 + [150.0] * 2 + [100.0] * 8 + [150.0] * 2
     runs = [run for day, ms in enumerate(days) for run in batch(day, 6, rng, checkout_ms=ms)]
     ids = await append_runs(store, runs)
     await rebuild(store)
     days_found = [(number - 1) // 6 for _, number, _ in summary(await findings(store), ids)]
-    # once on day 7 (the second slow batch), recovered on day 8, quiet for a week after it
-    # last held, once again on day 17
-    assert days_found == [7, 17]
+    # once on day 9 (the second slow batch), recovered on day 10, quiet for a week after it
+    # last held, once again on day 19
+    assert days_found == [9, 19]
 
 
 async def test_a_test_s_first_days_are_no_slowdown(store: PostgresEventStore) -> None:
@@ -300,6 +345,17 @@ async def test_a_test_s_first_days_are_no_slowdown(store: PostgresEventStore) ->
     rng = random.Random(5)
     runs = [run for day in range(2) for run in batch(day, 10, rng)]
     await append_runs(store, runs + batch(2, 10, rng, checkout_ms=200.0))
+    await rebuild(store)
+    assert await findings(store) == []
+
+
+async def test_a_baseline_of_less_than_a_week_is_no_slowdown(store: PostgresEventStore) -> None:
+    # five days at 100 ms, then two days twice as slow: runs on 5 days are enough of them,
+    # but not a week of the test's batches to measure their spread on
+    rng = random.Random(7)
+    runs = [run for day in range(5) for run in batch(day, 10, rng)]
+    slow = [run for day in (5, 6) for run in batch(day, 10, rng, checkout_ms=200.0)]
+    await append_runs(store, runs + slow)
     await rebuild(store)
     assert await findings(store) == []
 
@@ -346,19 +402,20 @@ async def test_the_project_stream_carries_findings_live_and_replays_them_once(
         project = (await http.post("/api/v1/projects", json={"name": "shop"})).json()["id"]
         url = f"/api/v1/projects/{project}/stream"
         # checkout fails 1 run in 3 (both flaky rules cross at run 30: 30 executions over
-        # 5 days); login takes 50 ms for 5 days, 6 runs a day in 2 hours of 3 runs, then
-        # 100 ms on day 6 (slower at run 36, once 2 hours of it are slow)
+        # 5 days); login takes 50 ms for 7 days (the least a baseline spans), 6 runs a day
+        # in 2 hours of 3 runs, then 100 ms on day 8 (slower at run 48, once 2 hours of it
+        # are slow)
         outcomes: list[dict[str, Any]] = [
             {
                 "checkout": "failed" if n % 3 == 2 else "passed",
-                "login_ms": 50.0 if n < 30 else 100.0,
+                "login_ms": 50.0 if n < 42 else 100.0,
             }
-            for n in range(36)
+            for n in range(48)
         ]
         started = [
-            T0 + (n // 6 + (n >= 30)) * DAY + (n % 6 // 3) * 6 * timedelta(hours=1)
+            T0 + (n // 6 + (n >= 42)) * DAY + (n % 6 // 3) * 6 * timedelta(hours=1)
             + (n % 3) * timedelta(minutes=5)
-            for n in range(36)
+            for n in range(48)
         ]  # fmt: skip
         runs: list[str] = []
         async with http.stream("GET", url) as response:
@@ -377,7 +434,7 @@ async def test_the_project_stream_carries_findings_live_and_replays_them_once(
             )
             await writer
         kinds = [m.event for m in got]
-        assert kinds.count("RunCompleted") == 36
+        assert kinds.count("RunCompleted") == 48
         assert kinds.count("flaky_test_detected") == 2
         flaky = json.loads(next(m.data for m in got if m.event == "flaky_test_detected"))
         assert (flaky["run_id"], flaky["test"], flaky["rule"]) == (
@@ -388,7 +445,7 @@ async def test_the_project_stream_carries_findings_live_and_replays_them_once(
         assert (flaky["samples"], flaky["failures"]) == (30, 10)
         assert "type" not in flaky
         slower = json.loads(got[-1].data)
-        assert (slower["run_id"], slower["test"], slower["ratio"]) == (runs[35], "login", 2.0)
+        assert (slower["run_id"], slower["test"], slower["ratio"]) == (runs[47], "login", 2.0)
         # each after the RunCompleted of its run
         completed = [int(m.id or 0) for m in got if m.event == "RunCompleted"]
         positions: dict[str, int] = {}
@@ -396,7 +453,7 @@ async def test_the_project_stream_carries_findings_live_and_replays_them_once(
             if m.event in FINDING_MESSAGES:
                 positions.setdefault(m.event, int(m.id or 0))
         assert completed[29] < positions["flaky_test_detected"]
-        assert completed[35] < positions["performance_degradation"]
+        assert completed[47] < positions["performance_degradation"]
 
         # reconnect after run 9 started: replayed from the log once, then on to the end
         headers = {"Last-Event-ID": str(completed[7])}

@@ -22,9 +22,16 @@ The rules (the constants below; docs/analytics.md gives them with the why):
   of the 30 days before them, with a gap, by median, 20%, 10 ms and 3 robust standard
   deviations of the baseline's batches.
 
-A rule is crossed at an execution when it holds on the test's history up to and with it
-and held at none of the test's executions of the 7 days before (``QUIET``): a test is
-reported once while it stays over, and again only after a week under the line.
+A flaky rule is crossed at an execution when it holds on the test's history up to and
+with it and, at the test's executions of the 30 days before (``MEMORY``), it never held or
+was shown clear after it last held: the test was judged on at least 30 executions over 3
+days and the Wilson interval's upper end was under the line (``MARGIN`` standard errors
+up), so the test was shown not to be flaky at that rate. A rate that hovers about its line
+(15% failing reads 10 to 20% from week to week) is one finding however long it hovers
+under the line by chance, and a test that recovered (passed for a week) and turns flaky
+again is a second one. The slowdown rule is crossed when it holds and held at none of the
+test's passed executions of the 7 days before (``QUIET``): a slowdown that is over ends
+when the slow batches leave the recent window, so its quiet week starts at a recovery.
 
 An execution is a test that passed or failed: a skipped test (for a failed dependency or
 any other reason) sent nothing, and counts as neither a failure nor a flip.
@@ -92,9 +99,14 @@ FLIP_RATE_AT_LEAST = Fraction(1, 5)
 MARGIN = 1.5
 """Standard errors a flaky rate must clear its line by (bench/FINDINGS.md: at 1.0, a test
 failing 5% of the time was reported in 3 of 15 histories)."""
+MEMORY = timedelta(days=30)
+"""How far back a flaky rule looks for the last time it held, and for a recovery after it:
+a test that hovers about its line for a month without once being shown clear is reported
+again then, a reminder, rather than the detector reading the whole history of every test
+it judges."""
 QUIET = timedelta(days=7)
-"""A flaky rule is crossed when it holds and held at none of the test's executions of this
-long before: a rate that hovers about its line is one finding, not one a day."""
+"""The slowdown rule is crossed when it holds and held at none of the test's passed
+executions of this long before: a slowdown that lasts is one finding, not one a batch."""
 RECENT_WINDOW = timedelta(days=7)
 """How far back the slowdown rule looks for its recent batches."""
 MIN_RECENT_RUNS = 5
@@ -106,6 +118,11 @@ MIN_BASELINE_RUNS = 10
 MIN_BASELINE_DAYS = 3
 """Distinct UTC days with passed executions in the baseline: a test's first days, or one
 busy day, are no baseline."""
+MIN_BASELINE_SPAN = 7
+"""UTC days the baseline spans (its oldest execution's to its newest's, both counted): the
+batch-to-batch spread a slowdown must clear is measured on the baseline's batches, and a
+few days' batches (4 to 6) understate it as often as not (a noisy test read 1.2x slower
+on its third day); a week also holds each weekday once, whatever load follows the week."""
 SLOWDOWN_ABOVE = Fraction(6, 5)
 """The recent median must exceed the baseline median times this (20% slower)..."""
 SLOWER_BY_AT_LEAST_MS = 10.0
@@ -217,6 +234,28 @@ def flip_rate_holds(samples: int, flips: int, days: int) -> bool:
     )
 
 
+def upper_bound(successes: int, trials: int) -> float:
+    """The Wilson score interval's upper end, ``MARGIN`` standard errors up."""
+    return 1 - lower_bound(trials - successes, trials)
+
+
+def failure_rate_clear(samples: int, failures: int, days: int) -> bool:
+    """Shown not to fail more than the line, on as much history as holding takes."""
+    return (
+        samples >= MIN_SAMPLES
+        and days >= MIN_DAYS
+        and upper_bound(failures, samples) <= FAILURE_RATE_ABOVE
+    )
+
+
+def flip_rate_clear(samples: int, flips: int, days: int) -> bool:
+    return (
+        samples >= MIN_SAMPLES
+        and days >= MIN_DAYS
+        and upper_bound(flips, samples - 1) < FLIP_RATE_AT_LEAST
+    )
+
+
 class Executed(msgspec.Struct, frozen=True):
     """An execution as the flaky rules read it."""
 
@@ -238,8 +277,9 @@ class FlakyState(msgspec.Struct, frozen=True):
 
 def flaky_states(history: Sequence[Executed]) -> list[FlakyState]:
     """The flaky rules as of each of ``history`` (a test's executions in log order): the
-    window of each is the executions of the 7 days up to it (the flip rate: the last 50 of
-    them). Prefix sums keep it linear in the history, whatever the windows hold."""
+    window of each is the executions of the 7 days up to it (the flip rate: the last 100 of
+    them). A rule is crossed where it holds and, over the ``MEMORY`` before, it never held
+    or was clear after it last held. Prefix sums keep it linear in the history."""
     failed = [0]
     changed = [0]
     for i, e in enumerate(history):
@@ -247,25 +287,39 @@ def flaky_states(history: Sequence[Executed]) -> list[FlakyState]:
         flip = i > 0 and e.status != history[i - 1].status
         changed.append(changed[-1] + flip)
     states: list[FlakyState] = []
-    held = {"failure_rate": [0], "flip_rate": [0]}
+    # per rule, the newest execution before the one judged where it held (-1: none), and
+    # the oldest execution of the window of the newest where it was clear (-1: none)
+    last_held = {"failure_rate": -1, "flip_rate": -1}
+    clear_since = {"failure_rate": -1, "flip_rate": -1}
     start = 0  # the oldest execution of the window (log order; times follow it)
+    remembered = 0  # the oldest execution of the MEMORY before the one judged
     for i, e in enumerate(history):
         while history[start].executed_at <= e.executed_at - FAILURE_RATE_WINDOW:
             start += 1
+        while history[remembered].executed_at <= e.executed_at - MEMORY:
+            remembered += 1
         days = (e.executed_at.date() - history[start].executed_at.date()).days + 1
         samples, failures = i + 1 - start, failed[i + 1] - failed[start]
         flip_start = max(start, i + 1 - FLIP_WINDOW)
         flip_samples, flips = i + 1 - flip_start, changed[i + 1] - changed[flip_start + 1]
-        now = {
+        holds = {
             "failure_rate": failure_rate_holds(samples, failures, days),
             "flip_rate": flip_rate_holds(flip_samples, flips, days),
         }
-        # quiet: held at none of the executions of the window before this one
-        crossed = {
-            rule: holds and held[rule][i] == held[rule][start] for rule, holds in now.items()
+        clear = {
+            "failure_rate": failure_rate_clear(samples, failures, days),
+            "flip_rate": flip_rate_clear(flip_samples, flips, days),
         }
-        for rule, holds in now.items():
-            held[rule].append(held[rule][-1] + holds)
+        crossed = {
+            rule: now and (last_held[rule] < remembered or clear_since[rule] > last_held[rule])
+            for rule, now in holds.items()
+        }
+        window_start = {"failure_rate": start, "flip_rate": flip_start}
+        for rule in holds:
+            if holds[rule]:
+                last_held[rule] = i
+            if clear[rule]:
+                clear_since[rule] = window_start[rule]
         states.append(FlakyState(samples, failures, flip_samples, flips,
                                  crossed["failure_rate"], crossed["flip_rate"]))  # fmt: skip
     return states
@@ -295,11 +349,11 @@ def slowdown(history: Sequence[Passed]) -> Slowdown | None:
     under way), within 7 days, at least 5 runs; its level is their median.
     Baseline: the 30 days before the recent window, ending an hour before its oldest
     execution and leaving out every batch the recent window holds, with at least 10 runs on
-    at least 3 distinct days; its level is the median of the daily medians, so a busy day
-    weighs no more than a quiet one. The recent level must be 20% and 10 ms over the
-    baseline's, and so must the median of each of the recent window's batches of at least
-    3 runs, of which there must be 2: the runs of a batch share the machine's and the
-    API's moment, so one slow batch is one sample, not a slowdown.
+    at least 3 distinct days spanning at least 7; its level is the median of the daily
+    medians, so a busy day weighs no more than a quiet one. The recent level must be 20%
+    and 10 ms over the baseline's, and so must the median of each of the recent window's
+    batches of at least 3 runs, of which there must be 2: the runs of a batch share the
+    machine's and the API's moment, so one slow batch is one sample, not a slowdown.
     """
     if not history:
         return None
@@ -317,6 +371,9 @@ def slowdown(history: Sequence[Passed]) -> Slowdown | None:
     ]
     days = _medians(baseline, lambda p: p.executed_at.date(), 1)
     if len(baseline) < MIN_BASELINE_RUNS or len(days) < MIN_BASELINE_DAYS:
+        return None
+    first, last = min(p.executed_at for p in baseline), max(p.executed_at for p in baseline)
+    if (last.date() - first.date()).days + 1 < MIN_BASELINE_SPAN:
         return None
     baseline_level = statistics.median(days)
     if baseline_level <= 0:
@@ -429,7 +486,7 @@ def _finding(execution: Execution, rule: str, event: Finding) -> Found:
 
 async def _flaky(conn: asyncpg.Connection, executions: Sequence[Execution]) -> list[Found]:
     tests = sorted({(e.test_case_id, e.environment_id) for e in executions})
-    oldest = min(e.completed_at for e in executions) - FAILURE_RATE_WINDOW - QUIET
+    oldest = min(e.completed_at for e in executions) - FAILURE_RATE_WINDOW - MEMORY
     rows = await conn.fetch(
         _EXECUTED_HISTORY,
         [t for t, _ in tests],
