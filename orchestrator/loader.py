@@ -25,7 +25,7 @@ import yaml
 
 from orchestrator import templating
 from orchestrator.errors import Problem, UsageError
-from orchestrator.model import Capture, Expect, Flow, Predicate, Service, Test, seconds
+from orchestrator.model import Auth, Capture, Expect, Flow, Predicate, Service, Test, seconds
 from orchestrator.requests_check import request_problems
 
 _STATUS = re.compile(r"^([1-5]xx|[1-5]\d\d)$", re.IGNORECASE)
@@ -547,7 +547,7 @@ def _durations(flow: Flow) -> Iterator[tuple[str, Any]]:
         (f"tests.{name}.request.auth", test.request.auth) for name, test in flow.tests.items()
     ]
     for where, auth in auths:
-        if auth is not None and auth.oauth2 is not None:
+        if isinstance(auth, Auth) and auth.oauth2 is not None:
             refresh = auth.oauth2.refresh_before
             if not (isinstance(refresh, str) and templating.has_template(refresh)):
                 yield f"{where}.oauth2.refresh_before", refresh
