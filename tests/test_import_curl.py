@@ -3,6 +3,7 @@ credentials on their command lines as secrets and every option it cannot carry l
 
 from __future__ import annotations
 
+import base64
 import io
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.auth_http import auth_server
 from tests.cli import baton
 
 
@@ -242,3 +244,31 @@ def test_curl_auth_options_become_the_flows_auth_kinds(
     monkeypatch.setenv("TOKEN", "x")
     code, out, err = baton("validate", str(flow_path))
     assert code == 0, out + err
+
+
+def test_imported_basic_auth_authenticates_against_a_real_server(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    with auth_server() as server:
+        encoded = base64.b64encode(f"{server.user}:{server.password}".encode()).decode()
+        source = tmp_path / "basic.sh"
+        source.write_text(
+            f"curl -f -u {server.user}:{server.password} {server.url}/basic\n"
+            f"curl -f -H 'Authorization: Basic {encoded}' {server.url}/basic?again=1\n"
+        )
+        flow_path = tmp_path / "flow.yaml"
+        code, out, err = baton("import", "curl", str(source), "-o", str(flow_path))
+        assert code == 0, err
+        text = flow_path.read_text()
+        assert server.password not in text and encoded not in text
+        # the header's credentials are the same password: one secret for both
+        assert text.count("{{ secrets.PASSWORD }}") == 2 and "PASSWORD_2" not in text
+        secrets = tmp_path / "secrets.yaml"
+        secrets.write_text(f"PASSWORD: {server.password}\n")
+        code, out, err = baton("run", str(flow_path), "--secrets", str(secrets))
+        assert code == 0, out + err
+        assert out.splitlines()[-1].startswith("2 passed in "), out
+        assert server.password not in out + err
+        secrets.write_text("PASSWORD: wrong\n")
+        code, out, err = baton("run", str(flow_path), "--secrets", str(secrets))
+        assert code == 1, out + err

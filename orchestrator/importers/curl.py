@@ -19,6 +19,8 @@ from orchestrator.errors import UsageError
 from orchestrator.importers import Imported, Untranslated
 from orchestrator.importers.parts import (
     Secrets,
+    basic_auth,
+    basic_credentials,
     body_fields,
     header_value,
     is_credential_name,
@@ -325,6 +327,11 @@ def _auth(
             Untranslated(f"{command.where} --aws-sigv4", "no -u KEY:SECRET to sign with")
         )
     if command.user is None:
+        for name in list(command.headers):
+            found = basic_credentials(command.headers[name])
+            if name.lower() == "authorization" and found is not None:
+                del command.headers[name]  # httpx writes it from the auth
+                return basic_auth(*found, secrets, f"{command.where} header {name}")
         return None
     user, colon, password = command.user.partition(":")
     if not colon:
@@ -333,13 +340,8 @@ def _auth(
         password = f"\0asked for {user}"
     if command.aws_sigv4 is not None:
         return {"aws_sigv4": _aws(command, user, password, secrets, untranslated)}
-    kind = "digest" if command.digest else "basic"
-    return {
-        kind: {
-            "username": literal(user),
-            "password": secrets.template(password, "password", f"{at}: the password of {user}"),
-        }
-    }
+    auth = basic_auth(user, password, secrets, at)
+    return {"digest": auth["basic"]} if command.digest else auth
 
 
 def _aws(
