@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.auth_http import auth_server
 from tests.cli import baton
 
 DATA = Path(__file__).resolve().parent / "data" / "importers"
@@ -566,3 +567,48 @@ def test_security_schemes_become_auth_headers_or_params_from_secrets(tmp_path: P
         encoding="utf-8",
     )
     assert baton("validate", str(out), "--secrets", str(secrets))[0] == 0
+
+
+def test_imported_basic_and_oauth2_authenticate_against_a_real_server(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    with auth_server() as server:
+        spec = {
+            "openapi": "3.1.0",
+            "info": {"title": "auth", "version": "1"},
+            "servers": [{"url": server.url}],
+            "paths": {
+                "/basic": {"get": {"operationId": "who", "security": [{"userPass": []}]}},
+                "/api": {"get": {"operationId": "api", "security": [{"machine": ["read"]}]}},
+            },
+            "components": {
+                "securitySchemes": {
+                    "userPass": {"type": "http", "scheme": "basic"},
+                    "machine": {
+                        "type": "oauth2",
+                        "flows": {
+                            "clientCredentials": {
+                                "tokenUrl": f"{server.url}/token",
+                                "scopes": {"read": "read"},
+                            }
+                        },
+                    },
+                }
+            },
+        }
+        for item in spec["paths"].values():
+            item["get"]["responses"] = {"200": {"description": "ok"}}
+        flow, stderr, out = imported(write_spec(tmp_path, spec), tmp_path)
+        assert flow["tests"]["api"]["request"]["auth"]["oauth2"]["scope"] == "read"
+        assert "secrets.USER_PASS_USERNAME and secrets.USER_PASS_PASSWORD" in stderr
+        secrets = tmp_path / "secrets.yaml"
+        secrets.write_text(
+            f"USER_PASS_USERNAME: {server.user}\nUSER_PASS_PASSWORD: {server.password}\n"
+            f"MACHINE_CLIENT_ID: {server.client_id}\n"
+            f"MACHINE_CLIENT_SECRET: {server.client_secret}\n"
+        )
+        code, stdout, err = baton("run", str(out), "--secrets", str(secrets))
+        assert code == 0, stdout + err
+        assert stdout.splitlines()[-1].startswith("2 passed in "), stdout
+        assert server.scopes == ["read"]
+        assert server.password not in stdout + err

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.auth_http import auth_server
 from tests.cli import baton
 
 DATA = Path(__file__).parent / "data" / "importers"
@@ -332,3 +333,43 @@ def test_postman_auth_kinds_become_the_flows_auth_with_secrets(
         monkeypatch.setenv(name, "x")
     code, out, err = baton("validate", str(flow_path))
     assert code == 0, out + err
+
+
+def test_imported_oauth2_and_basic_authenticate_against_a_real_server(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    with auth_server() as server:
+        collection = _collection_with_auth(
+            {"type": "basic", "basic": _fields(username="{{user}}", password=server.password)},
+            {
+                "type": "oauth2",
+                "oauth2": _fields(
+                    grant_type="client_credentials",
+                    accessTokenUrl=f"{server.url}/token",
+                    clientId=server.client_id,
+                    clientSecret=server.client_secret,
+                    scope="orders:read",
+                ),
+            },
+        )
+        collection["variable"][1]["value"] = server.user
+        collection["item"][0]["request"]["url"] = f"{server.url}/basic"
+        collection["item"][1]["request"]["url"] = f"{server.url}/api"
+        for item in collection["item"]:
+            item["event"] = [
+                {"listen": "test", "script": {"exec": ["pm.response.to.have.status(200);"]}}
+            ]
+        source = tmp_path / "auth.postman_collection.json"
+        source.write_text(json.dumps(collection))
+        flow_path = tmp_path / "flow.yaml"
+        code, out, err = baton("import", "postman", str(source), "-o", str(flow_path))
+        assert code == 0, err
+        text = flow_path.read_text()
+        assert server.password not in text and server.client_secret not in text
+        secrets = tmp_path / "secrets.yaml"
+        secrets.write_text(f"PASSWORD: {server.password}\nCLIENT_SECRET: {server.client_secret}\n")
+        code, out, err = baton("run", str(flow_path), "--secrets", str(secrets))
+        assert code == 0, out + err
+        assert out.splitlines()[-1].startswith("2 passed in "), out
+        assert server.scopes == ["orders:read"]
+        assert server.password not in out + err and server.client_secret not in out + err
