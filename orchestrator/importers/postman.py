@@ -1,7 +1,8 @@
 """``baton import postman COLLECTION``: a Postman collection (v2.1, v2.0) as a flow.
 
 Folders become test-name prefixes and tags, collection variables ``variables:``, auth
-(bearer, basic, apikey) headers, and ``{{var}}`` Baton templates. Test scripts are read
+basic, digest, oauth2 (client credentials) and awsv4 the request's ``auth:``, bearer and
+apikey headers or parameters, and ``{{var}}`` Baton templates. Test scripts are read
 statically, line by line (see :mod:`orchestrator.importers.scripts`): status checks become
 ``expect.status`` and ``pm.environment.set("x", jsonData.a)`` a capture of ``$.a``, on
 which the requests that read ``{{x}}`` then depend. Every other line is listed.
