@@ -519,8 +519,10 @@ def test_validate_refuses_auth_none_in_defaults_and_an_unknown_word(tmp_path: Pa
     assert "defaults.auth: auth: none switches off defaults.auth for one request" in err
     assert "tests.t" not in err
     flow.write_text(
-        "name: bad\nbase_url: http://127.0.0.1:1\ntests:\n  t:\n    request: {url: /x, auth: off}\n"
+        "name: bad\nbase_url: http://127.0.0.1:1\n"
+        "tests:\n  t:\n    request: {url: /x, auth: 'off'}\n"
     )
     code, _, err = baton("validate", str(flow))
     assert code == 2
-    assert "tests.t.request.auth" in err and "Traceback" not in err
+    assert "tests.t.request.auth: 'off' is not known here (write none, or a mapping)" in err
+    assert "Traceback" not in err
