@@ -322,10 +322,12 @@ def _auth(
             "secret_access_key": _credential(
                 values.get("secretKey", ""), "aws_secret_access_key", at, state
             ),
-            # Postman's own defaults when the fields are left empty
             "region": state.template(values.get("region") or "us-east-1", at),
             "service": state.template(values.get("service") or "execute-api", at),
         }
+        for field, default in (("region", "us-east-1"), ("service", "execute-api")):
+            if not values.get(field):
+                state.note(at, f"no {field}: {default} is written, check it")
         if values.get("sessionToken"):
             settings["session_token"] = _credential(
                 values["sessionToken"], "aws_session_token", at, state
