@@ -21,6 +21,7 @@ from orchestrator.model import (
     Capture,
     Defaults,
     Expect,
+    NoAuth,
     Redact,
     Request,
     Retry,
@@ -176,12 +177,12 @@ def compile_test(name: str, test: Test, defaults: Defaults) -> CompiledTest:
         method=request.verb,
         tls=merged_tls(defaults.tls, test.tls),
         graphql_errors_fail=request.graphql is not None and not expects_errors(test.expect),
-        auth=_auth(request.auth or defaults.auth),
+        auth=_auth(defaults.auth if request.auth is None else request.auth),
     )
 
 
-def _auth(auth: Auth | None) -> templating.Renderer | None:
-    if auth is None:
+def _auth(auth: Auth | NoAuth | None) -> templating.Renderer | None:
+    if not isinstance(auth, Auth):
         return None
     return templating.compile_value(msgspec.to_builtins(auth))
 

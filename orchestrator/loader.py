@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 import jsonpath_rfc9535
 import msgspec
@@ -25,7 +25,7 @@ import yaml
 
 from orchestrator import templating
 from orchestrator.errors import Problem, UsageError
-from orchestrator.model import Capture, Expect, Flow, Predicate, Service, Test, seconds
+from orchestrator.model import Auth, Capture, Expect, Flow, Predicate, Service, Test, seconds
 from orchestrator.requests_check import request_problems
 
 _STATUS = re.compile(r"^([1-5]xx|[1-5]\d\d)$", re.IGNORECASE)
@@ -419,6 +419,11 @@ def _leaf_problem(raw: Any, kind: Any, failure: str, label: str, where: str) -> 
         low, high = meta.ge, meta.le
         allowed = f"from {low} to {high}" if high is not None else f"at least {low}"
         return Problem(label, where, f"{raw!r} is out of range: it must be {allowed}")
+    words = [str(v) for m in _members(kind) if get_origin(m) is Literal for v in get_args(m)]
+    if words and isinstance(raw, str):
+        struct = _struct_of(kind)
+        known = " or ".join(words) + (", or a mapping" if struct is not None else "")
+        return Problem(label, where, f"{raw!r} is not known here", f"write {known}")
     match = _MSGSPEC_PATH.match(failure)
     assert match is not None
     path = _join(where, (match.group("path") or "").lstrip("."))
@@ -547,7 +552,7 @@ def _durations(flow: Flow) -> Iterator[tuple[str, Any]]:
         (f"tests.{name}.request.auth", test.request.auth) for name, test in flow.tests.items()
     ]
     for where, auth in auths:
-        if auth is not None and auth.oauth2 is not None:
+        if isinstance(auth, Auth) and auth.oauth2 is not None:
             refresh = auth.oauth2.refresh_before
             if not (isinstance(refresh, str) and templating.has_template(refresh)):
                 yield f"{where}.oauth2.refresh_before", refresh

@@ -138,6 +138,9 @@ class Auth(_Spec, frozen=True):
 
 
 AUTH_KINDS = ("basic", "digest", "oauth2", "aws_sigv4")
+NoAuth = Literal["none"]
+"""``auth: none`` on a request: send it without ``defaults.auth`` (a login call under a
+default OAuth2 or Basic auth)."""
 CREDENTIAL_FIELDS = frozenset({"password", "client_secret", "secret_access_key", "session_token"})
 """The fields of an auth block that are secrets by kind: masked whatever they are named."""
 
@@ -160,8 +163,8 @@ class Request(_Spec, frozen=True):
     graphql: GraphQL | None = None
     timeout: Duration | None = None
     follow_redirects: bool | None = None
-    auth: Auth | None = None
-    """Replaces ``defaults.auth`` as a whole."""
+    auth: Auth | NoAuth | None = None
+    """Replaces ``defaults.auth`` as a whole; ``none`` sends the request without one."""
 
     @property
     def verb(self) -> str:
@@ -270,7 +273,8 @@ class Defaults(_Spec, frozen=True):
     follow_redirects: bool = False
     redact: Redact = Redact()
     tls: Tls | None = None
-    auth: Auth | None = None
+    auth: Auth | NoAuth | None = None
+    """``none`` here is refused by the checks with a readable line, not by the schema."""
 
 
 RateLimit = Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]

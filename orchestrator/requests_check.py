@@ -14,7 +14,14 @@ from orchestrator.model import AUTH_KINDS, Auth, Flow, MultipartFile, Tls
 
 
 def request_problems(flow: Flow, label: str, base_dir: Path) -> Iterator[Problem]:
-    if flow.defaults.auth is not None:
+    if isinstance(flow.defaults.auth, str):  # auth: none
+        yield Problem(
+            label,
+            "defaults.auth",
+            "auth: none switches off defaults.auth for one request; it has no meaning here",
+            "leave auth out of defaults, or give auth: none on the requests that send none",
+        )
+    elif flow.defaults.auth is not None:
         yield from _auth_problems(flow.defaults.auth, label, "defaults.auth")
     if flow.defaults.tls is not None:
         yield from _tls_problems(flow.defaults.tls, label, "defaults.tls", base_dir)
@@ -35,7 +42,7 @@ def request_problems(flow: Flow, label: str, base_dir: Path) -> Iterator[Problem
                 yield from _missing(part.file, label, where, base_dir)
         if test.tls is not None:
             yield from _tls_problems(test.tls, label, f"{at}.tls", base_dir)
-        if request.auth is not None:
+        if isinstance(request.auth, Auth):
             yield from _auth_problems(request.auth, label, f"{at}.request.auth")
 
 

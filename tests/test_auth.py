@@ -485,3 +485,44 @@ def test_without_botocore_sigv4_is_a_usage_error_naming_the_extra(tmp_path: Path
     assert "defaults.auth.aws_sigv4: AWS SigV4 signing needs botocore" in done.stderr
     assert "pip install 'baton[aws]'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_auth_none_sends_a_request_without_the_default_auth(
+    env: dict[str, str], tmp_path: Path, server: Server, pg_server_dsn: str
+) -> None:
+    flow = _flow(
+        tmp_path,
+        server,
+        """
+        with_default:
+          request: {url: /basic}
+          expect: {status: 200, json: {"$.user": alice}}
+        login:
+          request: {url: /basic, auth: none}
+          expect: {status: 401}
+        """,
+        'defaults:\n  auth: {basic: {username: alice, password: "{{ secrets.PASSWORD }}"}}\n',
+    )
+    code, out, err, tests = await _run(flow)
+    assert code == 0, out + err
+    assert tests["login"]["status"] == "passed"
+
+
+def test_validate_refuses_auth_none_in_defaults_and_an_unknown_word(tmp_path: Path) -> None:
+    flow = tmp_path / "bad.yaml"
+    flow.write_text(
+        "name: bad\nbase_url: http://127.0.0.1:1\ndefaults: {auth: none}\n"
+        "tests:\n  t:\n    request: {url: /x, auth: none}\n"
+    )
+    code, _, err = baton("validate", str(flow))
+    assert code == 2
+    assert "defaults.auth: auth: none switches off defaults.auth for one request" in err
+    assert "tests.t" not in err
+    flow.write_text(
+        "name: bad\nbase_url: http://127.0.0.1:1\n"
+        "tests:\n  t:\n    request: {url: /x, auth: 'off'}\n"
+    )
+    code, _, err = baton("validate", str(flow))
+    assert code == 2
+    assert "tests.t.request.auth: 'off' is not known here (write none, or a mapping)" in err
+    assert "Traceback" not in err

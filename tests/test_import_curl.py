@@ -3,6 +3,7 @@ credentials on their command lines as secrets and every option it cannot carry l
 
 from __future__ import annotations
 
+import base64
 import io
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.auth_http import auth_server
 from tests.cli import baton
 
 
@@ -101,15 +103,17 @@ def test_what_a_flow_cannot_carry_is_listed_with_its_line(tmp_path: Path) -> Non
         "line 3 -d: the body is read from a file (@body.json)",
     ):
         assert any(line.startswith(f"not translated: {source}: {expected}") for line in lines), err
-    assert "secret to provide: AUTHORIZATION_BASIC" in err
-    assert "the base64 of bob:PASSWORD" in err
+    assert (
+        f"secret to provide: PASSWORD (the value found at {source}: line 3 -u: the password of bob)"
+        in err
+    )
     flow = yaml.safe_load(out)
     upload = flow["tests"]["post_upload"]
     assert upload["tls"] == {"verify": False}  # -k
     assert upload["request"]["multipart"] == {"file": {"file": "photo.png"}}
     me = flow["tests"]["get_me"]["request"]
-    assert me["headers"]["Authorization"] == "Basic {{ secrets.AUTHORIZATION_BASIC }}"
-    assert "Ym9iOnNlY3JldC1ib2I=" not in out  # base64 of bob:secret-bob
+    assert me["auth"] == {"basic": {"username": "bob", "password": "{{ secrets.PASSWORD }}"}}
+    assert "headers" not in me
     assert "secret-bob" not in out
 
 
@@ -188,3 +192,83 @@ def test_an_output_that_cannot_be_written_is_one_line(tmp_path: Path) -> None:
         err.splitlines()[-1]
         == f"error: {target}: cannot write the flow (No such file or directory)"
     )
+
+
+def test_curl_auth_options_become_the_flows_auth_kinds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "auth.sh"
+    source.write_text(
+        "curl --digest -u bob:secret-bob https://api.example.com/digest\n"
+        "curl --aws-sigv4 aws:amz:eu-west-1:execute-api -u AKIDSECRETKEYID:aws-secret-value "
+        "-H 'X-Amz-Security-Token: session-value' https://api.example.com/signed\n"
+        "curl --aws-sigv4 aws:amz -u AKIDSECRETKEYID:aws-secret-value "
+        "https://execute-api.us-east-2.amazonaws.com/prod/items\n"
+        "curl --oauth2-bearer bearer-value https://api.example.com/me\n"
+        "curl -u carol https://api.example.com/asks\n"
+    )
+    flow_path = tmp_path / "flow.yaml"
+    code, out, err = baton("import", "curl", str(source), "-o", str(flow_path))
+    assert code == 0, err
+    text = flow_path.read_text()
+    for clear in ("secret-bob", "AKIDSECRETKEYID", "aws-secret-value", "session-value"):
+        assert clear not in text and clear not in err
+    assert "bearer-value" not in text
+    tests = yaml.safe_load(text)["tests"]
+    assert tests["get_digest"]["request"]["auth"] == {
+        "digest": {"username": "bob", "password": "{{ secrets.PASSWORD }}"}
+    }
+    signed = tests["get_signed"]["request"]
+    assert signed["auth"] == {
+        "aws_sigv4": {
+            "access_key_id": "{{ secrets.AWS_ACCESS_KEY_ID }}",
+            "secret_access_key": "{{ secrets.AWS_SECRET_ACCESS_KEY }}",
+            "region": "eu-west-1",
+            "service": "execute-api",
+            "session_token": "{{ secrets.AWS_SESSION_TOKEN }}",
+        }
+    }
+    assert "headers" not in signed  # the signer sends the session token
+    # region and service from the host name, as curl takes them; one key, one secret
+    items = tests["get_prod_items"]["request"]["auth"]["aws_sigv4"]
+    assert (items["region"], items["service"]) == ("us-east-2", "execute-api")
+    assert items["access_key_id"] == "{{ secrets.AWS_ACCESS_KEY_ID }}"
+    assert tests["get_me"]["request"]["headers"] == {"Authorization": "Bearer {{ secrets.TOKEN }}"}
+    assert f"secret to provide: TOKEN (the value found at {source}: line 4 --oauth2-bearer)" in err
+    assert f"not translated: {source}: line 5 -u: no password: curl would ask for carol's" in err
+    asked = tests["get_asks"]["request"]["auth"]["basic"]
+    assert asked == {"username": "carol", "password": "{{ secrets.PASSWORD_2 }}"}
+    for name in ("PASSWORD", "PASSWORD_2", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "x")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "x")
+    monkeypatch.setenv("TOKEN", "x")
+    code, out, err = baton("validate", str(flow_path))
+    assert code == 0, out + err
+
+
+def test_imported_basic_auth_authenticates_against_a_real_server(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    with auth_server() as server:
+        encoded = base64.b64encode(f"{server.user}:{server.password}".encode()).decode()
+        source = tmp_path / "basic.sh"
+        source.write_text(
+            f"curl -f -u {server.user}:{server.password} {server.url}/basic\n"
+            f"curl -f -H 'Authorization: Basic {encoded}' {server.url}/basic?again=1\n"
+        )
+        flow_path = tmp_path / "flow.yaml"
+        code, out, err = baton("import", "curl", str(source), "-o", str(flow_path))
+        assert code == 0, err
+        text = flow_path.read_text()
+        assert server.password not in text and encoded not in text
+        # the header's credentials are the same password: one secret for both
+        assert text.count("{{ secrets.PASSWORD }}") == 2 and "PASSWORD_2" not in text
+        secrets = tmp_path / "secrets.yaml"
+        secrets.write_text(f"PASSWORD: {server.password}\n")
+        code, out, err = baton("run", str(flow_path), "--secrets", str(secrets))
+        assert code == 0, out + err
+        assert out.splitlines()[-1].startswith("2 passed in "), out
+        assert server.password not in out + err
+        secrets.write_text("PASSWORD: wrong\n")
+        code, out, err = baton("run", str(flow_path), "--secrets", str(secrets))
+        assert code == 1, out + err

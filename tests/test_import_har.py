@@ -3,6 +3,7 @@ later requests took from earlier responses instead of replaying recorded tokens 
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -144,3 +145,35 @@ def test_json_nested_without_end_is_refused_in_one_line(tmp_path: Path) -> None:
     assert code == 2
     assert out == ""
     assert err == f"error: {source}: nested too deeply to import (split or flatten it)\n"
+
+
+def test_a_recorded_basic_authorization_becomes_auth_basic(tmp_path: Path) -> None:
+    encoded = base64.b64encode(b"alice:har-secret-pw").decode()
+    har = {
+        "log": {
+            "version": "1.2",
+            "entries": [
+                {
+                    "request": {
+                        "method": "GET",
+                        "url": "https://api.example.com/me",
+                        "headers": [
+                            {"name": "Authorization", "value": f"Basic {encoded}"},
+                            {"name": "Accept", "value": "application/json"},
+                        ],
+                    },
+                    "response": {"status": 200, "headers": [], "content": {"text": "{}"}},
+                }
+            ],
+        }
+    }
+    source = tmp_path / "basic.har"
+    source.write_text(json.dumps(har))
+    code, out, err = baton("import", "har", str(source))
+    assert code == 0, err
+    assert encoded not in out and "har-secret-pw" not in out
+    request = yaml.safe_load(out)["tests"]["get_me"]["request"]
+    assert request["auth"] == {"basic": {"username": "alice", "password": "{{ secrets.PASSWORD }}"}}
+    assert request["headers"] == {"Accept": "application/json"}
+    assert "secret to provide: PASSWORD (the value found at " in err
+    assert "header Authorization: the password of alice)" in err

@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.auth_http import auth_server
 from tests.cli import baton
 
 DATA = Path(__file__).resolve().parent / "data" / "importers"
@@ -474,18 +475,38 @@ def _places(node: Any, path: tuple[Any, ...] = ()) -> Any:
         yield from _places(child, (*path, key))
 
 
-def test_security_schemes_become_headers_or_params_from_secrets(tmp_path: Path) -> None:
+def test_security_schemes_become_auth_headers_or_params_from_secrets(tmp_path: Path) -> None:
+    implicit = {"authorizationUrl": "https://login.example.com/a", "scopes": {}}
     schemes = {
         "basicAuth": {"type": "http", "scheme": "basic"},
         "queryKey": {"type": "apiKey", "in": "query", "name": "key"},
         "cookieKey": {"type": "apiKey", "in": "cookie", "name": "sid"},
-        "digest": {"type": "http", "scheme": "digest"},
+        "digestAuth": {"type": "http", "scheme": "digest"},
+        "mtls": {"type": "mutualTLS"},
+        "machine": {
+            "type": "oauth2",
+            "flows": {
+                "clientCredentials": {
+                    "tokenUrl": "https://login.example.com/token",
+                    "scopes": {"orders:read": "read", "orders:write": "write"},
+                },
+                "implicit": implicit,
+            },
+        },
+        "browser": {
+            "type": "oauth2",
+            "flows": {
+                "implicit": {"authorizationUrl": "https://login.example.com/a", "scopes": {}}
+            },
+        },
     }
     spec = _spec_30(
         **{
             "/a": {"get": {"operationId": "a", "security": [{"basicAuth": [], "queryKey": []}]}},
-            "/b": {"get": {"operationId": "b", "security": [{"cookieKey": []}, {"digest": []}]}},
-            "/c": {"get": {"operationId": "c", "security": [{"digest": []}, {}]}},
+            "/b": {"get": {"operationId": "b", "security": [{"cookieKey": []}, {"mtls": []}]}},
+            "/c": {"get": {"operationId": "c", "security": [{"digestAuth": []}, {}]}},
+            "/d": {"get": {"operationId": "d", "security": [{"machine": ["orders:read"]}]}},
+            "/e": {"get": {"operationId": "e", "security": [{"browser": ["x"]}]}},
         }
     )
     for operation in spec["paths"].values():
@@ -494,24 +515,100 @@ def test_security_schemes_become_headers_or_params_from_secrets(tmp_path: Path) 
     flow, stderr, out = imported(write_spec(tmp_path, spec), tmp_path)
     tests = flow["tests"]
 
-    assert tests["a"]["request"]["headers"] == {"Authorization": "Basic {{ secrets.BASIC_AUTH }}"}
+    assert tests["a"]["request"]["auth"] == {
+        "basic": {
+            "username": "{{ secrets.BASIC_AUTH_USERNAME }}",
+            "password": "{{ secrets.BASIC_AUTH_PASSWORD }}",
+        }
+    }
+    assert "headers" not in tests["a"]["request"]
     assert tests["a"]["request"]["params"] == {"key": "{{ secrets.QUERY_KEY }}"}
-    assert "headers" not in tests["b"]["request"] and "headers" not in tests["c"]["request"]
+    assert "headers" not in tests["b"]["request"] and "auth" not in tests["b"]["request"]
+    assert tests["c"]["request"]["auth"] == {
+        "digest": {
+            "username": "{{ secrets.DIGEST_AUTH_USERNAME }}",
+            "password": "{{ secrets.DIGEST_AUTH_PASSWORD }}",
+        }
+    }
+    assert tests["d"]["request"]["auth"] == {
+        "oauth2": {
+            "token_url": "https://login.example.com/token",
+            "client_id": "{{ secrets.MACHINE_CLIENT_ID }}",
+            "client_secret": "{{ secrets.MACHINE_CLIENT_SECRET }}",
+            "scope": "orders:read",
+        }
+    }
+    assert tests["e"]["request"]["headers"] == {"Authorization": "Bearer {{ secrets.BROWSER }}"}
     parts = not_translated(stderr, tmp_path / "spec.yaml")
     assert (
         "components.securitySchemes.cookieKey: "
         "a security scheme of type apiKey cookie is not translated" in parts
     )
     assert (
-        "components.securitySchemes.digest: a security scheme of type http digest is not translated"
-        in parts
+        "components.securitySchemes.browser: oauth2 without a clientCredentials flow: an access "
+        "token obtained elsewhere is sent from secrets.BROWSER" in parts
     )
     assert (
         "paths./b.get.security: no security requirement could be translated: no credentials sent"
         in parts
     )
-    assert not any(p.startswith("paths./c.get.security") for p in parts)  # {}: none needed
-    assert "secrets.BASIC_AUTH" in flow["description"] and "cookieKey" not in flow["description"]
+    assert not any(p.startswith("paths./c.get.security") for p in parts)
+    assert (
+        "components.securitySchemes.machine: needs a value: the credential is read from "
+        "secrets.MACHINE_CLIENT_ID and secrets.MACHINE_CLIENT_SECRET" in " ".join(parts)
+    )
+    assert "secrets.BASIC_AUTH_PASSWORD" in flow["description"]
+    assert "cookieKey" not in flow["description"]
     secrets = tmp_path / "secrets.yaml"
-    secrets.write_text("BASIC_AUTH: dTpw\nQUERY_KEY: k\n", encoding="utf-8")
+    names = ["BASIC_AUTH", "DIGEST_AUTH"]
+    secrets.write_text(
+        "".join(f"{n}_USERNAME: u\n{n}_PASSWORD: p\n" for n in names)
+        + "QUERY_KEY: k\nMACHINE_CLIENT_ID: c\nMACHINE_CLIENT_SECRET: s\nBROWSER: t\n",
+        encoding="utf-8",
+    )
     assert baton("validate", str(out), "--secrets", str(secrets))[0] == 0
+
+
+def test_imported_basic_and_oauth2_authenticate_against_a_real_server(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    with auth_server() as server:
+        spec = {
+            "openapi": "3.1.0",
+            "info": {"title": "auth", "version": "1"},
+            "servers": [{"url": server.url}],
+            "paths": {
+                "/basic": {"get": {"operationId": "who", "security": [{"userPass": []}]}},
+                "/api": {"get": {"operationId": "api", "security": [{"machine": ["read"]}]}},
+            },
+            "components": {
+                "securitySchemes": {
+                    "userPass": {"type": "http", "scheme": "basic"},
+                    "machine": {
+                        "type": "oauth2",
+                        "flows": {
+                            "clientCredentials": {
+                                "tokenUrl": f"{server.url}/token",
+                                "scopes": {"read": "read"},
+                            }
+                        },
+                    },
+                }
+            },
+        }
+        for item in spec["paths"].values():
+            item["get"]["responses"] = {"200": {"description": "ok"}}
+        flow, stderr, out = imported(write_spec(tmp_path, spec), tmp_path)
+        assert flow["tests"]["api"]["request"]["auth"]["oauth2"]["scope"] == "read"
+        assert "secrets.USER_PASS_USERNAME and secrets.USER_PASS_PASSWORD" in stderr
+        secrets = tmp_path / "secrets.yaml"
+        secrets.write_text(
+            f"USER_PASS_USERNAME: {server.user}\nUSER_PASS_PASSWORD: {server.password}\n"
+            f"MACHINE_CLIENT_ID: {server.client_id}\n"
+            f"MACHINE_CLIENT_SECRET: {server.client_secret}\n"
+        )
+        code, stdout, err = baton("run", str(out), "--secrets", str(secrets))
+        assert code == 0, stdout + err
+        assert stdout.splitlines()[-1].startswith("2 passed in "), stdout
+        assert server.scopes == ["read"]
+        assert server.password not in stdout + err

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
+from tests.auth_http import auth_server
 from tests.cli import baton
 
 DATA = Path(__file__).parent / "data" / "importers"
@@ -108,8 +110,7 @@ def test_untranslated_script_lines_are_listed_with_their_place(tmp_path: Path) -
         (
             "newman-inherited-entities.postman_collection.json",
             8,
-            "'Folder level stuff / Auth' (item[1].item[0]) auth digest: digest auth is not "
-            "translated",
+            "'Auth override' (item[3]) test script line 3: not translated",
         ),
         (
             "newman-multi-level-folders.postman_collection.json",
@@ -129,7 +130,7 @@ def test_public_newman_collections_import_to_valid_flows(
     flow, err, path = imported(tmp_path, name)
     assert len(flow["tests"]) == tests
     assert listed in err
-    monkeypatch.setenv("BASIC_AUTH", "cG9zdG1hbjpwYXNzd29yZA==")
+    monkeypatch.setenv("PASSWORD", "password")
     code, out, err = baton("validate", str(path))
     assert code == 0, out + err
     assert out.strip().endswith(f"ok ({tests} tests, 1 run(s))")
@@ -138,14 +139,18 @@ def test_public_newman_collections_import_to_valid_flows(
 def test_collection_auth_is_inherited_and_credentials_become_secrets(tmp_path: Path) -> None:
     flow, err, path = imported(tmp_path, "newman-inherited-entities.postman_collection.json")
     tests = flow["tests"]
-    basic = "Basic {{ secrets.BASIC_AUTH }}"
-    assert tests["collection_level_stuff_auth"]["request"]["headers"]["Authorization"] == basic
-    assert "headers" not in tests["auth_override"]["request"]  # noauth overrides the collection
-    assert "headers" not in tests["request_level_stuff_auth"]["request"]  # digest: listed
-    assert "the base64 of postman:PASSWORD" in err
+    basic = {"username": "postman", "password": "{{ secrets.PASSWORD }}"}
+    assert tests["collection_level_stuff_auth"]["request"]["auth"] == {"basic": basic}
+    assert tests["folder_level_stuff_event"]["request"]["auth"] == {"digest": basic}  # a folder's
+    assert tests["request_level_stuff_auth"]["request"]["auth"] == {"digest": basic}
+    assert "auth" not in tests["auth_override"]["request"]  # noauth overrides the collection
+    assert "headers" not in tests["collection_level_stuff_auth"]["request"]
+    assert "secret to provide: PASSWORD (the value found at " in err
+    assert "'Collection level stuff / Variables' (item[0].item[0]) auth basic)" in err
     assert flow["tests"]["collection_level_stuff_auth"]["tags"] == ["collection_level_stuff"]
     assert flow["variables"]["collection_var"] == "collection level variable"
-    assert "password" not in path.read_text().replace("PASSWORD", "")
+    # the collection's password is "password": no value in the flow is it
+    assert not re.search(r":\s*['\"]?password['\"]?\s*$", path.read_text(), re.M)
 
 
 @pytest.mark.parametrize(
@@ -240,3 +245,131 @@ def test_literal_credentials_dynamic_variables_and_skipped_tests(tmp_path: Path)
         "only (it is captured by key_in_query)",
     ):
         assert any(line.startswith(place + expected) for line in err.splitlines()), expected
+
+
+def _collection_with_auth(*auths: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "info": {"name": "auth kinds"},
+        "variable": [{"key": "region", "value": "eu-west-1"}, {"key": "user", "value": "ann"}],
+        "item": [
+            {"name": f"r{number}", "request": {"auth": auth, "url": "https://api.example.com/x"}}
+            for number, auth in enumerate(auths)
+        ],
+    }
+
+
+def _fields(**values: str) -> list[dict[str, str]]:
+    return [{"key": key, "value": value, "type": "string"} for key, value in values.items()]
+
+
+def test_postman_auth_kinds_become_the_flows_auth_with_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    collection = _collection_with_auth(
+        {"type": "basic", "basic": _fields(username="{{user}}", password="pw-literal-1")},
+        {
+            "type": "oauth2",
+            "oauth2": _fields(
+                grant_type="client_credentials",
+                accessTokenUrl="https://login.example.com/token",
+                clientId="baton-ci",
+                clientSecret="cs-literal-2",
+                scope="orders:read",
+                client_authentication="body",
+                addTokenTo="header",
+            ),
+        },
+        {
+            "type": "oauth2",
+            "oauth2": _fields(grant_type="authorization_code", accessToken="at-literal-3"),
+        },
+        {
+            "type": "awsv4",
+            "awsv4": _fields(
+                accessKey="AKIDLITERAL4",
+                secretKey="aws-literal-5",
+                region="{{region}}",
+                service="execute-api",
+                sessionToken="sess-literal-6",
+            ),
+        },
+    )
+    source = tmp_path / "auth.postman_collection.json"
+    source.write_text(json.dumps(collection))
+    flow_path = tmp_path / "flow.yaml"
+    code, out, err = baton("import", "postman", str(source), "-o", str(flow_path))
+    assert code == 0, err
+    text = flow_path.read_text()
+    for clear in ("pw-literal-1", "cs-literal-2", "at-literal-3", "AKIDLITERAL4", "aws-literal-5"):
+        assert clear not in text and clear not in err
+    assert "sess-literal-6" not in text
+    tests = yaml.safe_load(text)["tests"]
+    assert tests["r0"]["request"]["auth"] == {
+        "basic": {"username": "{{ user }}", "password": "{{ secrets.PASSWORD }}"}
+    }
+    assert tests["r1"]["request"]["auth"] == {
+        "oauth2": {
+            "token_url": "https://login.example.com/token",
+            "client_id": "baton-ci",
+            "client_secret": "{{ secrets.CLIENT_SECRET }}",
+            "scope": "orders:read",
+            "client_auth": "body",
+        }
+    }
+    assert tests["r2"]["request"]["headers"] == {"Authorization": "Bearer {{ secrets.TOKEN }}"}
+    assert "the authorization_code grant is not run by Baton" in err
+    assert tests["r3"]["request"]["auth"] == {
+        "aws_sigv4": {
+            "access_key_id": "{{ secrets.AWS_ACCESS_KEY_ID }}",
+            "secret_access_key": "{{ secrets.AWS_SECRET_ACCESS_KEY }}",
+            "region": "{{ region }}",
+            "service": "execute-api",
+            "session_token": "{{ secrets.AWS_SESSION_TOKEN }}",
+        }
+    }
+    secrets = ["PASSWORD", "CLIENT_SECRET", "TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+    for name in [*secrets, "AWS_SESSION_TOKEN"]:
+        assert f"secret to provide: {name} " in err
+        monkeypatch.setenv(name, "x")
+    code, out, err = baton("validate", str(flow_path))
+    assert code == 0, out + err
+
+
+def test_imported_oauth2_and_basic_authenticate_against_a_real_server(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    with auth_server() as server:
+        collection = _collection_with_auth(
+            {"type": "basic", "basic": _fields(username="{{user}}", password=server.password)},
+            {
+                "type": "oauth2",
+                "oauth2": _fields(
+                    grant_type="client_credentials",
+                    accessTokenUrl=f"{server.url}/token",
+                    clientId=server.client_id,
+                    clientSecret=server.client_secret,
+                    scope="orders:read",
+                ),
+            },
+        )
+        collection["variable"][1]["value"] = server.user
+        collection["item"][0]["request"]["url"] = f"{server.url}/basic"
+        collection["item"][1]["request"]["url"] = f"{server.url}/api"
+        for item in collection["item"]:
+            item["event"] = [
+                {"listen": "test", "script": {"exec": ["pm.response.to.have.status(200);"]}}
+            ]
+        source = tmp_path / "auth.postman_collection.json"
+        source.write_text(json.dumps(collection))
+        flow_path = tmp_path / "flow.yaml"
+        code, out, err = baton("import", "postman", str(source), "-o", str(flow_path))
+        assert code == 0, err
+        text = flow_path.read_text()
+        assert server.password not in text and server.client_secret not in text
+        secrets = tmp_path / "secrets.yaml"
+        secrets.write_text(f"PASSWORD: {server.password}\nCLIENT_SECRET: {server.client_secret}\n")
+        code, out, err = baton("run", str(flow_path), "--secrets", str(secrets))
+        assert code == 0, out + err
+        assert out.splitlines()[-1].startswith("2 passed in "), out
+        assert server.scopes == ["orders:read"]
+        assert server.password not in out + err and server.client_secret not in out + err

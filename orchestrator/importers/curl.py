@@ -3,22 +3,24 @@
 Each command is one test, in order. Commands are split the way a POSIX shell splits
 them (``shlex``), so quoting works as in the terminal the command was copied from.
 Credentials on a command line (``-u``, an ``Authorization`` or ``Cookie`` header, a
-password field) become ``{{ secrets.NAME }}``, never written into the flow.
+password field) become ``{{ secrets.NAME }}``, never written into the flow; ``-u`` becomes
+the request's ``auth:`` (basic, digest with ``--digest``, aws_sigv4 with ``--aws-sigv4``).
 """
 
 from __future__ import annotations
 
-import base64
 import shlex
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, quote_plus
+from urllib.parse import parse_qsl, quote_plus, urlsplit
 
 from orchestrator.errors import UsageError
 from orchestrator.importers import Imported, Untranslated
 from orchestrator.importers.parts import (
     Secrets,
+    basic_auth,
+    basic_credentials,
     body_fields,
     header_value,
     is_credential_name,
@@ -38,7 +40,7 @@ _HARMLESS = frozenset(
     {
         "-s", "--silent", "-S", "--show-error", "-v", "--verbose", "-i", "--include",
         "--compressed", "-#", "--progress-bar",
-        "--http1.1", "--http2", "-N", "--no-buffer", "-g", "--globoff",
+        "--http1.1", "--http2", "-N", "--no-buffer", "-g", "--globoff", "--basic",
     }
 )  # fmt: skip
 _WITH_VALUE = frozenset(
@@ -49,6 +51,7 @@ _WITH_VALUE = frozenset(
         "-m", "--max-time", "--connect-timeout", "-o", "--output", "-w", "--write-out",
         "-x", "--proxy", "--retry", "-c", "--cookie-jar", "--cacert", "-E", "--cert", "--key",
         "--resolve", "--limit-rate", "-r", "--range", "-T", "--upload-file",
+        "--aws-sigv4", "--oauth2-bearer",
     }
 )  # fmt: skip
 _NOT_IN_FLOWS = {
@@ -59,6 +62,9 @@ _NOT_IN_FLOWS = {
     "--resolve": "the flow format cannot pin a host's address",
     "-r": "ranges are not in the flow format: give a Range header",
     "--range": "ranges are not in the flow format: give a Range header",
+    "--ntlm": "the flow format has no NTLM auth",
+    "--negotiate": "the flow format has no Negotiate (Kerberos) auth",
+    "--anyauth": "the flow format picks no auth from the server's answer: basic is written",
 }
 _OUTPUT_ONLY = frozenset({"-o", "--output", "-w", "--write-out", "-c", "--cookie-jar"})
 _OUTPUT_ONLY |= frozenset({"--connect-timeout", "--limit-rate", "--retry"})
@@ -76,7 +82,13 @@ class _Command:
     head: bool = False
     follow: bool = False
     timeout: str | None = None
-    basic_user: str | None = None
+    user: str | None = None
+    """``-u user:password``, as given."""
+    digest: bool = False
+    aws_sigv4: str | None = None
+    """``--aws-sigv4 provider1:provider2:region:service``."""
+    bearer: bool = False
+    """The Authorization header came from ``--oauth2-bearer``."""
     multipart: dict[str, Any] = field(default_factory=dict)
     tls: dict[str, Any] = field(default_factory=dict)
     fail: bool = False
@@ -180,6 +192,8 @@ def _parse(words: list[str], where: str, untranslated: list[Untranslated]) -> _C
             command.tls["verify"] = False
         elif option in ("-f", "--fail", "--fail-with-body"):
             command.fail = True
+        elif option == "--digest":
+            command.digest = True
         elif option in _NOT_IN_FLOWS:
             untranslated.append(Untranslated(f"{where} {option}", _NOT_IN_FLOWS[option]))
         elif option.startswith("-") and option != "-":
@@ -231,8 +245,12 @@ def _option(command: _Command, option: str, value: str, untranslated: list[Untra
     elif option == "--json":
         command.json_data.append(value)
     elif option in ("-u", "--user"):
-        command.headers["Authorization"] = _basic(value)
-        command.basic_user = value.partition(":")[0]
+        command.user = value
+    elif option == "--aws-sigv4":
+        command.aws_sigv4 = value
+    elif option == "--oauth2-bearer":
+        command.headers["Authorization"] = f"Bearer {value}"
+        command.bearer = True
     elif option in ("-b", "--cookie"):
         if "=" not in value:
             untranslated.append(Untranslated(at, f"cookies are read from a file ({value})"))
@@ -293,20 +311,75 @@ def _form_part(
     )
 
 
-def _basic(user: str) -> str:
-    return "Basic " + base64.b64encode(user.encode()).decode()
-
-
 def _header_place(command: _Command, name: str) -> str:
-    if name == "Authorization" and command.basic_user is not None:
-        return f"{command.where} -u: the base64 of {command.basic_user}:PASSWORD"
+    if name == "Authorization" and command.bearer:
+        return f"{command.where} --oauth2-bearer"
     return f"{command.where} header {name}"
+
+
+def _auth(
+    command: _Command, secrets: Secrets, untranslated: list[Untranslated]
+) -> dict[str, Any] | None:
+    """The request's ``auth:`` from ``-u`` (with ``--digest`` or ``--aws-sigv4``)."""
+    at = f"{command.where} -u"
+    if command.aws_sigv4 is not None and command.user is None:
+        untranslated.append(
+            Untranslated(f"{command.where} --aws-sigv4", "no -u KEY:SECRET to sign with")
+        )
+    if command.user is None:
+        for name in list(command.headers):
+            found = basic_credentials(command.headers[name])
+            if name.lower() == "authorization" and found is not None:
+                del command.headers[name]  # httpx writes it from the auth
+                return basic_auth(*found, secrets, f"{command.where} header {name}")
+        return None
+    user, colon, password = command.user.partition(":")
+    if not colon:
+        untranslated.append(Untranslated(at, f"no password: curl would ask for {user}'s"))
+        # a value no command line can hold: the secret is named, never found
+        password = f"\0asked for {user}"
+    if command.aws_sigv4 is not None:
+        return {"aws_sigv4": _aws(command, user, password, secrets, untranslated)}
+    auth = basic_auth(user, password, secrets, at)
+    return {"digest": auth["basic"]} if command.digest else auth
+
+
+def _aws(
+    command: _Command, key: str, secret: str, secrets: Secrets, untranslated: list[Untranslated]
+) -> dict[str, Any]:
+    at = f"{command.where} --aws-sigv4"
+    # provider1[:provider2[:region[:service]]]; curl takes what is missing from the host
+    # name, service.region.amazonaws.com
+    given = (command.aws_sigv4 or "").split(":")[2:4]
+    host = (urlsplit(command.url or "").hostname or "").split(".")
+    from_host = [host[1], host[0]] if len(host) >= 4 and host[-2] == "amazonaws" else []
+    region = given[0] if given else from_host[0] if from_host else ""
+    service = given[1] if len(given) > 1 else from_host[1] if from_host else ""
+    if not region or not service:
+        untranslated.append(Untranslated(at, "no region or service: give them in the flow"))
+    settings: dict[str, Any] = {
+        "access_key_id": secrets.template(key, "aws_access_key_id", f"{at}: -u KEY"),
+        "secret_access_key": secrets.template(
+            secret, "aws_secret_access_key", f"{at}: -u KEY:SECRET"
+        ),
+        "region": literal(region or "REGION"),
+        "service": literal(service or "SERVICE"),
+    }
+    for name in list(command.headers):
+        if name.lower() == "x-amz-security-token":
+            # the signer adds it, and signs it
+            token = command.headers.pop(name)
+            settings["session_token"] = secrets.template(
+                token, "aws_session_token", f"{command.where} header {name}"
+            )
+    return settings
 
 
 def _test(
     command: _Command, base: str, secrets: Secrets, untranslated: list[Untranslated]
 ) -> dict[str, Any]:
     where = command.where
+    auth = _auth(command, secrets, untranslated)  # first: it takes the session token header
     url, params = split_query(command.url or "")
     body: dict[str, Any] = {}
     content_type = next((v for k, v in command.headers.items() if k.lower() == "content-type"), "")
@@ -350,6 +423,8 @@ def _test(
         request[kind] = secret_fields(literal_tree(value), secrets, f"{where} body")
     if command.timeout:
         request["timeout"] = command.timeout
+    if auth is not None:
+        request["auth"] = auth
     if command.follow:
         request["follow_redirects"] = True
     if command.multipart:

@@ -26,6 +26,8 @@ from orchestrator.errors import UsageError
 from orchestrator.importers import Imported, Untranslated
 from orchestrator.importers.parts import (
     Secrets,
+    basic_auth,
+    basic_credentials,
     body_fields,
     header_value,
     identifier,
@@ -279,12 +281,15 @@ def _add_test(
             for key, value in params.items()
         }
     headers = _headers(har_request.get("headers"), at, recording, dropped)
+    auth = _auth(har_request.get("headers"), at, recording)
     body = _body(har_request.get("postData"), at, recording)
     if "json" in body or "multipart" in body:
         # the client writes its own: a multipart boundary is chosen per request
         headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
     if headers:
         request["headers"] = headers
+    if auth is not None:
+        request["auth"] = auth
     request.update(body)
     secure_request(request, recording.secrets, at)
     test: dict[str, Any] = {"request": request}
@@ -307,6 +312,16 @@ def _credential(key: str, value: Any, recording: _Recording, where: str) -> Any:
     return value
 
 
+def _auth(entries: Any, at: str, recording: _Recording) -> dict[str, Any] | None:
+    """A recorded ``Authorization: Basic ...`` as ``auth: {basic: ...}``."""
+    for header in entries if isinstance(entries, list) else []:
+        if isinstance(header, dict) and str(header.get("name", "")).lower() == "authorization":
+            found = basic_credentials(str(header.get("value", "")))
+            if found is not None:
+                return basic_auth(*found, recording.secrets, f"{at} header Authorization")
+    return None
+
+
 def _headers(entries: Any, at: str, recording: _Recording, dropped: set[str]) -> dict[str, str]:
     headers: dict[str, str] = {}
     for header in entries if isinstance(entries, list) else []:
@@ -323,6 +338,8 @@ def _headers(entries: Any, at: str, recording: _Recording, dropped: set[str]) ->
             if name and not name.startswith(":"):
                 dropped.add(name)
             continue
+        if lowered == "authorization" and basic_credentials(value) is not None:
+            continue  # the request's auth: (see _auth)
         where = f"{at} header {name}"
         if lowered == "cookie":
             value = "; ".join(

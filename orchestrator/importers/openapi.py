@@ -150,9 +150,10 @@ class _Importer:
         for scheme in secret_schemes:
             credential = self.credentials[scheme]
             assert credential is not None
+            names = " and ".join(f"secrets.{name}" for name in credential.secrets)
             self.report(
                 f"components.securitySchemes.{scheme}",
-                f"needs a value: the credential is read from secrets.{credential.secret} "
+                f"needs a value: the credential is read from {names} "
                 "(an environment variable or --secrets FILE)",
             )
         return Imported(flow, list(self.document.untranslated))
@@ -169,6 +170,8 @@ class _Importer:
         text = f"Imported from {self.source} (OpenAPI {self.data['openapi']}, API{version})."
         listed = [
             f"{c.scheme} from secrets.{c.secret} ({c.location} {c.key})"
+            if c.kind == "value"
+            else f"{c.scheme} from {' and '.join(f'secrets.{n}' for n in c.secrets)} ({c.kind})"
             for c in map(self.credentials.__getitem__, secret_schemes)
             if c is not None
         ]
@@ -397,6 +400,10 @@ class _Importer:
             credentials = [self._credential(str(name)) for name in requirement]
             if all(credentials):
                 draft.schemes = [str(name) for name in requirement]
+                draft.scopes = {
+                    str(name): [str(scope) for scope in sequence(scopes)]
+                    for name, scopes in requirement.items()
+                }
                 return
         self.report(where, "no security requirement could be translated: no credentials sent")
 
@@ -411,11 +418,23 @@ class _Importer:
         kind = spec.get("type") if isinstance(spec, dict) else None
         if spec is None:
             self.report(where, "the security scheme is not defined: no credentials sent")
-        elif kind == "http" and str(spec.get("scheme", "")).lower() in ("bearer", "basic"):
-            prefix = "Bearer " if str(spec["scheme"]).lower() == "bearer" else "Basic "
-            credential = Credential(scheme, "header", "Authorization", prefix, secret)
+        elif kind == "http" and str(spec.get("scheme", "")).lower() == "bearer":
+            credential = Credential(scheme, "header", "Authorization", "Bearer ", secret)
+        elif kind == "http" and str(spec.get("scheme", "")).lower() in ("basic", "digest"):
+            auth_kind = str(spec["scheme"]).lower()
+            credential = Credential(scheme, "header", "Authorization", "", secret, auth_kind)
+        elif kind == "oauth2" and _token_url(spec):
+            credential = Credential(
+                scheme, "header", "Authorization", "", secret, "oauth2", _token_url(spec)
+            )
         elif kind in ("oauth2", "openIdConnect"):
-            # the flow cannot run an OAuth2 flow: it sends an access token obtained elsewhere
+            # Baton runs the client credentials grant only: any other flow's access token is
+            # obtained elsewhere and given as a secret
+            self.report(
+                where,
+                f"{kind} without a clientCredentials flow: an access token obtained elsewhere "
+                f"is sent from secrets.{secret}",
+            )
             credential = Credential(scheme, "header", "Authorization", "Bearer ", secret)
         elif kind == "apiKey" and spec.get("in") in ("header", "query") and spec.get("name"):
             credential = Credential(scheme, str(spec["in"]), str(spec["name"]), "", secret)
@@ -471,9 +490,20 @@ class _Importer:
         request: dict[str, Any] = {"method": draft.method.upper()}
         request["url"] = _PATH_NAME.sub(fill, draft.path)
         params, headers = dict(draft.params), dict(draft.headers)
+        auth_scheme = ""
         for scheme in draft.schemes:
             credential = self.credentials[scheme]
             assert credential is not None
+            if credential.kind != "value":
+                if auth_scheme:
+                    self.report(
+                        f"{draft.where}.security.{scheme}",
+                        f"a request has one auth: {auth_scheme}'s is sent, not this one",
+                    )
+                else:
+                    request["auth"] = credential.auth(draft.scopes.get(scheme, []))
+                    auth_scheme = scheme
+                continue
             token = self.tokens.get(scheme)
             if token is not None and token[0] != draft.name:
                 value = credential.prefix + token[1]
@@ -511,8 +541,16 @@ class _Importer:
         return [
             scheme
             for scheme, credential in self.credentials.items()
-            if credential is not None and "{{ secrets." + credential.secret + " }}" in text
+            if credential is not None
+            and any("{{ secrets." + name + " }}" in text for name in credential.secrets)
         ]
+
+
+def _token_url(scheme: dict[str, Any]) -> str:
+    """The tokenUrl of an oauth2 scheme's clientCredentials flow, or ``""``."""
+    flow = mapping(mapping(scheme.get("flows")).get("clientCredentials"))
+    url = flow.get("tokenUrl")
+    return literal(url) if isinstance(url, str) else ""
 
 
 def _expected_code(codes: list[str]) -> str:

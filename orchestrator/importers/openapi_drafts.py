@@ -64,6 +64,7 @@ class Draft:
     headers: dict[str, Any] = field(default_factory=dict)
     body: tuple[str, Any] | None = None  # ("json" | "form", value)
     schemes: list[str] = field(default_factory=list)
+    scopes: dict[str, list[str]] = field(default_factory=dict)  # scheme -> required scopes
     expect: dict[str, Any] = field(default_factory=dict)
     capture: dict[str, dict[str, Any]] = field(default_factory=dict)
     depends_on: list[str] = field(default_factory=list)
@@ -79,6 +80,29 @@ class Credential:
     key: str
     prefix: str  # "Bearer " or ""
     secret: str
+    kind: str = "value"
+    """``value``: the secret is sent in the header or parameter ``key``; else the flow's
+    auth kind (``basic``, ``digest``, ``oauth2``), whose settings read the secrets."""
+    token_url: str = ""
+    """The clientCredentials flow's tokenUrl (``oauth2``)."""
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        if self.kind in ("basic", "digest"):
+            return (f"{self.secret}_USERNAME", f"{self.secret}_PASSWORD")
+        if self.kind == "oauth2":
+            return (f"{self.secret}_CLIENT_ID", f"{self.secret}_CLIENT_SECRET")
+        return (self.secret,)
+
+    def auth(self, scopes: list[str]) -> dict[str, Any]:
+        """The flow's ``auth:`` block of an auth kind."""
+        first, second = ("{{ secrets." + name + " }}" for name in self.secrets)
+        if self.kind == "oauth2":
+            settings = {"token_url": self.token_url, "client_id": first, "client_secret": second}
+            if scopes:
+                settings["scope"] = " ".join(scopes)
+            return {"oauth2": settings}
+        return {self.kind: {"username": first, "password": second}}
 
 
 def mapping(value: Any) -> dict[str, Any]:

@@ -158,8 +158,8 @@ class Links:
     def _credential_at(self, target: Draft, location: str, name: str) -> Credential | None:
         for scheme in target.schemes:
             credential = self.credentials.get(scheme)
-            if credential is None:
-                continue
+            if credential is None or credential.kind != "value":
+                continue  # an auth kind: the flow's auth sends it, no link can replace it
             same_name = credential.key.lower() == name.lower()
             if same_name and location in ("", credential.location):
                 return credential

@@ -7,8 +7,10 @@ credential becomes a ``{{ secrets.NAME }}`` that the user provides at run time.
 
 from __future__ import annotations
 
+import binascii
 import json
 import re
+from base64 import b64decode
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
@@ -110,6 +112,26 @@ def header_value(name: str, value: str, secrets: Secrets, where: str) -> str:
         hint = f"{name}_{scheme}" if scheme.lower() != "bearer" else "token"
         return f"{scheme} " + secrets.template(credential.strip(), hint, where)
     return secrets.template(value, name, where)
+
+
+def basic_credentials(value: str) -> tuple[str, str] | None:
+    """The user and password of an ``Authorization: Basic <base64 of user:password>``
+    value, or None when it is not one."""
+    scheme, _, encoded = value.strip().partition(" ")
+    if scheme.lower() != "basic" or not encoded.strip():
+        return None
+    try:
+        decoded = b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, colon, password = decoded.partition(":")
+    return (user, password) if colon else None
+
+
+def basic_auth(user: str, password: str, secrets: Secrets, where: str) -> dict[str, Any]:
+    """``auth: {basic: ...}`` with the password a secret: httpx writes the header."""
+    secret = secrets.template(password, "password", f"{where}: the password of {user}")
+    return {"basic": {"username": literal(user), "password": secret}}
 
 
 def split_query(url: str) -> tuple[str, dict[str, Any]]:

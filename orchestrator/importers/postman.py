@@ -1,7 +1,8 @@
 """``baton import postman COLLECTION``: a Postman collection (v2.1, v2.0) as a flow.
 
 Folders become test-name prefixes and tags, collection variables ``variables:``, auth
-(bearer, basic, apikey) headers, and ``{{var}}`` Baton templates. Test scripts are read
+basic, digest, oauth2 (client credentials) and awsv4 the request's ``auth:``, bearer and
+apikey headers or parameters, and ``{{var}}`` Baton templates. Test scripts are read
 statically, line by line (see :mod:`orchestrator.importers.scripts`): status checks become
 ``expect.status`` and ``pm.environment.set("x", jsonData.a)`` a capture of ``$.a``, on
 which the requests that read ``{{x}}`` then depend. Every other line is listed.
@@ -268,11 +269,13 @@ def _test(
         value = header_value(key, str(header.get("value", "")), state.secrets, at)
         headers[key] = state.template(value, at)
     params: dict[str, str] = {}
-    _auth(item.get("_auth"), headers, params, where, state)
+    auth = _auth(item.get("_auth"), headers, params, where, state)
     if params:
         request["params"] = params
     if headers:
         request["headers"] = headers
+    if auth is not None:
+        request["auth"] = auth
     request.update(_body(request_spec.get("body"), headers, where, state))
     secure_request(request, state.secrets, where)
     test: dict[str, Any] = {"request": request}
@@ -286,9 +289,11 @@ def _test(
 
 def _auth(
     auth: Any, headers: dict[str, str], params: dict[str, str], where: str, state: _Collection
-) -> None:
+) -> dict[str, Any] | None:
+    """The request's ``auth:`` (basic, digest, oauth2, awsv4), or the header or parameter
+    a bearer token or an API key is sent in."""
     if not isinstance(auth, dict) or auth.get("type") in (None, "noauth"):
-        return
+        return None
     kind = str(auth["type"])
     fields = auth.get(kind)
     values: dict[str, str] = {}
@@ -300,13 +305,34 @@ def _auth(
     if kind == "bearer":
         token = values.get("token", "")
         headers["Authorization"] = "Bearer " + _credential(token, "token", at, state)
-    elif kind == "basic":
-        user, password = values.get("username", ""), values.get("password", "")
-        if "{{" in user + password:
-            state.note(at, "basic auth built from variables: give the Authorization header")
-        place = f"{at}: the base64 of {user}:PASSWORD"
-        secret = state.secrets.template(f"{user}:{password}", "basic_auth", place)
-        headers["Authorization"] = "Basic " + secret
+    elif kind in ("basic", "digest"):
+        return {
+            kind: {
+                "username": state.template(values.get("username", ""), at),
+                "password": _credential(values.get("password", ""), "password", at, state),
+            }
+        }
+    elif kind == "oauth2":
+        return _oauth2(values, headers, at, state)
+    elif kind == "awsv4":
+        settings = {
+            "access_key_id": _credential(
+                values.get("accessKey", ""), "aws_access_key_id", at, state
+            ),
+            "secret_access_key": _credential(
+                values.get("secretKey", ""), "aws_secret_access_key", at, state
+            ),
+            "region": state.template(values.get("region") or "us-east-1", at),
+            "service": state.template(values.get("service") or "execute-api", at),
+        }
+        for field, default in (("region", "us-east-1"), ("service", "execute-api")):
+            if not values.get(field):
+                state.note(at, f"no {field}: {default} is written, check it")
+        if values.get("sessionToken"):
+            settings["session_token"] = _credential(
+                values["sessionToken"], "aws_session_token", at, state
+            )
+        return {"aws_sigv4": settings}
     elif kind == "apikey":
         key, value = values.get("key", "X-Api-Key"), values.get("value", "")
         credential = _credential(value, key, at, state)
@@ -316,6 +342,38 @@ def _auth(
             headers[key] = credential
     else:
         state.note(at, f"{kind} auth is not translated: give its header in the request")
+    return None
+
+
+def _oauth2(
+    values: dict[str, str], headers: dict[str, str], at: str, state: _Collection
+) -> dict[str, Any] | None:
+    """The client credentials grant as ``auth: {oauth2: ...}``; any other grant needs a
+    user at a browser, so the token it got (``accessToken``) is sent as a bearer secret."""
+    grant = values.get("grant_type", "authorization_code")
+    if grant != "client_credentials" or not values.get("accessTokenUrl"):
+        state.note(
+            at,
+            f"the {grant} grant is not run by Baton: the access token obtained in Postman "
+            "is sent as a bearer token",
+        )
+        token = values.get("accessToken", "")
+        # no token saved in the export: the secret is named, never found
+        token = token or f"\0oauth2 token at {at}"
+        headers["Authorization"] = "Bearer " + _credential(token, "token", at, state)
+        return None
+    settings: dict[str, Any] = {
+        "token_url": state.template(values["accessTokenUrl"], at),
+        "client_id": state.template(values.get("clientId", ""), at),
+        "client_secret": _credential(values.get("clientSecret", ""), "client_secret", at, state),
+    }
+    if values.get("scope"):
+        settings["scope"] = state.template(values["scope"], at)
+    if values.get("audience"):
+        settings["audience"] = state.template(values["audience"], at)
+    if values.get("client_authentication") == "body":
+        settings["client_auth"] = "body"
+    return {"oauth2": settings}
 
 
 def _credential(value: str, hint: str, where: str, state: _Collection) -> str:
