@@ -184,3 +184,28 @@ async def test_a_batch_row_replays_with_its_own_row(
     code, out, err = await asyncio.to_thread(replay, second["run_id"])
     assert code == 0, out + err
     assert "✓ profile" in out
+
+
+async def test_a_check_of_a_value_stored_masked_is_not_judged_again(
+    here: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The login's token was masked when its response was stored: replaying the unchanged,
+    passing run passes, and says which checks it could not judge, instead of failing them
+    against '***'."""
+    checked = FLOW.replace("WANT", "alice").replace(
+        "expect: {status: 200}\n  capture",
+        'expect:\n    status: 200\n    json: {"$.access_token": {length: 32}, "$.token_type": '
+        "{equals: Bearer}}\n  capture",
+        1,
+    )
+    _, run_id = await recorded_with_own_shop(here, monkeypatch, checked)
+    code, out, err = await asyncio.to_thread(replay, run_id)
+    assert code == 0, out + err
+    assert (
+        "✓ login  not checked, masked in the stored response: json $.access_token, "
+        "json $.token_type" in out
+    )
+    # a check the stored response can answer is still judged
+    write_flow(here, checked.replace("{equals: Bearer}", '{equals: Bearer}, "$.user_id": 2'))
+    code, out, _ = await asyncio.to_thread(replay, run_id)
+    assert code == 1 and "✗ login" in out

@@ -365,12 +365,13 @@ def _run_failures(run: RunResult, paint: fmt.Paint, budget: int) -> list[str]:
 
 
 def test_lines(run: RunResult, *, color: bool) -> str:
-    """One line per test of ``run``: its mark, its name, why it did not pass."""
+    """One line per test of ``run``: its mark, its name, why it did not pass (or what a
+    passed test's message adds)."""
     paint = painter(color)
     lines = []
     for test in run.tests:
         line = f"{paint(test.status, _MARKS[test.status])} {test.name}"
-        if test.status != "passed":
+        if test.message:
             line += f"  {fmt.first_line(test.message)}"
         lines.append(line)
     return "\n".join(lines)
