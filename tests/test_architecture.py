@@ -22,7 +22,7 @@ ALLOWED = {
 }
 
 
-CALLED_ONLY = {"orchestrator/cli.py": {"context_service"}}
+CALLED_ONLY = {"orchestrator/cli/service.py": {"context_service"}}
 
 
 def imported_packages(path: Path, *, module_level: bool = False) -> set[str]:
