@@ -8,6 +8,8 @@ takes its first and last sightings from the remaining runs.
 
 from __future__ import annotations
 
+from events.projections.metrics import RESULT_AGGREGATES
+
 POLICIES = (
     "SELECT project, passed_days, failed_days, metrics_days, context_hours FROM retention_policies"
 )
@@ -86,7 +88,7 @@ RUN_PROJECTS = "SELECT DISTINCT project_id FROM test_runs WHERE id = ANY($1)"
 # Each month a leaving run's executions fall in, taken whole from test_results while every
 # result of the month is still there (with the default windows a month has ended 90 days
 # before its first run leaves); a month taken once is never taken again.
-TAKE_MONTHS = """
+TAKE_MONTHS = f"""
 WITH keys AS (
     SELECT DISTINCT test_case_id, environment_id,
         date_trunc('month', ended_at AT TIME ZONE 'UTC')::date AS month
@@ -98,13 +100,7 @@ INSERT INTO performance_metrics_monthly (organization_id, project_id, project, s
     avg_response_time_ms, p50_response_time_ms, p95_response_time_ms, p99_response_time_ms,
     success_rate)
 SELECT r.organization_id, s.project_id, p.name, s.name, c.name, k.test_case_id,
-    k.environment_id, e.name, k.month, count(*),
-    count(*) FILTER (WHERE r.status = 'passed'),
-    round(avg(r.response_time_ms::numeric), 3)::float8,
-    round(percentile_cont(0.50) WITHIN GROUP (ORDER BY r.response_time_ms)::numeric, 3)::float8,
-    round(percentile_cont(0.95) WITHIN GROUP (ORDER BY r.response_time_ms)::numeric, 3)::float8,
-    round(percentile_cont(0.99) WITHIN GROUP (ORDER BY r.response_time_ms)::numeric, 3)::float8,
-    round(100.0 * count(*) FILTER (WHERE r.status = 'passed') / count(*), 2)
+    k.environment_id, e.name, k.month,{RESULT_AGGREGATES}
 FROM keys k
 JOIN test_results r
   ON r.test_case_id = k.test_case_id

@@ -28,18 +28,22 @@ RunDayKey = tuple[uuid.UUID, uuid.UUID, date]
 
 _KEY = [("test_case_id", "uuid"), ("environment_id", "uuid"), ("day", "date")]
 
-_RECOMPUTE = """
-INSERT INTO performance_metrics (organization_id, test_case_id, environment_id, day,
-    total_runs, successful_runs, avg_response_time_ms, p50_response_time_ms,
-    p95_response_time_ms, p99_response_time_ms, success_rate)
-SELECT r.organization_id, k.test_case_id, k.environment_id, k.day,
+RESULT_AGGREGATES = """
     count(*),
     count(*) FILTER (WHERE r.status = 'passed'),
     round(avg(r.response_time_ms::numeric), 3)::float8,
     round(percentile_cont(0.50) WITHIN GROUP (ORDER BY r.response_time_ms)::numeric, 3)::float8,
     round(percentile_cont(0.95) WITHIN GROUP (ORDER BY r.response_time_ms)::numeric, 3)::float8,
     round(percentile_cont(0.99) WITHIN GROUP (ORDER BY r.response_time_ms)::numeric, 3)::float8,
-    round(100.0 * count(*) FILTER (WHERE r.status = 'passed') / count(*), 2)
+    round(100.0 * count(*) FILTER (WHERE r.status = 'passed') / count(*), 2)"""
+"""A metrics row's figures over the test_results ``r`` of its group: runs, passed, the
+average, p50, p95 and p99 response time, the success rate (daily rows and monthly ones)."""
+
+_RECOMPUTE = f"""
+INSERT INTO performance_metrics (organization_id, test_case_id, environment_id, day,
+    total_runs, successful_runs, avg_response_time_ms, p50_response_time_ms,
+    p95_response_time_ms, p99_response_time_ms, success_rate)
+SELECT r.organization_id, k.test_case_id, k.environment_id, k.day,{RESULT_AGGREGATES}
 FROM unnest($1::uuid[], $2::uuid[], $3::date[]) AS k(test_case_id, environment_id, day)
 JOIN test_results r
   ON r.test_case_id = k.test_case_id
