@@ -15,6 +15,7 @@ installed: it imports only pytest and the standard library until a flow file is 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,17 +79,26 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> FlowFile |
     return None
 
 
+_TOP_LEVEL_KEYS = re.compile(rb"^(name|tests):", re.MULTILINE)
+
+
 def _looks_like_flow(path: Path) -> bool:
-    """A YAML mapping with ``tests``; one that cannot be read or decoded counts too, so that
-    a broken flow beside the others is reported instead of passed over."""
+    """A YAML mapping with ``name`` and ``tests``, as a flow file is. One that cannot be
+    decoded counts if its top level names both, so that a broken flow beside the others is
+    reported instead of passed over, while another project's YAML that Baton cannot read
+    (a template, a file over the flow size limit) is left to pytest."""
     from orchestrator.errors import UsageError
     from orchestrator.loader import decode_yaml
 
     try:
-        raw = decode_yaml(path.read_bytes(), str(path))
-    except (OSError, UsageError):
-        return True
-    return isinstance(raw, dict) and "tests" in raw
+        data = path.read_bytes()
+    except OSError:
+        return False
+    try:
+        raw = decode_yaml(data, str(path))
+    except UsageError:
+        return {m.group(1) for m in _TOP_LEVEL_KEYS.finditer(data)} == {b"name", b"tests"}
+    return isinstance(raw, dict) and "tests" in raw and "name" in raw
 
 
 @dataclass

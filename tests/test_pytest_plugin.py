@@ -270,6 +270,10 @@ def test_flows_are_collected_only_directly_in_the_paths_given(project: Project) 
     (suite / "data").mkdir(parents=True, exist_ok=True)
     (suite / "data" / "flow.yaml").write_text(SHOP_FLOW)
     (suite / "settings.yaml").write_text("name: not a flow\nretries: 3\n")
+    # another tool's files beside them: a mapping with tests but no name, a Helm-like
+    # template Baton's YAML reader refuses; neither is Baton's to collect
+    (suite / "tox.yaml").write_text("tests:\n  unit: pytest\n")
+    (suite / "chart.yaml").write_text("name: x\nvalues: {{ .Values }}\n")
     assert project.pytest("suite", "--collect-only", "-q").code == 5
     named = project.pytest("suite/data/flow.yaml", "--collect-only", "-q")
     assert named.code == 0, named.out
