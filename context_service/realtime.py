@@ -237,24 +237,25 @@ async def _sse(
 ) -> AsyncGenerator[bytes, None]:
     yield _PREAMBLE
     watch = asyncio.create_task(_must_end(services, key))
-    try:
-        async with (
-            contextlib.aclosing(_batches(hub, source)) as followed,
-            contextlib.aclosing(_while_valid(followed, watch)) as batches,
-        ):
-            async for batch in batches:
-                if not batch:
-                    yield b": ping\n\n"
-                else:
-                    yield b"".join(_sse_of(entry, source.project) for entry in batch)
-    except StoreError as exc:
-        # the client reconnects with Last-Event-ID (after ``retry``) and loses nothing
-        _log.warning("a live stream ends: the event store failed: %s", exc)
-    except _Revoked:
-        if watch.result() == _REVOKED_KEY:
-            yield _REVOKED
-    finally:
-        watch.cancel()
+    with services.live_stream():
+        try:
+            async with (
+                contextlib.aclosing(_batches(hub, source)) as followed,
+                contextlib.aclosing(_while_valid(followed, watch)) as batches,
+            ):
+                async for batch in batches:
+                    if not batch:
+                        yield b": ping\n\n"
+                    else:
+                        yield b"".join(_sse_of(entry, source.project) for entry in batch)
+        except StoreError as exc:
+            # the client reconnects with Last-Event-ID (after ``retry``) and loses nothing
+            _log.warning("a live stream ends: the event store failed: %s", exc)
+        except _Revoked:
+            if watch.result() == _REVOKED_KEY:
+                yield _REVOKED
+        finally:
+            watch.cancel()
 
 
 def _resume_point(header: str | None, after: int | None) -> int | None:
@@ -283,6 +284,13 @@ async def _pump(
     socket: WebSocket[Any, Any, Any], hub: Hub, source: _Source, services: Services
 ) -> None:
     """Send the source over an accepted socket until it ends or the client goes away."""
+    with services.live_stream():
+        await _pump_live(socket, hub, source, services)
+
+
+async def _pump_live(
+    socket: WebSocket[Any, Any, Any], hub: Hub, source: _Source, services: Services
+) -> None:
 
     async def send() -> None:
         try:

@@ -24,6 +24,9 @@ UVICORN_OPTIONS: dict[str, Any] = {
 }
 """How the service runs under uvicorn: ``baton serve`` and the benchmarks alike."""
 
+_STREAMS_DRAIN_S = 1.0
+"""How long the shut-down waits for live streams to say goodbye to their clients."""
+
 
 def serve(host: str, port: int, settings: Settings) -> None:
     """Run the service on host:port (blocking). The database is BATON_DATABASE_URL's or the
@@ -35,6 +38,7 @@ def serve(host: str, port: int, settings: Settings) -> None:
     Raises StartupFailed when the app did not start (its log says why).
     """
     import asyncio
+    import socket
 
     import uvicorn
 
@@ -50,13 +54,15 @@ def serve(host: str, port: int, settings: Settings) -> None:
     )
 
     class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             # uvicorn waits for open responses before the app's own shut-down runs, and a
-            # live stream never ends by itself: end them now, not after the graceful timeout
-            super().handle_exit(sig, frame)
+            # live stream never ends by itself: end them now, not after the graceful
+            # timeout. Wait for their goodbyes first: uvicorn's own close of a WebSocket
+            # says 1012 (restart), not 1001 with the resume hint
             services = getattr(app.state, "services", None)
             if services is not None:
-                asyncio.get_running_loop().call_soon_threadsafe(services.draining.set)
+                await services.drain(within=_STREAMS_DRAIN_S)
+            await super().shutdown(sockets)
 
     # uvicorn.Server rather than uvicorn.run, which swallows KeyboardInterrupt and so would
     # hide which signal stopped the service

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import msgspec
@@ -70,10 +71,32 @@ class Services:
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the service starts to shut down: live streams end at once (their clients
     resume elsewhere with Last-Event-ID) instead of holding the shut-down open."""
+    _live_streams: int = 0
+    _no_live_streams: asyncio.Event = field(default_factory=asyncio.Event)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _projector_task: asyncio.Task[None] | None = None
     _following: asyncio.Task[None] | None = None
     _retention_task: asyncio.Task[None] | None = None
+
+    @contextlib.contextmanager
+    def live_stream(self) -> Iterator[None]:
+        """Count a live stream while it is open, so ``drain`` can wait for its goodbye."""
+        self._live_streams += 1
+        self._no_live_streams.clear()
+        try:
+            yield
+        finally:
+            self._live_streams -= 1
+            if not self._live_streams:
+                self._no_live_streams.set()
+
+    async def drain(self, within: float) -> None:
+        """Tell every live stream to end, and wait (at most ``within`` s) until each has
+        said so to its client: a WebSocket's 1001 goes out before the server's own close."""
+        self.draining.set()
+        if self._live_streams:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._no_live_streams.wait(), within)
 
     @classmethod
     async def open(
