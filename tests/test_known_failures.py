@@ -211,3 +211,24 @@ async def test_the_batch_report_rebuilt_from_the_log_keeps_the_known_failure(
     runs = json.loads(report.read_text())["runs"]
     [teapot] = [t for run in runs for t in run["tests"] if t["name"] == "teapot"]
     assert teapot["known_failure"]["until"] == "2999-12-31"
+
+
+async def test_replay_judges_the_mark_as_a_run_today_would(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """A replay reports what a run would: the marked failure does not fail it, until the
+    flow's mark (as it is now) has expired."""
+    code, out, out_dir = await asyncio.to_thread(run, tmp_path, "2999-12-31")
+    assert code == 0, out
+    [recorded] = json.loads((out_dir / "report.json").read_text())["runs"]
+    flow = tmp_path / "known.yaml"
+
+    code, out, err = await asyncio.to_thread(baton, "replay", recorded["run_id"], str(flow))
+    assert code == 0, out + err
+    assert "  ✗ known / teapot  known failure: bug 12: health is no teapot, until 2999-12-31" in out
+    assert out.splitlines()[-1].startswith("2 passed, 1 known failure in ")
+
+    flow.write_text(FLOW.format(until="2000-01-01"))
+    code, out, err = await asyncio.to_thread(baton, "replay", recorded["run_id"], str(flow))
+    assert code == 1, out + err
+    assert "the known-failure mark expired on 2000-01-01: bug 12: health is no teapot" in out
