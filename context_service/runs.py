@@ -34,7 +34,7 @@ from events.context import Context, decrypted_variables, hidden_values
 from events.secrets import SecretError
 from events.store import EventStore
 from orchestrator.queue import QueueUnavailable
-from orchestrator.rerun import Prior, Selection, capture_ttls, first_made, select
+from orchestrator.rerun import Prior, Selection, capture_ttls, first_made, read_prior, select
 from orchestrator.runner import RunInputs
 
 _ORIGIN = """
@@ -210,7 +210,8 @@ async def rerun(services: Services, principal: Principal, run_id: uuid.UUID) -> 
         variables=msgspec.json.decode(origin[2]),
         tags=list(origin[3]),
     )
-    return await start(services, principal, request, rerun_of=run_id, prior=Prior.of(recorded))
+    prior = await read_prior(services.store, recorded)
+    return await start(services, principal, request, rerun_of=run_id, prior=prior)
 
 
 async def _context(services: Services, run_id: uuid.UUID, at: int | None = None) -> Context:

@@ -23,6 +23,7 @@ from orchestrator.rerun import (
     Selection,
     capture_ttls,
     first_made,
+    read_prior,
     reused_namespace,
     select,
 )
@@ -54,7 +55,7 @@ async def rerun_jobs(
             raise UsageError(f"{target} is a batch: rerun the rows that failed with --failed-rows")
         raise UsageError(f"no run {target!r} in the event store (see `baton runs`)")
     started = _started(events, target)
-    prior = _ended(events, target)
+    prior = await _ended(store, events, target)
     job, inputs = await run_again(store, options, flow, started)
     chosen = _selected(job.plan, prior, selection, now, f"run {target}")
     if not chosen.tests:
@@ -114,7 +115,7 @@ async def failed_rows_jobs(
         if not events:
             continue  # never started (the batch was interrupted): not a failed row
         started = _started(events, run_id)
-        prior = _ended(events, run_id)
+        prior = await _ended(store, events, run_id)
         if prior.context.status == "passed":
             continue
         if job is None:
@@ -139,8 +140,8 @@ def _started(events: list[ev.RecordedEvent], run_id: str) -> ev.RunStarted:
     return first
 
 
-def _ended(events: list[ev.RecordedEvent], run_id: str) -> Prior:
-    prior = Prior.of(events)
+async def _ended(store: EventStore, events: list[ev.RecordedEvent], run_id: str) -> Prior:
+    prior = await read_prior(store, events)
     if prior.context.status == "running":
         raise UsageError(f"run {run_id} has not ended: wait for it to end, then rerun it")
     return prior

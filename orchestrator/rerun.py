@@ -19,6 +19,7 @@ import networkx as nx
 from events import types as ev
 from events.context import Context, assign_dotted, fold
 from events.secrets import Cipher, is_auth_name
+from events.store import EventStore
 from orchestrator.model import Flow, seconds
 
 Reused = ev.VariableCaptured | ev.AuthTokenUpdated
@@ -39,12 +40,17 @@ class Prior:
     context: Context
     captured_at: Mapping[tuple[str, str], datetime] = field(default_factory=dict)
     """By (test, capture name): the time of its event in the log."""
-    rerun_of: frozenset[str] | None = None
-    """For a rerun, the tests it ran: every other test had passed in the runs before it,
-    and still counts as passed. None for a run that is no rerun."""
+    outcomes: Mapping[str, str] = field(default_factory=dict)
+    """The run's tests, each with its last status ("" if it never ended): those of its
+    plan and, for a rerun, those it carried over, as the runs it continues left them.
+    ``--failed`` chooses among these alone: a shard's or a worker's run is one unit of
+    its flow, and the flow's other units are other runs' tests."""
 
     @classmethod
-    def of(cls, events: Iterable[ev.RecordedEvent]) -> Prior:
+    def of(cls, events: Iterable[ev.RecordedEvent], before: Prior | None = None) -> Prior:
+        """``before``: the Prior of the run this one continues, if it does and its log is
+        still there; without it a rerun's carried-over tests count as passed (a --failed
+        rerun carries over only tests that passed)."""
         recorded = list(events)
         captured_at = {
             (r.event.test, r.event.name): r.recorded_at
@@ -53,10 +59,25 @@ class Prior:
         }
         context = fold(recorded)
         started = recorded[0].event if recorded else None
-        ran = None
-        if isinstance(started, ev.RunStarted) and started.continues:
-            ran = frozenset(test.name for test in started.plan)
-        return cls(context, captured_at, ran)
+        if isinstance(started, ev.RunStarted):
+            planned = [test.name for test in started.plan]
+        else:
+            planned = list(context.statuses)
+        outcomes = dict(before.outcomes) if before is not None else {}
+        outcomes.update((name, context.statuses.get(name, "")) for name in planned)
+        return cls(context, captured_at, outcomes)
+
+
+async def read_prior(store: EventStore, events: Sequence[ev.RecordedEvent]) -> Prior:
+    """The Prior of a run from its log, and for a rerun from the logs of the runs it
+    continues: a test a ``--from`` rerun carried over still failed is not forgotten."""
+    started = events[0].event if events else None
+    before = None
+    if isinstance(started, ev.RunStarted) and started.continues:
+        earlier = await store.read_stream(ev.run_stream(started.continues))
+        if earlier:
+            before = await read_prior(store, earlier)
+    return Prior.of(events, before)
 
 
 @dataclass(frozen=True)
@@ -93,12 +114,8 @@ def select(
     if selection.start is not None:
         chosen = {selection.start}
     else:
-        chosen = {
-            name
-            for name in order
-            if context.statuses.get(name) != "passed"
-            and (prior.rerun_of is None or name in prior.rerun_of)
-        }
+        outcomes = prior.outcomes
+        chosen = {name for name in order if name in outcomes and outcomes[name] != "passed"}
     chosen = _with_descendants(graph, chosen)
     expired: list[str] = []
     if ttls and now is not None:

@@ -136,6 +136,57 @@ async def test_from_reruns_one_test_onwards(here: Path, env: dict[str, str]) -> 
     assert await sent(env["BATON_DATABASE_URL"], again["run_id"]) == ["profile", "greeting"]
 
 
+async def test_a_failure_a_from_rerun_carried_over_is_rerun_by_failed_of_that_rerun(
+    here: Path, env: dict[str, str]
+) -> None:
+    flow = chain(here, "bob")
+    code, _, _, first = await run_flow(flow)
+    assert code == 1
+    report = here / "from.json"
+    # health onwards is health alone: profile's failure is carried over, not fixed
+    code, out, err = await asyncio.to_thread(
+        rerun, first["_run_id"], "--from", "health", "--json", str(report)
+    )
+    assert code == 0, out + err
+    second = report_of(report)["run_id"]
+    chain(here, "alice")
+    code, out, err = await asyncio.to_thread(rerun, second, "--failed", "--json", str(report))
+    assert code == 0, out + err
+    assert f"continues run {second}: again profile, greeting" in out
+    assert await sent(env["BATON_DATABASE_URL"], report_of(report)["run_id"]) == [
+        "profile",
+        "greeting",
+    ]
+
+
+async def test_failed_of_a_shard_s_run_reruns_that_unit_only(
+    here: Path, env: dict[str, str]
+) -> None:
+    """Under --shard, health (no capture shared) is a unit of its own, another run: a rerun
+    of the failed chain's run does not send it."""
+    flow = chain(here, "bob")
+    report = here / "shard.json"
+    code, out, err = await asyncio.to_thread(
+        baton,
+        *("run", str(flow), "--shard", "1/1", "--batch", f"b-{here.name}"),
+        *("--json", str(report)),
+    )
+    assert code == 1, out + err
+    runs = json.loads(report.read_text())["runs"]
+    [failed] = [run for run in runs if run["status"] == "failed"]
+    assert [test["name"] for test in failed["tests"]] == ["login", "profile", "greeting"]
+    chain(here, "alice")
+    code, out, err = await asyncio.to_thread(
+        rerun, failed["run_id"], "--failed", "--json", str(report)
+    )
+    assert code == 0, out + err
+    assert f"continues run {failed['run_id']}: again profile, greeting" in out
+    assert await sent(env["BATON_DATABASE_URL"], report_of(report)["run_id"]) == [
+        "profile",
+        "greeting",
+    ]
+
+
 async def test_an_expired_capture_makes_its_producer_run_again(
     here: Path, env: dict[str, str]
 ) -> None:
@@ -275,7 +326,7 @@ def test_a_capture_counts_as_expired_only_after_its_ttl_at_the_given_time() -> N
         statuses={"login": "passed", "profile": "failed", "report": "skipped"},
         captured={"login": {"auth.token": "sealed"}},
     )
-    prior = Prior(context, {("login", "auth.token"): made})
+    prior = Prior(context, {("login", "auth.token"): made}, context.statuses)
     ttls = {("login", "auth.token"): 600.0}
     fresh = select(order, graph, prior, Selection(failed=True), ttls=ttls, now=made)
     assert fresh.tests == ["profile", "report"] and fresh.expired == []
