@@ -28,7 +28,9 @@ LARGE_RATIO = 1.5
 LARGE_MS = 50.0
 """...and the two differ by at least this many milliseconds (so 2 ms -> 4 ms is not)."""
 
-Presence = Literal["both", "only in A", "only in B"]
+Presence = Literal["both", "only in A", "only in B", "carried over into A", "carried over into B"]
+"""``carried over into B``: B is a rerun, and the test, not in its plan, kept its result
+from the run B continues: not sent again, so not a change and not a regression."""
 CaptureChange = Literal["changed", "unchanged", "added", "removed", "unknown"]
 ShapeKind = Literal["added", "removed", "type changed"]
 
@@ -43,6 +45,8 @@ class RunSide(msgspec.Struct, frozen=True):
     environment: str
     status: str
     """running, passed, failed, cancelled or error."""
+    continues: str = ""
+    """The run this one reruns, or ""."""
 
 
 class ShapeDifference(msgspec.Struct, frozen=True):
@@ -83,6 +87,8 @@ class TestDifference(msgspec.Struct, frozen=True):
 
     @property
     def changed(self) -> bool:
+        if self.presence.startswith("carried over"):
+            return False
         return (
             self.presence != "both"
             or self.status_a != self.status_b
@@ -94,7 +100,8 @@ class TestDifference(msgspec.Struct, frozen=True):
     @property
     def regressed(self) -> bool:
         """It passed in A and does not pass in B."""
-        return self.status_a == "passed" and self.status_b != "passed"
+        carried = self.presence == "carried over into B"
+        return self.status_a == "passed" and self.status_b != "passed" and not carried
 
 
 class RunDiff(msgspec.Struct, frozen=True):
@@ -127,7 +134,7 @@ def _read(recorded: Sequence[ev.RecordedEvent], run_id: str) -> _Run:
         raise UnknownRun(f"no run {run_id!r} in the event store (see `baton runs`)")
     context = fold(recorded)
     run = _Run(
-        RunSide(run_id, started.suite, started.environment, context.status),
+        RunSide(run_id, started.suite, started.environment, context.status, started.continues),
         [planned.name for planned in started.plan],
         captured=context.captured,
         secret=set(context.secret_names),
@@ -168,7 +175,11 @@ def diff(
 
 def _test(name: str, a: _Run, b: _Run, cipher: Cipher | None) -> TestDifference:
     in_a, in_b = name in a.plan, name in b.plan
-    presence: Presence = "both" if in_a and in_b else "only in A" if in_a else "only in B"
+    presence: Presence = "both"
+    if in_a and not in_b:
+        presence = "carried over into B" if b.side.continues else "only in A"
+    elif in_b and not in_a:
+        presence = "carried over into A" if a.side.continues else "only in B"
     ta, tb = a.tests.get(name, _Test()), b.tests.get(name, _Test())
     ratio, flag = _durations(ta.duration_ms, tb.duration_ms) if presence == "both" else (None, "")
     shape: list[ShapeDifference] = []

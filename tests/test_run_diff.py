@@ -159,6 +159,25 @@ def test_a_test_in_one_run_only_and_a_key_that_cannot_open_the_secrets(
     assert "capture auth.token: unknown (secret, recorded with another key)" in out
 
 
+def test_a_rerun_s_carried_over_tests_are_neither_changes_nor_regressions(shell: Path) -> None:
+    code, out, err = baton("run", "diff.yaml", "--var", "size=x")
+    assert code == 1, out + err
+    run_a = _latest_run()
+    code, out, err = baton("rerun", run_a, "--failed")  # size is 1 again: sized passes
+    assert code == 0, out + err
+    run_b = _latest_run()
+    code, out, err = baton("diff", run_a, run_b, "--exit-code")
+    assert code == 0, out + err
+    assert f"(diff demo, passed), continues run {run_a}" in out
+    for name in ("login", "echo", "nap"):
+        assert re.search(rf"^{name} +carried over into B \(passed\)$", out, re.M), out
+    assert out.splitlines()[-1] == "1 of 4 test(s) changed"
+    code, out, err = baton("diff", run_b, run_a, "--json")
+    found = json.loads(out)
+    assert found["a"]["continues"] == run_a and found["regressions"] == ["sized"]
+    assert {t["name"]: t["presence"] for t in found["tests"]}["login"] == "carried over into A"
+
+
 def test_an_unknown_run_is_one_line_and_exit_2(shell: Path) -> None:
     code, out, err = baton("run", "diff.yaml")
     run_a = _latest_run()

@@ -29,7 +29,8 @@ def diff_text(found: RunDiff) -> str:
 
 def _side(label: str, side: RunSide) -> str:
     where = f" in {side.environment}" if side.environment else ""
-    return f"{label}: run {side.run_id} ({side.suite}{where}, {side.status})"
+    continues = f", continues run {side.continues}" if side.continues else ""
+    return f"{label}: run {side.run_id} ({side.suite}{where}, {side.status}){continues}"
 
 
 def _pair(a: object, b: object) -> str:
@@ -40,7 +41,7 @@ def _pair(a: object, b: object) -> str:
 
 def _row(test: TestDifference) -> tuple[str, str, str, str]:
     if test.presence != "both":
-        status = test.status_a if test.presence == "only in A" else test.status_b
+        status = test.status_a or test.status_b
         return test.name, f"{test.presence} ({status})", "", ""
     return (
         test.name,
