@@ -56,13 +56,17 @@ async def replay(
     redactor = Redactor(
         [*known, *hidden_values(context, cipher)], redaction_policy(flow_spec.defaults.redact)
     )
-    responses = {r.event.test: r.event for r in events if isinstance(r.event, ev.ResponseReceived)}
+    responses, planned = await _stored(store, events)
     checker = _Checker(job.plan.loaded.base_dir, namespace, redactor, excerpt_limit)
     tests = []
     for name in job.plan.order:
         response = responses.get(name)
         if response is None:
-            reason = f"run {run_id} stored no response of this test"
+            reason = (
+                f"run {run_id} stored no response of this test"
+                if name in planned
+                else f"run {run_id} did not have this test (the flow gained it since)"
+            )
             tests.append(TestResult(name=name, status="skipped", message=reason))
         else:
             compiled = job.plan.compiled[name]
@@ -82,6 +86,26 @@ async def replay(
         tests=tests,
         environment=started.environment,
     )
+
+
+async def _stored(
+    store: EventStore, events: list[ev.RecordedEvent]
+) -> tuple[dict[str, ev.ResponseReceived], set[str]]:
+    """Each test's last stored response and the tests planned, along the run's chain: a
+    rerun carried over tests that passed in the runs it continues, whose logs hold them."""
+    responses: dict[str, ev.ResponseReceived] = {}
+    planned: set[str] = set()
+    while events:
+        started = events[0].event
+        stored = {r.event.test: r.event for r in events if isinstance(r.event, ev.ResponseReceived)}
+        responses = stored | responses
+        if not isinstance(started, ev.RunStarted):
+            break
+        planned.update(test.name for test in started.plan)
+        if not started.continues:
+            break
+        events = await store.read_stream(ev.run_stream(started.continues))
+    return responses, planned
 
 
 class _Checker:

@@ -209,3 +209,29 @@ async def test_a_check_of_a_value_stored_masked_is_not_judged_again(
     write_flow(here, checked.replace("{equals: Bearer}", '{equals: Bearer}, "$.user_id": 2'))
     code, out, _ = await asyncio.to_thread(replay, run_id)
     assert code == 1 and "✗ login" in out
+
+
+async def test_a_rerun_replays_with_the_responses_of_the_tests_it_carried_over(
+    here: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    process, url = start_shop()
+    monkeypatch.setenv("SHOP_URL", url)
+    try:
+        flow = write_flow(here, FLOW.replace("WANT", "bob"))
+        _, _, _, first = await run_flow(flow)
+        write_flow(here, FLOW.replace("WANT", "alice"))
+        report = here / "rerun.json"
+        code, out, err = await asyncio.to_thread(
+            baton, "rerun", first["_run_id"], "--failed", "--json", str(report)
+        )
+    finally:
+        stop(process)
+    assert code == 0, out + err
+    again = json.loads(report.read_text())["runs"][0]
+    assert [t["name"] for t in again["tests"]] == ["profile"]  # login was carried over
+    code, out, err = await asyncio.to_thread(replay, again["run_id"])
+    assert code == 0, out + err
+    assert "✓ login" in out and "✓ profile" in out
+    write_flow(here, FLOW.replace("WANT", "alice") + "\nlogout: {request: {url: /logout}}\n")
+    code, out, _ = await asyncio.to_thread(replay, again["run_id"])
+    assert "did not have this test (the flow gained it since)" in out
