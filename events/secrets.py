@@ -301,6 +301,20 @@ _CREDENTIAL_NAME = re.compile(
 # that lets most texts (no credential named in them) skip the scan.
 _NAME_HINTS = ("passw", "secret", "token", "key", "authorization", "cookie", "session", "jwt")
 _JWT = re.compile(r"eyJ[\w-]{2,}\.eyJ[\w-]{2,}\.[\w-]*")
+# Credentials that say what they are by their form, whatever key or text holds them (a
+# key named "value", a log line): AWS access key ids, the prefixed tokens of GitHub,
+# GitLab, Slack, Stripe and Google, a PEM private key (to its end, or to the end of the
+# string holding it when it is cut short).
+_PREFIXED = re.compile(
+    r"(?<![\w-])(?:(?:AKIA|ASIA)[A-Z0-9]{16}|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_\w{20,}"
+    r"|glpat-[\w-]{20,}|xox[abposr]-[A-Za-z0-9-]{10,}|[sr]k_live_[A-Za-z0-9]{16,}"
+    r"|AIza[\w-]{35})(?![\w-])"
+    r"|-----BEGIN ([A-Z ]*)PRIVATE KEY-----[^\"']*?(?:-----END \1PRIVATE KEY-----|(?=[\"'])|\Z)"
+)
+_PREFIX_HINTS = ("AKIA", "ASIA", "gh", "glpat-", "xox", "k_live_", "AIza", "PRIVATE KEY")
+# the password of a URL's userinfo (scheme://user:password@host), whatever the URL
+# (its slashes JSON-escaped too: https:\/\/user:password@host)
+_USERINFO = re.compile(r"(:(?:\\?/){2}[^\s/?#@:\"'<>\\]*):[^\s/?#@\"'<>\\]+@")
 _BEARER = re.compile(r"\b(Bearer)\s+[\w.~+/=-]{8,}", re.IGNORECASE)
 # "key": value in JSON, 'key': value in a Python repr (a log line), \"key\": value in JSON
 # written inside a JSON string (an echo service's copy of the request body)
@@ -363,6 +377,10 @@ class Policy:
             scrubbed = _PAIR.sub(self._pair, self._members(scrubbed))
         if "eyJ" in scrubbed:
             scrubbed = _JWT.sub(MASK, scrubbed)
+        if any(hint in scrubbed for hint in _PREFIX_HINTS):
+            scrubbed = _PREFIXED.sub(MASK, scrubbed)
+        if "@" in scrubbed and ("://" in scrubbed or ":\\/\\/" in scrubbed):
+            scrubbed = _USERINFO.sub(rf"\1:{MASK}@", scrubbed)
         if "bearer" in lowered:
             scrubbed = _BEARER.sub(lambda m: f"{m.group(1)} {MASK}", scrubbed)
         return text if scrubbed == text else scrubbed
@@ -531,6 +549,8 @@ class _Known:
         return "".join(pieces)
 
 
+# A cookie value shorter than this is more likely a setting than a session.
+_MIN_COOKIE_SECRET = 8
 # Every run's known secrets while its redactors live: what a log line is redacted with.
 _LIVE: weakref.WeakSet[_Known] = weakref.WeakSet()
 _LIVE_LOCK = threading.Lock()
@@ -574,6 +594,30 @@ class Redactor:
 
     def add(self, value: str) -> None:
         self._known.add(value)
+
+    def add_sent_credentials(self, headers: Mapping[str, str]) -> None:
+        """Know the credentials a request's headers send as secrets, however the flow
+        wrote them (a literal ``Authorization: Bearer ...`` too): a target that echoes one
+        back under a name that says nothing (``{"seen": "<the token>"}``) shows a secret.
+        A cookie's values count when long enough to be an identifier, not a flag
+        (``theme=dark``), which would otherwise be masked wherever the word appears."""
+        for name, value in headers.items():
+            lowered = name.lower()
+            if lowered not in _ALWAYS_MASKED_HEADERS and not self.policy.is_credential(name):
+                continue
+            if lowered == "cookie":
+                values = [pair.partition("=")[2].strip() for pair in value.split(";")]
+                for cookie in values:
+                    if len(cookie) >= _MIN_COOKIE_SECRET:
+                        self.add(cookie)
+                continue
+            self.add(value.strip())
+            scheme, _, credential = value.strip().partition(" ")
+            self.add(credential.strip())
+            if scheme.lower() == "basic":
+                with contextlib.suppress(binascii.Error, ValueError):
+                    decoded = base64.b64decode(credential.strip(), validate=True).decode()
+                    self.add(decoded.partition(":")[2])
 
     def holds(self, value: Any) -> bool:
         """Whether ``value`` (JSON-like) shows a known secret, in any of its forms."""

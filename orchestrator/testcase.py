@@ -281,6 +281,7 @@ class TestExecution:
         # what is recorded is what is sent: the URL with the query of `params` merged in
         url = str(prepared.url)
         redactor = self.redactor
+        redactor.add_sent_credentials(headers)
         await run.runner.writer.writable()  # paused while the event store is unreachable
         if self.limiter is not None:
             await self.limiter.acquire()

@@ -168,16 +168,20 @@ def test_values_shaped_like_credentials_become_secrets(tmp_path: Path) -> None:
     jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLW9mLXRoZS10b2tlbg"
     source = tmp_path / "jwt.sh"
     source.write_text(
-        f'curl --json \'{{"refresh": "{jwt}", "n": 1}}\' '
+        f'curl --json \'{{"refresh": "{jwt}", "n": 1, "id": "AKIAZ7QWERTYUIOP1234"}}\' '
         f"-H 'X-Session-Hint: {jwt}' 'https://api.example.com/renew?state=ok&api_key=k-123456'\n"
     )
     code, out, err = baton("import", "curl", str(source))
     assert code == 0, err
-    assert jwt not in out and "k-123456" not in out
+    assert jwt not in out and "k-123456" not in out and "AKIAZ7QWERTYUIOP1234" not in out
     request = yaml.safe_load(out)["tests"]["post_renew"]["request"]
     # one value, one secret, named after the first place it was found
     assert request["headers"]["X-Session-Hint"] == "{{ secrets.X_SESSION_HINT }}"
-    assert request["json"] == {"refresh": "{{ secrets.X_SESSION_HINT }}", "n": 1}
+    assert request["json"] == {
+        "refresh": "{{ secrets.X_SESSION_HINT }}",
+        "n": 1,
+        "id": "{{ secrets.ID }}",  # an AWS access key id, by its form
+    }
     assert request["params"] == {"state": "ok", "api_key": "{{ secrets.API_KEY }}"}
     assert "secret to provide: X_SESSION_HINT" in err and "secret to provide: API_KEY" in err
 
@@ -272,3 +276,33 @@ def test_imported_basic_auth_authenticates_against_a_real_server(
         secrets.write_text("PASSWORD: wrong\n")
         code, out, err = baton("run", str(flow_path), "--secrets", str(secrets))
         assert code == 1, out + err
+
+
+def test_a_password_in_the_url_becomes_auth_basic_and_authenticates(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """``curl https://user:password@host/``: curl sends Basic from the URL's userinfo; the
+    flow gets ``auth: {basic: ...}`` with the password a secret, and neither the test's URL
+    nor the base URL holds it."""
+    with auth_server() as server:
+        url = server.url.replace("://", f"://{server.user}:{server.password}@", 1)
+        source = tmp_path / "userinfo.sh"
+        source.write_text(f"curl -f {url}/basic\n")
+        flow_path = tmp_path / "flow.yaml"
+        code, out, err = baton("import", "curl", str(source), "-o", str(flow_path))
+        assert code == 0, err
+        text = flow_path.read_text()
+        assert server.password not in text + err
+        flow = yaml.safe_load(text)
+        assert flow["variables"] == {"base_url": server.url}
+        request = flow["tests"]["get_basic"]["request"]
+        assert request["url"] == "/basic"
+        assert request["auth"] == {
+            "basic": {"username": "alice", "password": "{{ secrets.PASSWORD }}"}
+        }
+        assert f"secret to provide: PASSWORD (the value found at {source}: line 1 -u" in err
+        secrets = tmp_path / "secrets.yaml"
+        secrets.write_text(f"PASSWORD: {server.password}\n")
+        code, out, err = baton("run", str(flow_path), "--secrets", str(secrets))
+        assert code == 0, out + err
+        assert out.splitlines()[-1].startswith("1 passed in "), out

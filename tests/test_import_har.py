@@ -177,3 +177,23 @@ def test_a_recorded_basic_authorization_becomes_auth_basic(tmp_path: Path) -> No
     assert request["headers"] == {"Accept": "application/json"}
     assert "secret to provide: PASSWORD (the value found at " in err
     assert "header Authorization: the password of alice)" in err
+
+
+def test_a_password_in_a_recorded_url_becomes_auth_basic(tmp_path: Path) -> None:
+    entry = {
+        "request": {"method": "GET", "url": "https://bob:url-pw-4711@api.example.com/me"},
+        "response": {"status": 200, "headers": [], "content": {"text": "{}"}},
+    }
+    source = tmp_path / "userinfo.har"
+    source.write_text(json.dumps({"log": {"version": "1.2", "entries": [entry]}}))
+    code, out, err = baton("import", "har", str(source))
+    assert code == 0, err
+    assert "url-pw-4711" not in out + err
+    flow = yaml.safe_load(out)
+    assert flow["variables"] == {"base_url": "https://api.example.com"}
+    request = flow["tests"]["get_me"]["request"]
+    assert request == {
+        "url": "/me",
+        "auth": {"basic": {"username": "bob", "password": "{{ secrets.PASSWORD }}"}},
+    }
+    assert "url: the password of bob)" in err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 import os
 import shutil
@@ -464,3 +465,109 @@ async def test_a_flow_adds_names_to_redact_and_keeps_others(
 def _write(path: Path, extra: str) -> Path:
     path.write_text(f"name: bad\n{extra}\ntests: {{t: {{request: {{url: /health}}}}}}\n")
     return path
+
+
+# ---- credentials only their form gives away, in the newer outputs -------------------------
+
+UNNAMED = {
+    "AWS access key id": "AKIAZ7QWERTYUIOP1234",
+    "GitHub token": "ghp_LeakLeakLeak1234567890abcdefABCDEF12",
+    "password of a URL": "u1pw-9a8b7c6d",
+    "literal bearer echoed": "literal-bearer-tok-77",
+    "session cookie": "sess-7f3a9c2e1b4d",
+    "JWT signature": "c2lnbmF0dXJlLWxlYWs",
+}
+
+
+async def _unnamed(request: web.Request) -> web.Response:
+    """Credentials under names that say nothing, the request's bearer token echoed too."""
+    body = {
+        "data": {"AccessKeyId": UNNAMED["AWS access key id"], "value": UNNAMED["GitHub token"]},
+        "link": f"https://admin:{UNNAMED['password of a URL']}@db.example.com/x",
+        "seen": request.headers.get("Authorization", "").partition(" ")[2],
+        "blob": f"eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJsZWFrIn0.{UNNAMED['JWT signature']}",
+    }
+    response = web.json_response(body, status=int(request.query.get("status", "200")))
+    response.set_cookie("sid", UNNAMED["session cookie"])
+    return response
+
+
+UNNAMED_FLOW = textwrap.dedent("""
+    name: unnamed credentials
+    base_url: "{{ env.LEAK_URL }}"
+    tests:
+      fetch:
+        request: {url: /creds, headers: {Authorization: "Bearer literal-bearer-tok-77"}}
+        capture: {key_id: {json: "$.data.AccessKeyId"}}
+      broken:
+        request: {url: /creds, params: {status: 500}}
+        expect: {status: 200, json: {"$.data.value": {equals: x}, "$.link": {equals: x}}}
+""")
+
+
+async def test_credentials_known_only_by_their_form_leak_into_no_newer_output(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A response shows credentials the flow never names: every report of ``baton run``
+    (``--events ndjson``, CTRF, JUnit, JSON, HTML), ``baton diff`` (text and JSON),
+    ``baton report issue``, ``baton replay``, the retention archive files read back, and
+    ``baton events`` of the run ``baton archive restore`` brings back."""
+    app = web.Application()
+    app.router.add_get("/creds", _unnamed)
+    server = web.AppRunner(app)
+    await server.setup()
+    site = web.TCPSite(server, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    home = tmp_path / "home"
+    (tmp_path / "flow.yaml").write_text(UNNAMED_FLOW)
+    reports = tmp_path / "reports"
+    try:
+        async with private_database() as dsn:
+            monkeypatch.setenv("LEAK_URL", f"http://127.0.0.1:{port}")
+            monkeypatch.setenv("BATON_DATABASE_URL", dsn)
+            monkeypatch.setenv("BATON_HOME", str(home))
+            monkeypatch.delenv("BATON_REDIS_URL", raising=False)
+            places: dict[str, str | bytes] = {}
+            runs = []
+            for number in (1, 2):
+                code, out, err = await asyncio.to_thread(
+                    baton,
+                    *("run", str(tmp_path / "flow.yaml"), "--events", "ndjson"),
+                    *("--junit", str(reports / f"{number}.xml")),
+                    *("--json", str(reports / f"{number}.json")),
+                    *("--html", str(reports / f"{number}.html")),
+                    *("--ctrf", str(reports / f"{number}.ctrf.json")),
+                )
+                assert code == 1, out + err  # broken fails on purpose
+                places[f"run {number}"] = out + err
+                runs.append(json.loads((reports / f"{number}.json").read_text())["runs"][0])
+            first, second = (run["run_id"] for run in runs)
+            assert runs[0]["tests"][0]["captures"] == {"key_id": MASK}
+            places |= {path.name: path.read_text() for path in reports.iterdir()}
+            commands = {
+                "diff": ("diff", first, second),
+                "diff --json": ("diff", first, second, "--json"),
+                "report issue": ("report", "issue", first, "broken"),
+                "replay": ("replay", first),
+            }
+            for where, command in commands.items():
+                code, out, err = await asyncio.to_thread(baton, *command)
+                assert code in (0, 1), out + err
+                places[where] = out + err
+            assert "$.data.value" in places["report issue"]  # the check is there, masked
+            code, out, err = await asyncio.to_thread(
+                baton, "retention", "apply", "--now", "2100-01-01T00:00:00"
+            )
+            assert code == 0, out + err
+            archived = sorted((home / "archive").rglob("*.jsonl.gz"))
+            assert archived, out
+            places |= {str(path): gzip.decompress(path.read_bytes()) for path in archived}
+            code, out, err = await asyncio.to_thread(baton, "archive", "restore", first)
+            assert code == 0, out + err
+            code, out, err = await asyncio.to_thread(baton, "events", first)
+            assert code == 0 and "ResponseReceived" in out, out + err
+            places["events after restore"] = out + err
+    finally:
+        await server.cleanup()
+    assert_nothing_leaks(UNNAMED, places)

@@ -345,14 +345,67 @@ def test_jwt_shaped_strings_are_masked_wherever_they_are() -> None:
     assert out == f'{{"note": "issued {MASK} today", "x": "{MASK}"}}'
 
 
+PEM = "-----BEGIN RSA PRIVATE KEY-----\\nMIIEpAIBAAKCAQEA7d1\\n-----END RSA PRIVATE KEY-----"
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ('{"AccessKeyId": "AKIAZ7QWERTYUIOP1234"}', '{"AccessKeyId": "***"}'),
+        ("temporary ASIAZ7QWERTYUIOP1234 here", "temporary *** here"),
+        ('{"value": "ghp_0123456789abcdefABCDEF0123456789abcd"}', '{"value": "***"}'),
+        ("slack xoxb-123456789012-abcdefghijkl done", "slack *** done"),
+        ("stripe sk_live_0123456789abcdefGHIJ", "stripe ***"),
+        (f'{{"pem": "{PEM}\\n", "n": 1}}', '{"pem": "***\\n", "n": 1}'),
+        ('{"pem": "-----BEGIN PRIVATE KEY-----\\nMIIEvQIBADAN', '{"pem": "***'),  # cut short
+        (
+            '{"link": "https://admin:u1pw-9a8b@db.example.com/x"}',
+            '{"link": "https://admin:***@db.example.com/x"}',
+        ),
+        (
+            '{"dsn": "redis://:p%40ss-42@127.0.0.1:6379/0"}',
+            '{"dsn": "redis://:***@127.0.0.1:6379/0"}',
+        ),
+        ('{"link": "https:\\/\\/admin:pw-12345@db"}', '{"link": "https:\\/\\/admin:***@db"}'),
+    ],
+)
+def test_credentials_are_masked_by_their_own_form_under_any_name(text: str, shown: str) -> None:
+    assert Redactor().redact(text) == shown
+
+
 def test_ordinary_texts_are_left_alone() -> None:
     redactor = Redactor()
     for text in (
         '{"products": [{"id": 3, "name": "monkey wrench", "keywords": ["tools"]}]}',
         "a basic example, key points: none; x=1&y=2",
         "GET /api/v1/runs?limit=10&sort=-started_at",
+        # near misses of the credential forms: no password in a URL, too short, no prefix
+        "mail alice@example.com at http://example.com:8080/a@b, ghp_short",
+        "AKIA is a prefix; AKIAZ7QWERTYUIOP12345 is one character too long; thigh_ok",
     ):
         assert redactor.redact(text) is text
+
+
+def test_the_credentials_a_request_sends_are_known_secrets_however_written() -> None:
+    """A literal token in a credential header, a Basic password, a session cookie: a target
+    that echoes one back under a name that says nothing shows a secret."""
+    basic = base64.b64encode(b"alice:pa55-literal").decode()
+    redactor = Redactor()
+    redactor.add_sent_credentials(
+        {
+            "Authorization": "Bearer literal-bearer-77",
+            "Proxy-Authorization": f"Basic {basic}",
+            "X-Auth-Token": "tkn-header-99",
+            "Cookie": "theme=dark; sid=sess-7f3a9c2e1b",
+            "Accept": "application/json-seq",
+        }
+    )
+    echoed = '{"seen": "literal-bearer-77", "pw": "pa55-literal", "t": "tkn-header-99", '
+    echoed += '"sid": "sess-7f3a9c2e1b", "theme": "dark", "accept": "application/json-seq"}'
+    assert redactor.redact(echoed) == (
+        '{"seen": "***", "pw": "***", "t": "***", "sid": "***", "theme": "dark", '
+        '"accept": "application/json-seq"}'
+    )
 
 
 def test_a_flow_adds_names_and_keeps_others() -> None:

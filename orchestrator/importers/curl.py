@@ -32,6 +32,7 @@ from orchestrator.importers.parts import (
     secret_fields,
     secure_request,
     split_query,
+    split_userinfo,
     unique,
 )
 
@@ -104,6 +105,10 @@ def convert(text: str, source: str) -> Imported:
     for command in commands:
         if "://" not in (command.url or ""):
             command.url = f"http://{command.url}"  # curl's default scheme
+        command.url, userinfo = split_userinfo(command.url or "")
+        if userinfo is not None and command.user is None:  # as curl: -u wins over the URL's
+            user, password = userinfo
+            command.user = f"{user}:{password}" if password else user
     if not commands:
         raise UsageError(f"{source}: line 1: no curl command with a URL in it (write curl URL ...)")
     origins = Counter(origin(command.url or "") for command in commands)

@@ -38,6 +38,7 @@ from orchestrator.importers.parts import (
     request_name,
     secure_request,
     split_query,
+    split_userinfo,
     unique,
 )
 
@@ -268,7 +269,8 @@ def _add_test(
     at = f"log.entries[{index}]"
     har_request = entry["request"]
     method = str(har_request.get("method") or "GET").upper()
-    url, params = split_query(str(har_request["url"]))
+    url, userinfo = split_userinfo(str(har_request["url"]))
+    url, params = split_query(url)
     request: dict[str, Any] = {}
     if method != "GET":
         request["method"] = method
@@ -282,6 +284,8 @@ def _add_test(
         }
     headers = _headers(har_request.get("headers"), at, recording, dropped)
     auth = _auth(har_request.get("headers"), at, recording)
+    if auth is None and userinfo is not None:
+        auth = basic_auth(*userinfo, recording.secrets, f"{at} url")
     body = _body(har_request.get("postData"), at, recording)
     if "json" in body or "multipart" in body:
         # the client writes its own: a multipart boundary is chosen per request

@@ -13,7 +13,7 @@ import re
 from base64 import b64decode
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from events.secrets import policy_for
 
@@ -147,9 +147,23 @@ def split_query(url: str) -> tuple[str, dict[str, Any]]:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")), params
 
 
-def origin(url: str) -> str:
+def split_userinfo(url: str) -> tuple[str, tuple[str, str] | None]:
+    """The URL without the ``user:password@`` before its host, and that user and password
+    (decoded), or None when it has none: for ``auth:``, whose password is a secret, as a
+    password in a URL of the flow would be a credential in clear."""
     parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else ""
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return url, None
+    user, _, password = userinfo.partition(":")
+    return urlunsplit(parts._replace(netloc=host)), (unquote(user), unquote(password))
+
+
+def origin(url: str) -> str:
+    """Scheme and host of ``url``, without any ``user:password@`` (never a base URL's)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}" if parts.scheme and host else ""
 
 
 def relative_to(base: str, url: str) -> str:
