@@ -1092,3 +1092,18 @@ $$;
 
 INSERT INTO baton_schema_version (step, name)
 VALUES (13, 'retention policies and monthly metrics') ON CONFLICT (step) DO NOTHING;
+
+-- step 14: queued service runs for every instance
+--
+-- With BATON_QUEUE_URL several `baton serve` instances share this table. Any of them may be
+-- asked to cancel a run another one queued (or one that has died since): a run no worker has
+-- begun is ended by appending its RunStarted and RunCancelled at version 0, so the RunStarted
+-- the queuing instance made is kept here (msgspec JSON of the event: no secret in it; '' for
+-- runs queued before this step). Every instance also looks, every few seconds, for queued
+-- runs whose end it has not recorded: the partial index keeps that look cheap.
+ALTER TABLE service_runs ADD COLUMN IF NOT EXISTS started text NOT NULL DEFAULT '';
+CREATE INDEX IF NOT EXISTS service_runs_queued ON service_runs (created_at)
+    WHERE state = 'queued';
+
+INSERT INTO baton_schema_version (step, name)
+VALUES (14, 'queued service runs for every instance') ON CONFLICT (step) DO NOTHING;

@@ -41,6 +41,7 @@ _QUEUED = (
     "SELECT organization_id, id FROM service_runs"
     " WHERE state = 'queued' AND created_at > now() - interval '7 days'"
 )
+_STARTED = "SELECT started FROM service_runs WHERE id = $1"
 _ENTER = "SELECT set_config('role', $1, true), set_config('baton.organization_id', $2, true)"
 _ROLE_USABLE = (
     "SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = $1)"
@@ -138,11 +139,18 @@ class Database:
 
     async def queued_runs(self) -> list[tuple[uuid.UUID, uuid.UUID]]:
         """(organization, run) of every organization's service run of the last week whose
-        end is not recorded: a restarted service follows them again. The service's own
-        table, read as its owner (no tenant): the follower records ends for every tenant."""
+        end is not recorded, whichever instance started it: every instance follows them.
+        The service's own table, read as its owner (no tenant): the follower records ends
+        for every tenant."""
         with translated(self._dsn):
             rows = await self._pool.fetch(_QUEUED)
         return [(row[0], row[1]) for row in rows]
+
+    async def run_started(self, organization: uuid.UUID, run_id: uuid.UUID) -> str:
+        """The RunStarted (JSON) the instance that started the run made; '' if unknown."""
+        async with self.tenant(organization) as conn:
+            started: str | None = await conn.fetchval(_STARTED, run_id)
+        return started or ""
 
     async def run_stream(self, organization: uuid.UUID, run_id: uuid.UUID) -> str:
         """The run's stream if ``organization`` has the run, else NotFound. A run never

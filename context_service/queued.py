@@ -7,11 +7,17 @@ task of its own: a follower reads the RunCompleted and RunCancelled committed si
 last look (orchestrator.submit.ended_since), waits for the projector to pass them, and
 records the run's state where the in-process launcher's ``on_done`` does.
 
+Several instances behind one load balancer share the queue and the database, and any of
+them may be asked about any run, or be killed: so every instance follows every queued run
+whose end is not recorded (service_runs, looked at every few seconds), not only its own.
+Recording an end twice writes the same state, from the same log.
+
 Cancelling sets the run's cancellation key on the queue (a run is a batch of one), which
 the worker running it reads twice a second and which a worker taking the job later reads
-before it begins. A run no worker has begun is ended here at once: its RunStarted and
-RunCancelled are appended at version 0, so a worker beginning it at that very moment
-conflicts with the append instead of doubling the run, and then cancels it itself.
+before it begins. A run no worker has begun is ended here at once: its RunStarted (kept in
+service_runs by the instance that queued it) and RunCancelled are appended at version 0,
+so a worker beginning it at that very moment conflicts with the append instead of doubling
+the run, and then cancels it itself.
 """
 
 from __future__ import annotations
@@ -19,34 +25,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import msgspec
+
+from context_service.database import Database
 from events import types as ev
 from events.secrets import Cipher
 from events.store import EventStore, NewEvent, StoreError, StreamAppend, WrongExpectedVersion
 from orchestrator.planner import Plan
 from orchestrator.queue import JobQueue, QueuedJob
-from orchestrator.runner import RunInputs, run_started
+from orchestrator.runner import RunInputs
 from orchestrator.service_runs import API_CANCELLED, ServiceRun
 from orchestrator.submit import ended_since
 
 _log = logging.getLogger("baton.service.queue")
 _POLL = 0.25
 """Seconds between looks at which queued runs have ended."""
-
-Done = Callable[[str, str], Awaitable[object]]
-"""Called with (state, error) when the run has ended: 'finished' or 'cancelled'."""
+_REFRESH = 2.0
+"""Seconds between looks at which runs are queued, by any instance."""
+_started = msgspec.json.Decoder(ev.RunStarted)
 
 
 @dataclass(frozen=True)
 class _Queued:
-    started: ev.RunStarted | None
-    """What the run begins with: recorded here if it is cancelled before a worker begins
-    it; None for a run queued before this process started (``follow_again``)."""
-    done: Done
+    organization: uuid.UUID
     recorded: asyncio.Event = field(default_factory=asyncio.Event)
-    """Set once ``done`` has recorded the run's end."""
+    """Set once the run's end is recorded."""
 
 
 class QueuedRuns:
@@ -56,6 +63,7 @@ class QueuedRuns:
         self,
         queue: JobQueue,
         store: EventStore,
+        db: Database,
         cipher: Cipher,
         *,
         allowed_targets: str | None,
@@ -66,6 +74,7 @@ class QueuedRuns:
         (the read tables show a run ended before its state says so)."""
         self.queue = queue
         self._store = store
+        self._db = db
         self._cipher = cipher
         self._allowed_targets = allowed_targets
         self._concurrency = concurrency
@@ -74,40 +83,42 @@ class QueuedRuns:
         self._fresh: set[str] = set()
         """Runs queued since the last look at which have ended."""
 
-    async def start(self, content: str, planned: Plan, inputs: RunInputs, done: Done) -> None:
-        """Put the run on the queue; raises QueueUnavailable."""
+    async def start(self, content: str, planned: Plan, inputs: RunInputs) -> None:
+        """Put the run (recorded in service_runs) on the queue; raises QueueUnavailable."""
         run = ServiceRun.of(content, planned, inputs, self._allowed_targets)
         job = QueuedJob.for_service(inputs.run_id, run.sealed(self._cipher), self._concurrency)
-        self._open[inputs.run_id] = _Queued(run_started(planned, inputs), done)
-        self._fresh.add(inputs.run_id)
-        try:
-            await self.queue.submit([job])
-        except BaseException:
-            del self._open[inputs.run_id]
-            self._fresh.discard(inputs.run_id)
-            raise
+        await self.queue.submit([job])
+        self._follow(inputs.run_id, uuid.UUID(inputs.organization))
 
-    def follow_again(self, run_id: str, done: Done) -> None:
-        """Follow a run queued before this process started (a restart), to record its end."""
-        if run_id not in self._open:
-            self._open[run_id] = _Queued(None, done)
-            self._fresh.add(run_id)
-
-    async def wait(self, run_id: str) -> bool:
-        """Until the end of a run of this process is recorded; False if it is not one."""
+    def _follow(self, run_id: str, organization: uuid.UUID) -> _Queued:
         queued = self._open.get(run_id)
         if queued is None:
-            return False
-        await queued.recorded.wait()
-        return True
+            queued = self._open[run_id] = _Queued(organization)
+            self._fresh.add(run_id)
+        return queued
 
-    async def cancel(self, run_id: str) -> None:
-        """Cancel a queued run, wherever it is; raises QueueUnavailable."""
-        await self.queue.cancel(run_id)
+    async def follow_queued(self) -> None:
+        """Follow every run queued by any instance (this one before a restart, another one,
+        alive or not) whose end is not recorded; raises StoreError."""
+        for organization, run_id in await self._db.queued_runs():
+            self._follow(str(run_id), organization)
+
+    async def wait(self, run_id: str) -> None:
+        """Until the end of a run this process follows is recorded."""
         queued = self._open.get(run_id)
-        if queued is None or queued.started is None:
-            return  # queued by another instance, or before a restart: its worker ends it
-        events = [NewEvent(queued.started), NewEvent(ev.RunCancelled(reason=API_CANCELLED))]
+        if queued is not None:
+            await queued.recorded.wait()
+
+    async def cancel(self, run_id: str, organization: uuid.UUID) -> None:
+        """Cancel a queued run, whichever instance queued it and wherever it is; raises
+        QueueUnavailable."""
+        await self.queue.cancel(run_id)
+        self._follow(run_id, organization)
+        started = await self._db.run_started(organization, uuid.UUID(run_id))
+        if not started:
+            return  # queued before schema step 14: the worker that takes its job ends it
+        cancelled = ev.RunCancelled(reason=API_CANCELLED)
+        events = [NewEvent(_started.decode(started)), NewEvent(cancelled)]
         # a conflict: a worker has begun it, reads the key within a second and cancels it
         with contextlib.suppress(WrongExpectedVersion):
             await self._store.append([StreamAppend(ev.run_stream(run_id), events, 0)])
@@ -115,7 +126,15 @@ class QueuedRuns:
     async def follow(self, stop: asyncio.Event) -> None:
         """Record each run's end as the log shows it, until ``stop`` is set."""
         cursor: int | None = None
+        loop = asyncio.get_running_loop()
+        refresh = loop.time() + _REFRESH
         while not stop.is_set():
+            try:
+                if loop.time() >= refresh:
+                    refresh = loop.time() + _REFRESH
+                    await self.follow_queued()
+            except StoreError as exc:
+                _log.warning("looking for queued runs: %s", exc)
             if self._open:
                 try:
                     cursor = await self._look(cursor)
@@ -139,12 +158,13 @@ class QueuedRuns:
         last = await self._store.last_events(sorted(ended))
         await self._after_run(max(recorded.position for recorded in last.values()))
         for stream, recorded in last.items():
-            queued = self._open.pop(by_stream[stream], None)
+            run_id = by_stream[stream]
+            queued = self._open.pop(run_id, None)
             if queued is None:
                 continue
             state = "cancelled" if isinstance(recorded.event, ev.RunCancelled) else "finished"
             try:
-                await queued.done(state, "")
+                await self._db.record_run_end(queued.organization, uuid.UUID(run_id), state, "")
             except Exception:
                 _log.exception("run %s: recording its end failed", by_stream[stream])
             finally:

@@ -36,6 +36,7 @@ from events.store import EventStore
 from orchestrator.queue import QueueUnavailable
 from orchestrator.rerun import Prior, Selection, capture_ttls, first_made, read_prior, select
 from orchestrator.runner import RunInputs
+from orchestrator.runner import run_started as first_event
 
 _ORIGIN = """
 SELECT coalesce(sr.suite_id, t.suite_id), coalesce(sr.environment_id, t.environment_id),
@@ -48,7 +49,7 @@ WHERE sr.id IS NOT NULL OR t.id IS NOT NULL
 """
 _RECORD = (
     "INSERT INTO service_runs (id, organization_id, suite_id, environment_id, rerun_of, tests,"
-    " tags, variables, state) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'queued')"
+    " tags, variables, started, state) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'queued')"
 )
 
 
@@ -165,6 +166,8 @@ async def start(
             plan.order,
             list(request.tags),
             msgspec.json.encode(dict(request.variables)),
+            # for any instance that cancels it before a worker begins it (context_service.queued)
+            msgspec.json.encode(first_event(plan, inputs)).decode(),
         )
 
     async def done(state: str, error: str) -> None:
@@ -174,7 +177,7 @@ async def start(
         services.launcher.start(RunSpec(plan, inputs, on_done=done))
         return run_id
     try:
-        await services.queued.start(suite.content, plan, inputs, done)
+        await services.queued.start(suite.content, plan, inputs)
     except QueueUnavailable:
         await done("error", "the worker queue was unreachable: the run did not start")
         raise Unavailable("the worker queue is unreachable; try again later") from None

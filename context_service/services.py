@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -164,6 +163,7 @@ class Services:
             queued = QueuedRuns(
                 queue,
                 store,
+                db,
                 cipher,
                 allowed_targets=settings.allowed_targets,
                 concurrency=concurrency,
@@ -183,7 +183,7 @@ class Services:
             queued=queued,
         )
         if queued is not None:
-            await _follow_again(queued, db)
+            await queued.follow_queued()
             services._following = asyncio.create_task(
                 queued.follow(services._stop), name="baton-queued-runs"
             )
@@ -276,13 +276,6 @@ class Services:
             return Dependency("projector", "down", type(exc).__name__)
         detail = f"at position {position}, {behind} event(s) behind; findings judged to {judged}"
         return Dependency("projector", "ok", detail)
-
-
-async def _follow_again(queued: QueuedRuns, db: Database) -> None:
-    """The runs queued before a restart (or by an instance gone since): their ends are
-    recorded as the log shows them."""
-    for organization, run_id in await db.queued_runs():
-        queued.follow_again(str(run_id), functools.partial(db.record_run_end, organization, run_id))
 
 
 def _elapsed(start: float) -> float:

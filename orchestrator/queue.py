@@ -122,6 +122,13 @@ def _portable(path: Path) -> str:
     return str(absolute)
 
 
+class _Addressed(msgspec.Struct):
+    """What a job of any version names: its run, so that a worker which cannot read the rest
+    (a newer Baton queued it) can still end that run with the reason."""
+
+    run_id: str = ""
+
+
 @dataclass(frozen=True)
 class Delivery:
     id: str
@@ -130,10 +137,13 @@ class Delivery:
     """None: the entry is not a job this version of Baton can read."""
     deliveries: int
     """How many times the job was handed to a worker, this time included."""
+    run_id: str = ""
+    """The run the entry names, even when ``job`` is None ("" if it names none)."""
 
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(QueuedJob)
+_addressed = msgspec.json.Decoder(_Addressed)
 
 
 def consumer_name() -> str:
@@ -266,8 +276,13 @@ def _text(value: bytes | str) -> str:
 
 
 def _delivery(entry: bytes | str, fields: dict[bytes, bytes], deliveries: int) -> Delivery:
+    raw = fields.get(b"job", b"")
     try:
-        job: QueuedJob | None = _decoder.decode(fields[b"job"])
-    except (KeyError, msgspec.DecodeError):
-        job = None
-    return Delivery(_text(entry), job, deliveries)
+        job = _decoder.decode(raw)
+    except msgspec.DecodeError:
+        try:
+            run_id = _addressed.decode(raw).run_id
+        except msgspec.DecodeError:
+            run_id = ""
+        return Delivery(_text(entry), None, deliveries, run_id)
+    return Delivery(_text(entry), job, deliveries, job.run_id)

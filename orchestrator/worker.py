@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.metadata
 import logging
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ _CANCEL_CHECK = 0.5
 _BATCHES_KEPT = 16
 """Batches whose units a worker keeps rebuilt."""
 
+_VERSION = importlib.metadata.version("baton")
 _log = logging.getLogger("baton.worker")
 T = TypeVar("T")
 
@@ -89,6 +91,10 @@ class _Built:
     targets: TargetPolicy | None = None
     """None: any target (a batch's, as ``baton run``); else the service's policy."""
     limits: templating.Limits = templating.CLI_LIMITS
+
+
+class _Unreadable(Exception):
+    """The job is not one this worker's Baton can read: a newer one queued it."""
 
 
 class _HandedBack(StoreError):
@@ -199,29 +205,67 @@ class Worker:
                 _log.warning("%s", exc)
 
     async def _work(self, delivery: Delivery, appends: _JobAppends) -> None:
-        job = delivery.job
-        if job is None:
-            _log.error("job %s is not a Baton job this worker can read: dropped", delivery.id)
-            await self.queue.ack(delivery.id)
-            return
+        run_id = delivery.run_id
         try:
-            done = await self._run(job, delivery.deliveries, appends)
+            done = await self._settled(delivery, appends)
         except WrongExpectedVersion:
             # another worker claimed the job and writes the run now: its job to finish
-            _log.warning("run %s of job %s is written by another worker", job.run_id, delivery.id)
+            _log.warning("run %s of job %s is written by another worker", run_id, delivery.id)
             return
         except (StoreError, QueueUnavailable) as exc:
             # not acknowledged: the job is claimed again once this worker stops touching it
-            _log.error("job %s (run %s) left for another try: %s", delivery.id, job.run_id, exc)
+            _log.error("job %s (run %s) left for another try: %s", delivery.id, run_id, exc)
             return
         except Exception:
-            _log.exception("job %s (run %s) left for another try", delivery.id, job.run_id)
+            _log.exception("job %s (run %s) left for another try", delivery.id, run_id)
             return
         if done:
             try:
                 await self.queue.ack(delivery.id)
             except QueueUnavailable as exc:  # claimed again later, found ended, acknowledged
                 _log.warning("job %s done but not acknowledged: %s", delivery.id, exc)
+
+    async def _settled(self, delivery: Delivery, appends: _JobAppends) -> bool:
+        """Run the job, or leave it if this worker cannot read it; True to acknowledge it."""
+        if delivery.job is None:
+            return await self._unreadable(delivery, appends, "it is not a job this worker reads")
+        try:
+            return await self._run(delivery.job, delivery.deliveries, appends)
+        except _Unreadable as exc:
+            return await self._unreadable(delivery, appends, str(exc))
+
+    async def _unreadable(self, delivery: Delivery, appends: _JobAppends, why: str) -> bool:
+        """A job this worker cannot read (a newer Baton queued it, in a rolling deploy) is left
+        unacknowledged and untouched, so that another worker claims it after --claim-after;
+        once it was handed out more than --max-deliveries times, its run ends saying why."""
+        limit = self.options.max_deliveries
+        if delivery.deliveries <= limit:
+            _log.warning(
+                "job %s (run %s) left for another worker: %s (this worker runs Baton %s)",
+                delivery.id,
+                delivery.run_id or "unknown",
+                why,
+                _VERSION,
+            )
+            return False
+        reason = (
+            f"the job was handed to a worker {delivery.deliveries} times and no worker could "
+            f"read it (--max-deliveries {limit}): {why}; it was queued by a newer Baton than "
+            f"the workers' ({_VERSION}): upgrade the workers"
+        )
+        _log.error("job %s (run %s): %s", delivery.id, delivery.run_id or "unknown", reason)
+        if not delivery.run_id:
+            return True  # names no run: nothing to end
+        stream = ev.run_stream(delivery.run_id)
+        recorded = await self._retrying(lambda: self.store.read_stream(stream))
+        if recorded and not _open(recorded):
+            return True
+        writer = BatchingWriter(appends, max_wait=self.store_wait)
+        try:
+            _unbuildable(writer, delivery.run_id, "", len(recorded), reason)
+        finally:
+            await writer.aclose()
+        return True
 
     async def _run(self, job: QueuedJob, deliveries: int, appends: _JobAppends) -> bool:
         """Run (or resume, or end) the job's run; True once its events are stored."""
@@ -241,7 +285,7 @@ class Worker:
             try:
                 built = self._built(job)
             except UsageError as exc:
-                _unbuildable(writer, job, len(recorded), str(exc))
+                _unbuildable(writer, job.run_id, job.unit, len(recorded), str(exc))
                 return True
             if await self._cancelled(job.batch_id):
                 writer.resume(stream, len(recorded))
@@ -275,16 +319,19 @@ class Worker:
             return _Built(unit.plan, inputs, unit.key, BATCH_CANCELLED)
         try:
             run = ServiceRun.unsealed(job.service, self.cipher)
-        except (SecretError, msgspec.DecodeError):
+        except SecretError:
             raise UsageError(
                 "the service's job cannot be read with this worker's secret key: start the "
                 "worker with the service's BATON_SECRET_KEY (or its BATON_HOME)"
             ) from None
+        except msgspec.DecodeError as exc:  # decrypted, so the key is right: a newer format
+            raise _Unreadable(f"the service's run in it does not decode: {exc}") from None
         try:
             targets = TargetPolicy.parse(run.allowed_targets)
-        except ValueError as exc:
-            raise UsageError(f"the service's job: {exc}") from None
-        planned, inputs = run.rebuilt()
+            planned, inputs = run.rebuilt()
+        except (ValueError, UsageError) as exc:
+            # the service checked all of it: only a newer Baton's flow or policy fails here
+            raise _Unreadable(f"the service's run in it: {exc}") from None
         return _Built(
             planned, inputs, run.filename, API_CANCELLED, targets, templating.SERVICE_LIMITS
         )
@@ -393,15 +440,14 @@ def _open(recorded: Sequence[ev.RecordedEvent]) -> bool:
     return not isinstance(recorded[-1].event, ev.RunCompleted | ev.RunCancelled)
 
 
-def _unbuildable(writer: BatchingWriter, job: QueuedJob, version: int, reason: str) -> None:
-    """End a run this worker cannot rebuild (its checkout differs), saying why."""
-    stream = ev.run_stream(job.run_id)
+def _unbuildable(writer: BatchingWriter, run_id: str, unit: str, version: int, reason: str) -> None:
+    """End a run this worker cannot rebuild (its checkout differs, a newer Baton's job),
+    saying why."""
+    stream = ev.run_stream(run_id)
     writer.resume(stream, version)
     if not version:
-        what = job.unit or "a run of the service"
-        started = ev.RunStarted(
-            run_id=job.run_id, suite=what, suite_digest="", plan=[], source=what
-        )
+        what = unit or "a run of the service"
+        started = ev.RunStarted(run_id=run_id, suite=what, suite_digest="", plan=[], source=what)
         writer.emit(stream, started)
     writer.emit(stream, ev.RunCancelled(reason=reason))
 

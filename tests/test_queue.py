@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -18,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
-from orchestrator.queue import GROUP, STREAM
+from events.secrets import Cipher, load_key
+from orchestrator.queue import GROUP, STREAM, JobQueue, QueuedJob
 from tests.conftest import SHOP, RedisServer
 from tests.test_postgres_restart import PrivateServer
 from tests.test_postgres_restart import private_server as private_server
@@ -408,6 +411,20 @@ def pending_jobs(url: str) -> int:
     return asyncio.run(go())
 
 
+def delivered(url: str) -> list[int]:
+    """How many times each job taken and not acknowledged was handed out."""
+
+    async def go() -> list[int]:
+        client = Redis.from_url(url)
+        try:
+            taken = await client.xpending_range(STREAM, GROUP, min="-", max="+", count=100)
+            return [int(job["times_delivered"]) for job in taken]
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
 def test_redis_restarted_empty_mid_batch_loses_no_run(
     workdir: Workdir, fresh_database_dsn: str, private_redis: RedisServer
 ) -> None:
@@ -483,3 +500,49 @@ def test_requeue_names_a_batch_it_cannot_find(workdir: Workdir) -> None:
     )
     assert code == 2
     assert "error: no batch no-such-batch in the event store" in err
+
+
+def test_a_job_of_a_newer_baton_is_left_for_another_worker_then_ended_saying_why(
+    workdir: Workdir, fresh_database_dsn: str
+) -> None:
+    """In a rolling deploy an older worker takes jobs in a format it does not know: a batch's
+    job with a field it lacks, a service's run sealed with one. It leaves each one pending
+    for another worker; past --max-deliveries it ends their runs with the reason."""
+    cipher = Cipher(load_key(None, workdir.path / "home"))
+    newer_job = {
+        **msgspec.to_builtins(QueuedJob("b-1", "00000000-0000-4000-8000-000000000001", "u", [])),
+        "priority": 5,
+    }
+    service_run = {"run_id": "00000000-0000-4000-8000-000000000002", "budget": 3}
+    newer_service = QueuedJob.for_service(
+        service_run["run_id"], cipher.encrypt(json.dumps(service_run)), 10
+    )
+
+    async def submit() -> None:
+        queue = JobQueue(workdir.queue)
+        try:
+            await queue.ensure_group()
+            redis = Redis.from_url(workdir.queue)
+            await redis.xadd(STREAM, {"job": json.dumps(newer_job)})
+            await redis.aclose()
+            await queue.submit([newer_service])
+        finally:
+            await queue.aclose()
+
+    asyncio.run(submit())
+    worker = workdir.worker("--max-deliveries", "1")
+    # taken once, left unacknowledged (claimable by another worker), no run ended yet
+    wait_for(lambda: delivered(workdir.queue) == [1, 1], what="both jobs delivered once")
+    assert not per_run(fresh_database_dsn)
+    wait_for(lambda: len(per_run(fresh_database_dsn)) == 2, what="both runs ended")
+    wait_for(lambda: pending_jobs(workdir.queue) == 0, what="both jobs acknowledged")
+    reasons = query(
+        fresh_database_dsn,
+        "SELECT data->>'reason' FROM events WHERE type = 'RunCancelled' ORDER BY stream",
+    )
+    assert len(reasons) == 2
+    for (reason,) in reasons:
+        assert "handed to a worker 2 times and no worker could read it" in reason
+        assert "queued by a newer Baton" in reason and "upgrade the workers" in reason
+    assert "secret key" not in reasons[1][0]  # the key is right: the format is newer
+    assert stopped(worker) == 128 + signal.SIGTERM

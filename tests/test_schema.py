@@ -33,6 +33,7 @@ RELEASED = {
     11: "9eda7a4bfe7a9585d5f4719d9dfc4e865dc60d98fcfcdc1798ce0021463fdf65",
     12: "3d6c1db79e820b921e26860550350c66264a15b4217da6a91cfe8b17aa23cb3c",
     13: "1e74beb41066f2528c69a96cbdf7c8db5c03f1d765df617b6742079fd8761451",
+    14: "988611a4968976665329929180c8e17f8025cc1c628a4a37233c4527ef91aa0b",
 }
 STEP_NAMES = [
     "event store",
@@ -48,6 +49,7 @@ STEP_NAMES = [
     "service health checks and test sessions",
     "daily rollups of runs and failures",
     "retention policies and monthly metrics",
+    "queued service runs for every instance",
 ]
 
 

@@ -18,13 +18,21 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 from redis.asyncio import Redis
 
 from context_service.keys import create_key
 from events.settings import Settings
 from orchestrator.queue import GROUP, STREAM
-from tests.conftest import LOOPBACK, LiveService, Org, RedisServer, private_database
+from tests.conftest import (
+    LOOPBACK,
+    LiveService,
+    Org,
+    RedisServer,
+    free_port,
+    private_database,
+)
 from tests.test_service_runs import RERUN_FLOW, SLOW_FLOW, _all_events, _clear_token, _project
 from tests.test_service_runs import _suite as _upload
 
@@ -440,3 +448,140 @@ async def test_a_restarted_service_records_the_end_of_runs_queued_before(
             finally:
                 started.stop()
                 await org.http.aclose()
+
+
+NAP_FLOW = """
+name: nap
+base_url: "{{ env.SHOP_URL }}"
+tests:
+  nap:
+    request: {url: /slow, params: {ms: 4000}}
+  after_nap:
+    depends_on: [nap]
+    request: {url: /health}
+"""
+
+
+class Serve:
+    """``baton serve`` in a process of its own (to SIGKILL), its log in a file."""
+
+    def __init__(self, dsn: str, queue: str, key: str, folder: Path) -> None:
+        folder.mkdir()
+        env = {**os.environ, "BATON_DATABASE_URL": dsn, "BATON_SECRET_KEY": key}
+        env |= {"BATON_QUEUE_URL": queue, "BATON_ALLOWED_TARGETS": LOOPBACK}
+        env["BATON_HOME"] = str(folder / "home")
+        env.pop("BATON_REDIS_URL", None)
+        self.log = folder / "serve.log"
+        self._log = self.log.open("w")
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "serve", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+        )
+
+    async def ready(self) -> None:
+        async with httpx.AsyncClient(base_url=self.url) as client:
+            for _ in range(300):
+                with contextlib.suppress(httpx.TransportError):
+                    if (await client.get("/health")).status_code == 200:
+                        return
+                assert self.process.poll() is None, self.log.read_text()
+                await asyncio.sleep(0.1)
+        pytest.fail(f"baton serve did not answer: {self.log.read_text()}")
+
+    def client(self, key: str) -> httpx.AsyncClient:  # as LiveService's, for Org
+        return httpx.AsyncClient(
+            base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=30
+        )
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+        self._log.close()
+        sys.stderr.write(self.log.read_text())  # pytest shows it for a failed test
+
+
+async def test_either_instance_serves_any_run_and_outlives_the_one_that_queued_it(
+    shop_url: str, private_redis: RedisServer, tmp_path: Path
+) -> None:
+    """Two ``baton serve`` behind one load balancer: A (a process, to SIGKILL) queues two
+    runs and is killed, one in flight on the worker, one waiting behind it. B answers for
+    both: it cancels the waiting one at once, streams the other to its end, and records
+    both ends."""
+    key = _key()
+    async with private_database() as dsn:
+        a = Serve(dsn, private_redis.url, key, tmp_path / "a")
+        started = Worker(dsn, private_redis.url, key, tmp_path, "-c", "1")
+        try:
+            await a.ready()
+            with _service(dsn, private_redis.url, key) as b:
+                await _two_instances(a, b, dsn, private_redis.url, shop_url)
+        finally:
+            started.stop()
+            a.stop()
+
+
+async def _two_instances(a: Serve, b: LiveService, dsn: str, queue_url: str, shop: str) -> None:
+    api_key = await create_key(
+        b.settings, organization="acme", scopes=["read", "run", "admin"], name="ci"
+    )
+    on_a, on_b = Org(a, api_key), Org(b, api_key)  # type: ignore[arg-type]
+    try:
+        ids = await _project(on_a, "two-instances", shop)
+        suite = await _upload(on_a, ids["project"], NAP_FLOW)
+        body = {"suite_id": suite, "environment_id": ids["environment"]}
+        flying = (await on_a.ok("POST", "/api/v1/runs", 202, json=body))["id"]
+
+        async def sent() -> bool:
+            page = await on_b.ok("GET", f"/api/v1/runs/{flying}/events")
+            return any(e["type"] == "RequestSent" for e in page["items"])
+
+        await _until(sent)
+        waiting = (await on_a.ok("POST", "/api/v1/runs", 202, json=body))["id"]
+        streamed = asyncio.create_task(_sse(on_b, flying))
+        a.process.kill()
+        a.process.wait()
+        assert (await on_b.ok("GET", f"/api/v1/runs/{waiting}"))["status"] == "queued"
+        cancelled = await on_b.ok("POST", f"/api/v1/runs/{waiting}/cancel", 202)
+        assert (cancelled["status"], cancelled["message"]) == (
+            "cancelled",
+            "cancelled through the API",
+        )
+        # at once: not when the worker, busy with the other run, takes its job
+        assert (await on_b.ok("GET", f"/api/v1/runs/{flying}"))["status"] == "running"
+        ended = await on_b.finished(flying, within=30)
+        assert (ended["status"], ended["passed_tests"]) == ("passed", 2)
+        sse = await asyncio.wait_for(streamed, 30)
+        assert "event: RunCompleted" in sse  # the stream ended with the run
+
+        async def recorded() -> bool:
+            states = [await _state(dsn, run) for run in (flying, waiting)]
+            return states == [("finished", ""), ("cancelled", "")]
+
+        await _until(recorded)
+        # the worker finds the cancelled run ended when it takes its job: only acknowledges it
+        queue = Redis.from_url(queue_url)
+        try:
+
+            async def acknowledged() -> bool:
+                groups = await queue.xinfo_groups(STREAM)
+                return bool(groups[0]["entries-read"] == 2 and groups[0]["pending"] == 0)
+
+            await _until(acknowledged)
+        finally:
+            await queue.aclose()
+        stored = await _stored(dsn, waiting)
+        assert [e.split(" ", 1)[0] for e in stored] == ["RunStarted", "RunCancelled"]
+    finally:
+        for org in (on_a, on_b):
+            await org.http.aclose()
+
+
+async def _sse(org: Org, run_id: str) -> str:
+    async with org.http.stream("GET", f"/api/v1/runs/{run_id}/stream") as response:
+        assert response.status_code == 200
+        return "\n".join([line async for line in response.aiter_lines()])

@@ -171,23 +171,16 @@ async def fetch_run(services: Services, principal: Principal, run_id: uuid.UUID)
 
 
 async def _cancel_queued(services: Services, principal: Principal, run_id: uuid.UUID) -> Run:
-    """Cancel a run of the worker queue (context_service.queued); the answer shows it ended
-    unless its worker takes long to stop it."""
+    """Cancel a run of the worker queue (context_service.queued), whichever instance queued
+    it; the answer shows it ended unless its worker takes long to stop it."""
     assert services.queued is not None
     try:
-        await services.queued.cancel(str(run_id))
+        await services.queued.cancel(str(run_id), principal.organization_id)
     except QueueUnavailable:
         raise Unavailable("the worker queue is unreachable; try the cancel again later") from None
     with contextlib.suppress(TimeoutError):
-        if await asyncio.wait_for(services.queued.wait(str(run_id)), _CANCEL_WAIT):
-            return await fetch_run(services, principal, run_id)
-    # queued by another instance (or before a restart): the read tables say when it ends
-    for _ in range(round(_CANCEL_WAIT / 0.1)):
-        run = await fetch_run(services, principal, run_id)
-        if run.status not in ("queued", "running"):
-            break
-        await asyncio.sleep(0.1)
-    return run
+        await asyncio.wait_for(services.queued.wait(str(run_id)), _CANCEL_WAIT)
+    return await fetch_run(services, principal, run_id)
 
 
 async def run_diff(
