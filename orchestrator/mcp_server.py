@@ -7,10 +7,11 @@ would print, with its exit code, so an agent reads what a user would.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from events.errors import EventsError
@@ -75,7 +76,7 @@ def make_server() -> Any:
     ) -> dict[str, Any]:
         """Run a flow file (or a directory of them) as `baton run` does; returns each run's
         id, status and tallies, and the summary. exit_code is what `baton run` exits with."""
-        return await agent_tools.run_flow(path, env, vars)
+        return await _to_its_end(agent_tools.run_flow(path, env, vars))
 
     @server.tool()
     @_baton_errors
@@ -102,10 +103,29 @@ def make_server() -> Any:
     return server
 
 
-def serve() -> None:
-    """Serve on standard input and output until the client closes them."""
+async def _to_its_end(work: Coroutine[Any, Any, T]) -> T:
+    """``work`` in a task of its own. The call cancelled (the client cancels it, ``baton
+    mcp`` is stopped), the task is cancelled once and awaited to its end: the runs in flight
+    store their RunCancelled before the store closes. Run in the tool call's own task, the
+    SDK's cancel scope would cancel every await of that cleaning up again, and the runs
+    would stay ``running`` until another Baton process swept them."""
+    import anyio
+
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait([task])
+        raise
+
+
+async def serve() -> None:
+    """Serve on standard input and output until the client closes them; run in the CLI's
+    event loop, so that SIGTERM stops it as SIGINT does (``orchestrator.cli.signals``)."""
     _log_to_stderr()
-    make_server().run("stdio")
+    await make_server().run_stdio_async()
 
 
 def _log_to_stderr() -> None:

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Mapping
+import signal
+import threading
+from collections.abc import Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
@@ -321,7 +323,9 @@ def _run_flow(
         # a loop of its own, not made the thread's current one: asyncio.run would leave
         # none behind for the async tests of the session that come after
         with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
-            results = runner.run(execute([job], Settings.from_env()))
+            results = runner.run(_stopped_by_sigterm(execute([job], Settings.from_env())))
+    except _Terminated:
+        pytest.exit("interrupted by SIGTERM", returncode=128 + signal.SIGTERM)
     except UsageError as exc:
         return _Outcome(problem=str(exc))
     except (BatonError, EventsError) as exc:
@@ -332,3 +336,45 @@ def _run_flow(
     run = results[0]
     config.stash[_RUNS].append(run)
     return _Outcome({test.name: test for test in run.tests}, run.run_id)
+
+
+T = TypeVar("T")
+
+
+class _Terminated(Exception):
+    """SIGTERM stopped the run: its tests in flight ended as cancelled."""
+
+
+async def _stopped_by_sigterm(work: Coroutine[Any, Any, T]) -> T:
+    """``work``, cancelled by SIGTERM as asyncio.Runner cancels it on SIGINT: the run in
+    flight ends with RunCancelled and its events are stored. Left to its default, SIGTERM
+    (CI's timeout, ``docker stop``) kills pytest on the spot and the run stays ``running``
+    until another Baton process sweeps it. A second SIGTERM kills as the default does."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    ours = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    )
+    received = False
+
+    def terminated() -> None:
+        nonlocal received
+        received = True
+        loop.remove_signal_handler(signal.SIGTERM)
+        assert task is not None
+        task.cancel()
+
+    if ours:
+        loop.add_signal_handler(signal.SIGTERM, terminated)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if received:
+            raise _Terminated from None
+        raise
+    finally:
+        if ours and not received:
+            loop.remove_signal_handler(signal.SIGTERM)

@@ -247,6 +247,48 @@ def test_baton_run_stops_cleanly(
     assert_embedded_stopped(home)
 
 
+def test_baton_run_stops_cleanly_when_the_reader_of_its_events_goes(
+    env: dict[str, str], home: Path, tmp_path: Path
+) -> None:
+    """``baton run --events ndjson | head -1``: the runs end as interrupted, no traceback,
+    the exit code a shell reports for a tool stopped by SIGPIPE."""
+    chained = [
+        f"  t{i}:\n    request: {{url: /slow, params: {{ms: 300}}}}\n"
+        + (f"    depends_on: [t{i - 1}]\n" if i else "")
+        for i in range(20)
+    ]
+    flow = tmp_path / "chain.yaml"
+    base = 'base_url: "{{ env.SHOP_URL }}"'
+    flow.write_text(f"name: signals pipe\n{base}\ntests:\n{''.join(chained)}")
+    with subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "run", str(flow), "--events", "ndjson"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        assert process.stdout is not None and process.stderr is not None
+        try:
+            assert '"type":"RunStarted"' in process.stdout.readline()
+            process.stdout.close()  # the reader goes; the chain has some 6 s to go
+            stderr = process.stderr.read()
+            process.wait(timeout=30)
+        finally:
+            process.kill()
+
+    assert process.returncode == 128 + signal.SIGPIPE.value
+    assert stderr.strip().splitlines()[-1] == "interrupted by SIGPIPE: standard output was closed"
+    assert "Traceback" not in stderr and "event store failed" not in stderr
+    assert "INTERRUPTED" in stderr  # the summary, on standard error as with --events
+    listed = baton_output("runs", "--suite", "signals pipe", env=env).splitlines()
+    run_id, status = listed[1].split()[:2]
+    assert status == "cancelled"
+    events = events_of(run_id, env)
+    assert events[0][3] == "RunStarted"
+    assert events[-1][3:] == ["RunCancelled", "reason=interrupted"]
+    assert_embedded_stopped(home)
+
+
 @pytest.fixture(scope="module")
 def api_key(home: Path) -> str:
     env = {**os.environ, "BATON_HOME": str(home)}

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,6 +17,8 @@ from typing import Any
 import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
+
+from tests.cli import baton
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -158,3 +163,86 @@ async def test_an_unknown_run_is_baton_s_error(env: dict[str, str]) -> None:
             assert failed
             assert "no run 'no-such-run' in the event store" in text
             assert "[exit 2]" in text
+
+
+SLOW = """\
+name: mcp slow
+base_url: "{{ env.SHOP_URL }}"
+tests:
+  quick:
+    request: {url: /health}
+  slow:
+    depends_on: [quick]
+    request: {url: /slow, params: {ms: 10000}}
+"""
+
+
+def _run_events(suite: str) -> tuple[str, list[str]]:
+    """The suite's one run: its id and its events' lines (``baton events``)."""
+    code, listed, _ = baton("runs", "--suite", suite)
+    assert code == 0
+    rows = listed.splitlines()[1:]
+    if not rows:
+        return "", []
+    run_id = rows[0].split()[0]
+    code, shown, _ = baton("events", run_id)
+    assert code == 0
+    return run_id, shown.splitlines()[1:]
+
+
+def test_sigterm_while_run_flow_is_in_flight_ends_the_run_as_cancelled(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """An agent's host stops ``baton mcp`` as a supervisor does: the run in flight records
+    its end; before, it stayed ``running`` until another Baton process swept it."""
+    flow = tmp_path / "slow.yaml"
+    flow.write_text(SLOW)
+    with subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "mcp"],
+        env={**os.environ, **env},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
+        assert process.stdin is not None and process.stdout is not None
+        try:
+            for message in (
+                {
+                    "jsonrpc": "2.0",
+                    "id": 1,
+                    "method": "initialize",
+                    "params": {
+                        "protocolVersion": "2025-06-18",
+                        "capabilities": {},
+                        "clientInfo": {"name": "test", "version": "1"},
+                    },
+                },
+                {"jsonrpc": "2.0", "method": "notifications/initialized"},
+                {
+                    "jsonrpc": "2.0",
+                    "id": 2,
+                    "method": "tools/call",
+                    "params": {"name": "run_flow", "arguments": {"path": str(flow)}},
+                },
+            ):
+                process.stdin.write(json.dumps(message) + "\n")
+                process.stdin.flush()
+                if message.get("id") == 1:
+                    assert '"id":1' in process.stdout.readline()
+            deadline = time.monotonic() + 60
+            while sum(" RequestSent " in line for line in _run_events("mcp slow")[1]) < 2:
+                assert time.monotonic() < deadline, "the run never sent its slow request"
+                time.sleep(0.1)
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=30)
+        finally:
+            process.kill()
+
+    assert process.returncode == 128 + signal.SIGTERM.value
+    assert stderr.strip().splitlines()[-1] == "interrupted by SIGTERM"
+    assert "Traceback" not in stderr and " ERROR " not in stderr
+    run_id, events = _run_events("mcp slow")
+    assert events[-1].split()[3:] == ["RunCancelled", "reason=interrupted"]
+    listed = baton("runs", "--suite", "mcp slow")[1]
+    assert listed.splitlines()[1].split()[:2] == [run_id, "cancelled"]

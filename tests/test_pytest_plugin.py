@@ -4,8 +4,10 @@ process of its own) against the demo shop, its events in a private database."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -93,6 +95,16 @@ class Project:
         """``pytest *args`` here. Without ``autoload`` only Baton's plugin is loaded (named
         with -p): this environment's other plugins (hypothesis, schemathesis...) take 3 s
         of CPU to import in every pytest process."""
+        environ, command = self.command(args, env, autoload)
+        done = subprocess.run(
+            command, cwd=self.root, env=environ, capture_output=True, text=True, timeout=120
+        )
+        return Pytest(done.returncode, done.stdout + done.stderr)
+
+    def command(
+        self, args: tuple[str, ...], env: dict[str, str] | None = None, autoload: bool = False
+    ) -> tuple[dict[str, str], list[str]]:
+        """The environment and the command line of ``pytest *args`` here."""
         environ = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
         environ.pop("BATON_SECRET_KEY", None)
         environ.update(self.env)
@@ -102,15 +114,7 @@ class Project:
         if not autoload:
             environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
             plugins += ["-p", "orchestrator.pytest_plugin"]
-        done = subprocess.run(
-            [sys.executable, "-m", "pytest", *plugins, *args],
-            cwd=self.root,
-            env=environ,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        return Pytest(done.returncode, done.stdout + done.stderr)
+        return environ, [sys.executable, "-m", "pytest", *plugins, *args]
 
     def baton(self, monkeypatch: pytest.MonkeyPatch, *args: str) -> str:
         """What ``baton *args`` says on the same store."""
@@ -375,3 +379,51 @@ def test_a_flow_with_a_shared_setup_is_a_collection_error_saying_why(project: Pr
     assert found.code == 2, found.out
     assert "using/cart.yaml: use: shared setups run with baton run only" in found.out
     assert "Traceback" not in found.out
+
+
+SLOW_FLOW = """\
+name: pytest slow
+base_url: "{{ shop }}"
+tests:
+  quick:
+    request: {url: /health}
+  slow:
+    depends_on: [quick]
+    request: {url: /slow, params: {ms: 10000}}
+"""
+
+
+def test_sigterm_mid_run_ends_the_run_as_cancelled(
+    tmp_path: Path, module_database: str, shop_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CI's timeout or ``docker stop`` ends pytest with SIGTERM: the run in flight records
+    its end, as on Ctrl-C; before, it stayed ``running`` until another process swept it."""
+    project = make_project(tmp_path, module_database, shop_url)
+    (project.root / "flows" / "shop.yaml").write_text(SLOW_FLOW)
+    environ, command = project.command(("flows",))
+    with subprocess.Popen(
+        command,
+        cwd=project.root,
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as process:
+        try:
+            deadline = time.monotonic() + 60
+            while "running" not in project.baton(monkeypatch, "runs", "--suite", "pytest slow"):
+                assert time.monotonic() < deadline, "pytest never started the run"
+                time.sleep(0.2)
+            process.send_signal(signal.SIGTERM)
+            out, _ = process.communicate(timeout=30)
+        finally:
+            process.kill()
+
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "interrupted by SIGTERM" in out
+    assert "Traceback" not in out
+    listed = project.baton(monkeypatch, "runs", "--suite", "pytest slow").splitlines()
+    run_id, status = listed[1].split()[:2]
+    assert status == "cancelled"
+    events = project.baton(monkeypatch, "events", run_id).splitlines()
+    assert events[-1].split()[3:] == ["RunCancelled", "reason=interrupted"]

@@ -18,7 +18,7 @@ from events.errors import (
     StoreError,
     StoreUnavailable,
 )
-from orchestrator.cli.signals import Interrupted, _handled_signals
+from orchestrator.cli.signals import Interrupted, _handled_signals, stdout_closed
 from orchestrator.errors import BatonError
 
 
@@ -39,6 +39,10 @@ def main() -> None:
             sys.exit(code)
         except KeyboardInterrupt as exc:
             _interrupted(exc)
+        except BrokenPipeError:
+            # what is left to print (a listing, the summary) has no reader
+            stdout_closed()
+            _interrupted(Interrupted(signal.SIGPIPE))
 
 
 def _failure(exc: BatonError | EventsError) -> tuple[int, str]:
@@ -58,7 +62,8 @@ def _failure(exc: BatonError | EventsError) -> tuple[int, str]:
 
 def _interrupted(cause: BaseException | None) -> None:
     if isinstance(cause, Interrupted):
-        click.echo(f"interrupted by {cause.signal.name}", err=True)
+        why = ": standard output was closed" if cause.signal == signal.SIGPIPE else ""
+        click.echo(f"interrupted by {cause.signal.name}{why}", err=True)
         sys.exit(cause.exit_code)
     click.echo("interrupted", err=True)
     sys.exit(128 + signal.SIGINT)

@@ -18,7 +18,7 @@ import click
 from orchestrator.cli.app import cli
 from orchestrator.cli.options import _options, _rerun_inputs, flow_options, report_options
 from orchestrator.cli.reading import _batch_reported, _reported
-from orchestrator.cli.signals import _run, _until_stopped
+from orchestrator.cli.signals import _run, _until_stopped, stdout_closed
 from orchestrator.cli.stores import _with_store
 from orchestrator.errors import InfrastructureError, UsageError
 
@@ -165,8 +165,8 @@ def _execute(
     stream_event = _ndjson_writer() if ndjson else None
 
     def observe(run_id: str, event: Any) -> None:
-        progress(run_id, event)
         tally(run_id, event)
+        progress(run_id, event)
 
     try:
         with _served(serve, jobs):
@@ -175,8 +175,8 @@ def _execute(
                     jobs,
                     Settings.from_env(),
                     concurrency=concurrency,
-                    observer=observe,
-                    placed=stream_event,
+                    observer=_until_stdout_closed(observe),
+                    placed=stream_event and _until_stdout_closed(stream_event),
                     shard=shard,
                     session_id=session_id or "",
                 )
@@ -286,6 +286,20 @@ def replay(run_id: str, flow_file: Path | None, flow: Path | None, **kwargs: Any
         sys.exit(1)
 
 
+def _until_stdout_closed(observer: Callable[..., None]) -> Callable[..., None]:
+    """The observer, stopping the command (``stdout_closed``) when standard output's reader
+    has gone: raised in the event writer, the error would end the writer, and the runs
+    could not record their end."""
+
+    def observe(*args: Any) -> None:
+        try:
+            observer(*args)
+        except BrokenPipeError:
+            stdout_closed()
+
+    return observe
+
+
 def _ndjson_writer() -> Callable[[str, Any, int], None]:
     """Writes each stored event as its line, flushed at once: a consumer reads it live."""
     from events.wire import ndjson_line
@@ -339,10 +353,11 @@ def _queued(
     progress = ConsoleProgress(stream=sys.stdout, quiet=quiet, color=color)
     tally = RunTally()
 
+    @_until_stdout_closed
     def ended(run_id: str, recorded: list[Any]) -> None:
         for item in recorded:
-            progress(run_id, item.event)
             tally(run_id, item.event)
+            progress(run_id, item.event)
 
     async def go() -> BatchReport:
         queue = JobQueue(url)

@@ -117,4 +117,4 @@ def mcp() -> None:
     (validate_flow, run_flow, run_failures, run_context; docs/agents.md)."""
     from orchestrator.mcp_server import serve as serve_mcp
 
-    serve_mcp()
+    _run(serve_mcp())

@@ -5,7 +5,9 @@ Kubernetes) stops it, and the event loop the commands run in.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
@@ -43,6 +45,8 @@ class _Signals:
     def __init__(self) -> None:
         self.handled: tuple[signal.Signals, ...] = ()
         self.received = 0
+        self.main: asyncio.Task[Any] | None = None
+        """``_run``'s main task while its loop runs."""
 
     def __call__(self, signum: int, frame: object) -> None:
         raise Interrupted(signum)
@@ -55,6 +59,20 @@ class _Signals:
 
 
 _signals = _Signals()
+
+
+def stdout_closed() -> None:
+    """Standard output's reader went away (``baton run --events ndjson | head -1``): stop
+    as a shell's tool stops on SIGPIPE, but cleanly, as on SIGTERM: the runs in flight end
+    with RunCancelled, and the command exits 141 (128 + SIGPIPE). What is still written to
+    standard output (the summary, the events of the cancelling) goes nowhere: writing to
+    the closed pipe would raise again, and at exit too."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    if _signals.main is not None and not _signals.received:
+        _signals.received = signal.SIGPIPE
+        _signals.main.cancel()
 
 
 @contextmanager
@@ -91,9 +109,11 @@ def _run(main: Coroutine[Any, Any, T]) -> T:
         watched = _signals.handled if threading.current_thread() is threading.main_thread() else ()
         for signum in watched:
             loop.add_signal_handler(signum, _signals.cancel_on_signal, task, signum)
+        _signals.main = task
         try:
             return await main
         finally:
+            _signals.main = None
             for signum in watched:
                 loop.remove_signal_handler(signum)
                 signal.signal(signum, _signals)
