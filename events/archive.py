@@ -124,8 +124,29 @@ def archived(run_id: str, directory: Path) -> Path:
 
 
 def read_archived(run_id: str, directory: Path) -> list[RecordedEvent]:
-    with gzip.open(archived(run_id, directory), "rb") as lines:
-        return [_decode(line) for line in lines if line.strip()]
+    path = archived(run_id, directory)
+    damaged = f"the archive file {path} is damaged"
+    try:
+        with gzip.open(path, "rb") as lines:
+            recorded = [_decode(line) for line in lines if line.strip()]
+    except OSError as exc:  # BadGzipFile is one, and so is a folder or a file not ours to read
+        reason = "not gzip" if isinstance(exc, gzip.BadGzipFile) else exc.strerror or str(exc)
+        raise ArchiveError(f"{damaged} or unreadable ({reason}): restore it from a backup") from exc
+    except EOFError as exc:
+        raise ArchiveError(f"{damaged} (cut short): restore it from a backup") from exc
+    except msgspec.DecodeError as exc:
+        raise ArchiveError(
+            f"{damaged} (a line is not a recorded event): restore it from a backup"
+        ) from exc
+    if not recorded:
+        raise ArchiveError(f"{damaged} (it holds no event): restore it from a backup")
+    # a restore must never put back another run's events, or under this run's name
+    if any(event.stream != run_stream(run_id) for event in recorded):
+        raise ArchiveError(
+            f"the archive file {path} holds events of another run than {run_id}: put that"
+            " run's own file there"
+        )
+    return recorded
 
 
 async def restore_run(store: EventStore, run_id: str, directory: Path) -> int:

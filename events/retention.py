@@ -33,6 +33,10 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True):
 
 DEFAULT = Policy()
 
+LONGEST_DAYS = 36_500
+"""The longest window a project may set, a century: a longer one overflows the dates
+retention works out from it (``now`` less the window)."""
+
 
 class RunFacts(msgspec.Struct, frozen=True, kw_only=True):
     """An ended run of the read tables, as retention sees it."""

@@ -63,6 +63,43 @@ def _split_userinfo(url: str) -> tuple[str, str, str]:
     return f"{scheme}://", rest[:at], rest[at + 1 :]
 
 
+_URL_FORMS = {
+    "PostgreSQL": (("postgresql", "postgres"), "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"),
+    "Redis": (("redis", "rediss", "unix"), "redis://HOST:PORT/DB (rediss:// for TLS)"),
+}
+
+
+def url_problem(url: str, kind: str) -> str | None:
+    """What keeps ``url`` from being a URL of ``kind`` ("PostgreSQL" or "Redis"), in
+    Baton's words, or None. Checked before a driver sees it: a driver's own message is in
+    its words, and a port out of range crashes a connect (OverflowError) instead."""
+    schemes, form = _URL_FORMS[kind]
+    scheme, separator, _ = url.partition("://")
+    if not separator or scheme.lower() not in schemes:
+        return f"not a {kind} URL: give {form}"
+    _, userinfo, rest = _split_userinfo(url)
+    if re.search(r"[@/#?]", userinfo):
+        return (
+            "a user name or password with @ / # or ? in it must be percent-encoded"
+            " (@ as %40, / as %2F, # as %23, ? as %3F)"
+        )
+    for host in re.split(r"[/?#]", rest, maxsplit=1)[0].split(","):  # libpq's h1:p1,h2:p2
+        if host.startswith("[") and "]" not in host:
+            return f"the IPv6 address {host} has no closing ]: give [ADDRESS]:PORT"
+        port = host.rpartition("]")[2] if host.startswith("[") else host
+        digits = port.partition(":")[2]
+        if digits and not (digits.isascii() and digits.isdigit() and 0 < int(digits) < 65536):
+            return f"the port {digits!r} is not a port number (1 to 65535): give {form}"
+    return None
+
+
+def _url(environ: Mapping[str, str], name: str, kind: str) -> str | None:
+    value = _optional(environ, name)
+    if value is not None and (problem := url_problem(value, kind)):
+        raise SettingsError(f"{name}={mask_dsn(value)!r}: {problem}")
+    return value
+
+
 def scrub_dsn(text: str, dsn: str) -> str:
     """``text`` (a driver's message, say) with the DSN's password masked wherever it shows,
     as the DSN writes it or percent-decoded."""
@@ -164,14 +201,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 f" BATON_STORE_WAIT ({store_wait:g} s): raise the one or lower the other"
             )
         return cls(
-            database_url=_optional(environ, "BATON_DATABASE_URL"),
-            redis_url=_optional(environ, "BATON_REDIS_URL"),
+            database_url=_url(environ, "BATON_DATABASE_URL", "PostgreSQL"),
+            redis_url=_url(environ, "BATON_REDIS_URL", "Redis"),
             home=home if home.is_absolute() else base / home,
             secret_key=_optional(environ, "BATON_SECRET_KEY"),
             store_wait=store_wait,
             owner_timeout=owner_timeout,
             allowed_targets=_optional(environ, "BATON_ALLOWED_TARGETS"),
-            queue_url=_optional(environ, "BATON_QUEUE_URL"),
+            queue_url=_url(environ, "BATON_QUEUE_URL", "Redis"),
             archive_dir=Path(archive).expanduser() if archive else None,
             retention_interval=(
                 None

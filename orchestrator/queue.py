@@ -26,10 +26,12 @@ from typing import Any
 
 import msgspec
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from events.secrets import Cipher
-from events.settings import mask_dsn
+from events.settings import mask_dsn, url_problem
 from orchestrator.errors import InfrastructureError, UsageError
 from orchestrator.execution import Options
 
@@ -154,6 +156,9 @@ class JobQueue:
     """The stream and group at ``url`` (redis://HOST:PORT/DB); ``aclose`` it."""
 
     def __init__(self, url: str, *, stream: str = STREAM, group: str = GROUP) -> None:
+        problem = url_problem(url, "Redis")
+        if problem:
+            raise UsageError(f"--queue {mask_dsn(url)}: {problem}")
         try:
             self._redis = Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
         except ValueError as exc:
@@ -168,6 +173,11 @@ class JobQueue:
     def _errors(self) -> Iterator[None]:
         try:
             yield
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise QueueUnavailable(
+                f"the queue at {self._where} does not answer: start Redis there, or give"
+                " --queue (BATON_QUEUE_URL) the address of one that runs"
+            ) from exc
         except RedisError as exc:
             raise QueueUnavailable(f"the queue at {self._where}: {exc}") from exc
 

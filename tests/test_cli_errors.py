@@ -4,6 +4,7 @@ never a traceback, and never a DSN's password, although the errors keep their ca
 
 from __future__ import annotations
 
+import gzip
 import os
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 from events.errors import ScrubbedCause, StoreUnavailable, scrubbed
 from events.postgres import PostgresEventStore
 from events.settings import scrub_dsn
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 UNREACHABLE = "postgresql://u:hunter2@127.0.0.1:1/x"
@@ -143,6 +145,107 @@ def test_a_service_that_cannot_start_is_an_infrastructure_error(
     assert err.strip().splitlines()[-1] == (
         "error: the service did not start (its log above says why)"
     )
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "named"),
+    [
+        ("BATON_DATABASE_URL", "postgresql://u:hunter2@127.0.0.1:99999/x", "port '99999'"),
+        ("BATON_DATABASE_URL", "host=127.0.0.1 password=hunter2", "not a PostgreSQL URL"),
+        ("BATON_DATABASE_URL", "postgresql://u:hunter2@db@127.0.0.1/x", "percent-encoded"),
+        ("BATON_REDIS_URL", "http://:hunter2@127.0.0.1:6379", "not a Redis URL"),
+        ("BATON_QUEUE_URL", "redis://:hunter2@127.0.0.1:six/0", "port 'six'"),
+    ],
+)
+def test_a_malformed_service_url_is_a_usage_error_naming_its_variable(
+    tmp_path: Path, variable: str, value: str, named: str
+) -> None:
+    code, out, err = baton(tmp_path, "runs", **{variable: value})
+    assert code == 2, out + err
+    line = one_error(err)
+    assert line.startswith(f"error: {variable}=") and named in line
+    assert "hunter2" not in out + err
+
+
+@pytest.mark.parametrize(
+    ("queue", "exit_code", "says"),
+    [("http://127.0.0.1:6379", 2, "not a Redis URL"), ("redis://127.0.0.1:{port}/0", 3, "")],
+)
+def test_a_queue_that_cannot_take_the_batch_fails_before_it_says_queued(
+    tmp_path: Path, flow: Path, queue: str, exit_code: int, says: str
+) -> None:
+    url = queue.format(port=free_port())
+    code, out, err = baton(
+        tmp_path,
+        "run",
+        str(flow),
+        "--queue",
+        url,
+        SHOP_URL="http://127.0.0.1:1",
+        BATON_DATABASE_URL=UNREACHABLE,
+    )
+    assert code == exit_code, out + err
+    assert out == ""  # no "batch ...: 1 units queued" line for a batch that never was
+    assert one_error(err).startswith(f"error: {'--queue ' if says else 'the queue at '}{url}")
+    assert says in err
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (("retention", "set", "shop", "--passed-days", "1000000"), "--passed-days"),
+        (("retention", "set", "shop", "--context-hours", "9999999999"), "--context-hours"),
+        (("retention", "apply", "--dry-run", "--now", "0001-01-01"), "--now '0001-01-01'"),
+    ],
+)
+def test_a_retention_window_or_time_past_the_calendar_is_a_usage_error(
+    tmp_path: Path, args: tuple[str, ...], named: str
+) -> None:
+    """Stored, such a window made every later apply overflow with a traceback."""
+    code, out, err = baton(tmp_path, *args, BATON_DATABASE_URL=UNREACHABLE)
+    assert code == 2, out + err
+    assert named in err and "Traceback" not in err
+
+
+ARCHIVED = "01a24267-6483-7c15-8755-4f3ebc8a93fb"
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"not gzip at all", "damaged or unreadable"),
+        (gzip.compress(b"x" * 5000, mtime=0)[:30], "damaged (cut short)"),
+        (gzip.compress(b'{"id": 1}\n', mtime=0), "a line is not a recorded event"),
+        (gzip.compress(b"", mtime=0), "it holds no event"),
+    ],
+    ids=["not-gzip", "cut-short", "not-events", "empty"],
+)
+def test_a_damaged_archive_file_is_named_not_restored(
+    tmp_path: Path, pg_server_dsn: str, content: bytes, says: str
+) -> None:
+    path = tmp_path / "home" / "archive" / "shop" / "2026-01" / "events" / f"{ARCHIVED}.jsonl.gz"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    code, out, err = baton(
+        tmp_path, "archive", "restore", ARCHIVED, BATON_DATABASE_URL=pg_server_dsn
+    )
+    assert code == 2, out + err  # a cut-short file was once "interrupted", exit 130
+    line = one_error(err)
+    assert line.startswith(f"error: the archive file {path} ") and says in line
+
+
+def test_a_schema_whose_references_loop_fails_its_test_not_the_run(
+    tmp_path: Path, shop_url: str, pg_server_dsn: str
+) -> None:
+    looping = tmp_path / "looping.yaml"
+    schema = '{$ref: "#/$defs/A", $defs: {A: {$ref: "#/$defs/B"}, B: {$ref: "#/$defs/A"}}}'
+    looping.write_text(FLOW.replace("expect: {status: %d}", f"expect: {{schema: {schema}}}"))
+    code, out, err = baton(
+        tmp_path, "run", str(looping), SHOP_URL=shop_url, BATON_DATABASE_URL=pg_server_dsn
+    )
+    assert code == 1, out + err
+    assert "the schema's $ref references lead back to themselves" in out
     assert "Traceback" not in err
 
 

@@ -312,6 +312,37 @@ def test_references_outside_the_document_are_reported(tmp_path: Path) -> None:
     assert baton("validate", str(out))[0] == 0
 
 
+def test_references_that_lead_back_to_themselves_are_reported_not_kept(
+    tmp_path: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A: {$ref: B}, B: {$ref: A} names no schema: kept, the run's check went round it
+    without end (a RecursionError's traceback)."""
+    spec = _spec_30(
+        **{
+            "/health": {
+                "get": {
+                    "operationId": "health",
+                    "responses": {
+                        "200": {
+                            "description": "loops",
+                            "content": {"application/json": {"schema": {"$ref": "#/x/A"}}},
+                        }
+                    },
+                }
+            }
+        }
+    )
+    spec["x"] = {"A": {"$ref": "#/x/B"}, "B": {"$ref": "#/x/A"}}
+    source = write_spec(tmp_path, spec)
+    _, stderr, out = imported(source, tmp_path)
+
+    where = "paths./health.get.responses.200.content.application/json.schema.$ref: "
+    assert where + "the reference #/x/B refers to itself" in not_translated(stderr, source)
+    monkeypatch.setenv("BASE_URL", env["SHOP_URL"])
+    code, stdout, stderr = baton("run", str(out))
+    assert code == 0, stdout + stderr
+
+
 @pytest.mark.parametrize(
     ("text", "name", "says"),
     [

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from events.retention import LONGEST_DAYS
 from orchestrator.cli.app import cli
 from orchestrator.cli.stores import _with_dsn, _with_store
 from orchestrator.errors import UsageError
@@ -133,6 +134,8 @@ def retention_apply(dry_run: bool, now_text: str | None) -> None:
         raise UsageError(
             f"--now {now_text!r} is not an ISO 8601 time: give e.g. 2026-03-01T00:00:00Z"
         ) from None
+    if now.year < 1970:  # a century's window before it would leave the calendar
+        raise UsageError(f"--now {now_text!r} is before 1970: give a time from 1970 on")
 
     async def apply(store: Any) -> list[str]:
         cache = open_cache(Settings.from_env())
@@ -145,12 +148,16 @@ def retention_apply(dry_run: bool, now_text: str | None) -> None:
     click.echo("\n".join(_with_store(apply)))
 
 
+_DAYS = click.IntRange(1, LONGEST_DAYS)
+_HOURS = click.IntRange(1, LONGEST_DAYS * 24)
+
+
 @retention.command("set")
 @click.argument("project")
-@click.option("--passed-days", type=click.IntRange(min=1), help="Keep passed runs this long.")
-@click.option("--failed-days", type=click.IntRange(min=1), help="Keep other ended runs this long.")
-@click.option("--metrics-days", type=click.IntRange(min=1), help="Keep monthly metrics this long.")
-@click.option("--context-hours", type=click.IntRange(min=1), help="Keep run contexts this long.")
+@click.option("--passed-days", type=_DAYS, help="Keep passed runs this long.")
+@click.option("--failed-days", type=_DAYS, help="Keep other ended runs this long.")
+@click.option("--metrics-days", type=_DAYS, help="Keep monthly metrics this long.")
+@click.option("--context-hours", type=_HOURS, help="Keep run contexts this long.")
 @click.option("--reset", is_flag=True, help="Back to the defaults for this project.")
 def retention_set(
     project: str,

@@ -360,10 +360,17 @@ def _queued(
             progress(run_id, item.event)
 
     async def go() -> BatchReport:
-        queue = JobQueue(url)
         settings = Settings.from_env()
-        store = await open_store(settings)
         cipher = Cipher(load_key(settings.secret_key, settings.home))
+        queue = JobQueue(url)
+        try:
+            # both reached before the line that says the batch is queued
+            await queue.ensure_group()
+            store = await open_store(settings)
+        except BaseException:
+            await queue.aclose()
+            raise
+        click.echo(f"batch {batch.batch_id}: {len(batch.units)} units queued on {mask_dsn(url)}")
         try:
             return await submit(
                 store, queue, options, batch, ended, store_wait=settings.store_wait, cipher=cipher
@@ -372,7 +379,6 @@ def _queued(
             await store.aclose()
             await queue.aclose()
 
-    click.echo(f"batch {batch.batch_id}: {len(batch.units)} units queued on {mask_dsn(url)}")
     try:
         with _served(serve, jobs):
             found = _run(go())

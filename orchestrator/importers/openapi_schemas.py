@@ -216,6 +216,10 @@ class Bundler:
         if found is None:
             self.document.report(f"{where}.$ref", _unfollowed(ref) + "; any value is accepted")
             return name
+        if self.document.resolve(found[0], f"{where}.$ref") is None:
+            # references that lead back to themselves name no schema; kept, they would
+            # send the run's schema check round them without end
+            return name
         self.defs[name] = self.convert(found[0], place(found[1]))
         return name
 
