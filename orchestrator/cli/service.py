@@ -114,7 +114,7 @@ def create_key(organization: str, scopes: tuple[str, ...], name: str) -> None:
 @cli.command()
 def mcp() -> None:
     """Serve Baton's tools to a coding agent over MCP on standard input and output
-    (validate_flow, run_flow, run_failures, run_context; docs/agents.md)."""
+    (validate_flow, run_flow, run_failures, run_context, replay; docs/agents.md)."""
     from orchestrator.mcp_server import serve as serve_mcp
 
     _run(serve_mcp())
