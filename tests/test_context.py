@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from datetime import UTC, datetime
 
@@ -200,7 +199,8 @@ def test_a_gap_or_another_stream_is_refused() -> None:
         fold(events[:3] + other[3:4])
 
 
-def test_decode_and_fold_of_ten_thousand_events_is_fast() -> None:
+def test_ten_thousand_events_decode_and_fold_to_every_capture() -> None:
+    # how fast is bench/store_bench.py's to measure (bench/STORE.md), not a timed test's
     steps: list[ev.Event] = [ev.RunStarted("r1", "s", "d", [])]
     n = 0
     while len(steps) < 10_000:
@@ -214,14 +214,9 @@ def test_decode_and_fold_of_ten_thousand_events_is_fast() -> None:
             ev.VariableCaptured(test, f"var_{n}", n),
             ev.TestPassed(test, 1, 3.0),
         ]
-    events = recorded(steps[:10_000])
-    blob = msgspec.json.encode(events)
-    decoder = msgspec.json.Decoder(list[ev.RecordedEvent])
-    best = float("inf")
-    for _ in range(5):
-        started = time.perf_counter()
-        context = fold(decoder.decode(blob))
-        best = min(best, time.perf_counter() - started)
+    blob = msgspec.json.encode(recorded(steps[:10_000]))
+    context = fold(msgspec.json.Decoder(list[ev.RecordedEvent]).decode(blob))
     assert context.version == 10_000
-    # measured about 10 ms on a laptop; the budget leaves room for a slow CI machine
-    assert best < 0.05
+    captured = [e for e in steps[:10_000] if isinstance(e, ev.VariableCaptured)]
+    assert len(captured) == 1_666
+    assert all(context.variables[e.name] == e.value for e in captured)

@@ -442,10 +442,14 @@ def worker(
     --drain-timeout), then it exits."""
     import logging
 
+    from events.secrets import RedactingFormatter
     from events.settings import Settings
     from orchestrator.worker import WorkerOptions, work
 
-    logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+    # every line, a traceback's too, through the redaction of the runs' own events
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(name)s: %(message)s"))
+    logging.basicConfig(handlers=[handler])
     logging.getLogger("baton").setLevel(logging.INFO)
     options = WorkerOptions(concurrency, drain_timeout, claim_after, max_deliveries)
     settings = Settings.from_env()
