@@ -226,6 +226,9 @@ async def execute(
         batches = [_run_job(runner, writer, job, live, lanes, setups) for job in jobs]
         try:
             results = [result for group in await asyncio.gather(*batches) for result in group]
+            # each setup once, before the runs using it: a CI user whose login failed
+            # sees that failure, not only the tests it skipped
+            results = [*setups.results(), *results]
         finally:
             # interrupted too (cancelled): what the runs emitted, RunCancelled included,
             # is stored before the store closes

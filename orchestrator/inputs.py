@@ -17,12 +17,13 @@ from orchestrator.errors import Problem, UsageError
 from orchestrator.loader import decode_yaml
 
 
-def parse_vars(pairs: tuple[str, ...] | list[str]) -> dict[str, str]:
+def parse_vars(pairs: tuple[str, ...] | list[str], option: str = "--var") -> dict[str, str]:
+    """``name=value`` pairs; a malformed one is a UsageError naming ``option``."""
     values: dict[str, str] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name.strip():
-            raise UsageError(f"--var {pair!r}: write --var name=value")
+            raise UsageError(f"{option} {pair!r}: write {option} name=value")
         values[name.strip()] = value
     return values
 

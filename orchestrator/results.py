@@ -82,6 +82,11 @@ class RunResult(msgspec.Struct, omit_defaults=True):
     row: int = -1
     continues: str = ""
     """The run this one reruns (``baton rerun``), or ""."""
+    setup: str = ""
+    """The shared setup (``use:``) this run is, by its label (``login.yaml::login``), or
+    "": the runs using it skip what reads it with ``setup login.yaml::login failed``."""
+    failed_setups: list[str] = []
+    """The labels of the shared setups this run uses that failed: its run failed with them."""
 
     @property
     def known_failures(self) -> int:

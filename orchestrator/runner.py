@@ -280,6 +280,7 @@ class RunExecution:
             batch_id=self.inputs.batch_id,
             row=self.inputs.row,
             continues=self.inputs.continues,
+            failed_setups=sorted(self.inputs.failed_setups),
         )
 
     def _prepare(self) -> None:

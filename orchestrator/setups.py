@@ -25,6 +25,7 @@ from orchestrator import templating
 from orchestrator.errors import Problem, UsageError
 from orchestrator.loader import LoadedFlow, test_parts
 from orchestrator.planner import Plan
+from orchestrator.results import RunResult
 from orchestrator.runner import RunExecution, RunInputs, Runner
 
 Captured = ev.VariableCaptured | ev.AuthTokenUpdated
@@ -243,6 +244,12 @@ class SetupRuns:
     def __init__(self, runner: Runner) -> None:
         self._runner = runner
         self._tasks: dict[int, asyncio.Task[Outcome]] = {}
+        self._results: dict[int, RunResult] = {}
+
+    def results(self) -> list[RunResult]:
+        """The setups' runs that ended, each once, in the order they ended (a setup after
+        those it uses): what the reports list besides the runs using them."""
+        return list(self._results.values())
 
     async def inputs(self, inputs: RunInputs, setups: Collection[Setup]) -> RunInputs:
         outcomes = await asyncio.gather(*(self.outcome(setup) for setup in setups))
@@ -258,7 +265,8 @@ class SetupRuns:
     async def _run(self, setup: Setup) -> Outcome:
         inputs = await self.inputs(setup.inputs, setup.uses)
         execution = _SetupExecution(self._runner, setup.plan, inputs)
-        result = await execution.execute()
+        result = msgspec.structs.replace(await execution.execute(), setup=setup.label)
+        self._results[id(setup)] = result
         shared = {event.name: _lookup(execution.namespace, event.name) for event in execution.own}
         recorded = tuple(
             msgspec.structs.replace(event, test=setup.label) for event in execution.own

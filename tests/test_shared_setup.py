@@ -8,6 +8,7 @@ import asyncio
 import json
 import shutil
 import socket
+import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from tests.cli import baton
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "shared-setup"
 SETUP_FAILED = "setup login.yaml::login failed"
+SETUP_SUITE = "shared login [setup login.yaml::login]"
 
 
 @pytest.fixture
@@ -60,6 +62,38 @@ def report(path: Path) -> dict[str, dict[str, Any]]:
     return {Path(r["file"]).name: r for r in json.loads(path.read_text())["runs"]}
 
 
+def reports(project: Path) -> tuple[str, ...]:
+    return tuple(
+        f"--{kind}={project / name}"
+        for kind, name in (
+            ("json", "r.json"),
+            ("junit", "r.xml"),
+            ("ctrf", "r.ctrf.json"),
+            ("html", "r.html"),
+        )
+    )
+
+
+def junit_cases(path: Path) -> dict[tuple[str, str], tuple[str, str | None]]:
+    """(testsuite, testcase) -> (status, message), asserting that classname is the suite's."""
+    cases = {}
+    for suite in ET.parse(path).getroot().iter("testsuite"):
+        for case in suite.iter("testcase"):
+            assert case.get("classname") == suite.get("name")
+            outcome = next((c for c in case if c.tag in ("failure", "skipped", "error")), None)
+            status = "passed" if outcome is None else outcome.tag
+            message = None if outcome is None else outcome.get("message")
+            cases[(suite.get("name", ""), case.get("name", ""))] = (status, message)
+    return cases
+
+
+def ctrf_cases(path: Path) -> dict[tuple[str, str], tuple[str, str | None]]:
+    tests = json.loads(path.read_text())["results"]["tests"]
+    cases = {(t["suite"][0], t["name"]): (t["status"], t.get("message")) for t in tests}
+    assert len(cases) == len(tests)  # each test once
+    return cases
+
+
 async def events(dsn: str, run_ids: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
     connection = await asyncpg.connect(dsn)
     try:
@@ -76,16 +110,26 @@ async def events(dsn: str, run_ids: list[str]) -> list[tuple[str, str, dict[str,
 async def test_a_directory_of_flows_logs_in_once_and_every_flow_uses_the_token(
     project: Path, shop: web.AppRunner, pg_server_dsn: str
 ) -> None:
-    code, shown = await run("run", str(project / "flows"), "--json", str(project / "r.json"))
+    code, shown = await run("run", str(project / "flows"), *reports(project))
     assert code == 0, shown
     [token] = logins(shop)  # one login for the three flows
     runs = report(project / "r.json")
-    assert sorted(runs) == ["cart.yaml", "orders.yaml", "profile.yaml"]
+    assert sorted(runs) == ["cart.yaml", "login.yaml", "orders.yaml", "profile.yaml"]
     assert all(r["status"] == "passed" for r in runs.values()), runs
-    found = await events(pg_server_dsn, [r["run_id"] for r in runs.values()])
+    listed = json.loads((project / "r.json").read_text())
+    assert listed["runs"][0]["setup"] == "login.yaml::login"  # once, before its users
+    assert [r.get("setup") for r in listed["runs"][1:]] == [None, None, None]
+    assert listed["summary"]["runs"] == 4
+    using = [r["run_id"] for r in runs.values() if "setup" not in r]
+    found = await events(pg_server_dsn, using)
     setup_runs = {tuple(data["setup_runs"]) for _, kind, data in found if kind == "RunStarted"}
-    assert len(setup_runs) == 1  # every flow names the same setup run
+    assert setup_runs == {(runs["login.yaml"]["run_id"],)}  # every flow names that run
     [[setup_run]] = setup_runs
+    cases = junit_cases(project / "r.xml")
+    assert [key for key in cases if key[0] == SETUP_SUITE] == [(SETUP_SUITE, "login")]
+    assert len(cases) == 5 and all(status == "passed" for status, _ in cases.values())
+    ctrf = ctrf_cases(project / "r.ctrf.json")
+    assert ctrf[(SETUP_SUITE, "login")] == ("passed", None) and len(ctrf) == 5
     setup = await events(pg_server_dsn, [setup_run])
     sent = [data["url"] for _, kind, data in setup if kind == "RequestSent"]
     assert len(sent) == 1 and sent[0].endswith("/auth/login")
@@ -103,7 +147,7 @@ async def test_a_failing_setup_skips_what_reads_it_in_every_flow(
     code, shown = await run(
         "run",
         str(project / "flows"),
-        *("--secrets", str(project / "secrets.yaml"), "--json", str(project / "r.json")),
+        *("--secrets", str(project / "secrets.yaml"), *reports(project)),
     )
     assert code == 1, shown
     assert logins(shop) == []
@@ -113,13 +157,30 @@ async def test_a_failing_setup_skips_what_reads_it_in_every_flow(
         for file, r in runs.items()
         for test in r["tests"]
     }
+    why = "1 of 1 checks failed; first: status equals: expected 200, got 401"
     assert statuses == {
+        ("login.yaml", "login"): ("failed", why),
         ("cart.yaml", "add"): ("skipped", SETUP_FAILED),
         ("cart.yaml", "products"): ("passed", None),  # it reads nothing of the login
         ("orders.yaml", "orders"): ("skipped", SETUP_FAILED),
         ("profile.yaml", "me"): ("skipped", SETUP_FAILED),
     }
     assert all(r["status"] == "failed" for r in runs.values())
+    assert runs["login.yaml"]["setup"] == "login.yaml::login"
+    assert runs["cart.yaml"]["failed_setups"] == ["login.yaml::login"]
+    # CI sees the failed login that explains the skips, once, under the setup's name
+    expected = {
+        (SETUP_SUITE, "login"): ("failure", why),
+        ("cart", "add"): ("skipped", SETUP_FAILED),
+        ("cart", "products"): ("passed", None),
+        ("orders", "orders"): ("skipped", SETUP_FAILED),
+        ("profile", "me"): ("skipped", SETUP_FAILED),
+    }
+    assert junit_cases(project / "r.xml") == expected
+    expected[(SETUP_SUITE, "login")] = ("failed", why)
+    assert ctrf_cases(project / "r.ctrf.json") == expected
+    assert f"✗ {SETUP_SUITE} / login" in shown  # the summary's FAILURES
+    assert f"<strong>{SETUP_SUITE}</strong>" in (project / "r.html").read_text()
     assert "wrong" not in shown.replace("went wrong", "")
 
 

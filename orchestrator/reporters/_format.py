@@ -74,6 +74,10 @@ def is_batch_row(run: RunResult) -> bool:
 
 
 def run_label(run: RunResult) -> str:
+    """How every report names a run: a batch row's with its row, a shared setup's with its
+    label, the name the skip reasons of the runs using it give (``setup X failed``)."""
+    if run.setup:
+        return f"{run.suite} [setup {run.setup}]"
     return f"{run.suite} [row {run.row}]" if is_batch_row(run) else run.suite
 
 
@@ -118,6 +122,8 @@ def run_problem(run: RunResult) -> str:
     """Why a run failed when none of its tests did (an error or a cancellation), else ""."""
     if run.status == "passed" or run.count("failed") > run.known_failures:
         return ""
+    if run.status == "failed" and run.failed_setups:
+        return ""  # the setup's own run, in the same report, holds the failure: once
     return "the run was cancelled" if run.status == "cancelled" else f"the run ended: {run.status}"
 
 

@@ -13,6 +13,10 @@ A known failure is ``other``, not ``skipped``: the test ran and its failure is i
 ``trace``, which a skip would deny; dashboards count ``other`` apart from failures, so
 the report reads as green as Baton's exit code. An expired mark is ``failed`` again.
 
+A shared setup (``use:``) appears once: its tests with the suite
+``shared login [setup login.yaml::login]`` and ``extra.setup`` holding its label, the
+name the skip messages of the runs using it give.
+
 A run that errored or was cancelled without a failing test gets one extra failed test
 named ``(run)``, as in the JUnit report, so no dashboard reads such a run as green.
 Secrets are redacted before results reach a reporter; this file holds only what they hold.
@@ -117,6 +121,7 @@ def _extra(run: RunResult, test: TestResult | None) -> dict[str, Any]:
         ("environment", run.environment),
         ("batch_id", run.batch_id),
         ("continues", run.continues),
+        ("setup", run.setup),
     ):
         if value:
             extra[name] = value

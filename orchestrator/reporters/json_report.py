@@ -23,7 +23,10 @@ default-valued fields left out: ``run_id``, ``suite``, ``file``, ``status``, ``s
 ``expired`` for a test the flow marks known-failing, ``assertions`` with ``subject``, ``predicate``,
 ``expected``, ``actual``, ``passed``, ``message``; ``captures``; ``exchange`` with the
 request and the response excerpt), for batch rows ``batch_id`` and ``row``, and for a
-rerun ``continues`` (the run it reruns).
+rerun ``continues`` (the run it reruns), and for a shared setup (``use:``) ``setup``, its
+label (``login.yaml::login``): the setup's run is listed once, before the runs using it, and
+counts in the summary as any run; a run using a setup that failed names it in
+``failed_setups``.
 Secrets are redacted before results reach a reporter; this file holds only what they hold.
 """
 

@@ -10,7 +10,7 @@ of ``testsuites`` are tests, failures, errors and time.
     <testsuites name="baton" tests= failures= errors= time=>
       <testsuite name="shop checkout [row 2]" id= tests= failures= errors= skipped=
                  time= timestamp= hostname= file=>
-        <properties> run_id, status, environment, batch_id, row, continues </properties>
+        <properties> run_id, status, environment, batch_id, row, continues, setup </properties>
         <testcase classname="shop checkout [row 2]" name="checkout" time="0.042">
           <failure message="first line" type="assertion">expected/actual, exchange</failure>
         </testcase>
@@ -22,6 +22,12 @@ of ``testsuites`` are tests, failures, errors and time.
 
 A known failure (marked, not expired) is a ``<skipped>``, as pytest writes an xfail, so CI
 reads the run as green as Baton's exit code does; an expired mark is a ``<failure>`` again.
+
+A shared setup (``use:``) is a testsuite of its own, once, before the runs using it:
+``name="shared login [setup login.yaml::login]"`` (classname too) and a ``setup``
+property; its failure is a ``<failure>`` there, and the tests it kept from running are
+``<skipped message="setup login.yaml::login failed"/>`` in the runs using it, which get no
+``(run)`` error of their own for it: one failure, once.
 
 A run that errored or was cancelled without a failing test gets one extra ``(run)``
 testcase with an ``<error>``, so CI never reads such a run as green.
@@ -102,6 +108,7 @@ def _testsuite(parent: ET.Element, index: int, run: RunResult) -> tuple[int, int
         ("batch_id", run.batch_id),
         ("row", str(run.row) if run.row >= 0 else ""),
         ("continues", run.continues),
+        ("setup", run.setup),
     ):
         if value:
             _set(ET.SubElement(properties, "property"), name=name, value=value)
