@@ -17,6 +17,7 @@ from events.context import Context, context_at, redacted
 from events.postgres import PostgresEventStore
 from events.projections import project, rebuild
 from events.projections.queries import RunFilter, RunRow, recent_runs, run_with_results
+from events.secrets import masked_event
 from events.settings import Settings
 from orchestrator.errors import UsageError
 
@@ -76,7 +77,8 @@ async def event_log(store: PostgresEventStore, run_id: str) -> str:
     lines = [f"{'position':>8} {'version':>7} {'time':<12} {'type':<18} fields"]
     for item in recorded:
         time = item.recorded_at.strftime("%H:%M:%S.%f")[:-3]
-        payload = msgspec.to_builtins(item.event)
+        # a secret capture's ciphertext is masked, as the API's and the streams' are
+        payload = msgspec.to_builtins(masked_event(item.event))
         stamp = f"{item.version:>7} {time}"
         lines.append(format_event(item.position, item.type, payload, stamp=stamp))
     return "\n".join(lines)

@@ -96,6 +96,14 @@ def test_events_have_column_headers(reads: dict[str, str]) -> None:
     assert version == "1" and kind == "RunStarted" and int(position) > 1
 
 
+def test_events_mask_a_secret_capture_as_every_other_output_does(reads: dict[str, str]) -> None:
+    code, out, _ = baton("events", reads["smoke"])
+    assert code == 0
+    tokens = [line for line in out.splitlines() if " AuthTokenUpdated " in line]
+    assert tokens and all("value=***" in line for line in tokens)
+    assert "enc:v1" not in out  # not even its ciphertext
+
+
 def test_context_at_outside_the_run_names_its_range(reads: dict[str, str]) -> None:
     run = reads["broken"]  # the second run recorded: its events are not the log's first
     lines = baton("events", run)[1].splitlines()[1:]
