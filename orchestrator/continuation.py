@@ -99,9 +99,12 @@ async def failed_rows_jobs(
     recorded = await store.read_stream(ev.batch_stream(target))
     began = next((r.event for r in recorded if isinstance(r.event, ev.BatchStarted)), None)
     if began is None:
-        if await store.read_stream(ev.run_stream(target)):
+        if events := await store.read_stream(ev.run_stream(target)):
+            batch = _started(events, target).batch_id
+            hint = f"baton rerun {batch} --failed-rows (its batch), or " if batch else ""
             raise UsageError(
-                f"--failed-rows is for a batch, and {target} is a run: use --failed or --from TEST"
+                f"--failed-rows is for a batch, and {target} is a run: "
+                f"use {hint}--failed or --from TEST"
             )
         raise UsageError(f"no batch {target!r} in the event store (see `baton runs`)")
     data = options.data_file or await _data_of(store, target)

@@ -120,8 +120,12 @@ async def show(store: PostgresEventStore, run_id: str) -> str:
     ]
     stream = ev.run_stream(run.run_id)
     first = (await store.first_events([stream])).get(stream)
-    if first is not None and isinstance(first.event, ev.RunStarted) and first.event.continues:
-        lines.append(f"  continues run {first.event.continues}")
+    if first is not None and isinstance(first.event, ev.RunStarted):
+        if first.event.batch_id:
+            # the id `baton rerun BATCH_ID --failed-rows` takes; no other output names it
+            lines.append(f"  batch {first.event.batch_id}, row {first.event.row}")
+        if first.event.continues:
+            lines.append(f"  continues run {first.event.continues}")
     lines.append("")
     for result in results:
         timing = f"{result.duration_ms:.0f} ms" if result.duration_ms is not None else ""

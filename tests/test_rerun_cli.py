@@ -275,6 +275,11 @@ async def test_failed_rows_rerun_only_the_failed_rows_in_a_new_batch(
     runs = json.loads(report.read_text())["runs"]
     batch_id = runs[0]["batch_id"]
     failed_run = next(run["run_id"] for run in runs if run["status"] == "failed")
+    # the console names no batch id: a row's run leads the user to it
+    code, shown, err = await asyncio.to_thread(baton, "show", failed_run)
+    assert code == 0 and f"  batch {batch_id}, row 2" in shown.splitlines(), shown + err
+    code, _, err = await asyncio.to_thread(rerun, failed_run, "--failed-rows")
+    assert code == 2 and f"use baton rerun {batch_id} --failed-rows (its batch)" in err
     rows.write_text("username,password\nuser001,pw-user001\nuser002,pw-user002\nuser003,x\n")
     again_path = here / "again.json"
     code, out, err = await asyncio.to_thread(
