@@ -197,3 +197,12 @@ def test_a_password_in_a_recorded_url_becomes_auth_basic(tmp_path: Path) -> None
         "auth": {"basic": {"username": "bob", "password": "{{ secrets.PASSWORD }}"}},
     }
     assert "url: the password of bob)" in err
+
+
+def test_a_host_the_recording_lacks_names_the_hosts_it_has() -> None:
+    code, out, err = baton("import", "har", str(SHOP_HAR), "--host", "127.0.0.1:8765")
+    assert code == 2 and out == ""
+    assert err == (
+        f"error: {SHOP_HAR}: log.entries: no request left to import (none to the --host"
+        " given; the recording's hosts: 127.0.0.1:36739, localhost:36739)\n"
+    )

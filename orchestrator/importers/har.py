@@ -186,8 +186,7 @@ def convert(text: str, source: str, hosts: Iterable[str] = ()) -> Imported:
     kept = list(_kept(entries, {host.lower() for host in hosts}, recording))
     if not kept:
         raise UsageError(
-            f"{source}: log.entries: no request left to import"
-            + (" (none to the --host given)" if hosts else "")
+            f"{source}: log.entries: no request left to import" + _hosts_hint(entries, hosts)
         )
     origins = Counter(origin(str(entry["request"]["url"])) for _, entry in kept)
     base = origins.most_common(1)[0][0]
@@ -248,6 +247,15 @@ def _kept(
     if elsewhere:
         listed = ", ".join(f"{host} ({count})" for host, count in sorted(elsewhere.items()))
         recording.note("log.entries", f"requests to other hosts than --host left out: {listed}")
+
+
+def _hosts_hint(entries: list[dict[str, Any]], hosts: Iterable[str]) -> str:
+    """What to give --host instead: a mistyped host (or a port left out of a recording
+    made on another port) must not leave the user guessing what the HAR holds."""
+    if not hosts:
+        return ""
+    found = sorted({urlsplit(str(entry["request"]["url"])).netloc for entry in entries} - {""})
+    return " (none to the --host given; the recording's hosts: " + ", ".join(found) + ")"
 
 
 def _static(entry: dict[str, Any]) -> str | None:
