@@ -17,32 +17,9 @@ from tests.cli import baton
 
 PASSWORD = "secret-alice"
 
-FLOW = """
-name: diff demo
-base_url: "{{ env.SHOP_URL }}"
-variables: {nap: "5", query: "a=1", size: "1"}
-tests:
-  login:
-    request:
-      method: POST
-      url: /auth/login
-      json: {username: alice, password: "{{ secrets.SHOP_PASSWORD }}"}
-    expect: {status: 200}
-    capture:
-      auth.token: {json: $.access_token}
-      user: {json: $.user_id, secret: true}
-  echo:
-    request:
-      url: "/echo?{{ query }}"
-      headers: {Authorization: "Bearer {{ auth.token }}"}
-    capture: {first: {json: $.query.a}}
-  nap:
-    request: {url: "/slow?ms={{ nap }}"}
-    expect: {status: 200}
-  sized:
-    request: {url: "/slow?ms={{ size }}"}
-    expect: {status: 200}
-"""
+# the flow docs/diff.md shows and runs, so that the page's example is the one tested
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "diff.md"
+FLOW = PAGE.read_text().split("```yaml\n# flows/diff.yaml\n")[1].split("```")[0]
 
 
 @pytest.fixture
