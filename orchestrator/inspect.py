@@ -167,11 +167,12 @@ async def db_status(dsn: str) -> str:
 
     status = await schema_status(dsn)
     lines = [f"schema at step {status.current} of {status.latest}"]
+    width = max((len(step.name) for step in [*status.applied, *status.pending]), default=0)
     lines += [
-        f"  {step.number:>3} {step.name:<40} applied {step.applied_at:%Y-%m-%d %H:%M:%S}"
+        f"  {step.number:>3} {step.name:<{width}}  applied {step.applied_at:%Y-%m-%d %H:%M:%S}"
         for step in status.applied
     ]
-    lines += [f"  {step.number:>3} {step.name:<40} pending" for step in status.pending]
+    lines += [f"  {step.number:>3} {step.name:<{width}}  pending" for step in status.pending]
     return "\n".join(lines)
 
 

@@ -150,6 +150,8 @@ def test_db_status_and_migrate(reads: dict[str, str]) -> None:
     assert code == 0
     assert "pending" not in out
     assert "1 event store" in out
+    # one column of dates, however long a step's name
+    assert len({line.index(" applied ") for line in out.splitlines()[1:]}) == 1, out
 
 
 def test_projections_rebuild_keeps_what_users_read(reads: dict[str, str]) -> None:
