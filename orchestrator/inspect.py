@@ -167,7 +167,8 @@ async def db_status(dsn: str) -> str:
 
     status = await schema_status(dsn)
     lines = [f"schema at step {status.current} of {status.latest}"]
-    width = max((len(step.name) for step in [*status.applied, *status.pending]), default=0)
+    names = [step.name for step in status.applied] + [step.name for step in status.pending]
+    width = max(map(len, names), default=0)
     lines += [
         f"  {step.number:>3} {step.name:<{width}}  applied {step.applied_at:%Y-%m-%d %H:%M:%S}"
         for step in status.applied
