@@ -123,7 +123,13 @@ def _validation_errors(extra: Any) -> list[FieldError]:
     if isinstance(extra, list):
         for item in extra:
             if isinstance(item, dict):
-                where = ".".join(str(item[k]) for k in ("source", "key") if item.get(k))
+                # source is Litestar's ParamType, a str Enum: its value reads "query", its str()
+                # "ParamType.QUERY", a library name in the answer
+                where = ".".join(
+                    str(getattr(item[k], "value", item[k]))
+                    for k in ("source", "key")
+                    if item.get(k)
+                )
                 errors.append(FieldError(str(item.get("message", "")), where))
     return errors
 

@@ -181,6 +181,7 @@ async def test_the_period_and_filters_narrow_every_part(orgs: dict[str, Org], pr
     assert {r["day"] for r in earlier["daily"]} == {DAYS_WITH_DATA[0]} and earlier["flaky"] == []
     refused = await orgs["acme"].http.get(f"{url}?days=0")
     assert refused.status_code == 400
+    assert refused.json()["errors"][0]["location"] == "query.days"
 
 
 async def test_another_organization_does_not_see_the_projects_analytics(
