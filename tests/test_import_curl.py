@@ -306,3 +306,13 @@ def test_a_password_in_the_url_becomes_auth_basic_and_authenticates(
         code, out, err = baton("run", str(flow_path), "--secrets", str(secrets))
         assert code == 0, out + err
         assert out.splitlines()[-1].startswith("1 passed in "), out
+
+
+def test_a_source_that_cannot_be_read_is_one_line_saying_why(tmp_path: Path) -> None:
+    code, _, err = baton("import", "curl", str(tmp_path / "nope.sh"))
+    assert code == 2
+    assert err == f"error: {tmp_path / 'nope.sh'}: cannot read it (No such file or directory)\n"
+    (tmp_path / "binary.sh").write_bytes(b"curl \xff\n")
+    code, _, err = baton("import", "curl", str(tmp_path / "binary.sh"))
+    assert code == 2
+    assert err == f"error: {tmp_path / 'binary.sh'}: not a UTF-8 text file (at byte 5)\n"

@@ -156,7 +156,7 @@ def test_collection_auth_is_inherited_and_credentials_become_secrets(tmp_path: P
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('{"info": {"name": "x"}, "item": [', "line 1: not JSON"),
+        ('{"info": {"name": "x"}, "item": [', "line 1 column 34: not JSON ("),
         ('{"info": {"name": "x"}}', "item: not a Postman collection (no item list)"),
         ('{"info": {"name": "x"}, "item": {"a": 1}}', "item: a collection's item must be a list"),
         ('{"info": {"name": "x"}, "item": [5]}', "item[0]: an item must be an object"),

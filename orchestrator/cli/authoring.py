@@ -111,6 +111,13 @@ def schema(kind: str) -> None:
     click.echo(schema_text(kind), nl=False)
 
 
+def _unreadable(exc: OSError | UnicodeDecodeError) -> str:
+    """Why SOURCE could not be read, as a sentence (as -o says why it cannot write)."""
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not a UTF-8 text file (at byte {exc.start})"
+    return f"cannot read it ({exc.strerror or exc.__class__.__name__})"
+
+
 @cli.command("import")
 @click.argument("kind", type=click.Choice(["openapi", "postman", "curl", "har"]))
 @click.argument("source", metavar="SOURCE")
@@ -141,7 +148,7 @@ def import_(kind: str, source: str, output: Path | None, hosts: tuple[str, ...])
         try:
             text, name = Path(source).read_text(encoding="utf-8"), source
         except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"{source}: cannot read it ({exc.__class__.__name__})") from None
+            raise UsageError(f"{source}: {_unreadable(exc)}") from None
     imported: Imported
     try:
         if hosts:

@@ -117,10 +117,9 @@ def convert(text: str, source: str) -> Imported:
 def _collection_document(text: str, source: str) -> dict[str, Any]:
     try:
         document = json.loads(text)
-    except ValueError as exc:
-        where = f"line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else "JSON"
+    except json.JSONDecodeError as exc:
         raise UsageError(
-            f"{source}: {where}: not JSON ({exc.__class__.__name__}); "
+            f"{source}: line {exc.lineno} column {exc.colno}: not JSON ({exc.msg}); "
             "export the collection from Postman as Collection v2.1"
         ) from None
     if not isinstance(document, dict) or "item" not in document:
