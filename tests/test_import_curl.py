@@ -279,36 +279,6 @@ def test_imported_basic_auth_authenticates_against_a_real_server(
         assert code == 1, out + err
 
 
-def test_a_password_in_the_url_becomes_auth_basic_and_authenticates(
-    env: dict[str, str], tmp_path: Path
-) -> None:
-    """``curl https://user:password@host/``: curl sends Basic from the URL's userinfo; the
-    flow gets ``auth: {basic: ...}`` with the password a secret, and neither the test's URL
-    nor the base URL holds it."""
-    with auth_server() as server:
-        url = server.url.replace("://", f"://{server.user}:{server.password}@", 1)
-        source = tmp_path / "userinfo.sh"
-        source.write_text(f"curl -f {url}/basic\n")
-        flow_path = tmp_path / "flow.yaml"
-        code, out, err = baton("import", "curl", str(source), "-o", str(flow_path))
-        assert code == 0, err
-        text = flow_path.read_text()
-        assert server.password not in text + err
-        flow = yaml.safe_load(text)
-        assert flow["variables"] == {"base_url": server.url}
-        request = flow["tests"]["get_basic"]["request"]
-        assert request["url"] == "/basic"
-        assert request["auth"] == {
-            "basic": {"username": "alice", "password": "{{ secrets.PASSWORD }}"}
-        }
-        assert f"secret to provide: PASSWORD (the value found at {source}: line 1 -u" in err
-        secrets = tmp_path / "secrets.yaml"
-        secrets.write_text(f"PASSWORD: {server.password}\n")
-        code, out, err = baton("run", str(flow_path), "--secrets", str(secrets))
-        assert code == 0, out + err
-        assert out.splitlines()[-1].startswith("1 passed in "), out
-
-
 def test_a_copy_as_curl_with_bash_quoting_runs_against_the_demo_api(
     env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -351,3 +321,33 @@ def test_bodies_curl_reads_from_files_are_listed_and_still_posted(tmp_path: Path
     assert "body" not in tests["post_orders"]["request"]
     # '=a b' sends the content alone, encoded; the file's field is not sent empty
     assert tests["post_n"]["request"]["body"] == "a+b"
+
+
+def test_a_password_in_the_url_becomes_auth_basic_and_authenticates(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """``curl https://user:password@host/``: curl sends Basic from the URL's userinfo; the
+    flow gets ``auth: {basic: ...}`` with the password a secret, and neither the test's URL
+    nor the base URL holds it."""
+    with auth_server() as server:
+        url = server.url.replace("://", f"://{server.user}:{server.password}@", 1)
+        source = tmp_path / "userinfo.sh"
+        source.write_text(f"curl -f {url}/basic\n")
+        flow_path = tmp_path / "flow.yaml"
+        code, out, err = baton("import", "curl", str(source), "-o", str(flow_path))
+        assert code == 0, err
+        text = flow_path.read_text()
+        assert server.password not in text + err
+        flow = yaml.safe_load(text)
+        assert flow["variables"] == {"base_url": server.url}
+        request = flow["tests"]["get_basic"]["request"]
+        assert request["url"] == "/basic"
+        assert request["auth"] == {
+            "basic": {"username": "alice", "password": "{{ secrets.PASSWORD }}"}
+        }
+        assert f"secret to provide: PASSWORD (the value found at {source}: line 1 -u" in err
+        secrets = tmp_path / "secrets.yaml"
+        secrets.write_text(f"PASSWORD: {server.password}\n")
+        code, out, err = baton("run", str(flow_path), "--secrets", str(secrets))
+        assert code == 0, out + err
+        assert out.splitlines()[-1].startswith("1 passed in "), out

@@ -179,26 +179,6 @@ def test_a_recorded_basic_authorization_becomes_auth_basic(tmp_path: Path) -> No
     assert "header Authorization: the password of alice)" in err
 
 
-def test_a_password_in_a_recorded_url_becomes_auth_basic(tmp_path: Path) -> None:
-    entry = {
-        "request": {"method": "GET", "url": "https://bob:url-pw-4711@api.example.com/me"},
-        "response": {"status": 200, "headers": [], "content": {"text": "{}"}},
-    }
-    source = tmp_path / "userinfo.har"
-    source.write_text(json.dumps({"log": {"version": "1.2", "entries": [entry]}}))
-    code, out, err = baton("import", "har", str(source))
-    assert code == 0, err
-    assert "url-pw-4711" not in out + err
-    flow = yaml.safe_load(out)
-    assert flow["variables"] == {"base_url": "https://api.example.com"}
-    request = flow["tests"]["get_me"]["request"]
-    assert request == {
-        "url": "/me",
-        "auth": {"basic": {"username": "bob", "password": "{{ secrets.PASSWORD }}"}},
-    }
-    assert "url: the password of bob)" in err
-
-
 def test_base64_and_binary_request_bodies(tmp_path: Path) -> None:
     def entry(path: str, post: dict[str, str]) -> dict[str, object]:
         request = {"method": "POST", "url": f"https://api.example.com{path}", "postData": post}
@@ -232,3 +212,23 @@ def test_base64_and_binary_request_bodies(tmp_path: Path) -> None:
         assert set(tests[name]["request"]) == {"method", "url"}
         expected = f"not translated: {source}: log.entries[{index}] body: a binary body ({mime})"
         assert expected in err
+
+
+def test_a_password_in_a_recorded_url_becomes_auth_basic(tmp_path: Path) -> None:
+    entry = {
+        "request": {"method": "GET", "url": "https://bob:url-pw-4711@api.example.com/me"},
+        "response": {"status": 200, "headers": [], "content": {"text": "{}"}},
+    }
+    source = tmp_path / "userinfo.har"
+    source.write_text(json.dumps({"log": {"version": "1.2", "entries": [entry]}}))
+    code, out, err = baton("import", "har", str(source))
+    assert code == 0, err
+    assert "url-pw-4711" not in out + err
+    flow = yaml.safe_load(out)
+    assert flow["variables"] == {"base_url": "https://api.example.com"}
+    request = flow["tests"]["get_me"]["request"]
+    assert request == {
+        "url": "/me",
+        "auth": {"basic": {"username": "bob", "password": "{{ secrets.PASSWORD }}"}},
+    }
+    assert "url: the password of bob)" in err
