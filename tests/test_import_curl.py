@@ -111,7 +111,8 @@ def test_what_a_flow_cannot_carry_is_listed_with_its_line(tmp_path: Path) -> Non
     upload = flow["tests"]["post_upload"]
     assert upload["tls"] == {"verify": False}  # -k
     assert upload["request"]["multipart"] == {"file": {"file": "photo.png"}}
-    me = flow["tests"]["get_me"]["request"]
+    me = flow["tests"]["post_me"]["request"]  # curl POSTs -d @file, read or not
+    assert me["method"] == "POST"
     assert me["auth"] == {"basic": {"username": "bob", "password": "{{ secrets.PASSWORD }}"}}
     assert "headers" not in me
     assert "secret-bob" not in out
@@ -276,6 +277,50 @@ def test_imported_basic_auth_authenticates_against_a_real_server(
         secrets.write_text("PASSWORD: wrong\n")
         code, out, err = baton("run", str(flow_path), "--secrets", str(secrets))
         assert code == 1, out + err
+
+
+def test_a_copy_as_curl_with_bash_quoting_runs_against_the_demo_api(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    # as Chrome's "Copy as cURL (bash)" writes a body holding a quote, a non-ASCII letter,
+    # an escaped backslash: $'...' with \', \uHHHH, \\
+    source = tmp_path / "copied.sh"
+    body = r"""$'{"name":"O\'Brien","city":"Z\u00fcrich","path":"C:\\\\tmp"}'"""
+    source.write_text(
+        f"curl '{env['SHOP_URL']}/echo' \\\n"
+        "  -H 'content-type: application/json' \\\n"
+        f"  --data-raw {body}\n"
+    )
+    flow_path = tmp_path / "flow.yaml"
+    code, out, err = baton("import", "curl", str(source), "-o", str(flow_path))
+    assert code == 0, err
+    flow = yaml.safe_load(flow_path.read_text())
+    request = flow["tests"]["post_echo"]["request"]
+    assert request["json"] == {"name": "O'Brien", "city": "Z\u00fcrich", "path": "C:\\tmp"}
+    flow["tests"]["post_echo"]["expect"] = {"json": {"$.body": {"contains": "O'Brien"}}}
+    flow_path.write_text(yaml.safe_dump(flow))
+    code, out, err = baton("run", str(flow_path))
+    assert code == 0, out + err
+
+
+def test_bodies_curl_reads_from_files_are_listed_and_still_posted(tmp_path: Path) -> None:
+    source = tmp_path / "files.sh"
+    source.write_text(
+        "curl --json @order.json https://api.example.com/orders\n"
+        "curl --data-urlencode 'note@note.txt' --data-urlencode '=a b' https://api.example.com/n\n"
+    )
+    code, out, err = baton("import", "curl", str(source))
+    assert code == 0, err
+    for expected in (
+        "line 1 --json: the body is read from a file (@order.json)",
+        "line 2 --data-urlencode: the value is read from a file (note@note.txt)",
+    ):
+        assert f"not translated: {source}: {expected}" in err
+    tests = yaml.safe_load(out)["tests"]
+    assert tests["post_orders"]["request"]["method"] == "POST"
+    assert "body" not in tests["post_orders"]["request"]
+    # '=a b' sends the content alone, encoded; the file's field is not sent empty
+    assert tests["post_n"]["request"]["body"] == "a+b"
 
 
 def test_a_password_in_the_url_becomes_auth_basic_and_authenticates(

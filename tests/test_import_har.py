@@ -179,6 +179,41 @@ def test_a_recorded_basic_authorization_becomes_auth_basic(tmp_path: Path) -> No
     assert "header Authorization: the password of alice)" in err
 
 
+def test_base64_and_binary_request_bodies(tmp_path: Path) -> None:
+    def entry(path: str, post: dict[str, str]) -> dict[str, object]:
+        request = {"method": "POST", "url": f"https://api.example.com{path}", "postData": post}
+        return {"request": request, "response": {"status": 201, "headers": [], "content": {}}}
+
+    order = base64.b64encode(b'{"sku": "caf\xc3\xa9-42"}').decode()
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n\x00\x00").decode()
+    har = {
+        "log": {
+            "version": "1.2",
+            "entries": [
+                entry(
+                    "/orders", {"mimeType": "application/json", "text": order, "encoding": "base64"}
+                ),
+                entry("/avatar", {"mimeType": "image/png", "text": png, "encoding": "base64"}),
+                # binary as text, as a browser writes it: its UTF-8 bytes are not the recorded ones
+                entry("/blob", {"mimeType": "application/octet-stream", "text": "\x89PNG\x00\x01"}),
+            ],
+        }
+    }
+    source = tmp_path / "bodies.har"
+    source.write_text(json.dumps(har))
+    code, out, err = baton("import", "har", str(source))
+    assert code == 0, err
+    tests = yaml.safe_load(out)["tests"]
+    assert tests["post_orders"]["request"]["json"] == {"sku": "café-42"}
+    for index, name, mime in (
+        (1, "post_avatar", "image/png"),
+        (2, "post_blob", "application/octet-stream"),
+    ):
+        assert set(tests[name]["request"]) == {"method", "url"}
+        expected = f"not translated: {source}: log.entries[{index}] body: a binary body ({mime})"
+        assert expected in err
+
+
 def test_a_password_in_a_recorded_url_becomes_auth_basic(tmp_path: Path) -> None:
     entry = {
         "request": {"method": "GET", "url": "https://bob:url-pw-4711@api.example.com/me"},

@@ -643,3 +643,18 @@ def test_imported_basic_and_oauth2_authenticate_against_a_real_server(
         assert stdout.splitlines()[-1].startswith("2 passed in "), stdout
         assert server.scopes == ["read"]
         assert server.password not in stdout + err
+
+
+def test_the_oai_uspto_example_fills_server_variables_and_a_form_body(tmp_path: Path) -> None:
+    source = DATA / "oai-uspto-3.0.yaml"
+    flow, stderr, out = imported(source, tmp_path)
+
+    assert stderr.splitlines()[-1] == f"imported 3 test(s) from {source}"
+    # servers[0] is '{scheme}://developer.uspto.gov/ds-api', scheme's default https
+    assert flow["base_url"] == "{{ env.BASE_URL | default('https://developer.uspto.gov/ds-api') }}"
+    assert flow["variables"] == {"dataset": "oa_citations", "version": "v1"}
+    search = flow["tests"]["perform_search"]["request"]
+    assert search["url"] == "/{{ dataset }}/{{ version }}/records"
+    assert search["form"] == {"criteria": "*:*", "start": "0", "rows": "100"}
+    code, _, err = baton("validate", str(out))
+    assert code == 0, err

@@ -373,3 +373,67 @@ def test_imported_oauth2_and_basic_authenticate_against_a_real_server(
         assert out.splitlines()[-1].startswith("2 passed in "), out
         assert server.scopes == ["orders:read"]
         assert server.password not in out + err and server.client_secret not in out + err
+
+
+def test_auth_written_as_inherit_or_null_is_the_folders_and_authenticates(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    with auth_server() as server:
+        basic = {"type": "basic", "basic": _fields(username=server.user, password=server.password)}
+        passes = [{"listen": "test", "script": {"exec": ["pm.response.to.have.status(200);"]}}]
+        collection = {
+            "info": {"name": "inherit"},
+            "auth": {"type": "bearer", "bearer": _fields(token="{{token}}")},
+            "item": [
+                {
+                    "name": "admin",
+                    "auth": basic,
+                    "item": [
+                        {
+                            "name": name,
+                            "event": passes,
+                            "request": {"auth": auth, "url": f"{server.url}/basic"},
+                        }
+                        for name, auth in (("inherit", {"type": "inherit"}), ("null", None))
+                    ],
+                }
+            ],
+        }
+        source = tmp_path / "inherit.postman_collection.json"
+        source.write_text(json.dumps(collection))
+        flow_path = tmp_path / "flow.yaml"
+        code, out, err = baton("import", "postman", str(source), "-o", str(flow_path))
+        assert code == 0, err
+        assert "inherit auth is not translated" not in err
+        secrets = tmp_path / "secrets.yaml"
+        secrets.write_text(f"PASSWORD: {server.password}\n")
+        code, out, err = baton("run", str(flow_path), "--secrets", str(secrets))
+        assert code == 0, out + err
+        assert out.splitlines()[-1].startswith("2 passed in "), out
+
+
+def test_a_formdata_field_of_several_files_lists_those_it_does_not_send(tmp_path: Path) -> None:
+    field = {"key": "docs", "type": "file", "src": ["a.txt", "b.txt", "c.txt"]}
+    collection = {
+        "info": {"name": "files"},
+        "item": [
+            {
+                "name": "upload",
+                "request": {
+                    "method": "POST",
+                    "url": "https://api.example.com/upload",
+                    "body": {"mode": "formdata", "formdata": [field]},
+                },
+            }
+        ],
+    }
+    source = tmp_path / "files.postman_collection.json"
+    source.write_text(json.dumps(collection))
+    flow_path = tmp_path / "flow.yaml"
+    code, _, err = baton("import", "postman", str(source), "-o", str(flow_path))
+    assert code == 0, err
+    request = yaml.safe_load(flow_path.read_text())["tests"]["upload"]["request"]
+    assert request["multipart"] == {"docs": {"file": "a.txt"}}
+    place = f"not translated: {source}: 'upload' (item[0]) body formdata[0] docs: "
+    for other in ("b.txt", "c.txt"):
+        assert f"{place}a second file in one field is not sent: {other}" in err

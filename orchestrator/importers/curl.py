@@ -9,6 +9,7 @@ the request's ``auth:`` (basic, digest with ``--digest``, aws_sigv4 with ``--aws
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections import Counter
 from dataclasses import dataclass, field
@@ -93,6 +94,8 @@ class _Command:
     multipart: dict[str, Any] = field(default_factory=dict)
     tls: dict[str, Any] = field(default_factory=dict)
     fail: bool = False
+    from_file: bool = False
+    """A body read from a file (not translated): curl still POSTs it."""
     """``-f``: curl fails on an HTTP error, so the test expects no error status."""
 
 
@@ -148,7 +151,7 @@ def _commands(
             continue
         buffer += line + "\n"
         try:
-            words = shlex.split(buffer, comments=False)
+            words = _shell_words(buffer)
         except ValueError:
             continue  # a quote still open: the command goes on on the next line
         buffer = ""
@@ -165,6 +168,72 @@ def _commands(
             "escape it as the shell would"
         )
     return found
+
+
+_ANSI_C = {"n": "\n", "t": "\t", "r": "\r", "a": "\a", "b": "\b", "f": "\f", "v": "\v"}
+_ANSI_C.update({"e": "\x1b", "E": "\x1b", "\\": "\\", "'": "'", '"': '"', "?": "?"})
+_ANSI_C_NUMBER = re.compile(r"x[0-9a-fA-F]{1,2}|u[0-9a-fA-F]{1,4}|U[0-9a-fA-F]{1,8}|[0-7]{1,3}")
+
+
+def _shell_words(text: str) -> list[str]:
+    """The words of ``text`` as bash reads them: shlex, and bash's ``$'...'`` strings, which
+    Chrome's and Firefox's "Copy as cURL" write for a body with a quote or a line break."""
+    rewritten: list[str] = []
+    position, quote = 0, ""
+    while position < len(text):
+        char = text[position]
+        if char == "\\" and quote != "'":
+            rewritten.append(text[position : position + 2])
+            position += 2
+            continue
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif text.startswith("$'", position):
+            value, position = _ansi_c(text, position + 2)
+            rewritten.append(shlex.quote(value))
+            continue
+        rewritten.append(char)
+        position += 1
+    return shlex.split("".join(rewritten), comments=False)
+
+
+def _ansi_c(text: str, position: int) -> tuple[str, int]:
+    """The value of the ``$'...'`` string whose text starts at ``position``, and the
+    position after it; ValueError if it is not closed."""
+    value = bytearray()
+    while position < len(text):
+        char = text[position]
+        if char == "'":
+            return value.decode("utf-8", errors="replace"), position + 1
+        if char == "\\" and position + 1 < len(text):
+            escape = text[position + 1]
+            number = _ANSI_C_NUMBER.match(text, position + 1)
+            if escape in _ANSI_C:
+                value += _ANSI_C[escape].encode()
+            elif number and escape in "xuU01234567" and _code(number.group()) <= 0x10FFFF:
+                digits = number.group()
+                code = _code(digits)
+                # \xHH and octal are bytes, \u and \U characters
+                value += (
+                    bytes([code & 0xFF])
+                    if escape in "x01234567"
+                    else chr(code).encode(errors="surrogatepass")
+                )
+                position = number.end()
+                continue
+            else:
+                value += text[position : position + 2].encode()  # bash keeps an unknown one
+            position += 2
+            continue
+        value += char.encode()
+        position += 1
+    raise ValueError("no closing quotation")
+
+
+def _code(digits: str) -> int:
+    return int(digits, 8) if digits[0] in "01234567" else int(digits[1:], 16)
 
 
 def _parse(words: list[str], where: str, untranslated: list[Untranslated]) -> _Command:
@@ -242,13 +311,26 @@ def _option(command: _Command, option: str, value: str, untranslated: list[Untra
     elif option in ("-d", "--data", "--data-ascii", "--data-binary", "--data-raw"):
         if value.startswith("@") and option != "--data-raw":
             untranslated.append(Untranslated(at, f"the body is read from a file ({value})"))
+            command.from_file = True
         else:
             command.data.append(value)
     elif option == "--data-urlencode":
-        name, equals, content = value.partition("=")
-        command.data.append(f"{name}={quote_plus(content)}" if equals else quote_plus(value))
+        # curl reads name@file when an @ comes before any =
+        equals, file_at = value.find("="), value.find("@")
+        name, _, content = value.partition("=")
+        if file_at != -1 and (equals == -1 or file_at < equals):
+            untranslated.append(Untranslated(at, f"the value is read from a file ({value})"))
+            command.from_file = True
+        elif equals == -1:
+            command.data.append(quote_plus(value))
+        else:  # =content sends the content alone
+            command.data.append(f"{name}={quote_plus(content)}" if name else quote_plus(content))
     elif option == "--json":
-        command.json_data.append(value)
+        if value.startswith("@"):
+            untranslated.append(Untranslated(at, f"the body is read from a file ({value})"))
+            command.from_file = True
+        else:
+            command.json_data.append(value)
     elif option in ("-u", "--user"):
         command.user = value
     elif option == "--aws-sigv4":
@@ -399,7 +481,7 @@ def _test(
         body = body_fields(content_type, "&".join(command.data))
     if "body" in body and not content_type and not command.json_data:
         command.headers["Content-Type"] = "application/x-www-form-urlencoded"
-    sends = (body and not command.get) or command.multipart
+    sends = ((body or command.from_file) and not command.get) or command.multipart
     method = command.method or ("HEAD" if command.head else "POST" if sends else "GET")
     request: dict[str, Any] = {}
     if method != "GET":

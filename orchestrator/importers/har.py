@@ -373,6 +373,9 @@ def _cookie(pair: str, recording: _Recording, where: str) -> str:
     return f"{name}=" + recording.secrets.template(value, f"cookie_{name}", f"{where} {name}")
 
 
+_BINARY = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")
+
+
 def _body(post: Any, at: str, recording: _Recording) -> dict[str, Any]:
     if not isinstance(post, dict):
         return {}
@@ -398,6 +401,16 @@ def _body(post: Any, at: str, recording: _Recording) -> dict[str, Any]:
             }
         }
     if not text:
+        return {}
+    if post.get("encoding") == "base64":  # not in HAR 1.2, but recorders write it
+        try:
+            text = base64.b64decode(text, validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            recording.note(where, f"a binary body ({mime or 'no type'}) is not sent")
+            return {}
+    if _BINARY.search(text):
+        # a flow's body is text, sent as UTF-8: these bytes would not be the recorded ones
+        recording.note(where, f"a binary body ({mime or 'no type'}) is not sent")
         return {}
     fields = body_fields(mime, text)
     if "json" in fields:

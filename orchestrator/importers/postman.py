@@ -164,10 +164,10 @@ def _walk(
         if not isinstance(item, dict):
             raise UsageError(f"{state.source}: {at}: an item must be an object")
         label = " / ".join([*folders, str(item.get("name", at))])
-        inherited = item.get("auth", auth)
+        inherited = _own_auth(item.get("auth"), auth)
         request = item.get("request")
-        if isinstance(request, dict) and "auth" in request:
-            inherited = request["auth"]
+        if isinstance(request, dict):
+            inherited = _own_auth(request.get("auth"), inherited)
         if isinstance(item.get("item"), list):
             _scripts_outside_requests(item.get("event"), f"folder {label!r}", state)
             folder = [*folders, str(item.get("name", ""))]
@@ -176,6 +176,14 @@ def _walk(
             found.append((folders, {**item, "_auth": inherited}, f"{label!r} ({at})"))
         else:
             state.note(f"{label!r} ({at})", "an item with neither request nor item: left out")
+
+
+def _own_auth(auth: Any, parent: Any) -> Any:
+    """An item's auth, or its parent's: Postman writes an inherited one as no ``auth``,
+    ``"auth": null`` or ``{"type": "inherit"}``."""
+    if auth is None or (isinstance(auth, dict) and auth.get("type") == "inherit"):
+        return parent
+    return auth
 
 
 def _scripts_outside_requests(events: Any, where: str, state: _Collection) -> None:
@@ -405,7 +413,11 @@ def _body(body: Any, headers: dict[str, str], where: str, state: _Collection) ->
             key, place = str(entry["key"]), f"{at} {mode}[{index}] {entry['key']}"
             if entry.get("type") == "file" and mode == "formdata":
                 source = entry.get("src")
-                source = source[0] if isinstance(source, list) and source else source
+                if isinstance(source, list):
+                    # a flow's field holds one file; Postman's may hold several
+                    for other in source[1:]:
+                        state.note(place, f"a second file in one field is not sent: {other}")
+                    source = source[0] if source else None
                 if not isinstance(source, str) or not source:
                     state.note(place, "a file field without a file: left out")
                     continue
