@@ -195,6 +195,15 @@ def test_json_input_gives_the_same_flow_as_yaml(tmp_path: Path) -> None:
         assert not_translated(json_err, as_json) == not_translated(yaml_err, source)
 
 
+def test_a_path_s_operations_keep_the_document_s_order(tmp_path: Path) -> None:
+    things = {
+        "post": {"operationId": "addThing", "responses": {"201": {"description": "made"}}},
+        "get": {"operationId": "listThings", "responses": {"200": {"description": "all"}}},
+    }
+    flow, _, _ = imported(write_spec(tmp_path, _spec_30(**{"/things": things})), tmp_path)
+    assert list(flow["tests"]) == ["addThing", "listThings"]
+
+
 def _spec_30(**paths: Any) -> dict[str, Any]:
     return {
         "openapi": "3.0.3",

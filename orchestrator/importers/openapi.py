@@ -126,8 +126,8 @@ class _Importer:
                 self.report(
                     f"paths.{path}.servers", "path servers are not used: tests use base_url"
                 )
-            for method in METHODS:
-                if isinstance(item.get(method), dict):
+            for method in [key for key in item if key in METHODS]:  # the document's order
+                if isinstance(item[method], dict):
                     self._add_draft(str(path), method, item, item[method])
         for name in mapping(self.data.get("webhooks")):
             self.report(
