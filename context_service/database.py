@@ -42,6 +42,11 @@ _QUEUED = (
     " WHERE state = 'queued' AND created_at > now() - interval '7 days'"
 )
 _STARTED = "SELECT started FROM service_runs WHERE id = $1"
+_WAITING = (
+    "SELECT id, job FROM service_runs WHERE state = 'queued' AND job <> ''"
+    " AND created_at > now() - interval '7 days'"
+    " AND created_at < now() - make_interval(secs => $1)"
+)
 _ENTER = "SELECT set_config('role', $1, true), set_config('baton.organization_id', $2, true)"
 _ROLE_USABLE = (
     "SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = $1)"
@@ -144,6 +149,14 @@ class Database:
         for every tenant."""
         with translated(self._dsn):
             rows = await self._pool.fetch(_QUEUED)
+        return [(row[0], row[1]) for row in rows]
+
+    async def queued_jobs(self, older_than: float) -> list[tuple[uuid.UUID, str]]:
+        """(run, job) of every organization's queued run recorded more than ``older_than``
+        seconds ago (and in the last week) whose job is kept (schema step 15), as its
+        owner: every instance queues again those whose job never reached the queue."""
+        with translated(self._dsn):
+            rows = await self._pool.fetch(_WAITING, older_than)
         return [(row[0], row[1]) for row in rows]
 
     async def run_started(self, organization: uuid.UUID, run_id: uuid.UUID) -> str:

@@ -546,3 +546,26 @@ def test_a_job_of_a_newer_baton_is_left_for_another_worker_then_ended_saying_why
         assert "queued by a newer Baton" in reason and "upgrade the workers" in reason
     assert "secret key" not in reasons[1][0]  # the key is right: the format is newer
     assert stopped(worker) == 128 + signal.SIGTERM
+
+
+async def test_a_service_run_is_queued_once_however_many_instances_queue_it(
+    private_redis: RedisServer,
+) -> None:
+    """The instance that recorded a run and every instance that finds it unqueued may all
+    queue it: one job reaches the stream."""
+    queue = JobQueue(private_redis.url)
+    try:
+        run_id, other = "00000000-0000-4000-8000-000000000003", "00000000-0000-4000-8000-4"
+        job = QueuedJob.for_service(run_id, "sealed", 10).encoded()
+        assert await queue.unqueued([run_id, other]) == [run_id, other]
+        first, *again = await asyncio.gather(*(queue.submit_once(run_id, job) for _ in range(3)))
+        assert (first, again) == (True, [False, False])
+        assert await queue.unqueued([run_id, other]) == [other]
+        redis = Redis.from_url(private_redis.url)
+        try:
+            entries = await redis.xrange(STREAM)
+        finally:
+            await redis.aclose()
+        assert [fields[b"job"] for _, fields in entries] == [job.encode()]
+    finally:
+        await queue.aclose()
