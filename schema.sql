@@ -1115,7 +1115,7 @@ VALUES (14, 'queued service runs for every instance') ON CONFLICT (step) DO NOTH
 -- says its job was queued, a while after it was recorded) queues its job again: the job
 -- is kept here as the instance made it (msgspec JSON of orchestrator.queue.QueuedJob, the
 -- run in it sealed with the secret key as on the queue; '' for runs recorded before this
--- step, which are never queued again).
+-- step, which are never queued again). A run's job is emptied once its end is recorded.
 ALTER TABLE service_runs ADD COLUMN IF NOT EXISTS job text NOT NULL DEFAULT '';
 
 INSERT INTO baton_schema_version (step, name)

@@ -36,7 +36,8 @@ KEY_TTL = 5.0
 """Seconds a key's principal is reused without asking the database again: a key revoked
 through another service process stops working within this time (through this one, at once)."""
 _KNOWN_KEYS = 10_000
-_DONE = "UPDATE service_runs SET state = $2, error = $3, updated_at = now() WHERE id = $1"
+# an ended run is never queued again: its job (secrets sealed in it) is not kept longer
+_DONE = "UPDATE service_runs SET state = $2, error = $3, job = '', updated_at = now() WHERE id = $1"
 _QUEUED = (
     "SELECT organization_id, id FROM service_runs"
     " WHERE state = 'queued' AND created_at > now() - interval '7 days'"

@@ -506,6 +506,8 @@ async def test_a_run_whose_instance_died_before_queuing_it_is_queued_by_another(
                     started.stop()
                     await org.http.aclose()
             assert [run_id.encode() in job for job in await _jobs(queue)] == [True]
+            # ended: its job, secrets sealed in it, is not kept in the database any longer
+            assert await _fetch(dsn, "SELECT job FROM service_runs") == [("",)]
         finally:
             await queue.aclose()
 
