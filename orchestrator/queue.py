@@ -58,8 +58,10 @@ class QueueUnavailable(InfrastructureError):
     """Redis did not answer, or answered with an error."""
 
 
-class QueuedJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One unit of a batch, for a worker to rebuild and run."""
+class QueuedJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """One unit of a batch, for a worker to rebuild and run. A field left at its default is
+    not written: an older worker, which rejects fields it does not know, still reads the
+    jobs that do not use a field it lacks (a batch's jobs carry no ``started``)."""
 
     batch_id: str
     run_id: str
