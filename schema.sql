@@ -1107,3 +1107,16 @@ CREATE INDEX IF NOT EXISTS service_runs_queued ON service_runs (created_at)
 
 INSERT INTO baton_schema_version (step, name)
 VALUES (14, 'queued service runs for every instance') ON CONFLICT (step) DO NOTHING;
+
+-- step 15: the jobs of queued service runs
+--
+-- An instance killed between recording a run here and putting its job on the queue leaves
+-- a queued run no worker will ever take. Any instance that finds one (no key on the queue
+-- says its job was queued, a while after it was recorded) queues its job again: the job
+-- is kept here as the instance made it (msgspec JSON of orchestrator.queue.QueuedJob, the
+-- run in it sealed with the secret key as on the queue; '' for runs recorded before this
+-- step, which are never queued again). A run's job is emptied once its end is recorded.
+ALTER TABLE service_runs ADD COLUMN IF NOT EXISTS job text NOT NULL DEFAULT '';
+
+INSERT INTO baton_schema_version (step, name)
+VALUES (15, 'the jobs of queued service runs') ON CONFLICT (step) DO NOTHING;

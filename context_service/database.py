@@ -36,12 +36,18 @@ KEY_TTL = 5.0
 """Seconds a key's principal is reused without asking the database again: a key revoked
 through another service process stops working within this time (through this one, at once)."""
 _KNOWN_KEYS = 10_000
-_DONE = "UPDATE service_runs SET state = $2, error = $3, updated_at = now() WHERE id = $1"
+# an ended run is never queued again: its job (secrets sealed in it) is not kept longer
+_DONE = "UPDATE service_runs SET state = $2, error = $3, job = '', updated_at = now() WHERE id = $1"
 _QUEUED = (
     "SELECT organization_id, id FROM service_runs"
     " WHERE state = 'queued' AND created_at > now() - interval '7 days'"
 )
 _STARTED = "SELECT started FROM service_runs WHERE id = $1"
+_WAITING = (
+    "SELECT id, job FROM service_runs WHERE state = 'queued' AND job <> ''"
+    " AND created_at > now() - interval '7 days'"
+    " AND created_at < now() - make_interval(secs => $1)"
+)
 _ENTER = "SELECT set_config('role', $1, true), set_config('baton.organization_id', $2, true)"
 _ROLE_USABLE = (
     "SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = $1)"
@@ -144,6 +150,14 @@ class Database:
         for every tenant."""
         with translated(self._dsn):
             rows = await self._pool.fetch(_QUEUED)
+        return [(row[0], row[1]) for row in rows]
+
+    async def queued_jobs(self, older_than: float) -> list[tuple[uuid.UUID, str]]:
+        """(run, job) of every organization's queued run recorded more than ``older_than``
+        seconds ago (and in the last week) whose job is kept (schema step 15), as its
+        owner: every instance queues again those whose job never reached the queue."""
+        with translated(self._dsn):
+            rows = await self._pool.fetch(_WAITING, older_than)
         return [(row[0], row[1]) for row in rows]
 
     async def run_started(self, organization: uuid.UUID, run_id: uuid.UUID) -> str:

@@ -12,6 +12,14 @@ them may be asked about any run, or be killed: so every instance follows every q
 whose end is not recorded (service_runs, looked at every few seconds), not only its own.
 Recording an end twice writes the same state, from the same log.
 
+An instance killed after recording a run and before queuing its job leaves a queued run
+that no worker would ever take. A run the user asked for should run, and one whose job
+never reached the queue never began: so the followers queue it again, from the job kept
+in service_runs, once ``_GRACE`` seconds have passed since it was recorded with no key on
+the queue saying its job was queued and nothing of it in the log. The XADD and that key
+are one script (JobQueue.submit_once): the instance that recorded it, late, and every
+follower at once still queue it only once.
+
 Cancelling sets the run's cancellation key on the queue (a run is a batch of one), which
 the worker running it reads twice a second and which a worker taking the job later reads
 before it begins. A run no worker has begun is ended here at once: its RunStarted (kept in
@@ -36,7 +44,7 @@ from events import types as ev
 from events.secrets import Cipher
 from events.store import EventStore, NewEvent, StoreError, StreamAppend, WrongExpectedVersion
 from orchestrator.planner import Plan
-from orchestrator.queue import JobQueue, QueuedJob
+from orchestrator.queue import JobQueue, QueuedJob, QueueUnavailable
 from orchestrator.runner import RunInputs
 from orchestrator.service_runs import API_CANCELLED, ServiceRun
 from orchestrator.submit import ended_since
@@ -46,6 +54,10 @@ _POLL = 0.25
 """Seconds between looks at which queued runs have ended."""
 _REFRESH = 2.0
 """Seconds between looks at which runs are queued, by any instance."""
+_GRACE = 60.0
+"""Seconds after its recording a queued run's job must be on the queue, else it is queued
+again: longer than an instance takes to queue it when Redis is slow to answer (its
+timeouts), so that one that is still trying is not mistaken for a dead one."""
 _started = msgspec.json.Decoder(ev.RunStarted)
 
 
@@ -83,12 +95,18 @@ class QueuedRuns:
         self._fresh: set[str] = set()
         """Runs queued since the last look at which have ended."""
 
-    async def start(self, content: str, planned: Plan, inputs: RunInputs) -> None:
-        """Put the run (recorded in service_runs) on the queue; raises QueueUnavailable."""
+    def job(self, content: str, planned: Plan, inputs: RunInputs, started: ev.RunStarted) -> str:
+        """The run's job, encoded, its run sealed: for service_runs, then ``start``."""
         run = ServiceRun.of(content, planned, inputs, self._allowed_targets)
-        job = QueuedJob.for_service(inputs.run_id, run.sealed(self._cipher), self._concurrency)
-        await self.queue.submit([job])
-        self._follow(inputs.run_id, uuid.UUID(inputs.organization))
+        sealed = run.sealed(self._cipher)
+        made = msgspec.json.encode(started).decode()
+        return QueuedJob.for_service(inputs.run_id, sealed, self._concurrency, made).encoded()
+
+    async def start(self, run_id: str, organization: uuid.UUID, job: str) -> None:
+        """Put the run (recorded in service_runs with ``job``) on the queue; raises
+        QueueUnavailable."""
+        await self.queue.submit_once(run_id, job)
+        self._follow(run_id, organization)
 
     def _follow(self, run_id: str, organization: uuid.UUID) -> _Queued:
         queued = self._open.get(run_id)
@@ -102,6 +120,29 @@ class QueuedRuns:
         alive or not) whose end is not recorded; raises StoreError."""
         for organization, run_id in await self._db.queued_runs():
             self._follow(str(run_id), organization)
+
+    async def queue_lost(self) -> list[str]:
+        """Queue again the jobs of runs recorded more than ``_GRACE`` seconds ago that never
+        reached the queue (their instance was killed in between, or Redis lost them) and
+        never began; return their ids. Raises StoreError, QueueUnavailable."""
+        jobs = {str(run_id): job for run_id, job in await self._db.queued_jobs(_GRACE)}
+        lost = await self.queue.unqueued(sorted(jobs))
+        if not lost:
+            return []
+        # a run with events began on a worker: its job was queued, and is that worker's
+        began = await self._store.first_events([ev.run_stream(run_id) for run_id in lost])
+        queued = []
+        for run_id in lost:
+            if ev.run_stream(run_id) not in began and await self.queue.submit_once(
+                run_id, jobs[run_id]
+            ):
+                _log.warning(
+                    "run %s: its job never reached the queue (the instance that recorded it"
+                    " stopped first): queued it again",
+                    run_id,
+                )
+                queued.append(run_id)
+        return queued
 
     async def wait(self, run_id: str) -> None:
         """Until the end of a run this process follows is recorded."""
@@ -133,7 +174,8 @@ class QueuedRuns:
                 if loop.time() >= refresh:
                     refresh = loop.time() + _REFRESH
                     await self.follow_queued()
-            except StoreError as exc:
+                    await self.queue_lost()
+            except (StoreError, QueueUnavailable) as exc:
                 _log.warning("looking for queued runs: %s", exc)
             if self._open:
                 try:

@@ -49,7 +49,8 @@ WHERE sr.id IS NOT NULL OR t.id IS NOT NULL
 """
 _RECORD = (
     "INSERT INTO service_runs (id, organization_id, suite_id, environment_id, rerun_of, tests,"
-    " tags, variables, started, state) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'queued')"
+    " tags, variables, started, job, state)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'queued')"
 )
 
 
@@ -155,6 +156,9 @@ async def start(
         await admit(services, principal, request.session_id, inputs.run_id)
         inputs = dataclasses.replace(inputs, session_id=str(request.session_id))
     run_id = uuid.UUID(inputs.run_id)
+    started = first_event(plan, inputs)
+    # kept before it is queued, for any instance to queue it if this one dies in between
+    job = services.queued.job(suite.content, plan, inputs, started) if services.queued else ""
     async with services.db.tenant(org) as conn:
         await conn.execute(
             _RECORD,
@@ -167,7 +171,8 @@ async def start(
             list(request.tags),
             msgspec.json.encode(dict(request.variables)),
             # for any instance that cancels it before a worker begins it (context_service.queued)
-            msgspec.json.encode(first_event(plan, inputs)).decode(),
+            msgspec.json.encode(started).decode(),
+            job,
         )
 
     async def done(state: str, error: str) -> None:
@@ -177,7 +182,7 @@ async def start(
         services.launcher.start(RunSpec(plan, inputs, on_done=done))
         return run_id
     try:
-        await services.queued.start(suite.content, plan, inputs)
+        await services.queued.start(inputs.run_id, org, job)
     except QueueUnavailable:
         await done("error", "the worker queue was unreachable: the run did not start")
         raise Unavailable("the worker queue is unreachable; try again later") from None

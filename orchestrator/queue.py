@@ -9,7 +9,9 @@ another with XAUTOCLAIM after the visibility timeout. A worker keeps the jobs it
 works on from looking idle by claiming them for itself (XCLAIM JUSTID, which leaves the
 delivery count alone). A batch is cancelled with a key every worker reads before and
 while it runs one of the batch's jobs; a run the service queued is a batch of one, its
-batch id its run id.
+batch id its run id. A service run's job is queued at most once: its XADD and a key
+naming the run are one script (``submit_once``), so that any instance can see whether a
+run it finds recorded was ever queued, and queue it if not, without doubling it.
 
 This module is the one boundary where redis errors become QueueUnavailable.
 """
@@ -38,18 +40,28 @@ from orchestrator.execution import Options
 STREAM = "baton:jobs"
 GROUP = "baton-workers"
 _CANCELLED = "baton:cancelled:"
+_QUEUED = "baton:queued:"
 BATCH_CANCELLED = "the batch was cancelled"
 """The reason of the RunCancelled of a run its batch's cancellation ended before it began."""
 _CANCEL_TTL = 7 * 24 * 3600
-"""How long a batch's cancellation is kept: longer than any batch waits in the queue."""
+"""How long a batch's cancellation (and a service run's queued key) is kept: longer than
+any batch waits in the queue, as long as the service follows a queued run."""
+_ONCE = """
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then
+    return redis.call('XADD', KEYS[1], '*', 'job', ARGV[1])
+end
+return false
+"""
 
 
 class QueueUnavailable(InfrastructureError):
     """Redis did not answer, or answered with an error."""
 
 
-class QueuedJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One unit of a batch, for a worker to rebuild and run."""
+class QueuedJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """One unit of a batch, for a worker to rebuild and run. A field left at its default is
+    not written: an older worker, which rejects fields it does not know, still reads the
+    jobs that do not use a field it lacks (a batch's jobs carry no ``started``)."""
 
     batch_id: str
     run_id: str
@@ -68,9 +80,15 @@ class QueuedJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     service: str = ""
     """A run the service started (orchestrator.service_runs.ServiceRun, sealed): its
     ``batch_id`` is its run id (its cancellation key), it has no paths and no unit."""
+    started: str = ""
+    """A service run's RunStarted (msgspec JSON: no secret in it, the log keeps it in
+    clear): what a worker that cannot unseal the run begins its log with, so that the run
+    is its organization's and shows why it ended."""
 
     @classmethod
-    def for_service(cls, run_id: str, sealed: str, concurrency: int) -> QueuedJob:
+    def for_service(
+        cls, run_id: str, sealed: str, concurrency: int, started: str = ""
+    ) -> QueuedJob:
         return cls(
             batch_id=run_id,
             run_id=run_id,
@@ -78,6 +96,7 @@ class QueuedJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             paths=[],
             concurrency=concurrency,
             service=sealed,
+            started=started,
         )
 
     @classmethod
@@ -94,6 +113,10 @@ class QueuedJob(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             tags=list(options.tags),
             concurrency=options.concurrency,
         )
+
+    def encoded(self) -> str:
+        """As the stream's entry holds it."""
+        return _encoder.encode(self).decode()
 
     def sealed(self, cipher: Cipher) -> str:
         """This job's options (not its run or unit), encrypted: ShardStarted.queued."""
@@ -125,10 +148,12 @@ def _portable(path: Path) -> str:
 
 
 class _Addressed(msgspec.Struct):
-    """What a job of any version names: its run, so that a worker which cannot read the rest
-    (a newer Baton queued it) can still end that run with the reason."""
+    """What a job of any version names: its run (and a service run's RunStarted), so that a
+    worker which cannot read the rest (a newer Baton queued it) can still end that run with
+    the reason."""
 
     run_id: str = ""
+    started: str = ""
 
 
 @dataclass(frozen=True)
@@ -141,6 +166,9 @@ class Delivery:
     """How many times the job was handed to a worker, this time included."""
     run_id: str = ""
     """The run the entry names, even when ``job`` is None ("" if it names none)."""
+    started: str = ""
+    """The RunStarted a service run's entry carries (QueuedJob.started), even when ``job``
+    is None."""
 
 
 _encoder = msgspec.json.Encoder()
@@ -166,6 +194,7 @@ class JobQueue:
         self._where = mask_dsn(url)
         self.stream = stream
         self.group = group
+        self._once = self._redis.register_script(_ONCE)
         self._claim_from = "0-0"
         """Where the next XAUTOCLAIM goes on scanning the pending jobs."""
 
@@ -199,6 +228,26 @@ class JobQueue:
                     pipe.xadd(self.stream, {"job": _encoder.encode(job)})
                 ids = await pipe.execute()
         return [_text(entry) for entry in ids]
+
+    async def submit_once(self, run_id: str, job: str) -> bool:
+        """Queue a service run's job (``QueuedJob.encoded``) unless it was queued before, by
+        this instance or any other; True if this call queued it."""
+        await self.ensure_group()
+        keys = [self.stream, _QUEUED + run_id]
+        with self._errors():
+            entry = await self._once(keys=keys, args=[job, _CANCEL_TTL])
+        return entry is not None
+
+    async def unqueued(self, run_ids: Sequence[str]) -> list[str]:
+        """Those of ``run_ids`` whose job ``submit_once`` never queued (or Redis lost it)."""
+        if not run_ids:
+            return []
+        with self._errors():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for run_id in run_ids:
+                    pipe.exists(_QUEUED + run_id)
+                found = await pipe.execute()
+        return [run_id for run_id, there in zip(run_ids, found, strict=True) if not there]
 
     async def take(self, consumer: str, count: int, block: float) -> list[Delivery]:
         """Up to ``count`` new jobs for ``consumer``, waiting up to ``block`` seconds."""
@@ -291,8 +340,8 @@ def _delivery(entry: bytes | str, fields: dict[bytes, bytes], deliveries: int) -
         job = _decoder.decode(raw)
     except msgspec.DecodeError:
         try:
-            run_id = _addressed.decode(raw).run_id
+            addressed = _addressed.decode(raw)
         except msgspec.DecodeError:
-            run_id = ""
-        return Delivery(_text(entry), None, deliveries, run_id)
-    return Delivery(_text(entry), job, deliveries, job.run_id)
+            addressed = _Addressed()
+        return Delivery(_text(entry), None, deliveries, addressed.run_id, addressed.started)
+    return Delivery(_text(entry), job, deliveries, job.run_id, job.started)

@@ -6,8 +6,9 @@ all of it, resolved and checked by the service: the flow's text, the tests to ru
 rerun's subset), the variables, env and secrets, the values to mask, what RunStarted says
 of the run (organization, project, session), a rerun's reused captures, and the service's
 restrictions (its BATON_ALLOWED_TARGETS, the bounded template limits). It travels sealed
-with the shared Cipher: nothing of it is in clear on the queue, so the workers need the
-service's secret key (the same BATON_SECRET_KEY, or BATON_HOME).
+with the shared Cipher: nothing of it is in clear on the queue (only the RunStarted beside
+it, QueuedJob.started, as the log keeps it), so the workers need the service's secret key
+(the same BATON_SECRET_KEY, or BATON_HOME).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ unacknowledged, their runs open in the log for the next worker to resume.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import importlib.metadata
 import logging
@@ -66,6 +67,7 @@ _BATCHES_KEPT = 16
 
 _VERSION = importlib.metadata.version("baton")
 _log = logging.getLogger("baton.worker")
+_run_started = msgspec.json.Decoder(ev.RunStarted)
 T = TypeVar("T")
 
 
@@ -262,7 +264,7 @@ class Worker:
             return True
         writer = BatchingWriter(appends, max_wait=self.store_wait)
         try:
-            _unbuildable(writer, delivery.run_id, "", len(recorded), reason)
+            _unbuildable(writer, delivery.run_id, "", len(recorded), reason, delivery.started)
         finally:
             await writer.aclose()
         return True
@@ -285,7 +287,7 @@ class Worker:
             try:
                 built = self._built(job)
             except UsageError as exc:
-                _unbuildable(writer, job.run_id, job.unit, len(recorded), str(exc))
+                _unbuildable(writer, job.run_id, job.unit, len(recorded), str(exc), job.started)
                 return True
             if await self._cancelled(job.batch_id):
                 writer.resume(stream, len(recorded))
@@ -440,16 +442,27 @@ def _open(recorded: Sequence[ev.RecordedEvent]) -> bool:
     return not isinstance(recorded[-1].event, ev.RunCompleted | ev.RunCancelled)
 
 
-def _unbuildable(writer: BatchingWriter, run_id: str, unit: str, version: int, reason: str) -> None:
-    """End a run this worker cannot rebuild (its checkout differs, a newer Baton's job),
-    saying why."""
+def _unbuildable(
+    writer: BatchingWriter, run_id: str, unit: str, version: int, reason: str, started: str
+) -> None:
+    """End a run this worker cannot rebuild (its checkout differs, a newer Baton's job, the
+    service's run sealed with another key), saying why. ``started``: the RunStarted the
+    service made (QueuedJob.started), so that the run is its organization's, not a
+    placeholder of the default one's."""
     stream = ev.run_stream(run_id)
     writer.resume(stream, version)
     if not version:
-        what = unit or "a run of the service"
-        started = ev.RunStarted(run_id=run_id, suite=what, suite_digest="", plan=[], source=what)
-        writer.emit(stream, started)
+        writer.emit(stream, _first_event(run_id, unit, started))
     writer.emit(stream, ev.RunCancelled(reason=reason))
+
+
+def _first_event(run_id: str, unit: str, started: str) -> ev.RunStarted:
+    with contextlib.suppress(msgspec.DecodeError):
+        made = _run_started.decode(started)
+        if made.run_id == run_id:
+            return made
+    what = unit or "a run of the service"
+    return ev.RunStarted(run_id=run_id, suite=what, suite_digest="", plan=[], source=what)
 
 
 async def _first(

@@ -24,6 +24,7 @@ import pytest
 from redis.asyncio import Redis
 
 from events.secrets import Cipher, load_key
+from events.types import RunStarted
 from orchestrator.queue import GROUP, STREAM, JobQueue, QueuedJob
 from tests.conftest import SHOP, RedisServer
 from tests.test_postgres_restart import PrivateServer
@@ -509,13 +510,19 @@ def test_a_job_of_a_newer_baton_is_left_for_another_worker_then_ended_saying_why
     job with a field it lacks, a service's run sealed with one. It leaves each one pending
     for another worker; past --max-deliveries it ends their runs with the reason."""
     cipher = Cipher(load_key(None, workdir.path / "home"))
+    ids = "00000000-0000-4000-8000-000000000001", "00000000-0000-4000-8000-000000000002"
+    # what the service's RunStarted would say of each: the log begins with it
+    started = [
+        msgspec.json.encode(RunStarted(run_id=i, suite=f"flow {i[-1]}", suite_digest="", plan=[]))
+        for i in ids
+    ]
     newer_job = {
-        **msgspec.to_builtins(QueuedJob("b-1", "00000000-0000-4000-8000-000000000001", "u", [])),
+        **msgspec.to_builtins(QueuedJob("b-1", ids[0], "u", [], started=started[0].decode())),
         "priority": 5,
     }
-    service_run = {"run_id": "00000000-0000-4000-8000-000000000002", "budget": 3}
+    service_run = {"run_id": ids[1], "budget": 3}
     newer_service = QueuedJob.for_service(
-        service_run["run_id"], cipher.encrypt(json.dumps(service_run)), 10
+        ids[1], cipher.encrypt(json.dumps(service_run)), 10, started[1].decode()
     )
 
     async def submit() -> None:
@@ -545,4 +552,32 @@ def test_a_job_of_a_newer_baton_is_left_for_another_worker_then_ended_saying_why
         assert "handed to a worker 2 times and no worker could read it" in reason
         assert "queued by a newer Baton" in reason and "upgrade the workers" in reason
     assert "secret key" not in reasons[1][0]  # the key is right: the format is newer
+    suites = query(
+        fresh_database_dsn,
+        "SELECT data->>'suite' FROM events WHERE type = 'RunStarted' ORDER BY stream",
+    )
+    assert suites == [("flow 1",), ("flow 2",)]
     assert stopped(worker) == 128 + signal.SIGTERM
+
+
+async def test_a_service_run_is_queued_once_however_many_instances_queue_it(
+    private_redis: RedisServer,
+) -> None:
+    """The instance that recorded a run and every instance that finds it unqueued may all
+    queue it: one job reaches the stream."""
+    queue = JobQueue(private_redis.url)
+    try:
+        run_id, other = "00000000-0000-4000-8000-000000000003", "00000000-0000-4000-8000-4"
+        job = QueuedJob.for_service(run_id, "sealed", 10).encoded()
+        assert await queue.unqueued([run_id, other]) == [run_id, other]
+        first, *again = await asyncio.gather(*(queue.submit_once(run_id, job) for _ in range(3)))
+        assert (first, again) == (True, [False, False])
+        assert await queue.unqueued([run_id, other]) == [other]
+        redis = Redis.from_url(private_redis.url)
+        try:
+            entries = await redis.xrange(STREAM)
+        finally:
+            await redis.aclose()
+        assert [fields[b"job"] for _, fields in entries] == [job.encode()]
+    finally:
+        await queue.aclose()

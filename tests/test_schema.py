@@ -34,6 +34,7 @@ RELEASED = {
     12: "3d6c1db79e820b921e26860550350c66264a15b4217da6a91cfe8b17aa23cb3c",
     13: "1e74beb41066f2528c69a96cbdf7c8db5c03f1d765df617b6742079fd8761451",
     14: "988611a4968976665329929180c8e17f8025cc1c628a4a37233c4527ef91aa0b",
+    15: "6972ac9642f104d54dbf5cbf459355408d6bd1ae95667d62e840bbc497f25913",
 }
 STEP_NAMES = [
     "event store",
@@ -50,6 +51,7 @@ STEP_NAMES = [
     "daily rollups of runs and failures",
     "retention policies and monthly metrics",
     "queued service runs for every instance",
+    "the jobs of queued service runs",
 ]
 
 

@@ -22,7 +22,9 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from context_service import queued as queued_module
 from context_service.keys import create_key
+from context_service.queued import QueuedRuns
 from events.settings import Settings
 from orchestrator.queue import GROUP, STREAM
 from tests.conftest import (
@@ -382,6 +384,13 @@ async def test_a_worker_without_the_services_key_ends_the_run_saying_so(
                 await _until(ended, within=30)
                 assert "cannot be read with this worker's secret key" in stored[-1]
                 assert not any(e.startswith("RequestSent") for e in stored)
+                # the run is still the organization's, in its project, saying why it ended
+                shown = await org.finished(run["id"])
+                assert (shown["status"], shown["suite"]) == ("cancelled", "slow")
+                assert shown["project_id"] == ids["project"]
+                assert "cannot be read with this worker's secret key" in shown["message"]
+                listed = await org.ok("GET", "/api/v1/runs")
+                assert [r["id"] for r in listed["items"]] == [run["id"]]
             finally:
                 started.stop()
                 await org.http.aclose()
@@ -448,6 +457,59 @@ async def test_a_restarted_service_records_the_end_of_runs_queued_before(
             finally:
                 started.stop()
                 await org.http.aclose()
+
+
+async def test_a_run_whose_instance_died_before_queuing_it_is_queued_by_another(
+    shop_url: str, private_redis: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Instance A records the run and dies before its job reaches the queue; instance B
+    notices the queued run with no job and queues it again: it runs, once."""
+    key = _key()
+
+    async def killed(*_: object) -> None:
+        raise RuntimeError("the instance was killed here")  # as if: nothing after it runs
+
+    async with private_database() as dsn:
+        with _service(dsn, private_redis.url, key) as a:
+            api_key = await create_key(
+                a.settings, organization="acme", scopes=["read", "run", "admin"], name="ci"
+            )
+            org = Org(a, api_key)
+            try:
+                ids = await _project(org, "orphan", shop_url, EXPECTED_USER="alice")
+                suite = await _upload(org, ids["project"], RERUN_FLOW)
+                body = {"suite_id": suite, "environment_id": ids["environment"]}
+                monkeypatch.setattr(QueuedRuns, "start", killed)
+                response = await org.http.post("/api/v1/runs", json=body)
+                assert response.status_code == 500
+            finally:
+                await org.http.aclose()
+        monkeypatch.undo()
+        [(run_id,)] = await _fetch(dsn, "SELECT id::text FROM service_runs")
+        assert await _state(dsn, run_id) == ("queued", "")
+        queue = Redis.from_url(private_redis.url)
+        try:
+            assert await _jobs(queue) == []
+            monkeypatch.setattr(queued_module, "_GRACE", 0.5)
+            with _service(dsn, private_redis.url, key) as b:
+                org = Org(b, api_key)
+                started = Worker(dsn, private_redis.url, key, tmp_path)
+                try:
+                    ended = await org.finished(run_id, within=30)
+                    assert (ended["status"], ended["passed_tests"]) == ("passed", 3)
+
+                    async def recorded() -> bool:
+                        return await _state(dsn, run_id) == ("finished", "")
+
+                    await _until(recorded)
+                finally:
+                    started.stop()
+                    await org.http.aclose()
+            assert [run_id.encode() in job for job in await _jobs(queue)] == [True]
+            # ended: its job, secrets sealed in it, is not kept in the database any longer
+            assert await _fetch(dsn, "SELECT job FROM service_runs") == [("",)]
+        finally:
+            await queue.aclose()
 
 
 NAP_FLOW = """
