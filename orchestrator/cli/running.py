@@ -107,27 +107,28 @@ def run(
             "baton watch, or run without --queue"
         )
     shard = _shard(shard_text, batch_id)
-    options = _options(concurrency=concurrency, **kwargs)
-    jobs = execution.prepare(options)
-    _warn_insecure(jobs)
-    used = next((job for job in jobs if job.setups), None)
-    if used is not None and (queue_url is not None or shard is not None):
-        raise UsageError(
-            f"{used.plan.loaded.label}: use: a shared setup runs in one baton run; "
-            "--queue and --shard split the flows among processes (run it without them)"
-        )
+    ndjson = events_format is not None
+    with _before_any_run(err=ndjson):
+        options = _options(concurrency=concurrency, **kwargs)
+        jobs = execution.prepare(options)
+        _warn_insecure(jobs)
+        used = next((job for job in jobs if job.setups), None)
+        if used is not None and (queue_url is not None or shard is not None):
+            raise UsageError(
+                f"{used.plan.loaded.label}: use: a shared setup runs in one baton run; "
+                "--queue and --shard split the flows among processes (run it without them)"
+            )
+        shard_run = None
+        if shard is not None and batch_id and queue_url is None:
+            from orchestrator.shards import ShardRun
+
+            shard_run = ShardRun.of(jobs, shard, batch_id)
+            jobs = shard_run.jobs()
+            click.echo(shard_run.describe(), err=ndjson)
     reports = {"junit": junit, "json_path": json_path, "html": html, "ctrf": ctrf}
     if queue_url is not None:
         _queued(queue_url, options, jobs, batch_id, quiet=quiet, serve=serve, **reports)
         return
-    ndjson = events_format is not None
-    shard_run = None
-    if shard is not None and batch_id:
-        from orchestrator.shards import ShardRun
-
-        shard_run = ShardRun.of(jobs, shard, batch_id)
-        jobs = shard_run.jobs()
-        click.echo(shard_run.describe(), err=ndjson)
     _execute(
         jobs,
         concurrency,
@@ -190,6 +191,22 @@ def _execute(
         sys.exit(1)
 
 
+@contextmanager
+def _before_any_run(*, err: bool = False) -> Iterator[None]:
+    """Interrupted while the flows, their inputs or a rerun's record are read (a --data
+    file on a slow mount, the store opening), a command that runs flows still ends with
+    its summary, as ``_execute`` does: that no test had started."""
+    from orchestrator.reporters import RunTally
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        stream = sys.stderr if err else sys.stdout
+        color = stream.isatty() and "NO_COLOR" not in os.environ
+        click.echo(RunTally().render(color=color), err=err)
+        raise
+
+
 @cli.command()
 @click.argument("target", metavar="ID")
 @click.option("--failed", is_flag=True, help="Rerun the tests that failed and those they skipped.")
@@ -216,6 +233,25 @@ def rerun(
     dependents they made skip), --from TEST (that test onwards), or for a batch
     --failed-rows. The other tests' captures come from the log (login is not sent again),
     unless a capture's ttl has passed. The new run records which run it continues."""
+    if sum((failed, start is not None, failed_rows)) != 1:
+        raise UsageError("baton rerun: give one of --failed, --from TEST or --failed-rows")
+    reports = {name: kwargs.pop(name) for name in ("junit", "json_path", "html", "ctrf")}
+    with _before_any_run():
+        jobs = _rerun_plan(target, failed, start, failed_rows, flow, concurrency, **kwargs)
+    _execute(jobs, concurrency, quiet, reports)
+
+
+def _rerun_plan(
+    target: str,
+    failed: bool,
+    start: str | None,
+    failed_rows: bool,
+    flow: Path | None,
+    concurrency: int,
+    **kwargs: Any,
+) -> list[Any]:
+    """The jobs of ``baton rerun``, read from the record of TARGET; says what each run
+    continues."""
     from datetime import UTC, datetime
 
     from events.secrets import Cipher, load_key
@@ -223,9 +259,6 @@ def rerun(
     from orchestrator import continuation
     from orchestrator.rerun import Selection
 
-    if sum((failed, start is not None, failed_rows)) != 1:
-        raise UsageError("baton rerun: give one of --failed, --from TEST or --failed-rows")
-    reports = {name: kwargs.pop(name) for name in ("junit", "json_path", "html", "ctrf")}
     options = _options(paths=[], concurrency=concurrency, **kwargs)
     settings = Settings.from_env()
     cipher = Cipher(load_key(settings.secret_key, settings.home))
@@ -251,7 +284,7 @@ def rerun(
         for index, inputs in enumerate(job.runs):
             again = ", ".join(job.plan_of(index).order)
             click.echo(f"run {inputs.run_id} continues run {inputs.continues}: again {again}")
-    _execute(jobs, concurrency, quiet, reports)
+    return jobs
 
 
 @cli.command()
