@@ -291,6 +291,57 @@ def test_baton_run_stops_cleanly_when_the_reader_of_its_events_goes(
     assert_embedded_stopped(home)
 
 
+SLOW_SETUP = """
+name: slow login
+base_url: "{{ env.SHOP_URL }}"
+tests:
+  login:
+    request: {url: /slow, params: {ms: 10000}}
+    capture: {slept: {json: "$.slept_ms"}}
+"""
+USING = """
+name: {name}
+base_url: "{{{{ env.SHOP_URL }}}}"
+use: [{{flow: ../auth/login.yaml, test: login}}]
+tests:
+{tests}
+"""
+
+
+def test_baton_run_interrupted_in_its_shared_setup_counts_the_flows_waiting_for_it(
+    env: dict[str, str], tmp_path: Path, spawn: Callable[..., Baton]
+) -> None:
+    """The flows using a setup start once it has passed: stopped before, they are in the
+    summary as cancelled, not missing from it."""
+    (tmp_path / "auth").mkdir()
+    (tmp_path / "auth" / "login.yaml").write_text(SLOW_SETUP)
+    (tmp_path / "flows").mkdir()
+    for name, tests in (("cart", ("add", "pay")), ("orders", ("list",))):
+        body = "".join(
+            f"  {t}:\n    request: {{url: /health, params: {{s: '{{{{ slept }}}}'}}}}\n"
+            for t in tests
+        )
+        (tmp_path / "flows" / f"{name}.yaml").write_text(USING.format(name=name, tests=body))
+    run = spawn("run", str(tmp_path / "flows"), "--events", "ndjson", env=env)
+    run.wait_for_line('"type":"RequestSent"')  # the setup's login, 10 s to go
+    run.interrupt(signal.SIGTERM)
+
+    assert run.process.returncode == 128 + signal.SIGTERM.value, run.stderr
+    assert "Traceback" not in run.stderr
+    summary = run.stderr[run.stderr.index("INTERRUPTED") :].splitlines()
+    assert summary[1:-2] == [
+        "slow login: 0 passed, 1 cancelled",
+        "  cancelled: login",
+        "cart: 0 passed, 2 cancelled",
+        "  cancelled: add, pay",
+        "orders: 0 passed, 1 cancelled",
+        "  cancelled: list",
+        "",
+        "3 runs, 0 finished; tests: 0 passed, 4 cancelled",
+    ]
+    assert summary[-1] == "interrupted by SIGTERM"
+
+
 def _reading(fifo: Path, process: Baton, within: float = 60) -> int:
     """The writing end of ``fifo``, opened once ``process`` has opened it to read."""
     deadline = time.monotonic() + within

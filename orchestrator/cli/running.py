@@ -163,6 +163,10 @@ def _execute(
     color = human.isatty() and "NO_COLOR" not in os.environ
     progress = ConsoleProgress(stream=human, quiet=quiet, color=color)
     tally = RunTally()
+    for job in [*execution.setup_jobs(jobs), *jobs]:
+        for index, inputs in enumerate(job.runs):
+            name = job.plan.loaded.flow.name
+            tally.expect(inputs.run_id, name, inputs.row, job.plan_of(index).order)
     stream_event = _ndjson_writer() if ndjson else None
 
     def observe(run_id: str, event: Any) -> None:
