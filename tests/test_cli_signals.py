@@ -13,10 +13,12 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
@@ -287,6 +289,110 @@ def test_baton_run_stops_cleanly_when_the_reader_of_its_events_goes(
     assert events[0][3] == "RunStarted"
     assert events[-1][3:] == ["RunCancelled", "reason=interrupted"]
     assert_embedded_stopped(home)
+
+
+SLOW_SETUP = """
+name: slow login
+base_url: "{{ env.SHOP_URL }}"
+tests:
+  login:
+    request: {url: /slow, params: {ms: 10000}}
+    capture: {slept: {json: "$.slept_ms"}}
+"""
+USING = """
+name: {name}
+base_url: "{{{{ env.SHOP_URL }}}}"
+use: [{{flow: ../auth/login.yaml, test: login}}]
+tests:
+{tests}
+"""
+
+
+def test_baton_run_interrupted_in_its_shared_setup_counts_the_flows_waiting_for_it(
+    env: dict[str, str], tmp_path: Path, spawn: Callable[..., Baton]
+) -> None:
+    """The flows using a setup start once it has passed: stopped before, they are in the
+    summary as cancelled, not missing from it."""
+    (tmp_path / "auth").mkdir()
+    (tmp_path / "auth" / "login.yaml").write_text(SLOW_SETUP)
+    (tmp_path / "flows").mkdir()
+    for name, tests in (("cart", ("add", "pay")), ("orders", ("list",))):
+        body = "".join(
+            f"  {t}:\n    request: {{url: /health, params: {{s: '{{{{ slept }}}}'}}}}\n"
+            for t in tests
+        )
+        (tmp_path / "flows" / f"{name}.yaml").write_text(USING.format(name=name, tests=body))
+    run = spawn("run", str(tmp_path / "flows"), "--events", "ndjson", env=env)
+    run.wait_for_line('"type":"RequestSent"')  # the setup's login, 10 s to go
+    run.interrupt(signal.SIGTERM)
+
+    assert run.process.returncode == 128 + signal.SIGTERM.value, run.stderr
+    assert "Traceback" not in run.stderr
+    summary = run.stderr[run.stderr.index("INTERRUPTED") :].splitlines()
+    assert summary[1:-2] == [
+        "slow login: 0 passed, 1 cancelled",
+        "  cancelled: login",
+        "cart: 0 passed, 2 cancelled",
+        "  cancelled: add, pay",
+        "orders: 0 passed, 1 cancelled",
+        "  cancelled: list",
+        "",
+        "3 runs, 0 finished; tests: 0 passed, 4 cancelled",
+    ]
+    assert summary[-1] == "interrupted by SIGTERM"
+
+
+def _reading(fifo: Path, process: Baton, within: float = 60) -> int:
+    """The writing end of ``fifo``, opened once ``process`` has opened it to read."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # no reader yet
+            assert process.process.poll() is None, process.stderr
+            assert time.monotonic() < deadline, "baton never opened the --data file"
+            time.sleep(0.02)
+
+
+def assert_interrupted_before_any_test(process: Baton, signum: signal.Signals) -> None:
+    process.interrupt(signum)
+    assert process.process.returncode == 128 + signum.value
+    assert process.stdout.splitlines()[-1:] == ["INTERRUPTED before any test started"]
+    assert process.stderr.strip().splitlines()[-1] == f"interrupted by {signum.name}"
+    assert "Traceback" not in process.stderr
+
+
+def test_baton_run_interrupted_while_it_reads_its_inputs_says_no_test_started(
+    tmp_path: Path, spawn: Callable[..., Baton]
+) -> None:
+    """A --data file on a slow mount (here a FIFO nobody writes): the flows are loaded but
+    no run exists yet."""
+    flow = tmp_path / "slow.yaml"
+    flow.write_text(SLOW_FLOW.format(name="signals data"))
+    fifo = tmp_path / "rows.csv"
+    os.mkfifo(fifo)
+    env = {**os.environ, "BATON_HOME": str(tmp_path / "home"), "SHOP_URL": "http://127.0.0.1:9"}
+    run = spawn("run", str(flow), "--data", str(fifo), env=env)
+    writer = _reading(fifo, run)
+    try:
+        assert_interrupted_before_any_test(run, signal.SIGTERM)
+    finally:
+        os.close(writer)
+
+
+def test_baton_rerun_interrupted_while_the_store_opens_says_no_test_started(
+    tmp_path: Path, spawn: Callable[..., Baton]
+) -> None:
+    """The event store's server accepts the connection and never answers (a database
+    still starting, a proxy without its backend): Ctrl-C while rerun reads the record."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        silent.settimeout(60)
+        url = f"postgresql://postgres@127.0.0.1:{silent.getsockname()[1]}/baton"
+        env = {**os.environ, "BATON_HOME": str(tmp_path / "home"), "BATON_DATABASE_URL": url}
+        rerun = spawn("rerun", str(uuid.uuid4()), "--failed", env=env)
+        connection, _ = silent.accept()  # rerun is opening the store
+        with connection:
+            assert_interrupted_before_any_test(rerun, signal.SIGINT)
 
 
 @pytest.fixture(scope="module")

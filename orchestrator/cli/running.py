@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
@@ -24,6 +24,7 @@ from orchestrator.errors import InfrastructureError, UsageError
 
 if TYPE_CHECKING:
     from orchestrator.batch_report import BatchReport
+    from orchestrator.reporters import RunTally
     from orchestrator.shards import Shard
 
 
@@ -93,8 +94,6 @@ def run(
 ) -> None:
     """Run flow files (or directories of them). Interrupted (Ctrl-C, SIGTERM), the runs in
     flight end as cancelled and what passed, failed and was cancelled is printed."""
-    from orchestrator import execution
-
     if queue_url is not None and shard_text is not None:
         raise UsageError(
             "--queue and --shard: the queue shares the batch among its workers; use one"
@@ -106,38 +105,43 @@ def run(
             "--queue and --events: the workers record the events; follow them with "
             "baton watch, or run without --queue"
         )
-    shard = _shard(shard_text, batch_id)
-    options = _options(concurrency=concurrency, **kwargs)
-    jobs = execution.prepare(options)
-    _warn_insecure(jobs)
-    used = next((job for job in jobs if job.setups), None)
-    if used is not None and (queue_url is not None or shard is not None):
-        raise UsageError(
-            f"{used.plan.loaded.label}: use: a shared setup runs in one baton run; "
-            "--queue and --shard split the flows among processes (run it without them)"
-        )
-    reports = {"junit": junit, "json_path": json_path, "html": html, "ctrf": ctrf}
-    if queue_url is not None:
-        _queued(queue_url, options, jobs, batch_id, quiet=quiet, serve=serve, **reports)
-        return
     ndjson = events_format is not None
-    shard_run = None
-    if shard is not None and batch_id:
-        from orchestrator.shards import ShardRun
+    with _summary_on_interrupt(err=ndjson) as tally:
+        from orchestrator import execution
 
-        shard_run = ShardRun.of(jobs, shard, batch_id)
-        jobs = shard_run.jobs()
-        click.echo(shard_run.describe(), err=ndjson)
-    _execute(
-        jobs,
-        concurrency,
-        quiet,
-        reports,
-        serve=serve,
-        shard=shard_run,
-        session_id=session_id,
-        ndjson=ndjson,
-    )
+        shard = _shard(shard_text, batch_id)
+
+        options = _options(concurrency=concurrency, **kwargs)
+        jobs = execution.prepare(options)
+        _warn_insecure(jobs)
+        used = next((job for job in jobs if job.setups), None)
+        if used is not None and (queue_url is not None or shard is not None):
+            raise UsageError(
+                f"{used.plan.loaded.label}: use: a shared setup runs in one baton run; "
+                "--queue and --shard split the flows among processes (run it without them)"
+            )
+        reports = {"junit": junit, "json_path": json_path, "html": html, "ctrf": ctrf}
+        if queue_url is not None:
+            _queued(queue_url, options, jobs, batch_id, tally, quiet=quiet, serve=serve, **reports)
+            return
+        shard_run = None
+        if shard is not None and batch_id:
+            from orchestrator.shards import ShardRun
+
+            shard_run = ShardRun.of(jobs, shard, batch_id)
+            jobs = shard_run.jobs()
+            click.echo(shard_run.describe(), err=ndjson)
+        _execute(
+            jobs,
+            concurrency,
+            quiet,
+            reports,
+            tally,
+            serve=serve,
+            shard=shard_run,
+            session_id=session_id,
+            ndjson=ndjson,
+        )
 
 
 def _execute(
@@ -145,6 +149,7 @@ def _execute(
     concurrency: int,
     quiet: bool,
     reports: dict[str, Path | None],
+    tally: RunTally,
     *,
     serve: str | None = None,
     shard: Any = None,
@@ -156,12 +161,15 @@ def _execute(
     line each, and what a person reads goes to standard error."""
     from events.settings import Settings
     from orchestrator import execution
-    from orchestrator.reporters import ConsoleProgress, RunTally
+    from orchestrator.reporters import ConsoleProgress
 
     human = sys.stderr if ndjson else sys.stdout
-    color = human.isatty() and "NO_COLOR" not in os.environ
+    color = _color(human)
     progress = ConsoleProgress(stream=human, quiet=quiet, color=color)
-    tally = RunTally()
+    for job in [*execution.setup_jobs(jobs), *jobs]:
+        for index, inputs in enumerate(job.runs):
+            name = job.plan.loaded.flow.name
+            tally.expect(inputs.run_id, name, inputs.row, job.plan_of(index).order)
     stream_event = _ndjson_writer() if ndjson else None
 
     def observe(run_id: str, event: Any) -> None:
@@ -183,11 +191,29 @@ def _execute(
             )
     except KeyboardInterrupt:
         progress.close()
-        click.echo(tally.render(color=color), err=ndjson)
         raise
     progress.close()
     if not _reported(results, color=color, err=ndjson, **reports):
         sys.exit(1)
+
+
+@contextmanager
+def _summary_on_interrupt(*, err: bool = False) -> Iterator[RunTally]:
+    """The tally of a command that runs flows; interrupted (SIGINT, SIGTERM), the command
+    prints it whenever the signal came: while the flows, their inputs or a rerun's record
+    are read, or the store opens, it says that no test had started."""
+    from orchestrator.reporters import RunTally
+
+    tally = RunTally()
+    try:
+        yield tally
+    except KeyboardInterrupt:
+        click.echo(tally.render(color=_color(sys.stderr if err else sys.stdout)), err=err)
+        raise
+
+
+def _color(stream: TextIO) -> bool:
+    return stream.isatty() and "NO_COLOR" not in os.environ
 
 
 @cli.command()
@@ -216,6 +242,25 @@ def rerun(
     dependents they made skip), --from TEST (that test onwards), or for a batch
     --failed-rows. The other tests' captures come from the log (login is not sent again),
     unless a capture's ttl has passed. The new run records which run it continues."""
+    if sum((failed, start is not None, failed_rows)) != 1:
+        raise UsageError("baton rerun: give one of --failed, --from TEST or --failed-rows")
+    reports = {name: kwargs.pop(name) for name in ("junit", "json_path", "html", "ctrf")}
+    with _summary_on_interrupt() as tally:
+        jobs = _rerun_plan(target, failed, start, failed_rows, flow, concurrency, **kwargs)
+        _execute(jobs, concurrency, quiet, reports, tally)
+
+
+def _rerun_plan(
+    target: str,
+    failed: bool,
+    start: str | None,
+    failed_rows: bool,
+    flow: Path | None,
+    concurrency: int,
+    **kwargs: Any,
+) -> list[Any]:
+    """The jobs of ``baton rerun``, read from the record of TARGET; says what each run
+    continues."""
     from datetime import UTC, datetime
 
     from events.secrets import Cipher, load_key
@@ -223,9 +268,6 @@ def rerun(
     from orchestrator import continuation
     from orchestrator.rerun import Selection
 
-    if sum((failed, start is not None, failed_rows)) != 1:
-        raise UsageError("baton rerun: give one of --failed, --from TEST or --failed-rows")
-    reports = {name: kwargs.pop(name) for name in ("junit", "json_path", "html", "ctrf")}
     options = _options(paths=[], concurrency=concurrency, **kwargs)
     settings = Settings.from_env()
     cipher = Cipher(load_key(settings.secret_key, settings.home))
@@ -251,7 +293,7 @@ def rerun(
         for index, inputs in enumerate(job.runs):
             again = ", ".join(job.plan_of(index).order)
             click.echo(f"run {inputs.run_id} continues run {inputs.continues}: again {again}")
-    _execute(jobs, concurrency, quiet, reports)
+    return jobs
 
 
 @cli.command()
@@ -332,6 +374,7 @@ def _queued(
     options: Any,
     jobs: list[Any],
     batch_id: str | None,
+    tally: RunTally,
     *,
     quiet: bool,
     serve: str | None,
@@ -344,14 +387,13 @@ def _queued(
     from events.secrets import Cipher, load_key
     from events.settings import Settings, mask_dsn
     from orchestrator.queue import JobQueue
-    from orchestrator.reporters import ConsoleProgress, RunTally
+    from orchestrator.reporters import ConsoleProgress
     from orchestrator.shards import Shard, ShardRun
     from orchestrator.submit import submit
 
     batch = ShardRun.of(jobs, Shard(1, 1), batch_id or str(uuid.uuid4()))
     color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     progress = ConsoleProgress(stream=sys.stdout, quiet=quiet, color=color)
-    tally = RunTally()
 
     @_until_stdout_closed
     def ended(run_id: str, recorded: list[Any]) -> None:
@@ -384,7 +426,6 @@ def _queued(
             found = _run(go())
     except KeyboardInterrupt:
         progress.close()
-        click.echo(tally.render(color=color))
         raise
     progress.close()
     _batch_reported(found, color=color, **reports)

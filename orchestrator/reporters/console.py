@@ -404,6 +404,8 @@ class _Tally:
     label: str
     plan: list[str]
     ended: bool = False
+    started: bool = True
+    """False for a run expected (``RunTally.expect``) whose RunStarted has not come."""
     statuses: dict[str, str] = field(default_factory=dict)
     """Test name -> passed, failed or skipped, for the tests that finished."""
 
@@ -421,10 +423,15 @@ class RunTally:
     def __init__(self) -> None:
         self._runs: dict[str, _Tally] = {}
 
+    def expect(self, run_id: str, suite: str, row: int, plan: list[str]) -> None:
+        """A run the command will start: interrupted before it starts (the flows using a
+        shared setup wait for it), its tests count as cancelled, not as absent."""
+        self._runs[run_id] = _Tally(_label(suite, row), plan, started=False)
+
     def __call__(self, run_id: str, event: Event) -> None:
         if isinstance(event, RunStarted):
-            label = f"{event.suite} [row {event.row}]" if event.row >= 0 else event.suite
-            self._runs[run_id] = _Tally(label, [step.name for step in event.plan])
+            plan = [step.name for step in event.plan]
+            self._runs[run_id] = _Tally(_label(event.suite, event.row), plan)
             return
         run = self._runs.get(run_id)
         if run is None:
@@ -444,7 +451,7 @@ class RunTally:
         paint = painter(color)
         title = paint("title", "INTERRUPTED")
         runs = list(self._runs.values())
-        if not runs:
+        if not any(run.started for run in runs):
             return f"{title} before any test started"
         lines = ["", title]
         unfinished = [run for run in runs if run.cancelled() or run.names("failed")]
@@ -463,6 +470,10 @@ class RunTally:
             totals = f"{len(runs)} runs, {ended} finished; tests: {totals}"
         lines += ["", totals]
         return "\n".join(lines)
+
+
+def _label(suite: str, row: int) -> str:
+    return f"{suite} [row {row}]" if row >= 0 else suite
 
 
 def _counts(runs: list[_Tally]) -> str:
