@@ -252,3 +252,15 @@ async def test_no_script_of_a_name_runs_in_chromium(
     await page.open(f"{live_service.url}/runs/{second}")
     shown = await page.js("document.querySelector('#timeline td.name').textContent")
     assert shown == f"t {HOSTILE}"
+
+
+async def test_a_bad_query_on_the_analytics_page_is_a_page_that_says_what_is_wrong(
+    org: Org, ids: dict[str, str]
+) -> None:
+    for query, detail in [
+        ("days=abc", "days must be a whole number of days between 1 and 730, not &#39;abc&#39;"),
+        ("days=0", "days must be a whole number of days between 1 and 730, not &#39;0&#39;"),
+    ]:
+        response = await org.http.get(f"/analytics?project={ids['project']}&{query}")
+        assert response.status_code == 400 and "text/html" in response.headers["content-type"]
+        assert f'<p id="detail">{detail}</p>' in response.text
