@@ -1,7 +1,8 @@
 """The dashboard with hostile and edge data: names and messages that are markup show as
 text on every page (HTML, SVG charts, titles, data attributes), every link resolves, a
-secret capture is nowhere in clear, and edge runs (no tests, cancelled, long names,
-non-ASCII) render. The served HTML is read with an HTML parser; no browser is needed."""
+secret capture is nowhere in clear, and edge runs (cancelled, never started, long and
+non-ASCII names) render. The served HTML is read with an HTML parser; one Chromium test
+checks that no script of a name runs and that long names do not widen a page."""
 
 from __future__ import annotations
 
@@ -88,6 +89,8 @@ def _flow(name: str, tests: dict[str, Any]) -> str:
 
 @pytest.fixture(scope="module")
 async def ids(org: Org, shop: Shop) -> dict[str, str]:
+    """A project, environment, suite, tests and captures named with markup. ``kept`` is a
+    secret capture of a secret; ``plain`` captures the same value without ``secret``."""
     project = await org.ok("POST", "/api/v1/projects", 201, json={"name": f"p {HOSTILE}"})
     env = {
         "project_id": project["id"],
@@ -115,15 +118,8 @@ async def ids(org: Org, shop: Shop) -> dict[str, str]:
         LONG: {"request": {"url": "/health"}},
         WIDE: {"request": {"url": "/health"}},
     }
-    suites = {
-        "hostile": _flow(f"s {HOSTILE}", hostile_tests),
-        "many": _flow("many", {f"c{n}": {"request": {"url": "/health"}} for n in range(500)}),
-    }
-    for key, content in suites.items():
-        body = {"project_id": project["id"], "content": content}
-        response = await org.http.post("/api/v1/suites", json=body)
-        assert response.status_code == 201, (key, response.text)
-        made[key] = response.json()["id"]
+    body = {"project_id": project["id"], "content": _flow(f"s {HOSTILE}", hostile_tests)}
+    made["hostile"] = (await org.ok("POST", "/api/v1/suites", 201, json=body))["id"]
     return made
 
 
@@ -151,7 +147,7 @@ async def test_markup_in_names_and_messages_is_text_on_every_page_and_every_link
         response = await org.http.get(path)
         assert response.status_code == 200, (path, response.text)
         found = assert_inert(response.text)
-        assert HOSTILE in "".join(found.text) or path == "/runs/" + first + "/waterfall", path
+        assert HOSTILE in "".join(found.text), path  # shown, as text
         links |= found.links
     assert f"/runs/{first}/diff/{second}" in links  # the run page's compare link
     for link in links:
