@@ -120,6 +120,13 @@ class Bar(msgspec.Struct, frozen=True):
 
 
 _ROW, _NAME_W, _BAR_W = 22, 150, 470
+_NAME_CHARS = 22
+"""What fits left of the bars at the waterfall's font; a longer name is cut there (the
+whole name is in the bar's title and ``data-test``), else it runs off the chart."""
+
+
+def _fitted(name: str) -> str:
+    return name if len(name) <= _NAME_CHARS else name[: _NAME_CHARS - 1] + "…"
 
 
 def critical_path(ends: Mapping[str, float], needs: Mapping[str, Iterable[str]]) -> list[str]:
@@ -186,11 +193,11 @@ def waterfall(bars: Sequence[Bar], *, total_ms: float | None = None) -> Markup:
         )
         parts.append(f"<g {attrs}>")
         parts.append(f'<text class="name" x="{_NAME_W - 6}" y="{top + 13}" text-anchor="end">')
-        parts.append(f"{name}</text>")
+        parts.append(f"{escape(_fitted(bar.test))}</text>")
         if bar.offset_ms is not None:
             start = x(bar.offset_ms)
             length = max(2.0, _BAR_W * (bar.duration_ms or 0) / span)
-            what = "running" if bar.duration_ms is None else f"{bar.duration_ms:.0f} ms"
+            what = bar.status if bar.duration_ms is None else f"{bar.duration_ms:.0f} ms"
             parts.append(
                 f'<rect x="{start:.1f}" y="{top}" width="{length:.1f}" height="{_ROW - 8}"'
                 f' rx="2"><title>{name}: starts at {bar.offset_ms:.0f} ms, {what}</title></rect>'

@@ -63,10 +63,15 @@ _CHOICES = (
     "SELECT coalesce(array_agg(DISTINCT r.suite), '{}'),"
     f" coalesce(array_agg(DISTINCT r.environment), '{{}}') FROM ({RUNS.base}) AS r"
 )
-# the run a run page offers to compare with: the same suite's run started just before it
+# the run a run page offers to compare with: the same suite's run started just before it.
+# Both must have started (a row in test_runs): a queued run, or one that never started, has
+# no events to compare and its diff is a 404.
 _PREVIOUS = (
     f"{RUNS.base} WHERE runs.suite = $1 AND runs.project_id IS NOT DISTINCT FROM $2"
-    " AND runs.started_at < $3 AND runs.id <> $4 ORDER BY runs.started_at DESC LIMIT 1"
+    " AND runs.started_at < $3 AND runs.id <> $4"
+    " AND EXISTS (SELECT FROM test_runs t WHERE t.id = runs.id)"
+    " AND EXISTS (SELECT FROM test_runs t WHERE t.id = $4)"
+    " ORDER BY runs.started_at DESC LIMIT 1"
 )
 # one statement: the context, the results and the failures of one snapshot
 _SNAPSHOT = """
@@ -201,6 +206,18 @@ def _planned(tests: list[TestRow], plan: list[str]) -> list[TestRow]:
     return sorted(rows, key=lambda row: rank.get(row.name, len(rank)))
 
 
+def _settled(tests: list[TestRow], run_status: str) -> list[TestRow]:
+    """The rows of an ended run: a test it left without a verdict (still running or pending
+    in the read tables, which no later event changes) shows what became of it."""
+    if run_status in LIVE:
+        return tests
+    left = "cancelled" if run_status == "cancelled" else "unfinished"
+    return [
+        msgspec.structs.replace(row, status=left) if row.status in ("running", "pending") else row
+        for row in tests
+    ]
+
+
 async def run_view(services: Services, principal: Principal, run_id: uuid.UUID) -> RunView:
     """What a run page shows of ``run_id``; NotFound unless it is the caller's."""
     run = await fetch_run(services, principal, run_id)
@@ -224,6 +241,7 @@ async def run_view(services: Services, principal: Principal, run_id: uuid.UUID) 
     if started is not None:
         tests = _planned(tests, [planned.name for planned in started.plan])
         needs = {planned.name: list(planned.depends_on) for planned in started.plan}
+    tests = _settled(tests, run.status)
     events = [_log_line(item) for item in recorded]
     live = run.status in LIVE and context.status == "running"
     return RunView(
