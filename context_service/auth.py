@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar.connection import ASGIConnection
+from litestar.enums import ScopeType
 from litestar.handlers.base import BaseRouteHandler
 from litestar.middleware import DefineMiddleware
 from litestar.middleware.authentication import (
@@ -30,8 +31,9 @@ PUBLIC_PATHS = ["^/health$", "^/schema"]
 """Regular expressions of the paths that need no key."""
 EXCLUDE_OPT = "exclude_from_auth"
 KEY_COOKIE = "baton_key"
-"""The dashboard's login cookie (HttpOnly, SameSite=Strict): a key, accepted on reads only,
-so a page of another site can never make a browser start or change anything."""
+"""The dashboard's login cookie (HttpOnly, SameSite=Strict): a key, accepted on HTTP reads
+only, so a page of another site can never make a browser start or change anything, nor
+read a run through a WebSocket."""
 _READ_METHODS = frozenset({"GET", "HEAD"})
 
 
@@ -46,9 +48,16 @@ def presented_key(headers: Any) -> str | None:
 
 
 def key_of(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
-    """The key a request carries: its header, or on a read the dashboard's cookie."""
+    """The key a request carries: its header, or on an HTTP read the dashboard's cookie.
+    Never a WebSocket's cookie: a browser sends it with a handshake any page of the same
+    site opens, and no CORS keeps that page from reading the messages (the dashboard
+    follows runs with EventSource, whose answers CORS does keep from other origins)."""
     key = presented_key(connection.headers)
-    if key is None and connection.scope.get("method", "GET") in _READ_METHODS:
+    if (
+        key is None
+        and connection.scope["type"] == ScopeType.HTTP
+        and connection.scope.get("method") in _READ_METHODS
+    ):
         key = connection.cookies.get(KEY_COOKIE) or None
     return key
 

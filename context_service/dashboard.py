@@ -3,7 +3,7 @@
 Pages read the read tables under row-level security, as the API does, so another
 organization's run is absent (404). A browser cannot add an Authorization header, so
 ``/login`` checks a key and keeps it in an HttpOnly, SameSite=Strict cookie
-(``auth.KEY_COOKIE``) that the API-key middleware accepts on reads.
+(``auth.KEY_COOKIE``) that the API-key middleware accepts on HTTP reads.
 
 A run page is rendered from one statement over the read tables (one snapshot, however far
 the projector has got), at the log position its run's context reflects; its script then
