@@ -394,7 +394,7 @@ def test_bad_command_line_input(tmp_path: Path) -> None:
     (tmp_path / "rows.csv").write_text("user,role\nalice\n")
     code, output = validate(path, "--data", str(tmp_path / "rows.csv"))
     assert code == 2
-    assert "line 2: the number of fields differs from the header" in output
+    assert "rows.csv: line 2: 1 fields, and the header has 2" in output
 
 
 def test_graph_formats(tmp_path: Path) -> None:
