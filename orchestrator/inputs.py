@@ -16,6 +16,7 @@ import msgspec
 
 from orchestrator.errors import Problem, UsageError
 from orchestrator.loader import decode_yaml
+from orchestrator.planner import RESERVED
 
 
 def parse_vars(pairs: tuple[str, ...] | list[str], option: str = "--var") -> dict[str, str]:
@@ -166,6 +167,17 @@ def _check_header(header: list[str], label: str) -> None:
         if not name:
             raise UsageError(
                 [Problem(label, "line 1", f"column {number} has no name", "name it in the header")]
+            )
+        if name in RESERVED:
+            raise UsageError(
+                [
+                    Problem(
+                        label,
+                        "line 1",
+                        f"column {number} is named {name!r}, a reserved name",
+                        f"give it another name: {RESERVED[name]}",
+                    )
+                ]
             )
         if header.index(name) != number - 1:
             raise UsageError(

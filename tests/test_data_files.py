@@ -52,6 +52,7 @@ def test_a_json_file_with_a_byte_order_mark(tmp_path: Path) -> None:
         (b"user,role\nalice,admin,extra\n", "rows.csv: line 2: 3 fields, and the header has 2"),
         (b'user,note\nalice,ok\nbob,"never closed\ncarol,x\n', "rows.csv: line 3: a quoted value"),
         (b'user,note\nalice,"ok"x\n', "rows.csv: line 2: a quoted value"),
+        (b"user,env\nalice,prod\n", "rows.csv: line 1: column 2 is named 'env', a reserved name"),
     ],
 )
 def test_a_broken_csv_file_is_named_with_its_line(
