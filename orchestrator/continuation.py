@@ -99,6 +99,12 @@ async def failed_rows_jobs(
     recorded = await store.read_stream(ev.batch_stream(target))
     began = next((r.event for r in recorded if isinstance(r.event, ev.BatchStarted)), None)
     if began is None:
+        if any(isinstance(r.event, ev.ShardStarted) for r in recorded):
+            raise UsageError(
+                f"batch {target} ran in shards (--shard K/N), and --failed-rows reruns a "
+                "batch of baton run --data: run the failed shard again with the same "
+                f"--shard K/N --batch {target}, or a failed run with baton rerun RUN_ID --failed"
+            )
         if events := await store.read_stream(ev.run_stream(target)):
             batch = _started(events, target).batch_id
             hint = f"baton rerun {batch} --failed-rows (its batch), or " if batch else ""

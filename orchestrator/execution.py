@@ -111,6 +111,27 @@ def prepare(options: Options, environ: Mapping[str, str] = os.environ) -> list[J
             tags=tuple(options.tags),
         )
 
+    def plan_rows(loaded: LoadedFlow, env_vars: dict[str, Any], shared: dict[str, str]) -> Plan:
+        """The plan of the first row's columns, checked against every row's: a JSON row may
+        lack a column another has, and what the flow reads must be there in each."""
+        kinds = _column_sets(rows)
+        plans = []
+        for number, columns in kinds:
+            try:
+                plans.append(plan_flow(loaded, env_vars, shared, columns, options.tags))
+            except UsageError as exc:
+                if len(kinds) == 1:
+                    raise
+                where = f"data row {number} of {options.data_file}"
+                raise UsageError(
+                    [
+                        replace(p, where=", ".join(filter(None, (p.where, where))))
+                        for p in exc.problems
+                    ]
+                    or str(exc)
+                ) from None
+        return plans[0]
+
     # a setup runs whole, whatever --tag selects of the flows using it
     resolver = SetupResolver(load, plan_flow, inputs_of, rows[0])
     jobs: list[Job] = []
@@ -119,7 +140,7 @@ def prepare(options: Options, environ: Mapping[str, str] = os.environ) -> list[J
         try:
             loaded, env_vars = load(path)
             setups = resolver.uses(loaded)
-            flow_plan = plan_flow(loaded, env_vars, shared_names(setups), rows[0], options.tags)
+            flow_plan = plan_rows(loaded, env_vars, shared_names(setups))
         except UsageError as exc:
             problems.extend(exc.problems or [Problem(str(path), "", str(exc))])
             continue
@@ -141,6 +162,14 @@ def prepare(options: Options, environ: Mapping[str, str] = os.environ) -> list[J
     if problems:
         raise UsageError(_unique(problems))
     return jobs
+
+
+def _column_sets(rows: list[dict[str, Any]]) -> list[tuple[int, frozenset[str]]]:
+    """Each set of columns the rows have, with the first row (from 1) that has it."""
+    seen: dict[frozenset[str], int] = {}
+    for number, row in enumerate(rows, start=1):
+        seen.setdefault(frozenset(row), number)
+    return [(number, columns) for columns, number in seen.items()]
 
 
 def _unique(problems: list[Problem]) -> list[Problem]:

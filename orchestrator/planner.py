@@ -273,11 +273,27 @@ POLL_NAMES = ("poll.attempt", "poll.next")
 _POLL_NEXT = re.compile(r"\bpoll\s*(?:\.\s*next\b|\[\s*['\"]next['\"]\s*\])")
 
 
+RESERVED = {
+    POLL: "poll.* holds the values of until polling",
+    "env": "env.* holds the process environment",
+    "secrets": "secrets.* holds the secrets",
+}
+"""The namespaces a variable would hide: ``{{ env.URL | default(...) }}`` under a
+variable ``env`` would quietly take its default."""
+
+
 def _reserved(label: str, tests: Mapping[str, Test], scope: Scope) -> Iterator[Problem]:
-    """A variable or capture named ``poll`` would hide the test's polling values."""
-    hint = "give it another name: poll.* holds the values of until polling"
-    if POLL in scope.variables:
-        yield Problem(label, f"variables.{POLL}", f"{POLL!r} is a reserved name", hint)
+    """A variable named as a namespace would hide it; a capture named ``poll``, the test's
+    polling values."""
+    hint = f"give it another name: {RESERVED[POLL]}"
+    for name, holds in RESERVED.items():
+        if name in scope.variables:
+            yield Problem(
+                label,
+                f"variables.{name}",
+                f"{name!r} is a reserved name",
+                f"give it another name: {holds}",
+            )
     for name, test in tests.items():
         for captured in test.capture:
             if captured.split(".")[0] == POLL:

@@ -275,7 +275,12 @@ async def test_failed_rows_rerun_only_the_failed_rows_in_a_new_batch(
     runs = json.loads(report.read_text())["runs"]
     batch_id = runs[0]["batch_id"]
     failed_run = next(run["run_id"] for run in runs if run["status"] == "failed")
-    # the console names no batch id: a row's run leads the user to it
+    # the console says how to rerun the batch's failed rows
+    assert (
+        out.strip().splitlines()[-1]
+        == f"rerun the failed rows: baton rerun {batch_id} --failed-rows"
+    )
+    # and a row's run leads the user to its batch
     code, shown, err = await asyncio.to_thread(baton, "show", failed_run)
     assert code == 0 and f"  batch {batch_id}, row 2" in shown.splitlines(), shown + err
     code, _, err = await asyncio.to_thread(rerun, failed_run, "--failed-rows")
@@ -290,6 +295,16 @@ async def test_failed_rows_rerun_only_the_failed_rows_in_a_new_batch(
     assert [(run["row"], run["continues"]) for run in again] == [(2, failed_run)]
     assert again[0]["batch_id"] != batch_id
     assert f"continues batch {batch_id}" in out
+    # a sharded batch has no BatchStarted to rerun rows from: say what to do instead
+    code, out, err = await asyncio.to_thread(
+        baton, "run", str(flow), "--data", str(rows), "--shard", "1/1", "--batch", "ci-7"
+    )
+    assert code == 1, out + err
+    assert "--failed-rows" not in out
+    code, _, err = await asyncio.to_thread(rerun, "ci-7", "--failed-rows")
+    assert code == 2
+    assert "batch ci-7 ran in shards" in err
+    assert "--shard K/N --batch ci-7" in err
 
 
 def test_unknown_run_is_one_line_and_exit_2(here: Path) -> None:

@@ -385,6 +385,10 @@ def test_every_problem_of_every_file_is_reported_at_once(tmp_path: Path) -> None
 def test_bad_command_line_input(tmp_path: Path) -> None:
     path = write(tmp_path, VALID)
     assert validate(path, "--var", "novalue")[0] == 2
+    # a variable env would hide env.*: {{ env.URL | default(...) }} would take its default
+    code, output = validate(path, "--var", "env=prod")
+    assert code == 2
+    assert "variables.env: 'env' is a reserved name" in output
     code, output = validate(path, "--env", "nowhere")
     assert code == 2
     assert "no such environment" in output
@@ -394,7 +398,7 @@ def test_bad_command_line_input(tmp_path: Path) -> None:
     (tmp_path / "rows.csv").write_text("user,role\nalice\n")
     code, output = validate(path, "--data", str(tmp_path / "rows.csv"))
     assert code == 2
-    assert "line 2: the number of fields differs from the header" in output
+    assert "rows.csv: line 2: 1 fields, and the header has 2" in output
 
 
 def test_graph_formats(tmp_path: Path) -> None:

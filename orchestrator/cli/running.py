@@ -194,6 +194,8 @@ def _execute(
         raise
     progress.close()
     if not _reported(results, color=color, err=ndjson, **reports):
+        if shard is None:
+            _failed_rows_hint(results, err=ndjson)
         sys.exit(1)
 
 
@@ -214,6 +216,15 @@ def _summary_on_interrupt(*, err: bool = False) -> Iterator[RunTally]:
 
 def _color(stream: TextIO) -> bool:
     return stream.isatty() and "NO_COLOR" not in os.environ
+
+
+def _failed_rows_hint(results: list[Any], *, err: bool) -> None:
+    """A --data batch's id is in no other line a person reads, and --failed-rows needs it."""
+    batches = dict.fromkeys(
+        run.batch_id for run in results if run.batch_id and run.row >= 0 and run.status != "passed"
+    )
+    for batch_id in batches:
+        click.echo(f"rerun the failed rows: baton rerun {batch_id} --failed-rows", err=err)
 
 
 @cli.command()
