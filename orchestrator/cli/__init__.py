@@ -8,7 +8,14 @@ group, and each imports its heavy modules inside the function so that start-up s
 """
 
 # importing the command modules registers their commands on the group
-from orchestrator.cli import authoring, operations, reading, running, service  # noqa: F401
+from orchestrator.cli import (  # noqa: F401
+    authoring,
+    operations,
+    queueing,
+    reading,
+    running,
+    service,
+)
 from orchestrator.cli.app import _failure as _failure
 from orchestrator.cli.app import cli, main
 from orchestrator.errors import UsageError
