@@ -28,6 +28,7 @@ from orchestrator.continuation import run_again
 from orchestrator.errors import UsageError
 from orchestrator.execution import Options
 from orchestrator.known_failures import judged
+from orchestrator.rerun import read_chain
 from orchestrator.results import AssertionResult, ResponseView, RunResult, TestResult
 from orchestrator.runner import initial_namespace
 
@@ -95,16 +96,11 @@ async def _stored(
     rerun carried over tests that passed in the runs it continues, whose logs hold them."""
     responses: dict[str, ev.ResponseReceived] = {}
     planned: set[str] = set()
-    while events:
-        started = events[0].event
-        stored = {r.event.test: r.event for r in events if isinstance(r.event, ev.ResponseReceived)}
+    for log in await read_chain(store, events):
+        stored = {r.event.test: r.event for r in log if isinstance(r.event, ev.ResponseReceived)}
         responses = stored | responses
-        if not isinstance(started, ev.RunStarted):
-            break
-        planned.update(test.name for test in started.plan)
-        if not started.continues:
-            break
-        events = await store.read_stream(ev.run_stream(started.continues))
+        if log and isinstance(started := log[0].event, ev.RunStarted):
+            planned.update(test.name for test in started.plan)
     return responses, planned
 
 

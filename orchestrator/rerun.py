@@ -68,16 +68,30 @@ class Prior:
         return cls(context, captured_at, outcomes)
 
 
+async def read_chain(
+    store: EventStore, events: Sequence[ev.RecordedEvent]
+) -> list[Sequence[ev.RecordedEvent]]:
+    """The run's log, then the log of each run it continues (a rerun's rerun...), newest
+    first, as far back as the logs are still stored."""
+    chain = [events]
+    while chain[-1] and isinstance(started := chain[-1][0].event, ev.RunStarted):
+        if not started.continues:
+            break
+        earlier = await store.read_stream(ev.run_stream(started.continues))
+        if not earlier:
+            break
+        chain.append(earlier)
+    return chain
+
+
 async def read_prior(store: EventStore, events: Sequence[ev.RecordedEvent]) -> Prior:
     """The Prior of a run from its log, and for a rerun from the logs of the runs it
     continues: a test a ``--from`` rerun carried over still failed is not forgotten."""
-    started = events[0].event if events else None
-    before = None
-    if isinstance(started, ev.RunStarted) and started.continues:
-        earlier = await store.read_stream(ev.run_stream(started.continues))
-        if earlier:
-            before = await read_prior(store, earlier)
-    return Prior.of(events, before)
+    prior = None
+    for log in reversed(await read_chain(store, events)):
+        prior = Prior.of(log, prior)
+    assert prior is not None
+    return prior
 
 
 @dataclass(frozen=True)
