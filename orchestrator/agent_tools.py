@@ -65,6 +65,8 @@ async def run_flow(
                 "skipped": result.count("skipped"),
                 "duration_ms": round(result.duration_ms, 1),
                 "failed_tests": [t.name for t in result.tests if t.status == "failed"],
+                # the shared setup (use:) the other runs started from, as the reports name it
+                **({"setup": result.setup} if result.setup else {}),
             }
             for result in results
         ],

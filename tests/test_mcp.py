@@ -121,6 +121,17 @@ async def test_run_then_read_its_context_with_secrets_masked(env: dict[str, str]
     assert PASSWORD not in everything
 
 
+async def test_a_directory_sharing_a_login_names_the_setup_run(env: dict[str, str]) -> None:
+    async with agent(env) as client:
+        failed, ran, text = await call(
+            client, "run_flow", path=str(ROOT / "examples" / "shared-setup" / "flows")
+        )
+    assert not failed and ran["exit_code"] == 0, text
+    setup, *using = ran["runs"]
+    assert setup["setup"] == "login.yaml::login" and setup["passed"] == 1
+    assert [run["suite"] for run in using] and not any("setup" in run for run in using)
+
+
 async def test_a_failing_run_and_its_failures(env: dict[str, str], tmp_path: Path) -> None:
     flow = tmp_path / "failing.yaml"
     flow.write_text(FAILING, encoding="utf-8")
