@@ -97,6 +97,17 @@ def _handled_signals() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+def _unread_after_interrupt(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The loop's error handler. A connection the signal cut short while it opened (the
+    event store's server accepted and had not answered yet) leaves its driver's future
+    failed with a lost connection that nothing reads any more: asyncio would print it at
+    exit, after "interrupted by ...". Every other error is reported as asyncio does."""
+    failure = context.get("exception")
+    if _signals.received and "future" in context and isinstance(failure, ConnectionError):
+        return
+    loop.default_exception_handler(context)
+
+
 def _run(main: Coroutine[Any, Any, T]) -> T:
     """asyncio.run, where SIGTERM cancels the main task as SIGINT does (see ``_Signals``)."""
 
@@ -104,6 +115,7 @@ def _run(main: Coroutine[Any, Any, T]) -> T:
         # through the loop, not signal.signal: a signal that lands in another thread (the
         # embedded PostgreSQL starts in one) still wakes the loop at once
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_unread_after_interrupt)
         task = asyncio.current_task()
         assert task is not None
         watched = _signals.handled if threading.current_thread() is threading.main_thread() else ()
