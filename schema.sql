@@ -1095,13 +1095,9 @@ VALUES (13, 'retention policies and monthly metrics') ON CONFLICT (step) DO NOTH
 
 -- step 14: queued service runs for every instance
 --
--- With BATON_QUEUE_URL several `baton serve` instances share this table. Any of them may be
--- asked to cancel a run another one queued (or one that has died since): a run no worker has
--- begun is ended by appending its RunStarted and RunCancelled at version 0, so the RunStarted
--- the queuing instance made is kept here (msgspec JSON of the event: no secret in it; '' for
--- runs queued before this step). Every instance also looks, every few seconds, for queued
--- runs whose end it has not recorded: the partial index keeps that look cheap.
-ALTER TABLE service_runs ADD COLUMN IF NOT EXISTS started text NOT NULL DEFAULT '';
+-- With BATON_QUEUE_URL several `baton serve` instances share this table, and every one of
+-- them looks, every few seconds, for queued runs whose end it has not recorded, whichever
+-- instance queued them: the partial index keeps that look cheap.
 CREATE INDEX IF NOT EXISTS service_runs_queued ON service_runs (created_at)
     WHERE state = 'queued';
 
@@ -1112,8 +1108,10 @@ VALUES (14, 'queued service runs for every instance') ON CONFLICT (step) DO NOTH
 --
 -- An instance killed between recording a run here and putting its job on the queue leaves
 -- a queued run no worker will ever take. Any instance that finds one (no key on the queue
--- says its job was queued, a while after it was recorded) queues its job again: the job
--- is kept here as the instance made it (msgspec JSON of orchestrator.queue.QueuedJob, the
+-- says its job was queued, a while after it was recorded) queues its job again; any
+-- instance asked to cancel a queued run no worker has begun ends it by appending the
+-- RunStarted its job carries and a RunCancelled at version 0. The job is kept here as the
+-- instance made it (msgspec JSON of orchestrator.queue.QueuedJob, the
 -- run in it sealed with the secret key as on the queue; '' for runs recorded before this
 -- step, which are never queued again). A run's job is emptied once its end is recorded.
 ALTER TABLE service_runs ADD COLUMN IF NOT EXISTS job text NOT NULL DEFAULT '';

@@ -42,7 +42,7 @@ _QUEUED = (
     "SELECT organization_id, id FROM service_runs"
     " WHERE state = 'queued' AND created_at > now() - interval '7 days'"
 )
-_STARTED = "SELECT started FROM service_runs WHERE id = $1"
+_JOB = "SELECT job FROM service_runs WHERE id = $1"
 _WAITING = (
     "SELECT id, job FROM service_runs WHERE state = 'queued' AND job <> ''"
     " AND created_at > now() - interval '7 days'"
@@ -160,11 +160,12 @@ class Database:
             rows = await self._pool.fetch(_WAITING, older_than)
         return [(row[0], row[1]) for row in rows]
 
-    async def run_started(self, organization: uuid.UUID, run_id: uuid.UUID) -> str:
-        """The RunStarted (JSON) the instance that started the run made; '' if unknown."""
+    async def run_job(self, organization: uuid.UUID, run_id: uuid.UUID) -> str:
+        """The job the instance that queued the run made (schema step 15); '' once the
+        run's end is recorded, or if unknown."""
         async with self.tenant(organization) as conn:
-            started: str | None = await conn.fetchval(_STARTED, run_id)
-        return started or ""
+            job: str | None = await conn.fetchval(_JOB, run_id)
+        return job or ""
 
     async def run_stream(self, organization: uuid.UUID, run_id: uuid.UUID) -> str:
         """The run's stream if ``organization`` has the run, else NotFound. A run never

@@ -22,8 +22,8 @@ follower at once still queue it only once.
 
 Cancelling sets the run's cancellation key on the queue (a run is a batch of one), which
 the worker running it reads twice a second and which a worker taking the job later reads
-before it begins. A run no worker has begun is ended here at once: its RunStarted (kept in
-service_runs by the instance that queued it) and RunCancelled are appended at version 0,
+before it begins. A run no worker has begun is ended here at once: its RunStarted (in the
+job service_runs keeps) and RunCancelled are appended at version 0,
 so a worker beginning it at that very moment conflicts with the append instead of doubling
 the run, and then cancels it itself.
 """
@@ -44,7 +44,7 @@ from events import types as ev
 from events.secrets import Cipher
 from events.store import EventStore, NewEvent, StoreError, StreamAppend, WrongExpectedVersion
 from orchestrator.planner import Plan
-from orchestrator.queue import JobQueue, QueuedJob, QueueUnavailable
+from orchestrator.queue import JobQueue, QueuedJob, QueueUnavailable, started_of
 from orchestrator.runner import RunInputs
 from orchestrator.service_runs import API_CANCELLED, ServiceRun
 from orchestrator.submit import ended_since
@@ -155,9 +155,11 @@ class QueuedRuns:
         QueueUnavailable."""
         await self.queue.cancel(run_id)
         self._follow(run_id, organization)
-        started = await self._db.run_started(organization, uuid.UUID(run_id))
+        job = await self._db.run_job(organization, uuid.UUID(run_id))
+        started = started_of(job) if job else ""
         if not started:
-            return  # queued before schema step 14: the worker that takes its job ends it
+            return  # its end is recorded, or it was queued before schema step 15: the
+            # worker that takes its job ends it
         cancelled = ev.RunCancelled(reason=API_CANCELLED)
         events = [NewEvent(_started.decode(started)), NewEvent(cancelled)]
         # a conflict: a worker has begun it, reads the key within a second and cancels it

@@ -49,8 +49,8 @@ WHERE sr.id IS NOT NULL OR t.id IS NOT NULL
 """
 _RECORD = (
     "INSERT INTO service_runs (id, organization_id, suite_id, environment_id, rerun_of, tests,"
-    " tags, variables, started, job, state)"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'queued')"
+    " tags, variables, job, state)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'queued')"
 )
 
 
@@ -170,8 +170,6 @@ async def start(
             plan.order,
             list(request.tags),
             msgspec.json.encode(dict(request.variables)),
-            # for any instance that cancels it before a worker begins it (context_service.queued)
-            msgspec.json.encode(started).decode(),
             job,
         )
 

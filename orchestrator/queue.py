@@ -176,6 +176,11 @@ _decoder = msgspec.json.Decoder(QueuedJob)
 _addressed = msgspec.json.Decoder(_Addressed)
 
 
+def started_of(job: str) -> str:
+    """The RunStarted (JSON) a service run's encoded job carries; "" if none."""
+    return _addressed.decode(job).started
+
+
 def consumer_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
